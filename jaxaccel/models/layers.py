@@ -1,0 +1,120 @@
+"""Building blocks shared by the model families.
+
+Shape suffixes follow one legend across jaxaccel/models:
+  b batch, t query sequence, s key sequence, d model width, n heads, k kv heads,
+  h head dim, f mlp width, v vocab, l layers.
+
+Precision policy: parameters and activations are held in the compute dtype (float32 or
+bfloat16); every matmul accumulates in float32 (`preferred_element_type`) and norms and
+softmax run in float32. On XLA:CPU a bf16 dot with an f32 result is also ~2x faster than one
+with a bf16 result, so the policy costs nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxaccel import sharding as ax
+
+Init = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
+
+
+def normal_init(stddev: float = 0.02) -> Init:
+    return lambda key, shape, dtype: stddev * jax.random.normal(key, shape, dtype)
+
+
+def zeros_init(key, shape, dtype):
+    return jnp.zeros(shape, dtype)
+
+
+def ones_init(key, shape, dtype):
+    return jnp.ones(shape, dtype)
+
+
+def make_param(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str | None],
+               dtype, init: Init = normal_init(), num_layers: int | None = None) -> nnx.Param:
+    """An nnx.Param carrying its logical axis names as `axes` metadata.
+
+    With `num_layers`, the parameter is stacked: a leading `layers` axis holds one slice per
+    transformer block, which `scan_layers` iterates and pipeline stages split.
+    """
+    if num_layers is not None:
+        shape, axes = (num_layers, *shape), (ax.LAYERS, *axes)
+    if len(shape) != len(axes):
+        raise ValueError(f"shape {tuple(shape)} and axes {tuple(axes)} differ in rank")
+    return nnx.Param(init(rngs.params(), tuple(shape), dtype), axes=tuple(axes))
+
+
+def einsum(equation: str, x: jax.Array, w: jax.Array) -> jax.Array:
+    """Matmul in the activation dtype with float32 accumulation, result in x.dtype."""
+    out = jnp.einsum(equation, x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+    return out.astype(x.dtype)
+
+
+def layer_norm(x, scale, bias, eps: float):
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + eps)
+    return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+
+
+def rms_norm(x, scale, eps: float):
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + eps)
+    return (y * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+def gelu(x, approximate: bool):
+    return jax.nn.gelu(x, approximate=approximate)
+
+
+ACTIVATIONS = {
+    "gelu": lambda x: gelu(x, approximate=False),
+    "gelu_new": lambda x: gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+}
+
+
+def activation(name: str):
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unsupported activation {name!r}; supported: {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+def attention(q_btnh, k_bskh, v_bskh, mask_bts) -> jax.Array:
+    """Softmax attention with grouped KV heads (n % k == 0), softmax in float32.
+
+    `mask_bts` is boolean, True where query t may attend to key s.
+    """
+    b, t, n, h = q_btnh.shape
+    kv_heads = k_bskh.shape[2]
+    q_btkgh = q_btnh.reshape(b, t, kv_heads, n // kv_heads, h)
+    scores = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k_bskh.astype(q_btnh.dtype),
+                        preferred_element_type=jnp.float32) * (h ** -0.5)
+    scores = jnp.where(mask_bts[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q_btnh.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v_bskh.astype(q_btnh.dtype),
+                     preferred_element_type=jnp.float32)
+    return out.reshape(b, t, n, h).astype(q_btnh.dtype)
+
+
+def scan_layers(blocks: nnx.Module, carry, body: Callable, xs=None):
+    """Run `body(block, carry, x) -> (carry, y)` over the stacked layers of `blocks`.
+
+    `blocks` holds parameters with a leading layers axis (see `make_param`). One layer is
+    traced and compiled once, however deep the model, which keeps compile time flat.
+    """
+    graphdef, state = nnx.split(blocks)
+
+    def step(carry, layer_and_x):
+        layer_state, x = layer_and_x
+        return body(nnx.merge(graphdef, layer_state), carry, x)
+
+    return jax.lax.scan(step, carry, (state, xs))

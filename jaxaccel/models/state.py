@@ -1,0 +1,70 @@
+"""A model's parameters as a flat {dotted.path: array} mapping, and back.
+
+Checkpoints, converters and the restore engine all speak in dotted paths
+("blocks.wq_dnh"); NNX speaks in `State` pytrees. These helpers translate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxaccel.models import config_from_dict, family_module
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    axes: tuple[str | None, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+
+def _path_name(path) -> str:
+    parts = []
+    for key in path:
+        if isinstance(key, jax.tree_util.GetAttrKey) and key.name in ("value", "raw_value"):
+            continue
+        parts.append(str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))))
+    return ".".join(parts)
+
+
+def abstract_model(family: str, config, dtype=jnp.float32):
+    """(graphdef, abstract State) of a family's model: shapes and metadata, no memory."""
+    if isinstance(config, Mapping):
+        config = config_from_dict(family, dict(config))
+    model_cls = family_module(family).Model
+    model = nnx.eval_shape(lambda: model_cls(config, dtype=dtype, rngs=nnx.Rngs(0)))
+    return nnx.split(model)
+
+
+def param_specs(state: nnx.State) -> dict[str, ParamSpec]:
+    """Dotted path -> shape, dtype and logical axes of every parameter in `state`."""
+    specs = {}
+    for path, variable in nnx.to_flat_state(state):
+        value = variable.get_value() if hasattr(variable, "get_value") else variable.value
+        axes = variable.get_metadata().get("axes", (None,) * len(value.shape))
+        specs[".".join(map(str, path))] = ParamSpec(tuple(value.shape), np.dtype(value.dtype),
+                                                    tuple(axes))
+    return specs
+
+
+def fill_state(state: nnx.State, arrays: Mapping[str, jax.Array]) -> nnx.State:
+    """A copy of `state` whose leaves are taken from `arrays` by dotted path."""
+    def pick(path, leaf):
+        return arrays[_path_name(path)]
+
+    return jax.tree_util.tree_map_with_path(pick, state)
+
+
+def flat_arrays(state: nnx.State) -> dict[str, jax.Array]:
+    leaves = jax.tree_util.tree_flatten_with_path(state)[0]
+    return {_path_name(path): leaf for path, leaf in leaves}

@@ -1,0 +1,45 @@
+"""How a foreign checkpoint's tensors map onto a jaxaccel model's parameters.
+
+A model family lists `WeightRule`s as data; the converter applies them. A source name with
+`{i}` is per layer: the converter reads it for i = 0..num_layers-1 and stacks the results on
+a leading layers axis, matching the stacked parameters that `layers.scan_layers` iterates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import numpy as np
+
+Transform = Callable[[np.ndarray], np.ndarray]
+
+
+def identity(w: np.ndarray) -> np.ndarray:
+    return w
+
+
+def transpose_to(w: np.ndarray) -> np.ndarray:
+    """torch.nn.Linear stores [out, in]; jaxaccel contracts x @ w with w as [in, out]."""
+    return w.T
+
+
+def unstack_heads_out(num_heads: int, head_dim: int) -> Transform:
+    """Linear [n*h, d] (torch layout) -> [d, n, h]."""
+    return lambda w: w.T.reshape(w.shape[1], num_heads, head_dim)
+
+
+def unstack_heads_in(num_heads: int, head_dim: int) -> Transform:
+    """Linear [d, n*h] (torch layout) -> [n, h, d]."""
+    return lambda w: w.T.reshape(num_heads, head_dim, w.shape[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightRule:
+    target: str  # dotted parameter path in the model state, e.g. "blocks.wq_dnh"
+    source: str  # source tensor name; "{i}" marks a per-layer tensor
+    transform: Transform = identity
+
+    @property
+    def per_layer(self) -> bool:
+        return "{i}" in self.source
