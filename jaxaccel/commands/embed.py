@@ -1,0 +1,101 @@
+"""`jaxaccel embed CKPT`: sentence embeddings from an encoder checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import time
+from typing import List, Optional
+
+import typer
+
+from jaxaccel.commands import options
+
+
+def read_text_lines(path: pathlib.Path) -> list[str]:
+    """One text per line, UTF-8; a clear error for a missing, empty or non-UTF-8 file."""
+    from jaxaccel.tokenizer import InputError
+
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise InputError(f"--input {path}: cannot be read ({err.strerror})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise InputError(f"--input {path}: not UTF-8 (line {line}, byte {err.start})") from None
+    lines = text.splitlines()
+    if not lines:
+        raise InputError(f"--input {path}: the file is empty; expected one text per line")
+    return lines
+
+
+def save_npy_atomically(path: pathlib.Path, array) -> None:
+    import numpy as np
+
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    with open(tmp, "wb") as handle:
+        np.save(handle, array)
+    os.replace(tmp, path)
+
+
+def load_for_inference(ckpt, mesh, rules, rule_overrides, dtype, budget: str, quiet: bool):
+    from jaxaccel.loader import load_model
+    from jaxaccel.units import parse_bytes
+
+    layout = options.layout_from(mesh, rules, rule_overrides)
+    return load_model(ckpt, layout, dtype,
+                      host_memory_budget=parse_bytes(budget, "--host-memory-budget"), quiet=quiet)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("embed")
+    def embed_cmd(
+        ckpt: pathlib.Path = typer.Argument(..., help="Encoder checkpoint directory."),
+        text: Optional[List[str]] = typer.Option(None, "--text", "-t", help="A text to embed "
+                                                 "(repeatable)."),
+        input_file: Optional[pathlib.Path] = typer.Option(None, "--input", "-i", help="UTF-8 "
+                                                          "file with one text per line."),
+        dtype: Optional[str] = options.DTYPE,
+        batch_size: int = typer.Option(32, "--batch-size", min=1, help="Rows per jitted call."),
+        max_length: Optional[int] = typer.Option(None, "--max-length", min=2, help="Token limit "
+                                                 "per text (default: the model's maximum)."),
+        no_truncate: bool = typer.Option(False, "--no-truncate", help="Refuse texts longer than "
+                                         "--max-length instead of truncating with a warning."),
+        out: Optional[pathlib.Path] = typer.Option(None, "--out", help="Save a float32 [n, dim] "
+                                                   ".npy array, rows in input order."),
+        mesh: Optional[str] = options.MESH,
+        rules: str = options.RULES,
+        rule: Optional[str] = options.RULE_OVERRIDES,
+        budget: str = options.HOST_MEMORY_BUDGET,
+        as_json: bool = options.JSON,
+        quiet: bool = options.QUIET,
+    ) -> None:
+        """Embed texts: mean-pooled, L2-normalised sentence embeddings (sentence-transformers
+        semantics), computed by a jitted, sharded forward pass."""
+        from jaxaccel import progress
+        from jaxaccel.embed import Embedder
+        from jaxaccel.errors import UsageError
+
+        if bool(text) == bool(input_file):
+            raise UsageError("give texts with --text (repeatable) or --input FILE, not both")
+        texts = list(text) if text else read_text_lines(input_file)
+        loaded = load_for_inference(ckpt, mesh, rules, rule, dtype, budget, quiet)
+        embedder = Embedder(loaded, batch_size=batch_size, max_length=max_length)
+        start = time.perf_counter()
+        embeddings, truncated = embedder.embed_texts(texts, truncate=not no_truncate)
+        seconds = time.perf_counter() - start
+        if truncated:
+            progress.say(f"warning: {len(truncated)} input(s) truncated to {embedder.max_length} "
+                         f"tokens (first: input {truncated[0] + 1}); --no-truncate refuses them")
+        if out:
+            save_npy_atomically(out, embeddings)
+        if as_json:
+            print(json.dumps({"model": str(ckpt), "dtype": loaded.dtype,
+                              "embeddings": embeddings.tolist()}))
+        else:
+            progress.say(f"embedded {len(texts)} text(s) -> [{embeddings.shape[0]}, "
+                         f"{embeddings.shape[1]}] {loaded.dtype} in {seconds:.2f} s"
+                         + (f"; saved {out}" if out else ""), quiet)

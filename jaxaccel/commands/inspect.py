@@ -1,0 +1,41 @@
+"""`jaxaccel inspect CKPT`: what a checkpoint holds, from its manifest alone."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import typer
+
+from jaxaccel.commands.options import JSON
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("inspect")
+    def inspect_cmd(ckpt: pathlib.Path = typer.Argument(..., help="Checkpoint directory."),
+                    as_json: bool = JSON) -> None:
+        """Show a checkpoint's family, config, and every array's shape, dtype and bytes."""
+        from jaxaccel.checkpoint.manifest import Manifest
+
+        manifest = Manifest.load(ckpt)
+        if as_json:
+            print(json.dumps(manifest.to_json()))
+            return
+        _print_table(ckpt, manifest)
+
+
+def _print_table(ckpt, manifest) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from jaxaccel.units import format_bytes
+
+    console = Console()
+    console.print(f"[bold]{ckpt}[/]  family={manifest.family}  dtype={manifest.dtype}  "
+                  f"arrays={len(manifest.arrays)}  total={format_bytes(manifest.total_bytes)}")
+    console.print("config: " + ", ".join(f"{k}={v}" for k, v in manifest.config.items()))
+    table = Table("array", "shape", "dtype", "logical axes", "bytes")
+    for name, entry in sorted(manifest.arrays.items()):
+        table.add_row(name, "×".join(map(str, entry.shape)) or "scalar", entry.dtype,
+                      ",".join(str(a) for a in entry.axes), format_bytes(entry.nbytes))
+    console.print(table)

@@ -1,0 +1,145 @@
+"""Convert a Hugging Face-layout model directory into a jaxaccel checkpoint.
+
+Every source tensor is checked against the model before any array is written: a missing
+tensor, an unexpected one, or a shape that disagrees with config.json is an error naming the
+file and tensor. Arrays then stream one at a time into the checkpoint writer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import re
+from collections.abc import Callable, Iterator
+
+import ml_dtypes
+import numpy as np
+
+from jaxaccel.checkpoint import writer
+from jaxaccel.checkpoint.layout import DEFAULT_CHUNK_BYTES
+from jaxaccel.checkpoint.manifest import Manifest
+from jaxaccel.convert.safetensors_source import (ConvertError, SafetensorsSource,
+                                                 read_hf_config, weight_files)
+from jaxaccel.models import UnknownFamilyError, family_for_model_type, family_module
+from jaxaccel.models.state import abstract_model, param_specs
+from jaxaccel.models.weights import WeightRule
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class PlannedArray:
+    """One target parameter and the source tensor names it is built from."""
+
+    rule: WeightRule
+    sources: tuple[str, ...]  # one name, or one per layer
+    axes: tuple
+
+
+def resolve_family(hf_config: dict, family: str, config_path: pathlib.Path) -> str:
+    if family != "auto":
+        family_module(family)  # raises UnknownFamilyError with the known names
+        return family
+    try:
+        return family_for_model_type(hf_config["model_type"])
+    except UnknownFamilyError as err:
+        raise ConvertError(f"{config_path}: {err}; supported families: bert, gpt2, llama") from None
+
+
+def _source_name(name: str, available: set[str], prefixes: tuple[str, ...]) -> str | None:
+    for prefix in prefixes:
+        if prefix + name in available:
+            return prefix + name
+    return None
+
+
+def _zero_view(shape, dtype) -> np.ndarray:
+    """A shape-only stand-in (zero strides, one element of memory) to check transforms."""
+    return np.lib.stride_tricks.as_strided(np.zeros(1, dtype), shape, (0,) * len(shape))
+
+
+def plan_arrays(module, cfg, source: SafetensorsSource, specs) -> list[PlannedArray]:
+    """Match rules to source tensors and check every shape, before reading any data."""
+    available = source.names()
+    prefixes = getattr(module, "SOURCE_PREFIXES", ("",))
+    layers = getattr(cfg, "num_layers", None)
+    plan, missing, used = [], [], set()
+    for rule in module.weight_rules(cfg):
+        names = [rule.source.format(i=i) for i in range(layers)] if rule.per_layer else [rule.source]
+        resolved = [_source_name(n, available, prefixes) for n in names]
+        missing += [n for n, r in zip(names, resolved) if r is None]
+        if None in resolved:
+            continue
+        used.update(resolved)
+        spec = specs[rule.target]
+        _check_shape(rule, resolved, source, spec.shape)
+        plan.append(PlannedArray(rule, tuple(resolved), spec.axes))
+    _check_coverage(plan, missing, available - used, specs, module, source)
+    return plan
+
+
+def _check_shape(rule: WeightRule, names, source: SafetensorsSource, target_shape) -> None:
+    for name in names:
+        try:
+            shape = rule.transform(_zero_view(source.shape(name), np.float32)).shape
+        except ValueError:
+            shape = None
+        expected = target_shape[1:] if rule.per_layer else target_shape
+        if shape != tuple(expected):
+            raise ConvertError(
+                f"{source.file_of[name]}: tensor {name!r} has shape {source.shape(name)}, which "
+                f"does not fit parameter {rule.target!r} of shape {tuple(expected)} "
+                "implied by config.json")
+
+
+def _check_coverage(plan, missing, unused, specs, module, source) -> None:
+    if missing:
+        files = sorted({str(f) for f in source.file_of.values()}) or ["<no files>"]
+        raise ConvertError(f"{files[0]}: missing tensors {sorted(missing)[:8]}"
+                           + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
+    ignored = [re.compile(p) for p in getattr(module, "IGNORED_SOURCE_WEIGHTS", ())]
+    unexpected = sorted(n for n in unused if not any(p.search(n) for p in ignored))
+    if unexpected:
+        path = source.file_of[unexpected[0]]
+        raise ConvertError(f"{path}: tensors that this {module.FAMILY} model does not use: "
+                           f"{unexpected[:8]} (refusing to drop weights silently)")
+    uncovered = set(specs) - {p.rule.target for p in plan}
+    if uncovered:
+        raise ConvertError(f"internal: parameters without a weight rule: {sorted(uncovered)}")
+
+
+def read_planned(plan: list[PlannedArray], source: SafetensorsSource, dtype) -> Iterator:
+    """Yield (name, array, axes), one parameter at a time, transformed and cast."""
+    for item in plan:
+        parts = [item.rule.transform(source.read(name)) for name in item.sources]
+        array = np.stack(parts) if item.rule.per_layer else parts[0]
+        yield item.rule.target, np.ascontiguousarray(array.astype(dtype, copy=False)), item.axes
+
+
+def convert(src: str | pathlib.Path, dest: str | pathlib.Path, *, dtype: str = "float32",
+            family: str = "auto", chunk_bytes: int | None = DEFAULT_CHUNK_BYTES,
+            codec: str = "none", overwrite: bool = False,
+            on_array: Callable[[str, int], None] = lambda name, nbytes: None) -> Manifest:
+    """Convert SRC (config.json + safetensors) into a jaxaccel checkpoint at DEST."""
+    src, dest = pathlib.Path(src), pathlib.Path(dest)
+    if dtype not in DTYPES:
+        raise ConvertError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    hf_config = read_hf_config(src)
+    family = resolve_family(hf_config, family, src / "config.json")
+    module = family_module(family)
+    try:
+        cfg = module.Config.from_hf(hf_config)
+    except (KeyError, ValueError, TypeError) as err:
+        raise ConvertError(f"{src / 'config.json'}: cannot build a {family} config ({err})") from None
+    _, abstract = abstract_model(family, cfg, DTYPES[dtype])
+    specs = param_specs(abstract)
+    with SafetensorsSource(weight_files(src)) as source:
+        plan = plan_arrays(module, cfg, source, specs)
+        manifest = Manifest(family=family, config=dataclasses.asdict(cfg), dtype=dtype, arrays={},
+                            source={"path": str(src.absolute()),
+                                    "model_type": hf_config["model_type"]})
+        extras = {name: src / name for name in TOKENIZER_FILES if (src / name).is_file()}
+        return writer.write_checkpoint(dest, manifest, read_planned(plan, source, DTYPES[dtype]),
+                                       extras, chunk_bytes=chunk_bytes, codec=codec,
+                                       overwrite=overwrite, on_array=on_array)

@@ -1,0 +1,113 @@
+"""Load a checkpoint as a ready-to-run, sharded NNX model state.
+
+`load_model` is the one entry point the CLI, benchmarks and notebooks use: read the manifest,
+build the abstract model, compute every parameter's sharding from the layout's rule table,
+and stream the arrays onto their devices (checkpoint.restore).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxaccel import progress
+from jaxaccel.checkpoint.manifest import CheckpointError, Manifest, check_member_name
+from jaxaccel.checkpoint.restore import (DEFAULT_HOST_MEMORY_BUDGET, RestoreStats, Target,
+                                         restore_arrays)
+from jaxaccel.models import config_from_dict
+from jaxaccel.models.state import abstract_model, fill_state, param_specs
+from jaxaccel.sharding import Layout
+
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    manifest: Manifest
+    family: str
+    config: object
+    graphdef: nnx.GraphDef
+    state: nnx.State
+    layout: Layout
+    dtype: str
+    path: pathlib.Path
+    stats: RestoreStats | None = None
+
+    @property
+    def tokenizer_path(self) -> pathlib.Path | None:
+        if "tokenizer.json" not in self.manifest.tokenizer_files:
+            return None
+        return self.path / "tokenizer.json"
+
+    def model(self) -> nnx.Module:
+        return nnx.merge(self.graphdef, self.state)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelPlan:
+    """Everything known before reading a byte: the abstract, already-sharded model."""
+
+    manifest: Manifest
+    config: object
+    graphdef: nnx.GraphDef
+    abstract_state: nnx.State  # leaves are ShapeDtypeStructs carrying their shardings
+    targets: dict[str, Target]
+    layout: Layout
+    dtype: str
+
+
+def compute_dtype_name(manifest: Manifest, dtype: str | None) -> str:
+    name = dtype or ("bfloat16" if manifest.dtype == "bfloat16" else "float32")
+    if name not in COMPUTE_DTYPES:
+        raise ValueError(f"--dtype must be one of {sorted(COMPUTE_DTYPES)}, got {name!r}")
+    return name
+
+
+def plan_model(path: str | pathlib.Path, layout: Layout | None = None,
+               dtype: str | None = None) -> ModelPlan:
+    path = pathlib.Path(path)
+    manifest = Manifest.load(path)
+    for name in manifest.tokenizer_files:
+        check_member_name(name, path / "jaxaccel.json")
+    dtype = compute_dtype_name(manifest, dtype)
+    layout = layout or Layout.create()
+    try:
+        config = config_from_dict(manifest.family, manifest.config)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{path / 'jaxaccel.json'}: {err}") from None
+    graphdef, abstract = abstract_model(manifest.family, config, COMPUTE_DTYPES[dtype])
+    targets = {name: Target(spec.shape, spec.dtype, layout.sharding(spec.axes, spec.shape))
+               for name, spec in param_specs(abstract).items()}
+    sharded = fill_state(abstract, {name: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=t.sharding)
+                                    for name, t in targets.items()})
+    return ModelPlan(manifest, config, graphdef, sharded, targets, layout, dtype)
+
+
+def restore_plan(plan: ModelPlan, path: str | pathlib.Path, *,
+                 host_memory_budget: int = DEFAULT_HOST_MEMORY_BUDGET,
+                 quiet: bool = False) -> LoadedModel:
+    path = pathlib.Path(path)
+    stats = RestoreStats()
+    total = sum(int(np.prod(t.shape)) * np.dtype(t.dtype).itemsize for t in plan.targets.values())
+    with progress.byte_progress(total, f"restore {path.name}", enabled=not quiet) as advance:
+        arrays = restore_arrays(path, plan.manifest, plan.targets,
+                                host_memory_budget=host_memory_budget, on_bytes=advance,
+                                stats=stats)
+    progress.say(f"restored {path.name}: {stats.bytes_read / 1e9:.3f} GB in {stats.seconds:.2f} s "
+                 f"({stats.gb_per_s:.2f} GB/s) onto {plan.layout.describe()}", quiet)
+    state = fill_state(plan.abstract_state, arrays)
+    return LoadedModel(plan.manifest, plan.manifest.family, plan.config, plan.graphdef, state,
+                       plan.layout, plan.dtype, path, stats)
+
+
+def load_model(path: str | pathlib.Path, layout: Layout | None = None, dtype: str | None = None,
+               *, host_memory_budget: int = DEFAULT_HOST_MEMORY_BUDGET,
+               quiet: bool = True) -> LoadedModel:
+    """Restore a checkpoint onto `layout` (default: one device) in the compute `dtype`."""
+    plan = plan_model(path, layout, dtype)
+    return restore_plan(plan, path, host_memory_budget=host_memory_budget, quiet=quiet)
