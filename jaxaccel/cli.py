@@ -13,7 +13,6 @@ from typing import Optional
 import typer
 
 from jaxaccel import platform
-import importlib
 
 app = typer.Typer(
     name="jaxaccel",
