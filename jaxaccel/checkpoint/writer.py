@@ -27,8 +27,8 @@ ORBAX_TREE_METADATA = "_METADATA"
 
 def checksum(array: np.ndarray) -> str:
     """crc32 of the array's little-endian bytes, as stored."""
-    data = np.ascontiguousarray(array)
-    return f"crc32:{zlib.crc32(memoryview(data).cast('B')) & 0xFFFFFFFF:08x}"
+    data = np.ascontiguousarray(array).reshape(-1).view(np.uint8)  # bf16 has no buffer format
+    return f"crc32:{zlib.crc32(data) & 0xFFFFFFFF:08x}"
 
 
 @contextlib.contextmanager
