@@ -13,13 +13,12 @@ import os
 import pathlib
 import shutil
 import uuid
-import zlib
 from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import tensorstore as ts
 
-from jaxaccel.checkpoint import layout
+from jaxaccel.checkpoint import integrity, layout
 from jaxaccel.checkpoint.manifest import PARAMS_DIR, ArrayEntry, CheckpointError, Manifest
 
 ORBAX_TREE_METADATA = "_METADATA"
@@ -27,8 +26,7 @@ ORBAX_TREE_METADATA = "_METADATA"
 
 def checksum(array: np.ndarray) -> str:
     """crc32 of the array's little-endian bytes, as stored."""
-    data = np.ascontiguousarray(array).reshape(-1).view(np.uint8)  # bf16 has no buffer format
-    return f"crc32:{zlib.crc32(data) & 0xFFFFFFFF:08x}"
+    return integrity.crc32(array)
 
 
 @contextlib.contextmanager
@@ -77,9 +75,12 @@ def write_arrays(params_dir: pathlib.Path, arrays: Iterable[tuple[str, np.ndarra
         dtype = str(array.dtype)
         chunk = layout.chunk_shape(array.shape, axes, array.dtype.itemsize, chunk_bytes)
         spec = layout.create_spec(str(params_dir), name, array.shape, dtype, chunk, codec)
+        # Store all-zero chunks too: then a missing key can only mean damage (see integrity).
+        spec["store_data_equal_to_fill_value"] = True
         store = ts.open(spec, context=context).result()
         store.write(array).result()
-        entries[name] = ArrayEntry(tuple(array.shape), dtype, tuple(axes), checksum(array))
+        entries[name] = ArrayEntry(tuple(array.shape), dtype, tuple(axes), checksum(array),
+                                   tuple(chunk), integrity.chunk_checksums(array, chunk))
         on_array(name, array.nbytes)
     _write_orbax_tree_metadata(params_dir, entries)
     return entries

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pathlib
 import time
 
@@ -23,6 +24,8 @@ def register(app: typer.Typer) -> None:
         ckpt: pathlib.Path = typer.Option(pathlib.Path("checkpoints/minilm"), "--ckpt",
                                           help="Where the converted MiniLM lives (made if absent)."),
         dtype: str = typer.Option("float32", "--dtype", help="Compute dtype."),
+        as_json: bool = typer.Option(False, "--json", help="Print sentences, similarity matrix "
+                                     "and timings as one JSON object."),
     ) -> None:
         """Convert the bundled all-MiniLM-L6-v2 (once), embed a few sentences, and print a
         cosine-similarity table and timings."""
@@ -49,6 +52,10 @@ def register(app: typer.Typer) -> None:
         start = time.perf_counter()
         vectors, _ = embedder.embed_texts(DEMO_SENTENCES)
         timings["second embed"] = time.perf_counter() - start
+        if as_json:
+            print(json.dumps({"sentences": DEMO_SENTENCES, "similarity": (vectors @ vectors.T).tolist(),
+                              "seconds": timings}))
+            return
         _print_similarity(console, vectors)
         console.print("  ".join(f"{k}: {v * 1e3:.0f} ms" for k, v in timings.items()))
 
