@@ -74,3 +74,18 @@ def test_help_explains_every_command():
     assert code == 0
     for command in ("convert", "inspect", "embed", "demo", "bench"):
         assert command in stdout
+
+
+def test_host_devices_flag_simulates_devices(minilm_ckpt):
+    """Without --host-devices a data=4 mesh cannot be built; with it the same command runs."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    args = [sys.executable, "-m", "jaxaccel.cli"]
+    embed = ["embed", str(minilm_ckpt), "--text", "hi", "--mesh", "data=4", "--json", "--quiet"]
+    refused = subprocess.run(args + embed, env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "needs 4 devices" in refused.stderr, refused.stderr
+    ran = subprocess.run(args + ["--host-devices", "4"] + embed, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert ran.returncode == 0, ran.stderr
+    assert len(json.loads(ran.stdout)["embeddings"]) == 1
