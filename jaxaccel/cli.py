@@ -31,8 +31,30 @@ def _global_options(
         None, "--host-devices", min=1,
         help="On CPU, simulate N devices (sets XLA's host device count before jax starts); "
              "use with --mesh to try data/tensor/pipeline parallel layouts on one machine."),
+    coordinator: Optional[str] = typer.Option(
+        None, "--coordinator", metavar="HOST:PORT",
+        help="Multi-host: the coordinator's address (process 0 serves it). Also read from "
+             "$JAX_COORDINATOR_ADDRESS. See `jaxaccel launch` to start local processes."),
+    num_processes: Optional[int] = typer.Option(
+        None, "--num-processes", min=1, help="Multi-host: how many processes take part "
+        "($JAX_NUM_PROCESSES)."),
+    process_id: Optional[int] = typer.Option(
+        None, "--process-id", min=0, help="Multi-host: this process's index, 0..N-1 "
+        "($JAX_PROCESS_ID). Only process 0 prints results."),
+    distributed_timeout: Optional[float] = typer.Option(
+        None, "--distributed-timeout", min=1, metavar="SECONDS",
+        help="Multi-host: deadline of every blocking step (connect, barriers); on expiry the "
+             "error names the process that did not arrive. Default 120."),
 ) -> None:
     platform.configure_host_devices(host_devices)
+    from jaxaccel import distributed
+
+    try:
+        cluster = distributed.cluster_from(coordinator, num_processes, process_id,
+                                           distributed_timeout)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+    distributed.initialize(cluster)
 
 
 # Command modules under jaxaccel/commands/, in --help order; each has `register(app)`.
@@ -51,7 +73,22 @@ for _name in COMMANDS:
 def main() -> None:
     from jaxaccel.errors import run_with_clean_errors
 
-    sys.exit(run_with_clean_errors(app))
+    from jaxaccel import distributed
+
+    code = run_with_clean_errors(app)
+    if distributed.active() is not None:
+        if code:  # a peer may be gone: skip the exit-time shutdown barrier it would not reach
+            _hard_exit(code)
+        distributed.shutdown()
+    sys.exit(code)
+
+
+def _hard_exit(code: int) -> None:
+    import os
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
+from jaxaccel import distributed, pipeline
 from jaxaccel.loader import LoadedModel
+from jaxaccel.models import layers
 from jaxaccel.tokenizer import InputError, TextTokenizer, bucket_batch, bucket_length
 
 
@@ -20,26 +22,35 @@ def state_shardings(state):
     return jax.tree.map(lambda leaf: leaf.sharding, state)
 
 
-def make_embed_fn(graphdef, state_sharding, batch_sharding: NamedSharding):
-    """jit(state, ids, mask) -> float32 [b, d] embeddings, with explicit shardings."""
+def make_embed_fn(graphdef, state_sharding, batch_sharding: NamedSharding, runner=None):
+    """jit(state, ids, mask) -> float32 [b, d] embeddings, with explicit shardings.
+
+    `runner` replaces the plain layer scan, e.g. a `pipeline.Pipeline` for `stage` meshes.
+    """
 
     def forward(state, ids_bt, mask_bt):
-        return nnx.merge(graphdef, state).embed(ids_bt, mask_bt)
+        with layers.use_layer_runner(runner):
+            return nnx.merge(graphdef, state).embed(ids_bt, mask_bt)
 
     return jax.jit(forward, in_shardings=(state_sharding, batch_sharding, batch_sharding),
                    out_shardings=batch_sharding)
 
 
 class Embedder:
-    def __init__(self, loaded: LoadedModel, batch_size: int = 32, max_length: int | None = None):
+    def __init__(self, loaded: LoadedModel, batch_size: int = 32, max_length: int | None = None,
+                 microbatches: int | None = None):
         if loaded.family != "bert":
             raise InputError(f"embed needs an encoder checkpoint; {loaded.path} is {loaded.family}")
         self.loaded = loaded
         self.batch_size = batch_size
         self.max_length = min(max_length or loaded.config.max_length, loaded.config.max_length)
         self.layout = loaded.layout
+        # On a `stage` mesh the layers run as a pipeline of `microbatches` (default: stages).
+        self.pipeline = pipeline.for_layout(self.layout, loaded.config.num_layers, microbatches)
+        self.batch_divisor = self.layout.batch_divisor * (
+            self.pipeline.microbatches if self.pipeline else 1)
         self.fn = make_embed_fn(loaded.graphdef, state_shardings(loaded.state),
-                                self.layout.batch_sharding(2))
+                                self.layout.batch_sharding(2), self.pipeline)
         self.tokenizer = TextTokenizer(loaded.tokenizer_path) if loaded.tokenizer_path else None
         self.pad_id = loaded.config.pad_token_id
 
@@ -61,7 +72,7 @@ class Embedder:
 
     def batch_arrays(self, ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
         """Pad to (batch bucket, length bucket): ids and attention mask, int32."""
-        rows = bucket_batch(len(ids), self.batch_size, self.layout.batch_divisor)
+        rows = bucket_batch(len(ids), self.batch_size, self.batch_divisor)
         length = bucket_length(max(map(len, ids)), self.max_length)
         ids_bt = np.full((rows, length), self.pad_id, np.int32)
         mask_bt = np.zeros((rows, length), np.int32)
@@ -73,4 +84,4 @@ class Embedder:
     def _run_batch(self, ids: list[list[int]]) -> np.ndarray:
         ids_bt, mask_bt = self.batch_arrays(ids)
         out = self.fn(self.loaded.state, ids_bt, mask_bt)
-        return np.asarray(out)[:len(ids)]
+        return distributed.host_array(out)[:len(ids)]

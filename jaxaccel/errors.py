@@ -15,12 +15,15 @@ FAILURE_EXIT = 1
 def _known_errors():
     from jaxaccel.checkpoint.manifest import CheckpointError
     from jaxaccel.convert.safetensors_source import ConvertError
+    from jaxaccel.distributed import DistributedError
     from jaxaccel.models import UnknownFamilyError
+    from jaxaccel.planner import PlanError
     from jaxaccel.sharding import MeshSpecError
     from jaxaccel.tokenizer import InputError
 
     usage = (MeshSpecError, InputError, UsageError)
-    failure = (CheckpointError, ConvertError, UnknownFamilyError)
+    failure = (CheckpointError, ConvertError, UnknownFamilyError, DistributedError,
+               PlanError)
     return usage, failure
 
 
@@ -42,13 +45,27 @@ def run_with_clean_errors(app) -> int:
     return 0
 
 
-def _report(err: Exception) -> int:
+def _click_errors() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """(ClickException, Abort) classes of click and of the copy newer typers vendor."""
     import click
 
-    if isinstance(err, click.exceptions.ClickException):  # bad flags, from typer/click
+    exceptions, aborts = [click.exceptions.ClickException], [click.exceptions.Abort]
+    try:
+        from typer._click import exceptions as vendored
+    except ImportError:
+        pass
+    else:
+        exceptions.append(vendored.ClickException)
+        aborts += [vendored.Abort] if hasattr(vendored, "Abort") else []
+    return tuple(exceptions), tuple(aborts)
+
+
+def _report(err: Exception) -> int:
+    click_exceptions, aborts = _click_errors()
+    if isinstance(err, click_exceptions):  # bad flags, from typer/click
         err.show()
         return err.exit_code
-    if isinstance(err, click.exceptions.Abort):
+    if isinstance(err, aborts):
         return FAILURE_EXIT
     usage, failure = _known_errors()
     if isinstance(err, usage + failure):

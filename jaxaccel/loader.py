@@ -15,13 +15,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxaccel import progress
+from jaxaccel import distributed, progress
 from jaxaccel.checkpoint.manifest import CheckpointError, Manifest, check_member_name
 from jaxaccel.checkpoint.restore import (DEFAULT_HOST_MEMORY_BUDGET, RestoreStats, Target,
                                          restore_arrays)
 from jaxaccel.models import config_from_dict
 from jaxaccel.models.state import abstract_model, fill_state, param_specs
-from jaxaccel.sharding import Layout
+from jaxaccel.pipeline import padded_layers, stage_count
+from jaxaccel.sharding import LAYERS, Layout
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -64,7 +65,9 @@ class ModelPlan:
 def compute_dtype_name(manifest: Manifest, dtype: str | None) -> str:
     name = dtype or ("bfloat16" if manifest.dtype == "bfloat16" else "float32")
     if name not in COMPUTE_DTYPES:
-        raise ValueError(f"--dtype must be one of {sorted(COMPUTE_DTYPES)}, got {name!r}")
+        from jaxaccel.errors import UsageError
+
+        raise UsageError(f"--dtype must be one of {sorted(COMPUTE_DTYPES)}, got {name!r}")
     return name
 
 
@@ -81,25 +84,39 @@ def plan_model(path: str | pathlib.Path, layout: Layout | None = None,
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{path / 'jaxaccel.json'}: {err}") from None
     graphdef, abstract = abstract_model(manifest.family, config, COMPUTE_DTYPES[dtype])
-    targets = {name: Target(spec.shape, spec.dtype, layout.sharding(spec.axes, spec.shape))
-               for name, spec in param_specs(abstract).items()}
+    targets = {name: _target(spec, layout) for name, spec in param_specs(abstract).items()}
     sharded = fill_state(abstract, {name: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=t.sharding)
                                     for name, t in targets.items()})
     return ModelPlan(manifest, config, graphdef, sharded, targets, layout, dtype)
 
 
+def _target(spec, layout: Layout) -> Target:
+    """A layer stack that the pipeline stages do not divide is padded (with zero layers the
+    pipeline skips) to a multiple of them, so each stage still holds and reads only its own."""
+    stages = stage_count(layout)
+    shape = spec.shape
+    if spec.axes[:1] == (LAYERS,) and shape[0] % stages:
+        shape = (padded_layers(shape[0], stages), *shape[1:])
+    return Target(shape, spec.dtype, layout.sharding(spec.axes, shape),
+                  stored_shape=spec.shape if shape != spec.shape else None)
+
+
 def restore_plan(plan: ModelPlan, path: str | pathlib.Path, *,
                  host_memory_budget: int = DEFAULT_HOST_MEMORY_BUDGET,
-                 quiet: bool = False) -> LoadedModel:
+                 quiet: bool = False, verify_checksums: bool = False) -> LoadedModel:
     path = pathlib.Path(path)
     stats = RestoreStats()
-    total = sum(int(np.prod(t.shape)) * np.dtype(t.dtype).itemsize for t in plan.targets.values())
+    total = sum(int(np.prod(t.checkpoint_shape)) * np.dtype(t.dtype).itemsize
+                for t in plan.targets.values())
     with progress.byte_progress(total, f"restore {path.name}", enabled=not quiet) as advance:
         arrays = restore_arrays(path, plan.manifest, plan.targets,
                                 host_memory_budget=host_memory_budget, on_bytes=advance,
-                                stats=stats)
+                                stats=stats, verify_chunks=verify_checksums)
     progress.say(f"restored {path.name}: {stats.bytes_read / 1e9:.3f} GB in {stats.seconds:.2f} s "
                  f"({stats.gb_per_s:.2f} GB/s) onto {plan.layout.describe()}", quiet)
+    if distributed.active():  # a barrier: every process must have restored before running
+        report = distributed.restore_report(stats, total)
+        progress.say(report, quiet or not distributed.is_output_process())
     state = fill_state(plan.abstract_state, arrays)
     return LoadedModel(plan.manifest, plan.manifest.family, plan.config, plan.graphdef, state,
                        plan.layout, plan.dtype, path, stats)
@@ -107,7 +124,14 @@ def restore_plan(plan: ModelPlan, path: str | pathlib.Path, *,
 
 def load_model(path: str | pathlib.Path, layout: Layout | None = None, dtype: str | None = None,
                *, host_memory_budget: int = DEFAULT_HOST_MEMORY_BUDGET,
-               quiet: bool = True) -> LoadedModel:
-    """Restore a checkpoint onto `layout` (default: one device) in the compute `dtype`."""
+               quiet: bool = True, verify_checksums: bool = False) -> LoadedModel:
+    """Restore a checkpoint onto `layout` (default: one device) in the compute `dtype`.
+
+    Always checked (~1% of restore time): every array and chunk present, chunk lengths.
+    `verify_checksums` also checks every chunk's crc32c as it is read: +35-70% restore time
+    measured on CPU (2.68 GB: 1.29 s -> 2.18 s), so it is opt-in; `jaxaccel verify` checks
+    everything against the manifest's checksums.
+    """
     plan = plan_model(path, layout, dtype)
-    return restore_plan(plan, path, host_memory_budget=host_memory_budget, quiet=quiet)
+    return restore_plan(plan, path, host_memory_budget=host_memory_budget, quiet=quiet,
+                        verify_checksums=verify_checksums)

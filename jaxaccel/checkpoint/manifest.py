@@ -19,6 +19,8 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "jaxaccel.json"
 PARAMS_DIR = "params"
 STORED_DTYPES = ("float32", "bfloat16", "float16")
+# Per-array dtypes a manifest may name: the stored float types plus plain integers.
+ARRAY_DTYPES = STORED_DTYPES + ("int8", "int16", "int32", "int64", "uint8", "uint32", "bool")
 
 
 class CheckpointError(ValueError):
@@ -31,16 +33,26 @@ class ArrayEntry:
     dtype: str
     axes: tuple[str | None, ...]
     checksum: str | None = None  # filled by the converter; see checkpoint.integrity
+    chunk_shape: tuple[int, ...] | None = None
+    chunk_checksums: tuple[str, ...] | None = None  # one per chunk, in C order of the grid
+
+    @property
+    def itemsize(self) -> int:
+        return _itemsize(self.dtype)
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * _itemsize(self.dtype)
+        return int(np.prod(self.shape, dtype=np.int64)) * self.itemsize
 
     def to_json(self) -> dict:
         out = {"shape": list(self.shape), "dtype": self.dtype, "axes": list(self.axes),
                "nbytes": self.nbytes}
         if self.checksum:
             out["checksum"] = self.checksum
+        if self.chunk_shape is not None:
+            out["chunk_shape"] = list(self.chunk_shape)
+        if self.chunk_checksums is not None:
+            out["chunk_checksums"] = list(self.chunk_checksums)
         return out
 
 
@@ -103,34 +115,75 @@ class Manifest:
         if raw["dtype"] not in STORED_DTYPES:
             raise CheckpointError(f"{path}: dtype {raw['dtype']!r} not one of {STORED_DTYPES}")
         arrays = {name: _array_entry(name, value, path) for name, value in raw["arrays"].items()}
-        tokenizer_files = tuple(raw.get("tokenizer_files") or ())
+        tokenizer_files = raw.get("tokenizer_files") or []
+        source = raw.get("source") or {}
+        if not isinstance(tokenizer_files, list) or not isinstance(source, Mapping):
+            raise CheckpointError(f"{path}: 'tokenizer_files' must be a list and 'source' an "
+                                  "object")
         for name in tokenizer_files:
             check_member_name(name, path)
         return cls(family=raw["family"], config=dict(raw["config"]), dtype=raw["dtype"],
-                   arrays=arrays, tokenizer_files=tokenizer_files,
-                   source=dict(raw.get("source") or {}), format_version=version)
+                   arrays=arrays, tokenizer_files=tuple(tokenizer_files),
+                   source=dict(source), format_version=version)
 
 
 def check_member_name(name: str, manifest_path) -> None:
     """Names in a manifest must stay inside the checkpoint directory."""
+    if not isinstance(name, str):
+        raise CheckpointError(f"{manifest_path}: file name {name!r} is not a string")
     pure = pathlib.PurePosixPath(name)
-    if (not isinstance(name, str) or not name or pure.is_absolute() or "\\" in name
-            or any(part in ("..", "") for part in pure.parts) or name.startswith("~")):
+    if (not name or pure.is_absolute() or "\\" in name or "\0" in name
+            or any(part in ("..", ".", "") for part in name.split("/")) or name.startswith("~")):
         raise CheckpointError(f"{manifest_path}: file name {name!r} would escape the checkpoint "
                               "directory; only plain relative names are allowed")
 
 
-def _array_entry(name: str, value, path) -> ArrayEntry:
+def _array_entry(name, value, path) -> ArrayEntry:
+    if not isinstance(value, Mapping):
+        raise CheckpointError(f"{path}: array {name!r} entry is not an object")
     try:
-        shape = tuple(int(d) for d in value["shape"])
-        dtype = str(value["dtype"])
+        shape = tuple(_int(d) for d in value["shape"])
+        dtype = value["dtype"]
         axes = tuple(value.get("axes") or (None,) * len(shape))
-        _itemsize(dtype)
+        chunk_shape = value.get("chunk_shape")
+        chunk_shape = None if chunk_shape is None else tuple(_int(d) for d in chunk_shape)
+        chunk_checksums = value.get("chunk_checksums")
+        chunk_checksums = None if chunk_checksums is None else tuple(chunk_checksums)
     except (KeyError, TypeError, ValueError) as err:
-        raise CheckpointError(f"{path}: array {name!r} has a malformed entry ({err})") from None
-    if any(d < 0 for d in shape) or len(axes) != len(shape):
+        raise CheckpointError(f"{path}: array {name!r} has a malformed entry ({err!r})") from None
+    if dtype not in ARRAY_DTYPES:
+        raise CheckpointError(f"{path}: array {name!r} has dtype {dtype!r}, not one of "
+                              f"{ARRAY_DTYPES}")
+    if (any(d < 0 for d in shape) or len(axes) != len(shape)
+            or not all(a is None or isinstance(a, str) for a in axes)):
         raise CheckpointError(f"{path}: array {name!r} has shape {shape} and axes {axes}")
-    return ArrayEntry(shape, dtype, axes, value.get("checksum"))
+    if chunk_shape is not None and (len(chunk_shape) != len(shape)
+                                    or any(c < 1 for c in chunk_shape)):
+        raise CheckpointError(f"{path}: array {name!r} has chunk_shape {chunk_shape} for shape "
+                              f"{shape}")
+    if chunk_checksums is not None and (
+            chunk_shape is None or not all(isinstance(c, str) for c in chunk_checksums)
+            or len(chunk_checksums) != _chunk_count(shape, chunk_shape)):
+        raise CheckpointError(f"{path}: array {name!r} has {len(chunk_checksums)} chunk "
+                              f"checksums, which does not fit chunk_shape {chunk_shape}")
+    checksum = value.get("checksum")
+    if checksum is not None and not isinstance(checksum, str):
+        raise CheckpointError(f"{path}: array {name!r} has a non-string checksum")
+    return ArrayEntry(shape, dtype, axes, checksum, chunk_shape, chunk_checksums)
+
+
+def _int(value) -> int:
+    """A JSON integer (bools and floats are malformed, not silently truncated)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{value!r} is not an integer")
+    return value
+
+
+def _chunk_count(shape, chunk) -> int:
+    count = 1
+    for d, c in zip(shape, chunk):
+        count *= -(-d // c)
+    return count
 
 
 def _itemsize(dtype: str) -> int:

@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import pathlib
+import re
 import shutil
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -77,8 +78,11 @@ def write_arrays(params_dir: pathlib.Path, arrays: Iterable[tuple[str, np.ndarra
         spec = layout.create_spec(str(params_dir), name, array.shape, dtype, chunk, codec)
         # Store all-zero chunks too: then a missing key can only mean damage (see integrity).
         spec["store_data_equal_to_fill_value"] = True
-        store = ts.open(spec, context=context).result()
-        store.write(array).result()
+        try:
+            ts.open(spec, context=context).result().write(array).result()
+        except ValueError as err:  # tensorstore's errors: disk full, file too large, EIO...
+            raise CheckpointError(f"{params_dir.parent}: writing array {name!r} failed "
+                                  f"({_os_reason(err)})") from None
         entries[name] = ArrayEntry(tuple(array.shape), dtype, tuple(axes), checksum(array),
                                    tuple(chunk), integrity.chunk_checksums(array, chunk))
         on_array(name, array.nbytes)
@@ -107,11 +111,26 @@ def write_checkpoint(dest: pathlib.Path, manifest: Manifest,
                      on_array: Callable[[str, int], None] = lambda name, nbytes: None) -> Manifest:
     """Write arrays, copy `extra_files` (name -> source path), then the manifest; publish."""
     with staging_directory(dest, overwrite) as staging:
-        entries = write_arrays(staging / PARAMS_DIR, arrays, chunk_bytes, codec, on_array)
-        for name, source in extra_files.items():
-            shutil.copyfile(source, staging / name)
+        try:
+            entries = write_arrays(staging / PARAMS_DIR, arrays, chunk_bytes, codec, on_array)
+        except CheckpointError as err:  # name DEST, not the hidden staging directory
+            raise CheckpointError(str(err).replace(str(staging), str(dest))
+                                  + "; nothing was published") from None
         manifest = Manifest(family=manifest.family, config=manifest.config, dtype=manifest.dtype,
                             arrays=entries, tokenizer_files=tuple(extra_files),
                             source=manifest.source)
-        manifest.write(staging)
+        try:
+            for name, source in extra_files.items():
+                shutil.copyfile(source, staging / name)
+            manifest.write(staging)
+        except OSError as err:
+            raise CheckpointError(f"{dest}: writing the checkpoint failed ({err.strerror}); "
+                                  "nothing was published") from None
     return manifest
+
+
+def _os_reason(err: Exception) -> str:
+    """'File too large [errno 27]' out of tensorstore's long status message."""
+    text = str(err).splitlines()[0]
+    match = re.search(r":\s*([^:\[]+?)\s*\[os_error_code='?(\d+)", text)
+    return f"{match.group(1)} [errno {match.group(2)}]" if match else text[:200]

@@ -41,13 +41,21 @@ def save_npy_atomically(path: pathlib.Path, array) -> None:
     os.replace(tmp, path)
 
 
-def load_for_inference(ckpt, mesh, rules, rule_overrides, dtype, budget: str, quiet: bool):
+def load_for_inference(ckpt, mesh, rules, rule_overrides, dtype, budget: str, quiet: bool, *,
+                       device_memory: str | None = None, batch: int = 1, seq: int | None = None,
+                       max_new_tokens: int = 0, verify_checksums: bool = False):
+    """Plan (refusing a run that would overflow a device, before reading a byte), then load."""
     from jaxaccel.loader import load_model
+    from jaxaccel.planner import refuse_if_too_big
     from jaxaccel.units import parse_bytes
 
     layout = options.layout_from(mesh, rules, rule_overrides)
+    memory = parse_bytes(device_memory, "--device-memory") if device_memory else None
+    refuse_if_too_big(ckpt, layout, dtype, batch=batch, seq=seq, max_new_tokens=max_new_tokens,
+                      device_memory=memory)
     return load_model(ckpt, layout, dtype,
-                      host_memory_budget=parse_bytes(budget, "--host-memory-budget"), quiet=quiet)
+                      host_memory_budget=parse_bytes(budget, "--host-memory-budget"), quiet=quiet,
+                      verify_checksums=verify_checksums)
 
 
 def register(app: typer.Typer) -> None:
@@ -70,23 +78,37 @@ def register(app: typer.Typer) -> None:
         rules: str = options.RULES,
         rule: Optional[str] = options.RULE_OVERRIDES,
         budget: str = options.HOST_MEMORY_BUDGET,
+        device_memory: Optional[str] = options.DEVICE_MEMORY,
+        verify_checksums: bool = options.VERIFY_CHECKSUMS,
+        microbatches: Optional[int] = options.MICROBATCHES,
+        compile_cache: Optional[pathlib.Path] = options.COMPILE_CACHE,
+        no_compile_cache: bool = options.NO_COMPILE_CACHE,
         as_json: bool = options.JSON,
         quiet: bool = options.QUIET,
     ) -> None:
         """Embed texts: mean-pooled, L2-normalised sentence embeddings (sentence-transformers
         semantics), computed by a jitted, sharded forward pass."""
-        from jaxaccel import progress
+        from jaxaccel import distributed, progress
         from jaxaccel.embed import Embedder
         from jaxaccel.errors import UsageError
 
         if bool(text) == bool(input_file):
             raise UsageError("give texts with --text (repeatable) or --input FILE, not both")
         texts = list(text) if text else read_text_lines(input_file)
-        loaded = load_for_inference(ckpt, mesh, rules, rule, dtype, budget, quiet)
-        embedder = Embedder(loaded, batch_size=batch_size, max_length=max_length)
+        from jaxaccel import compile_cache as xla_cache
+
+        xla_cache.configure(compile_cache, enabled=not no_compile_cache)
+        loaded = load_for_inference(ckpt, mesh, rules, rule, dtype, budget, quiet,
+                                    device_memory=device_memory,
+                                    batch=min(batch_size, len(texts)), seq=max_length,
+                                    verify_checksums=verify_checksums)
+        embedder = Embedder(loaded, batch_size=batch_size, max_length=max_length,
+                            microbatches=microbatches)
         start = time.perf_counter()
         embeddings, truncated = embedder.embed_texts(texts, truncate=not no_truncate)
         seconds = time.perf_counter() - start
+        if not distributed.is_output_process():
+            return  # multi-host: one copy of the output, from process 0
         if truncated:
             progress.say(f"warning: {len(truncated)} input(s) truncated to {embedder.max_length} "
                          f"tokens (first: input {truncated[0] + 1}); --no-truncate refuses them")

@@ -15,10 +15,25 @@ RULES = typer.Option("dp_tp", "--rules", help="Logical-axis rule table: replicat
                      "dp_tp, pp, dp_tp_pp.")
 RULE_OVERRIDES = typer.Option(None, "--rule", help="Override single rules, e.g. "
                               "'heads=None,mlp=model'.")
+MICROBATCHES = typer.Option(None, "--microbatches", min=1, help="Pipeline microbatches on a "
+                            "mesh with stage>1 (default: the stage count). More shrink the "
+                            "bubble, (S-1)/(M+S-1); the batch is padded to a multiple.")
+COMPILE_CACHE = typer.Option(None, "--compile-cache", help="Persistent XLA compilation cache "
+                             "directory (default: ~/.cache/jaxaccel/xla): a second start with "
+                             "the same model, mesh and shapes skips compiling.")
+NO_COMPILE_CACHE = typer.Option(False, "--no-compile-cache", help="Do not read or write the "
+                                "persistent compilation cache.")
 JSON = typer.Option(False, "--json", help="Print one JSON object on stdout (for machines).")
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bars or status lines.")
 HOST_MEMORY_BUDGET = typer.Option("2GiB", "--host-memory-budget",
                                   help="Bound on host memory held by restore reads in flight.")
+VERIFY_CHECKSUMS = typer.Option(False, "--verify-checksums", help="Check every chunk's crc32c "
+                                "while restoring (slower: +35-70% restore time). Missing or "
+                                "truncated chunks are always refused; `jaxaccel verify` checks all.")
+DEVICE_MEMORY = typer.Option(None, "--device-memory", help="Memory per device, e.g. 16GiB "
+                             "(default: what the backend reports; CPU reports none). When set or "
+                             "detected, the run is planned first and refused before reading a "
+                             "byte if a device would overflow.")
 
 
 def layout_from(mesh: Optional[str], rules: str, rule_overrides: Optional[str] = None):

@@ -137,8 +137,9 @@ class Model(nnx.Module):
         x_btd = self.embeddings(ids_bt, segment_bt)
         mask_bts = jnp.broadcast_to(mask_bt[:, None, :].astype(bool),
                                     (ids_bt.shape[0], ids_bt.shape[1], ids_bt.shape[1]))
-        x_btd, _ = layers.scan_layers(
-            self.blocks, x_btd, lambda block, x, _: (block(x, mask_bts), None))
+        # The mask rides in the carry (not the closure) so a pipeline can microbatch it.
+        (x_btd, _), _ = layers.scan_layers(
+            self.blocks, (x_btd, mask_bts), lambda block, c, _: ((block(*c), c[1]), None))
         return x_btd
 
     def embed(self, ids_bt, mask_bt, segment_bt=None):

@@ -12,6 +12,8 @@ with a bf16 result, so the policy costs nothing.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from collections.abc import Callable, Sequence
 
 import jax
@@ -105,12 +107,32 @@ def attention(q_btnh, k_bskh, v_bskh, mask_bts) -> jax.Array:
     return out.reshape(b, t, n, h).astype(q_btnh.dtype)
 
 
+# A replacement for the plain scan below, e.g. `pipeline.Pipeline`; set while tracing.
+_LAYER_RUNNER: contextvars.ContextVar = contextvars.ContextVar("layer_runner", default=None)
+
+
+@contextlib.contextmanager
+def use_layer_runner(runner: Callable | None):
+    """Within the block, `scan_layers` calls `runner(blocks, carry, body, xs)` instead."""
+    token = _LAYER_RUNNER.set(runner)
+    try:
+        yield
+    finally:
+        _LAYER_RUNNER.reset(token)
+
+
 def scan_layers(blocks: nnx.Module, carry, body: Callable, xs=None):
     """Run `body(block, carry, x) -> (carry, y)` over the stacked layers of `blocks`.
 
     `blocks` holds parameters with a leading layers axis (see `make_param`). One layer is
     traced and compiled once, however deep the model, which keeps compile time flat.
+    To stay pipelinable (see `jaxaccel.pipeline`), keep batch-dependent inputs in `carry`
+    ([b, ...]) or `xs` ([l, b, ...]), never in the body's closure.
     """
+    runner = _LAYER_RUNNER.get()
+    if runner is not None:
+        with use_layer_runner(None):  # the runner's own per-stage scans are plain
+            return runner(blocks, carry, body, xs)
     graphdef, state = nnx.split(blocks)
 
     def step(carry, layer_and_x):

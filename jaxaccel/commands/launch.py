@@ -1,0 +1,36 @@
+"""`jaxaccel launch --processes N -- CMD...`: run CMD as N local jax.distributed processes."""
+
+from __future__ import annotations
+
+import pathlib
+from typing import List, Optional
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("launch", context_settings={"allow_interspersed_args": False})
+    def launch_cmd(
+        command: List[str] = typer.Argument(..., help="The command each process runs, after "
+                                            "`--`, e.g. `-- jaxaccel embed CKPT --mesh "
+                                            "model=2,stage=4 --rules dp_tp_pp -t hi`."),
+        processes: int = typer.Option(2, "--processes", "-n", min=1, help="How many processes."),
+        devices_each: Optional[int] = typer.Option(
+            None, "--devices-each", min=1, help="On CPU, simulate this many devices per process."),
+        port: Optional[int] = typer.Option(None, "--port", help="Coordinator port on 127.0.0.1 "
+                                           "(default: a free one)."),
+        timeout: Optional[float] = typer.Option(
+            None, "--timeout", min=1, metavar="SECONDS", help="Deadline of every blocking step "
+            "in each process (sets $JAXACCEL_DISTRIBUTED_TIMEOUT)."),
+        log_dir: Optional[pathlib.Path] = typer.Option(None, "--log-dir", help="Where each "
+                                                       "process's log goes (default: a temp dir)."),
+    ) -> None:
+        """Start N local processes of one command as a jax.distributed cluster (process 0 is the
+        coordinator), stream their logs (each line tagged with its process), and fail if any
+        process fails."""
+        from jaxaccel.launcher import launch_local
+
+        result = launch_local(command, processes, host_devices=devices_each, port=port,
+                              timeout_s=timeout, log_dir=log_dir)
+        if not result.ok:
+            raise typer.Exit(result.exit_code)

@@ -1,0 +1,78 @@
+"""`jaxaccel plan CKPT`: per-device and per-process memory of a run, before reading a byte."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Optional
+
+import typer
+
+from jaxaccel.commands import options
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("plan")
+    def plan_cmd(
+        ckpt: pathlib.Path = typer.Argument(..., help="Checkpoint directory."),
+        mesh: Optional[str] = options.MESH,
+        rules: str = options.RULES,
+        rule: Optional[str] = options.RULE_OVERRIDES,
+        dtype: Optional[str] = options.DTYPE,
+        batch: int = typer.Option(1, "--batch", min=1, help="Rows per forward call."),
+        seq: Optional[int] = typer.Option(None, "--seq", min=1, help="Tokens per row (default: "
+                                          "the model's maximum); for decoders, the prompt."),
+        max_new_tokens: int = typer.Option(0, "--max-new-tokens", min=0, help="Decoders: "
+                                           "tokens to generate (sizes the KV cache)."),
+        device_memory: Optional[str] = options.DEVICE_MEMORY,
+        budget: str = options.HOST_MEMORY_BUDGET,
+        as_json: bool = options.JSON,
+    ) -> None:
+        """Print, per device, the bytes for parameters, KV cache and activations (XLA's
+        compiled memory analysis) and, per process, the bytes restore reads and its peak host
+        memory. Exits 1, naming the largest arrays and a mesh that fits, when a device with
+        known memory (--device-memory) would overflow."""
+        import jax
+
+        from jaxaccel import planner
+        from jaxaccel.units import parse_bytes
+
+        layout = options.layout_from(mesh, rules, rule)
+        memory = parse_bytes(device_memory, "--device-memory") if device_memory else None
+        result = planner.plan(ckpt, layout, dtype, batch=batch, seq=seq,
+                              max_new_tokens=max_new_tokens,
+                              host_budget=parse_bytes(budget, "--host-memory-budget"),
+                              device_memory=memory)
+        if as_json:
+            print(json.dumps(result.to_json()))
+        else:
+            _print_plan(result)
+        planner.check_fits(result, len(jax.devices()))
+
+
+def _print_plan(plan) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from jaxaccel.sharding import format_mesh
+    from jaxaccel.units import format_bytes as fb
+
+    console = Console()
+    console.print(f"[bold]{plan.ckpt}[/]  {plan.family}  {plan.dtype}  mesh {format_mesh(plan.mesh)}"
+                  f"  batch {plan.batch} x seq {plan.seq}"
+                  + (f" + {plan.max_new_tokens} new" if plan.max_new_tokens else ""))
+    table = Table("per device", "bytes", title=None)
+    table.add_row("parameters", fb(plan.param_bytes))
+    table.add_row("KV cache", fb(plan.kv_cache_bytes))
+    table.add_row(f"activations ({plan.activation_source})", fb(plan.activation_bytes))
+    table.add_row("[bold]total[/]", f"[bold]{fb(plan.total_bytes)}[/]")
+    memory = "unknown (pass --device-memory)" if plan.device_memory is None else fb(plan.device_memory)
+    verdict = {None: "", True: "  [green]fits[/]", False: "  [red]does not fit[/]"}[plan.fits]
+    table.add_row("device memory", memory + verdict)
+    console.print(table)
+    console.print(f"per process: reads {fb(plan.read_bytes)}; peak host memory of restore reads "
+                  f"{fb(plan.peak_host_bytes)} (budget {fb(plan.host_budget)})")
+    console.print("largest arrays per device: " + ", ".join(
+        f"{name} {fb(n)}" for name, n in plan.largest_arrays()))
+    for warning in plan.warnings:
+        console.print(f"[yellow]warning:[/] {warning}")

@@ -1,0 +1,368 @@
+"""Will it fit? Per-device and per-process memory of a run, known before reading a byte.
+
+Per device: parameter bytes (exact: the shard each device holds under the layout's rule
+table), KV cache bytes for decoders (exact, same arithmetic), and an activation estimate from
+XLA's own memory analysis of the compiled forward (`compiled.memory_analysis()`: temporaries
+plus outputs), falling back to a stated formula where compiling is not possible.
+Per process: the bytes its restore reads (only slices its devices hold) and the peak host
+memory held by reads in flight under the restore budget (the restore's own admission rule).
+
+Parameter and cache arithmetic runs on mesh *sizes* alone (a fake mesh), so the planner can
+also search for a mesh that fits without building one (`suggest_mesh`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import pathlib
+import types
+from collections.abc import Mapping
+
+import numpy as np
+
+from jaxaccel import sharding as ax
+from jaxaccel.units import format_bytes
+
+LARGEST_SHOWN = 3
+SEARCH_DEVICE_COUNTS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class PlanError(ValueError):
+    """The run would not fit in device memory; names the largest arrays and a mesh that fits."""
+
+
+@dataclasses.dataclass
+class MemoryPlan:
+    ckpt: str
+    family: str
+    mesh: dict[str, int]
+    rules: dict
+    dtype: str
+    batch: int
+    seq: int
+    max_new_tokens: int
+    slots: int  # KV cache slots per row (decoders; 0 for encoders)
+    param_bytes: int  # per device (every device of a NamedSharding holds an equal share)
+    kv_cache_bytes: int
+    activation_bytes: int
+    activation_source: str  # "xla" (compiled memory analysis), "formula" or "none"
+    read_bytes: int  # per process
+    peak_host_bytes: int  # per process: bound on restore reads in flight
+    host_budget: int
+    device_memory: int | None
+    param_bytes_by_array: dict[str, int]
+    warnings: list[str] = dataclasses.field(default_factory=list)
+    specs: Mapping = dataclasses.field(default_factory=dict, repr=False)  # for suggest_mesh
+    config: object = dataclasses.field(default=None, repr=False)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.param_bytes + self.kv_cache_bytes + self.activation_bytes
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.device_memory is None else self.total_bytes <= self.device_memory
+
+    def largest_arrays(self, n: int = LARGEST_SHOWN) -> list[tuple[str, int]]:
+        return sorted(self.param_bytes_by_array.items(), key=lambda kv: -kv[1])[:n]
+
+    def to_json(self) -> dict:
+        return {
+            "ckpt": self.ckpt, "family": self.family, "mesh": self.mesh, "dtype": self.dtype,
+            "batch": self.batch, "seq": self.seq, "max_new_tokens": self.max_new_tokens,
+            "kv_cache_slots": self.slots,
+            "per_device": {"param_bytes": self.param_bytes, "kv_cache_bytes": self.kv_cache_bytes,
+                           "activation_bytes": self.activation_bytes,
+                           "activation_source": self.activation_source,
+                           "total_bytes": self.total_bytes, "device_memory": self.device_memory,
+                           "fits": self.fits},
+            "per_process": {"read_bytes": self.read_bytes, "peak_host_bytes": self.peak_host_bytes,
+                            "host_memory_budget": self.host_budget},
+            "largest_arrays": dict(self.largest_arrays(8)),
+            "warnings": self.warnings,
+        }
+
+
+# ---------------------------------------------------------------- arithmetic on mesh sizes
+
+def _fake_layout(sizes: Mapping[str, int], rules: Mapping):
+    """Just enough of a Layout for the sharding arithmetic: mesh sizes and rules."""
+    return types.SimpleNamespace(mesh=types.SimpleNamespace(shape=dict(sizes)), rules=dict(rules))
+
+
+def shard_bytes(shape, axes, itemsize: int, sizes: Mapping[str, int], rules: Mapping) -> int:
+    """Bytes one device holds of an array with logical `axes` (layer stacks padded to stages)."""
+    from jaxaccel.pipeline import padded_layers, stage_count
+
+    layout = _fake_layout(sizes, rules)
+    shape = tuple(shape)
+    stages = stage_count(layout)
+    if axes[:1] == (ax.LAYERS,) and stages > 1:
+        shape = (padded_layers(shape[0], stages), *shape[1:])
+    spec = ax.logical_to_spec(axes, shape, layout.mesh, rules)
+    shard = list(shape)
+    for i, mesh_axis in enumerate(spec):
+        if mesh_axis is not None:
+            shard[i] //= sizes[mesh_axis]
+    return math.prod(shard) * itemsize
+
+
+def param_bytes(specs: Mapping, sizes, rules) -> dict[str, int]:
+    """Per-device bytes of every parameter; `specs` maps names to models.state.ParamSpec."""
+    return {name: shard_bytes(s.shape, s.axes, np.dtype(s.dtype).itemsize, sizes, rules)
+            for name, s in specs.items()}
+
+
+def kv_cache_bytes(config, batch: int, slots: int, itemsize: int, sizes, rules) -> int:
+    """Keys plus values, [l, b, k, s, h] each, for a decoder config (0 for encoders)."""
+    if not _is_decoder(config) or slots <= 0:
+        return 0
+    from jaxaccel.kv_cache import CACHE_AXES
+
+    shape = (config.num_layers, batch, config.num_kv_heads, slots, config.head_dim)
+    return 2 * shard_bytes(shape, CACHE_AXES, itemsize, sizes, rules)
+
+
+def activation_formula(config, batch: int, seq: int, itemsize: int, sizes, rules) -> int:
+    """Rough activation peak when XLA cannot be asked: a few [b, t, d] and [b, t, f] buffers
+    plus one layer's float32 attention scores, split as the rules split batch, heads, mlp."""
+    def split(logical: str) -> int:
+        axis = rules.get(logical)
+        return sizes.get(axis, 1) if axis else 1
+
+    b = math.ceil(batch / split(ax.BATCH))
+    d, f = config.hidden_size, getattr(config, "intermediate_size", 4 * config.hidden_size)
+    n = math.ceil(config.num_heads / split(ax.HEADS))
+    vocab = getattr(config, "vocab_size", 0) if _is_decoder(config) else 0
+    return (b * seq * (6 * d + 2 * math.ceil(f / split(ax.MLP))) * itemsize
+            + b * n * seq * seq * 4 + b * math.ceil(vocab / split(ax.VOCAB)) * 4)
+
+
+# ---------------------------------------------------------------- the plan
+
+def plan(ckpt: str | pathlib.Path, layout=None, dtype: str | None = None, *, batch: int = 1,
+         seq: int | None = None, max_new_tokens: int = 0, host_budget: int | None = None,
+         device_memory: int | None = None, compile_activations: bool = True) -> MemoryPlan:
+    """Memory plan of running `ckpt` on `layout`: reads only the manifest (and tokenizer)."""
+    from jaxaccel.checkpoint.restore import DEFAULT_HOST_MEMORY_BUDGET, plan_reads
+    from jaxaccel.loader import plan_model
+    from jaxaccel.models.state import param_specs
+
+    model_plan = plan_model(ckpt, layout, dtype)
+    layout, config = model_plan.layout, model_plan.config
+    sizes, rules = dict(layout.mesh.shape), layout.rules
+    seq = min(seq or config.max_length, config.max_length)
+    itemsize = _itemsize(model_plan.dtype)
+    specs = param_specs(model_plan.abstract_state)
+    by_array = param_bytes(specs, sizes, rules)
+    batch_rows, seq, slots = _buckets(model_plan, batch, seq, max_new_tokens)
+    kv = kv_cache_bytes(config, batch_rows, slots, itemsize, sizes, rules)
+    act, source = _activations(model_plan, pathlib.Path(ckpt), batch_rows, seq, slots,
+                               itemsize, compile_activations)
+    reads = [r.nbytes for r in plan_reads(model_plan.targets)]
+    host_budget = host_budget or DEFAULT_HOST_MEMORY_BUDGET
+    result = MemoryPlan(
+        ckpt=str(ckpt), family=model_plan.manifest.family, mesh=sizes, rules=rules,
+        dtype=model_plan.dtype, batch=batch_rows, seq=seq, max_new_tokens=max_new_tokens,
+        slots=slots, param_bytes=sum(by_array.values()), kv_cache_bytes=kv, activation_bytes=act,
+        activation_source=source, read_bytes=sum(reads),
+        peak_host_bytes=peak_in_flight(reads, host_budget), host_budget=host_budget,
+        device_memory=device_memory if device_memory is not None else detected_device_memory(),
+        param_bytes_by_array=by_array, warnings=divisibility_warnings(config, sizes, rules),
+        specs=specs, config=config)
+    return result
+
+
+def _itemsize(dtype: str) -> int:
+    return 2 if dtype in ("bfloat16", "float16") else np.dtype(dtype).itemsize
+
+
+def _buckets(model_plan, batch: int, seq: int, max_new_tokens: int) -> tuple[int, int, int]:
+    """(rows, tokens, cache slots) as the run pads them: its shapes, hence its memory."""
+    divisor = model_plan.layout.batch_divisor
+    if not _is_decoder(model_plan.config):
+        return -(-max(1, batch) // divisor) * divisor, seq, 0
+    import jax.numpy as jnp
+
+    from jaxaccel.generate import default_buckets
+
+    buckets = default_buckets(jnp.dtype(model_plan.dtype))
+    prompt = buckets.prompt(seq)
+    return buckets.batch(batch, divisor), prompt, buckets.slots(prompt, max_new_tokens)
+
+
+def _is_decoder(config) -> bool:
+    return hasattr(config, "num_kv_heads")
+
+
+def peak_in_flight(reads: list[int], budget: int) -> int:
+    """Bound on host bytes held by restore reads in flight: the restore admits a read while
+    the bytes in flight stay within the budget, and a read larger than the budget alone."""
+    if not reads:
+        return 0
+    return max(max(reads), min(budget, sum(reads)))
+
+
+def detected_device_memory() -> int | None:
+    """The first local device's memory limit where the backend reports one (not on CPU)."""
+    import jax
+
+    stats = jax.local_devices()[0].memory_stats() or {}
+    return stats.get("bytes_limit")
+
+
+def _activations(model_plan, path: pathlib.Path, batch: int, seq: int, slots: int,
+                 itemsize: int, compile_: bool) -> tuple[int, str]:
+    sizes, rules = dict(model_plan.layout.mesh.shape), model_plan.layout.rules
+    if compile_:
+        try:
+            if _is_decoder(model_plan.config):
+                return _compiled_prefill_activations(model_plan, batch, seq, slots), "xla"
+            return _compiled_embed_activations(model_plan, path, batch, seq), "xla"
+        except Exception:  # noqa: BLE001 - an estimate must not fail the plan; say so instead
+            pass
+    return activation_formula(model_plan.config, batch, seq, itemsize, sizes, rules), "formula"
+
+
+def _compiled_embed_activations(model_plan, path: pathlib.Path, batch: int, seq: int) -> int:
+    """Temporaries + outputs of the exact jitted embed program, from XLA's memory analysis."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxaccel.embed import Embedder
+    from jaxaccel.loader import LoadedModel
+
+    abstract = LoadedModel(model_plan.manifest, model_plan.manifest.family, model_plan.config,
+                           model_plan.graphdef, model_plan.abstract_state, model_plan.layout,
+                           model_plan.dtype, path)
+    embedder = Embedder(abstract, batch_size=batch, max_length=seq)
+    ids_bt, _ = embedder.batch_arrays([[0] * seq] * batch)
+    batch_sharding = model_plan.layout.batch_sharding(2)
+    arg = jax.ShapeDtypeStruct(ids_bt.shape, jnp.int32, sharding=batch_sharding)
+    stats = embedder.fn.lower(model_plan.abstract_state, arg, arg).compile().memory_analysis()
+    return int(stats.temp_size_in_bytes + stats.output_size_in_bytes)
+
+
+def _compiled_prefill_activations(model_plan, batch: int, seq: int, slots: int) -> int:
+    """Temporaries + non-cache outputs of generate's jitted prefill (its memory peak: a decode
+    step handles one token), from XLA's memory analysis. The cache is counted on its own."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxaccel import generate
+
+    layout, config = model_plan.layout, model_plan.config
+    # A Generator without weights: its compiled prefill is all we need, lowered abstractly.
+    gen = object.__new__(generate.Generator)
+    gen.graphdef, gen.config, gen.layout = model_plan.graphdef, config, layout
+    gen.dtype = jnp.dtype(model_plan.dtype)
+    gen.buckets = generate.default_buckets(gen.dtype)
+    gen.state_shardings = generate._state_shardings(model_plan.abstract_state, layout)
+    gen.traces, gen._compiled = {"prefill": 0, "decode": 0}, {}
+    gen.pipeline = None  # stage meshes: the formula (their padded stacks need real arrays)
+    gen.cache_layers, gen.batch_divisor = config.num_layers, layout.batch_divisor
+    gen._jit = jax.jit
+    if layout.rules.get(ax.LAYERS) == "stage" and layout.mesh.shape["stage"] > 1:
+        raise NotImplementedError("pipelined prefill")
+    rows = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    args = (model_plan.abstract_state, jax.ShapeDtypeStruct((batch, seq), jnp.int32), rows,
+            jax.ShapeDtypeStruct((batch,), jnp.bool_), jax.ShapeDtypeStruct((), jnp.int32),
+            jax.eval_shape(lambda: jax.random.key(0)))
+    fn = gen._prefill_fn(generate.GREEDY, batch, seq, slots)
+    stats = fn.lower(*args).compile().memory_analysis()
+    cache = kv_cache_bytes(config, batch, slots, gen.dtype.itemsize, dict(layout.mesh.shape),
+                           layout.rules)
+    return int(stats.temp_size_in_bytes + max(0, stats.output_size_in_bytes - cache))
+
+
+def divisibility_warnings(config, sizes, rules) -> list[str]:
+    """Sharded logical dims that the mesh does not divide: those weights stay replicated."""
+    dims = {ax.HEADS: getattr(config, "num_heads", None),
+            ax.KV_HEADS: getattr(config, "num_kv_heads", None),
+            ax.MLP: getattr(config, "intermediate_size", None),
+            ax.VOCAB: getattr(config, "vocab_size", None)}
+    out = []
+    for logical, dim in dims.items():
+        axis = rules.get(logical)
+        if dim and axis and sizes.get(axis, 1) > 1 and dim % sizes[axis]:
+            out.append(f"{axis}={sizes[axis]} does not divide {logical} ({dim}): those weights "
+                       f"are replicated on every {axis} shard")
+    return out
+
+
+# ---------------------------------------------------------------- refusing and suggesting
+
+def suggest_mesh(plan_: MemoryPlan, device_count: int) -> tuple[dict[str, int], str, int] | None:
+    """Smallest model/stage split (rest `data`) whose per-device bytes fit; tries more devices
+    when none of this machine's meshes fits. Activations are scaled by batch per device."""
+    config, budget = plan_.config, plan_.device_memory
+    per_row = plan_.activation_bytes * plan_.mesh.get("data", 1) / max(plan_.batch, 1)
+    for devices in [device_count] + [n for n in SEARCH_DEVICE_COUNTS if n > device_count]:
+        for rules_name, model, stage in _candidates(devices, config):
+            sizes = {"data": devices // (model * stage), "model": model, "stage": stage}
+            rules = ax.RULE_TABLES[rules_name]
+            params = sum(param_bytes(plan_.specs, sizes, rules).values())
+            kv = kv_cache_bytes(config, plan_.batch, plan_.slots,
+                                _itemsize(plan_.dtype), sizes, rules)
+            act = per_row * math.ceil(plan_.batch / sizes["data"])
+            total = int(params + kv + act)
+            if total <= budget:
+                return sizes, rules_name, total
+    return None
+
+
+def _candidates(devices: int, config):
+    """(rules, model, stage) by increasing model-parallel degree; pipelines last."""
+    out = []
+    for model in _divisors(devices):
+        for stage in _divisors(devices // model):
+            if stage > getattr(config, "num_layers", 1):
+                continue
+            out.append(("dp_tp" if stage == 1 else "dp_tp_pp", model, stage))
+    return sorted(out, key=lambda c: (c[1] * c[2], c[2]))
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def check_fits(plan_: MemoryPlan, device_count: int = 1) -> None:
+    """Raise PlanError (largest arrays, a mesh that fits) when a device would overflow."""
+    if plan_.fits is not False:
+        return
+    largest = ", ".join(f"{name} {format_bytes(n)}" for name, n in plan_.largest_arrays())
+    hint = ""
+    if plan_.config is not None:
+        found = suggest_mesh(plan_, device_count)
+        if found:
+            sizes, rules_name, total = found
+            mesh = ax.format_mesh(sizes)
+            need = math.prod(sizes.values())
+            where = "" if need <= device_count else f" on {need} devices"
+            hint = (f"; try --mesh {mesh} --rules {rules_name}{where} "
+                    f"({format_bytes(total)} per device)")
+        else:
+            hint = "; no mesh of up to 1024 devices fits: use --dtype bfloat16 or a smaller batch"
+    raise PlanError(
+        f"plan: each device would need {format_bytes(plan_.total_bytes)} (parameters "
+        f"{format_bytes(plan_.param_bytes)}, KV cache {format_bytes(plan_.kv_cache_bytes)}, "
+        f"activations {format_bytes(plan_.activation_bytes)}) but has "
+        f"{format_bytes(plan_.device_memory)} on mesh {ax.format_mesh(plan_.mesh)}; largest "
+        f"arrays per device: {largest}{hint}")
+
+
+def refuse_if_too_big(ckpt, layout, dtype: str | None, *, batch: int, seq: int | None = None,
+                      max_new_tokens: int = 0, device_memory: int | None = None) -> MemoryPlan | None:
+    """The pre-flight check `embed`/`generate`/`bench` run before restoring anything.
+
+    Skipped (None) when no device memory is known: CPU without `--device-memory`.
+    """
+    import jax
+
+    if device_memory is None and detected_device_memory() is None:
+        return None
+    plan_ = plan(ckpt, layout, dtype, batch=batch, seq=seq, max_new_tokens=max_new_tokens,
+                 device_memory=device_memory)
+    check_fits(plan_, len(jax.devices()))
+    return plan_

@@ -1,0 +1,85 @@
+"""GPT-2 parity with transformers: logits (fp32, bf16) and greedy generation."""
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from decoder_reference import generator, load_jax, save_hf
+from jaxaccel.models import gpt2
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+# Odd sizes so shape bugs show: 2 heads of 23, MLP 184, vocab 101 (not a multiple of 8).
+HF_CONFIG = dict(vocab_size=101, n_positions=96, n_embd=46, n_layer=3, n_head=2,
+                 bos_token_id=1, eos_token_id=2)
+PROMPTS = [[5, 7, 9, 11, 3], [8], [10, 20, 30, 40, 50, 60, 70, 80, 90, 15, 25, 35, 45, 55, 65, 75, 85]]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**HF_CONFIG)).eval()
+    directory = save_hf(hf, tmp_path_factory.mktemp("gpt2"))
+    return hf, directory
+
+
+def hf_last_logits(hf, prompt):
+    with torch.no_grad():
+        return hf(torch.tensor([prompt])).logits[0, -1].numpy()
+
+
+def jax_last_logits(model, cfg, prompts):
+    """One batched, left-padded prefill: also checks masks and positions of padded rows."""
+    return generator(model, cfg).last_logits(prompts)
+
+
+def test_config_from_hf_reads_gpt2_fields(reference):
+    _, directory = reference
+    cfg = gpt2.Config.from_hf(json.loads((directory / "config.json").read_text()))
+    assert (cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.intermediate_size) == (46, 2, 23, 184)
+    assert cfg.eos_token_id == 2 and cfg.max_length == 96
+    with pytest.raises(ValueError, match="inverse_layer_idx"):
+        gpt2.Config.from_hf({**json.loads((directory / "config.json").read_text()),
+                             "scale_attn_by_inverse_layer_idx": True})
+
+
+def test_weight_rules_cover_every_source_tensor(reference):
+    _, directory = reference
+    cfg = gpt2.Config.from_hf(json.loads((directory / "config.json").read_text()))
+    sources = {rule.source.format(i=i) for rule in gpt2.weight_rules(cfg) for i in range(cfg.num_layers)}
+    import re
+    for name in load_file(directory / "model.safetensors"):
+        bare = name.removeprefix("transformer.")
+        assert bare in sources or any(re.search(p, name) for p in gpt2.IGNORED_SOURCE_WEIGHTS), name
+
+
+def test_last_position_logits_match_transformers_fp32(reference):
+    hf, directory = reference
+    ours = jax_last_logits(*load_jax("gpt2", directory), PROMPTS)
+    for prompt, logits in zip(PROMPTS, ours):
+        np.testing.assert_allclose(logits, hf_last_logits(hf, prompt), atol=1e-4, rtol=0)
+
+
+def test_bf16_logits_close_to_fp32_reference(reference):
+    """bf16 weights and activations (fp32 accumulation): logits within 2% of their range."""
+    hf, directory = reference
+    ours = jax_last_logits(*load_jax("gpt2", directory, dtype=jnp.bfloat16), PROMPTS)
+    for prompt, logits in zip(PROMPTS, ours):
+        ref = hf_last_logits(hf, prompt)
+        err = np.abs(logits - ref).max()
+        assert err <= 0.02 * np.abs(ref).max(), err
+
+
+def test_greedy_32_tokens_match_transformers(reference):
+    hf, directory = reference
+    model, cfg = load_jax("gpt2", directory)
+    ours = generator(model, cfg).generate(PROMPTS, 32)
+    for prompt, tokens in zip(PROMPTS, ours):
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False,
+                              eos_token_id=None, pad_token_id=0)
+        assert tokens == ref[0, len(prompt):].tolist()
