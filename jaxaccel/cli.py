@@ -78,17 +78,9 @@ def main() -> None:
     code = run_with_clean_errors(app)
     if distributed.active() is not None:
         if code:  # a peer may be gone: skip the exit-time shutdown barrier it would not reach
-            _hard_exit(code)
+            distributed.exit_now(code)
         distributed.shutdown()
     sys.exit(code)
-
-
-def _hard_exit(code: int) -> None:
-    import os
-
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 if __name__ == "__main__":

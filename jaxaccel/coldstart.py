@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import os
 import pathlib
 import time
 
@@ -51,12 +52,22 @@ def embed_fn_for(plan: ModelPlan, microbatches: int | None = None):
                          plan.layout.batch_sharding(2), runner)
 
 
-def batch_shape(plan: ModelPlan, rows: int, tokens: int, batch_size: int) -> tuple[int, int]:
-    """The (rows, length) bucket that Embedder pads `rows` inputs of `tokens` tokens to."""
-    runner = pipeline.for_layout(plan.layout, plan.config.num_layers, None)
+def batch_shapes(plan: ModelPlan, token_counts: list[int], batch_size: int,
+                 max_length: int | None = None, microbatches: int | None = None
+                 ) -> list[tuple[int, int]]:
+    """The distinct (rows, length) buckets Embedder.embed_ids pads inputs of these token
+    counts to: sorted by length, `batch_size` per call."""
+    runner = pipeline.for_layout(plan.layout, plan.config.num_layers, microbatches)
     divisor = plan.layout.batch_divisor * (runner.microbatches if runner else 1)
-    return (bucket_batch(rows, batch_size, divisor),
-            bucket_length(tokens, plan.config.max_length))
+    limit = min(max_length or plan.config.max_length, plan.config.max_length)
+    ordered = sorted(token_counts)
+    shapes = []
+    for begin in range(0, len(ordered), batch_size):
+        part = ordered[begin:begin + batch_size]
+        shape = (bucket_batch(len(part), batch_size, divisor), bucket_length(part[-1], limit))
+        if shape not in shapes:
+            shapes.append(shape)
+    return shapes
 
 
 def compile_embed(plan: ModelPlan, shape: tuple[int, int], fn=None):
@@ -68,37 +79,53 @@ def compile_embed(plan: ModelPlan, shape: tuple[int, int], fn=None):
 
 
 def start_embedder(path: str | pathlib.Path, layout: Layout | None = None,
-                   dtype: str | None = None, *, shape: tuple[int, int] | None = None,
-                   rows: int = 8, tokens: int = 128, batch_size: int = 32, overlap: bool = True,
-                   host_memory_budget: int = DEFAULT_HOST_MEMORY_BUDGET,
-                   quiet: bool = True) -> Started:
-    """Restore `path` and compile the embed forward for one bucket, concurrently if `overlap`.
+                   dtype: str | None = None, *, shapes: list[tuple[int, int]] | None = None,
+                   rows: int = 8, tokens: int = 128, batch_size: int = 32,
+                   max_length: int | None = None, microbatches: int | None = None,
+                   overlap: bool = True, host_memory_budget: int = DEFAULT_HOST_MEMORY_BUDGET,
+                   verify_checksums: bool = False, quiet: bool = True) -> Started:
+    """Restore `path` and compile the embed forward for its buckets, concurrently if `overlap`.
 
-    `shape` is the (rows, length) bucket to precompile (default: the bucket of `rows` inputs
-    of `tokens` tokens). Returns an Embedder whose first call of that bucket runs at once.
+    `shapes` are the (rows, length) buckets to precompile (see `batch_shapes`; default: the
+    bucket of `rows` inputs of `tokens` tokens). Returns an Embedder whose calls of those
+    buckets run at once.
     """
     timings = {}
     start = time.perf_counter()
     plan = plan_model(path, layout, dtype)
-    shape = shape or batch_shape(plan, rows, tokens, batch_size)
-    fn = embed_fn_for(plan)
+    shapes = list(shapes or batch_shapes(plan, [tokens] * rows, batch_size, max_length,
+                                         microbatches))
+    fn = embed_fn_for(plan, microbatches)
     timings["plan"] = time.perf_counter() - start
+
+    def compile_all():
+        return {shape: compile_embed(plan, shape, fn) for shape in shapes}
+
+    def restore(threads=None):
+        return restore_plan(plan, path, host_memory_budget=host_memory_budget, quiet=quiet,
+                            verify_checksums=verify_checksums, threads=threads)
+
     ready = time.perf_counter()
     if overlap:
         with concurrent.futures.ThreadPoolExecutor(1, "jaxaccel-compile") as pool:
-            future = pool.submit(_timed, compile_embed, plan, shape, fn)
-            loaded, timings["restore"] = _timed(restore_plan, plan, path,
-                                                host_memory_budget=host_memory_budget,
-                                                quiet=quiet)
+            future = pool.submit(_timed, compile_all)
+            # Leave the compiler a core: on 2 cores, restoring with 2 threads beside it
+            # slowed both (ready 1.6x max(restore, compile) instead of ~1.0x).
+            loaded, timings["restore"] = _timed(restore, restore_threads())
             compiled, timings["compile"] = future.result()
     else:
-        loaded, timings["restore"] = _timed(restore_plan, plan, path,
-                                            host_memory_budget=host_memory_budget, quiet=quiet)
-        compiled, timings["compile"] = _timed(compile_embed, plan, shape, fn)
+        loaded, timings["restore"] = _timed(restore)
+        compiled, timings["compile"] = _timed(compile_all)
     timings["ready"] = time.perf_counter() - ready
-    embedder = Embedder(loaded, batch_size=batch_size)
-    embedder.fn = Precompiled(fn, {shape: compiled})
+    embedder = Embedder(loaded, batch_size=batch_size, max_length=max_length,
+                        microbatches=microbatches)
+    embedder.fn = Precompiled(fn, compiled)
     return Started(loaded, embedder, timings)
+
+
+def restore_threads() -> int:
+    """Restore threads while the compiler runs beside them: all cores but one."""
+    return max(1, (os.cpu_count() or 2) - 1)
 
 
 def _timed(function, *args, **kwargs):

@@ -213,10 +213,10 @@ def shutdown() -> None:
         _cluster = None
 
 
-def abort(message: str, code: int = 1) -> None:
+def exit_now(code: int) -> None:
     """Exit at once, skipping jax's exit-time shutdown barrier that a dead peer never reaches."""
-    print(f"error: {message}", file=sys.stderr, flush=True)
     sys.stdout.flush()
+    sys.stderr.flush()
     os._exit(code)
 
 

@@ -103,7 +103,8 @@ def _target(spec, layout: Layout) -> Target:
 
 def restore_plan(plan: ModelPlan, path: str | pathlib.Path, *,
                  host_memory_budget: int = DEFAULT_HOST_MEMORY_BUDGET,
-                 quiet: bool = False, verify_checksums: bool = False) -> LoadedModel:
+                 quiet: bool = False, verify_checksums: bool = False,
+                 threads: int | None = None) -> LoadedModel:
     path = pathlib.Path(path)
     stats = RestoreStats()
     total = sum(int(np.prod(t.checkpoint_shape)) * np.dtype(t.dtype).itemsize
@@ -111,7 +112,7 @@ def restore_plan(plan: ModelPlan, path: str | pathlib.Path, *,
     with progress.byte_progress(total, f"restore {path.name}", enabled=not quiet) as advance:
         arrays = restore_arrays(path, plan.manifest, plan.targets,
                                 host_memory_budget=host_memory_budget, on_bytes=advance,
-                                stats=stats, verify_chunks=verify_checksums)
+                                stats=stats, verify_chunks=verify_checksums, threads=threads)
     progress.say(f"restored {path.name}: {stats.bytes_read / 1e9:.3f} GB in {stats.seconds:.2f} s "
                  f"({stats.gb_per_s:.2f} GB/s) onto {plan.layout.describe()}", quiet)
     if distributed.active():  # a barrier: every process must have restored before running

@@ -22,7 +22,7 @@ Uneven stages: when S does not divide the stacked layer count, the stack is padd
 multiple of S (the loader pads at restore time, see `padded_layers`; otherwise it is padded
 here) and layers with index >= `num_layers` are identities: their output is discarded.
 
-Shape legend: m microbatches, c rows per microbatch, l layers (local to a stage), b batch.
+Shape legend: m microbatches, c rows per microbatch (b = c·m), l layers (local to a stage).
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ from flax import nnx
 from jax.sharding import Mesh, PartitionSpec as P
 
 from jaxaccel import sharding as ax
-from jaxaccel.models import layers
 
 STAGE = "stage"
 
@@ -86,15 +85,15 @@ class Pipeline:
             raise PipelineError(f"batch of {batch} rows does not split into {m} microbatches")
         padded = padded_layers(stacked, self.stages)
         params = _pad_layers(params, padded)
-        xs_mb = None if xs is None else jax.tree.map(
-            lambda a: _to_microbatches(a, m, axis=1), _pad_layers(xs, padded))
-        carry_mb = jax.tree.map(lambda a: _to_microbatches(a, m, axis=0), carry)
+        xs_cm = None if xs is None else jax.tree.map(
+            lambda a: _split_batch(a, m, axis=1), _pad_layers(xs, padded))
+        carry_cm = jax.tree.map(lambda a: _split_batch(a, m, axis=0), carry)
         run = self._schedule(graphdef, body)
-        out_mb, ys_mb = run(params, carry_mb, xs_mb)
-        carry = jax.tree.map(lambda a: _from_microbatches(a[-1], axis=0), out_mb)
+        out_cm, ys_cm = run(params, carry_cm, xs_cm)
+        carry = jax.tree.map(lambda a: _merge_batch(a[-1], axis=0), out_cm)
         # Per-layer outputs keep the caller's layer count (that of xs, else of the stack).
         out_layers = stacked if xs is None else _leading_dim(xs)
-        ys = jax.tree.map(lambda a: _from_microbatches(a, axis=1)[:out_layers], ys_mb)
+        ys = jax.tree.map(lambda a: _merge_batch(a, axis=1)[:out_layers], ys_cm)
         return carry, ys
 
     def _schedule(self, graphdef, body):
@@ -115,38 +114,39 @@ class Pipeline:
 
             return jax.lax.scan(step, carry_c, (params_l, xs_lc, jnp.arange(local)))
 
-        def per_stage(params_l, carry_mc, xs_lmc):
+        def per_stage(params_l, carry_cm, xs_lcm):
+            """One stage's view: carry leaves [c, m, ...], xs leaves [l, c, m, ...]."""
             stage = jax.lax.axis_index(self.axis)
-            m = _leading_dim(carry_mc)
+            m = jax.tree.leaves(carry_cm)[0].shape[1]
             take = lambda tree, i, axis: jax.tree.map(  # noqa: E731
                 lambda a: jax.lax.dynamic_index_in_dim(a, i, axis, keepdims=False), tree)
-            first_in = take(carry_mc, 0, 0)
+            first_in = take(carry_cm, 0, 1)
             _, ys_shape = jax.eval_shape(
                 run_stage, params_l, first_in,
-                None if xs_lmc is None else take(xs_lmc, 0, 1), stage)
-            ys_lmc = jax.tree.map(
-                lambda s: jnp.zeros((s.shape[0], m, *s.shape[1:]), s.dtype), ys_shape)
+                None if xs_lcm is None else take(xs_lcm, 0, 2), stage)
+            ys_lcm = jax.tree.map(
+                lambda s: jnp.zeros((*s.shape[:2], m, *s.shape[2:]), s.dtype), ys_shape)
 
             def tick(t, state):
                 received, outputs, ys = state
                 mb = t - stage  # the microbatch this stage works on at step t
                 valid = (mb >= 0) & (mb < m)
                 mb = jnp.clip(mb, 0, m - 1)
-                fresh = take(carry_mc, jnp.minimum(t, m - 1), 0)
+                fresh = take(carry_cm, jnp.minimum(t, m - 1), 1)
                 x_in = jax.tree.map(lambda a, b: jnp.where(stage == 0, a, b), fresh, received)
-                xs_l = None if xs_lmc is None else take(xs_lmc, mb, 1)
+                xs_l = None if xs_lcm is None else take(xs_lcm, mb, 2)
                 x_out, y_l = run_stage(params_l, x_in, xs_l, stage)
                 # Only the last stage's outputs are read, and its writes are all valid but the
                 # warm-up ones, which the valid write of microbatch 0 later replaces.
                 outputs = jax.tree.map(
-                    lambda buf, v: jax.lax.dynamic_update_index_in_dim(buf, v, mb, 0),
+                    lambda buf, v: jax.lax.dynamic_update_index_in_dim(buf, v, mb, 1),
                     outputs, x_out)
                 ys = jax.tree.map(lambda buf, v: _masked_update(buf, v, mb, valid), ys, y_l)
                 received = jax.tree.map(lambda a: jax.lax.ppermute(a, self.axis, shift), x_out)
                 return received, outputs, ys
 
-            state = (jax.tree.map(jnp.zeros_like, first_in), jax.tree.map(jnp.zeros_like, carry_mc),
-                     ys_lmc)
+            state = (jax.tree.map(jnp.zeros_like, first_in), jax.tree.map(jnp.zeros_like, carry_cm),
+                     ys_lcm)
             _, outputs, ys = jax.lax.fori_loop(0, steps, tick, state)
             return jax.tree.map(lambda a: a[None], outputs), ys
 
@@ -174,27 +174,24 @@ def _pad_layers(tree, size: int):
     return jax.tree.map(pad, tree)
 
 
-def _to_microbatches(a, m: int, axis: int):
-    """[.., b, ...] -> [.., m, b/m, ...]; row r goes to microbatch r % m.
+def _split_batch(a, m: int, axis: int):
+    """[.., b, ...] -> [.., c, m, ...] with c = b/m: row r goes to microbatch r % m.
 
-    Strided rather than contiguous so a batch sharded over `data` stays sharded within every
-    microbatch (the sharded b/m axis comes first in the reshape).
+    A reshape, so free (no copy of e.g. a KV cache per decode step); and strided rather than
+    contiguous microbatches, so a batch sharded over `data` stays sharded (on c) within each.
     """
-    shape = a.shape
-    a = a.reshape(*shape[:axis], shape[axis] // m, m, *shape[axis + 1:])
-    return jnp.swapaxes(a, axis, axis + 1)
+    return a.reshape(*a.shape[:axis], a.shape[axis] // m, m, *a.shape[axis + 1:])
 
 
-def _from_microbatches(a, axis: int):
-    a = jnp.swapaxes(a, axis, axis + 1)
+def _merge_batch(a, axis: int):
     return a.reshape(*a.shape[:axis], a.shape[axis] * a.shape[axis + 1], *a.shape[axis + 2:])
 
 
-def _masked_update(buf_lm, value_l, mb, valid):
-    """buf[:, mb] = value where `valid`, else unchanged."""
-    old = jax.lax.dynamic_index_in_dim(buf_lm, mb, 1, keepdims=False)
-    new = jnp.where(valid, value_l, old)
-    return jax.lax.dynamic_update_index_in_dim(buf_lm, new, mb, 1)
+def _masked_update(buf_lcm, value_lc, mb, valid):
+    """buf[:, :, mb] = value where `valid`, else unchanged."""
+    old = jax.lax.dynamic_index_in_dim(buf_lcm, mb, 2, keepdims=False)
+    new = jnp.where(valid, value_lc, old)
+    return jax.lax.dynamic_update_index_in_dim(buf_lcm, new, mb, 2)
 
 
 def for_layout(layout, num_layers: int, microbatches: int | None = None) -> Pipeline | None:
@@ -203,12 +200,6 @@ def for_layout(layout, num_layers: int, microbatches: int | None = None) -> Pipe
     if stages == 1:
         return None
     return Pipeline(layout.mesh, num_layers, microbatches or stages)
-
-
-def run_layers(runner, blocks, carry, body, xs=None):
-    """`scan_layers` with `runner` installed (None = the plain scan)."""
-    with layers.use_layer_runner(runner):
-        return layers.scan_layers(blocks, carry, body, xs)
 
 
 def pad_stacked(state, stages: int):

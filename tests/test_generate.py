@@ -40,7 +40,7 @@ def gen():
 
 @pytest.fixture(scope="module")
 def greedy(gen):
-    return gen.generate(PROMPTS, 24)
+    return gen.generate(PROMPTS, 24)  # default without streaming: the device while-loop
 
 
 def test_batched_prompts_of_different_lengths_equal_each_alone(gen, greedy):
@@ -56,8 +56,8 @@ def test_repeated_calls_in_a_bucket_do_not_retrace(gen, greedy):
     assert gen.traces == before
 
 
-def test_device_while_loop_equals_host_loop(gen, greedy):
-    assert gen.generate(PROMPTS, 24, loop="device") == greedy
+def test_host_loop_equals_device_while_loop(gen, greedy):
+    assert gen.generate(PROMPTS, 24, loop="host") == greedy
 
 
 def test_eos_stops_each_row_at_its_first_eos(gen, greedy):
@@ -66,7 +66,7 @@ def test_eos_stops_each_row_at_its_first_eos(gen, greedy):
     for tokens, full in zip(out, greedy):
         expected = full[:full.index(eos) + 1] if eos in full else full
         assert tokens == expected
-    assert gen.generate(PROMPTS, 24, eos_id=eos, loop="device") == out
+    assert gen.generate(PROMPTS, 24, eos_id=eos, loop="host") == out
 
 
 def test_streaming_reports_every_token_once(gen, greedy):

@@ -4,7 +4,6 @@ Each test launches real processes (costly: ~10 s each), so each run checks sever
 """
 
 import json
-import os
 import pathlib
 import subprocess
 import sys

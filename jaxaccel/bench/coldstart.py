@@ -34,8 +34,8 @@ def register(bench_app: typer.Typer) -> None:
         ckpt: pathlib.Path = typer.Argument(..., help="Encoder (bert-family) checkpoint."),
         mesh: str = typer.Option("data=2,model=4", "--mesh", help="Device mesh."),
         rules: str = typer.Option("dp_tp", "--rules", help="Rule table."),
-        rows: int = typer.Option(8, "--rows", help="Batch rows of the first call."),
-        length: int = typer.Option(128, "--length", help="Tokens per row of the first call."),
+        rows: int = typer.Option(2, "--rows", help="Batch rows of the first call."),
+        length: int = typer.Option(16, "--length", help="Tokens per row of the first call."),
         repeats: int = typer.Option(3, "--repeats", min=1, help="Fresh processes per contender."),
         json_out: Optional[pathlib.Path] = typer.Option(None, "--json", help="Write results here."),
     ) -> None:

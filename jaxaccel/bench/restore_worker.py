@@ -25,7 +25,7 @@ import numpy as np
 
 # Pre-touch this many times the checkpoint's bytes: enough for what any contender allocates
 # (orbax holds a separate copy per replica: 2x on data=2).
-PRETOUCH_FACTOR = 2.2
+PRETOUCH_FACTOR = float(os.environ.get("JAXACCEL_PRETOUCH", 2.2))
 
 
 def status_bytes(field: str) -> int:

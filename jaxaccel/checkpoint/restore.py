@@ -37,8 +37,9 @@ ENGINES = ("auto", "direct", "tensorstore")
 
 
 def default_threads() -> int:
-    """Reads are memcpy-bound (page cache -> shard): one or two threads per core."""
-    return max(2, min(8, 2 * (os.cpu_count() or 1)))
+    """Reads are memcpy- and page-fault-bound: one thread per core (on 2 cores, 4 threads
+    measured 1.5-3x slower than 2, from contention in the page-fault path)."""
+    return max(1, min(16, os.cpu_count() or 1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,7 +248,8 @@ class _Run:
     def all(self, reads: list[_Read], threads: int) -> None:
         # The reads allocate many short-lived small objects (slices, views) and no cycles:
         # with the collector on, it ran for ~6% of a restore's cycles.
-        with _gc_paused(), concurrent.futures.ThreadPoolExecutor(threads, "jaxaccel-restore") as pool:
+        pool = concurrent.futures.ThreadPoolExecutor(threads, "jaxaccel-restore")
+        with _gc_paused(), pool:
             futures = []
             for read in reads:
                 self.budget.acquire(read.nbytes)  # blocks while too much is in flight

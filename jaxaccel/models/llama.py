@@ -23,7 +23,7 @@ from flax import nnx
 
 from jaxaccel import kv_cache
 from jaxaccel import sharding as ax
-from jaxaccel.models import layers
+from jaxaccel.models import decoder, layers
 from jaxaccel.models.weights import WeightRule, transpose_to, unstack_heads_in, unstack_heads_out
 
 FAMILY = "llama"
@@ -147,15 +147,14 @@ def rotary_tables(positions_bt, cfg: Config):
     return jnp.cos(angles_btr), jnp.sin(angles_btr)
 
 
-def apply_rotary(x_bthh, cos_btr, sin_btr, heads_axis: int):
-    """Rotate (i, i + h/2) pairs (HF `rotate_half` layout) in float32; `heads_axis` is 1 or 2."""
-    x32 = x_bthh.astype(jnp.float32)
+def apply_rotary(x_btnh, cos_btr, sin_btr):
+    """Rotate (i, i + h/2) pairs (HF `rotate_half` layout) in float32."""
+    x32 = x_btnh.astype(jnp.float32)
     r = x32.shape[-1] // 2
     x1, x2 = x32[..., :r], x32[..., r:]
-    cos = jnp.expand_dims(cos_btr, heads_axis)
-    sin = jnp.expand_dims(sin_btr, heads_axis)
+    cos, sin = cos_btr[:, :, None], sin_btr[:, :, None]
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x_bthh.dtype)
+    return out.astype(x_btnh.dtype)
 
 
 class Block(nnx.Module):
@@ -188,29 +187,24 @@ class Block(nnx.Module):
 
     def __call__(self, x_btd, rotary, mask_btt, cached, cached_mask_bts):
         y_btd = layers.rms_norm(x_btd, self.attn_norm_scale_d[...], self.eps)
-        q_btnh = _add_bias(layers.einsum("btd,dnh->btnh", y_btd, self.wq_dnh[...]), self.bq_nh)
-        k_bkth = _add_bias(layers.einsum("btd,dkh->bkth", y_btd, self.wk_dkh[...]),
-                           self.bk_kh, heads_first=True)
-        v_bkth = _add_bias(layers.einsum("btd,dkh->bkth", y_btd, self.wv_dkh[...]),
-                           self.bv_kh, heads_first=True)
-        q_btnh = apply_rotary(q_btnh, *rotary, heads_axis=2)
-        k_bkth = apply_rotary(k_bkth, *rotary, heads_axis=1)
-        a_btnh = kv_cache.attend(q_btnh, k_bkth, v_bkth, mask_btt, cached, cached_mask_bts)
-        x_btd = x_btd + _add_bias(layers.einsum("btnh,nhd->btd", a_btnh, self.wo_nhd[...]), self.bo_d)
+        q_btnh = _add_bias(decoder.heads_in(y_btd, self.wq_dnh[...]), self.bq_nh)
+        k_btkh = _add_bias(decoder.heads_in(y_btd, self.wk_dkh[...]), self.bk_kh)
+        v_btkh = _add_bias(decoder.heads_in(y_btd, self.wv_dkh[...]), self.bv_kh)
+        q_btnh = apply_rotary(q_btnh, *rotary)
+        k_btkh = apply_rotary(k_btkh, *rotary)
+        a_btnh, new_kv = kv_cache.attend(q_btnh, k_btkh, v_btkh, mask_btt, cached, cached_mask_bts)
+        x_btd = x_btd + _add_bias(decoder.heads_out(a_btnh, self.wo_nhd[...]), self.bo_d)
         y_btd = layers.rms_norm(x_btd, self.mlp_norm_scale_d[...], self.eps)
         g_btf = _add_bias(layers.einsum("btd,df->btf", y_btd, self.wg_df[...]), self.bg_f)
         u_btf = _add_bias(layers.einsum("btd,df->btf", y_btd, self.wu_df[...]), self.bu_f)
         m_btf = layers.activation(self.act)(g_btf) * u_btf
         x_btd = x_btd + _add_bias(layers.einsum("btf,fd->btd", m_btf, self.wm_fd[...]), self.bm_d)
-        return x_btd, kv_cache.KVCache(k_bkth, v_bkth)
+        return x_btd, new_kv
 
 
-def _add_bias(x, bias: nnx.Param | None, heads_first: bool = False):
-    """x + bias for an optional bias; [k, h] biases broadcast over t for [b, k, t, h]."""
-    if bias is None:
-        return x
-    b = bias[...].astype(x.dtype)
-    return x + (b[:, None] if heads_first else b)
+def _add_bias(x, bias: nnx.Param | None):
+    """x + bias for an optional bias."""
+    return x if bias is None else x + bias[...].astype(x.dtype)
 
 
 class Model(nnx.Module):
@@ -237,7 +231,7 @@ class Model(nnx.Module):
             return (x_btd, cos_btr, sin_btr, mask_btt, cache_mask_bts), new_kv
 
         carry = (x_btd, cos_btr, sin_btr, mask_btt, cache_mask_bts)
-        (x_btd, *_), new_kv = layers.scan_layers(self.blocks, carry, body, cache)
+        (x_btd, *_), new_kv = decoder.scan_blocks(self.blocks, carry, body, cache)
         return layers.rms_norm(x_btd, self.norm_scale_d[...], self.config.rms_norm_eps), new_kv
 
     def logits(self, x_btd):

@@ -1,0 +1,94 @@
+"""`jaxaccel bench generate CKPT`: decoder prefill and decode speed, jaxaccel vs transformers.
+
+Per dtype (float32, bfloat16): prefill latency of one 512-token prompt, decode tokens/s at
+batch 1 and 8, and at batch 1 the memory-bandwidth utilisation: parameter bytes x decode
+tokens/s / this machine's memory read bandwidth, measured in the same run. transformers'
+`generate` on the same weights (the checkpoint's Hugging Face source) runs in the same run
+when torch and transformers are installed. Every contender runs in fresh processes,
+alternating round by round (see `runner`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+from typing import Optional
+
+import typer
+
+from jaxaccel.bench import runner
+
+REFERENCE_SCRIPT = (pathlib.Path(__file__).resolve().parents[2] / "scripts"
+                    / "reference_generate_transformers.py")
+DTYPES = ("float32", "bfloat16")
+METRICS = ("prefill_ms", "decode_b1_tok_s", "decode_b8_tok_s")
+
+
+def contenders(ckpt: pathlib.Path, source: Optional[pathlib.Path], prefill_len: int,
+               new_tokens: int) -> dict[str, list[str]]:
+    shape = [str(prefill_len), str(new_tokens)]
+    found = {f"jaxaccel {d}": ["-m", "jaxaccel.bench.generate_worker", str(ckpt), d, *shape]
+             for d in DTYPES}
+    torch_ok = importlib.util.find_spec("torch") and importlib.util.find_spec("transformers")
+    if source is not None and torch_ok and REFERENCE_SCRIPT.is_file():
+        for d in DTYPES:
+            found[f"transformers {d}"] = [str(REFERENCE_SCRIPT), str(source), d, *shape]
+    return found
+
+
+def summarize(runs: dict[str, list[dict]], bandwidth: float) -> dict:
+    """Median (and min/max) of every metric per contender, plus batch-1 bandwidth use."""
+    summary = {}
+    for name, results in runs.items():
+        entry = {metric: runner.summarize([r[metric] for r in results]) for metric in METRICS}
+        entry["param_bytes"] = results[0]["param_bytes"]
+        entry["bandwidth_utilisation_b1"] = (entry["param_bytes"]
+                                             * entry["decode_b1_tok_s"]["median"] / bandwidth)
+        summary[name] = entry
+    return summary
+
+
+def ratio(summary: dict, name: str, metric: str) -> float | str:
+    """jaxaccel / transformers for the same dtype (prefill: transformers time / ours)."""
+    dtype = name.split()[-1]
+    base = summary.get(f"transformers {dtype}")
+    if base is None or name.startswith("transformers"):
+        return "n/a"
+    ours, theirs = summary[name][metric]["median"], base[metric]["median"]
+    return theirs / ours if metric == "prefill_ms" else ours / theirs
+
+
+def register(bench_app: typer.Typer) -> None:
+    @bench_app.command("generate")
+    def bench_generate(
+        ckpt: pathlib.Path = typer.Argument(..., help="Decoder checkpoint (see "
+                                            "scripts/make_random_decoder.py)."),
+        prefill_len: int = typer.Option(512, "--prefill-len", help="Prompt tokens for prefill."),
+        new_tokens: int = typer.Option(32, "--new-tokens", help="Decode tokens timed per run."),
+        repeats: int = typer.Option(1, "--repeats", help="Fresh processes per contender."),
+        json_out: Optional[pathlib.Path] = typer.Option(None, "--json", help="Write results here."),
+    ) -> None:
+        """Prefill and decode speed of jaxaccel (fp32, bf16) against transformers `generate`
+        (fp32, bf16, when installed) on the same weights, with memory-bandwidth use."""
+        from jaxaccel.checkpoint.manifest import Manifest
+
+        source = pathlib.Path(Manifest.load(ckpt).source.get("path", ""))
+        bandwidth = runner.run_worker(["-m", "jaxaccel.bench.generate_worker", "--bandwidth"])
+        bandwidth = bandwidth["read_bytes_per_s"]
+        runs = runner.alternate(contenders(ckpt, source if source.is_dir() else None,
+                                           prefill_len, new_tokens), repeats)
+        summary = summarize(runs, bandwidth)
+        rows = []
+        for name, entry in summary.items():
+            rows.append((name, entry["prefill_ms"]["median"], ratio(summary, name, "prefill_ms"),
+                         entry["decode_b1_tok_s"]["median"], ratio(summary, name, "decode_b1_tok_s"),
+                         f"{100 * entry['bandwidth_utilisation_b1']:.0f}%",
+                         entry["decode_b8_tok_s"]["median"], ratio(summary, name, "decode_b8_tok_s")))
+        runner.print_table(
+            f"{prefill_len}-token prefill and decode ({repeats} fresh process(es) each); memory "
+            f"read bandwidth {bandwidth / 1e9:.1f} GB/s",
+            ("contender", "prefill ms", "x tf", "b1 tok/s", "x tf", "b1 bw use", "b8 tok/s",
+             "x tf"), rows)
+        runner.write_json(json_out, {"benchmark": "generate", "prefill_len": prefill_len,
+                                     "new_tokens": new_tokens, "repeats": repeats,
+                                     "read_bytes_per_s": bandwidth, "results": summary})

@@ -1,0 +1,147 @@
+"""`jaxaccel generate CKPT`: text generation from a decoder checkpoint (GPT-2, Llama family)."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import List, Optional
+
+import typer
+
+from jaxaccel.commands import options
+
+DECODER_FAMILIES = ("gpt2", "llama")
+
+
+def parse_prompt_ids(text: str) -> list[list[int]]:
+    """'1,2,3;4,5' -> [[1, 2, 3], [4, 5]]."""
+    from jaxaccel.errors import UsageError
+
+    prompts = []
+    for part in text.split(";"):
+        try:
+            ids = [int(tok) for tok in part.replace(" ", "").split(",") if tok]
+        except ValueError:
+            raise UsageError(f"--prompt-ids: expected comma-separated integers with ';' between "
+                             f"prompts, got {part!r}") from None
+        if not ids:
+            raise UsageError(f"--prompt-ids: empty prompt in {text!r}")
+        prompts.append(ids)
+    return prompts
+
+
+def sampling_from(greedy: bool, temperature: Optional[float], top_k: int, top_p: float,
+                  seed: int):
+    from jaxaccel.errors import UsageError
+    from jaxaccel.sampling import Sampling
+
+    sampled = temperature is not None and temperature > 0
+    if greedy and (sampled or top_k or top_p < 1.0):
+        raise UsageError("--greedy cannot be combined with --temperature/--top-k/--top-p")
+    if not sampled and (top_k or top_p < 1.0):
+        raise UsageError("--top-k/--top-p need --temperature > 0 (sampling)")
+    try:
+        return Sampling(temperature=temperature if sampled else 0.0, top_k=top_k, top_p=top_p,
+                        seed=seed)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+
+
+class TextStream:
+    """Prints one prompt's text as tokens arrive (decoding the whole suffix each time, so a
+    character split over several tokens appears once complete)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.printed = tokenizer, [], ""
+
+    def __call__(self, tokens: list[int | None]) -> None:
+        if tokens[0] is None:
+            return
+        self.ids.append(tokens[0])
+        text = self.tokenizer.decode(self.ids)
+        if text.startswith(self.printed) and not text.endswith("\ufffd"):
+            print(text[len(self.printed):], end="", flush=True)
+            self.printed = text
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("generate")
+    def generate_cmd(
+        ckpt: pathlib.Path = typer.Argument(..., help="Decoder checkpoint directory (GPT-2; "
+                                            "Llama, Mistral, Qwen2)."),
+        prompt: Optional[List[str]] = typer.Option(None, "--prompt", "-p", help="Prompt text "
+                                                   "(repeatable; needs the checkpoint's "
+                                                   "tokenizer)."),
+        prompt_ids: Optional[str] = typer.Option(None, "--prompt-ids", help="Token ids, e.g. "
+                                                 "'1,2,3;4,5' for two prompts."),
+        max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n", min=1),
+        greedy: bool = typer.Option(False, "--greedy", help="Argmax decoding (the default "
+                                    "unless --temperature > 0)."),
+        temperature: Optional[float] = typer.Option(None, "--temperature", min=0.0),
+        top_k: int = typer.Option(0, "--top-k", min=0, help="Sample among the k most likely."),
+        top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling."),
+        seed: int = typer.Option(0, "--seed"),
+        ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Do not stop at the "
+                                        "model's EOS token."),
+        dtype: Optional[str] = options.DTYPE,
+        mesh: Optional[str] = options.MESH,
+        rules: str = options.RULES,
+        rule: Optional[str] = options.RULE_OVERRIDES,
+        budget: str = options.HOST_MEMORY_BUDGET,
+        as_json: bool = options.JSON,
+        quiet: bool = options.QUIET,
+    ) -> None:
+        """Generate continuations: jitted prefill + KV-cache decode, greedy or sampled,
+        tensor-parallel on `model` and data-parallel on `data`. Streams text unless --json."""
+        from jaxaccel.errors import UsageError
+        from jaxaccel.generate import Generator
+        from jaxaccel.loader import load_model
+        from jaxaccel.units import parse_bytes
+
+        if bool(prompt) == bool(prompt_ids):
+            raise UsageError("give --prompt TEXT (repeatable) or --prompt-ids, not both")
+        sampling = sampling_from(greedy, temperature, top_k, top_p, seed)
+        loaded = load_model(ckpt, options.layout_from(mesh, rules, rule), dtype,
+                            host_memory_budget=parse_bytes(budget, "--host-memory-budget"),
+                            quiet=quiet)
+        if loaded.family not in DECODER_FAMILIES:
+            raise UsageError(f"{ckpt} holds a {loaded.family!r} model; generate needs a decoder "
+                             f"({', '.join(DECODER_FAMILIES)})")
+        tokenizer = _tokenizer(loaded)
+        if prompt and tokenizer is None:
+            raise UsageError(f"{ckpt} has no tokenizer.json; use --prompt-ids")
+        ids = parse_prompt_ids(prompt_ids) if prompt_ids else [
+            tokenizer.encode(text).ids for text in prompt]
+        generator = Generator(loaded.graphdef, loaded.state, loaded.config, loaded.layout)
+        eos = None if ignore_eos else loaded.config.eos_token_id
+        stream = TextStream(tokenizer) if tokenizer and not as_json and len(ids) == 1 else None
+        if stream:
+            print(tokenizer.decode(ids[0]), end="", flush=True)
+        try:
+            new = generator.generate(ids, max_new_tokens, sampling=sampling, eos_id=eos,
+                                     on_step=stream)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+        _print_result(ids, new, tokenizer, as_json, streamed=stream is not None)
+
+
+def _tokenizer(loaded):
+    if loaded.tokenizer_path is None:
+        return None
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(loaded.tokenizer_path))
+
+
+def _print_result(prompts, new, tokenizer, as_json: bool, streamed: bool) -> None:
+    tokens = [p + n for p, n in zip(prompts, new)]
+    if as_json:
+        payload = {"tokens": tokens}
+        if tokenizer is not None:
+            payload["text"] = [tokenizer.decode(t) for t in tokens]
+        print(json.dumps(payload))
+    elif streamed:
+        print()
+    else:
+        for row in tokens:
+            print(tokenizer.decode(row) if tokenizer else " ".join(map(str, row)))
