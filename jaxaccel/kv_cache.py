@@ -88,8 +88,8 @@ def attend(q_btnh, k_btkh, v_btkh, mask_btt, cached: KVCache | None = None,
         keys.insert(0, load(cached.k_lbksh))
         values.insert(0, load(cached.v_lbksh))
         masks.insert(0, cached_mask_bts)
-    scores = [jnp.einsum("bkrh,bksh->bkrs", q_bkrh, k.astype(dt), preferred_element_type=jnp.float32)
-              for k in keys]
+    scores = [jnp.einsum("bkrh,bksh->bkrs", q_bkrh, k.astype(dt),
+                         preferred_element_type=jnp.float32) for k in keys]
     scores_bkrs = jnp.concatenate(scores, axis=-1) * (h ** -0.5)
     mask_bts = jnp.concatenate(masks, axis=-1)
     mask_b1rs = jnp.repeat(mask_bts[:, None], groups, axis=2)
@@ -101,5 +101,6 @@ def attend(q_btnh, k_btkh, v_btkh, mask_btt, cached: KVCache | None = None,
         out_bkrh += jnp.einsum("bkrs,bksh->bkrh", probs_bkrs[..., start:start + s], v.astype(dt),
                                preferred_element_type=jnp.float32)
         start += s
-    out_btnh = out_bkrh.reshape(b, kv_heads, t, groups, h).transpose(0, 2, 1, 3, 4).reshape(b, t, n, h)
+    out_btkgh = out_bkrh.reshape(b, kv_heads, t, groups, h).transpose(0, 2, 1, 3, 4)
+    out_btnh = out_btkgh.reshape(b, t, n, h)
     return jax.lax.optimization_barrier(out_btnh.astype(dt)), new

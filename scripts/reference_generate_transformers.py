@@ -34,7 +34,8 @@ def prompts(batch: int, length: int, vocab: int) -> torch.Tensor:
 
 
 def main() -> None:
-    hf_dir, dtype, prefill_len, new_tokens = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    hf_dir, dtype = sys.argv[1], sys.argv[2]
+    prefill_len, new_tokens = int(sys.argv[3]), int(sys.argv[4])
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch_dtype).eval()
     vocab = model.config.vocab_size

@@ -41,8 +41,8 @@ def load_jax(family: str, directory: pathlib.Path, dtype=jnp.float32):
     arrays = {}
     for rule in module.weight_rules(config):
         if rule.per_layer:
-            parts = [rule.transform(_lookup(tensors, rule.source.format(i=i), module.SOURCE_PREFIXES))
-                     for i in range(config.num_layers)]
+            names = [rule.source.format(i=i) for i in range(config.num_layers)]
+            parts = [rule.transform(_lookup(tensors, n, module.SOURCE_PREFIXES)) for n in names]
             value = np.stack(parts)
         else:
             value = rule.transform(_lookup(tensors, rule.source, module.SOURCE_PREFIXES))

@@ -17,7 +17,7 @@ transformers = pytest.importorskip("transformers")
 # Odd sizes so shape bugs show: 2 heads of 23, MLP 184, vocab 101 (not a multiple of 8).
 HF_CONFIG = dict(vocab_size=101, n_positions=96, n_embd=46, n_layer=3, n_head=2,
                  bos_token_id=1, eos_token_id=2)
-PROMPTS = [[5, 7, 9, 11, 3], [8], [10, 20, 30, 40, 50, 60, 70, 80, 90, 15, 25, 35, 45, 55, 65, 75, 85]]
+PROMPTS = [[5, 7, 9, 11, 3], [8], [10, 20, 30, 40, 50, 60, 70, 80, 90] + list(range(15, 95, 10))]
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,8 @@ def test_config_from_hf_reads_gpt2_fields(reference):
 def test_weight_rules_cover_every_source_tensor(reference):
     _, directory = reference
     cfg = gpt2.Config.from_hf(json.loads((directory / "config.json").read_text()))
-    sources = {rule.source.format(i=i) for rule in gpt2.weight_rules(cfg) for i in range(cfg.num_layers)}
+    sources = {rule.source.format(i=i) for rule in gpt2.weight_rules(cfg)
+               for i in range(cfg.num_layers)}
     import re
     for name in load_file(directory / "model.safetensors"):
         bare = name.removeprefix("transformer.")

@@ -1,7 +1,6 @@
 """Llama-family parity with transformers: GQA ratios 1/2/4, RoPE scaling (llama3, linear),
 tied embeddings, attention/MLP biases, and the Qwen2 layout."""
 
-import json
 import re
 
 import jax.numpy as jnp
@@ -29,7 +28,7 @@ CASES = {
                                             rope_scaling=dict(rope_type="linear", factor=2.0))),
     "qwen2": ("qwen2", dict(num_key_value_heads=2)),
 }
-PROMPTS = [[5, 7, 9, 11, 3], [8], [10, 20, 30, 40, 50, 60, 70, 80, 90, 15, 25, 35, 45, 55, 65, 75, 85]]
+PROMPTS = [[5, 7, 9, 11, 3], [8], [10, 20, 30, 40, 50, 60, 70, 80, 90] + list(range(15, 95, 10))]
 
 
 def build_hf(model_type: str, overrides: dict):
@@ -57,7 +56,8 @@ def case(request, tmp_path_factory):
 def test_config_flattens_rope_parameters():
     hf = build_hf("llama", CASES["gqa2_llama3"][1])
     cfg = llama.Config.from_hf(hf.config.to_dict())
-    assert (cfg.rope_type, cfg.rope_factor, cfg.rope_original_max_position_embeddings) == ("llama3", 8.0, 16)
+    assert (cfg.rope_type, cfg.rope_factor) == ("llama3", 8.0)
+    assert cfg.rope_original_max_position_embeddings == 16
     assert (cfg.num_kv_heads, cfg.head_dim, cfg.rope_theta) == (2, 10, 500.0)
     assert all(isinstance(v, int | float | str | bool | type(None)) for v in vars(cfg).values())
     with pytest.raises(ValueError, match="rope type"):

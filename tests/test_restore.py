@@ -43,9 +43,9 @@ def _restore(ckpt, mesh, rules="dp_tp", dtype=None, **kwargs):
     return plan, arrays, stats
 
 
-@pytest.mark.parametrize("mesh,dtype,verify", [("data=2,model=4", None, False),
-                                               ("data=2,model=4", None, True),
-                                               ("model=8", "bfloat16", False), ("data=8", None, True)])
+@pytest.mark.parametrize("mesh,dtype,verify", [
+    ("data=2,model=4", None, False), ("data=2,model=4", None, True),
+    ("model=8", "bfloat16", False), ("data=8", None, True)])
 def test_direct_equals_tensorstore_with_requested_shardings(small_ckpt, mesh, dtype, verify):
     """verify=False reads straight into the shards (scatter preadv); True goes through a
     scratch buffer to check each chunk's crc32c; bfloat16 casts while reading."""

@@ -63,13 +63,15 @@ def register(bench_app: typer.Typer) -> None:
 
 
 def run_all(ckpt, mesh, rules, rows, length, repeats, tmp: pathlib.Path) -> dict:
-    from jaxaccel.sharding import parse_mesh
+    from jaxaccel.bench.restore import worker_env
 
-    devices = max(1, abs(__import__("math").prod(parse_mesh(mesh).values())))
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    env = worker_env(mesh)
     warm = tmp / "warm"
-    argv = lambda mode, cache: ["-m", "jaxaccel.bench.coldstart_worker", str(ckpt), mesh,  # noqa: E731
-                                rules, mode, cache, str(rows), str(length)]
+
+    def argv(mode, cache):
+        return ["-m", "jaxaccel.bench.coldstart_worker", str(ckpt), mesh, rules, mode, cache,
+                str(rows), str(length)]
+
     runner.run_worker(argv("sequential", str(warm)), env=env)  # fills the warm cache
     runs = {name: [] for name in CONTENDERS}
     for i in range(repeats):

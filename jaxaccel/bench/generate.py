@@ -80,10 +80,9 @@ def register(bench_app: typer.Typer) -> None:
         summary = summarize(runs, bandwidth)
         rows = []
         for name, entry in summary.items():
-            rows.append((name, entry["prefill_ms"]["median"], ratio(summary, name, "prefill_ms"),
-                         entry["decode_b1_tok_s"]["median"], ratio(summary, name, "decode_b1_tok_s"),
-                         f"{100 * entry['bandwidth_utilisation_b1']:.0f}%",
-                         entry["decode_b8_tok_s"]["median"], ratio(summary, name, "decode_b8_tok_s")))
+            cells = [(entry[m]["median"], ratio(summary, name, m)) for m in METRICS]
+            use = f"{100 * entry['bandwidth_utilisation_b1']:.0f}%"
+            rows.append((name, *cells[0], *cells[1], use, *cells[2]))
         runner.print_table(
             f"{prefill_len}-token prefill and decode ({repeats} fresh process(es) each); memory "
             f"read bandwidth {bandwidth / 1e9:.1f} GB/s",

@@ -6,6 +6,7 @@ pre-touches memory, then times one restore onto the mesh; contenders alternate r
 
 from __future__ import annotations
 
+import math
 import os
 import pathlib
 from typing import Optional
@@ -52,12 +53,7 @@ def register(bench_app: typer.Typer) -> None:
         json_out: Optional[pathlib.Path] = typer.Option(None, "--json", help="Write results here."),
     ) -> None:
         """Restore time, GB/s and peak host-memory overhead of jaxaccel vs orbax vs raw read."""
-        from jaxaccel.sharding import parse_mesh
-
-        sizes = parse_mesh(mesh)
-        devices = max(1, abs(int(__import__("math").prod(sizes.values()))))
-        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-               "MANIFEST_FROM": str(ckpt)}
+        env = {**worker_env(mesh), "MANIFEST_FROM": str(ckpt)}
         found = contenders(ckpt, mesh, rules, dtype, orbax_default, engines)
         runs = {name: [] for name in found}
         for _ in range(repeats):
@@ -72,6 +68,16 @@ def register(bench_app: typer.Typer) -> None:
         runner.write_json(json_out, {"benchmark": "restore", "ckpt": str(ckpt), "mesh": mesh,
                                      "rules": rules, "dtype": dtype, "cold": cold,
                                      "results": summary})
+
+
+def worker_env(mesh: str) -> dict:
+    """Environment for a worker: as many simulated CPU devices as the mesh needs (8 when an
+    axis is -1, 'the rest')."""
+    from jaxaccel.sharding import parse_mesh
+
+    sizes = parse_mesh(mesh).values()
+    devices = 8 if -1 in sizes else math.prod(sizes)
+    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
 
 
 COLUMNS = ("contender", "min s", "median s", "max s", "GB/s (median)", "peak RSS overhead MB",

@@ -3,8 +3,8 @@ MESH RULES DTYPE`. Prints one JSON line: seconds, bytes, peak RSS overhead.
 
 Contenders: `jaxaccel` (restore_arrays, default engine, as load_model runs it),
 `jaxaccel-crc` (also checking every chunk's crc32c), `jaxaccel-tensorstore` (every array
-through tensorstore, which always checks crc32c), `orbax` (orbax's StandardCheckpointer restoring the same params
-into the same shardings and dtype), `raw` (read every byte of the params' data files into
+through tensorstore, which always checks crc32c), `orbax` (orbax's StandardCheckpointer
+restoring the same params into the same shardings and dtype), `raw` (read every byte of the params' data files into
 fresh memory: the physical limit). For `orbax`, CKPT may be an orbax checkpoint of the same
 tree (the `--orbax-default` copy), with MANIFEST_FROM=jaxaccel checkpoint in the environment.
 

@@ -53,10 +53,10 @@ def write(dest: pathlib.Path, config: dict, dtype: str = "float32",
 
     manifest = Manifest(family="bert", config=config, dtype=dtype, arrays={},
                         source={"synthetic": True})
+    if chunk_bytes == "auto":
+        chunk_bytes = DEFAULT_CHUNK_BYTES
     return write_checkpoint(dest, manifest, synthetic_arrays(config, dtype), {},
-                            chunk_bytes=DEFAULT_CHUNK_BYTES if chunk_bytes == "auto" else chunk_bytes,
-                            codec=codec,
-                            overwrite=overwrite)
+                            chunk_bytes=chunk_bytes, codec=codec, overwrite=overwrite)
 
 
 def write_orbax_default(dest: pathlib.Path, config: dict, dtype: str) -> None:

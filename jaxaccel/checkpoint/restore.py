@@ -204,15 +204,31 @@ def restore_arrays(ckpt_dir: str | pathlib.Path, manifest: Manifest,
     stats.engines = {name: "direct" if name in layouts else "tensorstore" for name in targets}
     run = _Run(layouts, stores, stats, on_bytes, ByteBudget(host_memory_budget),
                direct.ChunkReader(index, verify=verify_chunks) if layouts else None)
+    reads = plan_reads(targets)
+    prefetch = None
+    if run.reader is not None:  # queue the disk reads ahead, in read order, off this thread
+        prefetch = threading.Thread(target=_prefetch, args=(run.reader, layouts, reads),
+                                    name="jaxaccel-prefetch", daemon=True)
+        prefetch.start()
     try:
-        run.all(plan_reads(targets), threads or default_threads())
+        run.all(reads, threads or default_threads())
     finally:
-        if run.reader is not None:
+        if prefetch is not None:
+            prefetch.join()
             run.reader.close()
     arrays = {name: _assemble(target, run.shards[name]) for name, target in targets.items()}
     stats.seconds = time.perf_counter() - start
     stats.peak_bytes_in_flight = run.budget.peak
     return arrays
+
+
+def _prefetch(reader: direct.ChunkReader, layouts: dict, reads: list[_Read]) -> None:
+    try:
+        for read in reads:
+            if read.name in layouts:
+                reader.prefetch(layouts[read.name], read.index)
+    except OSError:  # advice only: the reads themselves report real I/O errors
+        pass
 
 
 def _direct_layouts(params_dir: pathlib.Path, manifest: Manifest, targets,

@@ -35,6 +35,8 @@ def sampling_from(greedy: bool, temperature: Optional[float], top_k: int, top_p:
     from jaxaccel.errors import UsageError
     from jaxaccel.sampling import Sampling
 
+    if temperature is not None and temperature < 0:
+        raise UsageError(f"--temperature must be >= 0, got {temperature}")
     sampled = temperature is not None and temperature > 0
     if greedy and (sampled or top_k or top_p < 1.0):
         raise UsageError("--greedy cannot be combined with --temperature/--top-k/--top-p")
@@ -74,12 +76,14 @@ def register(app: typer.Typer) -> None:
                                                    "tokenizer)."),
         prompt_ids: Optional[str] = typer.Option(None, "--prompt-ids", help="Token ids, e.g. "
                                                  "'1,2,3;4,5' for two prompts."),
-        max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n", min=1),
+        max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n", help="At most this many "
+                                            "new tokens per prompt (fewer at EOS)."),
         greedy: bool = typer.Option(False, "--greedy", help="Argmax decoding (the default "
                                     "unless --temperature > 0)."),
-        temperature: Optional[float] = typer.Option(None, "--temperature", min=0.0),
-        top_k: int = typer.Option(0, "--top-k", min=0, help="Sample among the k most likely."),
-        top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling."),
+        temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling "
+                                                    "temperature; 0 or unset is greedy."),
+        top_k: int = typer.Option(0, "--top-k", help="Sample among the k most likely."),
+        top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling."),
         seed: int = typer.Option(0, "--seed"),
         ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Do not stop at the "
                                         "model's EOS token."),
@@ -100,6 +104,8 @@ def register(app: typer.Typer) -> None:
 
         if bool(prompt) == bool(prompt_ids):
             raise UsageError("give --prompt TEXT (repeatable) or --prompt-ids, not both")
+        if max_new_tokens < 1:
+            raise UsageError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
         sampling = sampling_from(greedy, temperature, top_k, top_p, seed)
         loaded = load_model(ckpt, options.layout_from(mesh, rules, rule), dtype,
                             host_memory_budget=parse_bytes(budget, "--host-memory-budget"),

@@ -82,7 +82,8 @@ class Block(nnx.Module):
         qkv, kv = (ax.EMBED, ax.HEADS, ax.HEAD_DIM), (ax.EMBED, ax.KV_HEADS, ax.HEAD_DIM)
         self.attn_norm_scale_d = p((d,), (ax.EMBED,), layers.ones_init)
         self.attn_norm_bias_d = p((d,), (ax.EMBED,), layers.zeros_init)
-        self.wq_dnh, self.wk_dkh, self.wv_dkh = p((d, n, h), qkv), p((d, n, h), kv), p((d, n, h), kv)
+        self.wq_dnh = p((d, n, h), qkv)
+        self.wk_dkh, self.wv_dkh = p((d, n, h), kv), p((d, n, h), kv)
         self.bq_nh = p((n, h), (ax.HEADS, ax.HEAD_DIM), layers.zeros_init)
         self.bk_kh = p((n, h), (ax.KV_HEADS, ax.HEAD_DIM), layers.zeros_init)
         self.bv_kh = p((n, h), (ax.KV_HEADS, ax.HEAD_DIM), layers.zeros_init)
@@ -110,7 +111,8 @@ class Block(nnx.Module):
                                   self.eps)
         m_btf = layers.einsum("btd,df->btf", y_btd, self.wi_df[...]) + self.bi_f[...].astype(dt)
         m_btf = layers.activation(self.act)(m_btf)
-        x_btd = x_btd + layers.einsum("btf,fd->btd", m_btf, self.wm_fd[...]) + self.bm_d[...].astype(dt)
+        m_btd = layers.einsum("btf,fd->btd", m_btf, self.wm_fd[...])
+        x_btd = x_btd + m_btd + self.bm_d[...].astype(dt)
         return x_btd, new_kv
 
 

@@ -71,7 +71,8 @@ class Config:
         d, n = hf["hidden_size"], hf["num_attention_heads"]
         k = hf.get("num_key_value_heads") or n
         if n % k:
-            raise ValueError(f"num_attention_heads={n} must be a multiple of num_key_value_heads={k}")
+            raise ValueError(f"num_attention_heads={n} must be a multiple of "
+                             f"num_key_value_heads={k}")
         model_type = hf.get("model_type", "llama")
         qwen2 = model_type == "qwen2"
         return cls(vocab_size=hf["vocab_size"], hidden_size=d, num_layers=hf["num_hidden_layers"],
@@ -214,8 +215,8 @@ class Model(nnx.Module):
         self.token_vd = layers.make_param(rngs, (cfg.vocab_size, d), (ax.VOCAB, ax.EMBED), dtype)
         self.blocks = Block(cfg, dtype=dtype, rngs=rngs, num_layers=cfg.num_layers)
         self.norm_scale_d = layers.make_param(rngs, (d,), (ax.EMBED,), dtype, layers.ones_init)
-        self.lm_head_vd = (None if cfg.tie_word_embeddings else
-                           layers.make_param(rngs, (cfg.vocab_size, d), (ax.VOCAB, ax.EMBED), dtype))
+        head = lambda: layers.make_param(rngs, (cfg.vocab_size, d), (ax.VOCAB, ax.EMBED), dtype)  # noqa: E731
+        self.lm_head_vd = None if cfg.tie_word_embeddings else head()
 
     def __call__(self, ids_bt, positions_bt, mask_btt, cache: kv_cache.KVCache | None = None,
                  cache_mask_bts=None):
