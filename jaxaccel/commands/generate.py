@@ -92,24 +92,27 @@ def register(app: typer.Typer) -> None:
         rules: str = options.RULES,
         rule: Optional[str] = options.RULE_OVERRIDES,
         budget: str = options.HOST_MEMORY_BUDGET,
+        microbatches: Optional[int] = options.MICROBATCHES,
+        device_memory: Optional[str] = options.DEVICE_MEMORY,
+        verify_checksums: bool = options.VERIFY_CHECKSUMS,
         as_json: bool = options.JSON,
         quiet: bool = options.QUIET,
     ) -> None:
         """Generate continuations: jitted prefill + KV-cache decode, greedy or sampled,
         tensor-parallel on `model` and data-parallel on `data`. Streams text unless --json."""
+        from jaxaccel import distributed
+        from jaxaccel.commands.embed import load_for_inference
         from jaxaccel.errors import UsageError
         from jaxaccel.generate import Generator
-        from jaxaccel.loader import load_model
-        from jaxaccel.units import parse_bytes
 
         if bool(prompt) == bool(prompt_ids):
             raise UsageError("give --prompt TEXT (repeatable) or --prompt-ids, not both")
         if max_new_tokens < 1:
             raise UsageError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
         sampling = sampling_from(greedy, temperature, top_k, top_p, seed)
-        loaded = load_model(ckpt, options.layout_from(mesh, rules, rule), dtype,
-                            host_memory_budget=parse_bytes(budget, "--host-memory-budget"),
-                            quiet=quiet)
+        loaded = load_for_inference(ckpt, mesh, rules, rule, dtype, budget, quiet,
+                                    device_memory=device_memory, max_new_tokens=max_new_tokens,
+                                    verify_checksums=verify_checksums)
         if loaded.family not in DECODER_FAMILIES:
             raise UsageError(f"{ckpt} holds a {loaded.family!r} model; generate needs a decoder "
                              f"({', '.join(DECODER_FAMILIES)})")
@@ -118,9 +121,13 @@ def register(app: typer.Typer) -> None:
             raise UsageError(f"{ckpt} has no tokenizer.json; use --prompt-ids")
         ids = parse_prompt_ids(prompt_ids) if prompt_ids else [
             tokenizer.encode(text).ids for text in prompt]
-        generator = Generator(loaded.graphdef, loaded.state, loaded.config, loaded.layout)
+        generator = Generator(loaded.graphdef, loaded.state, loaded.config, loaded.layout,
+                              microbatches=microbatches)
         eos = None if ignore_eos else loaded.config.eos_token_id
-        stream = TextStream(tokenizer) if tokenizer and not as_json and len(ids) == 1 else None
+        output = distributed.is_output_process()
+        # Streaming runs the host loop, which is not multi-host safe: stream on one process only.
+        stream = (TextStream(tokenizer) if tokenizer and not as_json and len(ids) == 1
+                  and output and jax_process_count() == 1 else None)
         if stream:
             print(tokenizer.decode(ids[0]), end="", flush=True)
         try:
@@ -128,7 +135,14 @@ def register(app: typer.Typer) -> None:
                                      on_step=stream)
         except ValueError as err:
             raise UsageError(str(err)) from None
-        _print_result(ids, new, tokenizer, as_json, streamed=stream is not None)
+        if output:
+            _print_result(ids, new, tokenizer, as_json, streamed=stream is not None)
+
+
+def jax_process_count() -> int:
+    import jax
+
+    return jax.process_count()
 
 
 def _tokenizer(loaded):
