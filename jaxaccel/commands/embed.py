@@ -58,6 +58,37 @@ def load_for_inference(ckpt, mesh, rules, rule_overrides, dtype, budget: str, qu
                       verify_checksums=verify_checksums)
 
 
+def start_for_texts(ckpt, texts, mesh, rules, rule_overrides, dtype, budget: str, quiet: bool,
+                    *, device_memory, batch_size: int, max_length, truncate: bool, microbatches,
+                    verify_checksums: bool):
+    """Tokenise first (bad input fails before a byte is read), then restore the weights while
+    XLA compiles the forward for exactly the buckets these texts need."""
+    from jaxaccel.coldstart import batch_shapes, start_embedder
+    from jaxaccel.loader import plan_model
+    from jaxaccel.planner import refuse_if_too_big
+    from jaxaccel.tokenizer import InputError, TextTokenizer
+    from jaxaccel.units import parse_bytes
+
+    layout = options.layout_from(mesh, rules, rule_overrides)
+    memory = parse_bytes(device_memory, "--device-memory") if device_memory else None
+    refuse_if_too_big(ckpt, layout, dtype, batch=min(batch_size, len(texts)), seq=max_length,
+                      device_memory=memory)
+    plan = plan_model(ckpt, layout, dtype)
+    if plan.manifest.family != "bert" or "tokenizer.json" not in plan.manifest.tokenizer_files:
+        raise InputError(f"{ckpt}: embed needs an encoder checkpoint with a tokenizer.json "
+                         f"(this one is {plan.manifest.family})")
+    limit = min(max_length or plan.config.max_length, plan.config.max_length)
+    encoded = TextTokenizer(pathlib.Path(ckpt) / "tokenizer.json").encode(texts, limit,
+                                                                           truncate=truncate)
+    shapes = batch_shapes(plan, [len(ids) for ids in encoded.ids], batch_size, max_length,
+                          microbatches)
+    started = start_embedder(ckpt, layout, dtype, shapes=shapes, batch_size=batch_size,
+                             max_length=max_length, microbatches=microbatches,
+                             host_memory_budget=parse_bytes(budget, "--host-memory-budget"),
+                             verify_checksums=verify_checksums, quiet=quiet)
+    return started, encoded
+
+
 def register(app: typer.Typer) -> None:
     @app.command("embed")
     def embed_cmd(
@@ -89,7 +120,6 @@ def register(app: typer.Typer) -> None:
         """Embed texts: mean-pooled, L2-normalised sentence embeddings (sentence-transformers
         semantics), computed by a jitted, sharded forward pass."""
         from jaxaccel import distributed, progress
-        from jaxaccel.embed import Embedder
         from jaxaccel.errors import UsageError
 
         if bool(text) == bool(input_file):
@@ -98,14 +128,14 @@ def register(app: typer.Typer) -> None:
         from jaxaccel import compile_cache as xla_cache
 
         xla_cache.configure(compile_cache, enabled=not no_compile_cache)
-        loaded = load_for_inference(ckpt, mesh, rules, rule, dtype, budget, quiet,
-                                    device_memory=device_memory,
-                                    batch=min(batch_size, len(texts)), seq=max_length,
-                                    verify_checksums=verify_checksums)
-        embedder = Embedder(loaded, batch_size=batch_size, max_length=max_length,
-                            microbatches=microbatches)
+        started, encoded = start_for_texts(ckpt, texts, mesh, rules, rule, dtype, budget, quiet,
+                                           device_memory=device_memory, batch_size=batch_size,
+                                           max_length=max_length, truncate=not no_truncate,
+                                           microbatches=microbatches,
+                                           verify_checksums=verify_checksums)
+        embedder, loaded, truncated = started.embedder, started.loaded, encoded.truncated
         start = time.perf_counter()
-        embeddings, truncated = embedder.embed_texts(texts, truncate=not no_truncate)
+        embeddings = embedder.embed_ids(encoded.ids)
         seconds = time.perf_counter() - start
         if not distributed.is_output_process():
             return  # multi-host: one copy of the output, from process 0
