@@ -8,6 +8,7 @@ file and tensor. Arrays then stream one at a time into the checkpoint writer.
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
 import re
 from collections.abc import Callable, Iterator
@@ -35,6 +36,18 @@ class PlannedArray:
     rule: WeightRule
     sources: tuple[str, ...]  # one name, or one per layer
     axes: tuple
+
+
+def sentence_transformers_limits(src: pathlib.Path) -> dict:
+    """`max_seq_length` from a sentence-transformers export, where its pipeline truncates."""
+    path = src / "sentence_bert_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        limit = json.loads(path.read_text()).get("max_seq_length")
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as err:
+        raise ConvertError(f"{path}: not a JSON object ({err})") from None
+    return {"max_seq_length": int(limit)} if limit else {}
 
 
 def resolve_family(hf_config: dict, family: str, config_path: pathlib.Path) -> str:
@@ -125,7 +138,7 @@ def convert(src: str | pathlib.Path, dest: str | pathlib.Path, *, dtype: str = "
     src, dest = pathlib.Path(src), pathlib.Path(dest)
     if dtype not in DTYPES:
         raise ConvertError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    hf_config = read_hf_config(src)
+    hf_config = {**read_hf_config(src), **sentence_transformers_limits(src)}
     family = resolve_family(hf_config, family, src / "config.json")
     module = family_module(family)
     try:

@@ -37,6 +37,9 @@ class Config:
     layer_norm_eps: float = 1e-12
     hidden_act: str = "gelu"
     pad_token_id: int = 0
+    # sentence-transformers' own input limit (sentence_bert_config.json), if the source has one:
+    # its pipeline truncates there, not at max_position_embeddings.
+    max_seq_length: int | None = None
 
     @property
     def head_dim(self) -> int:
@@ -44,7 +47,8 @@ class Config:
 
     @property
     def max_length(self) -> int:
-        return self.max_position_embeddings
+        return min(self.max_seq_length or self.max_position_embeddings,
+                   self.max_position_embeddings)
 
     @classmethod
     def from_hf(cls, hf: dict) -> "Config":
@@ -60,7 +64,8 @@ class Config:
                    type_vocab_size=hf.get("type_vocab_size", 2),
                    layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
                    hidden_act=hf.get("hidden_act", "gelu"),
-                   pad_token_id=hf.get("pad_token_id", 0) or 0)
+                   pad_token_id=hf.get("pad_token_id", 0) or 0,
+                   max_seq_length=hf.get("max_seq_length"))
 
 
 class Embeddings(nnx.Module):
