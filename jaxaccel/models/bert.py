@@ -115,11 +115,11 @@ class Block(nnx.Module):
 
     def __call__(self, x_btd, mask_bts):
         dt = x_btd.dtype
-        q = layers.einsum("btd,dnh->btnh", x_btd, self.wq_dnh[...]) + self.bq_nh[...].astype(dt)
-        k = layers.einsum("btd,dnh->btnh", x_btd, self.wk_dnh[...]) + self.bk_nh[...].astype(dt)
-        v = layers.einsum("btd,dnh->btnh", x_btd, self.wv_dnh[...]) + self.bv_nh[...].astype(dt)
+        q = layers.heads_in(x_btd, self.wq_dnh[...]) + self.bq_nh[...].astype(dt)
+        k = layers.heads_in(x_btd, self.wk_dnh[...]) + self.bk_nh[...].astype(dt)
+        v = layers.heads_in(x_btd, self.wv_dnh[...]) + self.bv_nh[...].astype(dt)
         a_btnh = layers.attention(q, k, v, mask_bts)
-        a_btd = layers.einsum("btnh,nhd->btd", a_btnh, self.wo_nhd[...]) + self.bo_d[...].astype(dt)
+        a_btd = layers.heads_out(a_btnh, self.wo_nhd[...]) + self.bo_d[...].astype(dt)
         x_btd = layers.layer_norm(x_btd + a_btd, self.attn_norm_scale_d[...],
                                   self.attn_norm_bias_d[...], self.eps)
         m_btf = layers.einsum("btd,df->btf", x_btd, self.wi_df[...]) + self.bi_f[...].astype(dt)
@@ -143,7 +143,7 @@ class Model(nnx.Module):
         mask_bts = jnp.broadcast_to(mask_bt[:, None, :].astype(bool),
                                     (ids_bt.shape[0], ids_bt.shape[1], ids_bt.shape[1]))
         # The mask rides in the carry (not the closure) so a pipeline can microbatch it.
-        (x_btd, _), _ = layers.scan_layers(
+        (x_btd, _), _ = layers.scan_blocks(
             self.blocks, (x_btd, mask_bts), lambda block, c, _: ((block(*c), c[1]), None))
         return x_btd
 

@@ -17,7 +17,7 @@ from flax import nnx
 
 from jaxaccel import kv_cache
 from jaxaccel import sharding as ax
-from jaxaccel.models import decoder, layers
+from jaxaccel.models import layers
 from jaxaccel.models.weights import WeightRule
 
 FAMILY = "gpt2"
@@ -102,11 +102,11 @@ class Block(nnx.Module):
         dt = x_btd.dtype
         y_btd = layers.layer_norm(x_btd, self.attn_norm_scale_d[...], self.attn_norm_bias_d[...],
                                   self.eps)
-        q_btnh = decoder.heads_in(y_btd, self.wq_dnh[...]) + self.bq_nh[...].astype(dt)
-        k_btkh = decoder.heads_in(y_btd, self.wk_dkh[...]) + self.bk_kh[...].astype(dt)
-        v_btkh = decoder.heads_in(y_btd, self.wv_dkh[...]) + self.bv_kh[...].astype(dt)
+        q_btnh = layers.heads_in(y_btd, self.wq_dnh[...]) + self.bq_nh[...].astype(dt)
+        k_btkh = layers.heads_in(y_btd, self.wk_dkh[...]) + self.bk_kh[...].astype(dt)
+        v_btkh = layers.heads_in(y_btd, self.wv_dkh[...]) + self.bv_kh[...].astype(dt)
         a_btnh, new_kv = kv_cache.attend(q_btnh, k_btkh, v_btkh, mask_btt, cached, cached_mask_bts)
-        x_btd = x_btd + decoder.heads_out(a_btnh, self.wo_nhd[...]) + self.bo_d[...].astype(dt)
+        x_btd = x_btd + layers.heads_out(a_btnh, self.wo_nhd[...]) + self.bo_d[...].astype(dt)
         y_btd = layers.layer_norm(x_btd, self.mlp_norm_scale_d[...], self.mlp_norm_bias_d[...],
                                   self.eps)
         m_btf = layers.einsum("btd,df->btf", y_btd, self.wi_df[...]) + self.bi_f[...].astype(dt)
@@ -140,7 +140,7 @@ class Model(nnx.Module):
             x_btd, new_kv = block(x_btd, mask_btt, cached, cache_mask_bts)
             return (x_btd, mask_btt, cache_mask_bts), new_kv
 
-        (x_btd, _, _), new_kv = decoder.scan_blocks(
+        (x_btd, _, _), new_kv = layers.scan_blocks(
             self.blocks, (x_btd, mask_btt, cache_mask_bts), body, cache)
         x_btd = layers.layer_norm(x_btd, self.norm_scale_d[...], self.norm_bias_d[...],
                                   self.config.layer_norm_eps)

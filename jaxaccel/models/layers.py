@@ -97,14 +97,24 @@ def attention(q_btnh, k_bskh, v_bskh, mask_bts) -> jax.Array:
     """
     b, t, n, h = q_btnh.shape
     kv_heads = k_bskh.shape[2]
+    k_bskh, v_bskh = k_bskh.astype(q_btnh.dtype), v_bskh.astype(q_btnh.dtype)
+    if kv_heads == n and q_btnh.dtype == jnp.bfloat16:
+        # XLA:CPU picks different dot layouts for the two spellings: on MiniLM (32 x 128
+        # tokens) the plain multi-head one runs bf16 ~12% faster end to end, while the
+        # grouped one runs float32 ~30% faster (74 vs 56 sentences/s). Measured, not guessed.
+        return _softmax_attention("btnh,bsnh->bnts", "bnts,bsnh->btnh", q_btnh, k_bskh,
+                                  v_bskh, mask_bts[:, None])
     q_btkgh = q_btnh.reshape(b, t, kv_heads, n // kv_heads, h)
-    scores = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k_bskh.astype(q_btnh.dtype),
-                        preferred_element_type=jnp.float32) * (h ** -0.5)
-    scores = jnp.where(mask_bts[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(q_btnh.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v_bskh.astype(q_btnh.dtype),
-                     preferred_element_type=jnp.float32)
-    return out.reshape(b, t, n, h).astype(q_btnh.dtype)
+    out = _softmax_attention("btkgh,bskh->bkgts", "bkgts,bskh->btkgh", q_btkgh, k_bskh,
+                             v_bskh, mask_bts[:, None, None])
+    return out.reshape(b, t, n, h)
+
+
+def _softmax_attention(score_eq, out_eq, q, k, v, mask):
+    scores = jnp.einsum(score_eq, q, k, preferred_element_type=jnp.float32) * (q.shape[-1] ** -0.5)
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    return jnp.einsum(out_eq, probs, v, preferred_element_type=jnp.float32).astype(q.dtype)
 
 
 # A replacement for the plain scan below, e.g. `pipeline.Pipeline`; set while tracing.
@@ -140,3 +150,49 @@ def scan_layers(blocks: nnx.Module, carry, body: Callable, xs=None):
         return body(nnx.merge(graphdef, layer_state), carry, x)
 
     return jax.lax.scan(step, carry, (state, xs))
+
+
+# XLA:CPU-sensitive helpers. Inside the layer scan the weight slices are intermediates whose
+# layout and type XLA:CPU may rewrite; its rewrites there turned every weight into a
+# transposed or float32 copy per layer and step. These pin them, so weights are read as stored.
+
+
+def heads_in(x_btd, w_dnh):
+    """x @ w into heads: [b, t, d] x [d, n, h] -> [b, t, n, h], as one 2-D matmul.
+
+    A 3-D einsum lets XLA fold the following head transposes into the matmul by transposing
+    the weight instead (a copy of it per layer and step); a [d, n*h] view cannot be folded.
+    """
+    d, n, h = w_dnh.shape
+    out = einsum("btd,dm->btm", x_btd, w_dnh.reshape(d, n * h))
+    return out.reshape(*x_btd.shape[:2], n, h)
+
+
+def heads_out(a_btnh, w_nhd):
+    """[b, t, n, h] x [n, h, d] -> [b, t, d], as one 2-D matmul (see `heads_in`)."""
+    n, h, d = w_nhd.shape
+    return einsum("btm,md->btd", a_btnh.reshape(*a_btnh.shape[:2], n * h),
+                         w_nhd.reshape(n * h, d))
+
+
+def _to_carrier(x):
+    # XLA:CPU has no bfloat16 dynamic-slice: it converts the whole stacked weight to float32
+    # (every call) to slice it. Slicing the same bits as uint16 is native and free.
+    return jax.lax.bitcast_convert_type(x, jnp.uint16) if x.dtype == jnp.bfloat16 else x
+
+
+def _from_carrier(x):
+    return jax.lax.bitcast_convert_type(x, jnp.bfloat16) if x.dtype == jnp.uint16 else x
+
+
+def _map_params(module: nnx.Module, fn) -> nnx.Module:
+    graphdef, state = nnx.split(module)
+    return nnx.merge(graphdef, jax.tree.map(fn, state))
+
+
+def scan_blocks(blocks: nnx.Module, carry, body: Callable, xs=None):
+    """`layers.scan_layers`, with bfloat16 weights sliced as uint16 (see `_to_carrier`)."""
+    def typed_body(block, carry, x):
+        return body(_map_params(block, _from_carrier), carry, x)
+
+    return scan_layers(_map_params(blocks, _to_carrier), carry, typed_body, xs)

@@ -23,7 +23,7 @@ from flax import nnx
 
 from jaxaccel import kv_cache
 from jaxaccel import sharding as ax
-from jaxaccel.models import decoder, layers
+from jaxaccel.models import layers
 from jaxaccel.models.weights import WeightRule, transpose_to, unstack_heads_in, unstack_heads_out
 
 FAMILY = "llama"
@@ -188,13 +188,13 @@ class Block(nnx.Module):
 
     def __call__(self, x_btd, rotary, mask_btt, cached, cached_mask_bts):
         y_btd = layers.rms_norm(x_btd, self.attn_norm_scale_d[...], self.eps)
-        q_btnh = _add_bias(decoder.heads_in(y_btd, self.wq_dnh[...]), self.bq_nh)
-        k_btkh = _add_bias(decoder.heads_in(y_btd, self.wk_dkh[...]), self.bk_kh)
-        v_btkh = _add_bias(decoder.heads_in(y_btd, self.wv_dkh[...]), self.bv_kh)
+        q_btnh = _add_bias(layers.heads_in(y_btd, self.wq_dnh[...]), self.bq_nh)
+        k_btkh = _add_bias(layers.heads_in(y_btd, self.wk_dkh[...]), self.bk_kh)
+        v_btkh = _add_bias(layers.heads_in(y_btd, self.wv_dkh[...]), self.bv_kh)
         q_btnh = apply_rotary(q_btnh, *rotary)
         k_btkh = apply_rotary(k_btkh, *rotary)
         a_btnh, new_kv = kv_cache.attend(q_btnh, k_btkh, v_btkh, mask_btt, cached, cached_mask_bts)
-        x_btd = x_btd + _add_bias(decoder.heads_out(a_btnh, self.wo_nhd[...]), self.bo_d)
+        x_btd = x_btd + _add_bias(layers.heads_out(a_btnh, self.wo_nhd[...]), self.bo_d)
         y_btd = layers.rms_norm(x_btd, self.mlp_norm_scale_d[...], self.eps)
         g_btf = _add_bias(layers.einsum("btd,df->btf", y_btd, self.wg_df[...]), self.bg_f)
         u_btf = _add_bias(layers.einsum("btd,df->btf", y_btd, self.wu_df[...]), self.bu_f)
@@ -232,7 +232,7 @@ class Model(nnx.Module):
             return (x_btd, cos_btr, sin_btr, mask_btt, cache_mask_bts), new_kv
 
         carry = (x_btd, cos_btr, sin_btr, mask_btt, cache_mask_bts)
-        (x_btd, *_), new_kv = decoder.scan_blocks(self.blocks, carry, body, cache)
+        (x_btd, *_), new_kv = layers.scan_blocks(self.blocks, carry, body, cache)
         return layers.rms_norm(x_btd, self.norm_scale_d[...], self.config.rms_norm_eps), new_kv
 
     def logits(self, x_btd):
