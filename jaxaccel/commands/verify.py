@@ -18,7 +18,9 @@ def register(app: typer.Typer) -> None:
         dtype, every chunk present and matching the crc32 recorded when it was written.
 
         Exits 1 with one line naming each damaged array and chunk. Restore always checks the
-        cheap part (chunk crc32c on read, missing chunks); this command checks everything.
+        cheap part (every chunk present, with its stored length); it checks each chunk's crc32c
+        only with --verify-checksums (that costs more than 10% of restore time). This command
+        checks everything.
         """
         from jaxaccel import progress
         from jaxaccel.checkpoint.integrity import verify_checkpoint
