@@ -30,4 +30,4 @@ def byte_progress(total: int, description: str, enabled: bool = True
 def say(message: str, quiet: bool = False) -> None:
     """One human-readable status line on stderr."""
     if not quiet:
-        stderr.print(message, highlight=False)
+        stderr.print(message, highlight=False, soft_wrap=True)

@@ -17,7 +17,7 @@ def cli(capsys, monkeypatch):
 def test_long_text_is_truncated_with_a_warning(cli, minilm_ckpt):
     code, out, err = cli("embed", minilm_ckpt, "--text", "word " * 2000, "--json")
     assert code == 0, err
-    assert "warning: 1 input(s) truncated to 512 tokens" in err
+    assert "warning: 1 input(s) truncated to 256 tokens" in err
 
 
 def test_long_text_is_refused_with_no_truncate(cli, minilm_ckpt, tmp_path):
@@ -26,7 +26,7 @@ def test_long_text_is_refused_with_no_truncate(cli, minilm_ckpt, tmp_path):
                        "--no-truncate", "--out", out)
     assert code == USAGE
     line = one_error_line(err)
-    assert "input 2 has 2002 tokens, more than the maximum 512" in line
+    assert "input 2 has 2002 tokens, more than the maximum 256" in line
     assert not out.exists()
 
 

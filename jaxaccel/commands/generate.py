@@ -100,43 +100,51 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Generate continuations: jitted prefill + KV-cache decode, greedy or sampled,
         tensor-parallel on `model` and data-parallel on `data`. Streams text unless --json."""
-        from jaxaccel import distributed
-        from jaxaccel.commands.embed import load_for_inference
-        from jaxaccel.errors import UsageError
-        from jaxaccel.generate import Generator
+        run_generate(ckpt, prompt, prompt_ids, max_new_tokens, sampling_from(
+            greedy, temperature, top_k, top_p, seed), ignore_eos, dtype, mesh, rules, rule,
+            budget, microbatches, device_memory, verify_checksums, as_json, quiet)
 
-        if bool(prompt) == bool(prompt_ids):
-            raise UsageError("give --prompt TEXT (repeatable) or --prompt-ids, not both")
-        if max_new_tokens < 1:
-            raise UsageError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
-        sampling = sampling_from(greedy, temperature, top_k, top_p, seed)
-        loaded = load_for_inference(ckpt, mesh, rules, rule, dtype, budget, quiet,
-                                    device_memory=device_memory, max_new_tokens=max_new_tokens,
-                                    verify_checksums=verify_checksums)
-        if loaded.family not in DECODER_FAMILIES:
-            raise UsageError(f"{ckpt} holds a {loaded.family!r} model; generate needs a decoder "
-                             f"({', '.join(DECODER_FAMILIES)})")
-        tokenizer = _tokenizer(loaded)
-        if prompt and tokenizer is None:
-            raise UsageError(f"{ckpt} has no tokenizer.json; use --prompt-ids")
-        ids = parse_prompt_ids(prompt_ids) if prompt_ids else [
-            tokenizer.encode(text).ids for text in prompt]
-        generator = Generator(loaded.graphdef, loaded.state, loaded.config, loaded.layout,
-                              microbatches=microbatches)
-        eos = None if ignore_eos else loaded.config.eos_token_id
-        output = distributed.is_output_process()
-        # Streaming runs the host loop, which is not multi-host safe: stream on one process only.
-        stream = (TextStream(tokenizer) if tokenizer and not as_json and len(ids) == 1
-                  and output and jax_process_count() == 1 else None)
-        if stream:
-            print(tokenizer.decode(ids[0]), end="", flush=True)
-        try:
-            new = generator.generate(ids, max_new_tokens, sampling=sampling, eos_id=eos,
-                                     on_step=stream)
-        except ValueError as err:
-            raise UsageError(str(err)) from None
-        if output:
-            _print_result(ids, new, tokenizer, as_json, streamed=stream is not None)
+
+def run_generate(ckpt, prompt, prompt_ids, max_new_tokens, sampling, ignore_eos, dtype, mesh,
+                 rules, rule, budget, microbatches, device_memory, verify_checksums, as_json,
+                 quiet) -> None:
+    """Validate, restore, generate, print: the body of `jaxaccel generate`."""
+    from jaxaccel import distributed
+    from jaxaccel.commands.embed import load_for_inference
+    from jaxaccel.errors import UsageError
+    from jaxaccel.generate import Generator
+
+    if bool(prompt) == bool(prompt_ids):
+        raise UsageError("give --prompt TEXT (repeatable) or --prompt-ids, not both")
+    if max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    loaded = load_for_inference(ckpt, mesh, rules, rule, dtype, budget, quiet,
+                                device_memory=device_memory, max_new_tokens=max_new_tokens,
+                                verify_checksums=verify_checksums)
+    if loaded.family not in DECODER_FAMILIES:
+        raise UsageError(f"{ckpt} holds a {loaded.family!r} model; generate needs a decoder "
+                         f"({', '.join(DECODER_FAMILIES)})")
+    tokenizer = _tokenizer(loaded)
+    if prompt and tokenizer is None:
+        raise UsageError(f"{ckpt} has no tokenizer.json; use --prompt-ids")
+    ids = parse_prompt_ids(prompt_ids) if prompt_ids else [
+        tokenizer.encode(text).ids for text in prompt]
+    generator = Generator(loaded.graphdef, loaded.state, loaded.config, loaded.layout,
+                          microbatches=microbatches)
+    eos = None if ignore_eos else loaded.config.eos_token_id
+    output = distributed.is_output_process()
+    # Streaming runs the host loop, which is not multi-host safe: stream on one process only.
+    stream = (TextStream(tokenizer) if tokenizer and not as_json and len(ids) == 1
+              and output and jax_process_count() == 1 else None)
+    if stream:
+        print(tokenizer.decode(ids[0]), end="", flush=True)
+    try:
+        new = generator.generate(ids, max_new_tokens, sampling=sampling, eos_id=eos,
+                                 on_step=stream)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if output:
+        _print_result(ids, new, tokenizer, as_json, streamed=stream is not None)
 
 
 def jax_process_count() -> int:
