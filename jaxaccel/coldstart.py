@@ -59,7 +59,7 @@ def batch_shapes(plan: ModelPlan, token_counts: list[int], batch_size: int,
     counts to: sorted by length, `batch_size` per call."""
     runner = pipeline.for_layout(plan.layout, plan.config.num_layers, microbatches)
     divisor = plan.layout.batch_divisor * (runner.microbatches if runner else 1)
-    limit = min(max_length or plan.config.max_length, plan.config.max_length)
+    limit = min(max_length or plan.config.default_length, plan.config.max_length)
     ordered = sorted(token_counts)
     shapes = []
     for begin in range(0, len(ordered), batch_size):

@@ -43,7 +43,7 @@ class Embedder:
             raise InputError(f"embed needs an encoder checkpoint; {loaded.path} is {loaded.family}")
         self.loaded = loaded
         self.batch_size = batch_size
-        self.max_length = min(max_length or loaded.config.max_length, loaded.config.max_length)
+        self.max_length = min(max_length or loaded.config.default_length, loaded.config.max_length)
         self.layout = loaded.layout
         # On a `stage` mesh the layers run as a pipeline of `microbatches` (default: stages).
         self.pipeline = pipeline.for_layout(self.layout, loaded.config.num_layers, microbatches)

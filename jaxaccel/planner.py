@@ -152,7 +152,7 @@ def plan(ckpt: str | pathlib.Path, layout=None, dtype: str | None = None, *, bat
     model_plan = plan_model(ckpt, layout, dtype)
     layout, config = model_plan.layout, model_plan.config
     sizes, rules = dict(layout.mesh.shape), layout.rules
-    seq = min(seq or config.max_length, config.max_length)
+    seq = min(seq or getattr(config, "default_length", config.max_length), config.max_length)
     itemsize = _itemsize(model_plan.dtype)
     specs = param_specs(model_plan.abstract_state)
     by_array = param_bytes(specs, sizes, rules)

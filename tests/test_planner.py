@@ -126,7 +126,9 @@ def test_plan_json(capsys, monkeypatch, minilm_ckpt):
 
 
 def test_plan_refuses_and_suggests(capsys, monkeypatch, minilm_ckpt):
-    code, out, err = run_cli(capsys, monkeypatch, "plan", minilm_ckpt, "--device-memory", "100MiB")
+    # At the model's full 512 positions (its default input limit is sentence-transformers' 256).
+    code, out, err = run_cli(capsys, monkeypatch, "plan", minilm_ckpt, "--device-memory", "100MiB",
+                             "--seq", "512")
     assert code == 1
     line = one_error_line(err)
     assert "embeddings.token_vd" in line and "100.00 MiB" in line
@@ -142,7 +144,7 @@ def test_embed_refuses_before_reading_any_byte(capsys, monkeypatch, minilm_ckpt,
     monkeypatch.setattr(jaxaccel.loader, "restore_arrays", no_reads)
     out = tmp_path / "v.npy"
     code, _, err = run_cli(capsys, monkeypatch, "embed", minilm_ckpt, "--text", "hello",
-                           "--device-memory", "100MiB", "--out", out)
+                           "--device-memory", "100MiB", "--max-length", "512", "--out", out)
     assert code == 1, err
     line = one_error_line(err)
     assert "plan: each device would need" in line and "embeddings.token_vd" in line

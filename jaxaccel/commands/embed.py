@@ -77,7 +77,7 @@ def start_for_texts(ckpt, texts, mesh, rules, rule_overrides, dtype, budget: str
     if plan.manifest.family != "bert" or "tokenizer.json" not in plan.manifest.tokenizer_files:
         raise InputError(f"{ckpt}: embed needs an encoder checkpoint with a tokenizer.json "
                          f"(this one is {plan.manifest.family})")
-    limit = min(max_length or plan.config.max_length, plan.config.max_length)
+    limit = min(max_length or plan.config.default_length, plan.config.max_length)
     encoded = TextTokenizer(pathlib.Path(ckpt) / "tokenizer.json").encode(texts, limit,
                                                                            truncate=truncate)
     shapes = batch_shapes(plan, [len(ids) for ids in encoded.ids], batch_size, max_length,

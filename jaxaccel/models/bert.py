@@ -47,6 +47,12 @@ class Config:
 
     @property
     def max_length(self) -> int:
+        """The hard limit: positions the model has embeddings for."""
+        return self.max_position_embeddings
+
+    @property
+    def default_length(self) -> int:
+        """Where inputs are truncated unless --max-length says otherwise."""
         return min(self.max_seq_length or self.max_position_embeddings,
                    self.max_position_embeddings)
 
