@@ -95,3 +95,34 @@ def test_chunks_follow_sharded_axes(minilm_ckpt):
 
     store = ts.open(layout.array_spec(str(minilm_ckpt / "params"), "blocks.wi_df")).result()
     assert tuple(store.chunk_layout.read_chunk.shape) == (1, 384, 1536 // 8)
+
+
+def test_sharded_safetensors_with_index_convert_identically(minilm_src, minilm_ckpt, tmp_path):
+    """Hugging Face's sharded layout (two files + model.safetensors.index.json) gives the same
+    arrays as the single-file source."""
+    import shutil
+
+    import orbax.checkpoint as ocp
+    from safetensors.numpy import load_file, save_file
+
+    from jaxaccel.convert.hf import convert
+
+    src = tmp_path / "sharded"
+    src.mkdir()
+    for name in ("config.json", "tokenizer.json"):
+        shutil.copy(minilm_src / name, src)
+    tensors = load_file(str(minilm_src / "model.safetensors"))
+    names = sorted(tensors)
+    halves = {"model-00001-of-00002.safetensors": names[::2],
+              "model-00002-of-00002.safetensors": names[1::2]}
+    weight_map = {}
+    for file, part in halves.items():
+        save_file({n: tensors[n] for n in part}, str(src / file))
+        weight_map.update({n: file for n in part})
+    (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    convert(src, tmp_path / "out")
+    ours = ocp.PyTreeCheckpointer().restore((tmp_path / "out" / "params").absolute())
+    single = ocp.PyTreeCheckpointer().restore((minilm_ckpt / "params").absolute())
+    for group, leaves in single.items():
+        for leaf, array in leaves.items():
+            np.testing.assert_array_equal(ours[group][leaf], array, err_msg=f"{group}.{leaf}")
