@@ -29,6 +29,7 @@ import ml_dtypes
 import numpy as np
 import tensorstore as ts
 
+from jaxaccel.checkpoint import integrity
 from jaxaccel.checkpoint.integrity import IntegrityError
 
 PIECE_BYTES = int(os.environ.get("JAXACCEL_PIECE", 1 << 20))  # read granularity
@@ -66,8 +67,12 @@ class ArrayLayout:
 def ocdbt_index(params_dir: str | pathlib.Path) -> dict[bytes, ValueRef]:
     """Every key of the OCDBT database's newest version -> where its value lives."""
     params_dir = pathlib.Path(params_dir).absolute()
-    base = ts.KvStore.open(f"file://{params_dir}/").result()
-    manifest = ts.ocdbt.dump(base).result()
+    try:
+        base = ts.KvStore.open(f"file://{params_dir}/").result()
+        manifest = ts.ocdbt.dump(base).result()
+    except Exception as err:  # tensorstore raises ValueError subclasses with status text
+        raise IntegrityError(f"{params_dir}: the OCDBT database cannot be listed "
+                             f"({str(err).splitlines()[0][:300]})") from None
     index: dict[bytes, ValueRef] = {}
     if manifest.get("versions"):
         root = manifest["versions"][-1]["root"]
@@ -139,7 +144,7 @@ def chunks_in(box: tuple[slice, ...], chunk: tuple[int, ...]):
 
 
 def chunk_key(name: str, grid_index: tuple[int, ...]) -> bytes:
-    return "/".join((name, "c", *map(str, grid_index))).encode()
+    return integrity.chunk_key(name, grid_index).encode()
 
 
 def _fmt_chunk(index) -> str:

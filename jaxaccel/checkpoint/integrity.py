@@ -84,18 +84,19 @@ def list_keys(params_dir: pathlib.Path) -> set[str]:
 
 
 def check_chunks_present(params_dir: pathlib.Path, manifest: Manifest,
-                         names: Iterable[str] | None = None) -> None:
+                         names: Iterable[str] | None = None, keys: set[str] | None = None) -> None:
     """Refuse, naming the array and chunk, when an array or a chunk the writer stored is gone.
 
     Chunks are checked only for arrays with recorded chunk checksums: their writer stored every
     chunk, fill-valued ones included, so an absent key can only mean damage.
     """
-    _raise_problems(params_dir.parent, missing_chunks(params_dir, manifest, names))
+    _raise_problems(params_dir.parent, missing_chunks(params_dir, manifest, names, keys))
 
 
 def missing_chunks(params_dir: pathlib.Path, manifest: Manifest,
-                   names: Iterable[str] | None = None) -> list[str]:
-    keys = list_keys(params_dir)
+                   names: Iterable[str] | None = None, keys: set[str] | None = None) -> list[str]:
+    """Problems with absent arrays/chunks; `keys` is the database's key listing, if at hand."""
+    keys = keys if keys is not None else list_keys(params_dir)
     problems = []
     for name in sorted(names if names is not None else manifest.arrays):
         entry = manifest.arrays[name]

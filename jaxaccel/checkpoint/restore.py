@@ -196,9 +196,12 @@ def restore_arrays(ckpt_dir: str | pathlib.Path, manifest: Manifest,
     check_against_manifest(manifest, {n: t.checkpoint_shape for n, t in targets.items()},
                            str(ckpt_dir))
     start = time.perf_counter()
-    # A missing array or chunk would read as zeros: refuse it (one key listing, milliseconds).
-    integrity.check_chunks_present(params_dir, manifest, targets)
-    layouts, index = _direct_layouts(params_dir, manifest, targets, engine)
+    # One walk of the OCDBT b-tree serves both the presence check and the direct reader.
+    index = direct.ocdbt_index(params_dir) if engine != "tensorstore" else None
+    # A missing array or chunk would read as zeros: refuse it (milliseconds).
+    integrity.check_chunks_present(params_dir, manifest, targets,
+                                   keys=None if index is None else {k.decode() for k in index})
+    layouts = _direct_layouts(params_dir, manifest, targets, engine, index or {})
     stores = _open_stores(params_dir, {n: t for n, t in targets.items() if n not in layouts},
                           manifest, ts.Context({"cache_pool": {"total_bytes_limit": 0}}))
     stats.engines = {name: "direct" if name in layouts else "tensorstore" for name in targets}
@@ -231,12 +234,11 @@ def _prefetch(reader: direct.ChunkReader, layouts: dict, reads: list[_Read]) -> 
         pass
 
 
-def _direct_layouts(params_dir: pathlib.Path, manifest: Manifest, targets,
-                    engine: str) -> tuple[dict, dict]:
-    """({name: direct.ArrayLayout} for every array the direct engine reads, OCDBT index)."""
+def _direct_layouts(params_dir: pathlib.Path, manifest: Manifest, targets, engine: str,
+                    index: dict) -> dict:
+    """{name: direct.ArrayLayout} for every array the direct engine reads."""
     if engine == "tensorstore":
-        return {}, {}
-    index = direct.ocdbt_index(params_dir)
+        return {}
     layouts = {}
     for name in targets:
         found = direct.array_layout(name, index)
@@ -249,7 +251,7 @@ def _direct_layouts(params_dir: pathlib.Path, manifest: Manifest, targets,
                                       "engine='auto' or 'tensorstore'")
             continue
         layouts[name] = found
-    return layouts, index
+    return layouts
 
 
 class _Run:
