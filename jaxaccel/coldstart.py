@@ -83,7 +83,8 @@ def start_embedder(path: str | pathlib.Path, layout: Layout | None = None,
                    rows: int = 8, tokens: int = 128, batch_size: int = 32,
                    max_length: int | None = None, microbatches: int | None = None,
                    overlap: bool = True, host_memory_budget: int = DEFAULT_HOST_MEMORY_BUDGET,
-                   verify_checksums: bool = False, quiet: bool = True) -> Started:
+                   verify_checksums: bool = False, quiet: bool = True,
+                   plan: ModelPlan | None = None) -> Started:
     """Restore `path` and compile the embed forward for its buckets, concurrently if `overlap`.
 
     `shapes` are the (rows, length) buckets to precompile (see `batch_shapes`; default: the
@@ -92,7 +93,7 @@ def start_embedder(path: str | pathlib.Path, layout: Layout | None = None,
     """
     timings = {}
     start = time.perf_counter()
-    plan = plan_model(path, layout, dtype)
+    plan = plan or plan_model(path, layout, dtype)  # callers that planned already pass it
     shapes = list(shapes or batch_shapes(plan, [tokens] * rows, batch_size, max_length,
                                          microbatches))
     fn = embed_fn_for(plan, microbatches)

@@ -85,7 +85,7 @@ def start_for_texts(ckpt, texts, mesh, rules, rule_overrides, dtype, budget: str
     started = start_embedder(ckpt, layout, dtype, shapes=shapes, batch_size=batch_size,
                              max_length=max_length, microbatches=microbatches,
                              host_memory_budget=parse_bytes(budget, "--host-memory-budget"),
-                             verify_checksums=verify_checksums, quiet=quiet)
+                             verify_checksums=verify_checksums, quiet=quiet, plan=plan)
     return started, encoded
 
 
@@ -119,14 +119,13 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Embed texts: mean-pooled, L2-normalised sentence embeddings (sentence-transformers
         semantics), computed by a jitted, sharded forward pass."""
-        from jaxaccel import distributed, progress
+        from jaxaccel import compile_cache as xla_cache
+        from jaxaccel import distributed
         from jaxaccel.errors import UsageError
 
         if bool(text) == bool(input_file):
             raise UsageError("give texts with --text (repeatable) or --input FILE, not both")
         texts = list(text) if text else read_text_lines(input_file)
-        from jaxaccel import compile_cache as xla_cache
-
         xla_cache.configure(compile_cache, enabled=not no_compile_cache)
         started, encoded = start_for_texts(ckpt, texts, mesh, rules, rule, dtype, budget, quiet,
                                            device_memory=device_memory, batch_size=batch_size,
@@ -137,17 +136,24 @@ def register(app: typer.Typer) -> None:
         start = time.perf_counter()
         embeddings = embedder.embed_ids(encoded.ids)
         seconds = time.perf_counter() - start
-        if not distributed.is_output_process():
-            return  # multi-host: one copy of the output, from process 0
-        if truncated:
-            progress.say(f"warning: {len(truncated)} input(s) truncated to {embedder.max_length} "
-                         f"tokens (first: input {truncated[0] + 1}); --no-truncate refuses them")
-        if out:
-            save_npy_atomically(out, embeddings)
-        if as_json:
-            print(json.dumps({"model": str(ckpt), "dtype": loaded.dtype,
-                              "embeddings": embeddings.tolist()}))
-        else:
-            progress.say(f"embedded {len(texts)} text(s) -> [{embeddings.shape[0]}, "
-                         f"{embeddings.shape[1]}] {loaded.dtype} in {seconds:.2f} s"
-                         + (f"; saved {out}" if out else ""), quiet)
+        if distributed.is_output_process():  # multi-host: one copy of the output
+            report(ckpt, texts, embeddings, embedder.max_length, truncated, loaded.dtype,
+                   seconds, out, as_json, quiet)
+
+
+def report(ckpt, texts, embeddings, max_length: int, truncated: list[int], dtype: str,
+           seconds: float, out, as_json: bool, quiet: bool) -> None:
+    """Warn about truncation, save --out, print JSON or a summary line."""
+    from jaxaccel import progress
+
+    if truncated:
+        progress.say(f"warning: {len(truncated)} input(s) truncated to {max_length} "
+                     f"tokens (first: input {truncated[0] + 1}); --no-truncate refuses them")
+    if out:
+        save_npy_atomically(out, embeddings)
+    if as_json:
+        print(json.dumps({"model": str(ckpt), "dtype": dtype, "embeddings": embeddings.tolist()}))
+    else:
+        progress.say(f"embedded {len(texts)} text(s) -> [{embeddings.shape[0]}, "
+                     f"{embeddings.shape[1]}] {dtype} in {seconds:.2f} s"
+                     + (f"; saved {out}" if out else ""), quiet)
