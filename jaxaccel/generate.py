@@ -32,6 +32,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxaccel import distributed, kv_cache, pipeline
 from jaxaccel import sharding as ax
+from jaxaccel.kernels import decode_weights
+from jaxaccel.kernels.packed import PackedWeight
 from jaxaccel.models import layers
 from jaxaccel.sampling import GREEDY, Sampling, choose
 
@@ -77,11 +79,13 @@ class Buckets:
         return round_up(prompt_bucket + max_new_tokens, self.slot_multiple)
 
 
-def default_buckets(dtype) -> Buckets:
-    # XLA:CPU runs a bfloat16 matrix-vector product ~15x slower than a two-row matrix
-    # product (measured), so a lone bf16 prompt decodes as a batch of two.
+def default_buckets(dtype, packed_weights: bool = False) -> Buckets:
+    # XLA:CPU's fast bfloat16 dot (YNNPACK) takes no matrix-vector products: a one-row
+    # bf16 product falls back to converting every weight to float32, so without the packed
+    # kernel a lone bf16 prompt decodes as a batch of two.
     on_cpu = jax.default_backend() == "cpu"
-    return Buckets(min_batch=2 if on_cpu and jnp.dtype(dtype) == jnp.bfloat16 else 1)
+    bf16 = jnp.dtype(dtype) == jnp.bfloat16
+    return Buckets(min_batch=2 if on_cpu and bf16 and not packed_weights else 1)
 
 
 class Generator:
@@ -89,9 +93,10 @@ class Generator:
 
     def __init__(self, graphdef, state, config, layout: ax.Layout | None = None, dtype=None,
                  buckets: Buckets | None = None, microbatches: int | None = None,
-                 compiler_options: dict | None = None):
+                 compiler_options: dict | None = None, packed_weights: bool | None = None):
         """`compiler_options` go to every `jax.jit` (tests lower XLA's optimisation level,
-        which compiles ~2x faster on CPU)."""
+        which compiles ~2x faster on CPU). `packed_weights`: read the matmul weights through
+        jaxaccel's bf16 CPU kernel (`jaxaccel.kernels`); None uses it wherever it applies."""
         self.graphdef, self.config = graphdef, config
         self.layout = layout or ax.Layout.create("data=1,model=1", "replicated")
         # On a `stage` mesh the layers run as a GPipe pipeline of `microbatches` (default: the
@@ -103,9 +108,14 @@ class Generator:
         self.batch_divisor = self.layout.batch_divisor * (
             self.pipeline.microbatches if self.pipeline else 1)
         self.dtype = jnp.dtype(dtype or _param_dtype(state))
-        self.buckets = buckets or default_buckets(self.dtype)
+        self.packed_weights = decode_weights.wanted(self.dtype, self.layout,
+                                                    self.pipeline is not None, packed_weights)
+        self.buckets = buckets or default_buckets(self.dtype, self.packed_weights)
         self.state_shardings = _state_shardings(state, self.layout)
         self.state = jax.device_put(_cast(state, self.dtype), self.state_shardings)
+        if self.packed_weights:  # one device: the packed arrays stay where the state is
+            self.state = decode_weights.pack_state(self.state, config)
+            self.state_shardings = _state_shardings(self.state, self.layout)
         self.traces = {"prefill": 0, "decode": 0}  # incremented while tracing; tests read it
         self._compiled: dict = {}
         self._jit = functools.partial(jax.jit, compiler_options=compiler_options)
@@ -323,6 +333,8 @@ def _state_shardings(state, layout: ax.Layout):
     """A NamedSharding per parameter from its logical `axes` metadata."""
     def sharding(variable):
         value = variable.get_value()
+        if isinstance(value, PackedWeight):  # packed only on one device: nothing to split
+            return NamedSharding(layout.mesh, PartitionSpec())
         return layout.sharding(variable.get_metadata()["axes"], value.shape)
 
     return jax.tree.map(sharding, state, is_leaf=_is_variable)

@@ -4,8 +4,11 @@ Per dtype (float32, bfloat16): prefill latency of one 512-token prompt, decode t
 batch 1 and 8, and at batch 1 the memory-bandwidth utilisation: parameter bytes x decode
 tokens/s / this machine's memory read bandwidth, measured in the same run. transformers'
 `generate` on the same weights (the checkpoint's Hugging Face source) runs in the same run
-when torch and transformers are installed. Every contender runs in fresh processes,
-alternating round by round (see `runner`).
+when torch and transformers are installed, and so does jaxaccel bfloat16 on XLA's own dots
+(`xla-dots`, without the packed-weight kernel) where the kernel applies. Every contender runs
+in fresh processes, alternating round by round (see `runner`). The memory bandwidth is
+measured at the start of every round, since it drifts on shared machines; utilisation uses
+its median.
 """
 
 from __future__ import annotations
@@ -27,8 +30,12 @@ METRICS = ("prefill_ms", "decode_b1_tok_s", "decode_b8_tok_s")
 def contenders(ckpt: pathlib.Path, source: Optional[pathlib.Path], prefill_len: int,
                new_tokens: int) -> dict[str, list[str]]:
     shape = [str(prefill_len), str(new_tokens)]
-    found = {f"jaxaccel {d}": ["-m", "jaxaccel.bench.generate_worker", str(ckpt), d, *shape]
-             for d in DTYPES}
+    worker = ["-m", "jaxaccel.bench.generate_worker", str(ckpt)]
+    found = {f"jaxaccel {d}": [*worker, d, *shape] for d in DTYPES}
+    from jaxaccel.kernels import packed
+
+    if packed.kernel_available():
+        found["jaxaccel bfloat16 xla-dots"] = [*worker, "bfloat16", *shape, "--xla-dots"]
     torch_ok = importlib.util.find_spec("torch") and importlib.util.find_spec("transformers")
     if source is not None and torch_ok and REFERENCE_SCRIPT.is_file():
         for d in DTYPES:
@@ -50,7 +57,7 @@ def summarize(runs: dict[str, list[dict]], bandwidth: float) -> dict:
 
 def ratio(summary: dict, name: str, metric: str) -> float | str:
     """jaxaccel / transformers for the same dtype (prefill: transformers time / ours)."""
-    dtype = name.split()[-1]
+    dtype = name.split()[1]
     base = summary.get(f"transformers {dtype}")
     if base is None or name.startswith("transformers"):
         return "n/a"
@@ -73,10 +80,12 @@ def register(bench_app: typer.Typer) -> None:
         from jaxaccel.checkpoint.manifest import Manifest
 
         source = pathlib.Path(Manifest.load(ckpt).source.get("path", ""))
-        bandwidth = runner.run_worker(["-m", "jaxaccel.bench.generate_worker", "--bandwidth"])
-        bandwidth = bandwidth["read_bytes_per_s"]
-        runs = runner.alternate(contenders(ckpt, source if source.is_dir() else None,
-                                           prefill_len, new_tokens), repeats)
+        found = {"bandwidth": ["-m", "jaxaccel.bench.generate_worker", "--bandwidth"],
+                 **contenders(ckpt, source if source.is_dir() else None, prefill_len,
+                              new_tokens)}
+        runs = runner.alternate(found, repeats)
+        bandwidths = runner.summarize([r["read_bytes_per_s"] for r in runs.pop("bandwidth")])
+        bandwidth = bandwidths["median"]
         summary = summarize(runs, bandwidth)
         rows = []
         for name, entry in summary.items():
@@ -85,9 +94,11 @@ def register(bench_app: typer.Typer) -> None:
             rows.append((name, *cells[0], *cells[1], use, *cells[2]))
         runner.print_table(
             f"{prefill_len}-token prefill and decode ({repeats} fresh process(es) each); memory "
-            f"read bandwidth {bandwidth / 1e9:.1f} GB/s",
+            f"read bandwidth {bandwidth / 1e9:.1f} GB/s (median; "
+            f"{bandwidths['min'] / 1e9:.1f}-{bandwidths['max'] / 1e9:.1f})",
             ("contender", "prefill ms", "x tf", "b1 tok/s", "x tf", "b1 bw use", "b8 tok/s",
              "x tf"), rows)
         runner.write_json(json_out, {"benchmark": "generate", "prefill_len": prefill_len,
                                      "new_tokens": new_tokens, "repeats": repeats,
-                                     "read_bytes_per_s": bandwidth, "results": summary})
+                                     "read_bytes_per_s": bandwidth,
+                                     "read_bytes_per_s_runs": bandwidths, "results": summary})

@@ -1,7 +1,10 @@
 """One fresh process of `jaxaccel bench generate`: time jaxaccel on a decoder checkpoint.
 
-    python -m jaxaccel.bench.generate_worker CKPT DTYPE PREFILL_LEN DECODE_TOKENS
+    python -m jaxaccel.bench.generate_worker CKPT DTYPE PREFILL_LEN DECODE_TOKENS [--xla-dots]
     python -m jaxaccel.bench.generate_worker --bandwidth
+
+`--xla-dots` keeps XLA's own dots for bfloat16 on the CPU instead of jaxaccel's packed-weight
+kernel (`jaxaccel.kernels`), to show what the kernel buys.
 
 Prints one JSON line. Decode speed is the slope between a short and a long generation of the
 same batch (prefill and compile excluded): tokens/s = batch x extra tokens / extra seconds.
@@ -48,20 +51,27 @@ def decode_tokens_per_s(generator, batch: int, new_tokens: int, loop: str) -> fl
     return batch * new_tokens / max(long - short, 1e-9)
 
 
-def measure(ckpt: str, dtype: str, prefill_len: int, new_tokens: int) -> dict:
+def measure(ckpt: str, dtype: str, prefill_len: int, new_tokens: int,
+            xla_dots: bool = False) -> dict:
     import jax
+    import numpy as np
 
     from jaxaccel.generate import Buckets, Generator, default_buckets
     from jaxaccel.loader import load_model
 
     loaded = load_model(ckpt, dtype=dtype)
-    # One cache bucket for the short and the long run, so both time the same program.
-    buckets = Buckets(slot_multiple=128, min_batch=default_buckets(dtype).min_batch)
+    # The model's own bytes in `dtype` (packing pads a little; the padding is not counted).
+    param_bytes = sum(x.size * np.dtype(dtype).itemsize for x in jax.tree.leaves(loaded.state))
+    packed_weights = False if xla_dots else None
     generator = Generator(loaded.graphdef, loaded.state, loaded.config, dtype=dtype,
-                          buckets=buckets)
-    param_bytes = sum(x.nbytes for x in jax.tree.leaves(generator.state))
+                          packed_weights=packed_weights)
+    # One cache bucket for the short and the long run, so both time the same program.
+    generator.buckets = Buckets(
+        slot_multiple=128,
+        min_batch=default_buckets(dtype, generator.packed_weights).min_batch)
     long_prompt = prompts(1, prefill_len, loaded.config.vocab_size)
     result = {"dtype": dtype, "param_bytes": param_bytes,
+              "packed_weights": generator.packed_weights,
               "prefill_ms": 1e3 * best_seconds(lambda: generator.last_logits(long_prompt))}
     for batch in (1, 8):
         result[f"decode_b{batch}_tok_s"] = decode_tokens_per_s(generator, batch, new_tokens,
@@ -75,7 +85,8 @@ def main() -> None:
         print(json.dumps({"read_bytes_per_s": memory_read_bandwidth()}))
         return
     ckpt, dtype, prefill_len, new_tokens = sys.argv[1:5]
-    print(json.dumps(measure(ckpt, dtype, int(prefill_len), int(new_tokens))))
+    xla_dots = sys.argv[5:] == ["--xla-dots"]
+    print(json.dumps(measure(ckpt, dtype, int(prefill_len), int(new_tokens), xla_dots)))
 
 
 if __name__ == "__main__":

@@ -50,7 +50,10 @@ def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence]) ->
     table = Table(*columns, title=title)
     for row in rows:
         table.add_row(*[f"{v:.3g}" if isinstance(v, float) else str(v) for v in row])
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:  # a log file: rich's 80-column default would wrap every name
+        console = Console(width=160)
+    console.print(table)
 
 
 def write_json(path: pathlib.Path | None, payload: dict) -> None:

@@ -95,6 +95,11 @@ def register(app: typer.Typer) -> None:
         microbatches: Optional[int] = options.MICROBATCHES,
         device_memory: Optional[str] = options.DEVICE_MEMORY,
         verify_checksums: bool = options.VERIFY_CHECKSUMS,
+        kernels: Optional[bool] = typer.Option(
+            None, "--kernels/--no-kernels", help="bfloat16 on one CPU device: read the matmul "
+            "weights packed, through jaxaccel's compiled kernel (built with the system C++ "
+            "compiler on first use, then cached). Default: wherever it applies; --kernels "
+            "insists (an error where it cannot), --no-kernels keeps XLA's own dots."),
         as_json: bool = options.JSON,
         quiet: bool = options.QUIET,
     ) -> None:
@@ -102,17 +107,18 @@ def register(app: typer.Typer) -> None:
         tensor-parallel on `model` and data-parallel on `data`. Streams text unless --json."""
         run_generate(ckpt, prompt, prompt_ids, max_new_tokens, sampling_from(
             greedy, temperature, top_k, top_p, seed), ignore_eos, dtype, mesh, rules, rule,
-            budget, microbatches, device_memory, verify_checksums, as_json, quiet)
+            budget, microbatches, device_memory, verify_checksums, as_json, quiet, kernels)
 
 
 def run_generate(ckpt, prompt, prompt_ids, max_new_tokens, sampling, ignore_eos, dtype, mesh,
                  rules, rule, budget, microbatches, device_memory, verify_checksums, as_json,
-                 quiet) -> None:
+                 quiet, kernels=None) -> None:
     """Validate, restore, generate, print: the body of `jaxaccel generate`."""
     from jaxaccel import distributed
     from jaxaccel.commands.embed import load_for_inference
     from jaxaccel.errors import UsageError
     from jaxaccel.generate import Generator
+    from jaxaccel.kernels.decode_weights import KernelUnavailable
 
     if bool(prompt) == bool(prompt_ids):
         raise UsageError("give --prompt TEXT (repeatable) or --prompt-ids, not both")
@@ -129,8 +135,11 @@ def run_generate(ckpt, prompt, prompt_ids, max_new_tokens, sampling, ignore_eos,
         raise UsageError(f"{ckpt} has no tokenizer.json; use --prompt-ids")
     ids = parse_prompt_ids(prompt_ids) if prompt_ids else [
         tokenizer.encode(text).ids for text in prompt]
-    generator = Generator(loaded.graphdef, loaded.state, loaded.config, loaded.layout,
-                          microbatches=microbatches)
+    try:
+        generator = Generator(loaded.graphdef, loaded.state, loaded.config, loaded.layout,
+                              microbatches=microbatches, packed_weights=kernels)
+    except KernelUnavailable as err:
+        raise UsageError(f"--kernels: {err}") from None
     eos = None if ignore_eos else loaded.config.eos_token_id
     output = distributed.is_output_process()
     # Streaming runs the host loop, which is not multi-host safe: stream on one process only.

@@ -28,6 +28,15 @@ IGNORED_SOURCE_WEIGHTS = (r"^lm_head\.weight$", r"\.attn\.bias$", r"\.attn\.mask
 SOURCE_PREFIXES = ("", "transformer.")
 
 
+def packed_weights(cfg: "Config") -> dict[str, tuple[int, bool]]:
+    """Matmul weights the bf16 CPU decode kernel reads packed (`jaxaccel.kernels.packed`):
+    path -> (contracting dims, stored [n, k]). The tied head is packed transposed and also
+    serves the token lookup."""
+    blocks = {f"blocks.{name}": (2 if name == "wo_nhd" else 1, False)
+              for name in ("wq_dnh", "wk_dkh", "wv_dkh", "wo_nhd", "wi_df", "wm_fd")}
+    return {**blocks, "token_vd": (1, True)}
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     vocab_size: int
@@ -109,9 +118,9 @@ class Block(nnx.Module):
         x_btd = x_btd + layers.heads_out(a_btnh, self.wo_nhd[...]) + self.bo_d[...].astype(dt)
         y_btd = layers.layer_norm(x_btd, self.mlp_norm_scale_d[...], self.mlp_norm_bias_d[...],
                                   self.eps)
-        m_btf = layers.einsum("btd,df->btf", y_btd, self.wi_df[...]) + self.bi_f[...].astype(dt)
+        m_btf = layers.matmul(y_btd, self.wi_df[...]) + self.bi_f[...].astype(dt)
         m_btf = layers.activation(self.act)(m_btf)
-        m_btd = layers.einsum("btf,fd->btd", m_btf, self.wm_fd[...])
+        m_btd = layers.matmul(m_btf, self.wm_fd[...])
         x_btd = x_btd + m_btd + self.bm_d[...].astype(dt)
         return x_btd, new_kv
 
@@ -130,8 +139,8 @@ class Model(nnx.Module):
     def __call__(self, ids_bt, positions_bt, mask_btt, cache: kv_cache.KVCache | None = None,
                  cache_mask_bts=None):
         """Final hidden states [b, t, d] and this call's keys/values [l, b, k, t, h]."""
-        x_btd = (jnp.take(self.token_vd[...], ids_bt, axis=0)
-                 + jnp.take(self.position_pd[...], positions_bt, axis=0))
+        x_btd = (layers.lookup(self.token_vd[...], ids_bt)
+                 + layers.lookup(self.position_pd[...], positions_bt))
 
         # Batch-dependent inputs ride in the carry ([b, ...]) and the cache in xs ([l, b, ...]),
         # never in the body's closure, so `jaxaccel.pipeline` can split them into microbatches.
@@ -148,8 +157,7 @@ class Model(nnx.Module):
 
     def logits(self, x_btd):
         """Float32 logits [b, t, v] from the tied token embedding."""
-        w_vd = self.token_vd[...].astype(x_btd.dtype)
-        return jnp.einsum("btd,vd->btv", x_btd, w_vd, preferred_element_type=jnp.float32)
+        return layers.head_logits(x_btd, self.token_vd[...])
 
 
 def _split_qkv(index: int, cfg: Config, bias: bool):

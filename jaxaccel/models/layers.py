@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
+import math
 from collections.abc import Callable, Sequence
 
 import jax
@@ -21,6 +23,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxaccel import sharding as ax
+from jaxaccel.kernels import packed
+from jaxaccel.kernels.packed import PackedWeight
 
 Init = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
 
@@ -55,6 +59,40 @@ def einsum(equation: str, x: jax.Array, w: jax.Array) -> jax.Array:
     """Matmul in the activation dtype with float32 accumulation, result in x.dtype."""
     out = jnp.einsum(equation, x, w.astype(x.dtype), preferred_element_type=jnp.float32)
     return out.astype(x.dtype)
+
+
+def matmul(x, w, contracting: int = 1) -> jax.Array:
+    """x[..., *k] . w[*k, *n] -> [..., *n] in x.dtype, float32 accumulation.
+
+    `contracting` counts the k dims. `w` may be a `PackedWeight` (bf16 decode on CPU), which
+    runs the packed-weight kernel. Otherwise it is one 2-D matmul: a 3-D einsum lets XLA fold
+    neighbouring head transposes into the matmul by transposing the weight instead (a copy of
+    it per layer and step); a [k, n] view cannot be folded.
+    """
+    if isinstance(w, PackedWeight):
+        return packed.matmul(x, w).astype(x.dtype)
+    k_shape, n_shape = w.shape[:contracting], w.shape[contracting:]
+    lead = x.shape[:x.ndim - contracting]
+    x2 = x.reshape(*lead, math.prod(k_shape))
+    out = einsum("...k,kn->...n", x2, w.reshape(math.prod(k_shape), math.prod(n_shape)))
+    return out.reshape(*lead, *n_shape)
+
+
+def lookup(table_vd, ids) -> jax.Array:
+    """Rows `ids` of an embedding table [v, ...] (plain, or packed as a tied head)."""
+    if isinstance(table_vd, PackedWeight):
+        return packed.lookup_rows(table_vd, ids)
+    # XLA:CPU gathers bfloat16 by converting the whole table to float32 first; the same
+    # bits gathered as uint16 need no conversion.
+    return _from_carrier(jnp.take(_to_carrier(table_vd), ids, axis=0))
+
+
+def head_logits(x_btd, head_vd) -> jax.Array:
+    """Float32 logits [b, t, v] from a head stored [v, d] (plain, or packed transposed)."""
+    if isinstance(head_vd, PackedWeight):
+        return packed.matmul(x_btd, head_vd)
+    return jnp.einsum("btd,vd->btv", x_btd, head_vd.astype(x_btd.dtype),
+                      preferred_element_type=jnp.float32)
 
 
 def layer_norm(x, scale, bias, eps: float):
@@ -144,12 +182,42 @@ def scan_layers(blocks: nnx.Module, carry, body: Callable, xs=None):
         with use_layer_runner(None):  # the runner's own per-stage scans are plain
             return runner(blocks, carry, body, xs)
     graphdef, state = nnx.split(blocks)
+    state, stacks = _index_packed_stacks(state)
 
     def step(carry, layer_and_x):
         layer_state, x = layer_and_x
+        layer_state = _attach_packed_stacks(layer_state, stacks)
         return body(nnx.merge(graphdef, layer_state), carry, x)
 
     return jax.lax.scan(step, carry, (state, xs))
+
+
+def _is_packed(x) -> bool:
+    return isinstance(x, PackedWeight)
+
+
+def _index_packed_stacks(state):
+    """Packed weights leave the scanned state: each becomes a layer index to scan over, and
+    its stack is returned to be read whole (the kernel picks the layer; a scanned slice would
+    be copied out by XLA, layer by layer, step by step)."""
+    stacks = []
+
+    def index(leaf):
+        if not _is_packed(leaf):
+            return leaf
+        stacks.append(leaf.lines)
+        return dataclasses.replace(leaf, lines=None, layer=jnp.arange(leaf.lines.shape[0]))
+
+    return jax.tree.map(index, state, is_leaf=_is_packed), stacks
+
+
+def _attach_packed_stacks(layer_state, stacks):
+    remaining = iter(stacks)
+
+    def attach(leaf):
+        return dataclasses.replace(leaf, lines=next(remaining)) if _is_packed(leaf) else leaf
+
+    return jax.tree.map(attach, layer_state, is_leaf=_is_packed)
 
 
 # XLA:CPU-sensitive helpers. Inside the layer scan the weight slices are intermediates whose
@@ -158,21 +226,13 @@ def scan_layers(blocks: nnx.Module, carry, body: Callable, xs=None):
 
 
 def heads_in(x_btd, w_dnh):
-    """x @ w into heads: [b, t, d] x [d, n, h] -> [b, t, n, h], as one 2-D matmul.
-
-    A 3-D einsum lets XLA fold the following head transposes into the matmul by transposing
-    the weight instead (a copy of it per layer and step); a [d, n*h] view cannot be folded.
-    """
-    d, n, h = w_dnh.shape
-    out = einsum("btd,dm->btm", x_btd, w_dnh.reshape(d, n * h))
-    return out.reshape(*x_btd.shape[:2], n, h)
+    """x @ w into heads: [b, t, d] x [d, n, h] -> [b, t, n, h] (see `matmul`)."""
+    return matmul(x_btd, w_dnh, contracting=1)
 
 
 def heads_out(a_btnh, w_nhd):
-    """[b, t, n, h] x [n, h, d] -> [b, t, d], as one 2-D matmul (see `heads_in`)."""
-    n, h, d = w_nhd.shape
-    return einsum("btm,md->btd", a_btnh.reshape(*a_btnh.shape[:2], n * h),
-                         w_nhd.reshape(n * h, d))
+    """[b, t, n, h] x [n, h, d] -> [b, t, d] (see `matmul`)."""
+    return matmul(a_btnh, w_nhd, contracting=2)
 
 
 def _to_carrier(x):
@@ -186,8 +246,10 @@ def _from_carrier(x):
 
 
 def _map_params(module: nnx.Module, fn) -> nnx.Module:
+    """`fn` applied to every plain array parameter (packed weights are left as they are)."""
     graphdef, state = nnx.split(module)
-    return nnx.merge(graphdef, jax.tree.map(fn, state))
+    state = jax.tree.map(lambda x: x if _is_packed(x) else fn(x), state, is_leaf=_is_packed)
+    return nnx.merge(graphdef, state)
 
 
 def scan_blocks(blocks: nnx.Module, carry, body: Callable, xs=None):

@@ -35,6 +35,16 @@ SOURCE_PREFIXES = ("", "model.")
 ROPE_TYPES = ("default", "linear", "llama3")
 
 
+
+def packed_weights(cfg: "Config") -> dict[str, tuple[int, bool]]:
+    """Matmul weights the bf16 CPU decode kernel reads packed (`jaxaccel.kernels.packed`):
+    path -> (contracting dims, stored [n, k]). A tied head is packed transposed and also
+    serves the token lookup; an untied table stays plain for the lookup."""
+    names = ("wq_dnh", "wk_dkh", "wv_dkh", "wo_nhd", "wg_df", "wu_df", "wm_fd")
+    weights = {f"blocks.{name}": (2 if name == "wo_nhd" else 1, False) for name in names}
+    weights["token_vd" if cfg.tie_word_embeddings else "lm_head_vd"] = (1, True)
+    return weights
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     vocab_size: int
@@ -196,10 +206,10 @@ class Block(nnx.Module):
         a_btnh, new_kv = kv_cache.attend(q_btnh, k_btkh, v_btkh, mask_btt, cached, cached_mask_bts)
         x_btd = x_btd + _add_bias(layers.heads_out(a_btnh, self.wo_nhd[...]), self.bo_d)
         y_btd = layers.rms_norm(x_btd, self.mlp_norm_scale_d[...], self.eps)
-        g_btf = _add_bias(layers.einsum("btd,df->btf", y_btd, self.wg_df[...]), self.bg_f)
-        u_btf = _add_bias(layers.einsum("btd,df->btf", y_btd, self.wu_df[...]), self.bu_f)
+        g_btf = _add_bias(layers.matmul(y_btd, self.wg_df[...]), self.bg_f)
+        u_btf = _add_bias(layers.matmul(y_btd, self.wu_df[...]), self.bu_f)
         m_btf = layers.activation(self.act)(g_btf) * u_btf
-        x_btd = x_btd + _add_bias(layers.einsum("btf,fd->btd", m_btf, self.wm_fd[...]), self.bm_d)
+        x_btd = x_btd + _add_bias(layers.matmul(m_btf, self.wm_fd[...]), self.bm_d)
         return x_btd, new_kv
 
 
@@ -221,7 +231,7 @@ class Model(nnx.Module):
     def __call__(self, ids_bt, positions_bt, mask_btt, cache: kv_cache.KVCache | None = None,
                  cache_mask_bts=None):
         """Final hidden states [b, t, d] and this call's keys/values [l, b, k, t, h]."""
-        x_btd = jnp.take(self.token_vd[...], ids_bt, axis=0)
+        x_btd = layers.lookup(self.token_vd[...], ids_bt)
         cos_btr, sin_btr = rotary_tables(positions_bt, self.config)
 
         # Batch-dependent inputs ride in the carry ([b, ...]) and the cache in xs ([l, b, ...]),
@@ -238,8 +248,7 @@ class Model(nnx.Module):
     def logits(self, x_btd):
         """Float32 logits [b, t, v]; the head is [v, d], as Hugging Face stores it."""
         head = self.token_vd if self.lm_head_vd is None else self.lm_head_vd
-        return jnp.einsum("btd,vd->btv", x_btd, head[...].astype(x_btd.dtype),
-                          preferred_element_type=jnp.float32)
+        return layers.head_logits(x_btd, head[...])
 
 
 def weight_rules(cfg: Config) -> list[WeightRule]:

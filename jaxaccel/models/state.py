@@ -28,7 +28,7 @@ class ParamSpec:
         return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
 
 
-def _path_name(path) -> str:
+def path_name(path) -> str:
     parts = []
     for key in path:
         if isinstance(key, jax.tree_util.GetAttrKey) and key.name in ("value", "raw_value"):
@@ -60,11 +60,11 @@ def param_specs(state: nnx.State) -> dict[str, ParamSpec]:
 def fill_state(state: nnx.State, arrays: Mapping[str, jax.Array]) -> nnx.State:
     """A copy of `state` whose leaves are taken from `arrays` by dotted path."""
     def pick(path, leaf):
-        return arrays[_path_name(path)]
+        return arrays[path_name(path)]
 
     return jax.tree_util.tree_map_with_path(pick, state)
 
 
 def flat_arrays(state: nnx.State) -> dict[str, jax.Array]:
     leaves = jax.tree_util.tree_flatten_with_path(state)[0]
-    return {_path_name(path): leaf for path, leaf in leaves}
+    return {path_name(path): leaf for path, leaf in leaves}

@@ -1,0 +1,260 @@
+// Small-batch bfloat16 matmul for XLA:CPU, registered as an XLA FFI custom call.
+//
+//   y[m, n] (float32) = x[m, k] (bfloat16) . W[k, n] (bfloat16), float32 accumulation.
+//
+// W arrives pre-packed (jaxaccel/kernels/packed.py) as [n/16, k/2, 16, 2]: for each panel
+// of 16 output columns, the k rows follow one another, two k rows interleaved per column. A
+// panel is one contiguous stream of 64-byte lines, each line exactly one AVX512-BF16
+// `vdpbf16ps` operand (16 columns x 2 k); W[k, n] in its natural layout would put 2n bytes
+// between the 64 bytes a panel needs from each k row.
+//
+// Decode steps are matrix-vector products, bound by reading W once; the work is split over
+// XLA's intra-op thread pool because one core cannot pull the machine's memory bandwidth.
+// scripts/bench_bf16_matmul.py measures it against XLA's own bf16 dot.
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kPanel = 16;       // output columns per packed panel
+constexpr int64_t kPanelsPerChunk = 8;  // unit of work handed to a thread
+
+// x rows as (bf16, bf16) pairs along k, one uint32 per pair: the broadcast operand of
+// vdpbf16ps and of the portable loop alike.
+struct Problem {
+  const uint32_t* x_pairs;  // [m, k/2]
+  const uint32_t* w_lines;  // [n/16, k/2, 16] pairs
+  float* y;                 // [m, n]
+  int64_t m, half_k, n;
+};
+
+inline float bf16_low(uint32_t pair) {  // the even-k element of a pair, as float32
+  uint32_t bits = pair << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+inline float bf16_high(uint32_t pair) {  // the odd-k element
+  uint32_t bits = pair & 0xFFFF0000u;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+#if defined(__AVX512F__)
+inline __m512 dot_pairs(__m512 acc, __m512i w, __m512i x) {
+#if defined(__AVX512BF16__)
+  return _mm512_dpbf16_ps(acc, (__m512bh)x, (__m512bh)w);
+#else
+  // Without BF16 instructions: widen both halves of each pair and use two FMAs.
+  __m512 w_lo = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+  __m512 w_hi = _mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32(0xFFFF0000)));
+  __m512 x_lo = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+  __m512 x_hi = _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32(0xFFFF0000)));
+  return _mm512_fmadd_ps(w_hi, x_hi, _mm512_fmadd_ps(w_lo, x_lo, acc));
+#endif
+}
+
+// ROWS rows of x against one panel: 2 x ROWS accumulators of 16 columns stay in registers.
+// Even and odd lines go to separate accumulators, so consecutive `vdpbf16ps` do not wait on
+// each other's results (one accumulator per row ran at ~60% of the bandwidth at m = 1).
+template <int ROWS>
+void panel_tile(const Problem& p, int64_t row0, int64_t panel) {
+  __m512 even[ROWS], odd[ROWS];
+  for (int r = 0; r < ROWS; ++r) even[r] = odd[r] = _mm512_setzero_ps();
+  const uint32_t* w = p.w_lines + panel * p.half_k * kPanel;
+  const uint32_t* x = p.x_pairs + row0 * p.half_k;
+  int64_t i = 0;
+  for (; i + 2 <= p.half_k; i += 2, w += 2 * kPanel) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + 16 * kPanel), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w + 17 * kPanel), _MM_HINT_T0);
+    __m512i line0 = _mm512_loadu_si512(w), line1 = _mm512_loadu_si512(w + kPanel);
+    for (int r = 0; r < ROWS; ++r) {
+      even[r] = dot_pairs(even[r], line0, _mm512_set1_epi32(x[r * p.half_k + i]));
+      odd[r] = dot_pairs(odd[r], line1, _mm512_set1_epi32(x[r * p.half_k + i + 1]));
+    }
+  }
+  if (i < p.half_k) {
+    __m512i line = _mm512_loadu_si512(w);
+    for (int r = 0; r < ROWS; ++r) {
+      even[r] = dot_pairs(even[r], line, _mm512_set1_epi32(x[r * p.half_k + i]));
+    }
+  }
+  for (int r = 0; r < ROWS; ++r) {
+    _mm512_storeu_ps(p.y + (row0 + r) * p.n + panel * kPanel, _mm512_add_ps(even[r], odd[r]));
+  }
+}
+
+// ROWS rows against PANELS neighbouring panels: each broadcast of x feeds PANELS
+// `vdpbf16ps` (the broadcast loads are the limit once m is large). 6 x 4 panels keeps 24
+// accumulators, the lines and a broadcast in the 32 vector registers.
+template <int ROWS, int PANELS>
+void multi_tile(const Problem& p, int64_t row0, int64_t panel) {
+  __m512 acc[ROWS][PANELS];
+  for (int r = 0; r < ROWS; ++r)
+    for (int q = 0; q < PANELS; ++q) acc[r][q] = _mm512_setzero_ps();
+  const int64_t stride = p.half_k * kPanel;  // one panel's lines
+  const uint32_t* w = p.w_lines + panel * stride;
+  const uint32_t* x = p.x_pairs + row0 * p.half_k;
+  for (int64_t i = 0; i < p.half_k; ++i, w += kPanel) {
+    __m512i line[PANELS];
+    for (int q = 0; q < PANELS; ++q) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + q * stride + 16 * kPanel), _MM_HINT_T0);
+      line[q] = _mm512_loadu_si512(w + q * stride);
+    }
+    for (int r = 0; r < ROWS; ++r) {
+      __m512i xr = _mm512_set1_epi32(x[r * p.half_k + i]);
+      for (int q = 0; q < PANELS; ++q) acc[r][q] = dot_pairs(acc[r][q], line[q], xr);
+    }
+  }
+  for (int r = 0; r < ROWS; ++r)
+    for (int q = 0; q < PANELS; ++q)
+      _mm512_storeu_ps(p.y + (row0 + r) * p.n + (panel + q) * kPanel, acc[r][q]);
+}
+#else
+template <int ROWS>
+void panel_tile(const Problem& p, int64_t row0, int64_t panel) {
+  float acc[ROWS][kPanel] = {};
+  const uint32_t* w = p.w_lines + panel * p.half_k * kPanel;
+  for (int64_t i = 0; i < p.half_k; ++i, w += kPanel) {
+    for (int r = 0; r < ROWS; ++r) {
+      uint32_t xp = p.x_pairs[(row0 + r) * p.half_k + i];
+      float x_lo = bf16_low(xp), x_hi = bf16_high(xp);
+      for (int c = 0; c < kPanel; ++c) {
+        acc[r][c] += bf16_low(w[c]) * x_lo + bf16_high(w[c]) * x_hi;
+      }
+    }
+  }
+  for (int r = 0; r < ROWS; ++r) {
+    std::memcpy(p.y + (row0 + r) * p.n + panel * kPanel, acc[r], sizeof(acc[r]));
+  }
+}
+
+template <int ROWS, int PANELS>
+void multi_tile(const Problem& p, int64_t row0, int64_t panel) {
+  for (int q = 0; q < PANELS; ++q) panel_tile<ROWS>(p, row0, panel + q);
+}
+#endif
+
+void panels_all_rows_from(const Problem& p, int64_t panel, int64_t row) {
+  for (; row + 8 <= p.m; row += 8) panel_tile<8>(p, row, panel);
+  switch (p.m - row) {
+    case 7: panel_tile<7>(p, row, panel); break;
+    case 6: panel_tile<6>(p, row, panel); break;
+    case 5: panel_tile<5>(p, row, panel); break;
+    case 4: panel_tile<4>(p, row, panel); break;
+    case 3: panel_tile<3>(p, row, panel); break;
+    case 2: panel_tile<2>(p, row, panel); break;
+    case 1: panel_tile<1>(p, row, panel); break;
+    default: break;
+  }
+}
+
+// `count` (1 or 4) panels: four at a time in tiles of 6 rows, the rest one at a time.
+void panels_all_rows(const Problem& p, int64_t panel, int64_t count) {
+  if (count == 1) return panels_all_rows_from(p, panel, 0);
+  int64_t row = 0;
+  for (; row + 6 <= p.m; row += 6) multi_tile<6, 4>(p, row, panel);
+  switch (p.m - row) {
+    case 5: multi_tile<5, 4>(p, row, panel); return;
+    case 4: multi_tile<4, 4>(p, row, panel); return;
+    default: break;  // 0-3 rows left: one panel at a time
+  }
+  for (int64_t q = 0; q < count; ++q) panels_all_rows_from(p, panel + q, row);
+}
+
+// Chunks of panels are claimed from a shared counter by the calling thread and by helper
+// tasks on XLA's pool. The caller waits for finished chunks, never for tasks: a helper that
+// starts late finds nothing left and returns, so a busy or one-thread pool cannot deadlock.
+struct Work {
+  Problem problem;
+  int64_t chunks;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+  std::mutex mutex;
+  std::condition_variable finished;
+
+  void run() {
+    int64_t panels = problem.n / kPanel;
+    for (int64_t c; (c = next.fetch_add(1)) < chunks;) {
+      int64_t end = std::min(panels, (c + 1) * kPanelsPerChunk);
+      // With 4+ rows, panels go in fours (a chunk is 8 panels; its tail one by one).
+      int64_t group = problem.m >= 4 ? 4 : 1;
+      for (int64_t panel = c * kPanelsPerChunk; panel < end;) {
+        int64_t count = panel + group <= end ? group : 1;
+        panels_all_rows(problem, panel, count);
+        panel += count;
+      }
+      if (done.fetch_add(1) + 1 == chunks) {
+        std::lock_guard<std::mutex> lock(mutex);
+        finished.notify_all();
+      }
+    }
+  }
+
+  void wait() {
+    std::unique_lock<std::mutex> lock(mutex);
+    finished.wait(lock, [this] { return done.load() == chunks; });
+  }
+};
+
+// `w_packed` is one packed weight [n/16, k/2, 16, 2] or a stack of them [layers, ...], of
+// which `layer` picks one: inside a layer scan the kernel reads the stack in place, where a
+// sliced operand would first be copied out by XLA (read, written and read again).
+ffi::Error Bf16MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x,
+                          ffi::Buffer<ffi::U16> w_packed, ffi::Buffer<ffi::S32> layer,
+                          ffi::ResultBuffer<ffi::F32> y) {
+  auto x_dims = x.dimensions();
+  auto w_dims = w_packed.dimensions();
+  size_t rank = w_dims.size();
+  if (x_dims.size() != 2 || (rank != 4 && rank != 5) || w_dims[rank - 2] != kPanel ||
+      w_dims[rank - 1] != 2 || layer.element_count() != 1) {
+    return ffi::Error::InvalidArgument(
+        "bf16_matmul: expected x [m, k], W packed as [(layers,) n/16, k/2, 16, 2], a layer index");
+  }
+  int64_t panels = w_dims[rank - 4], half_k = w_dims[rank - 3];
+  int64_t m = x_dims[0], k = x_dims[1], n = panels * kPanel;
+  int64_t layers = rank == 5 ? w_dims[0] : 1, index = layer.typed_data()[0];
+  if (k != 2 * half_k) {
+    return ffi::Error::InvalidArgument("bf16_matmul: x has k columns, W was packed for another k");
+  }
+  if (index < 0 || index >= layers) {
+    return ffi::Error::InvalidArgument("bf16_matmul: layer index out of range");
+  }
+  const uint32_t* w_lines = reinterpret_cast<const uint32_t*>(w_packed.typed_data()) +
+                            index * panels * half_k * kPanel;
+  auto work = std::make_shared<Work>();
+  work->problem = Problem{reinterpret_cast<const uint32_t*>(x.typed_data()),
+                          w_lines, y->typed_data(), m, half_k, n};
+  work->chunks = (panels + kPanelsPerChunk - 1) / kPanelsPerChunk;
+  int64_t helpers = std::min<int64_t>(pool.num_threads(), work->chunks) - 1;
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->run(); });
+  work->run();
+  work->wait();
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxaccelBf16Matmul, Bf16MatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::U16>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

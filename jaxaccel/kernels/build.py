@@ -1,0 +1,109 @@
+"""Compile jaxaccel's C++ XLA:CPU kernels on first use and register them with XLA.
+
+The kernels are built for the CPU they run on (`-march=native`), so they are compiled on the
+user's machine, not shipped: once per (source, compiler, CPU features, jaxlib headers), into
+`$XDG_CACHE_HOME/jaxaccel/kernels` (default `~/.cache/jaxaccel/kernels`). A build writes to a
+temporary file renamed into place, so concurrent first uses never load a half-written library.
+
+Without a C++ compiler (or with JAXACCEL_KERNELS=0) `target()` returns None and callers use
+plain XLA: the kernels make things faster, never possible.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+
+import jax
+
+SOURCE_DIR = pathlib.Path(__file__).parent
+CXX_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
+_COMPILE_TIMEOUT_S = 300
+
+
+class KernelBuildError(RuntimeError):
+    pass
+
+
+def cache_dir() -> pathlib.Path:
+    base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
+    return pathlib.Path(base) / "jaxaccel" / "kernels"
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CXX", "c++"))
+
+
+def _cpu_features() -> str:
+    """The flags line of /proc/cpuinfo (what -march=native compiles for), else the machine."""
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.machine() + platform.processor()
+
+
+def _library_path(source: pathlib.Path, compiler: str, flags: tuple[str, ...]) -> pathlib.Path:
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256()
+    for part in (source.read_bytes(), version.encode(), " ".join(flags).encode(),
+                 _cpu_features().encode(), jax.ffi.include_dir().encode(),
+                 jax.__version__.encode()):
+        key.update(part)
+    return cache_dir() / f"{source.stem}-{key.hexdigest()[:16]}.so"
+
+
+def compile_library(source: pathlib.Path, extra_flags: tuple[str, ...] = ()) -> pathlib.Path:
+    """The shared library for `source`, compiling it unless a cached build exists.
+
+    `extra_flags` follow the defaults, so e.g. `-mno-avx512bf16` builds a portable variant.
+    """
+    compiler = _compiler()
+    if compiler is None:
+        raise KernelBuildError(f"no C++ compiler found (tried $CXX or 'c++') to build {source.name}")
+    flags = (*CXX_FLAGS, *extra_flags)
+    library = _library_path(source, compiler, flags)
+    if library.exists():
+        return library
+    library.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
+        partial = pathlib.Path(scratch) / library.name
+        command = [compiler, *flags, f"-I{jax.ffi.include_dir()}", str(source),
+                   "-o", str(partial)]
+        try:
+            done = subprocess.run(command, capture_output=True, text=True,
+                                  timeout=_COMPILE_TIMEOUT_S)
+        except subprocess.TimeoutExpired as err:
+            raise KernelBuildError(f"compiling {source.name} took over {_COMPILE_TIMEOUT_S} s") from err
+        if done.returncode != 0:
+            raise KernelBuildError(f"compiling {source.name} failed:\n{done.stderr[-2000:]}")
+        os.replace(partial, library)
+    return library
+
+
+@functools.cache
+def target(source_name: str, symbol: str, extra_flags: tuple[str, ...] = ()) -> str | None:
+    """Register `symbol` from kernel `source_name` as an XLA:CPU FFI target; its name, or
+    None when kernels are switched off or cannot be built (a warning says why)."""
+    if os.environ.get("JAXACCEL_KERNELS", "1") == "0":
+        return None
+    try:
+        library_path = compile_library(SOURCE_DIR / source_name, extra_flags)
+        library = ctypes.cdll.LoadLibrary(str(library_path))
+        handler = getattr(library, symbol)
+    except (KernelBuildError, OSError, AttributeError) as err:
+        warnings.warn(f"jaxaccel: falling back to plain XLA for {symbol}: {err}", stacklevel=2)
+        return None
+    name = f"jaxaccel_{symbol}_{library_path.stem.rsplit('-', 1)[-1]}"
+    jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(handler), platform="cpu")
+    return name

@@ -1,0 +1,146 @@
+"""bfloat16 weights packed for the small-batch matmul kernel (`bf16_matmul.cc`).
+
+A weight W[k..., n...] (contracting dims first) becomes `PackedWeight.lines`, uint16 bits laid
+out [n/16, k/2, 16, 2] (n padded to a multiple of 16, k to a multiple of 2; any leading
+stacked-layer dims stay in front, so `lax.scan` slices packed layers like plain ones). Each
+64-byte line holds 16 output columns x 2 contraction rows: the kernel reads every panel as one
+contiguous stream.
+
+Why a kernel: XLA:CPU's bfloat16 dots read a decode step's weights at 13-17 GB/s (measured,
+`jaxaccel bench generate`). Its fast bf16 path (YNNPACK) rejects matrix-vector products and
+weights stored [n, k], and the Eigen fallback converts every weight to float32 first.
+
+`PackedWeight` is a pytree, so it travels through nnx state, jit and scan; indexing it with
+`[...]` (how models read an `nnx.Param`) hands it on unchanged, and `layers.matmul` dispatches
+on it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+from jaxaccel.kernels import build
+
+PANEL = 16  # output columns per packed panel (one 64-byte line holds 16 x 2 bf16)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PackedWeight:
+    lines: jax.Array  # uint16 [*stacked, n_pad/16, k_pad/2, 16, 2]
+    k_shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
+    n_shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
+    # Inside a layer scan: `lines` is the whole [layers, ...] stack and `layer` the index of
+    # the one to use, so the kernel reads it in place (see `layers.scan_layers`).
+    layer: jax.Array | None = None
+
+    def __getitem__(self, index):
+        if index is not Ellipsis:
+            raise TypeError("a PackedWeight is read whole (`param[...]`), not indexed")
+        return self
+
+    @property
+    def k(self) -> int:
+        return math.prod(self.k_shape)
+
+    @property
+    def n(self) -> int:
+        return math.prod(self.n_shape)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The per-layer logical shape of the weight it packs: (*k_shape, *n_shape)."""
+        return (*self.k_shape, *self.n_shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.lines.nbytes
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def pack(w, contracting: int, stacked: int = 0, transposed: bool = False) -> PackedWeight:
+    """Pack `w` [*stacked, *k_shape, *n_shape]; `contracting` = number of k dims.
+
+    With `transposed`, `w` is [*stacked, *n_shape, *k_shape] (how Hugging Face stores a head
+    [vocab, d]), `contracting` still counting the k dims, which then come last.
+    """
+    lead = w.shape[:stacked]
+    dims = w.shape[stacked:]
+    if transposed:
+        n_shape, k_shape = dims[:len(dims) - contracting], dims[len(dims) - contracting:]
+    else:
+        k_shape, n_shape = dims[:contracting], dims[contracting:]
+    k, n = math.prod(k_shape), math.prod(n_shape)
+    w2 = w.astype(jnp.bfloat16).reshape(*lead, *((n, k) if transposed else (k, n)))
+    if transposed:
+        w2 = jnp.swapaxes(w2, -1, -2)
+    k_pad, n_pad = _round_up(k, 2), _round_up(n, PANEL)
+    w2 = jnp.pad(w2, [(0, 0)] * stacked + [(0, k_pad - k), (0, n_pad - n)])
+    # [*lead, k/2, 2, n/16, 16] -> [*lead, n/16, k/2, 16, 2]
+    w4 = w2.reshape(*lead, k_pad // 2, 2, n_pad // PANEL, PANEL)
+    axis = stacked
+    w4 = jnp.moveaxis(w4, (axis + 2, axis, axis + 3, axis + 1), (axis, axis + 1, axis + 2, axis + 3))
+    lines = jax.lax.bitcast_convert_type(w4, jnp.uint16)
+    return PackedWeight(lines, tuple(k_shape), tuple(n_shape))
+
+
+def unpack(w: PackedWeight) -> jax.Array:
+    """The bfloat16 weight [*stacked, *k_shape, *n_shape] that `w` packs."""
+    lines = jax.lax.bitcast_convert_type(w.lines, jnp.bfloat16)
+    lead = lines.shape[:-4]
+    axis = len(lead)
+    w4 = jnp.moveaxis(lines, (axis, axis + 1, axis + 2, axis + 3),
+                      (axis + 2, axis, axis + 3, axis + 1))
+    k_pad, n_pad = 2 * lines.shape[-3], PANEL * lines.shape[-4]
+    w2 = w4.reshape(*lead, k_pad, n_pad)[..., :w.k, :w.n]
+    return w2.reshape(*lead, *w.k_shape, *w.n_shape)
+
+
+def lookup_rows(w: PackedWeight, ids) -> jax.Array:
+    """Rows `ids` of the [n, k] table that `w` packs transposed (a tied embedding):
+    [*ids.shape, k] in bfloat16, gathered straight from the packed lines."""
+    lines = w.lines  # [n/16, k/2, 16, 2]
+    rows = lines[ids // PANEL, :, ids % PANEL, :]  # [*ids, k/2, 2]
+    rows = rows.reshape(*ids.shape, -1)[..., :w.k]
+    return jax.lax.bitcast_convert_type(rows, jnp.bfloat16).reshape(*ids.shape, *w.k_shape)
+
+
+KERNEL_SOURCE, KERNEL_SYMBOL = "bf16_matmul.cc", "JaxaccelBf16Matmul"
+
+
+def kernel_available() -> bool:
+    """Whether the compiled kernel can run here (CPU backend, built or buildable)."""
+    return jax.default_backend() == "cpu" and build.target(KERNEL_SOURCE, KERNEL_SYMBOL) is not None
+
+
+def matmul(x, w: PackedWeight, kernel: str | None = None) -> jax.Array:
+    """x[..., *k_shape] . w -> float32 [..., *n_shape], float32 accumulation.
+
+    `kernel` names a registered build of the kernel (tests pass portable variants); by
+    default, the one compiled for this CPU.
+    """
+    lead = x.shape[:x.ndim - len(w.k_shape)]
+    if tuple(x.shape[len(lead):]) != w.k_shape:
+        raise ValueError(f"x {x.shape} does not end in the packed weight's k dims {w.k_shape}")
+    if w.lines.ndim != (4 if w.layer is None else 5):
+        raise ValueError(f"packed lines {w.lines.shape} are a stack: matmul needs one layer")
+    kernel = kernel or build.target(KERNEL_SOURCE, KERNEL_SYMBOL)
+    if kernel is None:
+        raise RuntimeError("the bf16 matmul kernel is not available; pack weights only when "
+                           "`kernel_available()` says so")
+    rows = math.prod(lead)
+    x2 = x.astype(jnp.bfloat16).reshape(rows, w.k)
+    k_pad, n_pad = 2 * w.lines.shape[-3], PANEL * w.lines.shape[-4]
+    if k_pad != w.k:
+        x2 = jnp.pad(x2, ((0, 0), (0, k_pad - w.k)))
+    layer = jnp.int32(0) if w.layer is None else w.layer.astype(jnp.int32)
+    y = jax.ffi.ffi_call(kernel, jax.ShapeDtypeStruct((rows, n_pad), jnp.float32))(
+        x2, w.lines, layer)
+    return y[:, :w.n].reshape(*lead, *w.n_shape)
