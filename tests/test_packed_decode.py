@@ -83,3 +83,21 @@ def test_packing_is_chosen_only_where_it_applies():
     assert not decode_weights.wanted(jnp.bfloat16, one, False, False)
     with pytest.raises(ValueError, match="the dtype is not bfloat16"):
         decode_weights.wanted(jnp.float32, one, False, True)
+
+
+def test_bf16_token_lookup_gathers_the_table_as_stored():
+    """XLA:CPU gathers a bfloat16 table by converting all of it to float32 first (the check
+    below sees that for plain `jnp.take`); `layers.lookup` gathers its uint16 bits instead."""
+    import jax
+
+    from jaxaccel.models import layers
+
+    table, ids = jnp.ones((1001, 48), jnp.bfloat16), jnp.array([[3, 5]])
+
+    def converts_table(fn):
+        hlo = jax.jit(fn).lower(table, ids).compile().as_text()
+        return "f32[1001,48]" in hlo
+
+    assert converts_table(lambda t, i: jnp.take(t, i, axis=0))
+    assert not converts_table(layers.lookup)
+    np.testing.assert_array_equal(np.asarray(layers.lookup(table, ids)), np.ones((1, 2, 48)))

@@ -22,9 +22,14 @@ class KernelUnavailable(ValueError):
 
 
 def family_packing(config) -> dict[str, tuple[int, bool]]:
-    """The family's `packed_weights(config)`: path -> (contracting dims, stored [n, k])."""
+    """Dotted path -> (contracting dims, stored [n, k]) for the family of `config`: its
+    `PACKED_BLOCK_WEIGHTS` (stacked, [k, n]) and its `packed_head` ([v, d])."""
     module = importlib.import_module(type(config).__module__)
-    return module.packed_weights(config) if hasattr(module, "packed_weights") else {}
+    if not hasattr(module, "PACKED_BLOCK_WEIGHTS"):
+        return {}
+    packing = {f"blocks.{name}": (contracting, False)
+               for name, contracting in module.PACKED_BLOCK_WEIGHTS.items()}
+    return {**packing, module.packed_head(config): (1, True)}
 
 
 def wanted(dtype, layout: ax.Layout, pipelined: bool, requested: bool | None) -> bool:

@@ -28,13 +28,14 @@ IGNORED_SOURCE_WEIGHTS = (r"^lm_head\.weight$", r"\.attn\.bias$", r"\.attn\.mask
 SOURCE_PREFIXES = ("", "transformer.")
 
 
-def packed_weights(cfg: "Config") -> dict[str, tuple[int, bool]]:
-    """Matmul weights the bf16 CPU decode kernel reads packed (`jaxaccel.kernels.packed`):
-    path -> (contracting dims, stored [n, k]). The tied head is packed transposed and also
-    serves the token lookup."""
-    blocks = {f"blocks.{name}": (2 if name == "wo_nhd" else 1, False)
-              for name in ("wq_dnh", "wk_dkh", "wv_dkh", "wo_nhd", "wi_df", "wm_fd")}
-    return {**blocks, "token_vd": (1, True)}
+# Matmul weights that bf16 decode on the CPU reads packed (`jaxaccel.kernels`): name in
+# `Block` -> number of contracting (leading) dims.
+PACKED_BLOCK_WEIGHTS = {"wq_dnh": 1, "wk_dkh": 1, "wv_dkh": 1, "wo_nhd": 2, "wi_df": 1, "wm_fd": 1}
+
+
+def packed_head(cfg: "Config") -> str:
+    """The [v, d] head, packed transposed; tied, it also serves the token lookup."""
+    return "token_vd"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -36,14 +36,16 @@ ROPE_TYPES = ("default", "linear", "llama3")
 
 
 
-def packed_weights(cfg: "Config") -> dict[str, tuple[int, bool]]:
-    """Matmul weights the bf16 CPU decode kernel reads packed (`jaxaccel.kernels.packed`):
-    path -> (contracting dims, stored [n, k]). A tied head is packed transposed and also
-    serves the token lookup; an untied table stays plain for the lookup."""
-    names = ("wq_dnh", "wk_dkh", "wv_dkh", "wo_nhd", "wg_df", "wu_df", "wm_fd")
-    weights = {f"blocks.{name}": (2 if name == "wo_nhd" else 1, False) for name in names}
-    weights["token_vd" if cfg.tie_word_embeddings else "lm_head_vd"] = (1, True)
-    return weights
+# Matmul weights that bf16 decode on the CPU reads packed (`jaxaccel.kernels`): name in
+# `Block` -> number of contracting (leading) dims.
+PACKED_BLOCK_WEIGHTS = {"wq_dnh": 1, "wk_dkh": 1, "wv_dkh": 1, "wo_nhd": 2, "wg_df": 1,
+                        "wu_df": 1, "wm_fd": 1}
+
+
+def packed_head(cfg: "Config") -> str:
+    """The [v, d] head, packed transposed. Tied, it also serves the token lookup; untied, the
+    token table stays plain for the lookup."""
+    return "token_vd" if cfg.tie_word_embeddings else "lm_head_vd"
 
 @dataclasses.dataclass(frozen=True)
 class Config:
