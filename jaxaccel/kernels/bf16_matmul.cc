@@ -31,7 +31,17 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int64_t kPanel = 16;       // output columns per packed panel
-constexpr int64_t kPanelsPerChunk = 8;  // unit of work handed to a thread
+constexpr int64_t kGroup = 4;            // panels per register tile (see multi_tile)
+// Work is handed out in chunks of whole groups, about kChunks per call: small enough that
+// two threads finish together on a 48-panel weight, large enough to keep claiming cheap.
+constexpr int64_t kChunks = 16;
+constexpr int kSpins = 1 << 16;  // pauses (~1 ms) before blocking
+
+inline void spin_pause() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#endif
+}
 
 // x rows as (bf16, bf16) pairs along k, one uint32 per pair: the broadcast operand of
 // vdpbf16ps and of the portable loop alike.
@@ -165,7 +175,7 @@ void panels_all_rows_from(const Problem& p, int64_t panel, int64_t row) {
   }
 }
 
-// `count` (1 or 4) panels: four at a time in tiles of 6 rows, the rest one at a time.
+// `count` (1 or kGroup) panels: a group in tiles of up to 6 rows, else one panel at a time.
 void panels_all_rows(const Problem& p, int64_t panel, int64_t count) {
   if (count == 1) return panels_all_rows_from(p, panel, 0);
   int64_t row = 0;
@@ -173,7 +183,10 @@ void panels_all_rows(const Problem& p, int64_t panel, int64_t count) {
   switch (p.m - row) {
     case 5: multi_tile<5, 4>(p, row, panel); return;
     case 4: multi_tile<4, 4>(p, row, panel); return;
-    default: break;  // 0-3 rows left: one panel at a time
+    case 3: multi_tile<3, 4>(p, row, panel); return;
+    case 2: multi_tile<2, 4>(p, row, panel); return;
+    case 1: multi_tile<1, 4>(p, row, panel); return;
+    default: break;
   }
   for (int64_t q = 0; q < count; ++q) panels_all_rows_from(p, panel + q, row);
 }
@@ -183,7 +196,7 @@ void panels_all_rows(const Problem& p, int64_t panel, int64_t count) {
 // starts late finds nothing left and returns, so a busy or one-thread pool cannot deadlock.
 struct Work {
   Problem problem;
-  int64_t chunks;
+  int64_t chunk_panels, chunks;
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
   std::mutex mutex;
@@ -192,11 +205,9 @@ struct Work {
   void run() {
     int64_t panels = problem.n / kPanel;
     for (int64_t c; (c = next.fetch_add(1)) < chunks;) {
-      int64_t end = std::min(panels, (c + 1) * kPanelsPerChunk);
-      // With 4+ rows, panels go in fours (a chunk is 8 panels; its tail one by one).
-      int64_t group = problem.m >= 4 ? 4 : 1;
-      for (int64_t panel = c * kPanelsPerChunk; panel < end;) {
-        int64_t count = panel + group <= end ? group : 1;
+      int64_t end = std::min(panels, (c + 1) * chunk_panels);
+      for (int64_t panel = c * chunk_panels; panel < end;) {  // a group, or the tail panels
+        int64_t count = panel + kGroup <= end ? kGroup : 1;
         panels_all_rows(problem, panel, count);
         panel += count;
       }
@@ -207,7 +218,14 @@ struct Work {
     }
   }
 
+  // The caller waits only for chunks a helper has already claimed, i.e. at most one chunk
+  // (~1/16 of the call): spin for it, since sleeping on the condition variable costs a
+  // wake-up per call (73 calls per GPT-2 decode step); block only after kSpins.
   void wait() {
+    for (int spin = 0; spin < kSpins; ++spin) {
+      if (done.load(std::memory_order_acquire) == chunks) return;
+      spin_pause();
+    }
     std::unique_lock<std::mutex> lock(mutex);
     finished.wait(lock, [this] { return done.load() == chunks; });
   }
@@ -241,7 +259,9 @@ ffi::Error Bf16MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x,
   auto work = std::make_shared<Work>();
   work->problem = Problem{reinterpret_cast<const uint32_t*>(x.typed_data()),
                           w_lines, y->typed_data(), m, half_k, n};
-  work->chunks = (panels + kPanelsPerChunk - 1) / kPanelsPerChunk;
+  int64_t groups = (panels + kGroup - 1) / kGroup;
+  work->chunk_panels = kGroup * std::max<int64_t>(1, groups / kChunks);
+  work->chunks = (panels + work->chunk_panels - 1) / work->chunk_panels;
   int64_t helpers = std::min<int64_t>(pool.num_threads(), work->chunks) - 1;
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->run(); });
   work->run();

@@ -7,13 +7,14 @@ step reads them through `layers.matmul`, `layers.lookup` and `layers.head_logits
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 
 import jax
 import jax.numpy as jnp
 
 from jaxaccel import sharding as ax
-from jaxaccel.kernels import packed
+from jaxaccel.kernels import huge_pages, packed
 from jaxaccel.models.state import path_name
 
 
@@ -55,7 +56,8 @@ def wanted(dtype, layout: ax.Layout, pipelined: bool, requested: bool | None) ->
 
 
 def pack_state(state, config):
-    """`state` with the family's matmul weights replaced by `PackedWeight`s (one jit call)."""
+    """`state` with the family's matmul weights replaced by `PackedWeight`s, packed in one
+    jit call and then moved onto huge pages (see `huge_pages`)."""
     spec = family_packing(config)
 
     def pack_leaf(path, leaf):
@@ -66,4 +68,12 @@ def pack_state(state, config):
         stacked = 1 if name.startswith("blocks.") else 0
         return packed.pack(leaf, contracting, stacked=stacked, transposed=transposed)
 
-    return jax.jit(lambda s: jax.tree_util.tree_map_with_path(pack_leaf, s))(state)
+    packed_state = jax.jit(lambda s: jax.tree_util.tree_map_with_path(pack_leaf, s))(state)
+
+    def to_huge_pages(leaf):
+        if not isinstance(leaf, packed.PackedWeight):
+            return leaf
+        return dataclasses.replace(leaf, lines=huge_pages.copy_to_huge_pages(leaf.lines))
+
+    return jax.tree.map(to_huge_pages, packed_state,
+                        is_leaf=lambda x: isinstance(x, packed.PackedWeight))
