@@ -1,10 +1,9 @@
 """bfloat16 weights packed for the small-batch matmul kernel (`bf16_matmul.cc`).
 
 A weight W[k..., n...] (contracting dims first) becomes `PackedWeight.lines`, uint16 bits laid
-out [n/16, k/2, 16, 2] (n padded to a multiple of 16, k to a multiple of 2; any leading
-stacked-layer dims stay in front, so `lax.scan` slices packed layers like plain ones). Each
-64-byte line holds 16 output columns x 2 contraction rows: the kernel reads every panel as one
-contiguous stream.
+out [n/64, k/2, 4, 16, 2] (n padded to a multiple of 64, k to a multiple of 2; any leading
+stacked-layer dims stay in front). Each 64-byte line holds 16 output columns x 2 contraction
+rows, and each group of 64 columns is one contiguous stream that the kernel reads once.
 
 Why a kernel: XLA:CPU's bfloat16 dots read a decode step's weights at 13-17 GB/s (measured,
 `jaxaccel bench generate`). Its fast bf16 path (YNNPACK) rejects matrix-vector products and
@@ -25,13 +24,15 @@ import jax.numpy as jnp
 
 from jaxaccel.kernels import build
 
-PANEL = 16  # output columns per packed panel (one 64-byte line holds 16 x 2 bf16)
+PANEL = 16  # output columns per 64-byte line (16 x 2 bf16)
+PANELS = 4  # lines per pair of k rows in a group
+GROUP = PANEL * PANELS  # output columns per contiguous stream
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class PackedWeight:
-    lines: jax.Array  # uint16 [*stacked, n_pad/16, k_pad/2, 16, 2]
+    lines: jax.Array  # uint16 [*stacked, n_pad/64, k_pad/2, 4, 16, 2]
     k_shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
     n_shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
     # Inside a layer scan: `lines` is the whole [layers, ...] stack and `layer` the index of
@@ -81,33 +82,33 @@ def pack(w, contracting: int, stacked: int = 0, transposed: bool = False) -> Pac
     w2 = w.astype(jnp.bfloat16).reshape(*lead, *((n, k) if transposed else (k, n)))
     if transposed:
         w2 = jnp.swapaxes(w2, -1, -2)
-    k_pad, n_pad = _round_up(k, 2), _round_up(n, PANEL)
+    k_pad, n_pad = _round_up(k, 2), _round_up(n, GROUP)
     w2 = jnp.pad(w2, [(0, 0)] * stacked + [(0, k_pad - k), (0, n_pad - n)])
-    # [*lead, k/2, 2, n/16, 16] -> [*lead, n/16, k/2, 16, 2]
-    w4 = w2.reshape(*lead, k_pad // 2, 2, n_pad // PANEL, PANEL)
-    axis = stacked
-    w4 = jnp.moveaxis(w4, (axis + 2, axis, axis + 3, axis + 1), (axis, axis + 1, axis + 2, axis + 3))
-    lines = jax.lax.bitcast_convert_type(w4, jnp.uint16)
+    # [*lead, k/2, 2, n/64, 4, 16] -> [*lead, n/64, k/2, 4, 16, 2]
+    w5 = w2.reshape(*lead, k_pad // 2, 2, n_pad // GROUP, PANELS, PANEL)
+    a = stacked
+    w5 = jnp.moveaxis(w5, (a + 2, a, a + 3, a + 4, a + 1), (a, a + 1, a + 2, a + 3, a + 4))
+    lines = jax.lax.bitcast_convert_type(w5, jnp.uint16)
     return PackedWeight(lines, tuple(k_shape), tuple(n_shape))
 
 
 def unpack(w: PackedWeight) -> jax.Array:
     """The bfloat16 weight [*stacked, *k_shape, *n_shape] that `w` packs."""
     lines = jax.lax.bitcast_convert_type(w.lines, jnp.bfloat16)
-    lead = lines.shape[:-4]
-    axis = len(lead)
-    w4 = jnp.moveaxis(lines, (axis, axis + 1, axis + 2, axis + 3),
-                      (axis + 2, axis, axis + 3, axis + 1))
-    k_pad, n_pad = 2 * lines.shape[-3], PANEL * lines.shape[-4]
-    w2 = w4.reshape(*lead, k_pad, n_pad)[..., :w.k, :w.n]
+    lead = lines.shape[:-5]
+    a = len(lead)
+    w5 = jnp.moveaxis(lines, (a, a + 1, a + 2, a + 3, a + 4), (a + 2, a, a + 3, a + 4, a + 1))
+    k_pad, n_pad = 2 * lines.shape[-4], GROUP * lines.shape[-5]
+    w2 = w5.reshape(*lead, k_pad, n_pad)[..., :w.k, :w.n]
     return w2.reshape(*lead, *w.k_shape, *w.n_shape)
 
 
 def lookup_rows(w: PackedWeight, ids) -> jax.Array:
     """Rows `ids` of the [n, k] table that `w` packs transposed (a tied embedding):
     [*ids.shape, k] in bfloat16, gathered straight from the packed lines."""
-    lines = w.lines  # [n/16, k/2, 16, 2]
-    rows = lines[ids // PANEL, :, ids % PANEL, :]  # [*ids, k/2, 2]
+    lines = w.lines  # [n/64, k/2, 4, 16, 2]
+    column = ids % GROUP
+    rows = lines[ids // GROUP, :, column // PANEL, column % PANEL, :]  # [*ids, k/2, 2]
     rows = rows.reshape(*ids.shape, -1)[..., :w.k]
     return jax.lax.bitcast_convert_type(rows, jnp.bfloat16).reshape(*ids.shape, *w.k_shape)
 
@@ -129,7 +130,7 @@ def matmul(x, w: PackedWeight, kernel: str | None = None) -> jax.Array:
     lead = x.shape[:x.ndim - len(w.k_shape)]
     if tuple(x.shape[len(lead):]) != w.k_shape:
         raise ValueError(f"x {x.shape} does not end in the packed weight's k dims {w.k_shape}")
-    if w.lines.ndim != (4 if w.layer is None else 5):
+    if w.lines.ndim != (5 if w.layer is None else 6):
         raise ValueError(f"packed lines {w.lines.shape} are a stack: matmul needs one layer")
     kernel = kernel or build.target(KERNEL_SOURCE, KERNEL_SYMBOL)
     if kernel is None:
@@ -137,7 +138,7 @@ def matmul(x, w: PackedWeight, kernel: str | None = None) -> jax.Array:
                            "`kernel_available()` says so")
     rows = math.prod(lead)
     x2 = x.astype(jnp.bfloat16).reshape(rows, w.k)
-    k_pad, n_pad = 2 * w.lines.shape[-3], PANEL * w.lines.shape[-4]
+    k_pad, n_pad = 2 * w.lines.shape[-4], GROUP * w.lines.shape[-5]
     if k_pad != w.k:
         x2 = jnp.pad(x2, ((0, 0), (0, k_pad - w.k)))
     layer = jnp.int32(0) if w.layer is None else w.layer.astype(jnp.int32)
