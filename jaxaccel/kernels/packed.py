@@ -5,8 +5,8 @@ out [n/64, k/2, 4, 16, 2] (n padded to a multiple of 64, k to a multiple of 2; a
 stacked-layer dims stay in front). Each 64-byte line holds 16 output columns x 2 contraction
 rows, and each group of 64 columns is one contiguous stream that the kernel reads once.
 
-Why a kernel: XLA:CPU's bfloat16 dots read a decode step's weights at 13-17 GB/s (measured,
-`jaxaccel bench generate`). Its fast bf16 path (YNNPACK) rejects matrix-vector products and
+Why a kernel: XLA:CPU's bfloat16 dots read a decode step's weights at 14-19 GB/s, the kernel
+at ~47 GB/s (scripts/bench_bf16_matmul.py). Its fast bf16 path (YNNPACK) rejects matrix-vector products and
 weights stored [n, k], and the Eigen fallback converts every weight to float32 first.
 
 `PackedWeight` is a pytree, so it travels through nnx state, jit and scan; indexing it with
@@ -52,14 +52,6 @@ class PackedWeight:
     def n(self) -> int:
         return math.prod(self.n_shape)
 
-    @property
-    def shape(self) -> tuple[int, ...]:
-        """The per-layer logical shape of the weight it packs: (*k_shape, *n_shape)."""
-        return (*self.k_shape, *self.n_shape)
-
-    @property
-    def nbytes(self) -> int:
-        return self.lines.nbytes
 
 
 def _round_up(n: int, multiple: int) -> int:
