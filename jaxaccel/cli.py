@@ -10,9 +10,10 @@ import importlib
 import sys
 from typing import Optional
 
+import click
 import typer
 
-from jaxaccel import platform
+from jaxaccel import distributed, errors, platform
 
 app = typer.Typer(
     name="jaxaccel",
@@ -47,8 +48,6 @@ def _global_options(
              "error names the process that did not arrive. Default 120."),
 ) -> None:
     platform.configure_host_devices(host_devices)
-    from jaxaccel import distributed
-
     try:
         cluster = distributed.cluster_from(coordinator, num_processes, process_id,
                                            distributed_timeout)
@@ -70,11 +69,48 @@ for _name in COMMANDS:
     _module.register(app)
 
 
+def run_with_clean_errors(typer_app) -> int:
+    """Run the typer app; jaxaccel's errors become `error: ...` on stderr and an exit code."""
+    try:
+        typer_app(standalone_mode=False)
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else errors.FAILURE_EXIT
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        return _report(err)
+    return 0
+
+
+def _click_errors() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """(ClickException, Abort) classes of click and of the copy newer typers vendor."""
+    exceptions, aborts = [click.exceptions.ClickException], [click.exceptions.Abort]
+    try:
+        from typer._click import exceptions as vendored  # deferred: only newer typers have it
+    except ImportError:
+        pass
+    else:
+        exceptions.append(vendored.ClickException)
+        aborts += [vendored.Abort] if hasattr(vendored, "Abort") else []
+    return tuple(exceptions), tuple(aborts)
+
+
+def _report(err: Exception) -> int:
+    click_exceptions, aborts = _click_errors()
+    if isinstance(err, click_exceptions):  # bad flags, from typer/click
+        err.show()
+        return err.exit_code
+    if isinstance(err, aborts):
+        return errors.FAILURE_EXIT
+    code = errors.exit_code(err)
+    if code is None:
+        raise err
+    print(f"error: {err}", file=sys.stderr)
+    return code
+
+
 def main() -> None:
-    from jaxaccel.errors import run_with_clean_errors
-
-    from jaxaccel import distributed
-
     code = run_with_clean_errors(app)
     if distributed.active() is not None:
         if code:  # a peer may be gone: skip the exit-time shutdown barrier it would not reach

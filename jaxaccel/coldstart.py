@@ -1,10 +1,11 @@
-"""Cold start: compile the jitted forward while the weights stream in.
+"""Cold start: compile a model's programs while its weights stream in.
 
 Everything the compiler needs (the graph, every parameter's shape, dtype and sharding, the
-input bucket's shape) is known from the manifest before a byte is read, so `jit(...).lower(
-abstract).compile()` runs on a second thread during the restore, and start-up approaches
-max(restore, compile) instead of their sum. With the persistent compile cache
-(jaxaccel.compile_cache) a second start loads the executable instead of compiling it.
+input bucket's shape) is known from the manifest before a byte is read, so the programs
+compile ahead of time (`runtime.Program.compile`) on a second thread during the restore, and
+start-up approaches max(restore, compile) instead of their sum. With the persistent compile
+cache (`jaxaccel.compile_cache`) a second start loads the executables instead of compiling.
+`embed` and `generate` both start this way.
 """
 
 from __future__ import annotations
@@ -14,93 +15,43 @@ import dataclasses
 import os
 import pathlib
 import time
+from collections.abc import Callable, Sequence
 
-import jax
-import numpy as np
-
-from jaxaccel import pipeline
+from jaxaccel import models
 from jaxaccel.checkpoint.restore import DEFAULT_HOST_MEMORY_BUDGET
-from jaxaccel.embed import Embedder, make_embed_fn, state_shardings
+from jaxaccel.embed import Embedder
+from jaxaccel.errors import InputError, UsageError
+from jaxaccel.generate import Generator
 from jaxaccel.loader import LoadedModel, ModelPlan, plan_model, restore_plan
+from jaxaccel.planner import refuse_if_too_big
+from jaxaccel.sampling import GREEDY, Sampling
 from jaxaccel.sharding import Layout
-from jaxaccel.tokenizer import bucket_batch, bucket_length
+from jaxaccel.tokenizer import Encoded, TextTokenizer
 
 
 @dataclasses.dataclass
 class Started:
     loaded: LoadedModel
-    embedder: Embedder
+    runner: Embedder | Generator  # compiled for the requested buckets, weights attached
     timings: dict  # seconds: plan, restore, compile, ready (plan end -> restored + compiled)
 
+    @property
+    def embedder(self) -> Embedder:
+        return self.runner
 
-class Precompiled:
-    """Calls like the jitted forward; uses an ahead-of-time executable for the shapes it was
-    compiled for and falls back to the jitted function (which traces) for any other."""
-
-    def __init__(self, jitted, compiled: dict):
-        self.jitted, self.compiled = jitted, compiled
-
-    def __call__(self, state, ids_bt, mask_bt):
-        executable = self.compiled.get(tuple(ids_bt.shape))
-        return (executable or self.jitted)(state, ids_bt, mask_bt)
+    @property
+    def generator(self) -> Generator:
+        return self.runner
 
 
-def embed_fn_for(plan: ModelPlan, microbatches: int | None = None):
-    """The Embedder's jitted forward, built from the plan alone (no weights needed)."""
-    runner = pipeline.for_layout(plan.layout, plan.config.num_layers, microbatches)
-    return make_embed_fn(plan.graphdef, state_shardings(plan.abstract_state),
-                         plan.layout.batch_sharding(2), runner)
-
-
-def batch_shapes(plan: ModelPlan, token_counts: list[int], batch_size: int,
-                 max_length: int | None = None, microbatches: int | None = None
-                 ) -> list[tuple[int, int]]:
-    """The distinct (rows, length) buckets Embedder.embed_ids pads inputs of these token
-    counts to: sorted by length, `batch_size` per call."""
-    runner = pipeline.for_layout(plan.layout, plan.config.num_layers, microbatches)
-    divisor = plan.layout.batch_divisor * (runner.microbatches if runner else 1)
-    limit = min(max_length or plan.config.default_length, plan.config.max_length)
-    ordered = sorted(token_counts)
-    shapes = []
-    for begin in range(0, len(ordered), batch_size):
-        part = ordered[begin:begin + batch_size]
-        shape = (bucket_batch(len(part), batch_size, divisor), bucket_length(part[-1], limit))
-        if shape not in shapes:
-            shapes.append(shape)
-    return shapes
-
-
-def compile_embed(plan: ModelPlan, shape: tuple[int, int], fn=None):
-    """AOT-compile the forward for one (rows, length) bucket from abstract, sharded inputs."""
-    fn = fn or embed_fn_for(plan)
-    sharding = plan.layout.batch_sharding(2)
-    ids = jax.ShapeDtypeStruct(shape, np.int32, sharding=sharding)
-    return fn.lower(plan.abstract_state, ids, ids).compile()
-
-
-def start_embedder(path: str | pathlib.Path, layout: Layout | None = None,
-                   dtype: str | None = None, *, shapes: list[tuple[int, int]] | None = None,
-                   rows: int = 8, tokens: int = 128, batch_size: int = 32,
-                   max_length: int | None = None, microbatches: int | None = None,
-                   overlap: bool = True, host_memory_budget: int = DEFAULT_HOST_MEMORY_BUDGET,
-                   verify_checksums: bool = False, quiet: bool = True,
-                   plan: ModelPlan | None = None) -> Started:
-    """Restore `path` and compile the embed forward for its buckets, concurrently if `overlap`.
-
-    `shapes` are the (rows, length) buckets to precompile (see `batch_shapes`; default: the
-    bucket of `rows` inputs of `tokens` tokens). Returns an Embedder whose calls of those
-    buckets run at once.
-    """
+def restore_while_compiling(plan: ModelPlan, path, compile_all: Callable[[], object], *,
+                            overlap: bool = True,
+                            host_memory_budget: int = DEFAULT_HOST_MEMORY_BUDGET,
+                            verify_checksums: bool = False, quiet: bool = True
+                            ) -> tuple[LoadedModel, dict]:
+    """Restore `path` (as `plan` says) and run `compile_all`, concurrently if `overlap`.
+    Returns the loaded model and timings (seconds) of restore, compile and both (`ready`)."""
     timings = {}
-    start = time.perf_counter()
-    plan = plan or plan_model(path, layout, dtype)  # callers that planned already pass it
-    shapes = list(shapes or batch_shapes(plan, [tokens] * rows, batch_size, max_length,
-                                         microbatches))
-    fn = embed_fn_for(plan, microbatches)
-    timings["plan"] = time.perf_counter() - start
-
-    def compile_all():
-        return {shape: compile_embed(plan, shape, fn) for shape in shapes}
 
     def restore(threads=None):
         return restore_plan(plan, path, host_memory_budget=host_memory_budget, quiet=quiet,
@@ -113,15 +64,99 @@ def start_embedder(path: str | pathlib.Path, layout: Layout | None = None,
             # Leave the compiler a core: on 2 cores, restoring with 2 threads beside it
             # slowed both (ready 1.6x max(restore, compile) instead of ~1.0x).
             loaded, timings["restore"] = _timed(restore, restore_threads())
-            compiled, timings["compile"] = future.result()
+            _, timings["compile"] = future.result()
     else:
         loaded, timings["restore"] = _timed(restore)
-        compiled, timings["compile"] = _timed(compile_all)
+        _, timings["compile"] = _timed(compile_all)
     timings["ready"] = time.perf_counter() - ready
-    embedder = Embedder(loaded, batch_size=batch_size, max_length=max_length,
+    return loaded, timings
+
+
+def start_embedder(path: str | pathlib.Path, layout: Layout | None = None,
+                   dtype: str | None = None, *, shapes: list[tuple[int, int]] | None = None,
+                   rows: int = 8, tokens: int = 128, batch_size: int = 32,
+                   max_length: int | None = None, microbatches: int | None = None,
+                   overlap: bool = True, host_memory_budget: int = DEFAULT_HOST_MEMORY_BUDGET,
+                   verify_checksums: bool = False, quiet: bool = True,
+                   plan: ModelPlan | None = None, embedder: Embedder | None = None) -> Started:
+    """Restore `path` and compile the embed forward for its buckets, concurrently if `overlap`.
+
+    `shapes` are the (rows, length) buckets to precompile (see `Embedder.shapes`; default:
+    the bucket of `rows` inputs of `tokens` tokens). Returns an Embedder whose calls of those
+    buckets run at once. Callers that planned already pass `plan` (and `embedder`).
+    """
+    start = time.perf_counter()
+    plan = plan or plan_model(path, layout, dtype)
+    embedder = embedder or Embedder(plan, batch_size=batch_size, max_length=max_length,
+                                    microbatches=microbatches)
+    shapes = list(shapes or embedder.shapes([tokens] * rows))
+    plan_seconds = time.perf_counter() - start
+    loaded, timings = restore_while_compiling(
+        plan, path, lambda: embedder.compile(shapes), overlap=overlap,
+        host_memory_budget=host_memory_budget, verify_checksums=verify_checksums, quiet=quiet)
+    return Started(loaded, embedder.attach(loaded), {"plan": plan_seconds, **timings})
+
+
+def start_generator(path: str | pathlib.Path, layout: Layout | None = None,
+                    dtype: str | None = None, *, prompt_lengths: Sequence[int],
+                    max_new_tokens: int, sampling: Sampling = GREEDY,
+                    microbatches: int | None = None, packed_weights: bool | None = None,
+                    loop: str = "device", overlap: bool = True, host_memory_budget: int = DEFAULT_HOST_MEMORY_BUDGET,
+                    verify_checksums: bool = False, quiet: bool = True,
+                    plan: ModelPlan | None = None) -> Started:
+    """Restore a decoder and compile prefill + decode (`loop` "device", or "host" for
+    streaming) for the bucket of these prompts, concurrently if `overlap`; returns a
+    Generator ready for them."""
+    start = time.perf_counter()
+    plan = plan or plan_model(path, layout, dtype)
+    generator = Generator.from_plan(plan, microbatches=microbatches, packed_weights=packed_weights)
+    plan_seconds = time.perf_counter() - start
+    loaded, timings = restore_while_compiling(
+        plan, path, lambda: generator.compile(prompt_lengths, max_new_tokens, sampling, loop),
+        overlap=overlap, host_memory_budget=host_memory_budget,
+        verify_checksums=verify_checksums, quiet=quiet)
+    return Started(loaded, generator.attach(loaded), {"plan": plan_seconds, **timings})
+
+
+def plan_for(task: str, path, layout: Layout | None, dtype: str | None, *,
+             device_memory: int | None = None, batch: int = 1, seq: int | None = None,
+             max_new_tokens: int = 0) -> ModelPlan:
+    """The plan of a run of `task` ("embed" or "generate"), checked before reading a byte:
+    the checkpoint's family does that task, and (where device memory is known) it fits."""
+    plan = plan_model(path, layout, dtype)
+    family = plan.manifest.family
+    if models.task(family) != task:
+        raise UsageError(f"{path} holds a {family!r} model; {task} needs one of "
+                         f"{', '.join(models.families_for(task))}")
+    refuse_if_too_big(path, plan.layout, dtype, batch=batch, seq=seq,
+                      max_new_tokens=max_new_tokens, device_memory=device_memory)
+    return plan
+
+
+def tokenizer_for(plan: ModelPlan, path) -> TextTokenizer | None:
+    """The checkpoint's tokenizer.json, read before its weights (None if it ships none)."""
+    if "tokenizer.json" not in plan.manifest.tokenizer_files:
+        return None
+    return TextTokenizer(pathlib.Path(path) / "tokenizer.json")
+
+
+def start_for_texts(path, texts: list[str], layout: Layout | None, dtype: str | None, *,
+                    batch_size: int = 32, max_length: int | None = None, truncate: bool = True,
+                    microbatches: int | None = None, device_memory: int | None = None,
+                    **restore) -> tuple[Started, Encoded]:
+    """Tokenise first (bad input fails before a byte is read), then restore the weights while
+    XLA compiles the forward for exactly the buckets these texts need."""
+    plan = plan_for("embed", path, layout, dtype, device_memory=device_memory,
+                    batch=min(batch_size, len(texts)), seq=max_length)
+    tokenizer = tokenizer_for(plan, path)
+    if tokenizer is None:
+        raise InputError(f"{path}: embed needs a checkpoint with a tokenizer.json")
+    embedder = Embedder(plan, batch_size=batch_size, max_length=max_length,
                         microbatches=microbatches)
-    embedder.fn = Precompiled(fn, compiled)
-    return Started(loaded, embedder, timings)
+    encoded = tokenizer.encode(texts, embedder.max_length, truncate=truncate)
+    shapes = embedder.shapes([len(ids) for ids in encoded.ids])
+    started = start_embedder(path, shapes=shapes, plan=plan, embedder=embedder, **restore)
+    return started, encoded
 
 
 def restore_threads() -> int:

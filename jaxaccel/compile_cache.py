@@ -50,7 +50,7 @@ def _reset_jax_cache_state() -> None:
     # jax initialises its cache object once, at the first compile; a later directory change
     # needs it re-initialised (private API: tolerate its absence).
     try:
-        from jax._src import compilation_cache
+        from jax._src import compilation_cache  # deferred: private, may be absent
 
         compilation_cache.reset_cache()
     except (ImportError, AttributeError):

@@ -22,6 +22,10 @@ import socket
 import sys
 import time
 
+import numpy as np
+from jaxaccel import progress
+from jaxaccel.errors import DistributedError  # noqa: F401  (re-exported)
+
 DEFAULT_TIMEOUT_S = 120.0
 _POLL_S = 0.05
 ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"  # read by jax.distributed.initialize itself
@@ -30,8 +34,6 @@ ENV_PROCESS_ID = "JAX_PROCESS_ID"
 ENV_TIMEOUT = "JAXACCEL_DISTRIBUTED_TIMEOUT"
 
 
-class DistributedError(RuntimeError):
-    """A process did not arrive in time, or the coordinator was lost; the message names it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +91,7 @@ def initialize(cluster: Cluster | None) -> None:
     global _cluster
     if cluster is None or _cluster is not None:
         return
-    import jax
+    import jax  # deferred: jax starts after --host-devices set XLA's flags
 
     # CPU collectives across processes need gloo; the flag only affects the CPU backend.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -108,8 +110,6 @@ def initialize(cluster: Cluster | None) -> None:
     _cluster = cluster
     _client().key_value_set(f"jaxaccel/who/{cluster.process_id}",
                             f"{socket.gethostname()} pid {os.getpid()}")
-    from jaxaccel import progress
-
     progress.say(f"distributed: {cluster.describe()} connected; {jax.local_device_count()} of "
                  f"{jax.device_count()} devices are local")
 
@@ -141,7 +141,7 @@ def is_output_process() -> bool:
 
 
 def _client():
-    from jax._src import distributed as jax_distributed
+    from jax._src import distributed as jax_distributed  # deferred: jax (see initialize)
 
     return jax_distributed.global_state.client
 
@@ -205,7 +205,7 @@ def shutdown() -> None:
     global _cluster
     if _cluster is None:
         return
-    import jax
+    import jax  # deferred: jax starts after --host-devices set XLA's flags
 
     try:
         jax.distributed.shutdown()
@@ -222,11 +222,10 @@ def exit_now(code: int) -> None:
 
 def host_array(x):
     """A jax.Array as one numpy array on every process, gathering other processes' shards."""
-    import numpy as np
 
     if getattr(x, "is_fully_addressable", True):
         return np.asarray(x)
-    from jax.experimental import multihost_utils
+    from jax.experimental import multihost_utils  # deferred: jax (see initialize)
 
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 

@@ -1,74 +1,82 @@
-"""Turn the project's known error types into one-line messages and exit codes.
+"""Every exception jaxaccel raises on purpose, and the exit code each one means.
 
-Exit codes: 0 ok, 1 a problem with a file/checkpoint/runtime, 2 a usage error (bad flag
-value or input), as command-line users and scripts expect.
+This module imports nothing from jaxaccel, so any module can raise these without an import
+cycle. Two families, as command-line users and scripts expect:
+
+* `UsageError` (exit code 2): a flag value or an input that cannot be used.
+* `JaxaccelError` (exit code 1): a problem with a file, a checkpoint, or the run itself.
+
+Each error's message is one line that names the file, array or flag and what was expected.
+Most also derive from ValueError or RuntimeError, as they did before this module existed, so
+`except ValueError` in callers keeps working.
 """
 
 from __future__ import annotations
-
-import sys
 
 USAGE_EXIT = 2
 FAILURE_EXIT = 1
 
 
-def _known_errors():
-    from jaxaccel.checkpoint.manifest import CheckpointError
-    from jaxaccel.convert.safetensors_source import ConvertError
-    from jaxaccel.distributed import DistributedError
-    from jaxaccel.models import UnknownFamilyError
-    from jaxaccel.planner import PlanError
-    from jaxaccel.sharding import MeshSpecError
-    from jaxaccel.tokenizer import InputError
-
-    usage = (MeshSpecError, InputError, UsageError)
-    failure = (CheckpointError, ConvertError, UnknownFamilyError, DistributedError,
-               PlanError)
-    return usage, failure
+class JaxaccelError(Exception):
+    """Base of every error jaxaccel raises on purpose (exit code 1 unless a UsageError)."""
 
 
-class UsageError(ValueError):
+class UsageError(JaxaccelError, ValueError):
     """A flag value that cannot be used (exit code 2)."""
 
 
-def run_with_clean_errors(app) -> int:
-    """Run the typer app; known errors become `error: ...` on stderr and an exit code."""
-    try:
-        app(standalone_mode=False)
-    except SystemExit as exit_:
-        return exit_.code if isinstance(exit_.code, int) else FAILURE_EXIT
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except Exception as err:
-        return _report(err)
-    return 0
+class InputError(UsageError):
+    """Input text or ids that cannot be used; the message says which and why."""
 
 
-def _click_errors() -> tuple[tuple[type, ...], tuple[type, ...]]:
-    """(ClickException, Abort) classes of click and of the copy newer typers vendor."""
-    import click
-
-    exceptions, aborts = [click.exceptions.ClickException], [click.exceptions.Abort]
-    try:
-        from typer._click import exceptions as vendored
-    except ImportError:
-        pass
-    else:
-        exceptions.append(vendored.ClickException)
-        aborts += [vendored.Abort] if hasattr(vendored, "Abort") else []
-    return tuple(exceptions), tuple(aborts)
+class MeshSpecError(UsageError):
+    """A --mesh or --rules value that cannot be used; the message says why."""
 
 
-def _report(err: Exception) -> int:
-    click_exceptions, aborts = _click_errors()
-    if isinstance(err, click_exceptions):  # bad flags, from typer/click
-        err.show()
-        return err.exit_code
-    if isinstance(err, aborts):
+class KernelUnavailable(UsageError):
+    """A backend speed-up (e.g. packed CPU kernels) was insisted on where it cannot run."""
+
+
+class CheckpointError(JaxaccelError, ValueError):
+    """A checkpoint that cannot be read as asked; names the file or array."""
+
+
+class IntegrityError(CheckpointError):
+    """Stored bytes that do not match what the manifest recorded."""
+
+
+class ChunkError(IntegrityError):
+    """A chunk that is missing, short, or fails its checksum; names the array and chunk."""
+
+
+class ConvertError(JaxaccelError, ValueError):
+    """A source checkpoint that cannot be converted; names the file or tensor."""
+
+
+class UnknownFamilyError(JaxaccelError, ValueError):
+    """A model family or Hugging Face model_type that jaxaccel does not implement."""
+
+
+class PlanError(JaxaccelError, ValueError):
+    """The run would not fit in device memory; names the largest arrays and a mesh that fits."""
+
+
+class PipelineError(JaxaccelError, ValueError):
+    """A batch or configuration the pipeline schedule cannot run; the message says why."""
+
+
+class DistributedError(JaxaccelError, RuntimeError):
+    """A process did not arrive in time, or the coordinator was lost; the message names it."""
+
+
+class KernelBuildError(JaxaccelError, RuntimeError):
+    """A backend kernel failed to compile; the message carries the compiler's output."""
+
+
+def exit_code(err: BaseException) -> int | None:
+    """USAGE_EXIT or FAILURE_EXIT for jaxaccel's own errors; None for anything else."""
+    if isinstance(err, UsageError):
+        return USAGE_EXIT
+    if isinstance(err, JaxaccelError):
         return FAILURE_EXIT
-    usage, failure = _known_errors()
-    if isinstance(err, usage + failure):
-        print(f"error: {err}", file=sys.stderr)
-        return USAGE_EXIT if isinstance(err, usage) else FAILURE_EXIT
-    raise err
+    return None

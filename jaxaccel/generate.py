@@ -9,7 +9,10 @@ next key/value into the same cache slot and one `dynamic_update_slice` updates t
 masked out, so a batched row generates exactly what it would alone.
 
 Compilation: prefill compiles once per (batch, prompt, cache) bucket and the decode step once
-per (batch, cache) bucket; the model state is a jit argument, so new weights reuse them.
+per (batch, cache) bucket; the model state is a jit argument, so new weights reuse them. A
+thin user of `jaxaccel.runtime`, which owns the buckets, shardings, backend and jit cache; a
+`Generator` built from a `ModelPlan` (`Generator.from_plan`) compiles before the weights are
+restored and takes them with `attach`.
 
 Decode loop: without streaming it runs inside `lax.while_loop` (`loop="device"`); with a
 streaming callback, on the host (one jitted step per token). Measured on CPU (GPT-2 124M):
@@ -27,14 +30,13 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 
-from jaxaccel import distributed, kv_cache, pipeline
+from jaxaccel import backends, distributed, pipeline
 from jaxaccel import sharding as ax
-from jaxaccel.kernels import decode_weights
-from jaxaccel.kernels.packed import PackedWeight
-from jaxaccel.models import layers
+from jaxaccel.models import kv_cache
+from jaxaccel.runtime import (Buckets, Runtime, cast_state, param_dtype, placed_shardings,
+                              state_shardings)
 from jaxaccel.sampling import GREEDY, Sampling, choose
 
 # How often (in steps) the host loop asks the device whether every row has stopped: each
@@ -53,39 +55,22 @@ class DecodeState(NamedTuple):
     key: jax.Array
 
 
-def next_power_of_two(n: int, minimum: int) -> int:
-    return max(minimum, 1 << max(0, n - 1).bit_length())
-
-
-def round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
-@dataclasses.dataclass(frozen=True)
-class Buckets:
-    """Padded shapes: fewer distinct shapes mean fewer compilations."""
-
-    min_prompt: int = 16  # prompt lengths round up to a power of two, at least this
-    slot_multiple: int = 64  # cache slots (prompt bucket + new tokens) round up to this
-    min_batch: int = 1
-
-    def batch(self, rows: int, divisor: int) -> int:
-        return round_up(max(next_power_of_two(rows, 1), self.min_batch), divisor)
-
-    def prompt(self, longest: int) -> int:
-        return next_power_of_two(longest, self.min_prompt)
-
-    def slots(self, prompt_bucket: int, max_new_tokens: int) -> int:
-        return round_up(prompt_bucket + max_new_tokens, self.slot_multiple)
-
-
-def default_buckets(dtype, packed_weights: bool = False) -> Buckets:
-    # XLA:CPU's fast bfloat16 dot (YNNPACK) takes no matrix-vector products: a one-row
-    # bf16 product falls back to converting every weight to float32, so without the packed
-    # kernel a lone bf16 prompt decodes as a batch of two.
-    on_cpu = jax.default_backend() == "cpu"
-    bf16 = jnp.dtype(dtype) == jnp.bfloat16
-    return Buckets(min_batch=2 if on_cpu and bf16 and not packed_weights else 1)
+def check_prompts(config, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+    """Raise ValueError, naming the problem, for prompts this decoder cannot run: empty,
+    ids outside the vocabulary, or longer (with the new tokens) than the model's limit.
+    Needs only the config, so commands check before reading a byte of weights."""
+    if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
+        raise ValueError("every prompt needs at least one token")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    vocab = config.vocab_size
+    bad = [tok for p in prompt_ids for tok in p if not 0 <= tok < vocab]
+    if bad:
+        raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+    longest = max(map(len, prompt_ids)) + max_new_tokens
+    if longest > config.max_length:
+        raise ValueError(f"prompt + max_new_tokens = {longest} tokens exceeds the model's "
+                         f"maximum length {config.max_length}")
 
 
 class Generator:
@@ -93,91 +78,137 @@ class Generator:
 
     def __init__(self, graphdef, state, config, layout: ax.Layout | None = None, dtype=None,
                  buckets: Buckets | None = None, microbatches: int | None = None,
-                 compiler_options: dict | None = None, packed_weights: bool | None = None):
-        """`compiler_options` go to every `jax.jit` (tests lower XLA's optimisation level,
-        which compiles ~2x faster on CPU). `packed_weights`: read the matmul weights through
-        jaxaccel's bf16 CPU kernel (`jaxaccel.kernels`); None uses it wherever it applies."""
-        self.graphdef, self.config = graphdef, config
-        self.layout = layout or ax.Layout.create("data=1,model=1", "replicated")
-        # On a `stage` mesh the layers run as a GPipe pipeline of `microbatches` (default: the
-        # stage count) in prefill and in every decode step; each stage keeps its layers' cache.
-        self.pipeline = pipeline.for_layout(self.layout, config.num_layers, microbatches)
-        stages = pipeline.stage_count(self.layout) if self.pipeline else 1
-        state = pipeline.pad_stacked(state, stages)  # uneven stages: identity layers
-        self.cache_layers = pipeline.padded_layers(config.num_layers, stages)
-        self.batch_divisor = self.layout.batch_divisor * (
-            self.pipeline.microbatches if self.pipeline else 1)
-        self.dtype = jnp.dtype(dtype or _param_dtype(state))
-        self.packed_weights = decode_weights.wanted(self.dtype, self.layout,
-                                                    self.pipeline is not None, packed_weights)
-        self.buckets = buckets or default_buckets(self.dtype, self.packed_weights)
-        self.state_shardings = _state_shardings(state, self.layout)
-        self.state = jax.device_put(_cast(state, self.dtype), self.state_shardings)
-        if self.packed_weights:  # one device: the packed arrays stay where the state is
-            self.state = decode_weights.pack_state(self.state, config)
-            self.state_shardings = _state_shardings(self.state, self.layout)
-        self.traces = {"prefill": 0, "decode": 0}  # incremented while tracing; tests read it
-        self._compiled: dict = {}
-        self._jit = functools.partial(jax.jit, compiler_options=compiler_options)
+                 compiler_options: dict | None = None, packed_weights: bool | None = None,
+                 platform: str | None = None):
+        """`state` is concrete (placed here) or abstract (ShapeDtypeStructs with shardings,
+        as a `ModelPlan` holds: programs compile, `attach` brings the weights).
+        `compiler_options` go to every `jax.jit`. `packed_weights`: let the backend rewrite
+        the weights for its decode kernels (the CPU's packed bf16 matmul); None decides.
+        `platform` ("cuda", "tpu", ...) builds the programs for another platform's backend, to
+        export them (`jax.export`); default: the platform of the layout's devices."""
+        self.config = config
+        self.runtime = rt = Runtime(graphdef, config, layout, dtype or param_dtype(state),
+                                    microbatches=microbatches, compiler_options=compiler_options,
+                                    backend=backends.for_platform(platform) if platform else None)
+        self.layout, self.dtype, self.pipeline = rt.layout, rt.dtype, rt.pipeline
+        self.cache_layers = pipeline.padded_layers(config.num_layers, rt.stages)
+        self._packed_request = packed_weights
+        self.state = self._place(state)
+        self.packed_weights = self._prepared
+        self.state_shardings = placed_shardings(self.state)
+        self.buckets = buckets or Buckets(min_batch=rt.backend.min_batch(self.dtype,
+                                                                         self.packed_weights))
 
-    # Shardings and compiled functions, one per bucket ------------------------------------
+    @classmethod
+    def from_plan(cls, plan, **kwargs) -> "Generator":
+        """A Generator without weights yet: compile its programs, then `attach` them."""
+        return cls(plan.graphdef, plan.abstract_state, plan.config, plan.layout,
+                   dtype=plan.dtype, **kwargs)
 
-    def _sharding(self, axes, shape) -> NamedSharding:
-        return self.layout.sharding(axes, shape)
+    def _place(self, state):
+        """Pad layer stacks to the stages, cast, place, and let the backend rewrite."""
+        rt = self.runtime
+        abstract = isinstance(jax.tree.leaves(state)[0], jax.ShapeDtypeStruct)
+        if not abstract:
+            state = pipeline.pad_stacked(state, rt.stages)  # uneven stages: identity layers
+            state = jax.device_put(cast_state(state, self.dtype), state_shardings(state, rt.layout))
+        state, self._prepared = rt.backend.prepare_decoder(
+            state, dtype=self.dtype, single_device=rt.single_device, requested=self._packed_request)
+        return state
+
+    def attach(self, loaded) -> "Generator":
+        """Give a plan-built Generator its restored weights (same layout and dtype)."""
+        self.state = self._place(loaded.state)
+        return self
+
+    @property
+    def traces(self) -> dict:
+        """How often prefill and decode were traced (tests check that nothing retraces)."""
+        return dict(self.runtime.traces)
+
+    # Shardings and programs, one per bucket -------------------------------------------------
 
     def _cache_sharding(self, b: int, slots: int) -> NamedSharding:
         cfg = self.config
         shape = (self.cache_layers, b, cfg.num_kv_heads, slots, cfg.head_dim)
-        return self._sharding(kv_cache.CACHE_AXES, shape)
+        return self.runtime.sharding(kv_cache.CACHE_AXES, shape)
 
     def _decode_state_shardings(self, b: int, n: int) -> DecodeState:
-        replicated = NamedSharding(self.layout.mesh, PartitionSpec())
-        rows = self._sharding((ax.BATCH,), (b,))
-        out = self._sharding((ax.BATCH, None), (b, n))
+        replicated = self.runtime.replicated()
+        rows = self.runtime.sharding((ax.BATCH,), (b,))
+        out = self.runtime.sharding((ax.BATCH, None), (b, n))
         return DecodeState(rows, replicated, replicated, rows, rows, out, replicated, replicated)
 
-    def _prefill_fn(self, sampling: Sampling, b: int, t: int, slots: int):
+    def prefill_program(self, sampling: Sampling, b: int, t: int, slots: int):
+        """The Program (state, ids [b, t], pad [b], live [b], eos, key) -> (cache, decode
+        state, last logits [b, v]) for one bucket."""
         sampling = dataclasses.replace(sampling, seed=0)  # the seed is an argument, not code
-        key = ("prefill", sampling, b, t, slots)
-        if key not in self._compiled:
-            rows = self._sharding((ax.BATCH,), (b,))
-            fn = functools.partial(self._prefill, sampling, slots)
-            self._compiled[key] = self._jit(
-                self._with_runner(fn), in_shardings=(self.state_shardings, self._sharding((ax.BATCH, None), (b, t)),
-                                  rows, rows, None, None),
-                out_shardings=(self._cache_sharding(b, slots),
-                               self._decode_state_shardings(b, slots - t),
-                               self._sharding((ax.BATCH, None), (b, self.config.vocab_size))))
-        return self._compiled[key]
+        rt = self.runtime
+        rows = rt.sharding((ax.BATCH,), (b,))
+        return rt.program(
+            ("prefill", sampling, b, t, slots), functools.partial(self._prefill, sampling, slots),
+            in_shardings=(self.state_shardings, rt.sharding((ax.BATCH, None), (b, t)), rows,
+                          rows, None, None),
+            out_shardings=(self._cache_sharding(b, slots),
+                           self._decode_state_shardings(b, slots - t),
+                           rt.sharding((ax.BATCH, None), (b, self.config.vocab_size))))
 
-    def _step_fn(self, sampling: Sampling, loop: str, b: int, t: int, slots: int):
+    def decode_program(self, sampling: Sampling, loop: str, b: int, t: int, slots: int):
+        """The decode Program: one step (`loop="host"`) or the whole loop on the device."""
         sampling = dataclasses.replace(sampling, seed=0)
-        key = ("decode", sampling, loop, b, t, slots)
-        if key not in self._compiled:
-            cache_sh, ds_sh = self._cache_sharding(b, slots), self._decode_state_shardings(b, slots - t)
-            if loop == "host":
-                fn = functools.partial(self._decode_step, sampling)
-                in_sh = (self.state_shardings, cache_sh, ds_sh)
-            else:
-                fn = functools.partial(self._decode_loop, sampling)
-                in_sh = (self.state_shardings, cache_sh, ds_sh, None)
-            self._compiled[key] = self._jit(self._with_runner(fn), in_shardings=in_sh, out_shardings=(cache_sh, ds_sh),
-                                          donate_argnums=(1,))
-        return self._compiled[key]
+        cache_sh, ds_sh = self._cache_sharding(b, slots), self._decode_state_shardings(b, slots - t)
+        if loop == "host":
+            fn, in_sh = functools.partial(self._decode_step, sampling), (self.state_shardings,
+                                                                          cache_sh, ds_sh)
+        else:
+            fn = functools.partial(self._decode_loop, sampling)
+            in_sh = (self.state_shardings, cache_sh, ds_sh, None)
+        return self.runtime.program(("decode", sampling, loop, b, t, slots), fn,
+                                    in_shardings=in_sh, out_shardings=(cache_sh, ds_sh),
+                                    donate_argnums=(1,))
 
-    def _with_runner(self, fn):
-        """`fn` traced with the pipeline (if any) running the model's layer scans."""
-        def traced(*args):
-            with layers.use_layer_runner(self.pipeline):
-                return fn(*args)
+    def shapes(self, prompt_lengths: Sequence[int], max_new_tokens: int) -> tuple[int, int, int]:
+        """The (batch, prompt, slots) bucket prompts of these lengths run in."""
+        b = self.buckets.batch(len(prompt_lengths), self.runtime.batch_divisor)
+        t = self.buckets.length(max(prompt_lengths))
+        return b, t, self.buckets.slots(t, max_new_tokens)
 
-        return traced
+    def abstract_prefill_args(self, b: int, t: int) -> tuple:
+        """ShapeDtypeStructs of the prefill program's arguments at bucket (b, t)."""
+        rows = jax.ShapeDtypeStruct((b,), jnp.int32)
+        return (self.state, jax.ShapeDtypeStruct((b, t), jnp.int32), rows,
+                jax.ShapeDtypeStruct((b,), jnp.bool_), jax.ShapeDtypeStruct((), jnp.int32),
+                jax.eval_shape(lambda: jax.random.key(0)))
+
+    def abstract_decode_args(self, sampling: Sampling, loop: str, b: int, t: int,
+                             slots: int) -> tuple:
+        """ShapeDtypeStructs (with shardings) of the decode program's arguments."""
+        prefill = self.prefill_program(sampling, b, t, slots)
+        cache, ds, _ = jax.eval_shape(prefill.jitted, *self.abstract_prefill_args(b, t))
+        cache_sh, ds_sh = self._cache_sharding(b, slots), self._decode_state_shardings(b, slots - t)
+        with_sharding = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)  # noqa: E731
+        args = (self.state, jax.tree.map(with_sharding, cache, type(cache)(*[cache_sh] * 2)),
+                jax.tree.map(with_sharding, ds, ds_sh))
+        return args + ((jax.ShapeDtypeStruct((), jnp.int32),) if loop == "device" else ())
+
+    def compile(self, prompt_lengths: Sequence[int], max_new_tokens: int,
+                sampling: Sampling = GREEDY, loop: str = "device") -> None:
+        """Compile prefill and the decode program (`loop`: "device" or "host") for this
+        bucket ahead of time."""
+        b, t, slots = self.shapes(prompt_lengths, max_new_tokens)
+        self.prefill_program(sampling, b, t, slots).compile(*self.abstract_prefill_args(b, t))
+        self.decode_program(sampling, loop, b, t, slots).compile(
+            *self.abstract_decode_args(sampling, loop, b, t, slots))
+
+    def prefill_memory_analysis(self, batch: int, prompt: int, slots: int):
+        """XLA's memory analysis of the prefill program at exactly this bucket."""
+        return self.prefill_program(GREEDY, batch, prompt, slots).memory_analysis(
+            *self.abstract_prefill_args(batch, prompt))
 
     # Traced bodies ---------------------------------------------------------------------------
 
     def _prefill(self, sampling, slots, state, ids_bt, pad_b, live_b, eos, key):
-        self.traces["prefill"] += 1
-        model = nnx.merge(self.graphdef, state)
+        model = self.runtime.model(state)
         b, t = ids_bt.shape
         index_t = jnp.arange(t)
         positions_bt = jnp.maximum(index_t[None] - pad_b[:, None], 0)
@@ -197,12 +228,10 @@ class Generator:
                                   eos, key), logits_bv
 
     def _decode_step(self, sampling, state, cache, ds: DecodeState):
-        self.traces["decode"] += 1
-        return _step(nnx.merge(self.graphdef, state), sampling, cache, ds)
+        return _step(self.runtime.model(state), sampling, cache, ds)
 
     def _decode_loop(self, sampling, state, cache, ds: DecodeState, max_new_tokens):
-        self.traces["decode"] += 1
-        model = nnx.merge(self.graphdef, state)
+        model = self.runtime.model(state)
 
         def cond(carry):
             _, ds = carry
@@ -224,29 +253,25 @@ class Generator:
         """
         self._check(prompt_ids, max_new_tokens, loop)
         rows = len(prompt_ids)
-        b = self.buckets.batch(rows, self.batch_divisor)
-        t = self.buckets.prompt(max(map(len, prompt_ids)))
-        slots = self.buckets.slots(t, max_new_tokens)
+        b, t, slots = self.shapes([len(p) for p in prompt_ids], max_new_tokens)
         ids_bt, pad_b, live_b = _left_pad(prompt_ids, b, t)
         eos = jnp.int32(-1 if eos_id is None else eos_id)
-        cache, ds, _ = self._prefill_fn(sampling, b, t, slots)(
+        cache, ds, _ = self.prefill_program(sampling, b, t, slots)(
             self.state, ids_bt, pad_b, live_b, eos, jax.random.key(sampling.seed))
         if on_step is None and loop in ("auto", "device"):
-            cache, ds = self._step_fn(sampling, "device", b, t, slots)(self.state, cache, ds,
-                                                           jnp.int32(max_new_tokens))
+            cache, ds = self.decode_program(sampling, "device", b, t, slots)(
+                self.state, cache, ds, jnp.int32(max_new_tokens))
         else:
-            step = self._step_fn(sampling, "host", b, t, slots)
+            step = self.decode_program(sampling, "host", b, t, slots)
             ds = self._host_loop(step, cache, ds, max_new_tokens, rows, on_step)
         return _trim(distributed.host_array(ds.out_bn)[:rows, :max_new_tokens], eos_id)
 
     def last_logits(self, prompt_ids: Sequence[Sequence[int]]) -> np.ndarray:
         """Float32 logits [rows, v] after each prompt: the batched, left-padded prefill."""
         self._check(prompt_ids, 1, "host")
-        b = self.buckets.batch(len(prompt_ids), self.batch_divisor)
-        t = self.buckets.prompt(max(map(len, prompt_ids)))
-        slots = self.buckets.slots(t, 1)
+        b, t, slots = self.shapes([len(p) for p in prompt_ids], 1)
         ids_bt, pad_b, live_b = _left_pad(prompt_ids, b, t)
-        _, _, logits_bv = self._prefill_fn(GREEDY, b, t, slots)(
+        _, _, logits_bv = self.prefill_program(GREEDY, b, t, slots)(
             self.state, ids_bt, pad_b, live_b, jnp.int32(-1), jax.random.key(0))
         return distributed.host_array(logits_bv)[:len(prompt_ids)]
 
@@ -265,18 +290,9 @@ class Generator:
     def _check(self, prompt_ids, max_new_tokens: int, loop: str):
         if loop not in ("auto", "host", "device"):
             raise ValueError(f"loop must be 'auto', 'host' or 'device', got {loop!r}")
-        if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
-            raise ValueError("every prompt needs at least one token")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        vocab = self.config.vocab_size
-        bad = [tok for p in prompt_ids for tok in p if not 0 <= tok < vocab]
-        if bad:
-            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
-        longest = max(map(len, prompt_ids)) + max_new_tokens
-        if longest > self.config.max_length:
-            raise ValueError(f"prompt + max_new_tokens = {longest} tokens exceeds the model's "
-                             f"maximum length {self.config.max_length}")
+        if isinstance(jax.tree.leaves(self.state)[0], jax.ShapeDtypeStruct):
+            raise RuntimeError("this Generator was built from a plan: attach() the weights first")
+        check_prompts(self.config, prompt_ids, max_new_tokens)
 
 
 def _step(model, sampling: Sampling, cache: kv_cache.KVCache, ds: DecodeState):
@@ -323,29 +339,3 @@ def _trim(out_bn: np.ndarray, eos_id: int | None) -> list[list[int]]:
             row = row[:row.index(eos_id) + 1]
         rows.append(row)
     return rows
-
-
-def _is_variable(x) -> bool:
-    return isinstance(x, nnx.Variable)
-
-
-def _state_shardings(state, layout: ax.Layout):
-    """A NamedSharding per parameter from its logical `axes` metadata."""
-    def sharding(variable):
-        value = variable.get_value()
-        if isinstance(value, PackedWeight):  # packed only on one device: nothing to split
-            return NamedSharding(layout.mesh, PartitionSpec())
-        return layout.sharding(variable.get_metadata()["axes"], value.shape)
-
-    return jax.tree.map(sharding, state, is_leaf=_is_variable)
-
-
-def _param_dtype(state):
-    return next(x.dtype for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating))
-
-
-def _cast(state, dtype):
-    def cast(x):
-        return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dtype else x
-
-    return jax.tree.map(cast, state)

@@ -19,10 +19,11 @@ from jaxaccel import distributed, progress
 from jaxaccel.checkpoint.manifest import CheckpointError, Manifest, check_member_name
 from jaxaccel.checkpoint.restore import (DEFAULT_HOST_MEMORY_BUDGET, RestoreStats, Target,
                                          restore_arrays)
+from jaxaccel.errors import UsageError
 from jaxaccel.models import config_from_dict
 from jaxaccel.models.state import abstract_model, fill_state, param_specs
-from jaxaccel.pipeline import padded_layers, stage_count
-from jaxaccel.sharding import LAYERS, Layout
+from jaxaccel.runtime import place_param
+from jaxaccel.sharding import Layout
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -65,8 +66,6 @@ class ModelPlan:
 def compute_dtype_name(manifest: Manifest, dtype: str | None) -> str:
     name = dtype or ("bfloat16" if manifest.dtype == "bfloat16" else "float32")
     if name not in COMPUTE_DTYPES:
-        from jaxaccel.errors import UsageError
-
         raise UsageError(f"--dtype must be one of {sorted(COMPUTE_DTYPES)}, got {name!r}")
     return name
 
@@ -91,13 +90,9 @@ def plan_model(path: str | pathlib.Path, layout: Layout | None = None,
 
 
 def _target(spec, layout: Layout) -> Target:
-    """A layer stack that the pipeline stages do not divide is padded (with zero layers the
-    pipeline skips) to a multiple of them, so each stage still holds and reads only its own."""
-    stages = stage_count(layout)
-    shape = spec.shape
-    if spec.axes[:1] == (LAYERS,) and shape[0] % stages:
-        shape = (padded_layers(shape[0], stages), *shape[1:])
-    return Target(shape, spec.dtype, layout.sharding(spec.axes, shape),
+    """Where restore puts an array: its held shape and sharding (`runtime.place_param`)."""
+    shape, sharding = place_param(spec.axes, spec.shape, layout)
+    return Target(shape, spec.dtype, sharding,
                   stored_shape=spec.shape if shape != spec.shape else None)
 
 

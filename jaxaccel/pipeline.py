@@ -36,6 +36,7 @@ from flax import nnx
 from jax.sharding import Mesh, PartitionSpec as P
 
 from jaxaccel import sharding as ax
+from jaxaccel.errors import PipelineError  # noqa: F401  (re-exported)
 
 STAGE = "stage"
 
@@ -51,8 +52,6 @@ def padded_layers(num_layers: int, stages: int) -> int:
     return math.ceil(num_layers / stages) * stages
 
 
-class PipelineError(ValueError):
-    """A batch or configuration the schedule cannot run; the message says why."""
 
 
 @dataclasses.dataclass(frozen=True)

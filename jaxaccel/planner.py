@@ -19,17 +19,25 @@ import pathlib
 import types
 from collections.abc import Mapping
 
+import jax
 import numpy as np
 
+from jaxaccel import models, pipeline
 from jaxaccel import sharding as ax
+from jaxaccel.checkpoint.restore import DEFAULT_HOST_MEMORY_BUDGET, plan_reads
+from jaxaccel.embed import Embedder
+from jaxaccel.generate import Generator
+from jaxaccel.loader import plan_model
+from jaxaccel.models.kv_cache import CACHE_AXES
+from jaxaccel.models.state import param_specs
+from jaxaccel.runtime import Buckets, param_spec
 from jaxaccel.units import format_bytes
+from jaxaccel.errors import PlanError  # noqa: F401  (re-exported)
 
 LARGEST_SHOWN = 3
 SEARCH_DEVICE_COUNTS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
-class PlanError(ValueError):
-    """The run would not fit in device memory; names the largest arrays and a mesh that fits."""
 
 
 @dataclasses.dataclass
@@ -93,14 +101,7 @@ def _fake_layout(sizes: Mapping[str, int], rules: Mapping):
 
 def shard_bytes(shape, axes, itemsize: int, sizes: Mapping[str, int], rules: Mapping) -> int:
     """Bytes one device holds of an array with logical `axes` (layer stacks padded to stages)."""
-    from jaxaccel.pipeline import padded_layers, stage_count
-
-    layout = _fake_layout(sizes, rules)
-    shape = tuple(shape)
-    stages = stage_count(layout)
-    if axes[:1] == (ax.LAYERS,) and stages > 1:
-        shape = (padded_layers(shape[0], stages), *shape[1:])
-    spec = ax.logical_to_spec(axes, shape, layout.mesh, rules)
+    shape, spec = param_spec(axes, shape, _fake_layout(sizes, rules))
     shard = list(shape)
     for i, mesh_axis in enumerate(spec):
         if mesh_axis is not None:
@@ -115,16 +116,15 @@ def param_bytes(specs: Mapping, sizes, rules) -> dict[str, int]:
 
 
 def kv_cache_bytes(config, batch: int, slots: int, itemsize: int, sizes, rules) -> int:
-    """Keys plus values, [l, b, k, s, h] each, for a decoder config (0 for encoders)."""
-    if not _is_decoder(config) or slots <= 0:
+    """Keys plus values, [l, b, k, s, h] each, for a decoder (0 slots: an encoder)."""
+    if slots <= 0:
         return 0
-    from jaxaccel.kv_cache import CACHE_AXES
-
     shape = (config.num_layers, batch, config.num_kv_heads, slots, config.head_dim)
     return 2 * shard_bytes(shape, CACHE_AXES, itemsize, sizes, rules)
 
 
-def activation_formula(config, batch: int, seq: int, itemsize: int, sizes, rules) -> int:
+def activation_formula(config, batch: int, seq: int, itemsize: int, sizes, rules,
+                       decoder: bool = False) -> int:
     """Rough activation peak when XLA cannot be asked: a few [b, t, d] and [b, t, f] buffers
     plus one layer's float32 attention scores, split as the rules split batch, heads, mlp."""
     def split(logical: str) -> int:
@@ -132,9 +132,9 @@ def activation_formula(config, batch: int, seq: int, itemsize: int, sizes, rules
         return sizes.get(axis, 1) if axis else 1
 
     b = math.ceil(batch / split(ax.BATCH))
-    d, f = config.hidden_size, getattr(config, "intermediate_size", 4 * config.hidden_size)
+    d, f = config.hidden_size, config.intermediate_size
     n = math.ceil(config.num_heads / split(ax.HEADS))
-    vocab = getattr(config, "vocab_size", 0) if _is_decoder(config) else 0
+    vocab = config.vocab_size if decoder else 0
     return (b * seq * (6 * d + 2 * math.ceil(f / split(ax.MLP))) * itemsize
             + b * n * seq * seq * 4 + b * math.ceil(vocab / split(ax.VOCAB)) * 4)
 
@@ -145,21 +145,17 @@ def plan(ckpt: str | pathlib.Path, layout=None, dtype: str | None = None, *, bat
          seq: int | None = None, max_new_tokens: int = 0, host_budget: int | None = None,
          device_memory: int | None = None, compile_activations: bool = True) -> MemoryPlan:
     """Memory plan of running `ckpt` on `layout`: reads only the manifest (and tokenizer)."""
-    from jaxaccel.checkpoint.restore import DEFAULT_HOST_MEMORY_BUDGET, plan_reads
-    from jaxaccel.loader import plan_model
-    from jaxaccel.models.state import param_specs
-
     model_plan = plan_model(ckpt, layout, dtype)
     layout, config = model_plan.layout, model_plan.config
     sizes, rules = dict(layout.mesh.shape), layout.rules
-    seq = min(seq or getattr(config, "default_length", config.max_length), config.max_length)
+    seq = min(seq or config.default_length, config.max_length)
     itemsize = _itemsize(model_plan.dtype)
     specs = param_specs(model_plan.abstract_state)
     by_array = param_bytes(specs, sizes, rules)
     batch_rows, seq, slots = _buckets(model_plan, batch, seq, max_new_tokens)
     kv = kv_cache_bytes(config, batch_rows, slots, itemsize, sizes, rules)
-    act, source = _activations(model_plan, pathlib.Path(ckpt), batch_rows, seq, slots,
-                               itemsize, compile_activations)
+    act, source = _activations(model_plan, batch_rows, seq, slots, itemsize,
+                               compile_activations)
     reads = [r.nbytes for r in plan_reads(model_plan.targets)]
     host_budget = host_budget or DEFAULT_HOST_MEMORY_BUDGET
     result = MemoryPlan(
@@ -169,7 +165,7 @@ def plan(ckpt: str | pathlib.Path, layout=None, dtype: str | None = None, *, bat
         activation_source=source, read_bytes=sum(reads),
         peak_host_bytes=peak_in_flight(reads, host_budget), host_budget=host_budget,
         device_memory=device_memory if device_memory is not None else detected_device_memory(),
-        param_bytes_by_array=by_array, warnings=divisibility_warnings(config, sizes, rules),
+        param_bytes_by_array=by_array, warnings=divisibility_warnings(specs, sizes, rules),
         specs=specs, config=config)
     return result
 
@@ -181,19 +177,15 @@ def _itemsize(dtype: str) -> int:
 def _buckets(model_plan, batch: int, seq: int, max_new_tokens: int) -> tuple[int, int, int]:
     """(rows, tokens, cache slots) as the run pads them: its shapes, hence its memory."""
     divisor = model_plan.layout.batch_divisor
-    if not _is_decoder(model_plan.config):
-        return -(-max(1, batch) // divisor) * divisor, seq, 0
-    import jax.numpy as jnp
-
-    from jaxaccel.generate import default_buckets
-
-    buckets = default_buckets(jnp.dtype(model_plan.dtype))
-    prompt = buckets.prompt(seq)
+    if not _is_decoder(model_plan):
+        return Buckets().batch(max(1, batch), divisor, max_rows=batch), seq, 0
+    buckets = Generator.from_plan(model_plan, packed_weights=False).buckets
+    prompt = buckets.length(seq)
     return buckets.batch(batch, divisor), prompt, buckets.slots(prompt, max_new_tokens)
 
 
-def _is_decoder(config) -> bool:
-    return hasattr(config, "num_kv_heads")
+def _is_decoder(model_plan) -> bool:
+    return models.task(model_plan.manifest.family) == "generate"
 
 
 def peak_in_flight(reads: list[int], budget: int) -> int:
@@ -206,82 +198,46 @@ def peak_in_flight(reads: list[int], budget: int) -> int:
 
 def detected_device_memory() -> int | None:
     """The first local device's memory limit where the backend reports one (not on CPU)."""
-    import jax
-
     stats = jax.local_devices()[0].memory_stats() or {}
     return stats.get("bytes_limit")
 
 
-def _activations(model_plan, path: pathlib.Path, batch: int, seq: int, slots: int,
-                 itemsize: int, compile_: bool) -> tuple[int, str]:
+def _activations(model_plan, batch: int, seq: int, slots: int, itemsize: int,
+                 compile_: bool) -> tuple[int, str]:
     sizes, rules = dict(model_plan.layout.mesh.shape), model_plan.layout.rules
     if compile_:
         try:
-            if _is_decoder(model_plan.config):
-                return _compiled_prefill_activations(model_plan, batch, seq, slots), "xla"
-            return _compiled_embed_activations(model_plan, path, batch, seq), "xla"
+            return _compiled_activations(model_plan, batch, seq, slots), "xla"
         except Exception:  # noqa: BLE001 - an estimate must not fail the plan; say so instead
             pass
-    return activation_formula(model_plan.config, batch, seq, itemsize, sizes, rules), "formula"
+    return activation_formula(model_plan.config, batch, seq, itemsize, sizes, rules,
+                              decoder=_is_decoder(model_plan)), "formula"
 
 
-def _compiled_embed_activations(model_plan, path: pathlib.Path, batch: int, seq: int) -> int:
-    """Temporaries + outputs of the exact jitted embed program, from XLA's memory analysis."""
-    import jax
-    import jax.numpy as jnp
-
-    from jaxaccel.embed import Embedder
-    from jaxaccel.loader import LoadedModel
-
-    abstract = LoadedModel(model_plan.manifest, model_plan.manifest.family, model_plan.config,
-                           model_plan.graphdef, model_plan.abstract_state, model_plan.layout,
-                           model_plan.dtype, path)
-    embedder = Embedder(abstract, batch_size=batch, max_length=seq)
-    ids_bt, _ = embedder.batch_arrays([[0] * seq] * batch)
-    batch_sharding = model_plan.layout.batch_sharding(2)
-    arg = jax.ShapeDtypeStruct(ids_bt.shape, jnp.int32, sharding=batch_sharding)
-    stats = embedder.fn.lower(model_plan.abstract_state, arg, arg).compile().memory_analysis()
-    return int(stats.temp_size_in_bytes + stats.output_size_in_bytes)
-
-
-def _compiled_prefill_activations(model_plan, batch: int, seq: int, slots: int) -> int:
-    """Temporaries + non-cache outputs of generate's jitted prefill (its memory peak: a decode
-    step handles one token), from XLA's memory analysis. The cache is counted on its own."""
-    import jax
-    import jax.numpy as jnp
-
-    from jaxaccel import generate
-
-    layout, config = model_plan.layout, model_plan.config
-    # A Generator without weights: its compiled prefill is all we need, lowered abstractly.
-    gen = object.__new__(generate.Generator)
-    gen.graphdef, gen.config, gen.layout = model_plan.graphdef, config, layout
-    gen.dtype = jnp.dtype(model_plan.dtype)
-    gen.buckets = generate.default_buckets(gen.dtype)
-    gen.state_shardings = generate._state_shardings(model_plan.abstract_state, layout)
-    gen.traces, gen._compiled = {"prefill": 0, "decode": 0}, {}
-    gen.pipeline = None  # stage meshes: the formula (their padded stacks need real arrays)
-    gen.cache_layers, gen.batch_divisor = config.num_layers, layout.batch_divisor
-    gen._jit = jax.jit
-    if layout.rules.get(ax.LAYERS) == "stage" and layout.mesh.shape["stage"] > 1:
-        raise NotImplementedError("pipelined prefill")
-    rows = jax.ShapeDtypeStruct((batch,), jnp.int32)
-    args = (model_plan.abstract_state, jax.ShapeDtypeStruct((batch, seq), jnp.int32), rows,
-            jax.ShapeDtypeStruct((batch,), jnp.bool_), jax.ShapeDtypeStruct((), jnp.int32),
-            jax.eval_shape(lambda: jax.random.key(0)))
-    fn = gen._prefill_fn(generate.GREEDY, batch, seq, slots)
-    stats = fn.lower(*args).compile().memory_analysis()
-    cache = kv_cache_bytes(config, batch, slots, gen.dtype.itemsize, dict(layout.mesh.shape),
-                           layout.rules)
+def _compiled_activations(model_plan, batch: int, seq: int, slots: int) -> int:
+    """Temporaries + outputs of the exact program the run compiles, from XLA's memory
+    analysis (the runtime's). For decoders, the prefill (its peak: a decode step handles
+    one token), with the KV cache counted on its own."""
+    if not _is_decoder(model_plan):
+        stats = Embedder(model_plan, batch_size=batch, max_length=seq).memory_analysis(batch, seq)
+        return int(stats.temp_size_in_bytes + stats.output_size_in_bytes)
+    if pipeline.stage_count(model_plan.layout) > 1:
+        raise NotImplementedError("pipelined prefill: the formula estimates it")
+    generator = Generator.from_plan(model_plan, packed_weights=False)
+    stats = generator.prefill_memory_analysis(batch, seq, slots)
+    layout = model_plan.layout
+    cache = kv_cache_bytes(model_plan.config, batch, slots, generator.dtype.itemsize,
+                           dict(layout.mesh.shape), layout.rules)
     return int(stats.temp_size_in_bytes + max(0, stats.output_size_in_bytes - cache))
 
 
-def divisibility_warnings(config, sizes, rules) -> list[str]:
+def divisibility_warnings(specs: Mapping, sizes, rules) -> list[str]:
     """Sharded logical dims that the mesh does not divide: those weights stay replicated."""
-    dims = {ax.HEADS: getattr(config, "num_heads", None),
-            ax.KV_HEADS: getattr(config, "num_kv_heads", None),
-            ax.MLP: getattr(config, "intermediate_size", None),
-            ax.VOCAB: getattr(config, "vocab_size", None)}
+    dims = {}
+    for spec in specs.values():
+        for logical, dim in zip(spec.axes, spec.shape):
+            if logical not in (ax.LAYERS, ax.EMBED, ax.HEAD_DIM, None):
+                dims.setdefault(logical, dim)
     out = []
     for logical, dim in dims.items():
         axis = rules.get(logical)
@@ -317,7 +273,7 @@ def _candidates(devices: int, config):
     out = []
     for model in _divisors(devices):
         for stage in _divisors(devices // model):
-            if stage > getattr(config, "num_layers", 1):
+            if stage > config.num_layers:
                 continue
             out.append(("dp_tp" if stage == 1 else "dp_tp_pp", model, stage))
     return sorted(out, key=lambda c: (c[1] * c[2], c[2]))
@@ -358,8 +314,6 @@ def refuse_if_too_big(ckpt, layout, dtype: str | None, *, batch: int, seq: int |
 
     Skipped (None) when no device memory is known: CPU without `--device-memory`.
     """
-    import jax
-
     if device_memory is None and detected_device_memory() is None:
         return None
     plan_ = plan(ckpt, layout, dtype, batch=batch, seq=seq, max_new_tokens=max_new_tokens,

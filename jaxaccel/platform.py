@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 
 _DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 
@@ -19,7 +20,7 @@ def configure_host_devices(count: int | None) -> None:
     if count < 1:
         raise ValueError(f"--host-devices must be >= 1, got {count}")
     if _backends_initialised():
-        import jax
+        import jax  # deferred: importing it here must not start it early
 
         if jax.device_count() == count or jax.default_backend() != "cpu":
             return
@@ -32,10 +33,8 @@ def configure_host_devices(count: int | None) -> None:
 
 
 def _backends_initialised() -> bool:
-    import sys
-
     if "jax" not in sys.modules:
         return False
-    from jax._src import xla_bridge
+    from jax._src import xla_bridge  # deferred: private; only once jax is imported
 
     return bool(getattr(xla_bridge, "_backends", None))

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jaxaccel.errors import MeshSpecError  # noqa: F401  (re-exported)
 
 # Logical axis names: each is stated once here and used by every model.
 BATCH = "batch"
@@ -49,8 +50,6 @@ RULE_TABLES: dict[str, dict[str, str | None]] = {
 }
 
 
-class MeshSpecError(ValueError):
-    """A --mesh or --rules value that cannot be used; the message says why."""
 
 
 def parse_mesh(text: str | None) -> dict[str, int]:

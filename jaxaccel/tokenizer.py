@@ -1,8 +1,5 @@
-"""Text -> token ids with the checkpoint's own `tokenizer.json`, plus length buckets.
-
-Batches are padded to one of a few lengths (`LENGTH_BUCKETS`), so a new input reuses an
-already-compiled executable instead of triggering a recompile for every new length.
-"""
+"""Text -> token ids with the checkpoint's own `tokenizer.json` (padding to buckets is the
+runtime's: `jaxaccel.runtime.Buckets`)."""
 
 from __future__ import annotations
 
@@ -10,30 +7,7 @@ import dataclasses
 import pathlib
 
 from tokenizers import Tokenizer
-
-LENGTH_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
-
-
-class InputError(ValueError):
-    """Input text or ids that cannot be used; the message says which and why."""
-
-
-def bucket_length(length: int, max_length: int) -> int:
-    """Smallest bucket >= length, never above max_length."""
-    for bucket in LENGTH_BUCKETS:
-        if bucket >= length:
-            return min(bucket, max_length)
-    return max_length
-
-
-def bucket_batch(rows: int, max_rows: int, multiple: int = 1) -> int:
-    """Pad a batch to a power of two (<= max_rows) that `multiple` divides."""
-    size = 1
-    while size < rows:
-        size *= 2
-    size = min(size, max(max_rows, rows))
-    return -(-size // multiple) * multiple
-
+from jaxaccel.errors import InputError  # noqa: F401  (re-exported)
 
 @dataclasses.dataclass
 class Encoded:
@@ -71,6 +45,10 @@ class TextTokenizer:
             finally:
                 self._tok.no_truncation()
         return Encoded([e.ids for e in encodings], too_long)
+
+    def encode_one(self, text: str) -> list[int]:
+        """Token ids of one text, special tokens added, untruncated (a decoder's prompt)."""
+        return self._tok.encode(text).ids
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)

@@ -4,7 +4,7 @@
 
 The workload is a decoder's MLP input weights: a scan over 12 stacked [768, 3072] bf16
 layers (57 MB), y = x . W per layer, x of `rows` rows. Contenders, each in fresh processes,
-alternated: the packed kernel (`jaxaccel.kernels.packed`), XLA's dot on the plain [k, n]
+alternated: the packed kernel (`jaxaccel.backends.cpu.packed`), XLA's dot on the plain [k, n]
 weights, and (one row only) XLA's dot with the row padded to two, which is what XLA:CPU's
 fast bf16 path (YNNPACK) needs. Prints GB/s of weights read (min/median/max of the
 processes' best times) and kernel / XLA ratios.
@@ -28,7 +28,7 @@ def worker(contender: str, rows: int) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from jaxaccel.kernels import packed
+    from jaxaccel.backends.cpu import packed
 
     w = (0.02 * jax.random.normal(jax.random.key(0), (LAYERS, K, N))).astype(jnp.bfloat16)
     x = jax.random.normal(jax.random.key(1), (rows, K)).astype(jnp.bfloat16)

@@ -24,7 +24,7 @@ def test_start_embedder_matches_plain_load(minilm_ckpt, overlap):
                                        batch_size=8, overlap=overlap)
     assert set(started.timings) >= {"plan", "restore", "compile", "ready"}
     got = started.embedder.embed_texts(TEXTS)[0]
-    assert started.embedder.fn.jitted._cache_size() == 0, "first call traced instead of AOT"
+    assert started.embedder.forward.jitted._cache_size() == 0, "first call traced instead of AOT"
     want = Embedder(load_model(minilm_ckpt, layout), batch_size=8).embed_texts(TEXTS)[0]
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 

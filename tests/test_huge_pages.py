@@ -3,7 +3,7 @@
 import jax.numpy as jnp
 import numpy as np
 
-from jaxaccel.kernels import huge_pages
+from jaxaccel.backends.cpu import huge_pages
 
 
 def test_copy_is_exact_aligned_and_adopted_in_place():

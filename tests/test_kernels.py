@@ -13,7 +13,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from jaxaccel.kernels import build, packed
+from jaxaccel.backends.cpu import build, packed
 
 # Odd k, n not a multiple of 16, row counts on both sides of the 8-row register tile.
 SHAPES = [(1, 7, 5), (1, 768, 3072), (2, 97, 50), (8, 64, 33), (9, 130, 100), (17, 31, 161)]

@@ -1,6 +1,6 @@
 """bf16 generation through the packed-weight kernel against the same model on XLA's own dots.
 
-The packed path (`jaxaccel.kernels`) replaces every matmul of prefill and decode, the tied
+The packed path (`jaxaccel.backends.cpu`) replaces every matmul of prefill and decode, the tied
 token lookup and the LM head; XLA's bf16 dots are the independent reference. A tiny Llama
 with GQA (8 heads over 2 KV heads), vocab 101 (not a multiple of the 16-column panel) and
 head_dim 6, tied and untied.
@@ -15,8 +15,10 @@ from flax import nnx
 
 from decoder_reference import generator
 from jaxaccel import sharding as ax
-from jaxaccel.kernels import decode_weights
-from jaxaccel.kernels.packed import PackedWeight
+from jaxaccel import backends
+from jaxaccel.backends import cpu
+from jaxaccel.backends.cpu import packing
+from jaxaccel.backends.cpu.packed import PackedWeight
 from jaxaccel.models.state import abstract_model, fill_state, param_specs
 from test_generate import CONFIG, PROMPTS
 
@@ -75,19 +77,26 @@ def test_host_loop_equals_device_loop(pair):
 
 
 def test_packing_is_chosen_only_where_it_applies():
-    one = ax.Layout.create("data=1,model=1", "replicated")
-    assert decode_weights.wanted(jnp.bfloat16, one, False, None)
-    assert not decode_weights.wanted(jnp.float32, one, False, None)
-    assert not decode_weights.wanted(jnp.bfloat16, one, True, None)  # pipelined
-    assert not decode_weights.wanted(jnp.bfloat16, ax.Layout.create("model=2", "tp"), False, None)
-    assert not decode_weights.wanted(jnp.bfloat16, one, False, False)
+    assert packing.wanted(jnp.bfloat16, True, None)
+    assert not packing.wanted(jnp.float32, True, None)
+    assert not packing.wanted(jnp.bfloat16, False, None)  # several devices, or a pipeline
+    assert not packing.wanted(jnp.bfloat16, True, False)
     with pytest.raises(ValueError, match="the dtype is not bfloat16"):
-        decode_weights.wanted(jnp.float32, one, False, True)
+        packing.wanted(jnp.float32, True, True)
+
+
+def test_generators_pack_only_on_one_device():
+    model = random_bf16_model(CONFIG)
+    tp = ax.Layout.create("data=1,model=2", "tp")
+    assert not generator(model, CONFIG, layout=tp, dtype=jnp.bfloat16).packed_weights
+    assert generator(model, CONFIG, dtype=jnp.bfloat16).packed_weights
 
 
 def test_bf16_token_lookup_gathers_the_table_as_stored():
-    """XLA:CPU gathers a bfloat16 table by converting all of it to float32 first (the check
-    below sees that for plain `jnp.take`); `layers.lookup` gathers its uint16 bits instead."""
+    """XLA:CPU before jax 0.12 gathers a bfloat16 table by converting all of it to float32
+    first (the check below sees that for plain `jnp.take`); there the CPU backend's lookup
+    gathers its uint16 bits instead. Newer XLA gathers bf16 directly, and the backend keeps
+    the plain gather. Either way the CPU program never converts the table."""
     import jax
 
     from jaxaccel.models import layers
@@ -98,6 +107,10 @@ def test_bf16_token_lookup_gathers_the_table_as_stored():
         hlo = jax.jit(fn).lower(table, ids).compile().as_text()
         return "f32[1001,48]" in hlo
 
-    assert converts_table(lambda t, i: jnp.take(t, i, axis=0))
-    assert not converts_table(layers.lookup)
-    np.testing.assert_array_equal(np.asarray(layers.lookup(table, ids)), np.ones((1, 2, 48)))
+    def cpu_lookup(t, i):
+        with backends.use(cpu.backend()):
+            return layers.lookup(t, i)
+
+    assert converts_table(lambda t, i: jnp.take(t, i, axis=0)) == cpu.GATHER_CARRIER
+    assert not converts_table(cpu_lookup)
+    np.testing.assert_array_equal(np.asarray(cpu_lookup(table, ids)), np.ones((1, 2, 48)))

@@ -59,7 +59,7 @@ def test_minilm_plan_matches_measured(minilm_ckpt, mesh, rules, batch, seq):
     assert plan.param_bytes == params  # exact
     embedder = Embedder(loaded, batch_size=batch, max_length=seq)
     ids_bt, mask_bt = embedder.batch_arrays([[1] * seq] * batch)
-    stats = embedder.fn.lower(loaded.state, ids_bt, mask_bt).compile().memory_analysis()
+    stats = embedder.forward.lower(loaded.state, ids_bt, mask_bt).compile().memory_analysis()
     measured = params + stats.temp_size_in_bytes + stats.output_size_in_bytes
     assert plan.activation_source == "xla"
     assert abs(plan.total_bytes - measured) <= 0.2 * measured, (plan.total_bytes, measured)
@@ -77,7 +77,7 @@ def test_llama_plan_matches_measured(llama_ckpt):
     prompts = [list(range(1, 21))] * 3
     gen.generate(prompts, max_new_tokens=30)
     params = device0_bytes(gen.state)
-    (key, prefill), = [(k, f) for k, f in gen._compiled.items() if k[0] == "prefill"]
+    (key, prefill), = [(k, f) for k, f in gen.runtime.programs.items() if k[0] == "prefill"]
     b, t, slots = key[2:]
     assert (b, t, slots) == (plan.batch, plan.seq, plan.slots)
     args = (gen.state, np.zeros((b, t), np.int32), np.zeros(b, np.int32), np.ones(b, bool),

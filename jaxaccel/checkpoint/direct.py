@@ -28,9 +28,12 @@ import threading
 import ml_dtypes
 import numpy as np
 import tensorstore as ts
+import ctypes
+import crc32c
 
 from jaxaccel.checkpoint import integrity
 from jaxaccel.checkpoint.integrity import IntegrityError
+from jaxaccel.errors import ChunkError  # noqa: F401  (re-exported)
 
 PIECE_BYTES = int(os.environ.get("JAXACCEL_PIECE", 1 << 20))  # read granularity
 ALIGNMENT = 4096  # jax on CPU adopts (does not copy) buffers aligned to >= 64 bytes
@@ -38,8 +41,6 @@ _DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16)}
 _CRC_BYTES = 4
 
 
-class ChunkError(IntegrityError):
-    """A chunk that is not where the index says, or whose checksum does not match."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,8 +153,6 @@ def _fmt_chunk(index) -> str:
 
 
 def _libc_preadv():
-    import ctypes
-
     preadv = ctypes.CDLL(None, use_errno=True).preadv
     preadv.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64)
     preadv.restype = ctypes.c_ssize_t
@@ -182,8 +181,6 @@ def _scatter_read(fd: int, out: np.ndarray, offset: int, ref: ValueRef) -> None:
     preadv per 1024 contiguous runs, via ctypes so the GIL is released once per call
     rather than once per piece (a compile thread beside the restore makes each GIL hand-over
     cost up to the 5 ms switch interval)."""
-    import ctypes
-
     starts, run = contiguous_runs(out)
     iov = np.empty((len(starts), 2), np.uint64)
     iov[:, 0], iov[:, 1] = starts, run
@@ -208,8 +205,6 @@ class ChunkReader:
         self._fds: dict[str, int] = {}
         self._lock = threading.Lock()
         self._local = threading.local()
-        if verify:
-            import crc32c  # noqa: F401  (fail early if the checker is missing)
 
     def close(self) -> None:
         with self._lock:
@@ -257,8 +252,6 @@ class ChunkReader:
     def _read_whole(self, layout: ArrayLayout, ref: ValueRef, out: np.ndarray,
                     grid_index) -> None:
         """Stream a chunk that `out` receives entirely, piece by piece along its first long dim."""
-        import crc32c
-
         self._check_length(layout, ref, grid_index)
         fd, chunk = self._fd(ref.file), layout.chunk
         if out.dtype == layout.dtype and not (self.verify and layout.checksummed):
@@ -289,8 +282,6 @@ class ChunkReader:
 
     def _read_all(self, layout: ArrayLayout, ref: ValueRef, grid_index) -> np.ndarray:
         """A whole chunk's values as a new flat array (for chunks only partly needed)."""
-        import crc32c
-
         self._check_length(layout, ref, grid_index)
         if ref.inline is not None:
             raw = np.frombuffer(ref.inline, np.uint8)

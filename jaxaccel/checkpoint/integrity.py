@@ -26,17 +26,17 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
+import tensorstore as ts
 
 from jaxaccel.checkpoint import layout
 from jaxaccel.checkpoint.manifest import PARAMS_DIR, CheckpointError, Manifest
+from jaxaccel.errors import IntegrityError  # noqa: F401  (re-exported)
 
 VERIFY_BYTES_IN_FLIGHT = 512 << 20
 MAX_PROBLEMS_SHOWN = 5
 _KEY_IN_ERROR = re.compile(r'"([^"]+)/c((?:/\d+)*)"')
 
 
-class IntegrityError(CheckpointError):
-    """Stored bytes that do not match what was written; names the array and chunk."""
 
 
 def crc32(data: np.ndarray) -> str:
@@ -73,8 +73,6 @@ def chunk_checksums(array: np.ndarray, chunk: Sequence[int]) -> tuple[str, ...]:
 
 def list_keys(params_dir: pathlib.Path) -> set[str]:
     """Every key in the params OCDBT database (reads only its b-tree nodes)."""
-    import tensorstore as ts
-
     try:
         store = ts.KvStore.open(layout.kvstore_spec(str(params_dir))).result()
         return {key.decode() for key in store.list().result()}
@@ -183,8 +181,6 @@ def _check_files(path: pathlib.Path, manifest: Manifest) -> list[str]:
 
 
 def _open_stores(params_dir, manifest: Manifest, names) -> tuple[dict, list[str]]:
-    import tensorstore as ts
-
     context = ts.Context({"cache_pool": {"total_bytes_limit": 0}})
     futures = {name: ts.open(layout.array_spec(str(params_dir), name), read=True,
                              context=context) for name in names}

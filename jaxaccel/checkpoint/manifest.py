@@ -14,6 +14,8 @@ import pathlib
 from collections.abc import Mapping
 
 import numpy as np
+import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
+from jaxaccel.errors import CheckpointError  # noqa: F401  (re-exported)
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "jaxaccel.json"
@@ -23,8 +25,6 @@ STORED_DTYPES = ("float32", "bfloat16", "float16")
 ARRAY_DTYPES = STORED_DTYPES + ("int8", "int16", "int32", "int64", "uint8", "uint32", "bool")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used as it is; the message names the file and the problem."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,8 +187,6 @@ def _chunk_count(shape, chunk) -> int:
 
 
 def _itemsize(dtype: str) -> int:
-    import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
-
     if dtype == "bfloat16":
         return 2
     return np.dtype(dtype).itemsize

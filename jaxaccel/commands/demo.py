@@ -7,6 +7,8 @@ import pathlib
 import time
 
 import typer
+from rich.console import Console
+from rich.table import Table
 
 DEMO_SENTENCES = [
     "A man is eating food.",
@@ -29,9 +31,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Convert the bundled all-MiniLM-L6-v2 (once), embed a few sentences, and print a
         cosine-similarity table and timings."""
-        from rich.console import Console
-
-        from jaxaccel.commands.convert import bundled_minilm_path
+        # deferred: jax loads only when a command runs, after --host-devices set XLA's flags
+        from jaxaccel.convert.bundled import bundled_minilm_path
         from jaxaccel.convert.hf import convert
         from jaxaccel.embed import Embedder
         from jaxaccel.loader import load_model
@@ -61,8 +62,6 @@ def register(app: typer.Typer) -> None:
 
 
 def _print_similarity(console, vectors) -> None:
-    from rich.table import Table
-
     sims = vectors @ vectors.T
     table = Table("", *[f"#{i + 1}" for i in range(len(DEMO_SENTENCES))],
                   title="cosine similarity, all-MiniLM-L6-v2")

@@ -12,11 +12,15 @@ import typer
 
 from jaxaccel.commands import options
 
+import numpy as np
+
+from jaxaccel import progress
+from jaxaccel.errors import InputError, UsageError
+from jaxaccel.units import parse_bytes
+
 
 def read_text_lines(path: pathlib.Path) -> list[str]:
     """One text per line, UTF-8; a clear error for a missing, empty or non-UTF-8 file."""
-    from jaxaccel.tokenizer import InputError
-
     try:
         data = path.read_bytes()
     except OSError as err:
@@ -33,60 +37,10 @@ def read_text_lines(path: pathlib.Path) -> list[str]:
 
 
 def save_npy_atomically(path: pathlib.Path, array) -> None:
-    import numpy as np
-
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
     with open(tmp, "wb") as handle:
         np.save(handle, array)
     os.replace(tmp, path)
-
-
-def load_for_inference(ckpt, mesh, rules, rule_overrides, dtype, budget: str, quiet: bool, *,
-                       device_memory: str | None = None, batch: int = 1, seq: int | None = None,
-                       max_new_tokens: int = 0, verify_checksums: bool = False):
-    """Plan (refusing a run that would overflow a device, before reading a byte), then load."""
-    from jaxaccel.loader import load_model
-    from jaxaccel.planner import refuse_if_too_big
-    from jaxaccel.units import parse_bytes
-
-    layout = options.layout_from(mesh, rules, rule_overrides)
-    memory = parse_bytes(device_memory, "--device-memory") if device_memory else None
-    refuse_if_too_big(ckpt, layout, dtype, batch=batch, seq=seq, max_new_tokens=max_new_tokens,
-                      device_memory=memory)
-    return load_model(ckpt, layout, dtype,
-                      host_memory_budget=parse_bytes(budget, "--host-memory-budget"), quiet=quiet,
-                      verify_checksums=verify_checksums)
-
-
-def start_for_texts(ckpt, texts, mesh, rules, rule_overrides, dtype, budget: str, quiet: bool,
-                    *, device_memory, batch_size: int, max_length, truncate: bool, microbatches,
-                    verify_checksums: bool):
-    """Tokenise first (bad input fails before a byte is read), then restore the weights while
-    XLA compiles the forward for exactly the buckets these texts need."""
-    from jaxaccel.coldstart import batch_shapes, start_embedder
-    from jaxaccel.loader import plan_model
-    from jaxaccel.planner import refuse_if_too_big
-    from jaxaccel.tokenizer import InputError, TextTokenizer
-    from jaxaccel.units import parse_bytes
-
-    layout = options.layout_from(mesh, rules, rule_overrides)
-    memory = parse_bytes(device_memory, "--device-memory") if device_memory else None
-    refuse_if_too_big(ckpt, layout, dtype, batch=min(batch_size, len(texts)), seq=max_length,
-                      device_memory=memory)
-    plan = plan_model(ckpt, layout, dtype)
-    if plan.manifest.family != "bert" or "tokenizer.json" not in plan.manifest.tokenizer_files:
-        raise InputError(f"{ckpt}: embed needs an encoder checkpoint with a tokenizer.json "
-                         f"(this one is {plan.manifest.family})")
-    limit = min(max_length or plan.config.default_length, plan.config.max_length)
-    encoded = TextTokenizer(pathlib.Path(ckpt) / "tokenizer.json").encode(texts, limit,
-                                                                           truncate=truncate)
-    shapes = batch_shapes(plan, [len(ids) for ids in encoded.ids], batch_size, max_length,
-                          microbatches)
-    started = start_embedder(ckpt, layout, dtype, shapes=shapes, batch_size=batch_size,
-                             max_length=max_length, microbatches=microbatches,
-                             host_memory_budget=parse_bytes(budget, "--host-memory-budget"),
-                             verify_checksums=verify_checksums, quiet=quiet, plan=plan)
-    return started, encoded
 
 
 def register(app: typer.Typer) -> None:
@@ -119,19 +73,20 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Embed texts: mean-pooled, L2-normalised sentence embeddings (sentence-transformers
         semantics), computed by a jitted, sharded forward pass."""
+        # deferred: jax loads only when a command runs, after --host-devices set XLA's flags
+        from jaxaccel import coldstart, distributed
         from jaxaccel import compile_cache as xla_cache
-        from jaxaccel import distributed
-        from jaxaccel.errors import UsageError
 
         if bool(text) == bool(input_file):
             raise UsageError("give texts with --text (repeatable) or --input FILE, not both")
         texts = list(text) if text else read_text_lines(input_file)
         xla_cache.configure(compile_cache, enabled=not no_compile_cache)
-        started, encoded = start_for_texts(ckpt, texts, mesh, rules, rule, dtype, budget, quiet,
-                                           device_memory=device_memory, batch_size=batch_size,
-                                           max_length=max_length, truncate=not no_truncate,
-                                           microbatches=microbatches,
-                                           verify_checksums=verify_checksums)
+        started, encoded = coldstart.start_for_texts(
+            ckpt, texts, options.layout_from(mesh, rules, rule), dtype,
+            device_memory=options.device_memory_from(device_memory), batch_size=batch_size,
+            max_length=max_length, truncate=not no_truncate, microbatches=microbatches,
+            host_memory_budget=parse_bytes(budget, "--host-memory-budget"),
+            verify_checksums=verify_checksums, quiet=quiet)
         embedder, loaded, truncated = started.embedder, started.loaded, encoded.truncated
         start = time.perf_counter()
         embeddings = embedder.embed_ids(encoded.ids)
@@ -144,8 +99,6 @@ def register(app: typer.Typer) -> None:
 def report(ckpt, texts, embeddings, max_length: int, truncated: list[int], dtype: str,
            seconds: float, out, as_json: bool, quiet: bool) -> None:
     """Warn about truncation, save --out, print JSON or a summary line."""
-    from jaxaccel import progress
-
     if truncated:
         progress.say(f"warning: {len(truncated)} input(s) truncated to {max_length} "
                      f"tokens (first: input {truncated[0] + 1}); --no-truncate refuses them")

@@ -9,14 +9,12 @@ from typing import List, Optional
 import typer
 
 from jaxaccel.commands import options
-
-DECODER_FAMILIES = ("gpt2", "llama")
+from jaxaccel.errors import UsageError
+from jaxaccel.units import parse_bytes
 
 
 def parse_prompt_ids(text: str) -> list[list[int]]:
     """'1,2,3;4,5' -> [[1, 2, 3], [4, 5]]."""
-    from jaxaccel.errors import UsageError
-
     prompts = []
     for part in text.split(";"):
         try:
@@ -32,7 +30,7 @@ def parse_prompt_ids(text: str) -> list[list[int]]:
 
 def sampling_from(greedy: bool, temperature: Optional[float], top_k: int, top_p: float,
                   seed: int):
-    from jaxaccel.errors import UsageError
+    # deferred: jax loads only when a command runs, after --host-devices set XLA's flags
     from jaxaccel.sampling import Sampling
 
     if temperature is not None and temperature < 0:
@@ -100,6 +98,8 @@ def register(app: typer.Typer) -> None:
             "weights packed, through jaxaccel's compiled kernel (built with the system C++ "
             "compiler on first use, then cached). Default: wherever it applies; --kernels "
             "insists (an error where it cannot), --no-kernels keeps XLA's own dots."),
+        compile_cache: Optional[pathlib.Path] = options.COMPILE_CACHE,
+        no_compile_cache: bool = options.NO_COMPILE_CACHE,
         as_json: bool = options.JSON,
         quiet: bool = options.QUIET,
     ) -> None:
@@ -107,67 +107,56 @@ def register(app: typer.Typer) -> None:
         tensor-parallel on `model` and data-parallel on `data`. Streams text unless --json."""
         run_generate(ckpt, prompt, prompt_ids, max_new_tokens, sampling_from(
             greedy, temperature, top_k, top_p, seed), ignore_eos, dtype, mesh, rules, rule,
-            budget, microbatches, device_memory, verify_checksums, as_json, quiet, kernels)
+            budget, microbatches, device_memory, verify_checksums, as_json, quiet, kernels,
+            compile_cache=compile_cache, no_compile_cache=no_compile_cache)
 
 
 def run_generate(ckpt, prompt, prompt_ids, max_new_tokens, sampling, ignore_eos, dtype, mesh,
                  rules, rule, budget, microbatches, device_memory, verify_checksums, as_json,
-                 quiet, kernels=None) -> None:
-    """Validate, restore, generate, print: the body of `jaxaccel generate`."""
-    from jaxaccel import distributed
-    from jaxaccel.commands.embed import load_for_inference
-    from jaxaccel.errors import UsageError
-    from jaxaccel.generate import Generator
-    from jaxaccel.kernels.decode_weights import KernelUnavailable
+                 quiet, kernels=None, *, compile_cache=None, no_compile_cache=False) -> None:
+    """Check the request (before reading a byte of weights), restore while compiling,
+    generate, print: the body of `jaxaccel generate`."""
+    # deferred: jax loads only when a command runs, after --host-devices set XLA's flags
+    import jax
+
+    from jaxaccel import coldstart, distributed
+    from jaxaccel import compile_cache as xla_cache
+    from jaxaccel.generate import check_prompts
 
     if bool(prompt) == bool(prompt_ids):
         raise UsageError("give --prompt TEXT (repeatable) or --prompt-ids, not both")
     if max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
-    loaded = load_for_inference(ckpt, mesh, rules, rule, dtype, budget, quiet,
-                                device_memory=device_memory, max_new_tokens=max_new_tokens,
-                                verify_checksums=verify_checksums)
-    if loaded.family not in DECODER_FAMILIES:
-        raise UsageError(f"{ckpt} holds a {loaded.family!r} model; generate needs a decoder "
-                         f"({', '.join(DECODER_FAMILIES)})")
-    tokenizer = _tokenizer(loaded)
+    plan = coldstart.plan_for("generate", ckpt, options.layout_from(mesh, rules, rule), dtype,
+                              device_memory=options.device_memory_from(device_memory),
+                              max_new_tokens=max_new_tokens)
+    tokenizer = coldstart.tokenizer_for(plan, ckpt)
     if prompt and tokenizer is None:
         raise UsageError(f"{ckpt} has no tokenizer.json; use --prompt-ids")
-    ids = parse_prompt_ids(prompt_ids) if prompt_ids else [
-        tokenizer.encode(text).ids for text in prompt]
+    ids = parse_prompt_ids(prompt_ids) if prompt_ids else [tokenizer.encode_one(t) for t in prompt]
     try:
-        generator = Generator(loaded.graphdef, loaded.state, loaded.config, loaded.layout,
-                              microbatches=microbatches, packed_weights=kernels)
-    except KernelUnavailable as err:
-        raise UsageError(f"--kernels: {err}") from None
-    eos = None if ignore_eos else loaded.config.eos_token_id
-    output = distributed.is_output_process()
-    # Streaming runs the host loop, which is not multi-host safe: stream on one process only.
-    stream = (TextStream(tokenizer) if tokenizer and not as_json and len(ids) == 1
-              and output and jax_process_count() == 1 else None)
-    if stream:
-        print(tokenizer.decode(ids[0]), end="", flush=True)
-    try:
-        new = generator.generate(ids, max_new_tokens, sampling=sampling, eos_id=eos,
-                                 on_step=stream)
+        check_prompts(plan.config, ids, max_new_tokens)
     except ValueError as err:
         raise UsageError(str(err)) from None
+    xla_cache.configure(compile_cache, enabled=not no_compile_cache)
+    output = distributed.is_output_process()
+    # Streaming runs the host loop, which is not multi-host safe: stream on one process only.
+    streaming = bool(tokenizer and not as_json and len(ids) == 1 and output
+                     and jax.process_count() == 1)
+    started = coldstart.start_generator(
+        ckpt, plan=plan, prompt_lengths=[len(p) for p in ids],
+        max_new_tokens=max_new_tokens, sampling=sampling, microbatches=microbatches,
+        packed_weights=kernels, loop="host" if streaming else "device",
+        host_memory_budget=parse_bytes(budget, "--host-memory-budget"),
+        verify_checksums=verify_checksums, quiet=quiet)
+    eos = None if ignore_eos else plan.config.eos_token_id
+    stream = TextStream(tokenizer) if streaming else None
+    if stream:
+        print(tokenizer.decode(ids[0]), end="", flush=True)
+    new = started.generator.generate(ids, max_new_tokens, sampling=sampling, eos_id=eos,
+                                     on_step=stream)
     if output:
         _print_result(ids, new, tokenizer, as_json, streamed=stream is not None)
-
-
-def jax_process_count() -> int:
-    import jax
-
-    return jax.process_count()
-
-
-def _tokenizer(loaded):
-    if loaded.tokenizer_path is None:
-        return None
-    from tokenizers import Tokenizer
-
-    return Tokenizer.from_file(str(loaded.tokenizer_path))
 
 
 def _print_result(prompts, new, tokenizer, as_json: bool, streamed: bool) -> None:

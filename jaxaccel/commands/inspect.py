@@ -8,6 +8,11 @@ import pathlib
 import typer
 
 from jaxaccel.commands.options import JSON
+from rich.console import Console
+from rich.table import Table
+
+from jaxaccel.checkpoint.manifest import Manifest
+from jaxaccel.units import format_bytes
 
 
 def register(app: typer.Typer) -> None:
@@ -15,8 +20,6 @@ def register(app: typer.Typer) -> None:
     def inspect_cmd(ckpt: pathlib.Path = typer.Argument(..., help="Checkpoint directory."),
                     as_json: bool = JSON) -> None:
         """Show a checkpoint's family, config, and every array's shape, dtype and bytes."""
-        from jaxaccel.checkpoint.manifest import Manifest
-
         manifest = Manifest.load(ckpt)
         if as_json:
             print(json.dumps(manifest.to_json()))
@@ -25,11 +28,6 @@ def register(app: typer.Typer) -> None:
 
 
 def _print_table(ckpt, manifest) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    from jaxaccel.units import format_bytes
-
     console = Console()
     console.print(f"[bold]{ckpt}[/]  family={manifest.family}  dtype={manifest.dtype}  "
                   f"arrays={len(manifest.arrays)}  total={format_bytes(manifest.total_bytes)}")

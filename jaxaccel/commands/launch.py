@@ -7,6 +7,8 @@ from typing import List, Optional
 
 import typer
 
+from jaxaccel.launcher import launch_local
+
 
 def register(app: typer.Typer) -> None:
     @app.command("launch", context_settings={"allow_interspersed_args": False})
@@ -28,8 +30,6 @@ def register(app: typer.Typer) -> None:
         """Start N local processes of one command as a jax.distributed cluster (process 0 is the
         coordinator), stream their logs (each line tagged with its process), and fail if any
         process fails."""
-        from jaxaccel.launcher import launch_local
-
         result = launch_local(command, processes, host_devices=devices_each, port=port,
                               timeout_s=timeout, log_dir=log_dir)
         if not result.ok:

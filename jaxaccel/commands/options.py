@@ -6,6 +6,8 @@ from typing import Optional
 
 import typer
 
+from jaxaccel.units import parse_bytes
+
 DTYPE = typer.Option(None, "--dtype", help="Compute dtype: float32 or bfloat16 (default: the "
                      "checkpoint's). bfloat16 keeps norms, softmax and matmul accumulation in "
                      "float32.")
@@ -37,6 +39,11 @@ DEVICE_MEMORY = typer.Option(None, "--device-memory", help="Memory per device, e
 
 
 def layout_from(mesh: Optional[str], rules: str, rule_overrides: Optional[str] = None):
-    from jaxaccel.sharding import Layout
+    from jaxaccel.sharding import Layout  # deferred: builds a jax mesh (after --host-devices)
 
     return Layout.create(mesh, rules, rule_overrides)
+
+
+def device_memory_from(text: Optional[str]) -> Optional[int]:
+    """--device-memory as bytes (None when not given)."""
+    return parse_bytes(text, "--device-memory") if text else None

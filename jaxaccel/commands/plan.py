@@ -9,6 +9,11 @@ from typing import Optional
 import typer
 
 from jaxaccel.commands import options
+from rich.console import Console
+from rich.table import Table
+
+from jaxaccel.units import format_bytes as fb
+from jaxaccel.units import parse_bytes
 
 
 def register(app: typer.Typer) -> None:
@@ -32,13 +37,13 @@ def register(app: typer.Typer) -> None:
         compiled memory analysis) and, per process, the bytes restore reads and its peak host
         memory. Exits 1, naming the largest arrays and a mesh that fits, when a device with
         known memory (--device-memory) would overflow."""
+        # deferred: jax loads only when a command runs, after --host-devices set XLA's flags
         import jax
 
         from jaxaccel import planner
-        from jaxaccel.units import parse_bytes
 
         layout = options.layout_from(mesh, rules, rule)
-        memory = parse_bytes(device_memory, "--device-memory") if device_memory else None
+        memory = options.device_memory_from(device_memory)
         result = planner.plan(ckpt, layout, dtype, batch=batch, seq=seq,
                               max_new_tokens=max_new_tokens,
                               host_budget=parse_bytes(budget, "--host-memory-budget"),
@@ -51,11 +56,7 @@ def register(app: typer.Typer) -> None:
 
 
 def _print_plan(plan) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    from jaxaccel.sharding import format_mesh
-    from jaxaccel.units import format_bytes as fb
+    from jaxaccel.sharding import format_mesh  # deferred: the module imports jax
 
     console = Console()
     console.print(f"[bold]{plan.ckpt}[/]  {plan.family}  {plan.dtype}  mesh {format_mesh(plan.mesh)}"

@@ -9,6 +9,9 @@ import typer
 
 from jaxaccel.commands.options import JSON, QUIET
 
+from jaxaccel import progress
+from jaxaccel.checkpoint.manifest import Manifest
+
 
 def register(app: typer.Typer) -> None:
     @app.command("verify")
@@ -22,9 +25,7 @@ def register(app: typer.Typer) -> None:
         only with --verify-checksums (that costs more than 10% of restore time). This command
         checks everything.
         """
-        from jaxaccel import progress
-        from jaxaccel.checkpoint.integrity import verify_checkpoint
-        from jaxaccel.checkpoint.manifest import Manifest
+        from jaxaccel.checkpoint.integrity import verify_checkpoint  # deferred: tensorstore
 
         total = Manifest.load(ckpt).total_bytes
         with progress.byte_progress(total, f"verify {ckpt.name}", enabled=not quiet) as advance:

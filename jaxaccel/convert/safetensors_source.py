@@ -12,13 +12,12 @@ from contextlib import ExitStack
 
 import numpy as np
 from safetensors import safe_open
+from jaxaccel.errors import ConvertError  # noqa: F401  (re-exported)
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 INDEX_NAME = "model.safetensors.index.json"
 
 
-class ConvertError(ValueError):
-    """A source that cannot be converted; the message names the file and the problem."""
 
 
 def read_hf_config(src: pathlib.Path) -> dict:

@@ -1,8 +1,16 @@
-"""Model families. Each family module exposes the same small protocol:
+"""Model families and their registry.
 
-  FAMILY, HF_MODEL_TYPES, SOURCE_PREFIXES, IGNORED_SOURCE_WEIGHTS
-  Config (frozen dataclass, `Config.from_hf(dict)`), Model(config, dtype=, rngs=)
+A family is one module (one file) plus one `register` line below. The module exposes:
+
+  FAMILY, TASK ("embed" or "generate"), HF_MODEL_TYPES, SOURCE_PREFIXES,
+  IGNORED_SOURCE_WEIGHTS
+  Config: frozen dataclass with `Config.from_hf(dict)`, `num_layers`, `max_length` (the hard
+      input limit) and `default_length` (where inputs are truncated by default)
+  Model(config, dtype=, rngs=): a Flax NNX module whose parameters carry logical axes
   weight_rules(config) -> list[WeightRule]
+
+Nothing outside a family's module tests which family it is: the runtime asks the registry
+for the family's task, and everything else comes from the config and the parameters' axes.
 """
 
 from __future__ import annotations
@@ -11,15 +19,20 @@ import dataclasses
 import importlib
 from types import ModuleType
 
-_FAMILY_MODULES = {
-    "bert": "jaxaccel.models.bert",
-    "gpt2": "jaxaccel.models.gpt2",
-    "llama": "jaxaccel.models.llama",
-}
+from jaxaccel.errors import UnknownFamilyError
+
+TASKS = ("embed", "generate")
+_FAMILY_MODULES: dict[str, str] = {}
 
 
-class UnknownFamilyError(ValueError):
-    pass
+def register(family: str, module: str) -> None:
+    """Make `family` known; `module` is the import path of its one file (imported lazily)."""
+    _FAMILY_MODULES[family] = module
+
+
+register("bert", "jaxaccel.models.bert")
+register("gpt2", "jaxaccel.models.gpt2")
+register("llama", "jaxaccel.models.llama")
 
 
 def known_families() -> list[str]:
@@ -33,14 +46,20 @@ def family_module(family: str) -> ModuleType:
     return importlib.import_module(_FAMILY_MODULES[family])
 
 
+def task(family: str) -> str:
+    """What a family's checkpoints are run for: "embed" (encoders) or "generate" (decoders)."""
+    return family_module(family).TASK
+
+
+def families_for(task_name: str) -> list[str]:
+    """The known families whose task is `task_name`, sorted."""
+    return [f for f in known_families() if task(f) == task_name]
+
+
 def family_for_model_type(model_type: str) -> str:
     """Map a Hugging Face `model_type` to a family name."""
     for family in _FAMILY_MODULES:
-        try:
-            module = family_module(family)
-        except ModuleNotFoundError:  # a family whose module is not written yet
-            continue
-        if model_type in module.HF_MODEL_TYPES:
+        if model_type in family_module(family).HF_MODEL_TYPES:
             return family
     raise UnknownFamilyError(f"unsupported model_type {model_type!r}")
 

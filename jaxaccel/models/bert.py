@@ -15,9 +15,11 @@ from flax import nnx
 
 from jaxaccel import sharding as ax
 from jaxaccel.models import layers
+from jaxaccel.models.attention import attention
 from jaxaccel.models.weights import WeightRule, transpose_to, unstack_heads_in, unstack_heads_out
 
 FAMILY = "bert"
+TASK = "embed"
 HF_MODEL_TYPES = ("bert",)
 # Source tensors a converter may see but that the embedding pipeline does not use.
 IGNORED_SOURCE_WEIGHTS = (r"^pooler\.", r"position_ids$", r"^cls\.")
@@ -87,9 +89,9 @@ class Embeddings(nnx.Module):
 
     def __call__(self, ids_bt, segment_bt):
         t = ids_bt.shape[1]
-        x_btd = (jnp.take(self.token_vd[...], ids_bt, axis=0)
+        x_btd = (layers.lookup(self.token_vd[...], ids_bt)
                  + self.position_pd[...][None, :t]
-                 + jnp.take(self.segment_sd[...], segment_bt, axis=0))
+                 + layers.lookup(self.segment_sd[...], segment_bt))
         return layers.layer_norm(x_btd, self.norm_scale_d[...], self.norm_bias_d[...], self.eps)
 
 
@@ -124,7 +126,7 @@ class Block(nnx.Module):
         q = layers.heads_in(x_btd, self.wq_dnh[...]) + self.bq_nh[...].astype(dt)
         k = layers.heads_in(x_btd, self.wk_dnh[...]) + self.bk_nh[...].astype(dt)
         v = layers.heads_in(x_btd, self.wv_dnh[...]) + self.bv_nh[...].astype(dt)
-        a_btnh = layers.attention(q, k, v, mask_bts)
+        a_btnh, _ = attention(q, k, v, mask_bts)
         a_btd = layers.heads_out(a_btnh, self.wo_nhd[...]) + self.bo_d[...].astype(dt)
         x_btd = layers.layer_norm(x_btd + a_btd, self.attn_norm_scale_d[...],
                                   self.attn_norm_bias_d[...], self.eps)
@@ -149,7 +151,7 @@ class Model(nnx.Module):
         mask_bts = jnp.broadcast_to(mask_bt[:, None, :].astype(bool),
                                     (ids_bt.shape[0], ids_bt.shape[1], ids_bt.shape[1]))
         # The mask rides in the carry (not the closure) so a pipeline can microbatch it.
-        (x_btd, _), _ = layers.scan_blocks(
+        (x_btd, _), _ = layers.scan_layers(
             self.blocks, (x_btd, mask_bts), lambda block, c, _: ((block(*c), c[1]), None))
         return x_btd
 

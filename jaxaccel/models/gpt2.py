@@ -15,27 +15,19 @@ import dataclasses
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxaccel import kv_cache
 from jaxaccel import sharding as ax
 from jaxaccel.models import layers
+from jaxaccel.models.attention import attention
+from jaxaccel.models.kv_cache import KVCache
 from jaxaccel.models.weights import WeightRule
 
 FAMILY = "gpt2"
+TASK = "generate"
 HF_MODEL_TYPES = ("gpt2",)
 # The LM head is tied to `wte`; `attn.bias`/`attn.masked_bias` are old causal-mask buffers.
 IGNORED_SOURCE_WEIGHTS = (r"^lm_head\.weight$", r"\.attn\.bias$", r"\.attn\.masked_bias$")
 # GPT2Model names tensors bare; GPT2LMHeadModel prefixes them with `transformer.`.
 SOURCE_PREFIXES = ("", "transformer.")
-
-
-# Matmul weights that bf16 decode on the CPU reads packed (`jaxaccel.kernels`): name in
-# `Block` -> number of contracting (leading) dims.
-PACKED_BLOCK_WEIGHTS = {"wq_dnh": 1, "wk_dkh": 1, "wv_dkh": 1, "wo_nhd": 2, "wi_df": 1, "wm_fd": 1}
-
-
-def packed_head(cfg: "Config") -> str:
-    """The [v, d] head, packed transposed; tied, it also serves the token lookup."""
-    return "token_vd"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +50,10 @@ class Config:
     @property
     def num_kv_heads(self) -> int:
         return self.num_heads
+
+    @property
+    def default_length(self) -> int:
+        return self.max_length
 
     @property
     def max_length(self) -> int:
@@ -115,7 +111,7 @@ class Block(nnx.Module):
         q_btnh = layers.heads_in(y_btd, self.wq_dnh[...]) + self.bq_nh[...].astype(dt)
         k_btkh = layers.heads_in(y_btd, self.wk_dkh[...]) + self.bk_kh[...].astype(dt)
         v_btkh = layers.heads_in(y_btd, self.wv_dkh[...]) + self.bv_kh[...].astype(dt)
-        a_btnh, new_kv = kv_cache.attend(q_btnh, k_btkh, v_btkh, mask_btt, cached, cached_mask_bts)
+        a_btnh, new_kv = attention(q_btnh, k_btkh, v_btkh, mask_btt, cached, cached_mask_bts)
         x_btd = x_btd + layers.heads_out(a_btnh, self.wo_nhd[...]) + self.bo_d[...].astype(dt)
         y_btd = layers.layer_norm(x_btd, self.mlp_norm_scale_d[...], self.mlp_norm_bias_d[...],
                                   self.eps)
@@ -137,7 +133,7 @@ class Model(nnx.Module):
         self.norm_scale_d = layers.make_param(rngs, (d,), (ax.EMBED,), dtype, layers.ones_init)
         self.norm_bias_d = layers.make_param(rngs, (d,), (ax.EMBED,), dtype, layers.zeros_init)
 
-    def __call__(self, ids_bt, positions_bt, mask_btt, cache: kv_cache.KVCache | None = None,
+    def __call__(self, ids_bt, positions_bt, mask_btt, cache: KVCache | None = None,
                  cache_mask_bts=None):
         """Final hidden states [b, t, d] and this call's keys/values [l, b, k, t, h]."""
         x_btd = (layers.lookup(self.token_vd[...], ids_bt)
@@ -150,7 +146,7 @@ class Model(nnx.Module):
             x_btd, new_kv = block(x_btd, mask_btt, cached, cache_mask_bts)
             return (x_btd, mask_btt, cache_mask_bts), new_kv
 
-        (x_btd, _, _), new_kv = layers.scan_blocks(
+        (x_btd, _, _), new_kv = layers.scan_layers(
             self.blocks, (x_btd, mask_btt, cache_mask_bts), body, cache)
         x_btd = layers.layer_norm(x_btd, self.norm_scale_d[...], self.norm_bias_d[...],
                                   self.config.layer_norm_eps)

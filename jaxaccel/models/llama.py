@@ -21,12 +21,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxaccel import kv_cache
 from jaxaccel import sharding as ax
 from jaxaccel.models import layers
+from jaxaccel.models.attention import attention
+from jaxaccel.models.kv_cache import KVCache
 from jaxaccel.models.weights import WeightRule, transpose_to, unstack_heads_in, unstack_heads_out
 
 FAMILY = "llama"
+TASK = "generate"
 HF_MODEL_TYPES = ("llama", "mistral", "qwen2")
 IGNORED_SOURCE_WEIGHTS = (r"rotary_emb\.inv_freq$",)
 # LlamaModel names tensors bare; LlamaForCausalLM prefixes the body with `model.` (but not
@@ -35,17 +37,6 @@ SOURCE_PREFIXES = ("", "model.")
 ROPE_TYPES = ("default", "linear", "llama3")
 
 
-
-# Matmul weights that bf16 decode on the CPU reads packed (`jaxaccel.kernels`): name in
-# `Block` -> number of contracting (leading) dims.
-PACKED_BLOCK_WEIGHTS = {"wq_dnh": 1, "wk_dkh": 1, "wv_dkh": 1, "wo_nhd": 2, "wg_df": 1,
-                        "wu_df": 1, "wm_fd": 1}
-
-
-def packed_head(cfg: "Config") -> str:
-    """The [v, d] head, packed transposed. Tied, it also serves the token lookup; untied, the
-    token table stays plain for the lookup."""
-    return "token_vd" if cfg.tie_word_embeddings else "lm_head_vd"
 
 @dataclasses.dataclass(frozen=True)
 class Config:
@@ -72,6 +63,10 @@ class Config:
     sliding_window: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | None = None
+
+    @property
+    def default_length(self) -> int:
+        return self.max_length
 
     @property
     def max_length(self) -> int:
@@ -205,7 +200,7 @@ class Block(nnx.Module):
         v_btkh = _add_bias(layers.heads_in(y_btd, self.wv_dkh[...]), self.bv_kh)
         q_btnh = apply_rotary(q_btnh, *rotary)
         k_btkh = apply_rotary(k_btkh, *rotary)
-        a_btnh, new_kv = kv_cache.attend(q_btnh, k_btkh, v_btkh, mask_btt, cached, cached_mask_bts)
+        a_btnh, new_kv = attention(q_btnh, k_btkh, v_btkh, mask_btt, cached, cached_mask_bts)
         x_btd = x_btd + _add_bias(layers.heads_out(a_btnh, self.wo_nhd[...]), self.bo_d)
         y_btd = layers.rms_norm(x_btd, self.mlp_norm_scale_d[...], self.eps)
         g_btf = _add_bias(layers.matmul(y_btd, self.wg_df[...]), self.bg_f)
@@ -230,7 +225,7 @@ class Model(nnx.Module):
         head = lambda: layers.make_param(rngs, (cfg.vocab_size, d), (ax.VOCAB, ax.EMBED), dtype)  # noqa: E731
         self.lm_head_vd = None if cfg.tie_word_embeddings else head()
 
-    def __call__(self, ids_bt, positions_bt, mask_btt, cache: kv_cache.KVCache | None = None,
+    def __call__(self, ids_bt, positions_bt, mask_btt, cache: KVCache | None = None,
                  cache_mask_bts=None):
         """Final hidden states [b, t, d] and this call's keys/values [l, b, k, t, h]."""
         x_btd = layers.lookup(self.token_vd[...], ids_bt)
@@ -244,7 +239,7 @@ class Model(nnx.Module):
             return (x_btd, cos_btr, sin_btr, mask_btt, cache_mask_bts), new_kv
 
         carry = (x_btd, cos_btr, sin_btr, mask_btt, cache_mask_bts)
-        (x_btd, *_), new_kv = layers.scan_blocks(self.blocks, carry, body, cache)
+        (x_btd, *_), new_kv = layers.scan_layers(self.blocks, carry, body, cache)
         return layers.rms_norm(x_btd, self.norm_scale_d[...], self.config.rms_norm_eps), new_kv
 
     def logits(self, x_btd):

@@ -23,14 +23,13 @@ import tempfile
 import warnings
 
 import jax
+from jaxaccel.errors import KernelBuildError  # noqa: F401  (re-exported)
 
 SOURCE_DIR = pathlib.Path(__file__).parent
 CXX_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 _COMPILE_TIMEOUT_S = 300
 
 
-class KernelBuildError(RuntimeError):
-    pass
 
 
 def cache_dir() -> pathlib.Path:

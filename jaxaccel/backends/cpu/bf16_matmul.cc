@@ -2,7 +2,7 @@
 //
 //   y[m, n] (float32) = x[m, k] (bfloat16) . W[k, n] (bfloat16), float32 accumulation.
 //
-// W arrives pre-packed (jaxaccel/kernels/packed.py) as [n/64, k/2, 4, 16, 2]: a group of 64
+// W arrives pre-packed (jaxaccel/backends/cpu/packed.py) as [n/64, k/2, 4, 16, 2]: a group of 64
 // output columns is one contiguous stream; in it, each pair of k rows is 4 lines of 64 bytes,
 // one per panel of 16 columns, and each line is exactly one AVX512-BF16 `vdpbf16ps` operand
 // (16 columns x 2 k). W[k, n] in its natural layout would put 2n bytes between the pieces a

@@ -10,7 +10,7 @@ at ~47 GB/s (scripts/bench_bf16_matmul.py). Its fast bf16 path (YNNPACK) rejects
 weights stored [n, k], and the Eigen fallback converts every weight to float32 first.
 
 `PackedWeight` is a pytree, so it travels through nnx state, jit and scan; indexing it with
-`[...]` (how models read an `nnx.Param`) hands it on unchanged, and `layers.matmul` dispatches
+`[...]` (how models read an `nnx.Param`) hands it on unchanged, and the CPU backend dispatches
 on it.
 """
 
@@ -22,7 +22,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jaxaccel.kernels import build
+from jaxaccel.backends.cpu import build
 
 PANEL = 16  # output columns per 64-byte line (16 x 2 bf16)
 PANELS = 4  # lines per pair of k rows in a group
@@ -36,7 +36,7 @@ class PackedWeight:
     k_shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
     n_shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
     # Inside a layer scan: `lines` is the whole [layers, ...] stack and `layer` the index of
-    # the one to use, so the kernel reads it in place (see `layers.scan_layers`).
+    # the one to use, so the kernel reads it in place (see `CpuBackend.scan_layers`).
     layer: jax.Array | None = None
 
     def __getitem__(self, index):

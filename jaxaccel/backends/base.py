@@ -1,0 +1,102 @@
+"""The backend interface, and its plain-XLA implementation (what GPU and TPU run).
+
+Model code (`jaxaccel.models`) is written once, for every platform. Where one platform's
+compiler needs help, the help lives in a backend: the runtime picks the backend for the
+mesh's platform (`jaxaccel.backends.for_mesh`) and installs it while tracing
+(`jaxaccel.backends.use`), and the few model operations that a backend may replace call
+`jaxaccel.backends.current()`. This class is the contract and the default: plain jnp/lax,
+exactly what a GPU/TPU engineer would write, with nothing platform-specific in the program.
+
+Traced hooks (called inside jit, by `models.layers`, `models.attention`, `models.kv_cache`):
+  matmul, lookup, head_logits, scan_layers, fence, cache_storage_dtype, cache_store,
+  cache_load.
+Host-side policies (called by the runtime when it builds a model's programs):
+  prepare_decoder, min_batch.
+
+Shape legend as in `jaxaccel.models.layers`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxaccel.errors import KernelUnavailable
+
+
+class Backend:
+    """Plain XLA: every hook is the textbook jnp/lax spelling."""
+
+    name = "xla"
+
+    # Traced hooks -------------------------------------------------------------------------
+
+    def matmul(self, x, w, contracting: int) -> jax.Array:
+        """x[..., *k] . w[*k, *n] -> [..., *n] in x.dtype, float32 accumulation.
+
+        One 2-D matmul: `contracting` counts the k dims of `w`.
+        """
+        k_shape, n_shape = w.shape[:contracting], w.shape[contracting:]
+        lead = x.shape[:x.ndim - contracting]
+        x2 = x.reshape(*lead, math.prod(k_shape))
+        w2 = w.reshape(math.prod(k_shape), math.prod(n_shape)).astype(x.dtype)
+        out = jnp.einsum("...k,kn->...n", x2, w2, preferred_element_type=jnp.float32)
+        return out.astype(x.dtype).reshape(*lead, *n_shape)
+
+    def lookup(self, table_vd, ids) -> jax.Array:
+        """Rows `ids` of an embedding table [v, ...]: [*ids.shape, ...]."""
+        return jnp.take(table_vd, ids, axis=0)
+
+    def head_logits(self, x_btd, head_vd) -> jax.Array:
+        """Float32 logits [b, t, v] from a head stored [v, d] (Hugging Face's layout)."""
+        return jnp.einsum("btd,vd->btv", x_btd, head_vd.astype(x_btd.dtype),
+                          preferred_element_type=jnp.float32)
+
+    def scan_layers(self, blocks: nnx.Module, carry, body: Callable, xs=None,
+                    runner: Callable | None = None):
+        """`body(block, carry, x) -> (carry, y)` over the stacked layers of `blocks`, or
+        `runner(blocks, carry, body, xs)` (a pipeline) when one is given."""
+        if runner is not None:
+            return runner(blocks, carry, body, xs)
+        graphdef, state = nnx.split(blocks)
+
+        def step(carry, layer_and_x):
+            layer_state, x = layer_and_x
+            return body(nnx.merge(graphdef, layer_state), carry, x)
+
+        return jax.lax.scan(step, carry, (state, xs))
+
+    def fence(self, tree):
+        """Where a backend must stop its compiler from fusing across a boundary: identity."""
+        return tree
+
+    def cache_storage_dtype(self, dtype) -> jnp.dtype:
+        """The dtype a KV cache of compute dtype `dtype` is stored in."""
+        return jnp.dtype(dtype)
+
+    def cache_store(self, x, storage_dtype) -> jax.Array:
+        """Compute values -> the cache's storage dtype."""
+        return x.astype(storage_dtype)
+
+    def cache_load(self, x, dtype) -> jax.Array:
+        """Stored cache contents -> compute values in `dtype`."""
+        return x.astype(dtype)
+
+    # Host-side policies -------------------------------------------------------------------
+
+    def prepare_decoder(self, state, *, dtype, single_device: bool, requested: bool | None):
+        """(state, prepared): a decoder's placed state, rewritten for this backend's decode
+        kernels where it has any. `requested` False never rewrites, True insists (raises
+        KernelUnavailable where impossible), None decides."""
+        if requested:
+            raise KernelUnavailable(f"--kernels: jaxaccel's decode kernels run on the CPU only; this run "
+                                    f"uses the {jax.default_backend()} backend")
+        return state, False
+
+    def min_batch(self, dtype, prepared: bool) -> int:
+        """The smallest batch bucket worth compiling for (rows are padded up to it)."""
+        return 1

@@ -1,0 +1,149 @@
+"""The CPU backend: what XLA:CPU needs to run jaxaccel's models at the speed they can.
+
+Everything here was measured on XLA:CPU, is applied only where it helps (per jax version
+where XLA changed), and is neither imported nor traced on any other platform
+(`jaxaccel.backends.for_platform`):
+
+* Packed bf16 decode weights read by a C++ FFI kernel (`packed`, `packing`, `build`,
+  `bf16_matmul.cc`, `huge_pages`): XLA:CPU's bf16 dots read a decode step's weights at
+  14-19 GB/s, the kernel at ~47 GB/s (scripts/bench_bf16_matmul.py).
+* bf16 carried as its uint16 bits where XLA:CPU lacks a bf16 op and converts a whole array to
+  float32 instead: dynamic slices of the stacked layer weights inside the layer scan, the KV
+  cache's dynamic-update-slice, and (before jax 0.12) the embedding gather.
+* Fences (`optimization_barrier`) around attention, without which XLA:CPU folds the head
+  transposes into the projection matmuls by transposing the weights: a transposed copy of
+  every weight per layer and step (decode 5-10x slower, measured).
+* A lone bf16 prompt decodes as a batch of two when the packed kernel is not in use: XLA:CPU's
+  fast bf16 dot (YNNPACK) takes no matrix-vector products.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxaccel.backends.base import Backend
+from jaxaccel.backends.cpu import packed, packing
+from jaxaccel.backends.cpu.packed import PackedWeight
+
+
+def _jax_version() -> tuple[int, ...]:
+    return tuple(int(p) for p in jax.__version__.split(".")[:2])
+
+
+# XLA:CPU in jax < 0.12 gathers a bf16 table by converting the whole table to float32 first;
+# jax 0.12's gathers the bf16 rows directly (tests/test_cpu_backend.py checks both ways).
+GATHER_CARRIER = _jax_version() < (0, 12)
+
+
+def _to_carrier(x):
+    return jax.lax.bitcast_convert_type(x, jnp.uint16) if x.dtype == jnp.bfloat16 else x
+
+
+def _from_carrier(x):
+    return jax.lax.bitcast_convert_type(x, jnp.bfloat16) if x.dtype == jnp.uint16 else x
+
+
+def _is_packed(x) -> bool:
+    return isinstance(x, PackedWeight)
+
+
+def _map_params(module, fn):
+    """`fn` applied to every plain array parameter (packed weights are left as they are)."""
+    graphdef, state = nnx.split(module)
+    state = jax.tree.map(lambda x: x if _is_packed(x) else fn(x), state, is_leaf=_is_packed)
+    return nnx.merge(graphdef, state)
+
+
+class CpuBackend(Backend):
+    name = "cpu"
+
+    def matmul(self, x, w, contracting: int) -> jax.Array:
+        if _is_packed(w):
+            return packed.matmul(x, w).astype(x.dtype)
+        return super().matmul(x, w, contracting)
+
+    def lookup(self, table_vd, ids) -> jax.Array:
+        if _is_packed(table_vd):
+            return packed.lookup_rows(table_vd, ids)
+        if GATHER_CARRIER:
+            return _from_carrier(jnp.take(_to_carrier(table_vd), ids, axis=0))
+        return super().lookup(table_vd, ids)
+
+    def head_logits(self, x_btd, head_vd) -> jax.Array:
+        if _is_packed(head_vd):
+            return packed.matmul(x_btd, head_vd)
+        return super().head_logits(x_btd, head_vd)
+
+    def scan_layers(self, blocks, carry, body, xs=None, runner=None):
+        """bf16 weights sliced as their uint16 bits (XLA:CPU has no bf16 dynamic-slice and
+        converted the whole stack to float32 on every call), and packed weights read in place
+        by layer index (a scanned slice would be copied out, layer by layer, step by step)."""
+        def typed_body(block, carry, x):
+            return body(_map_params(block, _from_carrier), carry, x)
+
+        blocks = _map_params(blocks, _to_carrier)
+        if runner is not None:
+            return runner(blocks, carry, typed_body, xs)
+        return _scan_packed(blocks, carry, typed_body, xs)
+
+    def fence(self, tree):
+        return jax.lax.optimization_barrier(tree)
+
+    def cache_storage_dtype(self, dtype) -> jnp.dtype:
+        # No bf16 dynamic-update-slice on XLA:CPU: it would convert the whole cache to
+        # float32 and back every step; the same bits as uint16 update in place.
+        return jnp.dtype(jnp.uint16) if jnp.dtype(dtype) == jnp.bfloat16 else jnp.dtype(dtype)
+
+    def cache_store(self, x, storage_dtype) -> jax.Array:
+        if storage_dtype == jnp.uint16:
+            return _to_carrier(x.astype(jnp.bfloat16))
+        return x.astype(storage_dtype)
+
+    def cache_load(self, x, dtype) -> jax.Array:
+        return _from_carrier(x).astype(dtype)
+
+    def prepare_decoder(self, state, *, dtype, single_device: bool, requested: bool | None):
+        if not packing.wanted(dtype, single_device, requested):
+            return state, False
+        return packing.pack_state(state), True
+
+    def min_batch(self, dtype, prepared: bool) -> int:
+        return 2 if jnp.dtype(dtype) == jnp.bfloat16 and not prepared else 1
+
+
+def _scan_packed(blocks, carry, body, xs):
+    """A plain layer scan in which each packed weight leaves the scanned state: it becomes a
+    layer index to scan over, and its whole stack is handed to the kernel, which picks the
+    layer."""
+    graphdef, state = nnx.split(blocks)
+    stacks = []
+
+    def index(leaf):
+        if not _is_packed(leaf):
+            return leaf
+        stacks.append(leaf.lines)
+        return dataclasses.replace(leaf, lines=None, layer=jnp.arange(leaf.lines.shape[0]))
+
+    state = jax.tree.map(index, state, is_leaf=_is_packed)
+
+    def attach(layer_state):
+        remaining = iter(stacks)
+        return jax.tree.map(
+            lambda leaf: dataclasses.replace(leaf, lines=next(remaining)) if _is_packed(leaf)
+            else leaf, layer_state, is_leaf=_is_packed)
+
+    def step(carry, layer_and_x):
+        layer_state, x = layer_and_x
+        return body(nnx.merge(graphdef, attach(layer_state)), carry, x)
+
+    return jax.lax.scan(step, carry, (state, xs))
+
+
+@functools.cache
+def backend() -> CpuBackend:
+    return CpuBackend()

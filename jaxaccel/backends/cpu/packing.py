@@ -1,0 +1,100 @@
+"""Packing a decoder's matmul weights once, for bfloat16 generation on the CPU.
+
+The runtime calls `CpuBackend.prepare_decoder`, which calls `wanted` and then `pack_state`
+when a `Generator` is built: the packed weights replace the plain ones in its state (no
+second copy is kept), and every compiled prefill and decode step reads them through the CPU
+backend's `matmul`, `lookup` and `head_logits` hooks.
+
+Which weights to pack is read off the parameters' logical axes, so any decoder family is
+covered without declaring anything: every stacked block weight `w*` of rank >= 2, and the
+[vocab, embed] head (`lm_head_vd`, or the tied `token_vd`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from jaxaccel import sharding as ax
+from jaxaccel.backends.cpu import huge_pages, packed
+from jaxaccel.errors import KernelUnavailable
+from jaxaccel.models.state import param_specs, path_name
+
+HEAD_NAMES = ("lm_head_vd", "token_vd")  # the untied head first; tied, the table is the head
+
+
+def packing_spec(state) -> dict[str, tuple[int, bool]]:
+    """Dotted path -> (contracting dims, stored [n, k]) of the weights to pack in `state`.
+
+    A block weight whose first (non-layer) axis is `embed` contracts that axis ([d, n, h],
+    [d, f]); any other contracts all but its last axis ([n, h, d], [f, d]).
+    """
+    specs = param_specs(state)
+    spec = {}
+    for name, s in specs.items():
+        block, _, leaf = name.rpartition(".")
+        axes = s.axes[1:]
+        if block == "blocks" and leaf.startswith("w") and s.axes[:1] == (ax.LAYERS,) and len(axes) >= 2:
+            spec[name] = (1 if axes[0] == ax.EMBED else len(axes) - 1, False)
+    head = next((n for n in HEAD_NAMES if n in specs and specs[n].axes == (ax.VOCAB, ax.EMBED)),
+                None)
+    if head is not None:
+        spec[head] = (1, True)
+    return spec
+
+
+def wanted(dtype, single_device: bool, requested: bool | None) -> bool:
+    """Whether to pack: bfloat16 on a single CPU device (no pipeline), kernel built.
+
+    `requested` False never packs; True insists (KernelUnavailable if impossible); None decides.
+    """
+    reasons = []
+    if jnp.dtype(dtype) != jnp.bfloat16:
+        reasons.append("the dtype is not bfloat16")
+    if not single_device:
+        reasons.append("the mesh has more than one device")
+    if requested is False:
+        return False
+    if not reasons and not packed.kernel_available():
+        reasons.append("the kernel could not be built (see the warning above)")
+    if requested and reasons:
+        raise KernelUnavailable("packed bf16 decode weights (--kernels, packed_weights=True) "
+                                "cannot be used here: "
+                                + "; ".join(reasons))
+    return not reasons
+
+
+def pack_state(state):
+    """`state` with its matmul weights (`packing_spec`) replaced by `PackedWeight`s, packed
+    in one jit call and then moved onto huge pages (see `huge_pages`).
+
+    An abstract state (ShapeDtypeStructs, one device) gives the abstract packed state, so
+    programs can compile before the weights are restored.
+    """
+    spec = packing_spec(state)
+
+    def pack_leaf(path, leaf):
+        name = path_name(path)
+        if name not in spec:
+            return leaf
+        contracting, transposed = spec[name]
+        stacked = 1 if name.startswith("blocks.") else 0
+        return packed.pack(leaf, contracting, stacked=stacked, transposed=transposed)
+
+    pack_all = jax.jit(lambda s: jax.tree_util.tree_map_with_path(pack_leaf, s))
+    first = jax.tree.leaves(state)[0]
+    if isinstance(first, jax.ShapeDtypeStruct):
+        one_device = first.sharding  # single device: every array has this sharding
+        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one_device),
+                            jax.eval_shape(pack_all, state))
+    packed_state = pack_all(state)
+
+    def to_huge_pages(leaf):
+        if not isinstance(leaf, packed.PackedWeight):
+            return leaf
+        return dataclasses.replace(leaf, lines=huge_pages.copy_to_huge_pages(leaf.lines))
+
+    return jax.tree.map(to_huge_pages, packed_state,
+                        is_leaf=lambda x: isinstance(x, packed.PackedWeight))

@@ -1,0 +1,53 @@
+"""The decoder KV cache: layout, allocation and the per-step write.
+
+Shape legend as in `jaxaccel.models.layers`, plus s for cache slots. The cache holds, per
+layer, keys and values as [l, b, k, s, h]: the leading layers axis is what `scan_layers`
+iterates and pipeline stages split, and heads before slots make each (b, k) block of keys a
+contiguous [s, h] matrix, so attention is a plain batched matmul without a transpose.
+
+Prompts are left-padded so that every row writes its next token into the same slot; a row's
+padding is masked out and its positions start at 0 after the padding (see `generate`).
+The storage dtype is the backend's choice (`Backend.cache_storage_dtype`); `load` hands
+attention the compute values.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+
+from jaxaccel import backends
+from jaxaccel import sharding as ax
+
+# Slots are never sharded: a decode step writes one slot, which would then live on one device.
+CACHE_AXES = (ax.LAYERS, ax.BATCH, ax.KV_HEADS, None, ax.HEAD_DIM)
+
+
+class KVCache(NamedTuple):
+    k_lbksh: jax.Array
+    v_lbksh: jax.Array
+
+
+def empty(num_layers: int, batch: int, kv_heads: int, slots: int, head_dim: int,
+          dtype) -> KVCache:
+    """A zeroed cache [l, b, k, s, h] for compute dtype `dtype` (stored as the backend says)."""
+    shape = (num_layers, batch, kv_heads, slots, head_dim)
+    storage = backends.current().cache_storage_dtype(dtype)
+    return KVCache(jax.numpy.zeros(shape, storage), jax.numpy.zeros(shape, storage))
+
+
+def write(cache: KVCache, new: KVCache, slot) -> KVCache:
+    """Store new keys/values [l, b, k, t, h] at slots slot..slot+t-1 of every row.
+
+    One dynamic_update_slice on the whole cache, so a donated cache is updated in place.
+    """
+    backend = backends.current()
+    start = (0, 0, 0, slot, 0)
+    return KVCache(*(jax.lax.dynamic_update_slice(old, backend.cache_store(x, old.dtype), start)
+                     for old, x in zip(cache, new)))
+
+
+def load(x, dtype) -> jax.Array:
+    """One layer's cached keys or values [b, k, s, h] as compute values in `dtype`."""
+    return backends.current().cache_load(x, dtype)

@@ -1,0 +1,108 @@
+"""The programs jaxaccel runs on GPUs and TPUs are plain XLA, with the shardings asked for.
+
+There is no GPU or TPU here, but `jax.export` lowers a jitted function for another platform on
+a CPU-only machine. Each program is built as the runtime builds it for that platform (the
+backend chosen by platform, `jaxaccel.backends.for_platform`), on a `data=2,model=4` mesh of
+simulated devices, and its StableHLO is checked for what only the CPU backend may add: custom
+calls (the packed-weight kernel), bf16 weights or caches reinterpreted as uint16, and
+`optimization_barrier`s. The CPU program of the same model is checked to have them, so the
+test can tell the two apart.
+"""
+
+import dataclasses
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from jaxaccel import models
+from jaxaccel.embed import Embedder
+from jaxaccel.generate import Generator
+from jaxaccel.loader import plan_model
+from jaxaccel.models.state import abstract_model, fill_state, param_specs
+from jaxaccel.runtime import place_param
+from jaxaccel.sampling import GREEDY
+from jaxaccel.sharding import Layout
+
+MESH = "data=2,model=4"
+PLATFORMS = ("cuda", "tpu")
+CPU_ONLY = ("custom_call", "ui16", "optimization_barrier")
+
+GPT2 = models.family_module("gpt2").Config(
+    vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=256,
+    max_position_embeddings=128, eos_token_id=3)
+LLAMA = models.family_module("llama").Config(
+    vocab_size=256, hidden_size=64, num_layers=2, num_heads=8, num_kv_heads=4,
+    intermediate_size=128, head_dim=8, max_position_embeddings=128, eos_token_id=3)
+
+
+def exported_text(jitted, args, platform: str) -> str:
+    return jax.export.export(jitted, platforms=[platform])(*args).mlir_module()
+
+
+def assert_plain_and_sharded(text: str):
+    for op in CPU_ONLY:
+        assert op not in text, f"{op} in a GPU/TPU program"
+    arg_shardings = re.findall(r'sdy\.sharding<@\w+, \[([^\]]*)\]>', text)
+    assert any('"model"' in s for s in arg_shardings), "no tensor-parallel sharding"
+    assert any('"data"' in s for s in arg_shardings), "no batch sharding"
+
+
+def sharded_abstract_state(family, config, layout, dtype=jnp.bfloat16):
+    graphdef, abstract = abstract_model(family, config, dtype)
+    structs = {}
+    for name, spec in param_specs(abstract).items():
+        shape, sharding = place_param(spec.axes, spec.shape, layout)
+        structs[name] = jax.ShapeDtypeStruct(shape, spec.dtype, sharding=sharding)
+    return graphdef, fill_state(abstract, structs)
+
+
+def decoder_programs(family, config, platform, layout):
+    graphdef, state = sharded_abstract_state(family, config, layout)
+    gen = Generator(graphdef, state, config, layout, dtype=jnp.bfloat16, platform=platform)
+    b, t, slots = gen.shapes([5, 9, 3, 7], 16)
+    prefill = gen.prefill_program(GREEDY, b, t, slots)
+    yield "prefill", prefill.jitted, gen.abstract_prefill_args(b, t)
+    for loop in ("device", "host"):
+        decode = gen.decode_program(GREEDY, loop, b, t, slots)
+        yield f"decode ({loop} loop)", decode.jitted, gen.abstract_decode_args(
+            GREEDY, loop, b, t, slots)
+
+
+@pytest.fixture(scope="module")
+def layout():
+    return Layout.create(MESH, "dp_tp")
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_bert_embed_is_plain_xla(minilm_ckpt, layout, platform):
+    plan = plan_model(minilm_ckpt, layout, "bfloat16")
+    embedder = Embedder(plan, batch_size=8, platform=platform)
+    text = exported_text(embedder.forward.jitted, embedder.abstract_args((8, 32)), platform)
+    assert_plain_and_sharded(text)
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+@pytest.mark.parametrize("family,config", [("gpt2", GPT2), ("llama", LLAMA)], ids=["gpt2", "llama"])
+def test_decoder_prefill_and_decode_are_plain_xla(layout, family, config, platform):
+    for name, jitted, args in decoder_programs(family, config, platform, layout):
+        try:
+            assert_plain_and_sharded(exported_text(jitted, args, platform))
+        except AssertionError as err:
+            raise AssertionError(f"{family} {name} for {platform}: {err}") from None
+
+
+def test_the_cpu_programs_do_carry_the_cpu_workarounds():
+    """The same decode step built for the CPU (one device, bf16: packed kernel, uint16 cache,
+    fences): the checks above would catch each of them."""
+    one = Layout.create("data=1,model=1", "replicated")
+    config = dataclasses.replace(LLAMA, num_kv_heads=8)
+    graphdef, state = sharded_abstract_state("llama", config, one)
+    gen = Generator(graphdef, state, config, one, dtype=jnp.bfloat16, platform="cpu")
+    b, t, slots = gen.shapes([5], 8)
+    jitted = gen.decode_program(GREEDY, "host", b, t, slots).jitted
+    text = jitted.lower(*gen.abstract_decode_args(GREEDY, "host", b, t, slots)).as_text()
+    assert "ui16" in text and "optimization_barrier" in text
+    if gen.packed_weights:
+        assert "custom_call" in text

@@ -1,0 +1,138 @@
+"""Import hygiene of the package, read from the source with `ast` (nothing is imported).
+
+* No import cycles among jaxaccel's modules, counting imports inside functions too (a cycle
+  hidden in a function is still a cycle).
+* `jaxaccel.errors` imports nothing from jaxaccel, so every module can raise its errors.
+* An import inside a function must say why it is deferred (a comment containing "deferred"
+  on its line or just above it): only heavy or optional dependencies are imported late.
+* No command module imports another command module (shared code lives outside commands/).
+* Model code and the runtime never name the CPU backend's tricks.
+"""
+
+import ast
+import pathlib
+import subprocess
+
+PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "jaxaccel"
+
+
+def module_name(path: pathlib.Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def imported_modules(path: pathlib.Path, name: str):
+    """(imported jaxaccel module, line, inside a function) for every import in `path`."""
+    tree = ast.parse(path.read_text())
+    in_function = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            in_function.update(id(n) for n in ast.walk(node) if n is not node)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1]
+                                + ([base] if base else []))
+            # `from jaxaccel import x` imports the module jaxaccel.x when there is one
+            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in MODULES else base
+                       for a in node.names]
+        else:
+            continue
+        for target in targets:
+            yield target, node.lineno, id(node) in in_function
+
+
+def graph() -> dict[str, set[str]]:
+    edges = {name: set() for name in MODULES}
+    for name, path in MODULES.items():
+        for target, _, _ in imported_modules(path, name):
+            while target and target not in MODULES:  # `import jaxaccel.a.b` -> nearest module
+                target = target.rpartition(".")[0]
+            if target.startswith("jaxaccel") and target != name:
+                edges[name].add(target)
+    return edges
+
+
+def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
+    state, stack = {}, []
+
+    def visit(node):
+        state[node] = "open"
+        stack.append(node)
+        for nxt in sorted(edges[node]):
+            if state.get(nxt) == "open":
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        state[node] = "done"
+        stack.pop()
+        return None
+
+    for node in sorted(edges):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_no_import_cycles():
+    cycle = find_cycle(graph())
+    assert cycle is None, " -> ".join(cycle)
+
+
+def test_the_cycle_finder_finds_cycles():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_errors_imports_nothing_from_jaxaccel():
+    assert graph()["jaxaccel.errors"] == set()
+
+
+def _says_deferred(lines: list[str], index: int) -> bool:
+    """'deferred' on the import's line or in the block of imports and comments above it."""
+    while index >= 0:
+        text = lines[index].strip()
+        if "deferred" in text:
+            return True
+        if index != len(lines) and not (text == "" or text.startswith(("#", "import ", "from "))
+                                        or text.endswith(",") or text.endswith(")")):
+            return False
+        index -= 1
+    return False
+
+
+def test_imports_inside_functions_say_why_they_are_deferred():
+    unexplained = []
+    for name, path in MODULES.items():
+        lines = path.read_text().splitlines()
+        for _, line, in_function in imported_modules(path, name):
+            if not in_function:
+                continue
+            if not _says_deferred(lines, line - 1):
+                unexplained.append(f"{path.relative_to(PACKAGE.parent)}:{line}")
+    assert not unexplained, "imports inside functions without a 'deferred' reason: " + ", ".join(
+        sorted(set(unexplained)))
+
+
+def test_no_command_imports_another_command():
+    edges = graph()
+    for name, targets in edges.items():
+        if name.startswith("jaxaccel.commands.") and name != "jaxaccel.commands.options":
+            others = {t for t in targets if t.startswith("jaxaccel.commands.")
+                      and t not in ("jaxaccel.commands", "jaxaccel.commands.options", name)}
+            assert not others, f"{name} imports {others}"
+
+
+def test_model_code_and_runtime_name_no_cpu_trick():
+    """The acceptance grep of the architecture issue: CPU-only code stays in backends/cpu."""
+    found = subprocess.run(
+        ["git", "grep", "-n", r"PackedWeight\|uint16\|optimization_barrier", "--", "jaxaccel",
+         ":!jaxaccel/backends/cpu"], cwd=PACKAGE.parent, capture_output=True, text=True)
+    assert found.stdout == "", found.stdout
