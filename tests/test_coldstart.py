@@ -32,8 +32,9 @@ def test_start_embedder_matches_plain_load(minilm_ckpt, overlap):
 def test_warm_compile_cache_is_hit(minilm_ckpt, tmp_path):
     cache = tmp_path / "xla-cache"
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    argv = [sys.executable, "-m", "jaxaccel.bench.coldstart_worker", str(minilm_ckpt),
-            "data=2,model=4", "dp_tp", "overlap", str(cache), "8", "16"]
+    argv = [sys.executable, "-m", "jaxaccel.bench.coldstart_worker", json.dumps(
+        {"ckpt": str(minilm_ckpt), "mesh": "data=2,model=4", "rules": "dp_tp",
+         "mode": "overlap", "cache": str(cache), "rows": 8, "length": 16})]
     runs = []
     for _ in range(2):
         out = subprocess.run(argv, capture_output=True, text=True, env=env, check=True)

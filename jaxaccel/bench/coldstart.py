@@ -8,7 +8,6 @@ cache `ready` <= 1.1 x restore alone, both taken from the sequential, uncached r
 
 from __future__ import annotations
 
-import os
 import pathlib
 import shutil
 import tempfile
@@ -17,6 +16,7 @@ from typing import Optional
 import typer
 
 from jaxaccel.bench import runner
+from jaxaccel.bench.runner import Worker
 
 # name -> (mode, cache): cache "none", "cold" (a fresh empty directory) or "warm" (filled)
 CONTENDERS = {
@@ -42,11 +42,7 @@ def register(bench_app: typer.Typer) -> None:
         """Cold-start time with/without overlapped compile, cold vs warm compile cache."""
         with tempfile.TemporaryDirectory(prefix="jaxaccel-coldstart-") as tmp:
             runs = run_all(ckpt, mesh, rules, rows, length, repeats, pathlib.Path(tmp))
-        summary = {name: {phase: runner.summarize([r[phase] for r in results])
-                          for phase in PHASES} | {"cache_hits": [r["cache_hits"] for r in results],
-                                                  "precompiled_used": all(r["precompiled_used"]
-                                                                          for r in results)}
-                   for name, results in runs.items()}
+        summary = summarize(runs)
         rows_ = [(name, s["to_first_output"]["min"], s["to_first_output"]["median"],
                   s["to_first_output"]["max"], *(s[p]["median"] for p in PHASES[1:]))
                  for name, s in summary.items()]
@@ -63,27 +59,35 @@ def register(bench_app: typer.Typer) -> None:
 
 
 def run_all(ckpt, mesh, rules, rows, length, repeats, tmp: pathlib.Path) -> dict:
-    from jaxaccel.bench.restore import worker_env
+    """Fill a warm compile cache, then alternate the contenders; a cold cache starts empty."""
+    warm, cold = tmp / "warm", tmp / "cold"
 
-    env = worker_env(mesh)
-    warm = tmp / "warm"
+    def worker(mode: str, cache: str) -> Worker:
+        return Worker("jaxaccel.bench.coldstart_worker",
+                      {"ckpt": str(ckpt), "mesh": mesh, "rules": rules, "mode": mode,
+                       "cache": cache, "rows": rows, "length": length},
+                      runner.mesh_devices(mesh))
 
-    def argv(mode, cache):
-        return ["-m", "jaxaccel.bench.coldstart_worker", str(ckpt), mesh, rules, mode, cache,
-                str(rows), str(length)]
+    directories = {"none": "none", "warm": str(warm), "cold": str(cold)}
+    runner.run_worker("fill the warm cache", worker("sequential", str(warm)))
 
-    runner.run_worker(argv("sequential", str(warm)), env=env)  # fills the warm cache
-    runs = {name: [] for name in CONTENDERS}
-    for i in range(repeats):
-        for name, (mode, cache) in CONTENDERS.items():
-            directory = "none"
-            if cache == "warm":
-                directory = str(warm)
-            elif cache == "cold":
-                directory = str(tmp / f"cold-{i}")
-                shutil.rmtree(directory, ignore_errors=True)
-            runs[name].append(runner.run_worker(argv(mode, directory), env=env))
-    return runs
+    def empty_cold_cache(name: str) -> None:
+        if CONTENDERS[name][1] == "cold":
+            shutil.rmtree(cold, ignore_errors=True)
+
+    return runner.alternate({name: worker(mode, directories[cache])
+                             for name, (mode, cache) in CONTENDERS.items()}, repeats,
+                            before_run=empty_cold_cache)
+
+
+def summarize(runs: dict[str, list[dict]]) -> dict:
+    """Per contender: min/median/max of every phase (s), the compile-cache hits of each run,
+    and whether every first call ran the precompiled executable."""
+    phases = {phase: runner.summarize_each(runs, phase) for phase in PHASES}
+    return {name: {phase: phases[phase][name] for phase in PHASES}
+            | {"cache_hits": [r["cache_hits"] for r in results],
+               "precompiled_used": all(r["precompiled_used"] for r in results)}
+            for name, results in runs.items()}
 
 
 def goal_lines(summary: dict) -> list[str]:

@@ -1,28 +1,42 @@
-"""`jaxaccel bench embed CKPT`: sentences/s, jaxaccel fp32/bf16 vs PyTorch eager fp32/bf16."""
+"""`jaxaccel bench embed CKPT`: sentences/s, jaxaccel fp32/bf16 vs PyTorch eager fp32/bf16.
+
+Baseline: the faster PyTorch eager dtype ("best pytorch", `jaxaccel_reference.embed_torch`)
+on the checkpoint's Hugging Face source, when the `reference` extra is installed.
+"""
 
 from __future__ import annotations
 
-import importlib.util
 import pathlib
 from typing import Optional
 
 import typer
 
 from jaxaccel.bench import runner
+from jaxaccel.bench.runner import Worker
 
-REFERENCE_SCRIPT = pathlib.Path(__file__).resolve().parents[2] / "scripts" / "reference_embed_torch.py"
+DTYPES = ("float32", "bfloat16")
+COLUMNS = ("contender", "min", "median", "max", "x best pytorch")
 
 
 def contenders(ckpt: pathlib.Path, source: Optional[pathlib.Path], batch: int, length: int,
-               iters: int) -> dict[str, list[str]]:
-    shape = [str(batch), str(length), str(iters)]
-    found = {f"jaxaccel {d}": ["-m", "jaxaccel.bench.embed_worker", str(ckpt), d, *shape]
-             for d in ("float32", "bfloat16")}
-    torch_ok = importlib.util.find_spec("torch") and importlib.util.find_spec("transformers")
-    if source is not None and torch_ok and REFERENCE_SCRIPT.is_file():
-        for d in ("float32", "bfloat16"):
-            found[f"pytorch eager {d}"] = [str(REFERENCE_SCRIPT), str(source), d, *shape]
+               iters: int) -> dict[str, Worker]:
+    shape = {"batch": batch, "length": length, "iters": iters}
+    found = {f"jaxaccel {d}": Worker("jaxaccel.bench.embed_worker",
+                                     {"ckpt": str(ckpt), "dtype": d, **shape}) for d in DTYPES}
+    if source is not None and runner.reference_available():
+        for d in DTYPES:
+            found[f"pytorch eager {d}"] = Worker("jaxaccel_reference.embed_torch",
+                                                 {"src": str(source), "dtype": d, **shape})
     return found
+
+
+def table_rows(summary: dict[str, dict]) -> tuple[list[tuple], float | None]:
+    """Rows of the table, and the baseline: the best PyTorch median (sentences/s)."""
+    best_torch = max((s["median"] for n, s in summary.items() if n.startswith("pytorch")),
+                     default=None)
+    rows = [(name, s["min"], s["median"], s["max"], runner.ratio(s["median"], best_torch))
+            for name, s in summary.items()]
+    return rows, best_torch
 
 
 def register(bench_app: typer.Typer) -> None:
@@ -37,20 +51,12 @@ def register(bench_app: typer.Typer) -> None:
     ) -> None:
         """Throughput of jaxaccel (fp32, bf16) against PyTorch eager (fp32, bf16, when torch and
         transformers are installed) on the same weights, batch and tokens, in one run."""
-        from jaxaccel.checkpoint.manifest import Manifest
-
-        source = pathlib.Path(Manifest.load(ckpt).source.get("path", ""))
-        runs = runner.alternate(contenders(ckpt, source if source.is_dir() else None, batch,
-                                           length, iters), repeats)
-        summary = {name: runner.summarize([r["sentences_per_s"] for r in results])
-                   for name, results in runs.items()}
-        best_torch = max((s["median"] for n, s in summary.items() if n.startswith("pytorch")),
-                         default=None)
-        rows = [(name, s["min"], s["median"], s["max"],
-                 s["median"] / best_torch if best_torch else "n/a") for name, s in summary.items()]
+        found = contenders(ckpt, runner.hf_source(ckpt), batch, length, iters)
+        runs = runner.alternate(found, repeats)
+        summary = runner.summarize_each(runs, "sentences_per_s")
+        rows, best_torch = table_rows(summary)
         runner.print_table(f"sentences/s, batch {batch} x {length} tokens ({repeats} fresh "
-                           "processes each)", ("contender", "min", "median", "max",
-                                               "x best pytorch"), rows)
+                           "processes each)", COLUMNS, rows)
         runner.write_json(json_out, {"benchmark": "embed", "batch": batch, "length": length,
                                      "iters": iters, "results": summary,
                                      "best_pytorch_median": best_torch})

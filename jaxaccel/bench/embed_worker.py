@@ -1,16 +1,16 @@
 """One fresh-process measurement of jaxaccel embedding throughput (used by `bench embed`).
 
-Usage: python -m jaxaccel.bench.embed_worker CKPT DTYPE BATCH LENGTH ITERS
+    python -m jaxaccel.bench.embed_worker '{"ckpt": CKPT, "dtype": DTYPE, "batch": 32,
+                                           "length": 128, "iters": 8}'
+
 Prints one JSON line: {"sentences_per_s": ..., "seconds": ...}.
 """
 
 from __future__ import annotations
 
-import json
-import sys
-import time
-
 import numpy as np
+
+from jaxaccel.bench.worker import loop_seconds, serve
 
 
 def synthetic_batch(vocab: int, batch: int, length: int, seed: int = 0):
@@ -19,23 +19,22 @@ def synthetic_batch(vocab: int, batch: int, length: int, seed: int = 0):
     return ids, np.ones_like(ids)
 
 
-def main(ckpt: str, dtype: str, batch: int, length: int, iters: int) -> dict:
+def load_embedder(ckpt: str, dtype: str, batch: int):
+    """The runtime's embedder for `ckpt` (kept apart: its API is the runtime's to change)."""
     from jaxaccel.embed import Embedder
     from jaxaccel.loader import load_model
 
-    embedder = Embedder(load_model(ckpt, dtype=dtype), batch_size=batch)
+    return Embedder(load_model(ckpt, dtype=dtype), batch_size=batch)
+
+
+def main(ckpt: str, dtype: str, batch: int, length: int, iters: int) -> dict:
+    embedder = load_embedder(ckpt, dtype, batch)
     ids, mask = synthetic_batch(embedder.loaded.config.vocab_size, batch, length)
     state = embedder.loaded.state
-    for _ in range(2):  # compile and warm up
-        embedder.fn(state, ids, mask).block_until_ready()
-    start = time.perf_counter()
-    for _ in range(iters):
-        out = embedder.fn(state, ids, mask)
-    out.block_until_ready()
-    seconds = time.perf_counter() - start
+    seconds = loop_seconds(lambda: embedder.fn(state, ids, mask), iters,
+                           wait=lambda out: out.block_until_ready())
     return {"sentences_per_s": batch * iters / seconds, "seconds": seconds}
 
 
 if __name__ == "__main__":
-    ckpt, dtype, batch, length, iters = sys.argv[1:6]
-    print(json.dumps(main(ckpt, dtype, int(batch), int(length), int(iters))))
+    serve(main)

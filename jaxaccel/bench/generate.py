@@ -3,8 +3,9 @@
 Per dtype (float32, bfloat16): prefill latency of one 512-token prompt, decode tokens/s at
 batch 1 and 8, and at batch 1 the memory-bandwidth utilisation: parameter bytes x decode
 tokens/s / this machine's memory read bandwidth, measured in the same run. transformers'
-`generate` on the same weights (the checkpoint's Hugging Face source) runs in the same run
-when torch and transformers are installed, and so does jaxaccel bfloat16 on XLA's own dots
+`generate` on the same weights (the checkpoint's Hugging Face source,
+`jaxaccel_reference.generate_transformers`) is the baseline of each dtype and runs in the same
+run when torch and transformers are installed, and so does jaxaccel bfloat16 on XLA's own dots
 (`xla-dots`, without the packed-weight kernel) where the kernel applies. Every contender runs
 in fresh processes, alternating round by round (see `runner`). The memory bandwidth is
 measured at the start of every round, since it drifts on shared machines (here: 35-68 GB/s
@@ -14,34 +15,39 @@ brackets, against the fastest round.
 
 from __future__ import annotations
 
-import importlib.util
 import pathlib
 from typing import Optional
 
 import typer
 
 from jaxaccel.bench import runner
+from jaxaccel.bench.runner import Worker
 
-REFERENCE_SCRIPT = (pathlib.Path(__file__).resolve().parents[2] / "scripts"
-                    / "reference_generate_transformers.py")
 DTYPES = ("float32", "bfloat16")
 METRICS = ("prefill_ms", "decode_b1_tok_s", "decode_b8_tok_s")
+WORKER = "jaxaccel.bench.generate_worker"
 
 
 def contenders(ckpt: pathlib.Path, source: Optional[pathlib.Path], prefill_len: int,
-               new_tokens: int) -> dict[str, list[str]]:
-    shape = [str(prefill_len), str(new_tokens)]
-    worker = ["-m", "jaxaccel.bench.generate_worker", str(ckpt)]
-    found = {f"jaxaccel {d}": [*worker, d, *shape] for d in DTYPES}
+               new_tokens: int) -> dict[str, Worker]:
+    shape = {"prefill_len": prefill_len, "new_tokens": new_tokens}
+    found = {f"jaxaccel {d}": Worker(WORKER, {"ckpt": str(ckpt), "dtype": d, **shape})
+             for d in DTYPES}
     from jaxaccel.kernels import packed
 
     if packed.kernel_available():
-        found["jaxaccel bfloat16 xla-dots"] = [*worker, "bfloat16", *shape, "--xla-dots"]
-    torch_ok = importlib.util.find_spec("torch") and importlib.util.find_spec("transformers")
-    if source is not None and torch_ok and REFERENCE_SCRIPT.is_file():
+        found["jaxaccel bfloat16 xla-dots"] = Worker(
+            WORKER, {"ckpt": str(ckpt), "dtype": "bfloat16", **shape, "xla_dots": True})
+    if source is not None and runner.reference_available():
         for d in DTYPES:
-            found[f"transformers {d}"] = [str(REFERENCE_SCRIPT), str(source), d, *shape]
+            found[baseline(d)] = Worker("jaxaccel_reference.generate_transformers",
+                                        {"src": str(source), "dtype": d, **shape})
     return found
+
+
+def baseline(dtype: str) -> str:
+    """The contender each dtype is compared with."""
+    return f"transformers {dtype}"
 
 
 def summarize(runs: dict[str, list[dict]], bandwidth: float, peak_bandwidth: float) -> dict:
@@ -63,19 +69,33 @@ def summarize(runs: dict[str, list[dict]], bandwidth: float, peak_bandwidth: flo
 
 def ratio(summary: dict, name: str, metric: str) -> float | str:
     """jaxaccel / transformers for the same dtype (prefill: transformers time / ours)."""
-    dtype = name.split()[1]
-    base = summary.get(f"transformers {dtype}")
+    base = summary.get(baseline(name.split()[1]))
     if base is None or name.startswith("transformers"):
         return "n/a"
     ours, theirs = summary[name][metric]["median"], base[metric]["median"]
-    return theirs / ours if metric == "prefill_ms" else ours / theirs
+    return runner.ratio(theirs, ours) if metric == "prefill_ms" else runner.ratio(ours, theirs)
+
+
+COLUMNS = ("contender", "prefill ms", "x tf", "b1 tok/s", "x tf", "b1 bw use (vs fastest)",
+           "b8 tok/s", "x tf")
+
+
+def table_rows(summary: dict) -> list[tuple]:
+    rows = []
+    for name, entry in summary.items():
+        cells = [(entry[m]["median"], ratio(summary, name, m)) for m in METRICS]
+        use = (f"{100 * entry['bandwidth_utilisation_b1']:.0f}% "
+               f"({100 * entry['bandwidth_utilisation_b1_vs_max']:.0f}%)")
+        rows.append((name, *cells[0], *cells[1], use, *cells[2]))
+    return rows
 
 
 def register(bench_app: typer.Typer) -> None:
     @bench_app.command("generate")
     def bench_generate(
-        ckpt: pathlib.Path = typer.Argument(..., help="Decoder checkpoint (see "
-                                            "scripts/make_random_decoder.py)."),
+        ckpt: pathlib.Path = typer.Argument(..., help="Decoder checkpoint (e.g. DEST/ckpt of "
+                                            "`python -m jaxaccel_reference.random_decoder "
+                                            "DEST`)."),
         prefill_len: int = typer.Option(512, "--prefill-len", help="Prompt tokens for prefill."),
         new_tokens: int = typer.Option(32, "--new-tokens", help="Decode tokens timed per run."),
         repeats: int = typer.Option(1, "--repeats", help="Fresh processes per contender."),
@@ -83,28 +103,17 @@ def register(bench_app: typer.Typer) -> None:
     ) -> None:
         """Prefill and decode speed of jaxaccel (fp32, bf16) against transformers `generate`
         (fp32, bf16, when installed) on the same weights, with memory-bandwidth use."""
-        from jaxaccel.checkpoint.manifest import Manifest
-
-        source = pathlib.Path(Manifest.load(ckpt).source.get("path", ""))
-        found = {"bandwidth": ["-m", "jaxaccel.bench.generate_worker", "--bandwidth"],
-                 **contenders(ckpt, source if source.is_dir() else None, prefill_len,
-                              new_tokens)}
+        found = {"bandwidth": Worker("jaxaccel.bench.bandwidth_worker"),
+                 **contenders(ckpt, runner.hf_source(ckpt), prefill_len, new_tokens)}
         runs = runner.alternate(found, repeats)
         bandwidths = runner.summarize([r["read_bytes_per_s"] for r in runs.pop("bandwidth")])
         bandwidth = bandwidths["median"]
         summary = summarize(runs, bandwidth, bandwidths["max"])
-        rows = []
-        for name, entry in summary.items():
-            cells = [(entry[m]["median"], ratio(summary, name, m)) for m in METRICS]
-            use = (f"{100 * entry['bandwidth_utilisation_b1']:.0f}% "
-                   f"({100 * entry['bandwidth_utilisation_b1_vs_max']:.0f}%)")
-            rows.append((name, *cells[0], *cells[1], use, *cells[2]))
         runner.print_table(
             f"{prefill_len}-token prefill and decode ({repeats} fresh process(es) each); memory "
             f"read bandwidth {bandwidth / 1e9:.1f} GB/s (median; "
             f"{bandwidths['min'] / 1e9:.1f}-{bandwidths['max'] / 1e9:.1f})",
-            ("contender", "prefill ms", "x tf", "b1 tok/s", "x tf",
-             "b1 bw use (vs fastest)", "b8 tok/s", "x tf"), rows)
+            COLUMNS, table_rows(summary))
         runner.write_json(json_out, {"benchmark": "generate", "prefill_len": prefill_len,
                                      "new_tokens": new_tokens, "repeats": repeats,
                                      "read_bytes_per_s": bandwidth,

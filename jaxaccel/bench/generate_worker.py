@@ -1,9 +1,9 @@
 """One fresh process of `jaxaccel bench generate`: time jaxaccel on a decoder checkpoint.
 
-    python -m jaxaccel.bench.generate_worker CKPT DTYPE PREFILL_LEN DECODE_TOKENS [--xla-dots]
-    python -m jaxaccel.bench.generate_worker --bandwidth
+    python -m jaxaccel.bench.generate_worker '{"ckpt": CKPT, "dtype": DTYPE,
+        "prefill_len": 512, "new_tokens": 32, "xla_dots": false}'
 
-`--xla-dots` keeps XLA's own dots for bfloat16 on the CPU instead of jaxaccel's packed-weight
+`xla_dots` keeps XLA's own dots for bfloat16 on the CPU instead of jaxaccel's packed-weight
 kernel (`jaxaccel.kernels`), to show what the kernel buys.
 
 Prints one JSON line. Decode speed is the slope between a short and a long generation of the
@@ -12,56 +12,28 @@ same batch (prefill and compile excluded): tokens/s = batch x extra tokens / ext
 
 from __future__ import annotations
 
-import json
-import sys
-import time
-
-REPEATS = 3
-
-
-def best_seconds(fn, repeats: int = REPEATS) -> float:
-    fn()  # compile / warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
-def memory_read_bandwidth() -> float:
-    """Bytes/s of a multi-threaded float32 sum over 1 GiB (far beyond any cache)."""
-    import jax
-    import jax.numpy as jnp
-
-    x = jnp.ones((256 * 1024 * 1024,), jnp.float32)
-    total = jax.jit(jnp.sum)
-    seconds = best_seconds(lambda: total(x).block_until_ready(), repeats=5)
-    return x.nbytes / seconds
+from jaxaccel.bench.worker import best_seconds, serve
 
 
 def prompts(batch: int, length: int, vocab: int) -> list[list[int]]:
     return [[(17 * row + 31 * i) % (vocab - 1) + 1 for i in range(length)] for row in range(batch)]
 
 
-def decode_tokens_per_s(generator, batch: int, new_tokens: int, loop: str) -> float:
-    rows = prompts(batch, 16, generator.config.vocab_size)
-    short = best_seconds(lambda: generator.generate(rows, 2, loop=loop))
-    long = best_seconds(lambda: generator.generate(rows, 2 + new_tokens, loop=loop))
+def decode_tokens_per_s(generate, batch: int, new_tokens: int, vocab: int) -> float:
+    """Tokens/s of `generate(rows, n)` (prompt ids -> n new tokens each), from the slope
+    between 2 and 2 + new_tokens tokens: prefill and compile cancel out."""
+    rows = prompts(batch, 16, vocab)
+    short = best_seconds(lambda: generate(rows, 2))
+    long = best_seconds(lambda: generate(rows, 2 + new_tokens))
     return batch * new_tokens / max(long - short, 1e-9)
 
 
-def measure(ckpt: str, dtype: str, prefill_len: int, new_tokens: int,
-            xla_dots: bool = False) -> dict:
-    import jax
-    import numpy as np
-
+def load_generator(ckpt: str, dtype: str, xla_dots: bool):
+    """The runtime's model and generator (kept apart: their API is the runtime's to change)."""
     from jaxaccel.generate import Buckets, Generator, default_buckets
     from jaxaccel.loader import load_model
 
     loaded = load_model(ckpt, dtype=dtype)
-    # The model's own bytes in `dtype` (packing pads a little; the padding is not counted).
-    param_bytes = sum(x.size * np.dtype(dtype).itemsize for x in jax.tree.leaves(loaded.state))
     packed_weights = False if xla_dots else None
     generator = Generator(loaded.graphdef, loaded.state, loaded.config, dtype=dtype,
                           packed_weights=packed_weights)
@@ -69,25 +41,29 @@ def measure(ckpt: str, dtype: str, prefill_len: int, new_tokens: int,
     generator.buckets = Buckets(
         slot_multiple=128,
         min_batch=default_buckets(dtype, generator.packed_weights).min_batch)
+    return loaded, generator
+
+
+def main(ckpt: str, dtype: str, prefill_len: int, new_tokens: int,
+         xla_dots: bool = False) -> dict:
+    import jax
+    import numpy as np
+
+    loaded, generator = load_generator(ckpt, dtype, xla_dots)
+    # The model's own bytes in `dtype` (packing pads a little; the padding is not counted).
+    param_bytes = sum(x.size * np.dtype(dtype).itemsize for x in jax.tree.leaves(loaded.state))
     long_prompt = prompts(1, prefill_len, loaded.config.vocab_size)
     result = {"dtype": dtype, "param_bytes": param_bytes,
               "packed_weights": generator.packed_weights,
               "prefill_ms": 1e3 * best_seconds(lambda: generator.last_logits(long_prompt))}
+    vocab = loaded.config.vocab_size
     for batch in (1, 8):
-        result[f"decode_b{batch}_tok_s"] = decode_tokens_per_s(generator, batch, new_tokens,
-                                                               "device")
-    result["decode_b1_host_loop_tok_s"] = decode_tokens_per_s(generator, 1, new_tokens, "host")
+        result[f"decode_b{batch}_tok_s"] = decode_tokens_per_s(
+            lambda rows, n: generator.generate(rows, n, loop="device"), batch, new_tokens, vocab)
+    result["decode_b1_host_loop_tok_s"] = decode_tokens_per_s(
+        lambda rows, n: generator.generate(rows, n, loop="host"), 1, new_tokens, vocab)
     return result
 
 
-def main() -> None:
-    if sys.argv[1:] == ["--bandwidth"]:
-        print(json.dumps({"read_bytes_per_s": memory_read_bandwidth()}))
-        return
-    ckpt, dtype, prefill_len, new_tokens = sys.argv[1:5]
-    xla_dots = sys.argv[5:] == ["--xla-dots"]
-    print(json.dumps(measure(ckpt, dtype, int(prefill_len), int(new_tokens), xla_dots)))
-
-
 if __name__ == "__main__":
-    main()
+    serve(main)

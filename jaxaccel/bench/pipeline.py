@@ -4,7 +4,8 @@ For each stage count S, a BERT-shaped encoder with random weights runs on S devi
 ways: as an S-stage pipeline (`stage=S`) with M = 1, 2S and 4S microbatches; with S=1 at the
 same device count (`data=S`, no pipeline); and on one device. GPipe needs M + S − 1 steps for
 M microbatches, so its ideal speedup over one device is S·M/(S+M−1) and, against `data=S`
-(which has no bubble), M/(S+M−1). Each measurement runs in a fresh process.
+(which has no bubble), M/(S+M−1). Each measurement runs in a fresh process
+(jaxaccel.bench.pipeline_worker) on S simulated devices; the contenders of one S alternate.
 
 On simulated CPU devices (`--xla_force_host_platform_device_count`) all "devices" share the
 machine's cores, so the speedup over one device is capped by the core count; the bubble still
@@ -13,73 +14,26 @@ shows, because every stage computes during every step (bubble steps on padding).
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
-import sys
-import time
 from typing import Optional
 
 import typer
 
 from jaxaccel.bench import runner
+from jaxaccel.bench.runner import Worker
 
 
-def _worker_argv(spec: dict) -> list[str]:
-    return ["-m", "jaxaccel.bench.pipeline", json.dumps(spec)]
+def contenders(stages: int, spec: dict) -> dict[str, Worker]:
+    """Label -> worker for one stage count; every one runs on `stages` devices."""
+    def worker(mesh: str, microbatches: int | None) -> Worker:
+        return Worker("jaxaccel.bench.pipeline_worker",
+                      {**spec, "mesh": mesh, "microbatches": microbatches}, stages)
 
-
-def _env(devices: int) -> dict:
-    from jaxaccel.launcher import process_env
-
-    env = process_env(0, 1, 0, host_devices=devices)
-    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
-        env.pop(name, None)  # one process: no cluster
-    return env
-
-
-def contenders(stages: int, spec: dict) -> list[tuple[str, dict]]:
-    """(label, worker spec) pairs for one stage count."""
-    runs = [("1 device", {**spec, "mesh": "data=1", "microbatches": None}),
-            (f"data={stages}", {**spec, "mesh": f"data={stages}", "microbatches": None})]
+    runs = {"1 device": worker("data=1", None), f"data={stages}": worker(f"data={stages}", None)}
     for m in (1, 2 * stages, 4 * stages):
-        runs.append((f"stage={stages} M={m}", {**spec, "mesh": f"stage={stages}",
-                                               "microbatches": m}))
+        runs[f"stage={stages} M={m}"] = worker(f"stage={stages}", m)
     return runs
-
-
-def measure(spec: dict) -> dict:
-    """Sequences/s of one configuration, in this process (its devices already set)."""
-    import jax
-    import numpy as np
-    from flax import nnx
-
-    from jaxaccel import pipeline
-    from jaxaccel.embed import make_embed_fn, state_shardings
-    from jaxaccel.models import bert
-    from jaxaccel.models.state import fill_state, flat_arrays, param_specs
-    from jaxaccel.sharding import Layout
-
-    cfg = bert.Config(vocab_size=1024, hidden_size=spec["hidden"], num_layers=spec["layers"],
-                      num_heads=spec["hidden"] // 64, intermediate_size=4 * spec["hidden"])
-    layout = Layout.create(spec["mesh"], "dp_tp_pp")
-    graphdef, state = nnx.split(bert.Model(cfg, rngs=nnx.Rngs(0)))
-    specs = param_specs(state)
-    state = fill_state(state, {n: jax.device_put(a, layout.sharding(specs[n].axes, a.shape))
-                               for n, a in flat_arrays(state).items()})
-    runner_ = pipeline.for_layout(layout, cfg.num_layers, spec["microbatches"])
-    fn = make_embed_fn(graphdef, state_shardings(state), layout.batch_sharding(2), runner_)
-    rng = np.random.default_rng(0)
-    ids = rng.integers(1, cfg.vocab_size, (spec["batch"], spec["length"])).astype(np.int32)
-    mask = np.ones_like(ids)
-    fn(state, ids, mask).block_until_ready()  # compile
-    start = time.perf_counter()
-    for _ in range(spec["iters"]):
-        out = fn(state, ids, mask)
-    out.block_until_ready()
-    seconds = time.perf_counter() - start
-    return {"sequences_per_s": spec["batch"] * spec["iters"] / seconds,
-            "devices": jax.device_count()}
 
 
 def register(bench_app: typer.Typer) -> None:
@@ -98,15 +52,14 @@ def register(bench_app: typer.Typer) -> None:
         with the ideal S·M/(S+M−1); every run in a fresh process."""
         spec = {"layers": layers, "hidden": hidden, "batch": batch, "length": length,
                 "iters": iters}
-        rows, payload = [], []
-        for s in (int(x) for x in stages.split(",")):
+        counts = [int(x) for x in stages.split(",")]
+        for s in counts:  # before any run: a bad S would otherwise fail after the others ran
             if batch % (4 * s):
                 raise typer.BadParameter(f"--batch {batch} must be divisible by 4*S = {4 * s}")
-            results = {}
-            for label, worker in contenders(s, spec):
-                runs = [runner.run_worker(_worker_argv(worker), env=_env(s))
-                        for _ in range(repeats)]
-                results[label] = runner.summarize([r["sequences_per_s"] for r in runs])
+        rows, payload = [], []
+        for s in counts:
+            results = runner.summarize_each(runner.alternate(contenders(s, spec), repeats),
+                                            "sequences_per_s")
             rows += table_rows(s, results)
             payload.append({"stages": s, "results": results})
         runner.print_table(
@@ -126,6 +79,3 @@ def table_rows(s: int, results: dict) -> list[tuple]:
                      f"{m / (s + m - 1):.2f}", f"{pp / single:.2f}", f"{s * m / (s + m - 1):.2f}"))
     return rows
 
-
-if __name__ == "__main__":
-    print(json.dumps(measure(json.loads(sys.argv[1]))))

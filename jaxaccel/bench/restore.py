@@ -1,12 +1,12 @@
 """`jaxaccel bench restore CKPT`: jaxaccel's restore vs orbax's vs a raw read of the same bytes.
 
 Every run is a fresh process (jaxaccel.bench.restore_worker) that plans outside the clock,
-pre-touches memory, then times one restore onto the mesh; contenders alternate round by round.
+pre-touches memory, then times one restore onto the mesh; contenders alternate round by round
+(`runner.alternate`). Baseline: orbax restoring the same checkpoint.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import pathlib
 from typing import Optional
@@ -14,22 +14,29 @@ from typing import Optional
 import typer
 
 from jaxaccel.bench import runner
+from jaxaccel.bench.runner import Worker
 
-BASELINE = "orbax"
+BASELINE = "orbax (same checkpoint)"
+RAW = "raw read (page cache)"
+WORKER = "jaxaccel.bench.restore_worker"
 
 
 def contenders(ckpt: pathlib.Path, mesh: str, rules: str, dtype: str,
-               orbax_default: Optional[pathlib.Path], engines: bool) -> dict[str, list[str]]:
-    args = [mesh, rules, dtype]
-    worker = ["-m", "jaxaccel.bench.restore_worker"]
-    found = {"jaxaccel": [*worker, "jaxaccel", str(ckpt), *args],
-             "jaxaccel + crc32c check": [*worker, "jaxaccel-crc", str(ckpt), *args]}
+               orbax_default: Optional[pathlib.Path], engines: bool) -> dict[str, Worker]:
+    devices = runner.mesh_devices(mesh)
+
+    def worker(contender: str, path: pathlib.Path = ckpt) -> Worker:
+        return Worker(WORKER, {"contender": contender, "ckpt": str(path), "mesh": mesh,
+                               "rules": rules, "dtype": dtype, "manifest_from": str(ckpt)},
+                      devices)
+
+    found = {"jaxaccel": worker("jaxaccel"), "jaxaccel + crc32c check": worker("jaxaccel-crc")}
     if engines:
-        found["jaxaccel (tensorstore engine)"] = [*worker, "jaxaccel-tensorstore", str(ckpt), *args]
-    found["orbax (same checkpoint)"] = [*worker, "orbax", str(ckpt), *args]
+        found["jaxaccel (tensorstore engine)"] = worker("jaxaccel-tensorstore")
+    found[BASELINE] = worker("orbax")
     if orbax_default is not None:
-        found["orbax (orbax default format)"] = [*worker, "orbax", str(orbax_default), *args]
-    found["raw read (page cache)"] = [*worker, "raw", str(ckpt), *args]
+        found["orbax (orbax default format)"] = worker("orbax", orbax_default)
+    found[RAW] = worker("raw")
     return found
 
 
@@ -37,14 +44,15 @@ def register(bench_app: typer.Typer) -> None:
     @bench_app.command("restore")
     def bench_restore(
         ckpt: pathlib.Path = typer.Argument(..., help="jaxaccel checkpoint (e.g. from "
-                                            "scripts/make_synthetic_checkpoint.py)."),
+                                            "`python -m jaxaccel.bench.synthetic DEST`)."),
         mesh: str = typer.Option("data=2,model=4", "--mesh", help="Device mesh to restore onto."),
         rules: str = typer.Option("dp_tp", "--rules", help="Rule table."),
         dtype: str = typer.Option("default", "--dtype", help="Compute dtype (default: the "
                                   "checkpoint's)."),
         orbax_default: Optional[pathlib.Path] = typer.Option(
-            None, "--orbax-default", help="The same tree saved with orbax's defaults "
-            "(make_synthetic_checkpoint.py --orbax-default): also time orbax on its own format."),
+            None, "--orbax-default", help="The same tree saved with orbax's defaults (`python -m "
+            "jaxaccel.bench.synthetic DEST --orbax-default DIR`): also time orbax on its own "
+            "format."),
         engines: bool = typer.Option(False, "--engines", help="Also time jaxaccel with every "
                                      "array read through tensorstore."),
         cold: bool = typer.Option(False, "--cold", help="Drop the page cache before every run "
@@ -53,14 +61,8 @@ def register(bench_app: typer.Typer) -> None:
         json_out: Optional[pathlib.Path] = typer.Option(None, "--json", help="Write results here."),
     ) -> None:
         """Restore time, GB/s and peak host-memory overhead of jaxaccel vs orbax vs raw read."""
-        env = {**worker_env(mesh), "MANIFEST_FROM": str(ckpt)}
-        found = contenders(ckpt, mesh, rules, dtype, orbax_default, engines)
-        runs = {name: [] for name in found}
-        for _ in range(repeats):
-            for name, argv in found.items():
-                if cold:
-                    drop_page_cache()
-                runs[name].append(runner.run_worker(argv, env=env))
+        runs = runner.alternate(contenders(ckpt, mesh, rules, dtype, orbax_default, engines),
+                                repeats, before_run=drop_page_cache if cold else None)
         rows, summary = table_rows(runs)
         where = "cold page cache" if cold else "page cache warm, memory pre-touched"
         runner.print_table(f"restore {ckpt.name} onto {mesh} ({rules}, dtype {dtype}); {where}; "
@@ -70,42 +72,30 @@ def register(bench_app: typer.Typer) -> None:
                                      "results": summary})
 
 
-def worker_env(mesh: str) -> dict:
-    """Environment for a worker: as many simulated CPU devices as the mesh needs (8 when an
-    axis is -1, 'the rest')."""
-    from jaxaccel.sharding import parse_mesh
-
-    sizes = parse_mesh(mesh).values()
-    devices = 8 if -1 in sizes else math.prod(sizes)
-    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-
-
 COLUMNS = ("contender", "min s", "median s", "max s", "GB/s (median)", "peak RSS overhead MB",
            "orbax / this", "this / raw")
 
 
 def table_rows(runs: dict[str, list[dict]]) -> tuple[list, dict]:
-    summary = {}
-    for name, results in runs.items():
-        seconds = runner.summarize([r["seconds"] for r in results])
-        overhead = runner.summarize([r["overhead"] for r in results])
-        summary[name] = {"seconds": seconds, "overhead_bytes": overhead,
-                         "bytes": results[0]["bytes"]}
-    orbax = next((s["seconds"]["median"] for n, s in summary.items() if n.startswith(BASELINE)),
-                 None)
-    raw = next((s["seconds"]["median"] for n, s in summary.items() if n.startswith("raw")), None)
+    seconds = runner.summarize_each(runs, "seconds")
+    overhead = runner.summarize_each(runs, "overhead")
+    summary = {name: {"seconds": seconds[name], "overhead_bytes": overhead[name],
+                      "bytes": results[0]["bytes"]} for name, results in runs.items()}
+    orbax, raw = (seconds[n]["median"] if n in seconds else None for n in (BASELINE, RAW))
     rows = []
     for name, s in summary.items():
         t = s["seconds"]
         rows.append((name, t["min"], t["median"], t["max"], s["bytes"] / t["median"] / 1e9,
                      s["overhead_bytes"]["median"] / 1e6,
-                     orbax / t["median"] if orbax else "n/a", t["median"] / raw if raw else "n/a"))
+                     runner.ratio(orbax, t["median"]), runner.ratio(t["median"], raw)))
     return rows, summary
 
 
-def drop_page_cache() -> None:
+def drop_page_cache(contender: str = "") -> None:
+    """Drop the page cache (before `contender`'s run): the next read comes from disk."""
     os.sync()
     try:
         pathlib.Path("/proc/sys/vm/drop_caches").write_text("3\n")
     except OSError as err:
-        raise SystemExit(f"--cold needs root to drop the page cache ({err.strerror})") from None
+        raise runner.BenchError(f"--cold needs root to drop the page cache ({err.strerror})"
+                                ) from None

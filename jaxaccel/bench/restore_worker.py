@@ -1,12 +1,15 @@
-"""One timed restore in a fresh process: `python -m jaxaccel.bench.restore_worker CONTENDER CKPT
-MESH RULES DTYPE`. Prints one JSON line: seconds, bytes, peak RSS overhead.
+"""One timed restore in a fresh process. Prints one JSON line: seconds, bytes, peak RSS overhead.
+
+    python -m jaxaccel.bench.restore_worker '{"contender": "jaxaccel", "ckpt": CKPT,
+        "mesh": "data=2,model=4", "rules": "dp_tp", "dtype": "default"}'
 
 Contenders: `jaxaccel` (restore_arrays, default engine, as load_model runs it),
 `jaxaccel-crc` (also checking every chunk's crc32c), `jaxaccel-tensorstore` (every array
 through tensorstore, which always checks crc32c), `orbax` (orbax's StandardCheckpointer
-restoring the same params into the same shardings and dtype), `raw` (read every byte of the params' data files into
-fresh memory: the physical limit). For `orbax`, CKPT may be an orbax checkpoint of the same
-tree (the `--orbax-default` copy), with MANIFEST_FROM=jaxaccel checkpoint in the environment.
+restoring the same params into the same shardings and dtype), `raw` (read every byte of the
+params' data files into fresh memory: the physical limit). For `orbax`, CKPT may be an orbax
+checkpoint of the same tree (the `--orbax-default` copy), with `manifest_from` the jaxaccel
+checkpoint. The worker needs as many (simulated) devices as MESH has.
 
 Before the clock starts the worker plans everything, then pre-touches about the checkpoint's
 size of memory: these VMs hand memory that was freed and left idle back to the hypervisor, and
@@ -15,13 +18,13 @@ touching it again runs at ~0.4 GB/s instead of ~15 GB/s.
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
-import sys
 import time
 
 import numpy as np
+
+from jaxaccel.bench.worker import serve
 
 # Pre-touch this many times the checkpoint's bytes: enough for what any contender allocates
 # (orbax holds a separate copy per replica: 2x on data=2).
@@ -55,35 +58,47 @@ def resident_bytes(arrays) -> int:
     return sum(buffers.values())
 
 
-def prepare(contender: str, ckpt: pathlib.Path, mesh: str, rules: str, dtype: str | None):
+def prepare(contender: str, ckpt: pathlib.Path, mesh: str, rules: str, dtype: str | None,
+            manifest_dir: pathlib.Path):
     """Everything outside the clock; returns a zero-argument function doing the restore."""
     if contender == "raw":
-        files = data_files(ckpt)
-
-        def read_raw():
-            out = []
-            for path in files:
-                buf = np.empty(path.stat().st_size, np.uint8)
-                with open(path, "rb", buffering=0) as handle:
-                    handle.readinto(buf)
-                out.append(buf)
-            return out
-        return read_raw
-    from jaxaccel.checkpoint.restore import restore_arrays
-    from jaxaccel.loader import plan_model
-    from jaxaccel.sharding import Layout
-
-    manifest_dir = pathlib.Path(os.environ.get("MANIFEST_FROM", ckpt))
-    plan = plan_model(manifest_dir, Layout.create(mesh, rules), dtype)
+        return raw_reader(data_files(ckpt))
+    plan = plan_restore(manifest_dir, mesh, rules, dtype)
     if contender.startswith("jaxaccel"):
         # As load_model: chunk lengths always checked, crc32c only when asked (`-crc`).
         engine = "tensorstore" if contender == "jaxaccel-tensorstore" else "auto"
-        verify = contender == "jaxaccel-crc"
-        return lambda: restore_arrays(ckpt, plan.manifest, plan.targets, engine=engine,
-                                      verify_chunks=verify)
+        return jaxaccel_restore(ckpt, plan, engine, verify=contender == "jaxaccel-crc")
     if contender == "orbax":
         return orbax_restore(ckpt, plan)
     raise SystemExit(f"unknown contender {contender!r}")
+
+
+def raw_reader(files: list[pathlib.Path]):
+    def read_raw():
+        out = []
+        for path in files:
+            buf = np.empty(path.stat().st_size, np.uint8)
+            with open(path, "rb", buffering=0) as handle:
+                handle.readinto(buf)
+            out.append(buf)
+        return out
+    return read_raw
+
+
+def plan_restore(manifest_dir: pathlib.Path, mesh: str, rules: str, dtype: str | None):
+    """The runtime's restore plan (kept apart: its API is the runtime's to change)."""
+    from jaxaccel.loader import plan_model
+    from jaxaccel.sharding import Layout
+
+    return plan_model(manifest_dir, Layout.create(mesh, rules), dtype)
+
+
+def jaxaccel_restore(ckpt: pathlib.Path, plan, engine: str, verify: bool):
+    """The runtime's restore, as load_model runs it (kept apart: its API may change)."""
+    from jaxaccel.checkpoint.restore import restore_arrays
+
+    return lambda: restore_arrays(ckpt, plan.manifest, plan.targets, engine=engine,
+                                  verify_chunks=verify)
 
 
 def orbax_restore(ckpt: pathlib.Path, plan):
@@ -102,12 +117,13 @@ def orbax_restore(ckpt: pathlib.Path, plan):
     return lambda: checkpointer.restore(directory.absolute(), abstract)
 
 
-def main(argv: list[str]) -> None:
+def main(contender: str, ckpt: str, mesh: str, rules: str, dtype: str = "default",
+         manifest_from: str | None = None) -> dict:
     import jax
 
-    contender, ckpt, mesh, rules, dtype = argv
     ckpt = pathlib.Path(ckpt)
-    restore = prepare(contender, ckpt, mesh, rules, None if dtype == "default" else dtype)
+    restore = prepare(contender, ckpt, mesh, rules, None if dtype == "default" else dtype,
+                      pathlib.Path(manifest_from or ckpt))
     jax.block_until_ready(jax.device_put(np.ones(8, np.float32), jax.devices()[0]))
     nbytes = sum(p.stat().st_size for p in data_files(ckpt))
     pretouch(int(nbytes * PRETOUCH_FACTOR))
@@ -120,10 +136,10 @@ def main(argv: list[str]) -> None:
     seconds = time.perf_counter() - start
     peak = status_bytes("VmHWM")
     resident = sum(b.nbytes for b in out) if contender == "raw" else resident_bytes(out)
-    print(json.dumps({"contender": contender, "seconds": seconds, "bytes": nbytes,
-                      "peak_rss_growth": peak - before, "resident": resident,
-                      "overhead": peak - before - resident}))
+    return {"contender": contender, "seconds": seconds, "bytes": nbytes,
+            "peak_rss_growth": peak - before, "resident": resident,
+            "overhead": peak - before - resident}
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    serve(main)

@@ -1,49 +1,143 @@
-"""Benchmark plumbing shared by every `jaxaccel bench` command.
+"""Benchmark plumbing shared by every `jaxaccel bench` command: the parent side.
 
-Each measurement runs in a fresh subprocess (no warm caches or allocator state carried over),
-contenders alternate round by round (so drift hits all of them alike), and results are
-reported as min/median/max with ratios against a named baseline.
+Each measurement runs in a fresh subprocess (no warm caches or allocator state carried over):
+a `Worker` names a module and its keyword arguments (`python -m MODULE JSON`, see
+`jaxaccel.bench.worker`) and the simulated device count it needs; `worker_env` is the one
+place a worker's environment is built. Contenders alternate round by round (`alternate`, so
+drift hits all of them alike), and results are reported as min/median/max (`summarize`) with
+ratios against a baseline each benchmark names (`ratio`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import json
 import pathlib
+import shlex
 import statistics
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from rich.console import Console
 from rich.table import Table
 
-
-class WorkerFailed(RuntimeError):
-    pass
+STDERR_TAIL = 2000  # characters of a failed worker's stderr quoted in the error
 
 
-def run_worker(argv: Sequence[str], timeout: float = 900, env: dict | None = None) -> dict:
-    """Run `python ARGV...` in a fresh process; its last stdout line must be a JSON object."""
-    proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+class BenchError(RuntimeError):
+    """A benchmark could not run; `jaxaccel bench` prints it as `error: ...` and exits 1."""
+
+
+class WorkerFailed(BenchError):
+    """A worker exited non-zero, timed out, or printed no JSON result."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Worker:
+    """One fresh-process measurement: `python -m module JSON(kwargs)` on `devices` simulated
+    CPU devices (None: as many as this process was given)."""
+
+    module: str
+    kwargs: Mapping = dataclasses.field(default_factory=dict)
+    devices: int | None = None
+
+    def argv(self) -> list[str]:
+        return [sys.executable, "-m", self.module, json.dumps(dict(self.kwargs))]
+
+
+def worker_env(devices: int | None = None, base: Mapping[str, str] | None = None) -> dict:
+    """A worker's environment: `base` (default: this process's) with `devices` simulated CPU
+    devices and without the multi-host variables (a worker is one process, not a cluster)."""
+    from jaxaccel import distributed
+    from jaxaccel.launcher import process_env
+
+    env = process_env(0, 1, 0, host_devices=devices, base=base)
+    for name in (distributed.ENV_COORDINATOR, distributed.ENV_NUM_PROCESSES,
+                 distributed.ENV_PROCESS_ID):
+        env.pop(name, None)
+    return env
+
+
+def mesh_devices(mesh: str) -> int:
+    """Devices a `--mesh` needs (8 when an axis is -1, 'the rest')."""
+    import math
+
+    from jaxaccel.sharding import parse_mesh
+
+    sizes = parse_mesh(mesh).values()
+    return 8 if -1 in sizes else math.prod(sizes)
+
+
+def run_worker(name: str, worker: Worker, timeout: float = 900) -> dict:
+    """Run contender `name`'s worker in a fresh process; return the JSON object it printed."""
+    argv = worker.argv()
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                              env=worker_env(worker.devices))
+    except subprocess.TimeoutExpired as err:
+        raise WorkerFailed(f"contender {name!r}: no result after {timeout:.0f} s "
+                           f"({_command(argv)})") from None
     if proc.returncode != 0:
-        raise WorkerFailed(f"{' '.join(argv)} exited {proc.returncode}:\n{proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        raise WorkerFailed(f"contender {name!r} failed, exit code {proc.returncode} "
+                           f"({_command(argv)}); stderr ends:\n{proc.stderr[-STDERR_TAIL:]}")
+    lines = proc.stdout.strip().splitlines()
+    try:
+        return json.loads(lines[-1])
+    except (IndexError, json.JSONDecodeError):
+        raise WorkerFailed(f"contender {name!r} printed no JSON result ({_command(argv)}); "
+                           f"stdout ends:\n{proc.stdout[-STDERR_TAIL:]}") from None
 
 
-def alternate(contenders: dict[str, Sequence[str]], repeats: int,
-              env: dict | None = None) -> dict[str, list[dict]]:
-    """Run every contender `repeats` times, round-robin; collect each run's JSON."""
+def _command(argv: Sequence[str]) -> str:
+    """The worker's command line, quoted so that it can be pasted into a shell to rerun it."""
+    return shlex.join(["python", *argv[1:]])
+
+
+def alternate(contenders: Mapping[str, Worker], repeats: int,
+              before_run: Callable[[str], None] | None = None) -> dict[str, list[dict]]:
+    """Run every contender `repeats` times, round-robin (A B C A B C ...), each run in a fresh
+    process; `before_run(name)` runs before each (e.g. to drop the page cache)."""
     results = {name: [] for name in contenders}
     for _ in range(repeats):
-        for name, argv in contenders.items():
-            results[name].append(run_worker(argv, env=env))
+        for name, worker in contenders.items():
+            if before_run is not None:
+                before_run(name)
+            results[name].append(run_worker(name, worker))
     return results
 
 
 def summarize(values: Sequence[float]) -> dict:
     return {"min": min(values), "median": statistics.median(values), "max": max(values),
             "runs": list(values)}
+
+
+def summarize_each(runs: Mapping[str, Sequence[dict]], field: str) -> dict[str, dict]:
+    """Per contender, `summarize` of one field of its runs' results."""
+    return {name: summarize([r[field] for r in results]) for name, results in runs.items()}
+
+
+def ratio(numerator: float | None, denominator: float | None) -> float | str:
+    """numerator / denominator, or "n/a" when either is missing (a baseline not in this run)."""
+    if numerator is None or not denominator:
+        return "n/a"
+    return numerator / denominator
+
+
+def reference_available() -> bool:
+    """Whether the baselines in `jaxaccel_reference` can run: the package and the `reference`
+    extra (torch, transformers) it needs are installed."""
+    return all(importlib.util.find_spec(name)
+               for name in ("jaxaccel_reference", "torch", "transformers"))
+
+
+def hf_source(ckpt: pathlib.Path) -> pathlib.Path | None:
+    """The Hugging Face directory `ckpt` was converted from, if it is still there."""
+    from jaxaccel.checkpoint.manifest import Manifest
+
+    path = Manifest.load(ckpt).source.get("path")  # absent for synthetic checkpoints
+    return pathlib.Path(path) if path and pathlib.Path(path).is_dir() else None
 
 
 def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence]) -> None:

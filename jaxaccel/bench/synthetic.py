@@ -1,15 +1,23 @@
 """Transformer-shaped checkpoints of random weights, for restore benchmarks and tests.
 
+    python -m jaxaccel.bench.synthetic /tmp/ref               # 2.68 GB float32, 2048 wide
+    python -m jaxaccel.bench.synthetic /tmp/small --width 256 --layers 4 --vocab 4096
+    python -m jaxaccel.bench.synthetic /tmp/ref --orbax-default /tmp/ref-orbax
+
 The default is the issue's reference tree, 2.68 GB float32: vocab 32000 x width 2048, 12
 layers with q, k, v, o 2048x2048, an MLP 2048 -> 8192 -> 2048 and two norms per layer. It is
 written as a BERT-family checkpoint (the loader restores it and `embed` runs it), so the
 few extra small arrays (biases, position embeddings) add ~0.3% to the bytes.
+`--orbax-default DIR` also saves the same arrays with orbax's StandardCheckpointer defaults,
+the baseline `jaxaccel bench restore --orbax-default` times.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import pathlib
+import time
 
 import numpy as np
 
@@ -72,3 +80,41 @@ def write_orbax_default(dest: pathlib.Path, config: dict, dtype: str) -> None:
         node[leaf] = array
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(pathlib.Path(dest).absolute(), tree, force=True)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m jaxaccel.bench.synthetic",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("dest", type=pathlib.Path)
+    parser.add_argument("--vocab", type=int, default=REFERENCE["vocab"])
+    parser.add_argument("--width", type=int, default=REFERENCE["width"])
+    parser.add_argument("--layers", type=int, default=REFERENCE["layers"])
+    parser.add_argument("--heads", type=int, default=REFERENCE["heads"])
+    parser.add_argument("--mlp", type=int, default=None, help="default: 4 x width")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--chunking", default="auto", help="as `jaxaccel convert --chunking`")
+    parser.add_argument("--codec", default="none", choices=("none", "zstd"))
+    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--orbax-default", type=pathlib.Path, default=None)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Write the checkpoint (and the orbax-default copy) the command line asks for."""
+    from jaxaccel.commands.convert import chunk_bytes_from
+
+    args = parse_args(argv)
+    config = bert_config(args.vocab, args.width, args.layers, args.heads, args.mlp)
+    start = time.perf_counter()
+    manifest = write(args.dest, config, args.dtype, chunk_bytes_from(args.chunking),
+                     args.codec, args.overwrite)
+    print(f"wrote {args.dest}: {len(manifest.arrays)} arrays, {manifest.total_bytes / 1e9:.3f} GB "
+          f"{args.dtype} in {time.perf_counter() - start:.1f} s")
+    if args.orbax_default:
+        start = time.perf_counter()
+        write_orbax_default(args.orbax_default, config, args.dtype)
+        print(f"wrote {args.orbax_default} (orbax defaults) in {time.perf_counter() - start:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
+import sys
 
 import typer
 
@@ -21,4 +23,22 @@ def register(app: typer.Typer) -> None:
                 raise
             continue
         module.register(bench_app)
+    for command in bench_app.registered_commands:
+        command.callback = _clean_errors(command.callback)
     app.add_typer(bench_app, name="bench")
+
+
+def _clean_errors(callback):
+    """A benchmark that cannot run (a worker failed: its stderr tail is in the message) ends
+    with `error: ...` on stderr and exit code 1 instead of a traceback of the harness."""
+    @functools.wraps(callback)
+    def run(*args, **kwargs):
+        from jaxaccel.bench.runner import BenchError
+        from jaxaccel.errors import FAILURE_EXIT
+
+        try:
+            return callback(*args, **kwargs)
+        except BenchError as err:
+            print(f"error: {err}", file=sys.stderr)
+            raise SystemExit(FAILURE_EXIT) from None
+    return run

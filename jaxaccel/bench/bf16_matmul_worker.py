@@ -1,0 +1,71 @@
+"""One fresh-process measurement of `scripts/bench_bf16_matmul.py`: bf16 x . W over a scan of
+LAYERS stacked [K, N] weights, through jaxaccel's packed kernel or XLA's own dot.
+
+    python -m jaxaccel.bench.bf16_matmul_worker '{"contender": "kernel", "rows": 8}'
+
+Contenders: `kernel` (`jaxaccel.kernels.packed`), `xla` (XLA's dot on the plain [k, n]
+weights), `xla_pad2` (the same with the rows padded to two, which XLA:CPU's fast bf16 path
+needs). Prints one JSON line: the best of 10 timed calls (s) and GB/s of weights read.
+"""
+
+from __future__ import annotations
+
+from jaxaccel.bench.worker import best_seconds, serve
+
+LAYERS, K, N = 12, 768, 3072
+CONTENDERS = ("kernel", "xla", "xla_pad2")
+
+
+def kernel_layers(w, x):
+    """(scan body, scan inputs) through the packed kernel (kept apart: the kernel's API is
+    the runtime's to change)."""
+    import dataclasses
+
+    import jax.numpy as jnp
+
+    from jaxaccel.kernels import packed
+
+    weights = packed.pack(w, 1, stacked=1)
+
+    def layer(acc, index):
+        y = packed.matmul(x, dataclasses.replace(weights, layer=index))
+        return acc + y.sum(), None
+
+    return layer, jnp.arange(LAYERS)
+
+
+def xla_layers(w, x, pad: bool):
+    """(scan body, scan inputs) through XLA's dot, the row padded to two when `pad`."""
+    import jax
+    import jax.numpy as jnp
+
+    rows = x.shape[0]
+
+    def layer(acc, w_u16):
+        w_kn = jax.lax.bitcast_convert_type(w_u16, jnp.bfloat16)
+        lhs = jnp.concatenate([x, jnp.zeros_like(x)]) if pad else x
+        y = jnp.dot(lhs, w_kn, preferred_element_type=jnp.float32)[:rows]
+        return acc + y.sum(), None
+
+    return layer, jax.lax.bitcast_convert_type(w, jnp.uint16)  # sliced as uint16 (see layers)
+
+
+def main(contender: str, rows: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    w = (0.02 * jax.random.normal(jax.random.key(0), (LAYERS, K, N))).astype(jnp.bfloat16)
+    x = jax.random.normal(jax.random.key(1), (rows, K)).astype(jnp.bfloat16)
+    if contender == "kernel":
+        layer, xs = kernel_layers(w, x)
+    else:
+        layer, xs = xla_layers(w, x, pad=contender == "xla_pad2")
+    run = jax.jit(lambda xs: jax.lax.scan(layer, jnp.float32(0), xs)[0])
+    # The untimed first call compiles and touches every buffer.
+    best = best_seconds(lambda: run(xs).block_until_ready(), repeats=10)
+    return {"contender": contender, "rows": rows, "seconds": best,
+            "gb_per_s": w.nbytes / best / 1e9}
+
+
+if __name__ == "__main__":
+    serve(main)

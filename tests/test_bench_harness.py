@@ -1,0 +1,166 @@
+"""The benchmark harness (`jaxaccel.bench.runner`), driven by a trivial fake worker: fresh
+processes in round-robin order, summaries and ratios, the worker environment, and failures
+that name the contender. No timing thresholds."""
+
+import os
+import textwrap
+
+import pytest
+
+from jaxaccel.bench import embed, pipeline, restore, runner
+from jaxaccel.bench.runner import Worker, WorkerFailed
+from jaxaccel.commands.bench import _clean_errors
+
+FAKE_WORKER = '''
+import os, sys
+
+from jaxaccel.bench.worker import serve
+
+
+def main(name, log, value=1.0, fail=False, no_json=False):
+    with open(log, "a") as handle:
+        handle.write(name + "\\n")
+    if fail:
+        print("boom: the fake worker was told to fail", file=sys.stderr)
+        raise SystemExit(3)
+    if no_json:
+        print("not json")
+        raise SystemExit(0)
+    print("a library's chatter before the result")
+    return {"value": value, "pid": os.getpid(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "coordinator": os.environ.get("JAX_COORDINATOR_ADDRESS")}
+
+
+if __name__ == "__main__":
+    serve(main)
+'''
+
+
+@pytest.fixture
+def fake(tmp_path, monkeypatch):
+    """A function making a Worker of the fake module, and the log its runs append to."""
+    (tmp_path / "fake_bench_worker.py").write_text(textwrap.dedent(FAKE_WORKER))
+    path = os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))
+    monkeypatch.setenv("PYTHONPATH", path)
+    log = tmp_path / "runs.log"
+
+    def make(name, devices=None, **kwargs):
+        return Worker("fake_bench_worker", {"name": name, "log": str(log), **kwargs}, devices)
+
+    return make, log
+
+
+def test_contenders_alternate_round_robin_in_fresh_processes(fake):
+    make, log = fake
+    before = []
+    runs = runner.alternate({"a": make("a", value=1.0), "b": make("b", value=2.0),
+                             "c": make("c", value=3.0)}, repeats=2, before_run=before.append)
+    assert log.read_text().split() == ["a", "b", "c", "a", "b", "c"]
+    assert before == ["a", "b", "c", "a", "b", "c"]
+    assert [r["value"] for r in runs["b"]] == [2.0, 2.0]
+    pids = [r["pid"] for results in runs.values() for r in results]
+    assert len(set(pids)) == 6  # every run its own process
+
+
+def test_summaries_are_min_median_max_of_every_run():
+    assert runner.summarize([3.0, 1.0, 2.0]) == {"min": 1.0, "median": 2.0, "max": 3.0,
+                                                 "runs": [3.0, 1.0, 2.0]}
+    assert runner.summarize([1.0, 2.0, 3.0, 10.0])["median"] == 2.5
+    runs = {"a": [{"s": 4.0}, {"s": 2.0}], "b": [{"s": 7.0}]}
+    each = runner.summarize_each(runs, "s")
+    assert each["a"]["median"] == 3.0 and each["b"] == runner.summarize([7.0])
+
+
+def test_ratio_against_a_missing_baseline_is_not_a_number():
+    assert runner.ratio(6.0, 3.0) == 2.0
+    assert runner.ratio(0.0, 3.0) == 0.0
+    assert runner.ratio(None, 3.0) == "n/a" and runner.ratio(3.0, None) == "n/a"
+    assert runner.ratio(3.0, 0.0) == "n/a"
+
+
+def test_embed_ratios_are_against_the_best_pytorch_median():
+    summary = {"jaxaccel float32": runner.summarize([60.0, 70.0, 80.0]),
+               "pytorch eager float32": runner.summarize([35.0]),
+               "pytorch eager bfloat16": runner.summarize([50.0])}
+    rows, best = embed.table_rows(summary)
+    assert best == 50.0
+    assert rows[0] == ("jaxaccel float32", 60.0, 70.0, 80.0, 70.0 / 50.0)
+    rows, best = embed.table_rows({"jaxaccel float32": summary["jaxaccel float32"]})
+    assert best is None and rows[0][-1] == "n/a"
+
+
+def test_restore_ratios_against_orbax_and_raw():
+    def run(seconds):
+        return {"seconds": seconds, "overhead": 1e6, "bytes": 4e9}
+
+    runs = {"jaxaccel": [run(1.0), run(3.0), run(2.0)], restore.BASELINE: [run(8.0)],
+            restore.RAW: [run(0.5)]}
+    rows, summary = restore.table_rows(runs)
+    name, low, median, high, gb_s, overhead_mb, vs_orbax, vs_raw = rows[0]
+    assert (name, low, median, high) == ("jaxaccel", 1.0, 2.0, 3.0)
+    assert gb_s == 2.0 and overhead_mb == 1.0
+    assert vs_orbax == 4.0 and vs_raw == 4.0
+    assert summary["jaxaccel"]["seconds"]["median"] == 2.0
+    rows, _ = restore.table_rows({"jaxaccel": runs["jaxaccel"]})
+    assert rows[0][-2:] == ("n/a", "n/a")
+
+
+def test_worker_env_sets_the_host_device_count(monkeypatch):
+    base = {"XLA_FLAGS": "--xla_cpu_foo=1 --xla_force_host_platform_device_count=8",
+            "JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "2",
+            "JAX_PROCESS_ID": "1", "KEEP": "me"}
+    env = runner.worker_env(4, base=base)
+    assert env["XLA_FLAGS"].split() == ["--xla_cpu_foo=1",
+                                        "--xla_force_host_platform_device_count=4"]
+    assert env["KEEP"] == "me"
+    assert not {"JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"} & set(env)
+    assert runner.worker_env(None, base=base)["XLA_FLAGS"] == base["XLA_FLAGS"]
+    assert runner.mesh_devices("data=2,model=4") == 8
+    assert runner.mesh_devices("stage=3") == 3
+    assert runner.mesh_devices("data=-1") == 8
+
+
+def test_a_worker_gets_its_devices_and_no_cluster(fake, monkeypatch):
+    make, _ = fake
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.1:1234")
+    result = runner.run_worker("three devices", make("x", devices=3))
+    assert "--xla_force_host_platform_device_count=3" in result["xla_flags"].split()
+    assert result["coordinator"] is None
+
+
+def test_benchmarks_give_each_worker_the_devices_its_mesh_needs(tmp_path):
+    found = restore.contenders(tmp_path, "data=2,model=2", "dp_tp", "default", None, False)
+    assert {w.devices for w in found.values()} == {4}
+    assert list(found)[-1] == restore.RAW
+    assert found[restore.BASELINE].kwargs["contender"] == "orbax"
+    found = pipeline.contenders(3, {"layers": 2})
+    assert list(found) == ["1 device", "data=3", "stage=3 M=1", "stage=3 M=6", "stage=3 M=12"]
+    assert {w.devices for w in found.values()} == {3}
+    assert found["stage=3 M=6"].kwargs == {"layers": 2, "mesh": "stage=3", "microbatches": 6}
+
+
+def test_a_failing_worker_names_the_contender_and_its_stderr(fake):
+    make, _ = fake
+    with pytest.raises(WorkerFailed) as info:
+        runner.alternate({"ok": make("ok"), "broken one": make("broken one", fail=True)}, 1)
+    message = str(info.value)
+    assert "'broken one'" in message and "exit code 3" in message
+    assert "boom: the fake worker was told to fail" in message
+    assert "fake_bench_worker" in message  # the command, to rerun it by hand
+
+
+def test_a_worker_without_a_json_result_fails_clearly(fake):
+    make, _ = fake
+    with pytest.raises(WorkerFailed, match="'quiet' printed no JSON result"):
+        runner.run_worker("quiet", make("quiet", no_json=True))
+
+
+def test_bench_commands_print_a_failure_as_one_error(capsys):
+    def command():
+        raise WorkerFailed("contender 'x' failed, exit code 1; stderr ends:\nboom")
+
+    with pytest.raises(SystemExit) as info:
+        _clean_errors(command)()
+    assert info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: contender 'x' failed") and "boom" in err
