@@ -133,11 +133,9 @@ def plan_for(task: str, path, layout: Layout | None, dtype: str | None, *,
     return plan
 
 
-def tokenizer_for(plan: ModelPlan, path) -> TextTokenizer | None:
+def tokenizer_for(plan: ModelPlan) -> TextTokenizer | None:
     """The checkpoint's tokenizer.json, read before its weights (None if it ships none)."""
-    if "tokenizer.json" not in plan.manifest.tokenizer_files:
-        return None
-    return TextTokenizer(pathlib.Path(path) / "tokenizer.json")
+    return TextTokenizer(plan.tokenizer_path) if plan.tokenizer_path else None
 
 
 def start_for_texts(path, texts: list[str], layout: Layout | None, dtype: str | None, *,
@@ -148,7 +146,7 @@ def start_for_texts(path, texts: list[str], layout: Layout | None, dtype: str | 
     XLA compiles the forward for exactly the buckets these texts need."""
     plan = plan_for("embed", path, layout, dtype, device_memory=device_memory,
                     batch=min(batch_size, len(texts)), seq=max_length)
-    tokenizer = tokenizer_for(plan, path)
+    tokenizer = tokenizer_for(plan)
     if tokenizer is None:
         raise InputError(f"{path}: embed needs a checkpoint with a tokenizer.json")
     embedder = Embedder(plan, batch_size=batch_size, max_length=max_length,

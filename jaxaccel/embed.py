@@ -14,6 +14,7 @@ import numpy as np
 
 from jaxaccel import backends, distributed, models
 from jaxaccel.errors import InputError
+from jaxaccel.loader import LoadedModel
 from jaxaccel.runtime import Buckets, Runtime, placed_shardings
 from jaxaccel.tokenizer import TextTokenizer
 
@@ -28,13 +29,13 @@ class Embedder:
         `platform` ("cuda", "tpu", ...) builds the program for another platform's backend,
         to export it (`jax.export`); default: the platform of the layout's devices."""
         if models.task(model.manifest.family) != "embed":
-            raise InputError(f"embed needs an encoder checkpoint; {getattr(model, 'path', '')} "
+            raise InputError(f"embed needs an encoder checkpoint; {model.path} "
                              f"is {model.manifest.family}")
         self.loaded = model
         self.config = model.config
         self.batch_size = batch_size
         self.max_length = min(max_length or self.config.default_length, self.config.max_length)
-        self.state = getattr(model, "state", None)
+        self.state = model.state if isinstance(model, LoadedModel) else None
         self.runtime = Runtime(model.graphdef, self.config, model.layout, model.dtype,
                                microbatches=microbatches, compiler_options=compiler_options,
                                backend=backends.for_platform(platform) if platform else None)
@@ -44,8 +45,7 @@ class Embedder:
         self.forward = self.runtime.program(
             ("embed",), self._forward, in_shardings=(placed_shardings(state), batch, batch),
             out_shardings=batch)
-        tokenizer = getattr(model, "tokenizer_path", None)
-        self.tokenizer = TextTokenizer(tokenizer) if tokenizer else None
+        self.tokenizer = TextTokenizer(model.tokenizer_path) if model.tokenizer_path else None
         self.pad_id = self.config.pad_token_id
 
     def _forward(self, state, ids_bt, mask_bt):
@@ -111,7 +111,7 @@ class Embedder:
     def embed_texts(self, texts: list[str], truncate: bool = True) -> tuple[np.ndarray, list[int]]:
         """Embeddings [n, d] float32 in input order, and the indices of truncated inputs."""
         if self.tokenizer is None:
-            raise InputError(f"{getattr(self.loaded, 'path', '')}: checkpoint has no tokenizer.json")
+            raise InputError(f"{self.loaded.path}: checkpoint has no tokenizer.json")
         encoded = self.tokenizer.encode(texts, self.max_length, truncate=truncate)
         return self.embed_ids(encoded.ids), encoded.truncated
 

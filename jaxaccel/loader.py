@@ -42,9 +42,7 @@ class LoadedModel:
 
     @property
     def tokenizer_path(self) -> pathlib.Path | None:
-        if "tokenizer.json" not in self.manifest.tokenizer_files:
-            return None
-        return self.path / "tokenizer.json"
+        return _tokenizer_path(self.manifest, self.path)
 
     def model(self) -> nnx.Module:
         return nnx.merge(self.graphdef, self.state)
@@ -61,6 +59,15 @@ class ModelPlan:
     targets: dict[str, Target]
     layout: Layout
     dtype: str
+    path: pathlib.Path
+
+    @property
+    def tokenizer_path(self) -> pathlib.Path | None:
+        return _tokenizer_path(self.manifest, self.path)
+
+
+def _tokenizer_path(manifest: Manifest, path: pathlib.Path) -> pathlib.Path | None:
+    return path / "tokenizer.json" if "tokenizer.json" in manifest.tokenizer_files else None
 
 
 def compute_dtype_name(manifest: Manifest, dtype: str | None) -> str:
@@ -86,7 +93,7 @@ def plan_model(path: str | pathlib.Path, layout: Layout | None = None,
     targets = {name: _target(spec, layout) for name, spec in param_specs(abstract).items()}
     sharded = fill_state(abstract, {name: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=t.sharding)
                                     for name, t in targets.items()})
-    return ModelPlan(manifest, config, graphdef, sharded, targets, layout, dtype)
+    return ModelPlan(manifest, config, graphdef, sharded, targets, layout, dtype, path)
 
 
 def _target(spec, layout: Layout) -> Target:

@@ -204,12 +204,3 @@ class Runtime:
                              compiler_options=self._compiler_options)
             self.programs[key] = Program(jitted)
         return self.programs[key]
-
-
-def abstract_like(state):
-    """ShapeDtypeStructs (with shardings) of a placed or abstract state."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                       sharding=getattr(x, "sharding", None)),
-                        state)
-
-

@@ -12,6 +12,7 @@ from jaxaccel.bench.worker import best_seconds, serve
 
 def main() -> dict:
     """Bytes/s of a multi-threaded float32 sum over 1 GiB (far beyond any cache)."""
+    # deferred: jax and the runtime load in the worker process only, not in `jaxaccel bench`
     import jax
     import jax.numpy as jnp
 

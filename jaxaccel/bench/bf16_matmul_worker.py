@@ -3,7 +3,7 @@ LAYERS stacked [K, N] weights, through jaxaccel's packed kernel or XLA's own dot
 
     python -m jaxaccel.bench.bf16_matmul_worker '{"contender": "kernel", "rows": 8}'
 
-Contenders: `kernel` (`jaxaccel.kernels.packed`), `xla` (XLA's dot on the plain [k, n]
+Contenders: `kernel` (`jaxaccel.backends.cpu.packed`), `xla` (XLA's dot on the plain [k, n]
 weights), `xla_pad2` (the same with the rows padded to two, which XLA:CPU's fast bf16 path
 needs). Prints one JSON line: the best of 10 timed calls (s) and GB/s of weights read.
 """
@@ -19,11 +19,14 @@ CONTENDERS = ("kernel", "xla", "xla_pad2")
 def kernel_layers(w, x):
     """(scan body, scan inputs) through the packed kernel (kept apart: the kernel's API is
     the runtime's to change)."""
+    # deferred: jax and the runtime load in the worker process only, not in `jaxaccel bench`
     import dataclasses
 
+    # deferred: jax and the runtime load in the worker process only, not in `jaxaccel bench`
     import jax.numpy as jnp
 
-    from jaxaccel.kernels import packed
+    # deferred: jax and the runtime load in the worker process only, not in `jaxaccel bench`
+    from jaxaccel.backends.cpu import packed
 
     weights = packed.pack(w, 1, stacked=1)
 
@@ -36,21 +39,24 @@ def kernel_layers(w, x):
 
 def xla_layers(w, x, pad: bool):
     """(scan body, scan inputs) through XLA's dot, the row padded to two when `pad`."""
-    import jax
+    # deferred: jax and the runtime load in the worker process only, not in `jaxaccel bench`
     import jax.numpy as jnp
+
+    from jaxaccel.backends.cpu import from_carrier, to_carrier
 
     rows = x.shape[0]
 
-    def layer(acc, w_u16):
-        w_kn = jax.lax.bitcast_convert_type(w_u16, jnp.bfloat16)
+    def layer(acc, w_carried):
+        w_kn = from_carrier(w_carried)
         lhs = jnp.concatenate([x, jnp.zeros_like(x)]) if pad else x
         y = jnp.dot(lhs, w_kn, preferred_element_type=jnp.float32)[:rows]
         return acc + y.sum(), None
 
-    return layer, jax.lax.bitcast_convert_type(w, jnp.uint16)  # sliced as uint16 (see layers)
+    return layer, to_carrier(w)  # sliced as the CPU backend slices bf16 stacks
 
 
 def main(contender: str, rows: int) -> dict:
+    # deferred: jax and the runtime load in the worker process only, not in `jaxaccel bench`
     import jax
     import jax.numpy as jnp
 

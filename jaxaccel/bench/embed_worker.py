@@ -21,6 +21,7 @@ def synthetic_batch(vocab: int, batch: int, length: int, seed: int = 0):
 
 def load_embedder(ckpt: str, dtype: str, batch: int):
     """The runtime's embedder for `ckpt` (kept apart: its API is the runtime's to change)."""
+    # deferred: jax and the runtime load in the worker process only, not in `jaxaccel bench`
     from jaxaccel.embed import Embedder
     from jaxaccel.loader import load_model
 
@@ -31,7 +32,7 @@ def main(ckpt: str, dtype: str, batch: int, length: int, iters: int) -> dict:
     embedder = load_embedder(ckpt, dtype, batch)
     ids, mask = synthetic_batch(embedder.loaded.config.vocab_size, batch, length)
     state = embedder.loaded.state
-    seconds = loop_seconds(lambda: embedder.fn(state, ids, mask), iters,
+    seconds = loop_seconds(lambda: embedder.forward(state, ids, mask), iters,
                            wait=lambda out: out.block_until_ready())
     return {"sentences_per_s": batch * iters / seconds, "seconds": seconds}
 

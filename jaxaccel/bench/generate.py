@@ -33,7 +33,8 @@ def contenders(ckpt: pathlib.Path, source: Optional[pathlib.Path], prefill_len: 
     shape = {"prefill_len": prefill_len, "new_tokens": new_tokens}
     found = {f"jaxaccel {d}": Worker(WORKER, {"ckpt": str(ckpt), "dtype": d, **shape})
              for d in DTYPES}
-    from jaxaccel.kernels import packed
+    # deferred: jax and the runtime load in the worker process only, not in `jaxaccel bench`
+    from jaxaccel.backends.cpu import packed
 
     if packed.kernel_available():
         found["jaxaccel bfloat16 xla-dots"] = Worker(

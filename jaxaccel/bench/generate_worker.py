@@ -4,7 +4,7 @@
         "prefill_len": 512, "new_tokens": 32, "xla_dots": false}'
 
 `xla_dots` keeps XLA's own dots for bfloat16 on the CPU instead of jaxaccel's packed-weight
-kernel (`jaxaccel.kernels`), to show what the kernel buys.
+kernel (`jaxaccel.backends.cpu`), to show what the kernel buys.
 
 Prints one JSON line. Decode speed is the slope between a short and a long generation of the
 same batch (prefill and compile excluded): tokens/s = batch x extra tokens / extra seconds.
@@ -30,22 +30,23 @@ def decode_tokens_per_s(generate, batch: int, new_tokens: int, vocab: int) -> fl
 
 def load_generator(ckpt: str, dtype: str, xla_dots: bool):
     """The runtime's model and generator (kept apart: their API is the runtime's to change)."""
-    from jaxaccel.generate import Buckets, Generator, default_buckets
+    # deferred: jax and the runtime load in the worker process only, not in `jaxaccel bench`
+    from jaxaccel.generate import Generator
     from jaxaccel.loader import load_model
+    from jaxaccel.runtime import Buckets
 
     loaded = load_model(ckpt, dtype=dtype)
     packed_weights = False if xla_dots else None
     generator = Generator(loaded.graphdef, loaded.state, loaded.config, dtype=dtype,
                           packed_weights=packed_weights)
     # One cache bucket for the short and the long run, so both time the same program.
-    generator.buckets = Buckets(
-        slot_multiple=128,
-        min_batch=default_buckets(dtype, generator.packed_weights).min_batch)
+    generator.buckets = Buckets(slot_multiple=128, min_batch=generator.buckets.min_batch)
     return loaded, generator
 
 
 def main(ckpt: str, dtype: str, prefill_len: int, new_tokens: int,
          xla_dots: bool = False) -> dict:
+    # deferred: jax and the runtime load in the worker process only, not in `jaxaccel bench`
     import jax
     import numpy as np
 

@@ -15,13 +15,14 @@ from jaxaccel.bench.worker import loop_seconds, serve
 def build_forward(mesh: str, microbatches: int | None, layers: int, hidden: int):
     """The runtime's jitted forward of a random encoder on `mesh`, its sharded state and its
     vocabulary size (kept apart: the runtime's API may change)."""
+    # deferred: jax and the runtime load in the worker process only, not in `jaxaccel bench`
     import jax
     from flax import nnx
 
-    from jaxaccel import pipeline
-    from jaxaccel.embed import make_embed_fn, state_shardings
+    # deferred: jax and the runtime load in the worker process only, not in `jaxaccel bench`
     from jaxaccel.models import bert
     from jaxaccel.models.state import fill_state, flat_arrays, param_specs
+    from jaxaccel.runtime import Runtime, placed_shardings
     from jaxaccel.sharding import Layout
 
     cfg = bert.Config(vocab_size=1024, hidden_size=hidden, num_layers=layers,
@@ -31,14 +32,18 @@ def build_forward(mesh: str, microbatches: int | None, layers: int, hidden: int)
     specs = param_specs(state)
     state = fill_state(state, {n: jax.device_put(a, layout.sharding(specs[n].axes, a.shape))
                                for n, a in flat_arrays(state).items()})
-    runner_ = pipeline.for_layout(layout, cfg.num_layers, microbatches)
-    fn = make_embed_fn(graphdef, state_shardings(state), layout.batch_sharding(2), runner_)
+    runtime = Runtime(graphdef, cfg, layout, microbatches=microbatches)
+    batch = runtime.batch_sharding()
+    fn = runtime.program(("embed",), lambda s, ids, mask: runtime.model(s).embed(ids, mask),
+                         in_shardings=(placed_shardings(state), batch, batch),
+                         out_shardings=batch)
     return fn, state, cfg.vocab_size
 
 
 def main(mesh: str, microbatches: int | None, layers: int, hidden: int, batch: int,
          length: int, iters: int) -> dict:
     """Sequences/s of one configuration, in this process (its devices already set)."""
+    # deferred: jax and the runtime load in the worker process only, not in `jaxaccel bench`
     import jax
     import numpy as np
 

@@ -49,6 +49,7 @@ def data_files(ckpt: pathlib.Path) -> list[pathlib.Path]:
 
 def resident_bytes(arrays) -> int:
     """Bytes the restored arrays hold on local devices (a buffer shared by replicas: once)."""
+    # deferred: jax and the runtime load in the worker process only, not in `jaxaccel bench`
     import jax
 
     buffers = {}
@@ -87,6 +88,7 @@ def raw_reader(files: list[pathlib.Path]):
 
 def plan_restore(manifest_dir: pathlib.Path, mesh: str, rules: str, dtype: str | None):
     """The runtime's restore plan (kept apart: its API is the runtime's to change)."""
+    # deferred: jax and the runtime load in the worker process only, not in `jaxaccel bench`
     from jaxaccel.loader import plan_model
     from jaxaccel.sharding import Layout
 
@@ -95,6 +97,7 @@ def plan_restore(manifest_dir: pathlib.Path, mesh: str, rules: str, dtype: str |
 
 def jaxaccel_restore(ckpt: pathlib.Path, plan, engine: str, verify: bool):
     """The runtime's restore, as load_model runs it (kept apart: its API may change)."""
+    # deferred: jax and the runtime load in the worker process only, not in `jaxaccel bench`
     from jaxaccel.checkpoint.restore import restore_arrays
 
     return lambda: restore_arrays(ckpt, plan.manifest, plan.targets, engine=engine,
@@ -102,6 +105,7 @@ def jaxaccel_restore(ckpt: pathlib.Path, plan, engine: str, verify: bool):
 
 
 def orbax_restore(ckpt: pathlib.Path, plan):
+    # deferred: jax and the runtime load in the worker process only, not in `jaxaccel bench`
     import jax
     import orbax.checkpoint as ocp
 
@@ -119,6 +123,7 @@ def orbax_restore(ckpt: pathlib.Path, plan):
 
 def main(contender: str, ckpt: str, mesh: str, rules: str, dtype: str = "default",
          manifest_from: str | None = None) -> dict:
+    # deferred: jax and the runtime load in the worker process only, not in `jaxaccel bench`
     import jax
 
     ckpt = pathlib.Path(ckpt)

@@ -50,6 +50,7 @@ class Worker:
 def worker_env(devices: int | None = None, base: Mapping[str, str] | None = None) -> dict:
     """A worker's environment: `base` (default: this process's) with `devices` simulated CPU
     devices and without the multi-host variables (a worker is one process, not a cluster)."""
+    # deferred: the parent's imports stay light (no jax before workers start)
     from jaxaccel import distributed
     from jaxaccel.launcher import process_env
 
@@ -62,8 +63,10 @@ def worker_env(devices: int | None = None, base: Mapping[str, str] | None = None
 
 def mesh_devices(mesh: str) -> int:
     """Devices a `--mesh` needs (8 when an axis is -1, 'the rest')."""
+    # deferred: the parent's imports stay light (no jax before workers start)
     import math
 
+    # deferred: the parent's imports stay light (no jax before workers start)
     from jaxaccel.sharding import parse_mesh
 
     sizes = parse_mesh(mesh).values()
@@ -134,6 +137,7 @@ def reference_available() -> bool:
 
 def hf_source(ckpt: pathlib.Path) -> pathlib.Path | None:
     """The Hugging Face directory `ckpt` was converted from, if it is still there."""
+    # deferred: the parent's imports stay light (no jax before workers start)
     from jaxaccel.checkpoint.manifest import Manifest
 
     path = Manifest.load(ckpt).source.get("path")  # absent for synthetic checkpoints

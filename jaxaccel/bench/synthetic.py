@@ -27,6 +27,7 @@ REFERENCE = {"vocab": 32000, "width": 2048, "layers": 12, "heads": 16}
 def bert_config(vocab: int = 32000, width: int = 2048, layers: int = 12, heads: int = 16,
                 mlp: int | None = None, max_positions: int = 512) -> dict:
     """A BERT config dict (as a manifest stores it); the defaults are the reference tree."""
+    # deferred: tensorstore, orbax and the models load only to write a checkpoint
     from jaxaccel.models.bert import Config
 
     return dataclasses.asdict(Config(vocab_size=vocab, hidden_size=width, num_layers=layers,
@@ -36,8 +37,10 @@ def bert_config(vocab: int = 32000, width: int = 2048, layers: int = 12, heads: 
 
 def synthetic_arrays(config: dict, dtype: str, seed: int = 0):
     """Yield (name, array, axes) for every parameter of the BERT model `config` describes."""
+    # deferred: tensorstore, orbax and the models load only to write a checkpoint
     import ml_dtypes
 
+    # deferred: tensorstore, orbax and the models load only to write a checkpoint
     from jaxaccel.models.state import abstract_model, param_specs
 
     _, abstract = abstract_model("bert", config)
@@ -55,6 +58,7 @@ def write(dest: pathlib.Path, config: dict, dtype: str = "float32",
           chunk_bytes: int | None | str = "auto", codec: str = "none", overwrite: bool = False):
     """Write the synthetic checkpoint; `chunk_bytes` as the writer's (None: one chunk per
     array), or "auto" for the default layout."""
+    # deferred: tensorstore, orbax and the models load only to write a checkpoint
     from jaxaccel.checkpoint.layout import DEFAULT_CHUNK_BYTES
     from jaxaccel.checkpoint.manifest import Manifest
     from jaxaccel.checkpoint.writer import write_checkpoint
@@ -69,6 +73,7 @@ def write(dest: pathlib.Path, config: dict, dtype: str = "float32",
 
 def write_orbax_default(dest: pathlib.Path, config: dict, dtype: str) -> None:
     """The same tree saved by orbax's StandardCheckpointer with its default options."""
+    # deferred: tensorstore, orbax and the models load only to write a checkpoint
     import orbax.checkpoint as ocp
 
     tree: dict = {}
@@ -101,6 +106,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     """Write the checkpoint (and the orbax-default copy) the command line asks for."""
+    # deferred: tensorstore, orbax and the models load only to write a checkpoint
     from jaxaccel.commands.convert import chunk_bytes_from
 
     args = parse_args(argv)

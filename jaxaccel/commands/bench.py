@@ -33,6 +33,7 @@ def _clean_errors(callback):
     with `error: ...` on stderr and exit code 1 instead of a traceback of the harness."""
     @functools.wraps(callback)
     def run(*args, **kwargs):
+        # deferred: the harness loads only when a benchmark runs, not for `jaxaccel --help`
         from jaxaccel.bench.runner import BenchError
         from jaxaccel.errors import FAILURE_EXIT
 

@@ -130,7 +130,7 @@ def run_generate(ckpt, prompt, prompt_ids, max_new_tokens, sampling, ignore_eos,
     plan = coldstart.plan_for("generate", ckpt, options.layout_from(mesh, rules, rule), dtype,
                               device_memory=options.device_memory_from(device_memory),
                               max_new_tokens=max_new_tokens)
-    tokenizer = coldstart.tokenizer_for(plan, ckpt)
+    tokenizer = coldstart.tokenizer_for(plan)
     if prompt and tokenizer is None:
         raise UsageError(f"{ckpt} has no tokenizer.json; use --prompt-ids")
     ids = parse_prompt_ids(prompt_ids) if prompt_ids else [tokenizer.encode_one(t) for t in prompt]

@@ -21,7 +21,8 @@ from jaxaccel.checkpoint.layout import DEFAULT_CHUNK_BYTES
 from jaxaccel.checkpoint.manifest import Manifest
 from jaxaccel.convert.safetensors_source import (ConvertError, SafetensorsSource,
                                                  read_hf_config, weight_files)
-from jaxaccel.models import UnknownFamilyError, family_for_model_type, family_module
+from jaxaccel.models import (UnknownFamilyError, family_for_model_type, family_module,
+                             known_families)
 from jaxaccel.models.state import abstract_model, param_specs
 from jaxaccel.models.weights import WeightRule
 
@@ -57,7 +58,8 @@ def resolve_family(hf_config: dict, family: str, config_path: pathlib.Path) -> s
     try:
         return family_for_model_type(hf_config["model_type"])
     except UnknownFamilyError as err:
-        raise ConvertError(f"{config_path}: {err}; supported families: bert, gpt2, llama") from None
+        raise ConvertError(f"{config_path}: {err}; supported families: "
+                           f"{', '.join(known_families())}") from None
 
 
 def _source_name(name: str, available: set[str], prefixes: tuple[str, ...]) -> str | None:
@@ -75,8 +77,7 @@ def _zero_view(shape, dtype) -> np.ndarray:
 def plan_arrays(module, cfg, source: SafetensorsSource, specs) -> list[PlannedArray]:
     """Match rules to source tensors and check every shape, before reading any data."""
     available = source.names()
-    prefixes = getattr(module, "SOURCE_PREFIXES", ("",))
-    layers = getattr(cfg, "num_layers", None)
+    prefixes, layers = module.SOURCE_PREFIXES, cfg.num_layers
     plan, missing, used = [], [], set()
     for rule in module.weight_rules(cfg):
         names = [rule.source.format(i=i) for i in range(layers)] if rule.per_layer else [rule.source]
@@ -111,7 +112,7 @@ def _check_coverage(plan, missing, unused, specs, module, source) -> None:
         files = sorted({str(f) for f in source.file_of.values()}) or ["<no files>"]
         raise ConvertError(f"{files[0]}: missing tensors {sorted(missing)[:8]}"
                            + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
-    ignored = [re.compile(p) for p in getattr(module, "IGNORED_SOURCE_WEIGHTS", ())]
+    ignored = [re.compile(p) for p in module.IGNORED_SOURCE_WEIGHTS]
     unexpected = sorted(n for n in unused if not any(p.search(n) for p in ignored))
     if unexpected:
         path = source.file_of[unexpected[0]]

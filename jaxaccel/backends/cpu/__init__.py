@@ -40,11 +40,13 @@ def _jax_version() -> tuple[int, ...]:
 GATHER_CARRIER = _jax_version() < (0, 12)
 
 
-def _to_carrier(x):
+def to_carrier(x):
+    """bf16 -> its uint16 bits (other dtypes unchanged)."""
     return jax.lax.bitcast_convert_type(x, jnp.uint16) if x.dtype == jnp.bfloat16 else x
 
 
-def _from_carrier(x):
+def from_carrier(x):
+    """uint16 bits -> bf16 (other dtypes unchanged)."""
     return jax.lax.bitcast_convert_type(x, jnp.bfloat16) if x.dtype == jnp.uint16 else x
 
 
@@ -71,7 +73,7 @@ class CpuBackend(Backend):
         if _is_packed(table_vd):
             return packed.lookup_rows(table_vd, ids)
         if GATHER_CARRIER:
-            return _from_carrier(jnp.take(_to_carrier(table_vd), ids, axis=0))
+            return from_carrier(jnp.take(to_carrier(table_vd), ids, axis=0))
         return super().lookup(table_vd, ids)
 
     def head_logits(self, x_btd, head_vd) -> jax.Array:
@@ -84,9 +86,9 @@ class CpuBackend(Backend):
         converted the whole stack to float32 on every call), and packed weights read in place
         by layer index (a scanned slice would be copied out, layer by layer, step by step)."""
         def typed_body(block, carry, x):
-            return body(_map_params(block, _from_carrier), carry, x)
+            return body(_map_params(block, from_carrier), carry, x)
 
-        blocks = _map_params(blocks, _to_carrier)
+        blocks = _map_params(blocks, to_carrier)
         if runner is not None:
             return runner(blocks, carry, typed_body, xs)
         return _scan_packed(blocks, carry, typed_body, xs)
@@ -101,11 +103,11 @@ class CpuBackend(Backend):
 
     def cache_store(self, x, storage_dtype) -> jax.Array:
         if storage_dtype == jnp.uint16:
-            return _to_carrier(x.astype(jnp.bfloat16))
+            return to_carrier(x.astype(jnp.bfloat16))
         return x.astype(storage_dtype)
 
     def cache_load(self, x, dtype) -> jax.Array:
-        return _from_carrier(x).astype(dtype)
+        return from_carrier(x).astype(dtype)
 
     def prepare_decoder(self, state, *, dtype, single_device: bool, requested: bool | None):
         if not packing.wanted(dtype, single_device, requested):
