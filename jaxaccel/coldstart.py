@@ -101,7 +101,8 @@ def start_generator(path: str | pathlib.Path, layout: Layout | None = None,
                     dtype: str | None = None, *, prompt_lengths: Sequence[int],
                     max_new_tokens: int, sampling: Sampling = GREEDY,
                     microbatches: int | None = None, packed_weights: bool | None = None,
-                    loop: str = "device", overlap: bool = True, host_memory_budget: int = DEFAULT_HOST_MEMORY_BUDGET,
+                    loop: str = "device", overlap: bool = True,
+                    host_memory_budget: int = DEFAULT_HOST_MEMORY_BUDGET,
                     verify_checksums: bool = False, quiet: bool = True,
                     plan: ModelPlan | None = None) -> Started:
     """Restore a decoder and compile prefill + decode (`loop` "device", or "host" for

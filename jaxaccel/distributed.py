@@ -23,6 +23,7 @@ import sys
 import time
 
 import numpy as np
+
 from jaxaccel import progress
 from jaxaccel.errors import DistributedError  # noqa: F401  (re-exported)
 

@@ -35,8 +35,14 @@ from jax.sharding import NamedSharding
 from jaxaccel import backends, distributed, pipeline
 from jaxaccel import sharding as ax
 from jaxaccel.models import kv_cache
-from jaxaccel.runtime import (Buckets, Runtime, cast_state, param_dtype, placed_shardings,
-                              state_shardings)
+from jaxaccel.runtime import (
+    Buckets,
+    Runtime,
+    cast_state,
+    param_dtype,
+    placed_shardings,
+    state_shardings,
+)
 from jaxaccel.sampling import GREEDY, Sampling, choose
 
 # How often (in steps) the host loop asks the device whether every row has stopped: each

@@ -17,8 +17,12 @@ from flax import nnx
 
 from jaxaccel import distributed, progress
 from jaxaccel.checkpoint.manifest import CheckpointError, Manifest, check_member_name
-from jaxaccel.checkpoint.restore import (DEFAULT_HOST_MEMORY_BUDGET, RestoreStats, Target,
-                                         restore_arrays)
+from jaxaccel.checkpoint.restore import (
+    DEFAULT_HOST_MEMORY_BUDGET,
+    RestoreStats,
+    Target,
+    restore_arrays,
+)
 from jaxaccel.errors import UsageError
 from jaxaccel.models import config_from_dict
 from jaxaccel.models.state import abstract_model, fill_state, param_specs

@@ -33,7 +33,8 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from jaxaccel import sharding as ax
 from jaxaccel.errors import PipelineError  # noqa: F401  (re-exported)

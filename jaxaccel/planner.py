@@ -26,13 +26,13 @@ from jaxaccel import models, pipeline
 from jaxaccel import sharding as ax
 from jaxaccel.checkpoint.restore import DEFAULT_HOST_MEMORY_BUDGET, plan_reads
 from jaxaccel.embed import Embedder
+from jaxaccel.errors import PlanError  # noqa: F401  (re-exported)
 from jaxaccel.generate import Generator
 from jaxaccel.loader import plan_model
 from jaxaccel.models.kv_cache import CACHE_AXES
 from jaxaccel.models.state import param_specs
 from jaxaccel.runtime import Buckets, param_spec
 from jaxaccel.units import format_bytes
-from jaxaccel.errors import PlanError  # noqa: F401  (re-exported)
 
 LARGEST_SHOWN = 3
 SEARCH_DEVICE_COUNTS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)

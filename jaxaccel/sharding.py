@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
 from jaxaccel.errors import MeshSpecError  # noqa: F401  (re-exported)
 
 # Logical axis names: each is stated once here and used by every model.

@@ -7,7 +7,9 @@ import dataclasses
 import pathlib
 
 from tokenizers import Tokenizer
+
 from jaxaccel.errors import InputError  # noqa: F401  (re-exported)
+
 
 @dataclasses.dataclass
 class Encoded:

@@ -11,8 +11,7 @@ import sys
 
 
 def run_cli(capsys, monkeypatch, *args) -> tuple[int, str, str]:
-    from jaxaccel.cli import app
-    from jaxaccel.cli import run_with_clean_errors
+    from jaxaccel.cli import app, run_with_clean_errors
 
     capsys.readouterr()  # drop anything printed before
     monkeypatch.setattr(sys, "argv", ["jaxaccel", *map(str, args)])

@@ -19,9 +19,9 @@ PROMPTS = [[5, 7, 9, 11, 3], [8], [10, 20, 30, 40, 50, 60, 70, 80, 90, 15, 25, 3
 
 
 def greedy_tokens(family: str, directory: str, layout) -> list[list[int]]:
+    from decoder_reference import load_jax
     from flax import nnx
 
-    from decoder_reference import load_jax
     from jaxaccel.generate import Generator
 
     model, cfg = load_jax(family, __import__("pathlib").Path(directory))

@@ -3,7 +3,6 @@
 import pathlib
 
 import pytest
-
 from cli_runner import one_error_line, run_cli
 
 USAGE = 2

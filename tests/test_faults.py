@@ -17,7 +17,6 @@ import time
 
 import pytest
 import tensorstore as ts
-
 from cli_runner import one_error_line, run_cli, run_subprocess
 
 FAILURE = 1

@@ -8,11 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from decoder_reference import generator
+
 from jaxaccel import sharding as ax
-from jaxaccel.models import kv_cache
-from jaxaccel.models import llama
+from jaxaccel.models import kv_cache, llama
 from jaxaccel.models.state import abstract_model, fill_state, param_specs
 from jaxaccel.sampling import Sampling, choose
 

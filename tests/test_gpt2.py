@@ -6,9 +6,9 @@ import json
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from decoder_reference import generator, load_jax, save_hf
 from safetensors.numpy import load_file
 
-from decoder_reference import generator, load_jax, save_hf
 from jaxaccel.models import gpt2
 
 torch = pytest.importorskip("torch")
@@ -90,6 +90,7 @@ def test_greedy_32_tokens_match_transformers(reference):
 def test_cli_generate_json_matches_transformers(reference, tmp_path, capsys, monkeypatch):
     """convert (bfloat16 storage) -> `jaxaccel generate --json`, float32 compute."""
     from cli_runner import run_cli
+
     from jaxaccel.convert.hf import convert
 
     hf, directory = reference
@@ -143,6 +144,7 @@ def test_cli_generate_kernels_flag(reference, tmp_path, capsys, monkeypatch):
     """bf16 `generate --json`: the default (packed kernel) and --no-kernels give the same
     tokens; --kernels where it cannot apply (float32) is a usage error naming the reason."""
     from cli_runner import one_error_line, run_cli
+
     from jaxaccel.convert.hf import convert
 
     _, directory = reference

@@ -6,9 +6,9 @@ import re
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from decoder_reference import generator, load_jax, save_hf
 from safetensors.numpy import load_file
 
-from decoder_reference import generator, load_jax, save_hf
 from jaxaccel.models import llama
 
 torch = pytest.importorskip("torch")

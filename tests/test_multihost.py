@@ -19,10 +19,10 @@ WORKER = ROOT / "tests" / "multihost_worker.py"
 
 
 def _single_process_embeddings(ckpt):
+    from multihost_worker import SENTENCES
+
     from jaxaccel.embed import Embedder
     from jaxaccel.loader import load_model
-
-    from multihost_worker import SENTENCES
 
     return Embedder(load_model(ckpt), batch_size=8).embed_texts(SENTENCES)[0]
 
@@ -41,11 +41,11 @@ def gpt2_dir(tmp_path_factory):
 
 
 def _single_process_tokens(directory):
-    from flax import nnx
-
     from decoder_reference import load_jax
-    from jaxaccel.generate import Generator
+    from flax import nnx
     from multihost_worker import PROMPTS
+
+    from jaxaccel.generate import Generator
 
     model, cfg = load_jax("gpt2", directory)
     return Generator(*nnx.split(model), cfg).generate(PROMPTS, 8)

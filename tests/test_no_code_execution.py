@@ -7,7 +7,6 @@ import pickle
 import shutil
 
 import pytest
-
 from cli_runner import one_error_line, run_cli
 
 PACKAGE = pathlib.Path(__file__).parents[1] / "jaxaccel"

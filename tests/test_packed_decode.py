@@ -11,16 +11,16 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
-
 from decoder_reference import generator
-from jaxaccel import sharding as ax
+from flax import nnx
+from test_generate import CONFIG, PROMPTS
+
 from jaxaccel import backends
+from jaxaccel import sharding as ax
 from jaxaccel.backends import cpu
 from jaxaccel.backends.cpu import packing
 from jaxaccel.backends.cpu.packed import PackedWeight
 from jaxaccel.models.state import abstract_model, fill_state, param_specs
-from test_generate import CONFIG, PROMPTS
 
 
 def random_bf16_model(config):

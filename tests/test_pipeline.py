@@ -165,6 +165,7 @@ def decoder(request, tmp_path_factory):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     from decoder_reference import load_jax, save_hf
+
     from jaxaccel.generate import Generator
 
     torch.manual_seed(0)

@@ -11,7 +11,6 @@ import pathlib
 import jax
 import numpy as np
 import pytest
-
 from cli_runner import one_error_line, run_cli
 
 from jaxaccel import planner

@@ -8,7 +8,8 @@ import types
 import jax
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from jaxaccel import planner
 from jaxaccel import sharding as ax

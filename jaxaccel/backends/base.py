@@ -93,8 +93,8 @@ class Backend:
         kernels where it has any. `requested` False never rewrites, True insists (raises
         KernelUnavailable where impossible), None decides."""
         if requested:
-            raise KernelUnavailable(f"--kernels: jaxaccel's decode kernels run on the CPU only; this run "
-                                    f"uses the {jax.default_backend()} backend")
+            raise KernelUnavailable(f"--kernels: jaxaccel's decode kernels run on the CPU "
+                                    f"only; this run uses the {jax.default_backend()} backend")
         return state, False
 
     def min_batch(self, dtype, prepared: bool) -> int:

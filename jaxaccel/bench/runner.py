@@ -79,7 +79,7 @@ def run_worker(name: str, worker: Worker, timeout: float = 900) -> dict:
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
                               env=worker_env(worker.devices))
-    except subprocess.TimeoutExpired as err:
+    except subprocess.TimeoutExpired:
         raise WorkerFailed(f"contender {name!r}: no result after {timeout:.0f} s "
                            f"({_command(argv)})") from None
     if proc.returncode != 0:

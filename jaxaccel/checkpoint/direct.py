@@ -17,6 +17,7 @@ sends anything else (zstd, foreign layouts) through tensorstore.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import itertools
 import json
@@ -25,11 +26,10 @@ import os
 import pathlib
 import threading
 
+import crc32c
 import ml_dtypes
 import numpy as np
 import tensorstore as ts
-import ctypes
-import crc32c
 
 from jaxaccel.checkpoint import integrity
 from jaxaccel.checkpoint.integrity import IntegrityError

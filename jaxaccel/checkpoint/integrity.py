@@ -29,7 +29,7 @@ import numpy as np
 import tensorstore as ts
 
 from jaxaccel.checkpoint import layout
-from jaxaccel.checkpoint.manifest import PARAMS_DIR, CheckpointError, Manifest
+from jaxaccel.checkpoint.manifest import PARAMS_DIR, Manifest
 from jaxaccel.errors import IntegrityError  # noqa: F401  (re-exported)
 
 VERIFY_BYTES_IN_FLIGHT = 512 << 20

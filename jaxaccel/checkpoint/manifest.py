@@ -13,8 +13,9 @@ import json
 import pathlib
 from collections.abc import Mapping
 
-import numpy as np
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
+import numpy as np
+
 from jaxaccel.errors import CheckpointError  # noqa: F401  (re-exported)
 
 FORMAT_VERSION = 1

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import pathlib
+import time
 
 import typer
 
 from jaxaccel.commands.options import JSON, QUIET
-import time
-
 from jaxaccel.units import parse_bytes
+
 
 def chunk_bytes_from(chunking: str) -> int | None:
     if chunking == "auto":

@@ -8,13 +8,11 @@ import pathlib
 import time
 from typing import List, Optional
 
+import numpy as np
 import typer
 
-from jaxaccel.commands import options
-
-import numpy as np
-
 from jaxaccel import progress
+from jaxaccel.commands import options
 from jaxaccel.errors import InputError, UsageError
 from jaxaccel.units import parse_bytes
 

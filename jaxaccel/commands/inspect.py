@@ -6,12 +6,11 @@ import json
 import pathlib
 
 import typer
-
-from jaxaccel.commands.options import JSON
 from rich.console import Console
 from rich.table import Table
 
 from jaxaccel.checkpoint.manifest import Manifest
+from jaxaccel.commands.options import JSON
 from jaxaccel.units import format_bytes
 
 

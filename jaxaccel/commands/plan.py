@@ -7,11 +7,10 @@ import pathlib
 from typing import Optional
 
 import typer
-
-from jaxaccel.commands import options
 from rich.console import Console
 from rich.table import Table
 
+from jaxaccel.commands import options
 from jaxaccel.units import format_bytes as fb
 from jaxaccel.units import parse_bytes
 

