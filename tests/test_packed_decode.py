@@ -8,6 +8,7 @@ head_dim 6, tied and untied.
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -85,6 +86,11 @@ def test_packing_is_chosen_only_where_it_applies():
         decode_weights.wanted(jnp.float32, one, False, True)
 
 
+# jax 0.12's XLA:CPU gathers a bf16 table as stored, so the premise checked first below
+# (plain `jnp.take` converts the table to float32) fails there; the lookup workaround is the
+# layers refactor's to keep or drop. Strict: an XPASS fails, so this goes when it is resolved.
+@pytest.mark.xfail(jax.__version_info__ >= (0, 12), raises=AssertionError, strict=True,
+                   reason="jax>=0.12: XLA:CPU no longer converts a bf16 table for jnp.take")
 def test_bf16_token_lookup_gathers_the_table_as_stored():
     """XLA:CPU gathers a bfloat16 table by converting all of it to float32 first (the check
     below sees that for plain `jnp.take`); `layers.lookup` gathers its uint16 bits instead."""
