@@ -21,6 +21,10 @@ from jaxaccel.kernels.packed import PackedWeight
 from jaxaccel.models.state import abstract_model, fill_state, param_specs
 from test_generate import CONFIG, PROMPTS
 
+# Device checks skip these (`-m "not cpu_only"`): they need the packed-weight kernel and
+# XLA:CPU's bf16 lowering.
+pytestmark = pytest.mark.cpu_only
+
 
 def random_bf16_model(config):
     graphdef, state = abstract_model("llama", config)

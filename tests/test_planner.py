@@ -17,6 +17,10 @@ from cli_runner import one_error_line, run_cli
 from jaxaccel import planner
 from jaxaccel.sharding import Layout
 
+# Device checks skip these (`-m "not cpu_only"`): they need meshes of 8 simulated CPU devices,
+# and 'measured' is defined for the CPU.
+pytestmark = pytest.mark.cpu_only
+
 
 def device0_bytes(tree) -> int:
     device = jax.devices()[0]
