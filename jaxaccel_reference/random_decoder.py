@@ -2,11 +2,14 @@
 
     python -m jaxaccel_reference.random_decoder /tmp/gpt2-124m       # GPT-2 124M shape
     python -m jaxaccel_reference.random_decoder /tmp/llama --family llama --layers 4
+    python -m jaxaccel_reference.random_decoder /tmp/gpt2 --without-torch   # DEST/ckpt only
 
 No pretrained decoder weights can be downloaded here; `jaxaccel bench generate` needs only
 the shapes. Writes DEST/hf (config.json + model.safetensors, the transformers baseline's
 input; transformers initialises the weights, hence this package) and DEST/ckpt (converted;
-its manifest points back at DEST/hf).
+its manifest points back at DEST/hf). `--without-torch` writes DEST/ckpt straight from numpy
+(same shapes, `jaxaccel.bench.synthetic`), for machines without the reference extra, e.g. a
+GPU host where a CUDA torch would cost gigabytes.
 """
 
 from __future__ import annotations
@@ -19,14 +22,13 @@ def hf_model(family: str, layers: int | None):
     import torch
     import transformers
 
+    from jaxaccel.bench.synthetic import decoder_hf_config
+
     torch.manual_seed(0)
-    if family == "gpt2":  # GPT-2 small: 124M parameters
-        config = transformers.GPT2Config(n_layer=layers or 12)
-        return transformers.GPT2LMHeadModel(config)
-    config = transformers.LlamaConfig(  # a ~150M Llama-shaped model with GQA
-        vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=layers or 12,
-        num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=2048)
-    return transformers.LlamaForCausalLM(config)
+    fields = {k: v for k, v in decoder_hf_config(family, layers).items() if k != "model_type"}
+    if family == "gpt2":
+        return transformers.GPT2LMHeadModel(transformers.GPT2Config(**fields))
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**fields))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -36,6 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--family", choices=("gpt2", "llama"), default="gpt2")
     parser.add_argument("--layers", type=int, default=None)
     parser.add_argument("--dtype", default="float32", help="stored dtype of the checkpoint")
+    parser.add_argument("--without-torch", action="store_true",
+                        help="write DEST/ckpt from numpy only (no DEST/hf, no torch needed)")
     return parser.parse_args(argv)
 
 
@@ -43,6 +47,13 @@ def main(argv: list[str] | None = None) -> None:
     from jaxaccel.convert.hf import convert
 
     args = parse_args(argv)
+    if args.without_torch:
+        from jaxaccel.bench import synthetic
+
+        synthetic.write(args.dest / "ckpt", synthetic.decoder_config(args.family, args.layers),
+                        args.dtype, family=args.family)
+        print(f"wrote {args.dest / 'ckpt'} (random weights, no Hugging Face source)")
+        return
     hf_dir = args.dest / "hf"
     hf_model(args.family, args.layers).save_pretrained(hf_dir, safe_serialization=True)
     convert(hf_dir, args.dest / "ckpt", dtype=args.dtype)

@@ -76,6 +76,7 @@ def test_help_explains_every_command():
         assert command in stdout
 
 
+@pytest.mark.cpu_only  # --host-devices simulates CPU devices only
 def test_host_devices_flag_simulates_devices(minilm_ckpt):
     """Without --host-devices a data=4 mesh cannot be built; with it the same command runs."""
     import os

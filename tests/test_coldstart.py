@@ -14,6 +14,10 @@ from jaxaccel.embed import Embedder
 from jaxaccel.loader import load_model
 from jaxaccel.sharding import Layout
 
+# Device checks skip these (`-m "not cpu_only"`): they need meshes of 8 simulated CPU devices
+# (data=2,model=4).
+pytestmark = pytest.mark.cpu_only
+
 TEXTS = ["A man is eating food.", "The new movie is awesome.", "short", "x " * 20]
 
 

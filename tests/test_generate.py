@@ -112,6 +112,7 @@ def test_too_long_or_bad_prompts_are_refused(gen):
 
 
 @pytest.mark.parametrize("mesh, rules", [("model=8", "tp"), ("data=4,model=2", "dp_tp")])
+@pytest.mark.cpu_only  # meshes of 8 simulated CPU devices (XLA_FLAGS in conftest.py)
 def test_sharded_generation_equals_single_device(mesh, rules, greedy):
     assert jax.device_count() >= 8, "tests/conftest.py should simulate 8 devices"
     layout = ax.Layout.create(mesh, rules)

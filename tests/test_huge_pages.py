@@ -2,8 +2,13 @@
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jaxaccel.backends.cpu import huge_pages
+
+# Device checks skip these (`-m "not cpu_only"`): they need huge-page host buffers that the CPU
+# backend adopts without a copy.
+pytestmark = pytest.mark.cpu_only
 
 
 def test_copy_is_exact_aligned_and_adopted_in_place():

@@ -15,6 +15,10 @@ import pytest
 
 from jaxaccel.backends.cpu import build, packed
 
+# Device checks skip these (`-m "not cpu_only"`): they need the C++ kernels are XLA:CPU custom
+# calls.
+pytestmark = pytest.mark.cpu_only
+
 # Odd k, n not a multiple of 16, row counts on both sides of the 8-row register tile.
 SHAPES = [(1, 7, 5), (1, 768, 3072), (2, 97, 50), (8, 64, 33), (9, 130, 100), (17, 31, 161)]
 BUILDS = {"native": (), "avx512f": ("-mno-avx512bf16",), "portable": ("-mno-avx512f",)}

@@ -14,6 +14,10 @@ import pytest
 
 from jaxaccel import launcher
 
+# Device checks skip these (`-m "not cpu_only"`): they need processes of 4 simulated CPU devices
+# each, gloo CPU collectives.
+pytestmark = pytest.mark.cpu_only
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "multihost_worker.py"
 

@@ -14,6 +14,10 @@ from jaxaccel import pipeline
 from jaxaccel import sharding as ax
 from jaxaccel.models import layers
 
+# Device checks skip these (`-m "not cpu_only"`): they need meshes of up to 8 simulated CPU
+# devices (XLA_FLAGS in conftest.py).
+pytestmark = pytest.mark.cpu_only
+
 
 class Toy(nnx.Module):
     """A stack of residual tanh layers: enough to see every layer's order and identity."""

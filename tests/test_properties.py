@@ -97,6 +97,7 @@ logical = st.sampled_from(ax.LOGICAL_AXES + (None,))
        st.sampled_from(["data=8", "model=8", "data=2,model=4", "data=4,model=2",
                         "data=2,model=2,stage=2", None]),
        st.sampled_from(sorted(ax.RULE_TABLES)))
+@pytest.mark.cpu_only  # meshes of up to 8 simulated CPU devices (conftest.py)
 def test_planner_arithmetic_equals_real_shardings(dims_axes, mesh, rules_name):
     """The planner's fake-mesh arithmetic is exactly what a NamedSharding puts on a device."""
     shape = tuple(d for d, _ in dims_axes)

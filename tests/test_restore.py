@@ -46,6 +46,7 @@ def _restore(ckpt, mesh, rules="dp_tp", dtype=None, **kwargs):
 @pytest.mark.parametrize("mesh,dtype,verify", [
     ("data=2,model=4", None, False), ("data=2,model=4", None, True),
     ("model=8", "bfloat16", False), ("data=8", None, True)])
+@pytest.mark.cpu_only  # a mesh of up to 8 simulated CPU devices
 def test_direct_equals_tensorstore_with_requested_shardings(small_ckpt, mesh, dtype, verify):
     """verify=False reads straight into the shards (scatter preadv); True goes through a
     scratch buffer to check each chunk's crc32c; bfloat16 casts while reading."""
@@ -59,6 +60,7 @@ def test_direct_equals_tensorstore_with_requested_shardings(small_ckpt, mesh, dt
         np.testing.assert_array_equal(np.asarray(fast[name]), np.asarray(slow[name]), name)
 
 
+@pytest.mark.cpu_only  # a mesh of up to 8 simulated CPU devices
 def test_direct_reads_partial_chunks_and_cast(small_ckpt):
     """A sharding that cuts chunks (vocab 1001 over model=2 with 16 KiB chunks) still reads
     exactly the right values, cast to bfloat16 while reading."""
@@ -81,6 +83,7 @@ def _only(manifest: Manifest, name: str) -> Manifest:
     return dataclasses.replace(manifest, arrays={name: manifest.arrays[name]})
 
 
+@pytest.mark.cpu_only  # a mesh of up to 8 simulated CPU devices
 def test_model4_reads_each_byte_once(small_ckpt):
     """With model=4, the bytes each device's reads request sum to the checkpoint size, and no
     array is read whole by every device (replicated arrays are read once and shared)."""
@@ -112,6 +115,7 @@ def test_ocdbt_index_matches_key_listing(small_ckpt):
     assert sizes and all(size > 0 for size in sizes)
 
 
+@pytest.mark.cpu_only  # a mesh of up to 8 simulated CPU devices
 def test_corrupt_chunk_fails_naming_array_and_chunk(small_ckpt, tmp_path):
     import shutil
 
@@ -169,6 +173,7 @@ BUDGET_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.cpu_only  # a mesh of up to 8 simulated CPU devices
 def test_host_memory_budget_holds(tmp_path_factory, engine="auto"):
     ckpt = tmp_path_factory.getbasetemp() / "budget-ckpt"
     if not ckpt.exists():  # ~100 MB: 4 layers, 512 wide

@@ -8,6 +8,10 @@ from jaxaccel.embed import Embedder
 from jaxaccel.loader import load_model, plan_model
 from jaxaccel.sharding import Layout
 
+# Device checks skip these (`-m "not cpu_only"`): they need meshes of 8 simulated CPU devices
+# (XLA_FLAGS in conftest.py).
+pytestmark = pytest.mark.cpu_only
+
 TEXTS = ["A man is eating food.", "A man is eating a piece of bread.",
          "The new movie is awesome.", "Compiled inference with JAX runs on many devices.",
          "short", "x " * 40]

@@ -23,6 +23,33 @@ import numpy as np
 
 REFERENCE = {"vocab": 32000, "width": 2048, "layers": 12, "heads": 16}
 
+# Hugging Face config fields of the decoder shapes the generate benchmark uses (GPT-2 small:
+# 124M parameters; a ~150M Llama-shaped model with GQA). `decoder_config` sets the layers.
+DECODER_HF_CONFIGS = {
+    "gpt2": dict(model_type="gpt2", vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12,
+                 n_head=12, bos_token_id=50256, eos_token_id=50256),
+    "llama": dict(model_type="llama", vocab_size=32000, hidden_size=768, intermediate_size=2048,
+                  num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4,
+                  max_position_embeddings=2048),
+}
+_LAYERS_KEY = {"gpt2": "n_layer", "llama": "num_hidden_layers"}
+
+
+def decoder_hf_config(family: str, layers: int | None = None) -> dict:
+    """The Hugging Face config.json fields of a benchmark decoder shape."""
+    config = dict(DECODER_HF_CONFIGS[family])
+    if layers:
+        config[_LAYERS_KEY[family]] = layers
+    return config
+
+
+def decoder_config(family: str, layers: int | None = None) -> dict:
+    """The same decoder as a jaxaccel config dict (as a manifest stores it)."""
+    # deferred: the models load only to write a checkpoint
+    from jaxaccel.models import family_module
+
+    return dataclasses.asdict(family_module(family).Config.from_hf(decoder_hf_config(family, layers)))
+
 
 def bert_config(vocab: int = 32000, width: int = 2048, layers: int = 12, heads: int = 16,
                 mlp: int | None = None, max_positions: int = 512) -> dict:
@@ -35,15 +62,14 @@ def bert_config(vocab: int = 32000, width: int = 2048, layers: int = 12, heads: 
                                      max_position_embeddings=max_positions))
 
 
-def synthetic_arrays(config: dict, dtype: str, seed: int = 0):
-    """Yield (name, array, axes) for every parameter of the BERT model `config` describes."""
+def synthetic_arrays(config: dict, dtype: str, seed: int = 0, family: str = "bert"):
+    """Yield (name, array, axes) for every parameter of the `family` model `config` describes."""
     # deferred: tensorstore, orbax and the models load only to write a checkpoint
     import ml_dtypes
 
-    # deferred: tensorstore, orbax and the models load only to write a checkpoint
     from jaxaccel.models.state import abstract_model, param_specs
 
-    _, abstract = abstract_model("bert", config)
+    _, abstract = abstract_model(family, config)
     rng = np.random.default_rng(seed)
     np_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
     for name, spec in sorted(param_specs(abstract).items()):
@@ -55,19 +81,20 @@ def synthetic_arrays(config: dict, dtype: str, seed: int = 0):
 
 
 def write(dest: pathlib.Path, config: dict, dtype: str = "float32",
-          chunk_bytes: int | None | str = "auto", codec: str = "none", overwrite: bool = False):
+          chunk_bytes: int | None | str = "auto", codec: str = "none", overwrite: bool = False,
+          family: str = "bert"):
     """Write the synthetic checkpoint; `chunk_bytes` as the writer's (None: one chunk per
-    array), or "auto" for the default layout."""
+    array), or "auto" for the default layout. Decoders: `family` and `decoder_config`."""
     # deferred: tensorstore, orbax and the models load only to write a checkpoint
     from jaxaccel.checkpoint.layout import DEFAULT_CHUNK_BYTES
     from jaxaccel.checkpoint.manifest import Manifest
     from jaxaccel.checkpoint.writer import write_checkpoint
 
-    manifest = Manifest(family="bert", config=config, dtype=dtype, arrays={},
+    manifest = Manifest(family=family, config=config, dtype=dtype, arrays={},
                         source={"synthetic": True})
     if chunk_bytes == "auto":
         chunk_bytes = DEFAULT_CHUNK_BYTES
-    return write_checkpoint(dest, manifest, synthetic_arrays(config, dtype), {},
+    return write_checkpoint(dest, manifest, synthetic_arrays(config, dtype, family=family), {},
                             chunk_bytes=chunk_bytes, codec=codec, overwrite=overwrite)
 
 
