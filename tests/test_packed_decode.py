@@ -16,18 +16,16 @@ from decoder_reference import generator
 from flax import nnx
 from test_generate import CONFIG, PROMPTS
 
-<<<<<<< HEAD
 from jaxaccel import backends
 from jaxaccel import sharding as ax
 from jaxaccel.backends import cpu
 from jaxaccel.backends.cpu import packing
 from jaxaccel.backends.cpu.packed import PackedWeight
 from jaxaccel.models.state import abstract_model, fill_state, param_specs
-=======
+
 # Device checks skip these (`-m "not cpu_only"`): they need the packed-weight kernel and
 # XLA:CPU's bf16 lowering.
 pytestmark = pytest.mark.cpu_only
->>>>>>> ci312
 
 
 def random_bf16_model(config):
@@ -99,11 +97,6 @@ def test_generators_pack_only_on_one_device():
     assert generator(model, CONFIG, dtype=jnp.bfloat16).packed_weights
 
 
-# jax 0.12's XLA:CPU gathers a bf16 table as stored, so the premise checked first below
-# (plain `jnp.take` converts the table to float32) fails there; the lookup workaround is the
-# layers refactor's to keep or drop. Strict: an XPASS fails, so this goes when it is resolved.
-@pytest.mark.xfail(jax.__version_info__ >= (0, 12), raises=AssertionError, strict=True,
-                   reason="jax>=0.12: XLA:CPU no longer converts a bf16 table for jnp.take")
 def test_bf16_token_lookup_gathers_the_table_as_stored():
     """XLA:CPU before jax 0.12 gathers a bfloat16 table by converting all of it to float32
     first (the check below sees that for plain `jnp.take`); there the CPU backend's lookup

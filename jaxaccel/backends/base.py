@@ -7,9 +7,8 @@ mesh's platform (`jaxaccel.backends.for_mesh`) and installs it while tracing
 `jaxaccel.backends.current()`. This class is the contract and the default: plain jnp/lax,
 exactly what a GPU/TPU engineer would write, with nothing platform-specific in the program.
 
-Traced hooks (called inside jit, by `models.layers`, `models.attention`, `models.kv_cache`):
-  matmul, lookup, head_logits, scan_layers, fence, cache_storage_dtype, cache_store,
-  cache_load.
+Traced hooks (called inside jit, by `models.layers` and `models.kv_cache`):
+  matmul, lookup, head_logits, scan_layers, cache_storage_dtype, cache_store, cache_load.
 Host-side policies (called by the runtime when it builds a model's programs):
   prepare_decoder, min_batch.
 
@@ -69,10 +68,6 @@ class Backend:
             return body(nnx.merge(graphdef, layer_state), carry, x)
 
         return jax.lax.scan(step, carry, (state, xs))
-
-    def fence(self, tree):
-        """Where a backend must stop its compiler from fusing across a boundary: identity."""
-        return tree
 
     def cache_storage_dtype(self, dtype) -> jnp.dtype:
         """The dtype a KV cache of compute dtype `dtype` is stored in."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxaccel import backends
 from jaxaccel.models import kv_cache
 from jaxaccel.models.kv_cache import KVCache
 
@@ -27,9 +26,6 @@ def attention(q_btnh, k_btkh, v_btkh, mask_btt, cached: KVCache | None = None,
     concatenated before one float32 softmax, so the cache is only read, never copied to
     append the new keys. Masks are boolean, True where a query may attend.
     """
-    backend = backends.current()
-    # A backend may need the projections fenced off the attention (see backends.cpu).
-    q_btnh, k_btkh, v_btkh = backend.fence((q_btnh, k_btkh, v_btkh))
     new = KVCache(k_btkh.transpose(0, 2, 1, 3), v_btkh.transpose(0, 2, 1, 3))
     b, t, n, h = q_btnh.shape
     kv_heads = k_btkh.shape[2]
@@ -58,4 +54,4 @@ def attention(q_btnh, k_btkh, v_btkh, mask_btt, cached: KVCache | None = None,
         start += s
     out_btkgh = out_bkrh.reshape(b, kv_heads, t, groups, h).transpose(0, 2, 1, 3, 4)
     out_btnh = out_btkgh.reshape(b, t, n, h)
-    return backend.fence(out_btnh.astype(dt)), new
+    return out_btnh.astype(dt), new

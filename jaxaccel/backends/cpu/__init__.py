@@ -1,20 +1,23 @@
 """The CPU backend: what XLA:CPU needs to run jaxaccel's models at the speed they can.
 
-Everything here was measured on XLA:CPU, is applied only where it helps (per jax version
-where XLA changed), and is neither imported nor traced on any other platform
-(`jaxaccel.backends.for_platform`):
+Everything here was measured on XLA:CPU (scripts/bench_cpu_workarounds.py, each with and
+without), is applied only where it helps on the running jax version, and is neither imported
+nor traced on any other platform (`jaxaccel.backends.for_platform`):
 
 * Packed bf16 decode weights read by a C++ FFI kernel (`packed`, `packing`, `build`,
   `bf16_matmul.cc`, `huge_pages`): XLA:CPU's bf16 dots read a decode step's weights at
   14-19 GB/s, the kernel at ~47 GB/s (scripts/bench_bf16_matmul.py).
-* bf16 carried as its uint16 bits where XLA:CPU lacks a bf16 op and converts a whole array to
-  float32 instead: dynamic slices of the stacked layer weights inside the layer scan, the KV
-  cache's dynamic-update-slice, and (before jax 0.12) the embedding gather.
-* Fences (`optimization_barrier`) around attention, without which XLA:CPU folds the head
-  transposes into the projection matmuls by transposing the weights: a transposed copy of
-  every weight per layer and step (decode 5-10x slower, measured).
+* jax < 0.12 only: bf16 carried as its uint16 bits where that XLA:CPU lacks a bf16 op and
+  converts a whole array to float32 instead: dynamic slices of the stacked layer weights
+  inside the layer scan (x1.55 faster with), the KV cache's dynamic-update-slice (x10), and
+  the embedding gather (no float32 table in the program). jax 0.12's XLA:CPU has the bf16
+  ops, and there the carriers cost time (scan x3.7, cache write x2, gather x8 slower).
 * A lone bf16 prompt decodes as a batch of two when the packed kernel is not in use: XLA:CPU's
-  fast bf16 dot (YNNPACK) takes no matrix-vector products.
+  fast bf16 dot (YNNPACK) takes no matrix-vector products (x1.34 on jax 0.10, x1.3-1.7 on 0.12).
+
+Fences (`optimization_barrier`) around attention, which an earlier layout needed, measured no
+gain in prefill or decode on either jax version once the projections became 2-D matmuls, and
+are gone.
 """
 
 from __future__ import annotations
@@ -35,9 +38,11 @@ def _jax_version() -> tuple[int, ...]:
     return tuple(int(p) for p in jax.__version__.split(".")[:2])
 
 
-# XLA:CPU in jax < 0.12 gathers a bf16 table by converting the whole table to float32 first;
-# jax 0.12's gathers the bf16 rows directly (tests/test_cpu_backend.py checks both ways).
-GATHER_CARRIER = _jax_version() < (0, 12)
+# XLA:CPU before jax 0.12 has no bf16 dynamic-slice, dynamic-update-slice or gather of its own
+# (it converts the whole array to float32); from 0.12 it has, and uint16 carriers only cost.
+# tests/test_packed_decode.py and tests/test_export.py check the programs both ways.
+CARRIERS = _jax_version() < (0, 12)
+GATHER_CARRIER = CARRIERS
 
 
 def to_carrier(x):
@@ -82,24 +87,20 @@ class CpuBackend(Backend):
         return super().head_logits(x_btd, head_vd)
 
     def scan_layers(self, blocks, carry, body, xs=None, runner=None):
-        """bf16 weights sliced as their uint16 bits (XLA:CPU has no bf16 dynamic-slice and
-        converted the whole stack to float32 on every call), and packed weights read in place
-        by layer index (a scanned slice would be copied out, layer by layer, step by step)."""
-        def typed_body(block, carry, x):
-            return body(_map_params(block, from_carrier), carry, x)
-
-        blocks = _map_params(blocks, to_carrier)
+        """Packed weights read in place by layer index (a scanned slice would be copied out,
+        layer by layer, step by step); before jax 0.12, bf16 weights sliced as their uint16
+        bits (XLA:CPU then converted the whole stack to float32 on every call)."""
+        if CARRIERS:
+            blocks, body = _map_params(blocks, to_carrier), _typed(body)
         if runner is not None:
-            return runner(blocks, carry, typed_body, xs)
-        return _scan_packed(blocks, carry, typed_body, xs)
-
-    def fence(self, tree):
-        return jax.lax.optimization_barrier(tree)
+            return runner(blocks, carry, body, xs)
+        return _scan_packed(blocks, carry, body, xs)
 
     def cache_storage_dtype(self, dtype) -> jnp.dtype:
-        # No bf16 dynamic-update-slice on XLA:CPU: it would convert the whole cache to
-        # float32 and back every step; the same bits as uint16 update in place.
-        return jnp.dtype(jnp.uint16) if jnp.dtype(dtype) == jnp.bfloat16 else jnp.dtype(dtype)
+        # No bf16 dynamic-update-slice on XLA:CPU before jax 0.12: it would convert the whole
+        # cache to float32 and back every step; the same bits as uint16 update in place.
+        bf16 = jnp.dtype(dtype) == jnp.bfloat16
+        return jnp.dtype(jnp.uint16) if CARRIERS and bf16 else jnp.dtype(dtype)
 
     def cache_store(self, x, storage_dtype) -> jax.Array:
         if storage_dtype == jnp.uint16:
@@ -116,6 +117,14 @@ class CpuBackend(Backend):
 
     def min_batch(self, dtype, prepared: bool) -> int:
         return 2 if jnp.dtype(dtype) == jnp.bfloat16 and not prepared else 1
+
+
+def _typed(body):
+    """`body` given its layer's weights back as bf16 (from their uint16 carriers)."""
+    def typed_body(block, carry, x):
+        return body(_map_params(block, from_carrier), carry, x)
+
+    return typed_body
 
 
 def _scan_packed(blocks, carry, body, xs):
