@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from jaxaccel.convert.hf import convert
+    from jaxaccel.conversion.hf import convert
 
     args = parse_args(argv)
     if args.without_torch:

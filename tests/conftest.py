@@ -23,7 +23,7 @@ def minilm_src() -> pathlib.Path:
 @pytest.fixture(scope="session")
 def minilm_ckpt(tmp_path_factory, minilm_src) -> pathlib.Path:
     """MiniLM converted to a float32 jaxaccel checkpoint, once per session (read-only!)."""
-    from jaxaccel.convert.hf import convert
+    from jaxaccel.conversion.hf import convert
 
     dest = tmp_path_factory.mktemp("ckpt") / "minilm"
     convert(minilm_src, dest)

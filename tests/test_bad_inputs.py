@@ -109,7 +109,7 @@ def gpt2_ckpt(tmp_path_factory):
     torch = pytest.importorskip("torch", reason="reference extra (torch) not installed")
     transformers = pytest.importorskip("transformers", reason="reference extra not installed")
 
-    from jaxaccel.convert.hf import convert
+    from jaxaccel.conversion.hf import convert
 
     root = tmp_path_factory.mktemp("gpt2")
     cfg = transformers.GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=2, n_positions=64)

@@ -63,7 +63,7 @@ def test_manifest_describes_every_array(minilm_ckpt, orbax_tree):
 def test_bfloat16_convert_halves_the_bytes(minilm_src, minilm_ckpt, tmp_path):
     import ml_dtypes
 
-    from jaxaccel.convert.hf import convert
+    from jaxaccel.conversion.hf import convert
 
     f32 = json.loads((minilm_ckpt / "jaxaccel.json").read_text())["total_bytes"]
     manifest = convert(minilm_src, tmp_path / "bf16", dtype="bfloat16")
@@ -76,7 +76,7 @@ def test_bfloat16_convert_halves_the_bytes(minilm_src, minilm_ckpt, tmp_path):
 
 def test_existing_destination_is_refused_and_kept(minilm_src, tmp_path):
     from jaxaccel.checkpoint.manifest import CheckpointError
-    from jaxaccel.convert.hf import convert
+    from jaxaccel.conversion.hf import convert
 
     dest = tmp_path / "taken"
     dest.mkdir()
@@ -105,7 +105,7 @@ def test_sharded_safetensors_with_index_convert_identically(minilm_src, minilm_c
     import orbax.checkpoint as ocp
     from safetensors.numpy import load_file, save_file
 
-    from jaxaccel.convert.hf import convert
+    from jaxaccel.conversion.hf import convert
 
     src = tmp_path / "sharded"
     src.mkdir()

@@ -53,7 +53,7 @@ def gpt2_ckpt(tmp_path_factory):
     """A tiny random GPT-2 from transformers, converted."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    from jaxaccel.convert.hf import convert
+    from jaxaccel.conversion.hf import convert
 
     root = tmp_path_factory.mktemp("gpt2")
     torch.manual_seed(0)

@@ -104,6 +104,7 @@ def test_the_cpu_programs_do_carry_the_cpu_workarounds():
     gen = Generator(graphdef, state, config, one, dtype=jnp.bfloat16, platform="cpu")
     b, t, slots = gen.shapes([5], 8)
     jitted = gen.decode_program(GREEDY, "host", b, t, slots).jitted
-    text = jitted.lower(*gen.abstract_decode_args(GREEDY, "host", b, t, slots)).as_text()
-    assert ("ui16" in text) == cpu.CARRIERS
-    assert gen.packed_weights and "custom_call" in text
+    args = gen.abstract_decode_args(GREEDY, "host", b, t, slots)
+    text = jitted.lower(*args).as_text()
+    assert gen.packed_weights and "custom_call" in text and "ui16" in text  # packed lines
+    assert (args[1].k_lbksh.dtype == jnp.uint16) == cpu.CARRIERS  # the cache's storage

@@ -165,8 +165,8 @@ def test_manifest_checksum_mismatch_names_the_chunk(cli, ckpt):
 
 KILL_AFTER_ARRAYS = """
 import os, signal, sys
-from jaxaccel.convert.bundled import bundled_minilm_path
-from jaxaccel.convert.hf import convert
+from jaxaccel.conversion.bundled import bundled_minilm_path
+from jaxaccel.conversion.hf import convert
 seen = []
 def on_array(name, nbytes):
     seen.append(name)

@@ -91,7 +91,7 @@ def test_cli_generate_json_matches_transformers(reference, tmp_path, capsys, mon
     """convert (bfloat16 storage) -> `jaxaccel generate --json`, float32 compute."""
     from cli_runner import run_cli
 
-    from jaxaccel.convert.hf import convert
+    from jaxaccel.conversion.hf import convert
 
     hf, directory = reference
     convert(directory, tmp_path / "ckpt", dtype="bfloat16")
@@ -145,7 +145,7 @@ def test_cli_generate_kernels_flag(reference, tmp_path, capsys, monkeypatch):
     tokens; --kernels where it cannot apply (float32) is a usage error naming the reason."""
     from cli_runner import one_error_line, run_cli
 
-    from jaxaccel.convert.hf import convert
+    from jaxaccel.conversion.hf import convert
 
     _, directory = reference
     convert(directory, tmp_path / "ckpt", dtype="bfloat16")

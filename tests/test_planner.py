@@ -34,7 +34,7 @@ def llama_ckpt(tmp_path_factory) -> pathlib.Path:
     torch = pytest.importorskip("torch", reason="reference extra (torch) not installed")
     transformers = pytest.importorskip("transformers", reason="reference extra not installed")
 
-    from jaxaccel.convert.hf import convert
+    from jaxaccel.conversion.hf import convert
 
     root = tmp_path_factory.mktemp("llama")
     cfg = transformers.LlamaConfig(vocab_size=101, hidden_size=64, num_hidden_layers=3,

@@ -50,8 +50,8 @@ def register(app: typer.Typer) -> None:
         """
         # deferred: the converter pulls in jax and tensorstore, which `--help` does not need
         from jaxaccel import progress
-        from jaxaccel.convert.bundled import resolve_source
-        from jaxaccel.convert.hf import convert
+        from jaxaccel.conversion.bundled import resolve_source
+        from jaxaccel.conversion.hf import convert
 
         source = resolve_source(src)
         start = time.perf_counter()

@@ -32,8 +32,8 @@ def register(app: typer.Typer) -> None:
         """Convert the bundled all-MiniLM-L6-v2 (once), embed a few sentences, and print a
         cosine-similarity table and timings."""
         # deferred: jax loads only when a command runs, after --host-devices set XLA's flags
-        from jaxaccel.convert.bundled import bundled_minilm_path
-        from jaxaccel.convert.hf import convert
+        from jaxaccel.conversion.bundled import bundled_minilm_path
+        from jaxaccel.conversion.hf import convert
         from jaxaccel.embed import Embedder
         from jaxaccel.loader import load_model
 

@@ -19,7 +19,7 @@ import numpy as np
 from jaxaccel.checkpoint import writer
 from jaxaccel.checkpoint.layout import DEFAULT_CHUNK_BYTES
 from jaxaccel.checkpoint.manifest import Manifest
-from jaxaccel.convert.safetensors_source import (
+from jaxaccel.conversion.safetensors_source import (
     ConvertError,
     SafetensorsSource,
     read_hf_config,

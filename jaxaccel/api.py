@@ -1,0 +1,101 @@
+"""The functions `import jaxaccel` offers scripts and notebooks; the CLI calls the same ones.
+
+    import jaxaccel
+    model = jaxaccel.load("checkpoints/minilm", mesh="data=2,model=4")
+    vectors = model.embed(["A man is eating food.", "A man is eating bread."])
+
+Every function takes paths as `str` or `pathlib.Path` and raises the errors of
+`jaxaccel.errors` (importable from `jaxaccel` itself) with one-line messages.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Mapping
+
+from jax.sharding import Mesh
+
+from jaxaccel import planner, progress
+from jaxaccel import sharding as ax
+from jaxaccel.checkpoint.integrity import VerifyReport, verify_checkpoint
+from jaxaccel.checkpoint.manifest import Manifest
+from jaxaccel.checkpoint.restore import DEFAULT_HOST_MEMORY_BUDGET
+from jaxaccel.conversion import hf
+from jaxaccel.conversion.bundled import resolve_source
+from jaxaccel.errors import UsageError
+from jaxaccel.loader import load_model
+from jaxaccel.model import Model
+from jaxaccel.units import parse_bytes
+
+MeshLike = str | Mapping[str, int] | Mesh | None
+
+
+def layout(mesh: MeshLike = None, rules: str | Mapping | None = None) -> ax.Layout:
+    """A Layout from a mesh given as "data=2,model=4", {"data": 2, "model": 4}, or a
+    `jax.sharding.Mesh` with axes named from ("data", "model", "stage"), and a rule table
+    (name such as "dp_tp", or a {logical: mesh axis} dict; default "dp_tp")."""
+    if isinstance(mesh, Mesh):
+        unknown = set(mesh.axis_names) - set(ax.MESH_AXES)
+        if unknown:
+            raise UsageError(f"mesh axes {sorted(unknown)} are not among {ax.MESH_AXES}")
+        return ax.Layout(mesh, ax.resolve_rules(rules))
+    return ax.Layout.create(mesh, rules)
+
+
+def load(path: str | pathlib.Path, *, mesh: MeshLike = None, rules: str | Mapping | None = None,
+         dtype: str | None = None, host_memory_budget: int | str | None = None,
+         verify: bool = False, progress: bool = True, microbatches: int | None = None) -> Model:
+    """Restore a checkpoint onto `mesh` (default: one device) in compute `dtype` ("float32"
+    or "bfloat16"; default: the checkpoint's), streaming only the slices each device holds.
+
+    `host_memory_budget`: bytes (or "2GiB") of restore reads in flight. `verify`: check every
+    chunk's crc32c while reading (missing or short chunks are always refused). `progress`:
+    a progress bar on a terminal or in Jupyter. Raises CheckpointError, UsageError.
+    """
+    budget = _bytes(host_memory_budget, "host_memory_budget") or DEFAULT_HOST_MEMORY_BUDGET
+    loaded = load_model(path, layout(mesh, rules), dtype, host_memory_budget=budget,
+                        quiet=not progress, verify_checksums=verify)
+    return Model(loaded, microbatches=microbatches)
+
+
+def convert(src: str | pathlib.Path, dest: str | pathlib.Path, *, dtype: str | None = None,
+            family: str = "auto", overwrite: bool = False, progress: bool = True) -> Manifest:
+    """Convert a Hugging Face directory (config.json + safetensors; "minilm" for the bundled
+    all-MiniLM-L6-v2) into a jaxaccel checkpoint at `dest` (written atomically).
+    Raises ConvertError, UnknownFamilyError."""
+    source = resolve_source(str(src))
+    total = sum(p.stat().st_size for p in source.glob("*.safetensors")) if source.is_dir() else 0
+    with _bar(total, f"convert {source.name}", progress) as advance:
+        return hf.convert(source, dest, dtype=dtype or "float32", family=family,
+                          overwrite=overwrite, on_array=lambda name, n: advance(n))
+
+
+def inspect(path: str | pathlib.Path) -> Manifest:
+    """A checkpoint's manifest: family, config, dtype, every array's shape/dtype/axes/bytes."""
+    return Manifest.load(path)
+
+
+def plan(path: str | pathlib.Path, *, mesh: MeshLike = None, rules: str | Mapping | None = None,
+         dtype: str | None = None, batch: int = 1, seq: int | None = None,
+         max_new_tokens: int = 0, device_memory: int | str | None = None) -> planner.MemoryPlan:
+    """Per-device and per-process memory of a run, before reading a byte (`.fits`,
+    `.to_json()`; `jaxaccel.planner.check_fits` raises PlanError when it does not fit)."""
+    return planner.plan(path, layout(mesh, rules), dtype, batch=batch, seq=seq,
+                        max_new_tokens=max_new_tokens,
+                        device_memory=_bytes(device_memory, "device_memory"))
+
+
+def verify(path: str | pathlib.Path, *, progress: bool = True) -> VerifyReport:
+    """Re-read every chunk and compare it with the manifest's checksums; raises
+    IntegrityError naming every damaged array and chunk."""
+    total = Manifest.load(path).total_bytes
+    with _bar(total, f"verify {pathlib.Path(path).name}", progress) as advance:
+        return verify_checkpoint(path, on_bytes=advance)
+
+
+def _bar(total: int, description: str, enabled: bool):
+    return progress.byte_progress(total, description, enabled=enabled)
+
+
+def _bytes(value: int | str | None, name: str) -> int | None:
+    return parse_bytes(value, name) if isinstance(value, str) else value

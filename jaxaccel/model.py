@@ -1,0 +1,257 @@
+"""`Model`: a restored checkpoint ready to embed or generate, as `jaxaccel.load` returns it.
+
+Completions follow the conventions users know from vLLM and transformers: `generate` stops
+at the checkpoint's end-of-sequence token(s) by default, `token_ids` are the new tokens only
+(the EOS token included when reached), `finish_reason` is "eos", "stop" or "length".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import queue
+import threading
+import warnings
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+from jaxaccel import models
+from jaxaccel.embed import Embedder
+from jaxaccel.errors import InputError, UsageError
+from jaxaccel.generate import Generator, check_prompts
+from jaxaccel.loader import LoadedModel
+from jaxaccel.models.state import flat_arrays
+from jaxaccel.sampling import Sampling
+from jaxaccel.sharding import format_mesh
+from jaxaccel.tokenizer import TextTokenizer
+from jaxaccel.units import format_bytes
+
+_SHOWN_ARRAYS = 6
+
+
+@dataclasses.dataclass(frozen=True)
+class Completion:
+    text: str  # the new tokens decoded (special tokens skipped), cut before a stop string
+    token_ids: list[int]  # new tokens only
+    prompt_token_ids: list[int]
+    finish_reason: str  # "eos" | "stop" | "length"
+
+
+class Model:
+    """A restored model on its mesh. `embed` for encoders, `generate`/`stream` for decoders."""
+
+    def __init__(self, loaded: LoadedModel, *, microbatches: int | None = None):
+        self.loaded = loaded
+        self.task = models.task(loaded.family)
+        self._microbatches = microbatches
+        self._tokenizer = TextTokenizer(loaded.tokenizer_path) if loaded.tokenizer_path else None
+        self._embedders: dict = {}
+        self._generator: Generator | None = None
+
+    # Facts ----------------------------------------------------------------------------------
+
+    family = property(lambda self: self.loaded.family, doc="Model family, e.g. 'bert'.")
+    config = property(lambda self: self.loaded.config, doc="The family's Config dataclass.")
+    mesh = property(lambda self: self.loaded.layout.mesh, doc="The jax.sharding.Mesh.")
+    dtype = property(lambda self: self.loaded.dtype, doc="Compute dtype name.")
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all parameters (global, not per device)."""
+        return sum(int(x.nbytes) for x in flat_arrays(self.loaded.state).values())
+
+    def shardings(self) -> dict[str, str]:
+        """Parameter name -> its PartitionSpec, e.g. {'blocks.wq_dnh': "P(None, None, 'model')"}."""
+        return {name: str(x.sharding.spec) for name, x in flat_arrays(self.loaded.state).items()}
+
+    def __repr__(self) -> str:
+        lines = [f"Model({self.family}, {self.task}, {self.dtype}, "
+                 f"{format_bytes(self.nbytes)}, mesh {format_mesh(dict(self.mesh.shape))})"]
+        lines += [f"  {axis}: {count} parameter(s) split" for axis, count in
+                  self._split_counts().items()]
+        lines.append(f"  from {self.loaded.path}")
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>"
+                       for k, v in self._summary().items())
+        return f"<table><caption>jaxaccel Model</caption>{rows}</table>"
+
+    def _summary(self) -> dict:
+        shard = self.shardings()
+        shown = dict(list(shard.items())[:_SHOWN_ARRAYS])
+        return {"family": self.family, "task": self.task, "dtype": self.dtype,
+                "parameters": format_bytes(self.nbytes),
+                "mesh": format_mesh(dict(self.mesh.shape)),
+                "split over": ", ".join(f"{a}: {n}" for a, n in self._split_counts().items())
+                or "nothing (replicated)",
+                **{f"sharding {k}": v for k, v in shown.items()},
+                "path": str(self.loaded.path)}
+
+    def _split_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for x in flat_arrays(self.loaded.state).values():
+            for axis in {a for part in x.sharding.spec if part for a in
+                         ((part,) if isinstance(part, str) else part)}:
+                counts[axis] = counts.get(axis, 0) + 1
+        return counts
+
+    # Embedding ------------------------------------------------------------------------------
+
+    def embed(self, texts: str | Sequence[str], *, batch_size: int | None = None,
+              max_length: int | None = None) -> np.ndarray:
+        """Sentence embeddings, float32 [n, dim], in input order (one text: [1, dim]).
+
+        Inputs longer than `max_length` tokens (default: the model's own limit) are truncated
+        with a warning, as sentence-transformers does. Raises UsageError for a decoder.
+        """
+        self._require("embed")
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise InputError("embed takes a string or a non-empty sequence of strings")
+        embedder = self._embedder(batch_size or 32, max_length)
+        vectors, truncated = embedder.embed_texts(texts)
+        if truncated:
+            warnings.warn(f"{len(truncated)} input(s) truncated to {embedder.max_length} tokens "
+                          f"(first: input {truncated[0]})", stacklevel=2)
+        return vectors
+
+    def _embedder(self, batch_size: int, max_length: int | None) -> Embedder:
+        key = (batch_size, max_length)
+        if key not in self._embedders:  # one per shape policy: its programs are cached inside
+            self._embedders[key] = Embedder(self.loaded, batch_size=batch_size,
+                                            max_length=max_length, microbatches=self._microbatches)
+        return self._embedders[key]
+
+    # Generation -----------------------------------------------------------------------------
+
+    def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]], *,
+                 max_new_tokens: int, greedy: bool | None = None,
+                 temperature: float | None = None, top_k: int | None = None,
+                 top_p: float | None = None, seed: int | None = None,
+                 stop: str | Sequence[str] | None = None,
+                 ignore_eos: bool = False) -> list[Completion]:
+        """One Completion per prompt (text, or token ids). Stops at the checkpoint's EOS
+        token(s) unless `ignore_eos`, and at the first of the `stop` strings (cut before it).
+
+        `greedy=None` decodes greedily unless a temperature > 0 is given; `greedy=True`
+        forces argmax. Raises UsageError for bad prompts or settings, before any compute.
+        """
+        ids = self._prompt_ids(prompts)
+        sampling = _sampling(greedy, temperature, top_k, top_p, seed)
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        eos = None if ignore_eos else self.config.eos_token_id
+        new = self._decoder().generate(ids, max_new_tokens, sampling=sampling, eos_id=eos)
+        return [self._completion(p, n, eos, stops) for p, n in zip(ids, new)]
+
+    def stream(self, prompt: str | Sequence[int], *, max_new_tokens: int,
+               **settings) -> Iterator[str]:
+        """Yield the text of one prompt's continuation as it is generated (pieces joined
+        give `generate(prompt, ...)[0].text` without stop strings)."""
+        ids = self._prompt_ids([prompt] if isinstance(prompt, str) else [list(prompt)])
+        if self._tokenizer is None:
+            raise UsageError(f"{self.loaded.path}: stream needs the checkpoint's tokenizer.json")
+        sampling = _sampling(settings.pop("greedy", None), settings.pop("temperature", None),
+                             settings.pop("top_k", None), settings.pop("top_p", None),
+                             settings.pop("seed", None))
+        eos = None if settings.pop("ignore_eos", False) else self.config.eos_token_id
+        if settings:
+            raise UsageError(f"stream: unknown settings {sorted(settings)}")
+        yield from self._stream_text(ids, max_new_tokens, sampling, eos)
+
+    def _stream_text(self, ids, max_new_tokens, sampling, eos) -> Iterator[str]:
+        tokens: queue.Queue = queue.Queue()
+        errors: list[BaseException] = []
+
+        def run():
+            try:
+                self._decoder().generate(ids, max_new_tokens, sampling=sampling, eos_id=eos,
+                                         on_step=lambda step: tokens.put(step[0]))
+            except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
+                errors.append(err)
+            tokens.put(StopIteration)
+
+        threading.Thread(target=run, name="jaxaccel-stream", daemon=True).start()
+        new, printed = [], ""
+        while (token := tokens.get()) is not StopIteration:
+            if token is None:
+                continue
+            new.append(token)
+            text = self._tokenizer.decode(new)
+            if text.startswith(printed) and len(text) > len(printed) and not text.endswith("\ufffd"):
+                yield text[len(printed):]
+                printed = text
+        if errors:
+            raise errors[0]
+        text = self._tokenizer.decode(new)
+        if text != printed and text.startswith(printed):
+            yield text[len(printed):]
+
+    def _decoder(self) -> Generator:
+        self._require("generate")
+        if self._generator is None:
+            loaded = self.loaded
+            self._generator = Generator(loaded.graphdef, loaded.state, loaded.config,
+                                        loaded.layout, microbatches=self._microbatches)
+        return self._generator
+
+    def _prompt_ids(self, prompts) -> list[list[int]]:
+        self._require("generate")
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if prompts and all(isinstance(p, str) for p in prompts):
+            if self._tokenizer is None:
+                raise UsageError(f"{self.loaded.path} has no tokenizer.json: give token ids")
+            return [self._tokenizer.encode_one(p) for p in prompts]
+        if not prompts or not all(_is_id_list(p) for p in prompts):
+            raise UsageError("prompts must be a string, a sequence of strings, or a sequence "
+                             "of token-id sequences")
+        ids = [[int(t) for t in p] for p in prompts]
+        try:
+            check_prompts(self.config, ids, 1)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+        return ids
+
+    def _completion(self, prompt, new, eos, stops) -> Completion:
+        """Generation stops at a stop string as vLLM does: the text is cut before it; the
+        token ids run to the token that completed it."""
+        text = self._tokenizer.decode(new) if self._tokenizer else ""
+        reason = "eos" if eos is not None and new and new[-1] == eos else "length"
+        found = [s for s in stops if s and s in text]
+        if found:
+            first = min(found, key=text.find)
+            text, reason = text[:text.find(first)], "stop"
+            new = _tokens_until(self._tokenizer, new, first)
+        return Completion(text, list(new), list(prompt), reason)
+
+    def _require(self, task: str) -> None:
+        if self.task != task:
+            raise UsageError(f"{self.loaded.path} holds a {self.family!r} model ({self.task}); "
+                             f"{task} needs one of {', '.join(models.families_for(task))}")
+
+
+def _is_id_list(p) -> bool:
+    return not isinstance(p, str | bytes) and isinstance(p, Sequence) and len(p) > 0 and all(
+        isinstance(t, int | np.integer) and not isinstance(t, bool) for t in p)
+
+
+def _tokens_until(tokenizer, new: list[int], stop: str) -> list[int]:
+    """The shortest prefix of `new` whose text contains `stop`."""
+    for n in range(1, len(new) + 1):
+        if stop in tokenizer.decode(new[:n]):
+            return new[:n]
+    return new
+
+
+def _sampling(greedy, temperature, top_k, top_p, seed) -> Sampling:
+    sampled = temperature is not None and temperature > 0 and not greedy
+    if greedy and (temperature or top_k or (top_p is not None and top_p < 1.0)):
+        raise UsageError("greedy=True cannot be combined with temperature/top_k/top_p")
+    try:
+        return Sampling(temperature=temperature if sampled else 0.0, top_k=top_k or 0,
+                        top_p=1.0 if top_p is None else top_p, seed=seed or 0)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
