@@ -9,9 +9,19 @@ on first use, so `import jaxaccel` stays light and the CLI can set XLA's flags
 (`--host-devices`) before jax starts. The errors are importable from here directly.
 """
 
-from jaxaccel.errors import (CheckpointError, ConvertError, DistributedError, InputError,
-                             IntegrityError, JaxaccelError, KernelUnavailable, MeshSpecError,
-                             PlanError, UnknownFamilyError, UsageError)
+from jaxaccel.errors import (
+    CheckpointError,
+    ConvertError,
+    DistributedError,
+    InputError,
+    IntegrityError,
+    JaxaccelError,
+    KernelUnavailable,
+    MeshSpecError,
+    PlanError,
+    UnknownFamilyError,
+    UsageError,
+)
 
 __version__ = "0.1.0"
 

@@ -13,7 +13,7 @@ from typing import Optional
 import click
 import typer
 
-from jaxaccel import distributed, errors, platform
+from jaxaccel import __version__, distributed, errors, platform
 
 app = typer.Typer(
     name="jaxaccel",
@@ -26,8 +26,16 @@ app = typer.Typer(
 )
 
 
+def _version(value: bool) -> None:
+    if value:
+        print(f"jaxaccel {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _global_options(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print jaxaccel's version and exit."),
     host_devices: Optional[int] = typer.Option(
         None, "--host-devices", min=1,
         help="On CPU, simulate N devices (sets XLA's host device count before jax starts); "
@@ -69,8 +77,31 @@ for _name in COMMANDS:
     _module.register(app)
 
 
+# Options of the `jaxaccel` command itself, which click accepts only before the subcommand.
+GLOBAL_OPTIONS = ("--host-devices", "--coordinator", "--num-processes", "--process-id",
+                  "--distributed-timeout")
+
+
+def misplaced_global_option(argv: list[str]) -> str | None:
+    """The first global option given after the subcommand (where click would not know it)."""
+    command = next((i for i, arg in enumerate(argv) if arg in COMMANDS), None)
+    if command is None or (len(argv) > 1 and argv[command] == "launch"):
+        return None  # launch passes its own arguments on to the command it starts
+    for arg in argv[command + 1:]:
+        if arg == "--":
+            return None
+        if arg.split("=", 1)[0] in GLOBAL_OPTIONS:
+            return arg.split("=", 1)[0]
+    return None
+
+
 def run_with_clean_errors(typer_app) -> int:
     """Run the typer app; jaxaccel's errors become `error: ...` on stderr and an exit code."""
+    option = misplaced_global_option(sys.argv[1:])
+    if option:
+        print(f"error: {option} is an option of `jaxaccel` itself: put it before the "
+              f"subcommand, e.g. `jaxaccel {option} ... embed CKPT ...`", file=sys.stderr)
+        return errors.USAGE_EXIT
     try:
         typer_app(standalone_mode=False)
     except SystemExit as exit_:
@@ -87,7 +118,9 @@ def _click_errors() -> tuple[tuple[type, ...], tuple[type, ...]]:
     """(ClickException, Abort) classes of click and of the copy newer typers vendor."""
     exceptions, aborts = [click.exceptions.ClickException], [click.exceptions.Abort]
     try:
-        from typer._click import exceptions as vendored  # deferred: only newer typers have it
+        from typer._click import (
+            exceptions as vendored,  # deferred: only newer typers have it
+        )
     except ImportError:
         pass
     else:

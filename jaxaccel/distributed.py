@@ -142,7 +142,9 @@ def is_output_process() -> bool:
 
 
 def _client():
-    from jax._src import distributed as jax_distributed  # deferred: jax (see initialize)
+    from jax._src import (
+        distributed as jax_distributed,  # deferred: jax (see initialize)
+    )
 
     return jax_distributed.global_state.client
 

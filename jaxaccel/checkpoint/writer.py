@@ -20,7 +20,12 @@ import numpy as np
 import tensorstore as ts
 
 from jaxaccel.checkpoint import integrity, layout
-from jaxaccel.checkpoint.manifest import PARAMS_DIR, ArrayEntry, CheckpointError, Manifest
+from jaxaccel.checkpoint.manifest import (
+    PARAMS_DIR,
+    ArrayEntry,
+    CheckpointError,
+    Manifest,
+)
 
 ORBAX_TREE_METADATA = "_METADATA"
 

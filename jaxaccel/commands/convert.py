@@ -14,7 +14,9 @@ from jaxaccel.units import parse_bytes
 
 def chunk_bytes_from(chunking: str) -> int | None:
     if chunking == "auto":
-        from jaxaccel.checkpoint.layout import DEFAULT_CHUNK_BYTES  # deferred: tensorstore
+        from jaxaccel.checkpoint.layout import (
+            DEFAULT_CHUNK_BYTES,  # deferred: tensorstore
+        )
 
         return DEFAULT_CHUNK_BYTES
     if chunking == "none":
@@ -67,7 +69,8 @@ def register(app: typer.Typer) -> None:
                               "seconds": round(seconds, 3)}))
         else:
             progress.say(f"wrote {dest}: {manifest.family}, {len(manifest.arrays)} arrays, "
-                         f"{manifest.total_bytes / 1e6:.1f} MB {manifest.dtype} in {seconds:.1f} s")
+                         f"{manifest.total_bytes / 1e6:.1f} MB {manifest.dtype} in {seconds:.1f} s",
+                         quiet)
 
 
 def _source_bytes(src: pathlib.Path) -> int:

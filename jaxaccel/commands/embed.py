@@ -13,25 +13,14 @@ import typer
 
 from jaxaccel import progress
 from jaxaccel.commands import options
-from jaxaccel.errors import InputError, UsageError
+from jaxaccel.errors import UsageError
+from jaxaccel.textfiles import read_lines
 from jaxaccel.units import parse_bytes
 
 
 def read_text_lines(path: pathlib.Path) -> list[str]:
     """One text per line, UTF-8; a clear error for a missing, empty or non-UTF-8 file."""
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise InputError(f"--input {path}: cannot be read ({err.strerror})") from None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = data[:err.start].count(b"\n") + 1
-        raise InputError(f"--input {path}: not UTF-8 (line {line}, byte {err.start})") from None
-    lines = text.splitlines()
-    if not lines:
-        raise InputError(f"--input {path}: the file is empty; expected one text per line")
-    return lines
+    return read_lines(path, "--input")
 
 
 def save_npy_atomically(path: pathlib.Path, array) -> None:

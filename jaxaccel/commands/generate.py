@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 from typing import List, Optional
 
 import typer
 
+from jaxaccel import progress
 from jaxaccel.commands import options
-from jaxaccel.errors import UsageError
+from jaxaccel.errors import InputError, UsageError
+from jaxaccel.textfiles import read_lines
 from jaxaccel.units import parse_bytes
 
 
@@ -74,6 +77,12 @@ def register(app: typer.Typer) -> None:
                                                    "tokenizer)."),
         prompt_ids: Optional[str] = typer.Option(None, "--prompt-ids", help="Token ids, e.g. "
                                                  "'1,2,3;4,5' for two prompts."),
+        input_file: Optional[pathlib.Path] = typer.Option(
+            None, "--input", "-i", help="Prompts from a file: one per line, or JSON Lines with "
+            'a "prompt" string per line.'),
+        output_file: Optional[pathlib.Path] = typer.Option(
+            None, "--output", "-o", help="Also write JSON Lines: one completion per prompt "
+            "(prompt_token_ids, token_ids, text, finish_reason: eos, stop or length)."),
         max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n", help="At most this many "
                                             "new tokens per prompt (fewer at EOS)."),
         greedy: bool = typer.Option(False, "--greedy", help="Argmax decoding (the default "
@@ -108,12 +117,14 @@ def register(app: typer.Typer) -> None:
         run_generate(ckpt, prompt, prompt_ids, max_new_tokens, sampling_from(
             greedy, temperature, top_k, top_p, seed), ignore_eos, dtype, mesh, rules, rule,
             budget, microbatches, device_memory, verify_checksums, as_json, quiet, kernels,
-            compile_cache=compile_cache, no_compile_cache=no_compile_cache)
+            compile_cache=compile_cache, no_compile_cache=no_compile_cache,
+            input_file=input_file, output_file=output_file)
 
 
 def run_generate(ckpt, prompt, prompt_ids, max_new_tokens, sampling, ignore_eos, dtype, mesh,
                  rules, rule, budget, microbatches, device_memory, verify_checksums, as_json,
-                 quiet, kernels=None, *, compile_cache=None, no_compile_cache=False) -> None:
+                 quiet, kernels=None, *, compile_cache=None, no_compile_cache=False,
+                 input_file=None, output_file=None) -> None:
     """Check the request (before reading a byte of weights), restore while compiling,
     generate, print: the body of `jaxaccel generate`."""
     # deferred: jax loads only when a command runs, after --host-devices set XLA's flags
@@ -122,9 +133,12 @@ def run_generate(ckpt, prompt, prompt_ids, max_new_tokens, sampling, ignore_eos,
     from jaxaccel import coldstart, distributed
     from jaxaccel import compile_cache as xla_cache
     from jaxaccel.generate import check_prompts
+    from jaxaccel.model import Model
 
-    if bool(prompt) == bool(prompt_ids):
-        raise UsageError("give --prompt TEXT (repeatable) or --prompt-ids, not both")
+    if sum(map(bool, (prompt, prompt_ids, input_file))) != 1:
+        raise UsageError("give exactly one of --prompt TEXT (repeatable), --prompt-ids or "
+                         "--input FILE")
+    prompt = read_prompts(input_file) if input_file else prompt
     if max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     plan = coldstart.plan_for("generate", ckpt, options.layout_from(mesh, rules, rule), dtype,
@@ -149,20 +163,28 @@ def run_generate(ckpt, prompt, prompt_ids, max_new_tokens, sampling, ignore_eos,
         packed_weights=kernels, loop="host" if streaming else "device",
         host_memory_budget=parse_bytes(budget, "--host-memory-budget"),
         verify_checksums=verify_checksums, quiet=quiet)
-    eos = None if ignore_eos else plan.config.eos_token_id
+    model = Model(started.loaded, generator=started.generator)
     stream = TextStream(tokenizer) if streaming else None
     if stream:
         print(tokenizer.decode(ids[0]), end="", flush=True)
-    new = started.generator.generate(ids, max_new_tokens, sampling=sampling, eos_id=eos,
-                                     on_step=stream)
+    completions = model.complete(ids, max_new_tokens, sampling, ignore_eos=ignore_eos,
+                                 on_step=stream)
     if output:
-        _print_result(ids, new, tokenizer, as_json, streamed=stream is not None)
+        _print_result(completions, tokenizer, as_json, streamed=stream is not None)
+        if output_file:
+            write_jsonl(output_file, [_completion_json(c) for c in completions])
+        _status(started.generator.timings, len(ids), quiet)
 
 
-def _print_result(prompts, new, tokenizer, as_json: bool, streamed: bool) -> None:
-    tokens = [p + n for p, n in zip(prompts, new)]
+def _completion_json(completion) -> dict:
+    return {"prompt_token_ids": completion.prompt_token_ids, "token_ids": completion.token_ids,
+            "text": completion.text, "finish_reason": completion.finish_reason}
+
+
+def _print_result(completions, tokenizer, as_json: bool, streamed: bool) -> None:
+    tokens = [c.prompt_token_ids + c.token_ids for c in completions]
     if as_json:
-        payload = {"tokens": tokens}
+        payload = {"tokens": tokens, "finish_reason": [c.finish_reason for c in completions]}
         if tokenizer is not None:
             payload["text"] = [tokenizer.decode(t) for t in tokens]
         print(json.dumps(payload))
@@ -171,3 +193,36 @@ def _print_result(prompts, new, tokenizer, as_json: bool, streamed: bool) -> Non
     else:
         for row in tokens:
             print(tokenizer.decode(row) if tokenizer else " ".join(map(str, row)))
+
+
+def _status(timings: dict, prompts: int, quiet: bool) -> None:
+    """Time to first token and decode speed of the run, on stderr."""
+    decode_s = timings["total_s"] - timings["first_token_s"]
+    decoded = max(0, timings["new_tokens"] - prompts)  # each prompt's first token is prefill's
+    speed = f"{decoded / decode_s:.1f} tok/s" if decode_s > 0 and decoded else "n/a"
+    progress.say(f"generated {timings['new_tokens']} token(s) for {prompts} prompt(s): first "
+                 f"token after {1e3 * timings['first_token_s']:.0f} ms, decode {speed}", quiet)
+
+
+def read_prompts(path: pathlib.Path) -> list[str]:
+    """--input: one prompt per line, or JSON Lines with a "prompt" string per line."""
+    lines = [line for line in read_lines(path, "--input") if line.strip()]
+    if not lines[0].lstrip().startswith("{"):
+        return lines
+    prompts = []
+    for number, line in enumerate(lines, 1):
+        try:
+            prompts.append(json.loads(line)["prompt"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise InputError(f"--input {path}: line {number} is not a JSON object with a "
+                             f'"prompt" string') from None
+        if not isinstance(prompts[-1], str):
+            raise InputError(f'--input {path}: line {number}: "prompt" must be a string')
+    return prompts
+
+
+def write_jsonl(path: pathlib.Path, rows: list[dict]) -> None:
+    """Write JSON Lines atomically: a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    os.replace(tmp, path)

@@ -26,11 +26,13 @@ def register(app: typer.Typer) -> None:
             "in each process (sets $JAXACCEL_DISTRIBUTED_TIMEOUT)."),
         log_dir: Optional[pathlib.Path] = typer.Option(None, "--log-dir", help="Where each "
                                                        "process's log goes (default: a temp dir)."),
+        verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show gloo's "
+                                     "connection chatter (always in the logs)."),
     ) -> None:
         """Start N local processes of one command as a jax.distributed cluster (process 0 is the
         coordinator), stream their logs (each line tagged with its process), and fail if any
-        process fails."""
+        process fails. `jaxaccel` as CMD runs this same installation, activated or not."""
         result = launch_local(command, processes, host_devices=devices_each, port=port,
-                              timeout_s=timeout, log_dir=log_dir)
+                              timeout_s=timeout, log_dir=log_dir, verbose=verbose)
         if not result.ok:
             raise typer.Exit(result.exit_code)

@@ -39,7 +39,9 @@ DEVICE_MEMORY = typer.Option(None, "--device-memory", help="Memory per device, e
 
 
 def layout_from(mesh: Optional[str], rules: str, rule_overrides: Optional[str] = None):
-    from jaxaccel.sharding import Layout  # deferred: builds a jax mesh (after --host-devices)
+    from jaxaccel.sharding import (
+        Layout,  # deferred: builds a jax mesh (after --host-devices)
+    )
 
     return Layout.create(mesh, rules, rule_overrides)
 

@@ -25,7 +25,13 @@ from jaxaccel.conversion.safetensors_source import (
     read_hf_config,
     weight_files,
 )
-from jaxaccel.models import UnknownFamilyError, family_for_model_type, family_module, known_families
+from jaxaccel.errors import UsageError
+from jaxaccel.models import (
+    UnknownFamilyError,
+    family_for_model_type,
+    family_module,
+    known_families,
+)
 from jaxaccel.models.state import abstract_model, param_specs
 from jaxaccel.models.weights import WeightRule
 
@@ -56,7 +62,9 @@ def sentence_transformers_limits(src: pathlib.Path) -> dict:
 
 def resolve_family(hf_config: dict, family: str, config_path: pathlib.Path) -> str:
     if family != "auto":
-        family_module(family)  # raises UnknownFamilyError with the known names
+        if family not in known_families():  # a flag value: a usage error
+            raise UsageError(f"--family must be auto or one of {', '.join(known_families())}, "
+                             f"got {family!r}")
         return family
     try:
         return family_for_model_type(hf_config["model_type"])
@@ -141,7 +149,7 @@ def convert(src: str | pathlib.Path, dest: str | pathlib.Path, *, dtype: str = "
     """Convert SRC (config.json + safetensors) into a jaxaccel checkpoint at DEST."""
     src, dest = pathlib.Path(src), pathlib.Path(dest)
     if dtype not in DTYPES:
-        raise ConvertError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        raise UsageError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     hf_config = {**read_hf_config(src), **sentence_transformers_limits(src)}
     family = resolve_family(hf_config, family, src / "config.json")
     module = family_module(family)

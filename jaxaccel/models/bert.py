@@ -15,7 +15,12 @@ from flax import nnx
 from jaxaccel import sharding as ax
 from jaxaccel.models import layers
 from jaxaccel.models.attention import attention
-from jaxaccel.models.weights import WeightRule, transpose_to, unstack_heads_in, unstack_heads_out
+from jaxaccel.models.weights import (
+    WeightRule,
+    transpose_to,
+    unstack_heads_in,
+    unstack_heads_out,
+)
 
 FAMILY = "bert"
 TASK = "embed"

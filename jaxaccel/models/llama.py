@@ -25,7 +25,12 @@ from jaxaccel import sharding as ax
 from jaxaccel.models import layers
 from jaxaccel.models.attention import attention
 from jaxaccel.models.kv_cache import KVCache
-from jaxaccel.models.weights import WeightRule, transpose_to, unstack_heads_in, unstack_heads_out
+from jaxaccel.models.weights import (
+    WeightRule,
+    transpose_to,
+    unstack_heads_in,
+    unstack_heads_out,
+)
 
 FAMILY = "llama"
 TASK = "generate"
