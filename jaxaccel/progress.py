@@ -22,8 +22,9 @@ stderr = Console(stderr=True)
 @contextlib.contextmanager
 def byte_progress(total: int, description: str, enabled: bool = True
                   ) -> Iterator[Callable[[int], None]]:
-    """Yield an `advance(nbytes)` callback; draws a bar (bytes, GB/s, ETA) on a terminal."""
-    if not enabled or not sys.stderr.isatty():
+    """Yield an `advance(nbytes)` callback; draws a bar (bytes, GB/s, ETA) on a terminal or
+    in a Jupyter notebook (rich renders it there as a live output cell)."""
+    if not enabled or not (sys.stderr.isatty() or stderr.is_jupyter):
         yield lambda nbytes: None
         return
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(),

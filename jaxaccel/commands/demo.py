@@ -26,6 +26,7 @@ def register(app: typer.Typer) -> None:
         ckpt: pathlib.Path = typer.Option(pathlib.Path("checkpoints/minilm"), "--ckpt",
                                           help="Where the converted MiniLM lives (made if absent)."),
         dtype: str = typer.Option("float32", "--dtype", help="Compute dtype."),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No timings line."),
         as_json: bool = typer.Option(False, "--json", help="Print sentences, similarity matrix "
                                      "and timings as one JSON object."),
     ) -> None:
@@ -58,7 +59,8 @@ def register(app: typer.Typer) -> None:
                               "seconds": timings}))
             return
         _print_similarity(console, vectors)
-        console.print("  ".join(f"{k}: {v * 1e3:.0f} ms" for k, v in timings.items()))
+        if not quiet:
+            console.print("  ".join(f"{k}: {v * 1e3:.0f} ms" for k, v in timings.items()))
 
 
 def _print_similarity(console, vectors) -> None:

@@ -10,27 +10,30 @@ from rich.console import Console
 from rich.table import Table
 
 from jaxaccel.checkpoint.manifest import Manifest
-from jaxaccel.commands.options import JSON
+from jaxaccel.commands.options import JSON, QUIET
 from jaxaccel.units import format_bytes
 
 
 def register(app: typer.Typer) -> None:
     @app.command("inspect")
     def inspect_cmd(ckpt: pathlib.Path = typer.Argument(..., help="Checkpoint directory."),
-                    as_json: bool = JSON) -> None:
-        """Show a checkpoint's family, config, and every array's shape, dtype and bytes."""
+                    as_json: bool = JSON, quiet: bool = QUIET) -> None:
+        """Show a checkpoint's family, config, and every array's shape, dtype and bytes
+        (--quiet: the array table alone)."""
         manifest = Manifest.load(ckpt)
         if as_json:
             print(json.dumps(manifest.to_json()))
             return
-        _print_table(ckpt, manifest)
+        _print_table(ckpt, manifest, quiet)
 
 
-def _print_table(ckpt, manifest) -> None:
+def _print_table(ckpt, manifest, quiet: bool = False) -> None:
     console = Console()
-    console.print(f"[bold]{ckpt}[/]  family={manifest.family}  dtype={manifest.dtype}  "
-                  f"arrays={len(manifest.arrays)}  total={format_bytes(manifest.total_bytes)}")
-    console.print("config: " + ", ".join(f"{k}={v}" for k, v in manifest.config.items()))
+    if not quiet:
+        console.print(f"[bold]{ckpt}[/]  family={manifest.family}  dtype={manifest.dtype}  "
+                      f"arrays={len(manifest.arrays)}  "
+                      f"total={format_bytes(manifest.total_bytes)}")
+        console.print("config: " + ", ".join(f"{k}={v}" for k, v in manifest.config.items()))
     table = Table("array", "shape", "dtype", "logical axes", "bytes")
     for name, entry in sorted(manifest.arrays.items()):
         table.add_row(name, "×".join(map(str, entry.shape)) or "scalar", entry.dtype,

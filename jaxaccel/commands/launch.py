@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 from typing import List, Optional
 
@@ -28,11 +29,15 @@ def register(app: typer.Typer) -> None:
                                                        "process's log goes (default: a temp dir)."),
         verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show gloo's "
                                      "connection chatter (always in the logs)."),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="Show only process 0's "
+                                   "stdout (the result); everything else stays in the logs."),
     ) -> None:
         """Start N local processes of one command as a jax.distributed cluster (process 0 is the
         coordinator), stream their logs (each line tagged with its process), and fail if any
         process fails. `jaxaccel` as CMD runs this same installation, activated or not."""
-        result = launch_local(command, processes, host_devices=devices_each, port=port,
-                              timeout_s=timeout, log_dir=log_dir, verbose=verbose)
+        with open(os.devnull, "w") as devnull:
+            result = launch_local(command, processes, host_devices=devices_each, port=port,
+                                  timeout_s=timeout, log_dir=log_dir, verbose=verbose,
+                                  stderr=devnull if quiet else None)
         if not result.ok:
             raise typer.Exit(result.exit_code)

@@ -31,6 +31,7 @@ def register(app: typer.Typer) -> None:
         device_memory: Optional[str] = options.DEVICE_MEMORY,
         budget: str = options.HOST_MEMORY_BUDGET,
         as_json: bool = options.JSON,
+        quiet: bool = options.QUIET,
     ) -> None:
         """Print, per device, the bytes for parameters, KV cache and activations (XLA's
         compiled memory analysis) and, per process, the bytes restore reads and its peak host
@@ -50,11 +51,11 @@ def register(app: typer.Typer) -> None:
         if as_json:
             print(json.dumps(result.to_json()))
         else:
-            _print_plan(result)
+            _print_plan(result, quiet)
         planner.check_fits(result, len(jax.devices()))
 
 
-def _print_plan(plan) -> None:
+def _print_plan(plan, quiet: bool = False) -> None:
     from jaxaccel.sharding import format_mesh  # deferred: the module imports jax
 
     console = Console()
@@ -74,5 +75,5 @@ def _print_plan(plan) -> None:
                   f"{fb(plan.peak_host_bytes)} (budget {fb(plan.host_budget)})")
     console.print("largest arrays per device: " + ", ".join(
         f"{name} {fb(n)}" for name, n in plan.largest_arrays()))
-    for warning in plan.warnings:
+    for warning in [] if quiet else plan.warnings:
         console.print(f"[yellow]warning:[/] {warning}")
