@@ -17,7 +17,7 @@ def git_status() -> str:
                           cwd=NOTEBOOKS.parent, capture_output=True, text=True).stdout
 
 
-@pytest.mark.parametrize("name", ["quickstart.ipynb"])
+@pytest.mark.parametrize("name", ["quickstart.ipynb", "sharding.ipynb", "benchmarks.ipynb"])
 def test_notebook_executes_and_leaves_the_repository_clean(name, tmp_path, monkeypatch):
     monkeypatch.setenv("JAXACCEL_NOTEBOOK_DIR", str(tmp_path))
     monkeypatch.setenv("MPLBACKEND", "Agg")
@@ -31,4 +31,4 @@ def test_notebook_executes_and_leaves_the_repository_clean(name, tmp_path, monke
     outputs = [o for cell in stored.cells if cell.cell_type == "code" for o in cell.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     assert git_status() == before, "the notebook wrote into the repository"
-    assert (tmp_path / "minilm" / "jaxaccel.json").is_file()
+    assert any(tmp_path.iterdir()), "the notebook wrote nothing where it was told to"
