@@ -19,20 +19,18 @@ def build_forward(mesh: str, microbatches: int | None, layers: int, hidden: int)
     import jax
     from flax import nnx
 
-    # deferred: jax and the runtime load in the worker process only, not in `jaxaccel bench`
     from jaxaccel.models import bert
-    from jaxaccel.models.state import fill_state, flat_arrays, param_specs
-    from jaxaccel.runtime import Runtime, placed_shardings
+    from jaxaccel.pipeline import pad_stacked
+    from jaxaccel.runtime import Runtime, placed_shardings, state_shardings
     from jaxaccel.sharding import Layout
 
     cfg = bert.Config(vocab_size=1024, hidden_size=hidden, num_layers=layers,
                       num_heads=hidden // 64, intermediate_size=4 * hidden)
     layout = Layout.create(mesh, "dp_tp_pp")
     graphdef, state = nnx.split(bert.Model(cfg, rngs=nnx.Rngs(0)))
-    specs = param_specs(state)
-    state = fill_state(state, {n: jax.device_put(a, layout.sharding(specs[n].axes, a.shape))
-                               for n, a in flat_arrays(state).items()})
     runtime = Runtime(graphdef, cfg, layout, microbatches=microbatches)
+    state = pad_stacked(state, runtime.stages)  # as the loader holds uneven stages
+    state = jax.device_put(state, state_shardings(state, layout))
     batch = runtime.batch_sharding()
     fn = runtime.program(("embed",), lambda s, ids, mask: runtime.model(s).embed(ids, mask),
                          in_shardings=(placed_shardings(state), batch, batch),
