@@ -14,7 +14,9 @@ from jaxaccel.units import parse_bytes
 
 
 def parse_prompt_ids(text: str) -> list[list[int]]:
-    """'1,2,3;4,5' -> [[1, 2, 3], [4, 5]]."""
+    """'1,2,3;4,5' -> [[1, 2, 3], [4, 5]]; UsageError for an empty or malformed prompt."""
+    if not text.strip():
+        raise UsageError("--prompt-ids: the prompt is empty; give at least one token id")
     prompts = []
     for part in text.split(";"):
         try:
@@ -75,7 +77,9 @@ def register(app: typer.Typer) -> None:
         prompt_ids: Optional[str] = typer.Option(None, "--prompt-ids", help="Token ids, e.g. "
                                                  "'1,2,3;4,5' for two prompts."),
         max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n", help="At most this many "
-                                            "new tokens per prompt (fewer at EOS)."),
+                                            "new tokens per prompt (fewer at EOS). The limit: "
+                                            "prompt + N - 1 <= the model's maximum positions "
+                                            "(the last new token is never fed back)."),
         greedy: bool = typer.Option(False, "--greedy", help="Argmax decoding (the default "
                                     "unless --temperature > 0)."),
         temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling "
@@ -84,7 +88,8 @@ def register(app: typer.Typer) -> None:
         top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling."),
         seed: int = typer.Option(0, "--seed"),
         ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Do not stop at the "
-                                        "model's EOS token."),
+                                        "model's EOS tokens (by default every id of config.json "
+                                        "/ generation_config.json, as recorded at convert)."),
         dtype: Optional[str] = options.DTYPE,
         mesh: Optional[str] = options.MESH,
         rules: str = options.RULES,
@@ -123,7 +128,7 @@ def run_generate(ckpt, prompt, prompt_ids, max_new_tokens, sampling, ignore_eos,
     from jaxaccel import compile_cache as xla_cache
     from jaxaccel.generate import check_prompts
 
-    if bool(prompt) == bool(prompt_ids):
+    if bool(prompt) == (prompt_ids is not None):
         raise UsageError("give --prompt TEXT (repeatable) or --prompt-ids, not both")
     if max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
@@ -133,7 +138,8 @@ def run_generate(ckpt, prompt, prompt_ids, max_new_tokens, sampling, ignore_eos,
     tokenizer = coldstart.tokenizer_for(plan)
     if prompt and tokenizer is None:
         raise UsageError(f"{ckpt} has no tokenizer.json; use --prompt-ids")
-    ids = parse_prompt_ids(prompt_ids) if prompt_ids else [tokenizer.encode_one(t) for t in prompt]
+    ids = (parse_prompt_ids(prompt_ids) if prompt_ids is not None
+           else [tokenizer.encode_one(t) for t in prompt])
     try:
         check_prompts(plan.config, ids, max_new_tokens)
     except ValueError as err:
@@ -149,7 +155,7 @@ def run_generate(ckpt, prompt, prompt_ids, max_new_tokens, sampling, ignore_eos,
         packed_weights=kernels, loop="host" if streaming else "device",
         host_memory_budget=parse_bytes(budget, "--host-memory-budget"),
         verify_checksums=verify_checksums, quiet=quiet)
-    eos = None if ignore_eos else plan.config.eos_token_id
+    eos = None if ignore_eos else default_eos(plan.manifest, plan.config)
     stream = TextStream(tokenizer) if streaming else None
     if stream:
         print(tokenizer.decode(ids[0]), end="", flush=True)
@@ -157,6 +163,12 @@ def run_generate(ckpt, prompt, prompt_ids, max_new_tokens, sampling, ignore_eos,
                                      on_step=stream)
     if output:
         _print_result(ids, new, tokenizer, as_json, streamed=stream is not None)
+
+
+def default_eos(manifest, config) -> list[int] | int | None:
+    """Every EOS id the manifest recorded at convert; older checkpoints: config's one id."""
+    ids = manifest.generation.get("eos_token_ids")
+    return list(ids) if ids is not None else config.eos_token_id
 
 
 def _print_result(prompts, new, tokenizer, as_json: bool, streamed: bool) -> None:
