@@ -132,14 +132,14 @@ def run_generate(ckpt, prompt, prompt_ids, max_new_tokens, sampling, ignore_eos,
         raise UsageError("give --prompt TEXT (repeatable) or --prompt-ids, not both")
     if max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    given_ids = parse_prompt_ids(prompt_ids) if prompt_ids is not None else None
     plan = coldstart.plan_for("generate", ckpt, options.layout_from(mesh, rules, rule), dtype,
                               device_memory=options.device_memory_from(device_memory),
                               max_new_tokens=max_new_tokens)
     tokenizer = coldstart.tokenizer_for(plan)
     if prompt and tokenizer is None:
         raise UsageError(f"{ckpt} has no tokenizer.json; use --prompt-ids")
-    ids = (parse_prompt_ids(prompt_ids) if prompt_ids is not None
-           else [tokenizer.encode_one(t) for t in prompt])
+    ids = given_ids if given_ids is not None else [tokenizer.encode_one(t) for t in prompt]
     try:
         check_prompts(plan.config, ids, max_new_tokens)
     except ValueError as err:
