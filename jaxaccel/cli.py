@@ -107,8 +107,8 @@ def _click_errors() -> tuple[tuple[type, ...], tuple[type, ...]]:
 
 def _report(err: Exception) -> int:
     click_exceptions, aborts = _click_errors()
-    if isinstance(err, click_exceptions):  # bad flags, from typer/click
-        err.show()
+    if isinstance(err, click_exceptions):  # bad flags, from typer/click: one line, as ours
+        print(f"error: {_command_name()}: {_one_line(err.format_message())}", file=sys.stderr)
         return err.exit_code
     if isinstance(err, aborts):
         return errors.FAILURE_EXIT
