@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import traceback
 from typing import Optional
 
 import click
@@ -24,6 +25,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+# Set by the global --debug option: unexpected errors then print their traceback.
+_DEBUG = {"enabled": False}
 
 
 def _version(value: bool) -> None:
@@ -54,7 +57,11 @@ def _global_options(
         None, "--distributed-timeout", min=1, metavar="SECONDS",
         help="Multi-host: deadline of every blocking step (connect, barriers); on expiry the "
              "error names the process that did not arrive. Default 120."),
+    debug: bool = typer.Option(
+        False, "--debug", help="Print the full traceback of an unexpected error (without it: "
+        "one line and exit code 1)."),
 ) -> None:
+    _DEBUG["enabled"] = debug
     platform.configure_host_devices(host_devices)
     try:
         cluster = distributed.cluster_from(coordinator, num_processes, process_id,
@@ -79,7 +86,7 @@ for _name in COMMANDS:
 
 # Options of the `jaxaccel` command itself, which click accepts only before the subcommand.
 GLOBAL_OPTIONS = ("--host-devices", "--coordinator", "--num-processes", "--process-id",
-                  "--distributed-timeout")
+                  "--distributed-timeout", "--debug")
 
 
 def misplaced_global_option(argv: list[str]) -> str | None:
@@ -96,7 +103,9 @@ def misplaced_global_option(argv: list[str]) -> str | None:
 
 
 def run_with_clean_errors(typer_app) -> int:
-    """Run the typer app; jaxaccel's errors become `error: ...` on stderr and an exit code."""
+    """Run the typer app; every error becomes one `error: ...` line on stderr and an exit
+    code (2 usage, 1 anything else); `--debug` adds the traceback of unexpected ones."""
+    _DEBUG["enabled"] = False
     option = misplaced_global_option(sys.argv[1:])
     if option:
         print(f"error: {option} is an option of `jaxaccel` itself: put it before the "
@@ -131,16 +140,30 @@ def _click_errors() -> tuple[tuple[type, ...], tuple[type, ...]]:
 
 def _report(err: Exception) -> int:
     click_exceptions, aborts = _click_errors()
-    if isinstance(err, click_exceptions):  # bad flags, from typer/click
-        err.show()
+    if isinstance(err, click_exceptions):  # bad flags, from typer/click: one line, as ours
+        print(f"error: {_command_name()}: {_one_line(err.format_message())}", file=sys.stderr)
         return err.exit_code
     if isinstance(err, aborts):
         return errors.FAILURE_EXIT
     code = errors.exit_code(err)
-    if code is None:
-        raise err
-    print(f"error: {err}", file=sys.stderr)
-    return code
+    if code is not None:
+        print(f"error: {_one_line(str(err))}", file=sys.stderr)
+        return code
+    if _DEBUG["enabled"]:
+        traceback.print_exception(err, file=sys.stderr)
+    print(f"error: {_command_name()}: {type(err).__name__}: {_one_line(str(err))}"
+          + ("" if _DEBUG["enabled"] else " (--debug shows the traceback)"), file=sys.stderr)
+    return errors.FAILURE_EXIT
+
+
+def _one_line(message: str) -> str:
+    """Library messages may span lines; a command's error is one."""
+    return " ".join(message.split()) or "(no message)"
+
+
+def _command_name() -> str:
+    """The command being run, from argv (the first word that names one)."""
+    return next((arg for arg in sys.argv[1:] if arg in COMMANDS), "jaxaccel")
 
 
 def main() -> None:

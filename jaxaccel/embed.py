@@ -119,7 +119,7 @@ class Embedder:
         """Embeddings [n, d] float32 of token-id rows, in input order."""
         if self.state is None:
             raise RuntimeError("this Embedder was built from a plan: attach() the weights first")
-        out = np.zeros((len(ids), self.config.hidden_size), np.float32)
+        out = np.zeros((len(ids), self.config.embedding_dim), np.float32)
         for rows, _ in self.batches([len(row) for row in ids]):
             out[rows] = self._run_batch([ids[i] for i in rows])
         return out

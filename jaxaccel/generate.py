@@ -49,6 +49,9 @@ from jaxaccel.sampling import GREEDY, Sampling, choose
 # How often (in steps) the host loop asks the device whether every row has stopped: each
 # question waits for the step to finish, so asking every step would serialise dispatch.
 _EOS_POLL_STEPS = 8
+# EOS ids travel as a fixed-length int32 vector padded with -1 (which no token equals), so the
+# jitted programs keep one signature whatever the checkpoint's EOS list.
+MAX_EOS_IDS = 8
 
 
 class DecodeState(NamedTuple):
@@ -58,13 +61,29 @@ class DecodeState(NamedTuple):
     pad_b: jax.Array  # left padding of each row
     done_b: jax.Array  # row has emitted EOS (or is a batch-padding row)
     out_bn: jax.Array  # generated tokens
-    eos: jax.Array  # EOS id, or -1 for none
+    eos: jax.Array  # [MAX_EOS_IDS] EOS ids, padded with -1
     key: jax.Array
+
+
+def eos_vector(eos_id: int | Sequence[int] | None) -> np.ndarray:
+    """The EOS ids as int32 [MAX_EOS_IDS], padded with -1; ValueError for too many ids."""
+    ids = eos_ids(eos_id)
+    if len(ids) > MAX_EOS_IDS:
+        raise ValueError(f"at most {MAX_EOS_IDS} EOS ids are supported, got {len(ids)}")
+    return np.array(ids + [-1] * (MAX_EOS_IDS - len(ids)), np.int32)
+
+
+def eos_ids(eos_id: int | Sequence[int] | None) -> list[int]:
+    """None, one id, or a list of ids -> a list of ints (as config files write EOS)."""
+    if eos_id is None:
+        return []
+    return [int(eos_id)] if isinstance(eos_id, int | np.integer) else [int(i) for i in eos_id]
 
 
 def check_prompts(config, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int) -> None:
     """Raise ValueError, naming the problem, for prompts this decoder cannot run: empty,
-    ids outside the vocabulary, or longer (with the new tokens) than the model's limit.
+    ids outside the vocabulary, or too long. The last new token is never fed back, so the
+    rule is prompt + max_new_tokens - 1 <= the model's maximum length (as transformers).
     Needs only the config, so commands check before reading a byte of weights."""
     if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
         raise ValueError("every prompt needs at least one token")
@@ -74,9 +93,9 @@ def check_prompts(config, prompt_ids: Sequence[Sequence[int]], max_new_tokens: i
     bad = [tok for p in prompt_ids for tok in p if not 0 <= tok < vocab]
     if bad:
         raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
-    longest = max(map(len, prompt_ids)) + max_new_tokens
+    longest = max(map(len, prompt_ids)) + max_new_tokens - 1
     if longest > config.max_length:
-        raise ValueError(f"prompt + max_new_tokens = {longest} tokens exceeds the model's "
+        raise ValueError(f"prompt + max_new_tokens - 1 = {longest} tokens exceeds the model's "
                          f"maximum length {config.max_length}")
 
 
@@ -185,7 +204,8 @@ class Generator:
         """ShapeDtypeStructs of the prefill program's arguments at bucket (b, t)."""
         rows = jax.ShapeDtypeStruct((b,), jnp.int32)
         return (self.state, jax.ShapeDtypeStruct((b, t), jnp.int32), rows,
-                jax.ShapeDtypeStruct((b,), jnp.bool_), jax.ShapeDtypeStruct((), jnp.int32),
+                jax.ShapeDtypeStruct((b,), jnp.bool_),
+                jax.ShapeDtypeStruct((MAX_EOS_IDS,), jnp.int32),
                 jax.eval_shape(lambda: jax.random.key(0)))
 
     def abstract_decode_args(self, sampling: Sampling, loop: str, b: int, t: int,
@@ -231,7 +251,7 @@ class Generator:
             new_kv, 0)
         token_b = choose(logits_bv, jax.random.fold_in(key, 0), sampling)
         out_bn = jnp.zeros((b, slots - t), jnp.int32).at[:, 0].set(token_b)
-        done_b = ~live_b | (token_b == eos)
+        done_b = ~live_b | jnp.isin(token_b, eos)
         return cache, DecodeState(token_b, jnp.int32(t), jnp.int32(1), pad_b, done_b, out_bn,
                                   eos, key), logits_bv
 
@@ -250,10 +270,13 @@ class Generator:
     # Public entry ----------------------------------------------------------------------------
 
     def generate(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int,
-                 sampling: Sampling = GREEDY, eos_id: int | None = None,
+                 sampling: Sampling = GREEDY, eos_id: int | Sequence[int] | None = None,
                  on_step: Callable[[list[int | None]], None] | None = None,
                  loop: str = "auto") -> list[list[int]]:
         """New tokens for each prompt (EOS included when reached), at most `max_new_tokens`.
+
+        `eos_id`: one id, a list of at most MAX_EOS_IDS ids (a row stops on any of them), or
+        None. Raises ValueError for prompts `check_prompts` refuses.
 
         `on_step`, if given, is called once per generated position with one entry per prompt:
         its new token, or None once that prompt has stopped. `loop` is "device", "host", or
@@ -263,7 +286,7 @@ class Generator:
         rows = len(prompt_ids)
         b, t, slots = self.shapes([len(p) for p in prompt_ids], max_new_tokens)
         ids_bt, pad_b, live_b = _left_pad(prompt_ids, b, t)
-        eos = jnp.int32(-1 if eos_id is None else eos_id)
+        eos = jnp.asarray(eos_vector(eos_id))
         start = time.perf_counter()
         cache, ds, _ = self.prefill_program(sampling, b, t, slots)(
             self.state, ids_bt, pad_b, live_b, eos, jax.random.key(sampling.seed))
@@ -277,7 +300,7 @@ class Generator:
         else:
             step = self.decode_program(sampling, "host", b, t, slots)
             ds = self._host_loop(step, cache, ds, max_new_tokens, rows, on_step)
-        new = _trim(distributed.host_array(ds.out_bn)[:rows, :max_new_tokens], eos_id)
+        new = _trim(distributed.host_array(ds.out_bn)[:rows, :max_new_tokens], eos_ids(eos_id))
         self.timings["total_s"] = time.perf_counter() - start
         self.timings["new_tokens"] = sum(map(len, new))
         return new
@@ -288,7 +311,8 @@ class Generator:
         b, t, slots = self.shapes([len(p) for p in prompt_ids], 1)
         ids_bt, pad_b, live_b = _left_pad(prompt_ids, b, t)
         _, _, logits_bv = self.prefill_program(GREEDY, b, t, slots)(
-            self.state, ids_bt, pad_b, live_b, jnp.int32(-1), jax.random.key(0))
+            self.state, ids_bt, pad_b, live_b, jnp.asarray(eos_vector(None)),
+            jax.random.key(0))
         return distributed.host_array(logits_bv)[:len(prompt_ids)]
 
     def _host_loop(self, step, cache, ds, max_new_tokens, rows, on_step):
@@ -324,7 +348,7 @@ def _step(model, sampling: Sampling, cache: kv_cache.KVCache, ds: DecodeState):
     token_b = choose(logits_bv, jax.random.fold_in(ds.key, ds.step), sampling)
     token_b = jnp.where(ds.done_b, ds.token_b, token_b)
     out_bn = jax.lax.dynamic_update_slice(ds.out_bn, token_b[:, None], (0, ds.step))
-    done_b = ds.done_b | (token_b == ds.eos)
+    done_b = ds.done_b | jnp.isin(token_b, ds.eos)
     return cache, ds._replace(token_b=token_b, slot=ds.slot + 1, step=ds.step + 1,
                               done_b=done_b, out_bn=out_bn)
 
@@ -347,11 +371,10 @@ def _left_pad(prompt_ids, batch: int, length: int):
     return ids_bt, pad_b, live_b
 
 
-def _trim(out_bn: np.ndarray, eos_id: int | None) -> list[list[int]]:
-    """Rows as lists, cut after their first EOS."""
+def _trim(out_bn: np.ndarray, eos: list[int]) -> list[list[int]]:
+    """Rows as lists, cut after their first token that is any of the EOS ids."""
     rows = []
     for row in out_bn.tolist():
-        if eos_id is not None and eos_id in row:
-            row = row[:row.index(eos_id) + 1]
-        rows.append(row)
+        stop = next((i for i, tok in enumerate(row) if tok in eos), None)
+        rows.append(row if stop is None else row[:stop + 1])
     return rows

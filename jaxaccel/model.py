@@ -150,10 +150,19 @@ class Model:
                  on_step=None) -> list[Completion]:
         """`generate` for checked token-id prompts and a `Sampling`, with the Generator's
         streaming callback `on_step` (what the CLI calls)."""
-        eos = None if ignore_eos else self.config.eos_token_id
-        new = self._decoder().generate(prompt_ids, max_new_tokens, sampling=sampling, eos_id=eos,
-                                       on_step=on_step)
+        eos = [] if ignore_eos else self.eos_token_ids
+        new = self._decoder().generate(prompt_ids, max_new_tokens, sampling=sampling,
+                                       eos_id=eos or None, on_step=on_step)
         return [self._completion(p, n, eos, stop) for p, n in zip(prompt_ids, new)]
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """Every end-of-sequence id the checkpoint declares (config.json and
+        generation_config.json, recorded at convert; older checkpoints: the config's one id)."""
+        ids = self.loaded.manifest.generation.get("eos_token_ids")
+        if ids is None:
+            ids = [] if self.config.eos_token_id is None else [self.config.eos_token_id]
+        return [int(i) for i in ids]
 
     @property
     def tokenizer(self) -> TextTokenizer | None:
@@ -170,7 +179,7 @@ class Model:
         sampling = _sampling(settings.pop("greedy", None), settings.pop("temperature", None),
                              settings.pop("top_k", None), settings.pop("top_p", None),
                              settings.pop("seed", None))
-        eos = None if settings.pop("ignore_eos", False) else self.config.eos_token_id
+        eos = None if settings.pop("ignore_eos", False) else self.eos_token_ids or None
         if settings:
             raise UsageError(f"stream: unknown settings {sorted(settings)}")
         yield from self._stream_text(ids, max_new_tokens, sampling, eos)
@@ -234,7 +243,7 @@ class Model:
         """Generation stops at a stop string as vLLM does: the text is cut before it; the
         token ids run to the token that completed it."""
         text = self._tokenizer.decode(new) if self._tokenizer else ""
-        reason = "eos" if eos is not None and new and new[-1] == eos else "length"
+        reason = "eos" if new and new[-1] in eos else "length"
         found = [s for s in stops if s and s in text]
         if found:
             first = min(found, key=text.find)

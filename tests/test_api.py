@@ -100,18 +100,23 @@ def test_generate_from_token_ids_and_text(gpt2):
         assert completion.text == model._tokenizer.decode(want)
 
 
-def test_eos_stops_and_is_reported(gpt2):
-    reference, model = gpt2
-    free = reference_new_tokens(reference, [5, 6, 7], 8)
-    eos_position = 2
-    model.loaded.config.__dict__  # noqa: B018 - a frozen dataclass: replace, never mutate
+def test_an_eos_list_stops_at_any_of_its_ids_and_is_reported(gpt2):
+    """Two EOS ids (as Llama 3 ships them): generation stops at whichever comes first."""
     import dataclasses
 
-    eos_model = jaxaccel.Model(dataclasses.replace(
-        model.loaded, config=dataclasses.replace(model.config, eos_token_id=free[eos_position])))
+    reference, model = gpt2
+    free = reference_new_tokens(reference, [5, 6, 7], 8)
+    eos = [free[5], free[2]]  # the earlier one in the stream is the second listed
+    manifest = dataclasses.replace(model.loaded.manifest,
+                                   generation={**model.loaded.manifest.generation,
+                                               "eos_token_ids": eos})
+    eos_model = jaxaccel.Model(dataclasses.replace(model.loaded, manifest=manifest))
+    assert eos_model.eos_token_ids == eos
     (done,) = eos_model.generate([[5, 6, 7]], max_new_tokens=8)
-    first = free.index(free[eos_position])
+    first = min(free.index(e) for e in eos)
     assert done.token_ids == free[:first + 1] and done.finish_reason == "eos"
+    (free_run,) = eos_model.generate([[5, 6, 7]], max_new_tokens=8, ignore_eos=True)
+    assert free_run.token_ids == free and free_run.finish_reason == "length"
 
 
 def test_stop_strings_cut_the_text(gpt2):

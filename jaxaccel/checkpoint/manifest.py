@@ -66,6 +66,9 @@ class Manifest:
     tokenizer_files: tuple[str, ...] = ()
     source: dict = dataclasses.field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    # EOS/BOS/PAD ids and default sampling settings read at convert time from config.json and
+    # generation_config.json (`generation.eos_token_ids`: every id); {} in older checkpoints.
+    generation: dict = dataclasses.field(default_factory=dict)
 
     @property
     def total_bytes(self) -> int:
@@ -79,6 +82,7 @@ class Manifest:
             "dtype": self.dtype,
             "tokenizer_files": list(self.tokenizer_files),
             "source": self.source,
+            "generation": self.generation,
             "total_bytes": self.total_bytes,
             "arrays": {name: entry.to_json() for name, entry in sorted(self.arrays.items())},
         }
@@ -117,15 +121,16 @@ class Manifest:
             raise CheckpointError(f"{path}: dtype {raw['dtype']!r} not one of {STORED_DTYPES}")
         arrays = {name: _array_entry(name, value, path) for name, value in raw["arrays"].items()}
         tokenizer_files = raw.get("tokenizer_files") or []
-        source = raw.get("source") or {}
-        if not isinstance(tokenizer_files, list) or not isinstance(source, Mapping):
-            raise CheckpointError(f"{path}: 'tokenizer_files' must be a list and 'source' an "
-                                  "object")
+        source, generation = raw.get("source") or {}, raw.get("generation") or {}
+        if (not isinstance(tokenizer_files, list) or not isinstance(source, Mapping)
+                or not isinstance(generation, Mapping)):
+            raise CheckpointError(f"{path}: 'tokenizer_files' must be a list and 'source' and "
+                                  "'generation' objects")
         for name in tokenizer_files:
             check_member_name(name, path)
         return cls(family=raw["family"], config=dict(raw["config"]), dtype=raw["dtype"],
                    arrays=arrays, tokenizer_files=tuple(tokenizer_files),
-                   source=dict(source), format_version=version)
+                   source=dict(source), format_version=version, generation=dict(generation))
 
 
 def check_member_name(name: str, manifest_path) -> None:

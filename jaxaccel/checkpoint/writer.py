@@ -8,6 +8,7 @@ host memory holds a single array (plus its cast copy), whatever the model size.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import pathlib
@@ -121,9 +122,8 @@ def write_checkpoint(dest: pathlib.Path, manifest: Manifest,
         except CheckpointError as err:  # name DEST, not the hidden staging directory
             raise CheckpointError(str(err).replace(str(staging), str(dest))
                                   + "; nothing was published") from None
-        manifest = Manifest(family=manifest.family, config=manifest.config, dtype=manifest.dtype,
-                            arrays=entries, tokenizer_files=tuple(extra_files),
-                            source=manifest.source)
+        manifest = dataclasses.replace(manifest, arrays=entries,
+                                       tokenizer_files=tuple(extra_files))
         try:
             for name, source in extra_files.items():
                 shutil.copyfile(source, staging / name)

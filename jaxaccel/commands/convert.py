@@ -41,6 +41,10 @@ def register(app: typer.Typer) -> None:
                                   "or zstd (smaller, slower). Every chunk carries a crc32c."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace DEST if it exists "
                                        "(atomically, only once the new checkpoint is complete)."),
+        allow_overflow: bool = typer.Option(False, "--allow-overflow", help="Convert even where "
+                                            "a value does not fit the stored dtype (float16 "
+                                            "beyond 65504 becomes inf) or the source holds "
+                                            "NaN/inf; refused by default, naming the tensor."),
         as_json: bool = JSON,
         quiet: bool = QUIET,
     ) -> None:
@@ -61,13 +65,19 @@ def register(app: typer.Typer) -> None:
                                     enabled=not quiet) as advance:
             manifest = convert(source, dest, dtype=dtype, family=family,
                                chunk_bytes=chunk_bytes_from(chunking), codec=codec,
-                               overwrite=overwrite, on_array=lambda name, n: advance(n))
+                               overwrite=overwrite, allow_overflow=allow_overflow,
+                               on_array=lambda name, n: advance(n))
         seconds = time.perf_counter() - start
+        ignored = manifest.source.get("ignored_tensors", [])
         if as_json:
             print(json.dumps({"dest": str(dest), "family": manifest.family, "dtype": manifest.dtype,
                               "arrays": len(manifest.arrays), "total_bytes": manifest.total_bytes,
-                              "seconds": round(seconds, 3)}))
+                              "ignored_tensors": ignored, "seconds": round(seconds, 3)}))
         else:
+            if ignored:
+                progress.say(f"ignored {len(ignored)} source tensor(s) the model does not use: "
+                             + ", ".join(ignored[:6]) + (" ..." if len(ignored) > 6 else ""),
+                             quiet)
             progress.say(f"wrote {dest}: {manifest.family}, {len(manifest.arrays)} arrays, "
                          f"{manifest.total_bytes / 1e6:.1f} MB {manifest.dtype} in {seconds:.1f} s",
                          quiet)

@@ -17,7 +17,9 @@ from jaxaccel.units import parse_bytes
 
 
 def parse_prompt_ids(text: str) -> list[list[int]]:
-    """'1,2,3;4,5' -> [[1, 2, 3], [4, 5]]."""
+    """'1,2,3;4,5' -> [[1, 2, 3], [4, 5]]; UsageError for an empty or malformed prompt."""
+    if not text.strip():
+        raise UsageError("--prompt-ids: the prompt is empty; give at least one token id")
     prompts = []
     for part in text.split(";"):
         try:
@@ -84,7 +86,9 @@ def register(app: typer.Typer) -> None:
             None, "--output", "-o", help="Also write JSON Lines: one completion per prompt "
             "(prompt_token_ids, token_ids, text, finish_reason: eos, stop or length)."),
         max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n", help="At most this many "
-                                            "new tokens per prompt (fewer at EOS)."),
+                                            "new tokens per prompt (fewer at EOS). The limit: "
+                                            "prompt + N - 1 <= the model's maximum positions "
+                                            "(the last new token is never fed back)."),
         greedy: bool = typer.Option(False, "--greedy", help="Argmax decoding (the default "
                                     "unless --temperature > 0)."),
         temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling "
@@ -93,7 +97,8 @@ def register(app: typer.Typer) -> None:
         top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling."),
         seed: int = typer.Option(0, "--seed"),
         ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Do not stop at the "
-                                        "model's EOS token."),
+                                        "model's EOS tokens (by default every id of config.json "
+                                        "/ generation_config.json, as recorded at convert)."),
         dtype: Optional[str] = options.DTYPE,
         mesh: Optional[str] = options.MESH,
         rules: str = options.RULES,
@@ -135,19 +140,20 @@ def run_generate(ckpt, prompt, prompt_ids, max_new_tokens, sampling, ignore_eos,
     from jaxaccel.generate import check_prompts
     from jaxaccel.model import Model
 
-    if sum(map(bool, (prompt, prompt_ids, input_file))) != 1:
+    if sum(map(bool, (prompt, prompt_ids is not None, input_file))) != 1:
         raise UsageError("give exactly one of --prompt TEXT (repeatable), --prompt-ids or "
                          "--input FILE")
     prompt = read_prompts(input_file) if input_file else prompt
     if max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    given_ids = parse_prompt_ids(prompt_ids) if prompt_ids is not None else None
     plan = coldstart.plan_for("generate", ckpt, options.layout_from(mesh, rules, rule), dtype,
                               device_memory=options.device_memory_from(device_memory),
                               max_new_tokens=max_new_tokens)
     tokenizer = coldstart.tokenizer_for(plan)
     if prompt and tokenizer is None:
         raise UsageError(f"{ckpt} has no tokenizer.json; use --prompt-ids")
-    ids = parse_prompt_ids(prompt_ids) if prompt_ids else [tokenizer.encode_one(t) for t in prompt]
+    ids = given_ids if given_ids is not None else [tokenizer.encode_one(t) for t in prompt]
     try:
         check_prompts(plan.config, ids, max_new_tokens)
     except ValueError as err:

@@ -34,6 +34,12 @@ def _print_table(ckpt, manifest, quiet: bool = False) -> None:
                       f"arrays={len(manifest.arrays)}  "
                       f"total={format_bytes(manifest.total_bytes)}")
         console.print("config: " + ", ".join(f"{k}={v}" for k, v in manifest.config.items()))
+        if manifest.generation:
+            console.print("generation: " + ", ".join(f"{k}={v}" for k, v in
+                                                     manifest.generation.items()))
+        ignored = manifest.source.get("ignored_tensors")
+        if ignored:
+            console.print(f"ignored source tensors ({len(ignored)}): " + ", ".join(ignored))
     table = Table("array", "shape", "dtype", "logical axes", "bytes")
     for name, entry in sorted(manifest.arrays.items()):
         table.add_row(name, "×".join(map(str, entry.shape)) or "scalar", entry.dtype,

@@ -1,14 +1,15 @@
 """Convert a Hugging Face-layout model directory into a jaxaccel checkpoint.
 
 Every source tensor is checked against the model before any array is written: a missing
-tensor, an unexpected one, or a shape that disagrees with config.json is an error naming the
-file and tensor. Arrays then stream one at a time into the checkpoint writer.
+tensor, an unexpected one, a shape that disagrees with config.json, or a redundant tied head
+that differs from what it is tied to is an error naming the file and tensor. Arrays then
+stream one at a time into the checkpoint writer; a value the stored dtype cannot hold
+(float16 overflow, NaN/inf in the source) stops the convert, naming the tensor.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 import re
 from collections.abc import Callable, Iterator
@@ -19,10 +20,12 @@ import numpy as np
 from jaxaccel.checkpoint import writer
 from jaxaccel.checkpoint.layout import DEFAULT_CHUNK_BYTES
 from jaxaccel.checkpoint.manifest import Manifest
+from jaxaccel.conversion.generation import generation_settings
 from jaxaccel.conversion.safetensors_source import (
     ConvertError,
     SafetensorsSource,
     read_hf_config,
+    read_index,
     weight_files,
 )
 from jaxaccel.errors import UsageError
@@ -48,18 +51,6 @@ class PlannedArray:
     axes: tuple
 
 
-def sentence_transformers_limits(src: pathlib.Path) -> dict:
-    """`max_seq_length` from a sentence-transformers export, where its pipeline truncates."""
-    path = src / "sentence_bert_config.json"
-    if not path.is_file():
-        return {}
-    try:
-        limit = json.loads(path.read_text()).get("max_seq_length")
-    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as err:
-        raise ConvertError(f"{path}: not a JSON object ({err})") from None
-    return {"max_seq_length": int(limit)} if limit else {}
-
-
 def resolve_family(hf_config: dict, family: str, config_path: pathlib.Path) -> str:
     if family != "auto":
         if family not in known_families():  # a flag value: a usage error
@@ -73,11 +64,23 @@ def resolve_family(hf_config: dict, family: str, config_path: pathlib.Path) -> s
                            f"{', '.join(known_families())}") from None
 
 
-def _source_name(name: str, available: set[str], prefixes: tuple[str, ...]) -> str | None:
-    for prefix in prefixes:
-        if prefix + name in available:
-            return prefix + name
+def _candidates(name: str, aliases) -> list[str]:
+    """`name` and its legacy spellings (the family's SOURCE_ALIASES: suffix -> old suffix)."""
+    return [name] + [name[:-len(new)] + old for new, old in aliases if name.endswith(new)]
+
+
+def _source_name(name: str, available: set[str], module) -> str | None:
+    for prefix in module.SOURCE_PREFIXES:
+        for candidate in _candidates(name, module.SOURCE_ALIASES):
+            if prefix + candidate in available:
+                return prefix + candidate
     return None
+
+
+def _is_ignored(name: str, module) -> bool:
+    """Whether a source tensor is one the family ignores, under any of its prefixes."""
+    bare = [name.removeprefix(p) for p in module.SOURCE_PREFIXES if name.startswith(p)]
+    return any(re.search(pattern, n) for pattern in module.IGNORED_SOURCE_WEIGHTS for n in bare)
 
 
 def _zero_view(shape, dtype) -> np.ndarray:
@@ -85,14 +88,21 @@ def _zero_view(shape, dtype) -> np.ndarray:
     return np.lib.stride_tricks.as_strided(np.zeros(1, dtype), shape, (0,) * len(shape))
 
 
-def plan_arrays(module, cfg, source: SafetensorsSource, specs) -> list[PlannedArray]:
+@dataclasses.dataclass
+class SourcePlan:
+    """Which source tensors build which parameters, and which were deliberately ignored."""
+
+    arrays: list[PlannedArray]
+    ignored: list[str]
+
+
+def plan_arrays(module, cfg, source: SafetensorsSource, specs) -> SourcePlan:
     """Match rules to source tensors and check every shape, before reading any data."""
-    available = source.names()
-    prefixes, layers = module.SOURCE_PREFIXES, cfg.num_layers
+    available, layers = source.names(), cfg.num_layers
     plan, missing, used = [], [], set()
     for rule in module.weight_rules(cfg):
         names = [rule.source.format(i=i) for i in range(layers)] if rule.per_layer else [rule.source]
-        resolved = [_source_name(n, available, prefixes) for n in names]
+        resolved = [_source_name(n, available, module) for n in names]
         missing += [n for n, r in zip(names, resolved) if r is None]
         if None in resolved:
             continue
@@ -100,8 +110,28 @@ def plan_arrays(module, cfg, source: SafetensorsSource, specs) -> list[PlannedAr
         spec = specs[rule.target]
         _check_shape(rule, resolved, source, spec.shape)
         plan.append(PlannedArray(rule, tuple(resolved), spec.axes))
-    _check_coverage(plan, missing, available - used, specs, module, source)
-    return plan
+    tied = _check_tied(module, cfg, source)
+    ignored = _check_coverage(plan, missing, available - used - set(tied), specs, module, source)
+    return SourcePlan(plan, sorted(ignored + tied))
+
+
+def _check_tied(module, cfg, source: SafetensorsSource) -> list[str]:
+    """Redundant copies of tied tensors present in the source, each checked to be equal to
+    the tensor it is tied to; ConvertError naming both when one differs."""
+    redundant = []
+    for copy, canonical in module.tied_weights(cfg):
+        copy_name = _source_name(copy, source.names(), module)
+        canonical_name = _source_name(canonical, source.names(), module)
+        if copy_name is None or canonical_name is None:
+            continue
+        a, b = source.read(copy_name), source.read(canonical_name)
+        if a.shape != b.shape or not np.array_equal(a, b):
+            raise ConvertError(
+                f"{source.file_of[copy_name]}: config.json ties the head to the embedding "
+                f"(tie_word_embeddings), but tensor {copy_name!r} differs from "
+                f"{canonical_name!r}; set tie_word_embeddings to false to use the own head")
+        redundant.append(copy_name)
+    return redundant
 
 
 def _check_shape(rule: WeightRule, names, source: SafetensorsSource, target_shape) -> None:
@@ -123,8 +153,7 @@ def _check_coverage(plan, missing, unused, specs, module, source) -> None:
         files = sorted({str(f) for f in source.file_of.values()}) or ["<no files>"]
         raise ConvertError(f"{files[0]}: missing tensors {sorted(missing)[:8]}"
                            + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
-    ignored = [re.compile(p) for p in module.IGNORED_SOURCE_WEIGHTS]
-    unexpected = sorted(n for n in unused if not any(p.search(n) for p in ignored))
+    unexpected = sorted(n for n in unused if not _is_ignored(n, module))
     if unexpected:
         path = source.file_of[unexpected[0]]
         raise ConvertError(f"{path}: tensors that this {module.FAMILY} model does not use: "
@@ -132,39 +161,83 @@ def _check_coverage(plan, missing, unused, specs, module, source) -> None:
     uncovered = set(specs) - {p.rule.target for p in plan}
     if uncovered:
         raise ConvertError(f"internal: parameters without a weight rule: {sorted(uncovered)}")
+    return sorted(set(unused) - set(unexpected))
 
 
-def read_planned(plan: list[PlannedArray], source: SafetensorsSource, dtype) -> Iterator:
-    """Yield (name, array, axes), one parameter at a time, transformed and cast."""
+def read_planned(plan: list[PlannedArray], source: SafetensorsSource, dtype,
+                 allow_overflow: bool = False) -> Iterator:
+    """Yield (name, array, axes), one parameter at a time, transformed and cast. ConvertError
+    for NaN/inf in a source tensor or a value beyond the stored dtype's range, unless
+    `allow_overflow`."""
     for item in plan:
-        parts = [item.rule.transform(source.read(name)) for name in item.sources]
+        parts = []
+        for name in item.sources:
+            part = item.rule.transform(source.read(name))
+            if not allow_overflow:
+                _check_range(part, dtype, name, source.file_of[name])
+            parts.append(part)
         array = np.stack(parts) if item.rule.per_layer else parts[0]
-        yield item.rule.target, np.ascontiguousarray(array.astype(dtype, copy=False)), item.axes
+        with np.errstate(over="ignore"):  # overflow was refused above unless allowed
+            stored = np.ascontiguousarray(array.astype(dtype, copy=False))
+        yield item.rule.target, stored, item.axes
+
+
+def _check_range(array: np.ndarray, dtype, name: str, path) -> None:
+    """Refuse NaN/inf in the source and finite values the stored dtype turns into inf."""
+    if not np.issubdtype(array.dtype, np.floating) and array.dtype != ml_dtypes.bfloat16:
+        return
+    wide = array.astype(np.float32, copy=False)
+    if not np.isfinite(wide).all():
+        raise ConvertError(f"{path}: tensor {name!r} holds NaN or inf values in the source "
+                           "(--allow-overflow converts it anyway)")
+    largest = float(np.abs(wide).max(initial=0.0))
+    limit = float(ml_dtypes.finfo(dtype).max)
+    if largest > limit:
+        raise ConvertError(f"{path}: tensor {name!r} has values up to {largest:.6g}, beyond "
+                           f"{np.dtype(dtype).name}'s largest {limit:.6g} (they would become "
+                           "inf); convert to float32 or bfloat16, or pass --allow-overflow")
 
 
 def convert(src: str | pathlib.Path, dest: str | pathlib.Path, *, dtype: str = "float32",
             family: str = "auto", chunk_bytes: int | None = DEFAULT_CHUNK_BYTES,
-            codec: str = "none", overwrite: bool = False,
+            codec: str = "none", overwrite: bool = False, allow_overflow: bool = False,
             on_array: Callable[[str, int], None] = lambda name, nbytes: None) -> Manifest:
-    """Convert SRC (config.json + safetensors) into a jaxaccel checkpoint at DEST."""
+    """Convert SRC (config.json + safetensors) into a jaxaccel checkpoint at DEST.
+
+    Raises ConvertError (naming the file, tensor or config key) for anything it cannot
+    convert faithfully, before DEST exists; the manifest's `source.ignored_tensors` lists the
+    source tensors deliberately left out (pooler/MLM heads, redundant tied heads, ...)."""
     src, dest = pathlib.Path(src), pathlib.Path(dest)
     if dtype not in DTYPES:
         raise UsageError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    hf_config = {**read_hf_config(src), **sentence_transformers_limits(src)}
+    hf_config = read_hf_config(src)
     family = resolve_family(hf_config, family, src / "config.json")
     module = family_module(family)
-    try:
-        cfg = module.Config.from_hf(hf_config)
-    except (KeyError, ValueError, TypeError) as err:
-        raise ConvertError(f"{src / 'config.json'}: cannot build a {family} config ({err})") from None
+    extras, extra_files = module.extra_sources(src)
+    cfg = _family_config(module, {**hf_config, **extras}, src)
     _, abstract = abstract_model(family, cfg, DTYPES[dtype])
-    specs = param_specs(abstract)
-    with SafetensorsSource(weight_files(src)) as source:
-        plan = plan_arrays(module, cfg, source, specs)
+    with SafetensorsSource(weight_files(src) + list(extra_files), read_index(src),
+                           extra_files) as source:
+        plan = plan_arrays(module, cfg, source, param_specs(abstract))
         manifest = Manifest(family=family, config=dataclasses.asdict(cfg), dtype=dtype, arrays={},
                             source={"path": str(src.absolute()),
-                                    "model_type": hf_config["model_type"]})
+                                    "model_type": hf_config["model_type"],
+                                    "ignored_tensors": plan.ignored},
+                            generation=_generation(module, src, hf_config))
         extras = {name: src / name for name in TOKENIZER_FILES if (src / name).is_file()}
-        return writer.write_checkpoint(dest, manifest, read_planned(plan, source, DTYPES[dtype]),
-                                       extras, chunk_bytes=chunk_bytes, codec=codec,
-                                       overwrite=overwrite, on_array=on_array)
+        arrays = read_planned(plan.arrays, source, DTYPES[dtype], allow_overflow)
+        return writer.write_checkpoint(dest, manifest, arrays, extras, chunk_bytes=chunk_bytes,
+                                       codec=codec, overwrite=overwrite, on_array=on_array)
+
+
+def _family_config(module, hf_config: dict, src: pathlib.Path):
+    try:
+        return module.Config.from_hf(hf_config)
+    except (KeyError, ValueError, TypeError) as err:
+        raise ConvertError(f"{src / 'config.json'}: cannot build a {module.FAMILY} config "
+                           f"({type(err).__name__}: {err})") from None
+
+
+def _generation(module, src: pathlib.Path, hf_config: dict) -> dict:
+    """EOS/BOS/PAD and sampling defaults for decoders; {} for encoders."""
+    return generation_settings(src, hf_config) if module.TASK == "generate" else {}

@@ -8,6 +8,9 @@ A family is one module (one file) plus one `register` line below. The module exp
       input limit) and `default_length` (where inputs are truncated by default)
   Model(config, dtype=, rngs=): a Flax NNX module whose parameters carry logical axes
   weight_rules(config) -> list[WeightRule]
+  Optional: SOURCE_ALIASES (legacy name suffixes, e.g. LayerNorm.gamma for .weight),
+  tied_weights(config) -> [(redundant source, canonical source)] (a redundant tied head must
+  equal the tensor it is tied to), sentence_transformers_config(src) (encoders)
 
 Nothing outside a family's module tests which family it is: the runtime asks the registry
 for the family's task, and everything else comes from the config and the parameters' axes.
@@ -62,6 +65,14 @@ def family_for_model_type(model_type: str) -> str:
         if model_type in family_module(family).HF_MODEL_TYPES:
             return family
     raise UnknownFamilyError(f"unsupported model_type {model_type!r}")
+
+
+def first_token_id(value) -> int | None:
+    """A config's id field (None, an id, or a list of ids, as Llama 3 writes EOS) -> the first
+    id or None. Generation stops on every EOS id: convert records them all in the manifest."""
+    if isinstance(value, list | tuple):
+        return value[0] if value else None
+    return value
 
 
 def config_from_dict(family: str, values: dict):

@@ -1,19 +1,24 @@
 """BERT-family encoder (BERT, MiniLM, sentence-transformers checkpoints).
 
 Shape legend as in `layers`: b batch, t sequence, d model, n heads, h head dim, f mlp,
-v vocab, l layers. Embedding = mean of the last hidden states over the attention mask,
-L2-normalised, exactly as sentence-transformers' all-MiniLM-L6-v2 pipeline.
+v vocab, l layers. Embedding = the sentence-transformers pipeline that the source's
+`modules.json` declares (Transformer -> Pooling -> optional Dense -> optional Normalize; the
+family owns that metadata, `pooling` computes it); without `modules.json`, masked mean
+pooling + L2 normalisation, as all-MiniLM-L6-v2.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import pathlib
 
 import jax.numpy as jnp
 from flax import nnx
 
 from jaxaccel import sharding as ax
-from jaxaccel.models import layers
+from jaxaccel.errors import ConvertError
+from jaxaccel.models import layers, pooling
 from jaxaccel.models.attention import attention
 from jaxaccel.models.weights import (
     WeightRule,
@@ -26,9 +31,17 @@ FAMILY = "bert"
 TASK = "embed"
 HF_MODEL_TYPES = ("bert",)
 # Source tensors a converter may see but that the embedding pipeline does not use.
-IGNORED_SOURCE_WEIGHTS = (r"^pooler\.", r"position_ids$", r"^cls\.")
+# Matched after any SOURCE_PREFIXES prefix is removed (so `bert.pooler.*` is ignored too): the
+# pooler, the MLM/NSP heads of BertForPreTraining, and task heads (classifier, QA).
+IGNORED_SOURCE_WEIGHTS = (r"^pooler\.", r"position_ids$", r"^cls\.", r"^classifier\.",
+                          r"^qa_outputs\.")
 # BertModel checkpoints name tensors bare; BertFor* heads prefix the encoder with `bert.`.
 SOURCE_PREFIXES = ("", "bert.")
+# The original TF-converted checkpoints (bert-base-uncased) name LayerNorm gamma/beta.
+SOURCE_ALIASES = (("LayerNorm.weight", "LayerNorm.gamma"), ("LayerNorm.bias", "LayerNorm.beta"))
+ST_MODULE = "sentence_transformers.models."
+# A Dense module's weights enter the converter's source under this prefix.
+DENSE_SOURCE_PREFIX = "st_dense."
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +59,19 @@ class Config:
     # sentence-transformers' own input limit (sentence_bert_config.json), if the source has one:
     # its pipeline truncates there, not at max_position_embeddings.
     max_seq_length: int | None = None
+    # The sentence-transformers pipeline after the encoder (defaults: mean + normalise, what
+    # checkpoints converted before these fields existed did).
+    pooling_modes: tuple[str, ...] = ("mean",)
+    dense_in: int | None = None
+    dense_out: int | None = None
+    dense_bias: bool = True
+    dense_activation: str = "torch.nn.modules.activation.Tanh"
+    normalize: bool = True
+
+    @property
+    def embedding_dim(self) -> int:
+        """Width of `Model.embed`'s output: Dense outputs, or the pooled width."""
+        return self.dense_out or self.hidden_size * len(self.pooling_modes)
 
     @property
     def head_dim(self) -> int:
@@ -77,7 +103,20 @@ class Config:
                    layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
                    hidden_act=hf.get("hidden_act", "gelu"),
                    pad_token_id=hf.get("pad_token_id", 0) or 0,
-                   max_seq_length=hf.get("max_seq_length"))
+                   max_seq_length=hf.get("max_seq_length"),
+                   **_pipeline_fields(hf))
+
+
+def _pipeline_fields(hf: dict) -> dict:
+    """The sentence-transformers fields that `extra_sources` put into `hf`, checked."""
+    fields = {k: hf[k] for k in ("pooling_modes", "dense_in", "dense_out", "dense_bias",
+                                 "dense_activation", "normalize") if k in hf}
+    modes = tuple(fields.get("pooling_modes", ("mean",)))
+    unknown = [m for m in modes if m not in pooling.POOLING_MODES]
+    if not modes or unknown:
+        raise ValueError(f"pooling modes {list(modes)} not supported; supported: "
+                         f"{sorted(pooling.POOLING_MODES)}")
+    return {**fields, "pooling_modes": modes}
 
 
 class Embeddings(nnx.Module):
@@ -141,11 +180,26 @@ class Block(nnx.Module):
                                  self.mlp_norm_bias_d[...], self.eps)
 
 
+class PoolingDense(nnx.Module):
+    """sentence-transformers' Dense module after pooling: activation(x @ w + b)."""
+
+    def __init__(self, cfg: Config, *, dtype, rngs: nnx.Rngs):
+        self.w_df = layers.make_param(rngs, (cfg.dense_in, cfg.dense_out), (ax.EMBED, None), dtype)
+        self.b_f = (layers.make_param(rngs, (cfg.dense_out,), (None,), dtype, layers.zeros_init)
+                    if cfg.dense_bias else None)
+        self.activation = cfg.dense_activation
+
+    def __call__(self, x_bd):
+        bias = None if self.b_f is None else self.b_f[...]
+        return pooling.dense(x_bd, self.w_df[...], bias, self.activation)
+
+
 class Model(nnx.Module):
     def __init__(self, cfg: Config, *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.config = cfg
         self.embeddings = Embeddings(cfg, dtype=dtype, rngs=rngs)
         self.blocks = Block(cfg, dtype=dtype, rngs=rngs, num_layers=cfg.num_layers)
+        self.pooling_dense = PoolingDense(cfg, dtype=dtype, rngs=rngs) if cfg.dense_out else None
 
     def __call__(self, ids_bt, mask_bt, segment_bt=None):
         """Last hidden states [b, t, d] in the parameters' dtype."""
@@ -160,17 +214,18 @@ class Model(nnx.Module):
         return x_btd
 
     def embed(self, ids_bt, mask_bt, segment_bt=None):
-        """Sentence embeddings [b, d], float32: masked mean pooling + L2 normalisation."""
-        return mean_pool_normalise(self(ids_bt, mask_bt, segment_bt), mask_bt)
+        """Sentence embeddings [b, embedding_dim], float32: the configured pooling, then the
+        optional Dense and L2 normalisation."""
+        cfg = self.config
+        y_bd = pooling.pool(self(ids_bt, mask_bt, segment_bt), mask_bt, cfg.pooling_modes)
+        if self.pooling_dense is not None:
+            y_bd = self.pooling_dense(y_bd)
+        return pooling.normalise(y_bd) if cfg.normalize else y_bd
 
 
 def mean_pool_normalise(x_btd, mask_bt):
-    weights_bt = mask_bt.astype(jnp.float32)
-    summed_bd = jnp.einsum("btd,bt->bd", x_btd, weights_bt.astype(x_btd.dtype),
-                           preferred_element_type=jnp.float32)
-    mean_bd = summed_bd / jnp.maximum(weights_bt.sum(-1, keepdims=True), 1e-9)
-    norm_b1 = jnp.linalg.norm(mean_bd, axis=-1, keepdims=True)
-    return mean_bd / jnp.maximum(norm_b1, 1e-12)
+    """Masked mean pooling + L2 normalisation: [b, t, d] -> float32 [b, d]."""
+    return pooling.normalise(pooling.pool(x_btd, mask_bt, ("mean",)))
 
 
 def weight_rules(cfg: Config) -> list[WeightRule]:
@@ -203,5 +258,101 @@ def weight_rules(cfg: Config) -> list[WeightRule]:
         WeightRule("blocks.mlp_norm_scale_d", layer + "output.LayerNorm.weight"),
         WeightRule("blocks.mlp_norm_bias_d", layer + "output.LayerNorm.bias"),
     ]
+    if cfg.dense_out:
+        rules.append(WeightRule("pooling_dense.w_df", DENSE_SOURCE_PREFIX + "linear.weight",
+                                transpose_to))
+        if cfg.dense_bias:
+            rules.append(WeightRule("pooling_dense.b_f", DENSE_SOURCE_PREFIX + "linear.bias"))
     return rules
+
+
+def tied_weights(cfg: Config) -> list[tuple[str, str]]:
+    """No tied tensors in an encoder."""
+    return []
+
+
+# sentence-transformers metadata ------------------------------------------------------------
+
+def extra_sources(src: pathlib.Path) -> tuple[dict, dict]:
+    """(config values, {weight file: name prefix}) from a sentence-transformers export:
+    `max_seq_length` and the module pipeline of `modules.json`. ConvertError naming the file
+    or module for anything this family cannot compute."""
+    extras = _read_json(src / "sentence_bert_config.json") or {}
+    limit = extras.get("max_seq_length")
+    values = {"max_seq_length": int(limit)} if limit else {}
+    modules = _read_json(src / "modules.json", list)
+    if modules is None:
+        return values, {}
+    pipeline, files = _pipeline(src, modules)
+    return {**values, **pipeline}, files
+
+
+def _read_json(path: pathlib.Path, kind: type = dict):
+    """A JSON file's value (None when absent); ConvertError unless it parses as `kind`."""
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConvertError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(value, kind):
+        raise ConvertError(f"{path}: expected a JSON {kind.__name__}")
+    return value
+
+
+def _pipeline(src: pathlib.Path, modules) -> tuple[dict, dict]:
+    """Walk modules.json: Transformer, Pooling, then optional Dense and Normalize, in order."""
+    path = src / "modules.json"
+    if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
+        raise ConvertError(f"{path}: expected a list of module objects")
+    kinds = [str(m.get("type", "")).removeprefix(ST_MODULE) for m in modules]
+    allowed = ["Transformer", "Pooling", "Dense", "Normalize"]
+    position = [allowed.index(k) if k in allowed else -1 for k in kinds]
+    bad = next((m for m, p in zip(modules, position) if p < 0), None)
+    if bad is not None:
+        raise ConvertError(f"{path}: module {bad.get('path') or bad.get('name')!r} of type "
+                           f"{bad.get('type')!r} is not supported (supported: Transformer, "
+                           "Pooling, one Dense, Normalize)")
+    if kinds[:2] != ["Transformer", "Pooling"] or position != sorted(set(position)):
+        raise ConvertError(f"{path}: modules {kinds} are not Transformer, Pooling, [Dense], "
+                           "[Normalize] in that order")
+    by_kind = dict(zip(kinds, modules))
+    values = {"pooling_modes": _pooling_modes(src / by_kind["Pooling"].get("path", "")),
+              "normalize": "Normalize" in by_kind}
+    if "Dense" not in by_kind:
+        return values, {}
+    dense_values, files = _dense(src / by_kind["Dense"].get("path", ""))
+    return {**values, **dense_values}, files
+
+
+def _pooling_modes(directory: pathlib.Path) -> list[str]:
+    config = _read_json(directory / "config.json")
+    if config is None:
+        raise ConvertError(f"{directory / 'config.json'}: missing (the Pooling module's config)")
+    modes = [mode for mode, key in pooling.POOLING_MODES.items() if config.get(key)]
+    if not modes:
+        raise ConvertError(f"{directory / 'config.json'}: no pooling mode is enabled")
+    return modes
+
+
+def _dense(directory: pathlib.Path) -> tuple[dict, dict]:
+    path = directory / "config.json"
+    config = _read_json(path)
+    if config is None:
+        raise ConvertError(f"{path}: missing (the Dense module's config)")
+    activation = config.get("activation_function", "torch.nn.modules.activation.Tanh")
+    if activation not in pooling.DENSE_ACTIVATIONS:
+        raise ConvertError(f"{path}: Dense activation {activation!r} is not supported; "
+                           f"supported: {sorted(pooling.DENSE_ACTIVATIONS)}")
+    weights = directory / "model.safetensors"
+    if not weights.is_file():
+        raise ConvertError(f"{weights}: missing (the Dense module's weights; pickled "
+                           "pytorch_model.bin files are refused)")
+    try:
+        values = {"dense_in": int(config["in_features"]), "dense_out": int(config["out_features"]),
+                  "dense_bias": bool(config.get("bias", True)), "dense_activation": activation}
+    except (KeyError, TypeError, ValueError) as err:
+        raise ConvertError(f"{path}: in_features/out_features missing or not integers "
+                           f"({err!r})") from None
+    return values, {weights: DENSE_SOURCE_PREFIX}
 

@@ -1,4 +1,5 @@
-"""GPT-2 decoder: learned positions, pre-norm LayerNorm blocks, GELU MLP, tied embeddings.
+"""GPT-2 decoder: learned positions, pre-norm LayerNorm blocks, GELU MLP, tied embeddings
+(or an own `lm_head.weight` when config.json says `tie_word_embeddings: false`).
 
 Shape legend as in `layers`: b batch, t new tokens, s cache slots, d model, n heads,
 k kv heads (= n for GPT-2), h head dim, f mlp, v vocab, l layers.
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxaccel import sharding as ax
-from jaxaccel.models import layers
+from jaxaccel.models import first_token_id, layers
 from jaxaccel.models.attention import attention
 from jaxaccel.models.kv_cache import KVCache
 from jaxaccel.models.weights import WeightRule
@@ -24,8 +25,10 @@ from jaxaccel.models.weights import WeightRule
 FAMILY = "gpt2"
 TASK = "generate"
 HF_MODEL_TYPES = ("gpt2",)
-# The LM head is tied to `wte`; `attn.bias`/`attn.masked_bias` are old causal-mask buffers.
-IGNORED_SOURCE_WEIGHTS = (r"^lm_head\.weight$", r"\.attn\.bias$", r"\.attn\.masked_bias$")
+# `attn.bias`/`attn.masked_bias` are old causal-mask buffers. A tied `lm_head.weight` is
+# checked against `wte` (see `tied_weights`), not ignored.
+IGNORED_SOURCE_WEIGHTS = (r"\.attn\.bias$", r"\.attn\.masked_bias$")
+SOURCE_ALIASES = ()
 # GPT2Model names tensors bare; GPT2LMHeadModel prefixes them with `transformer.`.
 SOURCE_PREFIXES = ("", "transformer.")
 
@@ -42,6 +45,7 @@ class Config:
     hidden_act: str = "gelu_new"
     bos_token_id: int | None = None
     eos_token_id: int | None = None
+    tie_word_embeddings: bool = True
 
     @property
     def head_dim(self) -> int:
@@ -75,7 +79,9 @@ class Config:
                    max_position_embeddings=hf.get("n_positions", 1024),
                    layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
                    hidden_act=hf.get("activation_function", "gelu_new"),
-                   bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"))
+                   bos_token_id=first_token_id(hf.get("bos_token_id")),
+                   eos_token_id=first_token_id(hf.get("eos_token_id")),
+                   tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)))
 
 
 class Block(nnx.Module):
@@ -132,6 +138,8 @@ class Model(nnx.Module):
         self.blocks = Block(cfg, dtype=dtype, rngs=rngs, num_layers=cfg.num_layers)
         self.norm_scale_d = layers.make_param(rngs, (d,), (ax.EMBED,), dtype, layers.ones_init)
         self.norm_bias_d = layers.make_param(rngs, (d,), (ax.EMBED,), dtype, layers.zeros_init)
+        head = lambda: layers.make_param(rngs, (cfg.vocab_size, d), (ax.VOCAB, ax.EMBED), dtype)  # noqa: E731
+        self.lm_head_vd = None if cfg.tie_word_embeddings else head()
 
     def __call__(self, ids_bt, positions_bt, mask_btt, cache: KVCache | None = None,
                  cache_mask_bts=None):
@@ -153,8 +161,9 @@ class Model(nnx.Module):
         return x_btd, new_kv
 
     def logits(self, x_btd):
-        """Float32 logits [b, t, v] from the tied token embedding."""
-        return layers.head_logits(x_btd, self.token_vd[...])
+        """Float32 logits [b, t, v] from the tied token embedding or the untied head."""
+        head = self.token_vd if self.lm_head_vd is None else self.lm_head_vd
+        return layers.head_logits(x_btd, head[...])
 
 
 def _split_qkv(index: int, cfg: Config, bias: bool):
@@ -196,4 +205,16 @@ def weight_rules(cfg: Config) -> list[WeightRule]:
         WeightRule("blocks.wm_fd", layer + "mlp.c_proj.weight"),
         WeightRule("blocks.bm_d", layer + "mlp.c_proj.bias"),
     ]
+    if not cfg.tie_word_embeddings:
+        rules.append(WeightRule("lm_head_vd", "lm_head.weight"))
     return rules
+
+
+def tied_weights(cfg: Config) -> list[tuple[str, str]]:
+    """GPT2LMHeadModel saves may carry `lm_head.weight` although tied: it must equal `wte`."""
+    return [("lm_head.weight", "wte.weight")] if cfg.tie_word_embeddings else []
+
+
+def extra_sources(src) -> tuple[dict, dict]:
+    """Config values and weight files beyond config.json and the model's safetensors: none."""
+    return {}, {}

@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from jaxaccel import sharding as ax
-from jaxaccel.models import layers
+from jaxaccel.models import first_token_id, layers
 from jaxaccel.models.attention import attention
 from jaxaccel.models.kv_cache import KVCache
 from jaxaccel.models.weights import (
@@ -36,6 +36,7 @@ FAMILY = "llama"
 TASK = "generate"
 HF_MODEL_TYPES = ("llama", "mistral", "qwen2")
 IGNORED_SOURCE_WEIGHTS = (r"rotary_emb\.inv_freq$",)
+SOURCE_ALIASES = ()
 # LlamaModel names tensors bare; LlamaForCausalLM prefixes the body with `model.` (but not
 # `lm_head.weight`, which is looked up bare first).
 SOURCE_PREFIXES = ("", "model.")
@@ -98,14 +99,9 @@ class Config:
                    o_bias=not qwen2 and bool(hf.get("attention_bias", False)),
                    mlp_bias=bool(hf.get("mlp_bias", False)),
                    sliding_window=_sliding_window(hf),
-                   bos_token_id=_first_id(hf.get("bos_token_id")),
-                   eos_token_id=_first_id(hf.get("eos_token_id")),
+                   bos_token_id=first_token_id(hf.get("bos_token_id")),
+                   eos_token_id=first_token_id(hf.get("eos_token_id")),
                    **_rope_fields(hf))
-
-
-def _first_id(value):
-    """Some configs list several EOS ids; generation stops on the first."""
-    return value[0] if isinstance(value, list | tuple) else value
 
 
 def _sliding_window(hf: dict) -> int | None:
@@ -283,3 +279,13 @@ def weight_rules(cfg: Config) -> list[WeightRule]:
                   WeightRule("blocks.bu_f", mlp + "up_proj.bias"),
                   WeightRule("blocks.bm_d", mlp + "down_proj.bias")]
     return rules
+
+
+def tied_weights(cfg: Config) -> list[tuple[str, str]]:
+    """A tied checkpoint may still ship `lm_head.weight`: it must equal the embedding."""
+    return [("lm_head.weight", "embed_tokens.weight")] if cfg.tie_word_embeddings else []
+
+
+def extra_sources(src) -> tuple[dict, dict]:
+    """Config values and weight files beyond config.json and the model's safetensors: none."""
+    return {}, {}
