@@ -1,7 +1,6 @@
 """The checkpoint on disk: orbax-readable, faithful to the source tensors, written atomically."""
 
 import json
-import pathlib
 
 import numpy as np
 import pytest

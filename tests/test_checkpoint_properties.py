@@ -37,11 +37,12 @@ def _generator(kind, loaded):
 
 
 def check_example(kind, seed, tie, eos, shards, dtype):
-    from jaxaccel.commands.generate import default_eos
+    from safetensors.numpy import load_file
+
     from jaxaccel.conversion.hf import convert
     from jaxaccel.errors import ConvertError
     from jaxaccel.loader import load_model
-    from safetensors.numpy import load_file
+    from jaxaccel.model import Model
 
     model = build(kind, seed=seed, vocab=64, hidden=16, tie_word_embeddings=tie,
                   eos_token_id=eos or None)
@@ -57,7 +58,7 @@ def check_example(kind, seed, tie, eos, shards, dtype):
             return
         loaded = load_model(f"{tmp}/ckpt", dtype="float32")
         ours = _generator(kind, loaded).generate([PROMPT], NEW,
-                                                 eos_id=default_eos(manifest, loaded.config))[0]
+                                                 eos_id=Model(loaded).eos_token_ids or None)[0]
     reference = model if dtype == "float32" else _rounded(model)
     assert ours == greedy(reference, PROMPT, NEW, eos=eos or None)
     assert json.loads(json.dumps(manifest.generation))["eos_token_ids"] == eos

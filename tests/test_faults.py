@@ -6,14 +6,11 @@ checks everything) and `embed --out` (which restores and must refuse before writ
 """
 
 import json
-import os
 import pathlib
 import shutil
 import signal
 import subprocess
 import sys
-import textwrap
-import time
 
 import pytest
 import tensorstore as ts

@@ -102,7 +102,6 @@ def test_bf16_token_lookup_gathers_the_table_as_stored():
     first (the check below sees that for plain `jnp.take`); there the CPU backend's lookup
     gathers its uint16 bits instead. Newer XLA gathers bf16 directly, and the backend keeps
     the plain gather. Either way the CPU program never converts the table."""
-    import jax
 
     from jaxaccel.models import layers
 

@@ -3,9 +3,7 @@ reject everything else with their own error type (never a stray TypeError or Key
 
 import json
 import math
-import types
 
-import jax
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings

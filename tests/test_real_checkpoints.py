@@ -65,9 +65,9 @@ def test_eos_list_stops_like_transformers(kind, where, tmp_path, capsys, monkeyp
 
 
 def test_generator_takes_eos_lists_without_retracing(tmp_path):
-    from jaxaccel.loader import load_model
     from jaxaccel.conversion.hf import convert
     from jaxaccel.generate import Generator
+    from jaxaccel.loader import load_model
 
     model, stop = model_with_eos_at_step3("llama")
     convert(save(model, tmp_path / "src"), tmp_path / "ckpt")
