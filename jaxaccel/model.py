@@ -137,11 +137,14 @@ class Model:
         """One Completion per prompt (text, or token ids). Stops at the checkpoint's EOS
         token(s) unless `ignore_eos`, and at the first of the `stop` strings (cut before it).
 
-        `greedy=None` decodes greedily unless a temperature > 0 is given; `greedy=True`
-        forces argmax. Raises UsageError for bad prompts or settings, before any compute.
+        `greedy=None` follows the checkpoint's generation_config.json as transformers does
+        (sampling with its temperature/top_k/top_p when it says `do_sample`, else greedy),
+        unless a temperature is given; `greedy=True` forces argmax. Raises UsageError for bad
+        prompts or settings, before any compute.
         """
         ids = self._prompt_ids(prompts)
-        sampling = _sampling(greedy, temperature, top_k, top_p, seed)
+        sampling = _sampling(greedy, *self._sampling_defaults(greedy, temperature, top_k, top_p),
+                             seed)
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         return self.complete(ids, max_new_tokens, sampling, ignore_eos=ignore_eos, stop=stops)
 
@@ -154,6 +157,16 @@ class Model:
         new = self._decoder().generate(prompt_ids, max_new_tokens, sampling=sampling,
                                        eos_id=eos or None, on_step=on_step)
         return [self._completion(p, n, eos, stop) for p, n in zip(prompt_ids, new)]
+
+    def _sampling_defaults(self, greedy, temperature, top_k, top_p) -> tuple:
+        """(temperature, top_k, top_p): the checkpoint's sampling settings where the caller
+        left them open (greedy=None and no temperature) and it samples by default."""
+        settings = self.loaded.manifest.generation
+        if greedy is not None or temperature is not None or not settings.get("do_sample"):
+            return temperature, top_k, top_p
+        return (settings.get("temperature", 1.0),
+                top_k if top_k is not None else settings.get("top_k"),
+                top_p if top_p is not None else settings.get("top_p"))
 
     @property
     def eos_token_ids(self) -> list[int]:

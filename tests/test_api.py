@@ -136,3 +136,20 @@ def test_streaming_yields_the_same_text(gpt2):
     (done,) = model.generate([[1996, 4937, 2938]], max_new_tokens=7, ignore_eos=True)
     pieces = list(model.stream([1996, 4937, 2938], max_new_tokens=7, ignore_eos=True))
     assert "".join(pieces) == done.text and len(pieces) > 1
+
+
+def test_greedy_none_follows_the_checkpoints_sampling_defaults(gpt2):
+    """generation_config.json with do_sample: `greedy=None` samples with its temperature (as
+    transformers' generate does); greedy=True still forces argmax; seeds reproduce."""
+    import dataclasses
+
+    _, model = gpt2
+    generation = {**model.loaded.manifest.generation, "do_sample": True, "temperature": 5.0}
+    sampling = jaxaccel.Model(dataclasses.replace(
+        model.loaded, manifest=dataclasses.replace(model.loaded.manifest, generation=generation)))
+    greedy = model.generate([[5, 6, 7]], max_new_tokens=8, ignore_eos=True)[0].token_ids
+    runs = [sampling.generate([[5, 6, 7]], max_new_tokens=8, ignore_eos=True, seed=s)[0].token_ids
+            for s in (1, 1, 2)]
+    assert runs[0] == runs[1] and runs[0] != greedy and runs[0] != runs[2]
+    assert sampling.generate([[5, 6, 7]], max_new_tokens=8, ignore_eos=True,
+                             greedy=True)[0].token_ids == greedy
