@@ -55,18 +55,12 @@ def register(app: typer.Typer) -> None:
         only when complete.
         """
         # deferred: the converter pulls in jax and tensorstore, which `--help` does not need
-        from jaxaccel import progress
-        from jaxaccel.conversion.bundled import resolve_source
-        from jaxaccel.conversion.hf import convert
+        from jaxaccel import api, progress
 
-        source = resolve_source(src)
         start = time.perf_counter()
-        with progress.byte_progress(_source_bytes(source), f"convert {source.name}",
-                                    enabled=not quiet) as advance:
-            manifest = convert(source, dest, dtype=dtype, family=family,
-                               chunk_bytes=chunk_bytes_from(chunking), codec=codec,
-                               overwrite=overwrite, allow_overflow=allow_overflow,
-                               on_array=lambda name, n: advance(n))
+        manifest = api.convert(src, dest, dtype=dtype, family=family, overwrite=overwrite,
+                               progress=not quiet, chunk_bytes=chunk_bytes_from(chunking),
+                               codec=codec, allow_overflow=allow_overflow)
         seconds = time.perf_counter() - start
         ignored = manifest.source.get("ignored_tensors", [])
         if as_json:
@@ -81,7 +75,3 @@ def register(app: typer.Typer) -> None:
             progress.say(f"wrote {dest}: {manifest.family}, {len(manifest.arrays)} arrays, "
                          f"{manifest.total_bytes / 1e6:.1f} MB {manifest.dtype} in {seconds:.1f} s",
                          quiet)
-
-
-def _source_bytes(src: pathlib.Path) -> int:
-    return sum(p.stat().st_size for p in src.glob("*.safetensors")) if src.is_dir() else 0

@@ -20,7 +20,7 @@ def register(app: typer.Typer) -> None:
                     as_json: bool = JSON, quiet: bool = QUIET) -> None:
         """Show a checkpoint's family, config, and every array's shape, dtype and bytes
         (--quiet: the array table alone)."""
-        manifest = Manifest.load(ckpt)
+        manifest = Manifest.load(ckpt)  # what jaxaccel.inspect returns, without loading jax
         if as_json:
             print(json.dumps(manifest.to_json()))
             return

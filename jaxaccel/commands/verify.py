@@ -8,7 +8,6 @@ import pathlib
 import typer
 
 from jaxaccel import progress
-from jaxaccel.checkpoint.manifest import Manifest
 from jaxaccel.commands.options import JSON, QUIET
 from jaxaccel.errors import JaxaccelError
 
@@ -25,14 +24,10 @@ def register(app: typer.Typer) -> None:
         only with --verify-checksums (that costs more than 10% of restore time). This command
         checks everything.
         """
-        from jaxaccel.checkpoint.integrity import (
-            verify_checkpoint,  # deferred: tensorstore
-        )
+        from jaxaccel import api  # deferred: tensorstore and jax load only when verifying
 
         try:
-            total = Manifest.load(ckpt).total_bytes
-            with progress.byte_progress(total, f"verify {ckpt.name}", enabled=not quiet) as advance:
-                report = verify_checkpoint(ckpt, on_bytes=advance)
+            report = api.verify(ckpt, progress=not quiet)
         except JaxaccelError as err:
             if as_json:  # machines get JSON either way; the exit code still says it failed
                 print(json.dumps({"ckpt": str(ckpt), "ok": False, "error": str(err)}))
