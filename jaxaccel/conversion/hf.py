@@ -44,7 +44,7 @@ class PlannedArray:
     """One target parameter and the source tensor names it is built from."""
 
     rule: WeightRule
-    sources: tuple[str, ...]  # one name, or one per layer
+    sources: tuple[tuple[str, ...], ...]  # one group (source, *extra), or one per layer
     axes: tuple
 
 
@@ -58,6 +58,21 @@ def sentence_transformers_limits(src: pathlib.Path) -> dict:
     except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as err:
         raise ConvertError(f"{path}: not a JSON object ({err})") from None
     return {"max_seq_length": int(limit)} if limit else {}
+
+
+def image_preprocessor(src: pathlib.Path) -> dict:
+    """An image model's `preprocessor_config.json`, whole, under "preprocessor" (its Config
+    keeps what it needs: resize, crop, rescale and normalisation)."""
+    path = src / "preprocessor_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        values = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConvertError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(values, dict):
+        raise ConvertError(f"{path}: not a JSON object")
+    return {"preprocessor": values}
 
 
 def resolve_family(hf_config: dict, family: str, config_path: pathlib.Path) -> str:
@@ -91,12 +106,13 @@ def plan_arrays(module, cfg, source: SafetensorsSource, specs) -> list[PlannedAr
     prefixes, layers = module.SOURCE_PREFIXES, cfg.num_layers
     plan, missing, used = [], [], set()
     for rule in module.weight_rules(cfg):
-        names = [rule.source.format(i=i) for i in range(layers)] if rule.per_layer else [rule.source]
-        resolved = [_source_name(n, available, prefixes) for n in names]
-        missing += [n for n, r in zip(names, resolved) if r is None]
-        if None in resolved:
+        groups = ([rule.source_names(i) for i in range(layers)] if rule.per_layer
+                  else [rule.source_names()])
+        resolved = [tuple(_source_name(n, available, prefixes) for n in g) for g in groups]
+        missing += [n for g, r in zip(groups, resolved) for n, m in zip(g, r) if m is None]
+        if any(None in group for group in resolved):
             continue
-        used.update(resolved)
+        used.update(name for group in resolved for name in group)
         spec = specs[rule.target]
         _check_shape(rule, resolved, source, spec.shape)
         plan.append(PlannedArray(rule, tuple(resolved), spec.axes))
@@ -104,10 +120,11 @@ def plan_arrays(module, cfg, source: SafetensorsSource, specs) -> list[PlannedAr
     return plan
 
 
-def _check_shape(rule: WeightRule, names, source: SafetensorsSource, target_shape) -> None:
-    for name in names:
+def _check_shape(rule: WeightRule, groups, source: SafetensorsSource, target_shape) -> None:
+    for group in groups:
+        name = group[0]
         try:
-            shape = rule.transform(_zero_view(source.shape(name), np.float32)).shape
+            shape = rule.transform(*(_zero_view(source.shape(n), np.float32) for n in group)).shape
         except ValueError:
             shape = None
         expected = target_shape[1:] if rule.per_layer else target_shape
@@ -137,7 +154,7 @@ def _check_coverage(plan, missing, unused, specs, module, source) -> None:
 def read_planned(plan: list[PlannedArray], source: SafetensorsSource, dtype) -> Iterator:
     """Yield (name, array, axes), one parameter at a time, transformed and cast."""
     for item in plan:
-        parts = [item.rule.transform(source.read(name)) for name in item.sources]
+        parts = [item.rule.transform(*map(source.read, group)) for group in item.sources]
         array = np.stack(parts) if item.rule.per_layer else parts[0]
         yield item.rule.target, np.ascontiguousarray(array.astype(dtype, copy=False)), item.axes
 
@@ -150,7 +167,8 @@ def convert(src: str | pathlib.Path, dest: str | pathlib.Path, *, dtype: str = "
     src, dest = pathlib.Path(src), pathlib.Path(dest)
     if dtype not in DTYPES:
         raise UsageError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    hf_config = {**read_hf_config(src), **sentence_transformers_limits(src)}
+    hf_config = {**read_hf_config(src), **sentence_transformers_limits(src),
+                 **image_preprocessor(src)}
     family = resolve_family(hf_config, family, src / "config.json")
     module = family_module(family)
     try:
@@ -163,7 +181,8 @@ def convert(src: str | pathlib.Path, dest: str | pathlib.Path, *, dtype: str = "
         plan = plan_arrays(module, cfg, source, specs)
         manifest = Manifest(family=family, config=dataclasses.asdict(cfg), dtype=dtype, arrays={},
                             source={"path": str(src.absolute()),
-                                    "model_type": hf_config["model_type"]})
+                                    "model_type": hf_config["model_type"],
+                                    **getattr(module, "CONVERSION_NOTES", {})})
         extras = {name: src / name for name in TOKENIZER_FILES if (src / name).is_file()}
         return writer.write_checkpoint(dest, manifest, read_planned(plan, source, DTYPES[dtype]),
                                        extras, chunk_bytes=chunk_bytes, codec=codec,
