@@ -1,18 +1,49 @@
 """Image classification from a classifier checkpoint: pad to a batch bucket, run jitted, un-pad.
 
 A thin user of `jaxaccel.runtime`, like `Embedder`: the runtime owns the buckets, shardings
-and the jitted program (the model state is an argument). Inputs here are already
-preprocessed pixels, float32 [n, s, s, channels] (`jaxaccel.images` makes them).
+and the jitted program (the model state is an argument). `logits` takes preprocessed pixels,
+float32 [n, s, s, channels]; `classify` takes image files, PIL images or uint8 arrays and
+runs them through `jaxaccel.input_pipeline` (decode on host threads, transfer one step
+ahead of the compute) with the checkpoint's preprocessing (`jaxaccel.images`).
 """
 
 from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
 
 import jax
 import numpy as np
 
 from jaxaccel import distributed, models
 from jaxaccel.errors import InputError
+from jaxaccel.images import Preprocessor, check_inputs, describe
+from jaxaccel.input_pipeline import HostBatches, device_steps
 from jaxaccel.runtime import Buckets, Runtime, placed_shardings
+
+
+@dataclasses.dataclass
+class Classification:
+    """Logits of every input, in input order; a skipped input's row is NaN."""
+
+    names: list[str]  # each input's path, or `<image N>`
+    logits: np.ndarray  # float32 [n, labels]
+    labels: tuple[str, ...]
+    skipped: list[tuple[str, str]]  # (name, one-line reason) of inputs that failed to decode
+
+    def top_k(self, k: int = 5) -> list[dict]:
+        """Per classified input: {"image", "top_k": [{"id", "label", "score"}]}, where score
+        is the softmax probability."""
+        shifted = self.logits - self.logits.max(-1, keepdims=True)
+        probs = np.exp(shifted) / np.exp(shifted).sum(-1, keepdims=True)
+        out = []
+        for name, row in zip(self.names, probs):
+            if np.isnan(row).any():
+                continue
+            best = np.argsort(-row, kind="stable")[:k]
+            out.append({"image": name, "top_k": [
+                {"id": int(i), "label": self.labels[i], "score": float(row[i])} for i in best]})
+        return out
 
 
 class Classifier:
@@ -30,6 +61,7 @@ class Classifier:
         self.forward = self.runtime.program(
             ("classify",), self._forward, in_shardings=(placed_shardings(self.state), batch),
             out_shardings=batch)
+        self.preprocess = Preprocessor.from_config(self.config)
 
     def _forward(self, state, pixels_bhwc):
         """Float32 logits [b, labels]."""
@@ -72,3 +104,26 @@ class Classifier:
             out[start:start + len(chunk)] = distributed.host_array(self.run(self.put(chunk)))[
                 :len(chunk)]
         return out
+
+    def fetch(self, logits) -> np.ndarray:
+        return distributed.host_array(logits)
+
+    def classify(self, items: Sequence, *, skip_bad: bool = False, prefetch: bool = True,
+                 workers: int | None = None) -> Classification:
+        """Classify image files, PIL images or uint8 [h, w, 3] arrays, in input order.
+
+        A file that does not decode is an `InputError` naming it, or with `skip_bad` is
+        reported in `skipped` (its logits row NaN). `prefetch=False` runs decode, transfer
+        and compute one after another (see `jaxaccel.input_pipeline`)."""
+        check_inputs(items)
+        out = np.full((len(items), self.config.num_labels), np.nan, np.float32)
+        skipped = []
+        batches = HostBatches(items, self.preprocess, self.batch_size, skip_bad=skip_bad,
+                              workers=workers if prefetch else 0)
+        for batch, logits in device_steps(batches, self.put, self.run, self.fetch,
+                                          prefetch=prefetch):
+            if batch.indices:
+                out[batch.indices] = logits[:len(batch.indices)]
+            skipped += [(describe(items[i], i), reason) for i, reason in batch.failed]
+        return Classification([describe(x, i) for i, x in enumerate(items)], out,
+                              self.config.labels, skipped)

@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from jaxaccel.errors import InputError
+from jaxaccel.textfiles import read_lines
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
@@ -120,14 +121,7 @@ def list_images(directory: str | pathlib.Path) -> list[pathlib.Path]:
 def read_list(path: str | pathlib.Path) -> list[pathlib.Path]:
     """Image paths from a text file, one a line (relative to the file's folder)."""
     path = pathlib.Path(path)
-    try:
-        lines = path.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise InputError(f"{path}: cannot read the list of images ({err})") from None
-    files = [path.parent / line.strip() for line in lines if line.strip()]
-    if not files:
-        raise InputError(f"{path}: lists no images")
-    return files
+    return [path.parent / line.strip() for line in read_lines(path, "--input") if line.strip()]
 
 
 def describe(item, index: int) -> str:
