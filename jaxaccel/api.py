@@ -59,15 +59,17 @@ def load(path: str | pathlib.Path, *, mesh: MeshLike = None, rules: str | Mappin
 
 
 def convert(src: str | pathlib.Path, dest: str | pathlib.Path, *, dtype: str | None = None,
-            family: str = "auto", overwrite: bool = False, progress: bool = True) -> Manifest:
+            family: str = "auto", layout: str = "hf", overwrite: bool = False,
+            progress: bool = True) -> Manifest:
     """Convert a Hugging Face directory (config.json + safetensors; "minilm" for the bundled
-    all-MiniLM-L6-v2) into a jaxaccel checkpoint at `dest` (written atomically).
+    all-MiniLM-L6-v2) into a jaxaccel checkpoint at `dest` (written atomically); another
+    `layout` of a family, e.g. family="resnet", layout="torchvision".
     Raises ConvertError, UnknownFamilyError."""
     source = resolve_source(str(src))
     total = sum(p.stat().st_size for p in source.glob("*.safetensors")) if source.is_dir() else 0
     with _bar(total, f"convert {source.name}", progress) as advance:
         return hf.convert(source, dest, dtype=dtype or "float32", family=family,
-                          overwrite=overwrite, on_array=lambda name, n: advance(n))
+                          layout=layout, overwrite=overwrite, on_array=lambda name, n: advance(n))
 
 
 def inspect(path: str | pathlib.Path) -> Manifest:

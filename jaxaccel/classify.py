@@ -79,7 +79,7 @@ class Classifier:
     def pad(self, pixels_bhwc: np.ndarray) -> np.ndarray:
         """Zero rows appended up to the batch bucket."""
         rows = self.bucket(len(pixels_bhwc))
-        out = np.zeros((rows, *self.input_shape), np.float32)
+        out = np.zeros((rows, *pixels_bhwc.shape[1:]), np.float32)
         out[:len(pixels_bhwc)] = pixels_bhwc
         return out
 
@@ -97,7 +97,8 @@ class Classifier:
             shape, np.float32, sharding=self.runtime.batch_sharding()))
 
     def logits(self, pixels_bhwc: np.ndarray) -> np.ndarray:
-        """Float32 logits [n, labels] of preprocessed pixels [n, s, s, c], in input order."""
+        """Float32 logits [n, labels] of preprocessed pixels [n, h, w, c], in input order
+        (any h, w: the network is convolutional up to its global mean pool)."""
         out = np.zeros((len(pixels_bhwc), self.config.num_labels), np.float32)
         for start in range(0, len(pixels_bhwc), self.batch_size):
             chunk = pixels_bhwc[start:start + self.batch_size]

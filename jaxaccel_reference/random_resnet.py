@@ -56,6 +56,42 @@ def write_hf(model, dest: pathlib.Path, image_size: int = 224) -> pathlib.Path:
     return dest
 
 
+_TORCHVISION_NAMES = (  # Hugging Face name pattern -> torchvision's (torchvision/models/resnet.py)
+    (r"^resnet\.embedder\.embedder\.convolution\.", "conv1."),
+    (r"^resnet\.embedder\.embedder\.normalization\.", "bn1."),
+    (r"^resnet\.encoder\.stages\.(\d+)\.layers\.(\d+)\.shortcut\.convolution\.",
+     lambda m: f"layer{int(m[1]) + 1}.{m[2]}.downsample.0."),
+    (r"^resnet\.encoder\.stages\.(\d+)\.layers\.(\d+)\.shortcut\.normalization\.",
+     lambda m: f"layer{int(m[1]) + 1}.{m[2]}.downsample.1."),
+    (r"^resnet\.encoder\.stages\.(\d+)\.layers\.(\d+)\.layer\.(\d+)\.convolution\.",
+     lambda m: f"layer{int(m[1]) + 1}.{m[2]}.conv{int(m[3]) + 1}."),
+    (r"^resnet\.encoder\.stages\.(\d+)\.layers\.(\d+)\.layer\.(\d+)\.normalization\.",
+     lambda m: f"layer{int(m[1]) + 1}.{m[2]}.bn{int(m[3]) + 1}."),
+    (r"^classifier\.1\.", "fc."),
+)
+
+
+def torchvision_name(name: str) -> str:
+    import re
+
+    for pattern, replacement in _TORCHVISION_NAMES:
+        renamed, count = re.subn(pattern, replacement, name)
+        if count:
+            return renamed
+    raise ValueError(f"no torchvision name for {name!r}")
+
+
+def write_torchvision(model, dest: pathlib.Path) -> pathlib.Path:
+    """The same weights as a torchvision `resnet*` state dict in `dest/model.safetensors`
+    (torchvision itself does not import beside the CPU torch wheel used here)."""
+    from safetensors.torch import save_file
+
+    dest.mkdir(parents=True, exist_ok=True)
+    state = {torchvision_name(k): v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(dest / "model.safetensors"))
+    return dest
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m jaxaccel_reference.random_resnet",
                                      description=__doc__.splitlines()[0])

@@ -193,3 +193,26 @@ def test_cli_bad_inputs_are_one_line_errors(resnet, minilm_ckpt, photos, tmp_pat
     expected = {"bad_file": "notes.jpg", "empty_dir": "no image files", "no_inputs": "--image",
                 "text_model": "classify"}[case]
     assert expected in line, line
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--layout", "torchvision"], "needs --family"),
+    (["--family", "bert", "--layout", "torchvision"], "converts from hf"),
+])
+def test_convert_layout_flag_errors(resnet, tmp_path, capsys, monkeypatch, flags, expected):
+    code, _, err = run_cli(capsys, monkeypatch, "convert", resnet[0], tmp_path / "out", *flags)
+    assert code == 2 and expected in one_error_line(err)
+
+
+def test_cli_converts_torchvision_layout_and_classifies(resnet, photos, tmp_path, capsys,
+                                                        monkeypatch):
+    from jaxaccel_reference.random_resnet import write_torchvision
+
+    src = write_torchvision(resnet[2], tmp_path / "tv")
+    code, _, err = run_cli(capsys, monkeypatch, "convert", src, tmp_path / "ckpt",
+                           "--family", "resnet", "--layout", "torchvision", "-q")
+    assert code == 0, err
+    code, out, err = run_cli(capsys, monkeypatch, "classify", tmp_path / "ckpt",
+                             "--input-dir", photos, "--top-k", "1")
+    assert code == 0, err
+    assert len(out.splitlines()) == len(list(photos.iterdir())) and "LABEL_" in out

@@ -72,6 +72,27 @@ def test_float32_logits_match_transformers(net, pixels):
     np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4 * scale)
 
 
+def test_torchvision_layout_matches_transformers(net, pixels, tmp_path):
+    """The reference's weights saved under torchvision's parameter names (conv1, bn1,
+    layer1.0.conv1, ..., downsample.0/1, fc), no config.json: the architecture comes from
+    the shapes. torchvision itself does not import beside the CPU torch wheel used here."""
+    from safetensors import safe_open
+
+    from jaxaccel.conversion.hf import convert
+    from jaxaccel_reference.random_resnet import hf_model, write_torchvision
+
+    name, _, _, ref = net
+    src = write_torchvision(hf_model(**NETS[name]), tmp_path / "tv")
+    with safe_open(str(src / "model.safetensors"), "numpy") as f:
+        assert {"conv1.weight", "bn1.running_var", "layer1.0.conv2.weight", "fc.bias",
+                "layer2.0.downsample.0.weight", "layer2.0.downsample.1.bias"} <= set(f.keys())
+    manifest = convert(src, tmp_path / "ckpt", family="resnet", layout="torchvision")
+    assert manifest.source["layout"] == "torchvision"
+    assert manifest.config["depths"] == NETS[name]["depths"]
+    ours = logits(tmp_path / "ckpt", pixels)
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
 def test_bfloat16_top1_identical_and_logits_within_tolerance(net, pixels):
     """bf16 weights/activations, f32 accumulation: logits within 5% of their range."""
     _, _, ckpt, ref = net

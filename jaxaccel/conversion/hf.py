@@ -100,12 +100,14 @@ def _zero_view(shape, dtype) -> np.ndarray:
     return np.lib.stride_tricks.as_strided(np.zeros(1, dtype), shape, (0,) * len(shape))
 
 
-def plan_arrays(module, cfg, source: SafetensorsSource, specs) -> list[PlannedArray]:
-    """Match rules to source tensors and check every shape, before reading any data."""
+def plan_arrays(module, cfg, source: SafetensorsSource, specs,
+                rules: list[WeightRule] | None = None) -> list[PlannedArray]:
+    """Match rules (default: the family's Hugging Face rules) to source tensors and check
+    every shape, before reading any data."""
     available = source.names()
     prefixes, layers = module.SOURCE_PREFIXES, cfg.num_layers
     plan, missing, used = [], [], set()
-    for rule in module.weight_rules(cfg):
+    for rule in module.weight_rules(cfg) if rules is None else rules:
         groups = ([rule.source_names(i) for i in range(layers)] if rule.per_layer
                   else [rule.source_names()])
         resolved = [tuple(_source_name(n, available, prefixes) for n in g) for g in groups]
@@ -159,30 +161,70 @@ def read_planned(plan: list[PlannedArray], source: SafetensorsSource, dtype) -> 
         yield item.rule.target, np.ascontiguousarray(array.astype(dtype, copy=False)), item.axes
 
 
+def source_layout(module, layout: str):
+    """A family's foreign `SourceLayout` by name (None for Hugging Face's own layout)."""
+    if layout == "hf":
+        return None
+    layouts = getattr(module, "SOURCE_LAYOUTS", {})
+    if layout not in layouts:
+        raise UsageError(f"--layout {layout!r}: the {module.FAMILY} family converts from "
+                         f"{', '.join(['hf', *layouts])}")
+    return layouts[layout]
+
+
+def source_config(src: pathlib.Path, family: str, layout: str, source: SafetensorsSource):
+    """(family module, HF-style config dict, SourceLayout or None) of a source directory.
+
+    Hugging Face's layout needs config.json; a foreign layout (`--family F --layout L`)
+    infers the architecture from the tensor shapes, taking labels from a config.json if any.
+    """
+    if layout == "hf":
+        hf_config = read_hf_config(src)
+        module = family_module(resolve_family(hf_config, family, src / "config.json"))
+        foreign = None
+    else:
+        if family == "auto":
+            raise UsageError(f"--layout {layout} needs --family (the source has no model_type)")
+        module = family_module(resolve_family({}, family, src / "config.json"))
+        foreign = source_layout(module, layout)
+        shapes = {name: source.shape(name) for name in source.names()}
+        try:
+            inferred = foreign.config_from_shapes(shapes)
+        except (KeyError, ValueError) as err:
+            raise ConvertError(f"{src}: {err}") from None
+        found = read_hf_config(src) if (src / "config.json").is_file() else {}
+        hf_config = {"model_type": layout, **found, **inferred}
+    return module, {**hf_config, **sentence_transformers_limits(src),
+                    **image_preprocessor(src)}, foreign
+
+
 def convert(src: str | pathlib.Path, dest: str | pathlib.Path, *, dtype: str = "float32",
-            family: str = "auto", chunk_bytes: int | None = DEFAULT_CHUNK_BYTES,
-            codec: str = "none", overwrite: bool = False,
+            family: str = "auto", layout: str = "hf",
+            chunk_bytes: int | None = DEFAULT_CHUNK_BYTES, codec: str = "none",
+            overwrite: bool = False,
             on_array: Callable[[str, int], None] = lambda name, nbytes: None) -> Manifest:
-    """Convert SRC (config.json + safetensors) into a jaxaccel checkpoint at DEST."""
+    """Convert SRC (config.json + safetensors, or a family's foreign `layout` of
+    safetensors) into a jaxaccel checkpoint at DEST."""
     src, dest = pathlib.Path(src), pathlib.Path(dest)
     if dtype not in DTYPES:
         raise UsageError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    hf_config = {**read_hf_config(src), **sentence_transformers_limits(src),
-                 **image_preprocessor(src)}
-    family = resolve_family(hf_config, family, src / "config.json")
-    module = family_module(family)
-    try:
-        cfg = module.Config.from_hf(hf_config)
-    except (KeyError, ValueError, TypeError) as err:
-        raise ConvertError(f"{src / 'config.json'}: cannot build a {family} config ({err})") from None
-    _, abstract = abstract_model(family, cfg, DTYPES[dtype])
-    specs = param_specs(abstract)
+    if layout != "hf" and family != "auto":  # a bad flag before any file is read
+        source_layout(family_module(resolve_family({}, family, src / "config.json")), layout)
     with SafetensorsSource(weight_files(src)) as source:
-        plan = plan_arrays(module, cfg, source, specs)
-        manifest = Manifest(family=family, config=dataclasses.asdict(cfg), dtype=dtype, arrays={},
-                            source={"path": str(src.absolute()),
-                                    "model_type": hf_config["model_type"],
-                                    **getattr(module, "CONVERSION_NOTES", {})})
+        module, hf_config, foreign = source_config(src, family, layout, source)
+        try:
+            cfg = module.Config.from_hf(hf_config)
+        except (KeyError, ValueError, TypeError) as err:
+            raise ConvertError(f"{src / 'config.json'}: cannot build a {module.FAMILY} config "
+                               f"({err})") from None
+        _, abstract = abstract_model(module.FAMILY, cfg, DTYPES[dtype])
+        rules = foreign.weight_rules(cfg) if foreign else None
+        plan = plan_arrays(module, cfg, source, param_specs(abstract), rules)
+        manifest = Manifest(family=module.FAMILY, config=dataclasses.asdict(cfg), dtype=dtype,
+                            arrays={}, source={"path": str(src.absolute()),
+                                               "model_type": hf_config["model_type"],
+                                               "layout": layout,
+                                               **getattr(module, "CONVERSION_NOTES", {})})
         extras = {name: src / name for name in TOKENIZER_FILES if (src / name).is_file()}
         return writer.write_checkpoint(dest, manifest, read_planned(plan, source, DTYPES[dtype]),
                                        extras, chunk_bytes=chunk_bytes, codec=codec,

@@ -23,7 +23,7 @@ from flax import nnx
 
 from jaxaccel import sharding as ax
 from jaxaccel.models import layers
-from jaxaccel.models.weights import WeightRule, transpose_to
+from jaxaccel.models.weights import SourceLayout, WeightRule, transpose_to
 
 FAMILY = "resnet"
 TASK = "classify"
@@ -233,18 +233,76 @@ def conv_bn_rules(target: str, conv_weight: str, bn: str) -> list[WeightRule]:
                        extra=(stats[0], stats[2], stats[3]))]
 
 
-def weight_rules(cfg: Config) -> list[WeightRule]:
-    """How Hugging Face `ResNetForImageClassification` tensors map onto this module."""
-    def conv_layer(target: str, prefix: str) -> list[WeightRule]:
-        return conv_bn_rules(target, prefix + "convolution.weight", prefix + "normalization.")
-
-    rules = conv_layer("stem", "resnet.embedder.embedder.")
+def conv_targets(cfg: Config):
+    """(parameter prefix, stage, block, conv) of every Conv: conv is an index into the
+    block's main path or "shortcut"; the stem is ("stem", None, None, None)."""
+    yield "stem", None, None, None
     for s, stage in enumerate(stage_shapes(cfg)):
         for b, (c_in, c_out, stride) in enumerate(stage):
-            src, dst = f"resnet.encoder.stages.{s}.layers.{b}.", f"stages.{s}.{b}."
             for j in range(len(block_convs(cfg, c_in, c_out, stride))):
-                rules += conv_layer(f"{dst}convs.{j}", f"{src}layer.{j}.")
+                yield f"stages.{s}.{b}.convs.{j}", s, b, j
             if c_in != c_out or stride != 1:
-                rules += conv_layer(f"{dst}shortcut", f"{src}shortcut.")
-    return rules + [WeightRule("head_cv", "classifier.1.weight", transpose_to),
-                    WeightRule("head_v", "classifier.1.bias")]
+                yield f"stages.{s}.{b}.shortcut", s, b, "shortcut"
+
+
+def _rules(cfg: Config, names, head: str) -> list[WeightRule]:
+    """Rules of a layout whose `names(stage, block, conv)` gives (conv weight, batch-norm
+    prefix) and whose classifier is the torch Linear `head`."""
+    rules = []
+    for target, s, b, j in conv_targets(cfg):
+        rules += conv_bn_rules(target, *names(s, b, j))
+    return rules + [WeightRule("head_cv", head + "weight", transpose_to),
+                    WeightRule("head_v", head + "bias")]
+
+
+def _hf_names(s, b, j) -> tuple[str, str]:
+    if s is None:
+        prefix = "resnet.embedder.embedder."
+    else:
+        block = f"resnet.encoder.stages.{s}.layers.{b}."
+        prefix = block + ("shortcut." if j == "shortcut" else f"layer.{j}.")
+    return prefix + "convolution.weight", prefix + "normalization."
+
+
+def weight_rules(cfg: Config) -> list[WeightRule]:
+    """How Hugging Face `ResNetForImageClassification` tensors map onto this module."""
+    return _rules(cfg, _hf_names, "classifier.1.")
+
+
+# torchvision's layout (torchvision/models/resnet.py: conv1, bn1, layer1.0.conv1, ...,
+# layer1.0.downsample.0/1, fc), as a state dict saved to safetensors.
+
+
+def _torchvision_names(s, b, j) -> tuple[str, str]:
+    if s is None:
+        return "conv1.weight", "bn1."
+    block = f"layer{s + 1}.{b}."
+    if j == "shortcut":
+        return block + "downsample.0.weight", block + "downsample.1."
+    return block + f"conv{j + 1}.weight", block + f"bn{j + 1}."
+
+
+def torchvision_weight_rules(cfg: Config) -> list[WeightRule]:
+    return _rules(cfg, _torchvision_names, "fc.")
+
+
+def torchvision_config(shapes: dict[str, tuple[int, ...]]) -> dict:
+    """A Hugging Face-style config inferred from a torchvision state dict's tensor shapes,
+    with torchvision's ImageNet preprocessing (resize 256 bilinear, center crop 224)."""
+    if "conv1.weight" not in shapes or "fc.weight" not in shapes:
+        raise ValueError("not a torchvision ResNet state dict (no conv1.weight or fc.weight)")
+    depths = []
+    while f"layer{len(depths) + 1}.0.conv1.weight" in shapes:
+        stage = len(depths) + 1
+        depths.append(sum(1 for name in shapes
+                          if name.startswith(f"layer{stage}.") and name.endswith(".conv1.weight")))
+    bottleneck = "layer1.0.conv3.weight" in shapes
+    last = "conv3" if bottleneck else "conv2"
+    return {"depths": depths, "layer_type": "bottleneck" if bottleneck else "basic",
+            "hidden_sizes": [shapes[f"layer{s + 1}.0.{last}.weight"][0] for s in range(len(depths))],
+            "embedding_size": shapes["conv1.weight"][0], "num_channels": shapes["conv1.weight"][1],
+            "num_labels": shapes["fc.weight"][0],
+            "preprocessor": {"size": {"shortest_edge": 224}, "crop_pct": 0.875, "resample": 2}}
+
+
+SOURCE_LAYOUTS = {"torchvision": SourceLayout(torchvision_config, torchvision_weight_rules)}

@@ -50,3 +50,12 @@ class WeightRule:
     def source_names(self, layer: int | None = None) -> tuple[str, ...]:
         """(source, *extra), with `{i}` filled in for a per-layer rule."""
         return tuple(name.format(i=layer) for name in (self.source, *self.extra))
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceLayout:
+    """A foreign checkpoint layout a family converts from besides Hugging Face's (e.g.
+    torchvision's): a family lists them by name in `SOURCE_LAYOUTS`."""
+
+    config_from_shapes: Callable[[dict], dict]  # tensor name -> shape  => HF-style config dict
+    weight_rules: Callable[[object], list[WeightRule]]
