@@ -216,3 +216,20 @@ def test_cli_converts_torchvision_layout_and_classifies(resnet, photos, tmp_path
                              "--input-dir", photos, "--top-k", "1")
     assert code == 0, err
     assert len(out.splitlines()) == len(list(photos.iterdir())) and "LABEL_" in out
+
+
+def test_bench_classify_runs_every_contender(resnet, tmp_path, capsys, monkeypatch):
+    """A small `bench classify`: compute (jaxaccel and PyTorch, both dtypes) and the pipeline
+    (decode only, compute only, end to end with and without prefetch), in fresh processes."""
+    out = tmp_path / "bench.json"
+    code, _, err = run_cli(capsys, monkeypatch, "bench", "classify", resnet[1], "--batch", "2",
+                           "--iters", "1", "--repeats", "1", "--num-images", "4",
+                           "--json", out)
+    assert code == 0, err
+    result = json.loads(out.read_text())
+    assert set(result["compute"]) == {"jaxaccel float32", "jaxaccel bfloat16",
+                                      "pytorch eager float32", "pytorch eager bfloat16"}
+    assert set(result["pipeline"]) == {"decode only", "compute only", "end to end, prefetch",
+                                       "end to end, no prefetch"}
+    assert all(s["median"] > 0 for s in [*result["compute"].values(),
+                                          *result["pipeline"].values()])
