@@ -15,10 +15,11 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from jaxaccel import distributed, models
+from jaxaccel import backends, distributed, models
 from jaxaccel.errors import InputError
 from jaxaccel.images import Preprocessor, check_inputs, describe
 from jaxaccel.input_pipeline import HostBatches, device_steps
+from jaxaccel.loader import LoadedModel
 from jaxaccel.runtime import Buckets, Runtime, placed_shardings
 
 
@@ -47,19 +48,25 @@ class Classification:
 
 
 class Classifier:
-    def __init__(self, model, batch_size: int = 32, compiler_options: dict | None = None):
-        """`model` is a `LoadedModel` of a family whose task is "classify"."""
+    def __init__(self, model, batch_size: int = 32, compiler_options: dict | None = None,
+                 platform: str | None = None):
+        """`model` is a `LoadedModel` of a family whose task is "classify", or its
+        `ModelPlan` (no weights: to lower or export the program, e.g. for `platform`
+        "cuda" or "tpu"; default: the platform of the layout's devices)."""
         if models.task(model.manifest.family) != "classify":
             raise InputError(f"classify needs an image classifier checkpoint; {model.path} "
                              f"is {model.manifest.family}")
-        self.loaded, self.config, self.state = model, model.config, model.state
+        self.loaded, self.config = model, model.config
+        self.state = model.state if isinstance(model, LoadedModel) else None
         self.batch_size = batch_size
         self.runtime = Runtime(model.graphdef, self.config, model.layout, model.dtype,
-                               compiler_options=compiler_options)
+                               compiler_options=compiler_options,
+                               backend=backends.for_platform(platform) if platform else None)
         self.buckets = Buckets(min_batch=1)
         batch = self.runtime.batch_sharding()
+        state = self.state if self.state is not None else model.abstract_state
         self.forward = self.runtime.program(
-            ("classify",), self._forward, in_shardings=(placed_shardings(self.state), batch),
+            ("classify",), self._forward, in_shardings=(placed_shardings(state), batch),
             out_shardings=batch)
         self.preprocess = Preprocessor.from_config(self.config)
 
@@ -91,10 +98,15 @@ class Classifier:
         """Logits of a placed batch (asynchronous: the devices compute while the host works)."""
         return self.forward(self.state, placed_bhwc)
 
+    def abstract_args(self, rows: int):
+        """(state, pixels) as the program takes them, for `rows` images of the model's size."""
+        state = self.state if self.state is not None else self.loaded.abstract_state
+        pixels = jax.ShapeDtypeStruct((self.bucket(rows), *self.input_shape), np.float32,
+                                      sharding=self.runtime.batch_sharding())
+        return state, pixels
+
     def compile(self, rows: int) -> None:
-        shape = (self.bucket(rows), *self.input_shape)
-        self.forward.compile(self.state, jax.ShapeDtypeStruct(
-            shape, np.float32, sharding=self.runtime.batch_sharding()))
+        self.forward.compile(*self.abstract_args(rows))
 
     def logits(self, pixels_bhwc: np.ndarray) -> np.ndarray:
         """Float32 logits [n, labels] of preprocessed pixels [n, h, w, c], in input order
@@ -121,10 +133,13 @@ class Classifier:
         skipped = []
         batches = HostBatches(items, self.preprocess, self.batch_size, skip_bad=skip_bad,
                               workers=workers if prefetch else 0)
-        for batch, logits in device_steps(batches, self.put, self.run, self.fetch,
-                                          prefetch=prefetch):
-            if batch.indices:
-                out[batch.indices] = logits[:len(batch.indices)]
-            skipped += [(describe(items[i], i), reason) for i, reason in batch.failed]
+        try:
+            for batch, logits in device_steps(batches, self.put, self.run, self.fetch,
+                                              prefetch=prefetch):
+                if batch.indices:
+                    out[batch.indices] = logits[:len(batch.indices)]
+                skipped += [(describe(items[i], i), reason) for i, reason in batch.failed]
+        finally:  # an error or Ctrl-C here: stop the decode threads now, not at collection
+            batches.close()
         return Classification([describe(x, i) for i, x in enumerate(items)], out,
                               self.config.labels, skipped)

@@ -133,6 +133,23 @@ def test_channels_split_over_model_axis(net):
     assert kernel[...].sharding.spec == PartitionSpec(None, None, None, "model")
 
 
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_gpu_and_tpu_programs_are_plain_xla_and_sharded(net, platform):
+    """As tests/test_export.py checks the text families: lowered for another platform with
+    `jax.export`, the classify program has no CPU-only op and keeps data/model shardings."""
+    from test_export import assert_plain_and_sharded, exported_text
+
+    from jaxaccel.classify import Classifier
+    from jaxaccel.loader import plan_model
+    from jaxaccel.sharding import Layout
+
+    plan = plan_model(net[2], Layout.create("data=2,model=4", "dp_tp"), "bfloat16")
+    classifier = Classifier(plan, batch_size=8, platform=platform)
+    text = exported_text(classifier.forward.jitted, classifier.abstract_args(8), platform)
+    assert_plain_and_sharded(text)
+    assert "stablehlo.convolution" in text and "bf16" in text
+
+
 def test_resnet50_full_shape_lowers():
     """The true ResNet-50 (25.6M parameters) builds and lowers at 224x224, batch 2."""
     import jax
