@@ -117,6 +117,13 @@ def preprocessing(pre: dict) -> dict:
 
 def conv(x_bhwi, w_hwio, b_o, stride: int) -> jax.Array:
     """Same-padded convolution plus bias, float32 result (float32 accumulation)."""
+    if w_hwio.shape[:2] == (1, 1):
+        # A 1x1 convolution is a matmul over channels of the strided input. Written as a dot,
+        # XLA:CPU runs it 2.5x (f32) to 6x (bf16) faster than as a convolution (measured at
+        # [32, 56, 56, 256] -> 64), and a dot is no worse anywhere else.
+        y = jnp.einsum("bhwi,io->bhwo", x_bhwi[:, ::stride, ::stride],
+                       w_hwio[0, 0].astype(x_bhwi.dtype), preferred_element_type=jnp.float32)
+        return y + b_o.astype(jnp.float32)
     pad = w_hwio.shape[0] // 2
     y = jax.lax.conv_general_dilated(
         x_bhwi, w_hwio.astype(x_bhwi.dtype), (stride, stride), [(pad, pad), (pad, pad)],
