@@ -178,7 +178,7 @@ def test_cli_json_out_and_skip_bad(resnet, photos, tmp_path, capsys, monkeypatch
                                atol=1e-3 * np.abs(want).max())
 
 
-@pytest.mark.parametrize("case", ["bad_file", "empty_dir", "no_inputs", "text_model"])
+@pytest.mark.parametrize("case", ["bad_file", "empty_dir", "no_inputs", "text_model", "plan"])
 def test_cli_bad_inputs_are_one_line_errors(resnet, minilm_ckpt, photos, tmp_path, capsys,
                                             monkeypatch, case):
     (tmp_path / "notes.jpg").write_text("hello")
@@ -186,12 +186,15 @@ def test_cli_bad_inputs_are_one_line_errors(resnet, minilm_ckpt, photos, tmp_pat
     args = {"bad_file": [resnet[1], "--image", tmp_path / "notes.jpg"],
             "empty_dir": [resnet[1], "--input-dir", tmp_path / "empty"],
             "no_inputs": [resnet[1]],
-            "text_model": [minilm_ckpt, "--input-dir", photos]}[case]
-    code, _, err = run_cli(capsys, monkeypatch, "classify", *args)
+            "text_model": [minilm_ckpt, "--input-dir", photos]}.get(case, [])
+    if case == "plan":  # not yet planned: a one-line refusal, not a traceback
+        code, _, err = run_cli(capsys, monkeypatch, "plan", resnet[1], "--batch", "2")
+    else:
+        code, _, err = run_cli(capsys, monkeypatch, "classify", *args)
     line = one_error_line(err)
     assert code in (1, 2)
     expected = {"bad_file": "notes.jpg", "empty_dir": "no image files", "no_inputs": "--image",
-                "text_model": "classify"}[case]
+                "text_model": "classify", "plan": "plan covers embed and generate"}[case]
     assert expected in line, line
 
 
