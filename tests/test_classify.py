@@ -138,6 +138,25 @@ def test_classify_files_matches_transformers_with_and_without_prefetch(resnet, p
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3 * np.abs(want).max())
 
 
+def test_ctrl_c_during_classify_stops_the_decode_threads(resnet, photos, monkeypatch):
+    from jaxaccel.classify import Classifier
+    from jaxaccel.loader import load_model
+
+    classifier = Classifier(load_model(resnet[1]), batch_size=1)
+    fetched = []
+
+    def interrupted(logits):
+        fetched.append(logits)
+        if len(fetched) == 2:
+            raise KeyboardInterrupt
+        return np.asarray(logits)
+
+    monkeypatch.setattr(classifier, "fetch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        classifier.classify(sorted(photos.iterdir()) * 4)
+    assert not _pipeline_threads()
+
+
 def test_model_classify_takes_paths_pil_images_and_arrays(resnet, photos):
     import jaxaccel
 
