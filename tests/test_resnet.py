@@ -94,12 +94,13 @@ def test_torchvision_layout_matches_transformers(net, pixels, tmp_path):
 
 
 def test_bfloat16_top1_identical_and_logits_within_tolerance(net, pixels):
-    """bf16 weights/activations, f32 accumulation: logits within 5% of their range."""
+    """bf16 weights/activations, f32 accumulation: logits within 2% of their range
+    (measured: 0.55% ResNet-18 blocks, 0.83% ResNet-50 shape)."""
     _, _, ckpt, ref = net
     ours = logits(ckpt, pixels, "bfloat16")
     assert ours.dtype == np.float32
     np.testing.assert_array_equal(ours.argmax(-1), ref.argmax(-1))
-    assert np.abs(ours - ref).max() <= 0.05 * np.abs(ref).max()
+    assert np.abs(ours - ref).max() <= 0.02 * np.abs(ref).max()
 
 
 @pytest.mark.cpu_only
