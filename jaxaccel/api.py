@@ -60,20 +60,22 @@ def load(path: str | pathlib.Path, *, mesh: MeshLike = None, rules: str | Mappin
 
 
 def convert(src: str | pathlib.Path, dest: str | pathlib.Path, *, dtype: str | None = None,
-            family: str = "auto", overwrite: bool = False, progress: bool = True,
-            chunk_bytes: int | None = DEFAULT_CHUNK_BYTES, codec: str = "none",
-            allow_overflow: bool = False) -> Manifest:
+            family: str = "auto", layout: str = "hf", overwrite: bool = False,
+            progress: bool = True, chunk_bytes: int | None = DEFAULT_CHUNK_BYTES,
+            codec: str = "none", allow_overflow: bool = False) -> Manifest:
     """Convert a Hugging Face directory (config.json + safetensors; "minilm" for the bundled
     all-MiniLM-L6-v2) into a jaxaccel checkpoint at `dest` (written atomically, as `dtype`:
-    float32, bfloat16 or float16). `chunk_bytes`: chunk size target (None: one chunk per
-    array); `codec`: "none" or "zstd"; `allow_overflow`: store values past the dtype's range.
+    float32, bfloat16 or float16); another `layout` of a family, e.g. family="resnet",
+    layout="torchvision". `chunk_bytes`: chunk size target (None: one chunk per array);
+    `codec`: "none" or "zstd"; `allow_overflow`: store values past the dtype's range.
     Raises ConvertError, UsageError."""
     source = resolve_source(str(src))
     total = sum(p.stat().st_size for p in source.glob("*.safetensors")) if source.is_dir() else 0
     with _bar(total, f"convert {source.name}", progress) as advance:
         return hf.convert(source, dest, dtype=dtype or "float32", family=family,
-                          chunk_bytes=chunk_bytes, codec=codec, overwrite=overwrite,
-                          allow_overflow=allow_overflow, on_array=lambda name, n: advance(n))
+                          layout=layout, chunk_bytes=chunk_bytes, codec=codec,
+                          overwrite=overwrite, allow_overflow=allow_overflow,
+                          on_array=lambda name, n: advance(n))
 
 
 def inspect(path: str | pathlib.Path) -> Manifest:

@@ -72,7 +72,7 @@ def _global_options(
 
 
 # Command modules under jaxaccel/commands/, in --help order; each has `register(app)`.
-COMMANDS = ("convert", "inspect", "embed", "generate", "demo", "plan", "verify", "launch", "bench")
+COMMANDS = ("convert", "inspect", "embed", "generate", "classify", "demo", "plan", "verify", "launch", "bench")
 
 for _name in COMMANDS:
     try:

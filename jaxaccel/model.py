@@ -1,4 +1,5 @@
-"""`Model`: a restored checkpoint ready to embed or generate, as `jaxaccel.load` returns it.
+"""`Model`: a restored checkpoint ready to embed, generate or classify, as `jaxaccel.load`
+returns it.
 
 Completions follow the conventions users know from vLLM and transformers: `generate` stops
 at the checkpoint's end-of-sequence token(s) by default, `token_ids` are the new tokens only
@@ -17,6 +18,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from jaxaccel import models
+from jaxaccel.classify import Classification, Classifier
 from jaxaccel.embed import Embedder
 from jaxaccel.errors import InputError, UsageError
 from jaxaccel.generate import Generator, check_prompts
@@ -39,7 +41,8 @@ class Completion:
 
 
 class Model:
-    """A restored model on its mesh. `embed` for encoders, `generate`/`stream` for decoders."""
+    """A restored model on its mesh. `embed` for encoders, `generate`/`stream` for decoders,
+    `classify` for image classifiers."""
 
     def __init__(self, loaded: LoadedModel, *, microbatches: int | None = None,
                  generator: Generator | None = None):
@@ -49,6 +52,7 @@ class Model:
         self._microbatches = microbatches
         self._tokenizer = TextTokenizer(loaded.tokenizer_path) if loaded.tokenizer_path else None
         self._embedders: dict = {}
+        self._classifiers: dict = {}
         self._generator = generator
 
     # Facts ----------------------------------------------------------------------------------
@@ -125,6 +129,25 @@ class Model:
             self._embedders[key] = Embedder(self.loaded, batch_size=batch_size,
                                             max_length=max_length, microbatches=self._microbatches)
         return self._embedders[key]
+
+    # Classification -------------------------------------------------------------------------
+
+    def classify(self, images, *, batch_size: int | None = None,
+                 skip_bad: bool = False) -> Classification:
+        """Classify images: paths, PIL images, or uint8 arrays [h, w, 3] / [n, h, w, 3].
+
+        Returns a `Classification` (float32 `logits` [n, labels] in input order, `top_k(k)`
+        with the checkpoint's labels). Raises UsageError for a text model.
+        """
+        self._require("classify")
+        if isinstance(images, np.ndarray) and images.ndim == 4:
+            images = list(images)
+        elif isinstance(images, (str, np.ndarray)) or not isinstance(images, Sequence):
+            images = [images]
+        key = batch_size or 32
+        if key not in self._classifiers:  # its program cache lives inside
+            self._classifiers[key] = Classifier(self.loaded, batch_size=key)
+        return self._classifiers[key].classify(list(images), skip_bad=skip_bad)
 
     # Generation -----------------------------------------------------------------------------
 

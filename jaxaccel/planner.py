@@ -26,7 +26,7 @@ from jaxaccel import models, pipeline
 from jaxaccel import sharding as ax
 from jaxaccel.checkpoint.restore import DEFAULT_HOST_MEMORY_BUDGET, plan_reads
 from jaxaccel.embed import Embedder
-from jaxaccel.errors import PlanError  # noqa: F401  (re-exported)
+from jaxaccel.errors import PlanError, UsageError  # noqa: F401  (PlanError re-exported)
 from jaxaccel.generate import Generator
 from jaxaccel.loader import plan_model
 from jaxaccel.models.kv_cache import CACHE_AXES
@@ -141,11 +141,18 @@ def activation_formula(config, batch: int, seq: int, itemsize: int, sizes, rules
 
 # ---------------------------------------------------------------- the plan
 
+PLANNED_TASKS = ("embed", "generate")  # the tasks whose activations and caches plan models
+
+
 def plan(ckpt: str | pathlib.Path, layout=None, dtype: str | None = None, *, batch: int = 1,
          seq: int | None = None, max_new_tokens: int = 0, host_budget: int | None = None,
          device_memory: int | None = None, compile_activations: bool = True) -> MemoryPlan:
     """Memory plan of running `ckpt` on `layout`: reads only the manifest (and tokenizer)."""
     model_plan = plan_model(ckpt, layout, dtype)
+    task = models.task(model_plan.manifest.family)
+    if task not in PLANNED_TASKS:
+        raise UsageError(f"{ckpt}: plan covers {' and '.join(PLANNED_TASKS)} checkpoints; this "
+                         f"one is a {model_plan.manifest.family} model ({task})")
     layout, config = model_plan.layout, model_plan.config
     sizes, rules = dict(layout.mesh.shape), layout.rules
     seq = min(seq or config.default_length, config.max_length)

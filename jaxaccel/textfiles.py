@@ -1,8 +1,12 @@
-"""Text input files of the CLI (`embed --input`, `generate --input`): UTF-8, one item a line."""
+"""Input and output files of the CLI: text inputs (`embed --input`, `generate --input`,
+`classify --input`: UTF-8, one item a line) and `.npy` outputs (`--out`)."""
 
 from __future__ import annotations
 
+import os
 import pathlib
+
+import numpy as np
 
 from jaxaccel.errors import InputError
 
@@ -23,3 +27,11 @@ def read_lines(path: pathlib.Path, flag: str = "--input") -> list[str]:
     if not lines:
         raise InputError(f"{flag} {path}: the file is empty; expected one item per line")
     return lines
+
+
+def save_npy_atomically(path: pathlib.Path, array) -> None:
+    """Write `array` to `path` (.npy) so that a reader never sees a partial file."""
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    with open(tmp, "wb") as handle:
+        np.save(handle, array)
+    os.replace(tmp, path)

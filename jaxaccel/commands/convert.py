@@ -33,7 +33,11 @@ def register(app: typer.Typer) -> None:
         dtype: str = typer.Option("float32", "--dtype", help="Stored dtype: float32, bfloat16 "
                                   "(halves the bytes) or float16."),
         family: str = typer.Option("auto", "--family", help="Model family: auto (from "
-                                   "config.json's model_type), bert, gpt2 or llama."),
+                                   "config.json's model_type), bert, gpt2, llama or resnet."),
+        layout: str = typer.Option("hf", "--layout", help="Source layout: hf (Hugging Face), "
+                                   "or a family's other layout, e.g. `--family resnet --layout "
+                                   "torchvision` (a torchvision state dict as safetensors; "
+                                   "config.json optional, for labels)."),
         chunking: str = typer.Option("auto", "--chunking", help="auto: one chunk per layer, "
                                      "sharded dims cut in 8 aligned pieces, chunks <= 64MiB; "
                                      "none: one chunk per array; or a max chunk size like 16MiB."),
@@ -58,9 +62,10 @@ def register(app: typer.Typer) -> None:
         from jaxaccel import api, progress
 
         start = time.perf_counter()
-        manifest = api.convert(src, dest, dtype=dtype, family=family, overwrite=overwrite,
-                               progress=not quiet, chunk_bytes=chunk_bytes_from(chunking),
-                               codec=codec, allow_overflow=allow_overflow)
+        manifest = api.convert(src, dest, dtype=dtype, family=family, layout=layout,
+                               overwrite=overwrite, progress=not quiet,
+                               chunk_bytes=chunk_bytes_from(chunking), codec=codec,
+                               allow_overflow=allow_overflow)
         seconds = time.perf_counter() - start
         ignored = manifest.source.get("ignored_tensors", [])
         if as_json:

@@ -3,31 +3,22 @@
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import time
 from typing import List, Optional
 
-import numpy as np
 import typer
 
 from jaxaccel import progress
 from jaxaccel.commands import options
 from jaxaccel.errors import UsageError
-from jaxaccel.textfiles import read_lines
+from jaxaccel.textfiles import read_lines, save_npy_atomically
 from jaxaccel.units import parse_bytes
 
 
 def read_text_lines(path: pathlib.Path) -> list[str]:
     """One text per line, UTF-8; a clear error for a missing, empty or non-UTF-8 file."""
     return read_lines(path, "--input")
-
-
-def save_npy_atomically(path: pathlib.Path, array) -> None:
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        np.save(handle, array)
-    os.replace(tmp, path)
 
 
 def register(app: typer.Typer) -> None:

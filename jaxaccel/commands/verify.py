@@ -24,7 +24,9 @@ def register(app: typer.Typer) -> None:
         only with --verify-checksums (that costs more than 10% of restore time). This command
         checks everything.
         """
-        from jaxaccel import api  # deferred: tensorstore and jax load only when verifying
+        from jaxaccel import (
+            api,  # deferred: tensorstore and jax load only when verifying
+        )
 
         try:
             report = api.verify(ckpt, progress=not quiet)

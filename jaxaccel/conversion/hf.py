@@ -47,7 +47,7 @@ class PlannedArray:
     """One target parameter and the source tensor names it is built from."""
 
     rule: WeightRule
-    sources: tuple[str, ...]  # one name, or one per layer
+    sources: tuple[tuple[str, ...], ...]  # one group (source, *extra), or one per layer
     axes: tuple
 
 
@@ -96,17 +96,20 @@ class SourcePlan:
     ignored: list[str]
 
 
-def plan_arrays(module, cfg, source: SafetensorsSource, specs) -> SourcePlan:
-    """Match rules to source tensors and check every shape, before reading any data."""
+def plan_arrays(module, cfg, source: SafetensorsSource, specs,
+                rules: list[WeightRule] | None = None) -> SourcePlan:
+    """Match rules (default: the family's Hugging Face rules) to source tensors and check
+    every shape, before reading any data."""
     available, layers = source.names(), cfg.num_layers
     plan, missing, used = [], [], set()
-    for rule in module.weight_rules(cfg):
-        names = [rule.source.format(i=i) for i in range(layers)] if rule.per_layer else [rule.source]
-        resolved = [_source_name(n, available, module) for n in names]
-        missing += [n for n, r in zip(names, resolved) if r is None]
-        if None in resolved:
+    for rule in module.weight_rules(cfg) if rules is None else rules:
+        groups = ([rule.source_names(i) for i in range(layers)] if rule.per_layer
+                  else [rule.source_names()])
+        resolved = [tuple(_source_name(n, available, module) for n in g) for g in groups]
+        missing += [n for g, r in zip(groups, resolved) for n, m in zip(g, r) if m is None]
+        if any(None in group for group in resolved):
             continue
-        used.update(resolved)
+        used.update(name for group in resolved for name in group)
         spec = specs[rule.target]
         _check_shape(rule, resolved, source, spec.shape)
         plan.append(PlannedArray(rule, tuple(resolved), spec.axes))
@@ -134,10 +137,11 @@ def _check_tied(module, cfg, source: SafetensorsSource) -> list[str]:
     return redundant
 
 
-def _check_shape(rule: WeightRule, names, source: SafetensorsSource, target_shape) -> None:
-    for name in names:
+def _check_shape(rule: WeightRule, groups, source: SafetensorsSource, target_shape) -> None:
+    for group in groups:
+        name = group[0]
         try:
-            shape = rule.transform(_zero_view(source.shape(name), np.float32)).shape
+            shape = rule.transform(*(_zero_view(source.shape(n), np.float32) for n in group)).shape
         except ValueError:
             shape = None
         expected = target_shape[1:] if rule.per_layer else target_shape
@@ -171,10 +175,10 @@ def read_planned(plan: list[PlannedArray], source: SafetensorsSource, dtype,
     `allow_overflow`."""
     for item in plan:
         parts = []
-        for name in item.sources:
-            part = item.rule.transform(source.read(name))
+        for group in item.sources:
+            part = item.rule.transform(*map(source.read, group))
             if not allow_overflow:
-                _check_range(part, dtype, name, source.file_of[name])
+                _check_range(part, dtype, group[0], source.file_of[group[0]])
             parts.append(part)
         array = np.stack(parts) if item.rule.per_layer else parts[0]
         with np.errstate(over="ignore"):  # overflow was refused above unless allowed
@@ -198,11 +202,52 @@ def _check_range(array: np.ndarray, dtype, name: str, path) -> None:
                            "inf); convert to float32 or bfloat16, or pass --allow-overflow")
 
 
+def source_layout(module, layout: str):
+    """A family's foreign `SourceLayout` by name (None for Hugging Face's own layout)."""
+    if layout == "hf":
+        return None
+    layouts = getattr(module, "SOURCE_LAYOUTS", {})
+    if layout not in layouts:
+        raise UsageError(f"--layout {layout!r}: the {module.FAMILY} family converts from "
+                         f"{', '.join(['hf', *layouts])}")
+    return layouts[layout]
+
+
+def source_module(src: pathlib.Path, family: str, layout: str):
+    """The family module converting `src`: from config.json's model_type (Hugging Face's
+    layout) or from --family (required for a foreign `layout`, checked before any read)."""
+    if layout == "hf":
+        return family_module(resolve_family(read_hf_config(src), family, src / "config.json"))
+    if family == "auto":
+        raise UsageError(f"--layout {layout} needs --family (the source has no model_type)")
+    module = family_module(resolve_family({}, family, src / "config.json"))
+    source_layout(module, layout)  # a bad --layout fails here
+    return module
+
+
+def source_config(src: pathlib.Path, module, layout: str, source: SafetensorsSource):
+    """(HF-style config dict, SourceLayout or None) of a source directory: Hugging Face's
+    layout reads config.json; a foreign layout infers the architecture from the tensor
+    shapes, taking labels from a config.json if there is one."""
+    if layout == "hf":
+        return read_hf_config(src), None
+    foreign = source_layout(module, layout)
+    shapes = {name: source.shape(name) for name in source.names()}
+    try:
+        inferred = foreign.config_from_shapes(shapes)
+    except (KeyError, ValueError) as err:
+        raise ConvertError(f"{src}: {err}") from None
+    found = read_hf_config(src) if (src / "config.json").is_file() else {}
+    return {"model_type": layout, **found, **inferred}, foreign
+
+
 def convert(src: str | pathlib.Path, dest: str | pathlib.Path, *, dtype: str = "float32",
-            family: str = "auto", chunk_bytes: int | None = DEFAULT_CHUNK_BYTES,
-            codec: str = "none", overwrite: bool = False, allow_overflow: bool = False,
+            family: str = "auto", layout: str = "hf",
+            chunk_bytes: int | None = DEFAULT_CHUNK_BYTES, codec: str = "none",
+            overwrite: bool = False, allow_overflow: bool = False,
             on_array: Callable[[str, int], None] = lambda name, nbytes: None) -> Manifest:
-    """Convert SRC (config.json + safetensors) into a jaxaccel checkpoint at DEST.
+    """Convert SRC (config.json + safetensors, or a family's foreign `layout` of safetensors)
+    into a jaxaccel checkpoint at DEST.
 
     Raises ConvertError (naming the file, tensor or config key) for anything it cannot
     convert faithfully, before DEST exists; the manifest's `source.ignored_tensors` lists the
@@ -210,19 +255,21 @@ def convert(src: str | pathlib.Path, dest: str | pathlib.Path, *, dtype: str = "
     src, dest = pathlib.Path(src), pathlib.Path(dest)
     if dtype not in DTYPES:
         raise UsageError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    hf_config = read_hf_config(src)
-    family = resolve_family(hf_config, family, src / "config.json")
-    module = family_module(family)
+    module = source_module(src, family, layout)
     extras, extra_files = module.extra_sources(src)
-    cfg = _family_config(module, {**hf_config, **extras}, src)
-    _, abstract = abstract_model(family, cfg, DTYPES[dtype])
     with SafetensorsSource(weight_files(src) + list(extra_files), read_index(src),
                            extra_files) as source:
-        plan = plan_arrays(module, cfg, source, param_specs(abstract))
-        manifest = Manifest(family=family, config=dataclasses.asdict(cfg), dtype=dtype, arrays={},
-                            source={"path": str(src.absolute()),
-                                    "model_type": hf_config["model_type"],
-                                    "ignored_tensors": plan.ignored},
+        hf_config, foreign = source_config(src, module, layout, source)
+        cfg = _family_config(module, {**hf_config, **extras}, src)
+        _, abstract = abstract_model(module.FAMILY, cfg, DTYPES[dtype])
+        rules = foreign.weight_rules(cfg) if foreign else None
+        plan = plan_arrays(module, cfg, source, param_specs(abstract), rules)
+        manifest = Manifest(family=module.FAMILY, config=dataclasses.asdict(cfg), dtype=dtype,
+                            arrays={}, source={"path": str(src.absolute()),
+                                               "model_type": hf_config["model_type"],
+                                               "layout": layout,
+                                               "ignored_tensors": plan.ignored,
+                                               **getattr(module, "CONVERSION_NOTES", {})},
                             generation=_generation(module, src, hf_config))
         extras = {name: src / name for name in TOKENIZER_FILES if (src / name).is_file()}
         arrays = read_planned(plan.arrays, source, DTYPES[dtype], allow_overflow)

@@ -2,8 +2,9 @@
 
 A family is one module (one file) plus one `register` line below. The module exposes:
 
-  FAMILY, TASK ("embed" or "generate"), HF_MODEL_TYPES, SOURCE_PREFIXES,
-  IGNORED_SOURCE_WEIGHTS
+  FAMILY, TASK ("embed", "generate" or "classify"), HF_MODEL_TYPES, SOURCE_PREFIXES,
+  IGNORED_SOURCE_WEIGHTS; optionally CONVERSION_NOTES (a dict the converter records in the
+  manifest's "source", e.g. that batch norms were folded away)
   Config: frozen dataclass with `Config.from_hf(dict)`, `num_layers`, `max_length` (the hard
       input limit) and `default_length` (where inputs are truncated by default)
   Model(config, dtype=, rngs=): a Flax NNX module whose parameters carry logical axes
@@ -24,7 +25,7 @@ from types import ModuleType
 
 from jaxaccel.errors import UnknownFamilyError
 
-TASKS = ("embed", "generate")
+TASKS = ("embed", "generate", "classify")
 _FAMILY_MODULES: dict[str, str] = {}
 
 
@@ -36,6 +37,7 @@ def register(family: str, module: str) -> None:
 register("bert", "jaxaccel.models.bert")
 register("gpt2", "jaxaccel.models.gpt2")
 register("llama", "jaxaccel.models.llama")
+register("resnet", "jaxaccel.models.resnet")
 
 
 def known_families() -> list[str]:
@@ -50,7 +52,8 @@ def family_module(family: str) -> ModuleType:
 
 
 def task(family: str) -> str:
-    """What a family's checkpoints are run for: "embed" (encoders) or "generate" (decoders)."""
+    """What a family's checkpoints are run for: "embed" (encoders), "generate" (decoders) or
+    "classify" (image classifiers)."""
     return family_module(family).TASK
 
 

@@ -3,6 +3,8 @@
 A model family lists `WeightRule`s as data; the converter applies them. A source name with
 `{i}` is per layer: the converter reads it for i = 0..num_layers-1 and stacks the results on
 a leading layers axis, matching the stacked parameters that `layers.scan_layers` iterates.
+A rule whose parameter is computed from several tensors (a convolution with its batch norm
+folded in) names the others in `extra`; its transform takes them after the main one.
 """
 
 from __future__ import annotations
@@ -39,7 +41,21 @@ class WeightRule:
     target: str  # dotted parameter path in the model state, e.g. "blocks.wq_dnh"
     source: str  # source tensor name; "{i}" marks a per-layer tensor
     transform: Transform = identity
+    extra: tuple[str, ...] = ()  # further source tensors, passed to `transform` after `source`
 
     @property
     def per_layer(self) -> bool:
         return "{i}" in self.source
+
+    def source_names(self, layer: int | None = None) -> tuple[str, ...]:
+        """(source, *extra), with `{i}` filled in for a per-layer rule."""
+        return tuple(name.format(i=layer) for name in (self.source, *self.extra))
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceLayout:
+    """A foreign checkpoint layout a family converts from besides Hugging Face's (e.g.
+    torchvision's): a family lists them by name in `SOURCE_LAYOUTS`."""
+
+    config_from_shapes: Callable[[dict], dict]  # tensor name -> shape  => HF-style config dict
+    weight_rules: Callable[[object], list[WeightRule]]

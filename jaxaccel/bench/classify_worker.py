@@ -1,0 +1,67 @@
+"""One fresh-process measurement of image classification (used by `bench classify`).
+
+    python -m jaxaccel.bench.classify_worker '{"ckpt": CKPT, "dtype": "float32", "batch": 32,
+        "iters": 4, "mode": "compute"}'
+    ... "mode": "decode" | "pipeline" | "serial", "images": [FILE, ...]
+
+compute: the jitted forward alone on a fixed random batch [batch, s, s, 3] (s: the
+checkpoint's crop). decode: the input pipeline's host side alone (worker-thread decode and
+preprocessing into host batches). pipeline: files -> logits through `Classifier.classify`
+(decode, transfer one step ahead, compute, all overlapping). serial: the same with
+`prefetch=False` (decode inline, each step waits for the last). Prints one JSON line:
+{"images_per_s": ..., "seconds": ...}.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from jaxaccel.bench.worker import loop_seconds, serve
+
+
+def random_pixels(batch: int, side: int, seed: int = 0) -> np.ndarray:
+    """Normalised-looking float32 [batch, side, side, 3]: every contender gets the same."""
+    return np.random.default_rng(seed).standard_normal((batch, side, side, 3), np.float32)
+
+
+def load_classifier(ckpt: str, dtype: str, batch: int):
+    # deferred: jax and the runtime load in the worker process only, not in `jaxaccel bench`
+    from jaxaccel.classify import Classifier
+    from jaxaccel.loader import load_model
+
+    return Classifier(load_model(ckpt, dtype=dtype), batch_size=batch)
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main(ckpt: str, dtype: str, batch: int, iters: int, mode: str,
+         images: list[str] | None = None, workers: int | None = None) -> dict:
+    from jaxaccel.input_pipeline import HostBatches  # deferred: see load_classifier
+
+    classifier = load_classifier(ckpt, dtype, batch)
+    if mode == "compute":
+        placed = classifier.put(random_pixels(batch, classifier.config.image_size))
+        seconds = loop_seconds(lambda: classifier.run(placed), iters,
+                               wait=lambda out: out.block_until_ready())
+        return {"images_per_s": batch * iters / seconds, "seconds": seconds}
+    files = (images * (batch * iters // len(images) + 1))[:batch * iters]
+    classifier.classify(files[:batch])  # compile and warm up
+    if mode == "decode":
+        seconds = timed(lambda: list(HostBatches(files, classifier.preprocess, batch,
+                                                 workers=workers)))
+    elif mode in ("pipeline", "serial"):
+        seconds = timed(lambda: classifier.classify(files, prefetch=mode == "pipeline",
+                                                    workers=workers))
+    else:
+        raise SystemExit(f"unknown mode {mode!r}")
+    return {"images_per_s": len(files) / seconds, "seconds": seconds}
+
+
+if __name__ == "__main__":
+    serve(main)
