@@ -14,6 +14,7 @@ import os
 import pathlib
 import re
 import shutil
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 
@@ -50,7 +51,18 @@ def staging_directory(dest: pathlib.Path, overwrite: bool = False) -> Iterator[p
         yield staging
         _publish(staging, dest, overwrite)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        _remove(staging)
+
+
+def _remove(path: pathlib.Path, attempts: int = 100) -> None:
+    """Delete a staging directory for good. After a failed write (disk full), tensorstore's
+    background threads may still land a file in it while rmtree runs, which left the
+    directory behind under load; retry until it is gone (a few milliseconds at most)."""
+    for _ in range(attempts):
+        shutil.rmtree(path, ignore_errors=True)
+        if not path.exists():
+            return
+        time.sleep(0.02)
 
 
 def _publish(staging: pathlib.Path, dest: pathlib.Path, overwrite: bool) -> None:
