@@ -1,14 +1,18 @@
-"""Input and output files of the CLI: text inputs (`embed --input`, `generate --input`,
-`classify --input`: UTF-8, one item a line) and `.npy` outputs (`--out`)."""
+"""Small files jaxaccel reads and writes: the CLI's text inputs (`embed --input`, `generate
+--input`, `classify --input`: UTF-8, one item a line), its `.npy` outputs (`--out`), and the
+JSON metadata files that ship beside a model's weights."""
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 
 import numpy as np
 
-from jaxaccel.errors import InputError
+from jaxaccel.errors import ConvertError, InputError
+
+_JSON_KINDS = {dict: "object", list: "array"}
 
 
 def read_lines(path: pathlib.Path, flag: str = "--input") -> list[str]:
@@ -35,3 +39,20 @@ def save_npy_atomically(path: pathlib.Path, array) -> None:
     with open(tmp, "wb") as handle:
         np.save(handle, array)
     os.replace(tmp, path)
+
+
+def read_json(path: pathlib.Path, kind: type = dict):
+    """A source directory's JSON file (`generation_config.json`, `modules.json`, ...) as a
+    `kind` (dict or list), None when the file is absent. ConvertError naming the file when
+    it is not valid JSON or not of that kind."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConvertError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(value, kind):
+        raise ConvertError(f"{path}: expected a JSON {_JSON_KINDS.get(kind, kind.__name__)}, "
+                           f"got {type(value).__name__}")
+    return value

@@ -9,10 +9,10 @@ manifest records the ids it would use, every one, plus the default sampling sett
 
 from __future__ import annotations
 
-import json
 import pathlib
 
 from jaxaccel.errors import ConvertError
+from jaxaccel.textfiles import read_json
 
 GENERATION_CONFIG = "generation_config.json"
 ID_KEYS = ("bos_token_id", "pad_token_id")
@@ -21,16 +21,7 @@ SAMPLING_KEYS = {"do_sample": bool, "temperature": float, "top_k": int, "top_p":
 
 def read_generation_config(src: pathlib.Path) -> dict:
     """`generation_config.json` as a dict ({} when absent); ConvertError if malformed."""
-    path = src / GENERATION_CONFIG
-    if not path.is_file():
-        return {}
-    try:
-        values = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ConvertError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(values, dict):
-        raise ConvertError(f"{path}: expected a JSON object, got {type(values).__name__}")
-    return values
+    return read_json(src / GENERATION_CONFIG) or {}
 
 
 def token_ids(value, key: str, path: pathlib.Path) -> list[int]:

@@ -10,7 +10,6 @@ pooling + L2 normalisation, as all-MiniLM-L6-v2.
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 
 import jax.numpy as jnp
@@ -26,6 +25,7 @@ from jaxaccel.models.weights import (
     unstack_heads_in,
     unstack_heads_out,
 )
+from jaxaccel.textfiles import read_json
 
 FAMILY = "bert"
 TASK = "embed"
@@ -277,27 +277,14 @@ def extra_sources(src: pathlib.Path) -> tuple[dict, dict]:
     """(config values, {weight file: name prefix}) from a sentence-transformers export:
     `max_seq_length` and the module pipeline of `modules.json`. ConvertError naming the file
     or module for anything this family cannot compute."""
-    extras = _read_json(src / "sentence_bert_config.json") or {}
+    extras = read_json(src / "sentence_bert_config.json") or {}
     limit = extras.get("max_seq_length")
     values = {"max_seq_length": int(limit)} if limit else {}
-    modules = _read_json(src / "modules.json", list)
+    modules = read_json(src / "modules.json", list)
     if modules is None:
         return values, {}
     pipeline, files = _pipeline(src, modules)
     return {**values, **pipeline}, files
-
-
-def _read_json(path: pathlib.Path, kind: type = dict):
-    """A JSON file's value (None when absent); ConvertError unless it parses as `kind`."""
-    if not path.is_file():
-        return None
-    try:
-        value = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ConvertError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(value, kind):
-        raise ConvertError(f"{path}: expected a JSON {kind.__name__}")
-    return value
 
 
 def _pipeline(src: pathlib.Path, modules) -> tuple[dict, dict]:
@@ -326,7 +313,7 @@ def _pipeline(src: pathlib.Path, modules) -> tuple[dict, dict]:
 
 
 def _pooling_modes(directory: pathlib.Path) -> list[str]:
-    config = _read_json(directory / "config.json")
+    config = read_json(directory / "config.json")
     if config is None:
         raise ConvertError(f"{directory / 'config.json'}: missing (the Pooling module's config)")
     modes = [mode for mode, key in pooling.POOLING_MODES.items() if config.get(key)]
@@ -337,7 +324,7 @@ def _pooling_modes(directory: pathlib.Path) -> list[str]:
 
 def _dense(directory: pathlib.Path) -> tuple[dict, dict]:
     path = directory / "config.json"
-    config = _read_json(path)
+    config = read_json(path)
     if config is None:
         raise ConvertError(f"{path}: missing (the Dense module's config)")
     activation = config.get("activation_function", "torch.nn.modules.activation.Tanh")

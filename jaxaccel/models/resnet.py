@@ -15,7 +15,6 @@ false, the default), v1 on its first 1x1.
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 
 import jax
@@ -24,9 +23,9 @@ import numpy as np
 from flax import nnx
 
 from jaxaccel import sharding as ax
-from jaxaccel.errors import ConvertError
 from jaxaccel.models import layers
 from jaxaccel.models.weights import SourceLayout, WeightRule, transpose_to
+from jaxaccel.textfiles import read_json
 
 FAMILY = "resnet"
 TASK = "classify"
@@ -327,13 +326,5 @@ def tied_weights(cfg: Config) -> list[tuple[str, str]]:
 def extra_sources(src: pathlib.Path) -> tuple[dict, dict]:
     """({"preprocessor": preprocessor_config.json}, no extra weight files): the image
     processor's settings, which `Config.from_hf` keeps (resize, crop, rescale, normalise)."""
-    path = pathlib.Path(src) / "preprocessor_config.json"
-    if not path.is_file():
-        return {}, {}
-    try:
-        values = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ConvertError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(values, dict):
-        raise ConvertError(f"{path}: not a JSON object")
-    return {"preprocessor": values}, {}
+    values = read_json(pathlib.Path(src) / "preprocessor_config.json")
+    return ({"preprocessor": values} if values is not None else {}), {}
