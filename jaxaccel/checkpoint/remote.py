@@ -1,0 +1,223 @@
+"""Direct chunk reads from a bucket or web server: byte ranges of the OCDBT data files.
+
+The same plan as checkpoint.direct, over the network: the OCDBT index maps every zarr chunk
+key to (data file, offset, length); each chunk a process needs is one ranged GET through
+tensorstore's kvstore driver (its request concurrency and retry settings apply, see
+checkpoint.storage), checked against its crc32c, and copied into the slice's buffer. A
+transient corruption heals itself: a chunk whose checksum does not match is fetched again
+(up to FETCH_ATTEMPTS times) before the restore fails naming the URL, array and chunk.
+
+`prefetch` (called by restore in read order, on its own thread) starts the ranged reads of the
+chunks ahead, so up to `prefetch_bytes` are on the wire while the read threads copy; each
+chunk is fetched once however many threads want it first. With a chunk cache
+(checkpoint.chunk_cache), chunks it holds are read from local disk through the local direct
+reader (verified there) and never requested; fetched chunks are added to it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+
+import crc32c
+import numpy as np
+
+from jaxaccel.checkpoint import direct, storage
+from jaxaccel.checkpoint.direct import ArrayLayout, ValueRef
+from jaxaccel.errors import ChunkError, StorageError
+
+FETCH_ATTEMPTS = 3  # on a crc32c mismatch: the server or network corrupted a response
+_CRC_BYTES = 4
+
+
+@dataclasses.dataclass
+class FetchStats:
+    """Bytes and requests of one restore: from the network, and served by the cache."""
+
+    network_bytes: int = 0
+    network_requests: int = 0
+    cache_bytes: int = 0
+    cache_hits: int = 0
+    refetches: int = 0  # chunks fetched again after a checksum mismatch or a bad cache entry
+
+
+class _Window:
+    """Bytes prefetched but not yet consumed <= limit (one chunk larger than it runs alone)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+        self._cond = threading.Condition()
+
+    def acquire(self, nbytes: int) -> None:
+        with self._cond:
+            while self.used and self.used + nbytes > self.limit:
+                self._cond.wait()
+            self.used += nbytes
+
+    def release(self, nbytes: int) -> None:
+        with self._cond:
+            self.used -= nbytes
+            self._cond.notify_all()
+
+
+class RemoteChunkReader:
+    """direct.ChunkReader's interface (`read_chunk`, `prefetch`, `close`) over a remote
+    checkpoint's `params/` prefix; safe to share across threads."""
+
+    def __init__(self, index: dict[bytes, ValueRef], params_dir: storage.RemotePath, *,
+                 verify: bool = True, cache=None, prefetch_bytes: int = 1 << 30):
+        self.index, self.params_dir, self.verify, self.cache = index, params_dir, verify, cache
+        self.stats = FetchStats()
+        self._store = storage.open_kvstore(params_dir)
+        self._root = str(params_dir) + "/"
+        self._window = _Window(prefetch_bytes)
+        self._pending: dict[bytes, object] = {}  # key -> future, _RESERVED or _TAKEN
+        self._lock = threading.Lock()
+        self._closed = False
+        # Fill-valued (absent) and inline chunks need no request: the local reader serves them.
+        self._local = direct.ChunkReader(index, verify=verify)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            pending, self._pending = self._pending, {}
+        for key, future in pending.items():
+            if future is not _TAKEN and future is not _RESERVED:
+                self._window.release(self.index[key].length)
+        self._local.close()
+
+    def prefetch(self, layout: ArrayLayout, box: tuple[slice, ...]) -> None:
+        """Start the ranged reads of the chunks `box` needs that are not cached."""
+        for grid_index in direct.chunks_in(box, layout.chunk):
+            key = direct.chunk_key(layout.name, grid_index)
+            ref = self.index.get(key)
+            if ref is None or ref.inline is not None or self._cached(layout, key):
+                continue
+            with self._lock:
+                if key in self._pending or self._closed:
+                    continue
+                self._pending[key] = _RESERVED  # a read thread arriving first fetches it itself
+            self._window.acquire(ref.length)
+            with self._lock:
+                if self._pending.get(key) is _RESERVED and not self._closed:
+                    self._pending[key] = self._start(ref)
+                else:  # consumed (fetched by a read thread) or closed meanwhile
+                    self._window.release(ref.length)
+
+    def read_chunk(self, layout: ArrayLayout, grid_index, box: tuple[slice, ...],
+                   dest: np.ndarray) -> int:
+        """Copy the part of chunk `grid_index` inside global `box` into `dest`; returns the
+        bytes read (from the network or the cache)."""
+        key = direct.chunk_key(layout.name, grid_index)
+        ref = self.index.get(key)
+        if ref is None or ref.inline is not None:
+            return self._local.read_chunk(layout, grid_index, box, dest)
+        if self._cached(layout, key) and self._read_cached(layout, key, grid_index, box, dest):
+            return ref.length
+        data = self._fetch_checked(layout, key, ref, grid_index)
+        if self.cache is not None and layout.checksummed:
+            self.cache.put(key.decode(), data)
+        _place(layout, grid_index, box, dest, data)
+        return ref.length
+
+    def _cached(self, layout: ArrayLayout, key: bytes) -> bool:
+        return (self.cache is not None and layout.checksummed
+                and self.cache.path(key.decode()) is not None)
+
+    def _read_cached(self, layout, key: bytes, grid_index, box, dest) -> bool:
+        """Read a chunk from its cache entry, always verified; a bad entry is evicted."""
+        path = self.cache.path(key.decode())
+        if path is None:
+            return False
+        entry = {key: ValueRef(str(path), 0, path.stat().st_size)}
+        reader = direct.ChunkReader(entry, verify=True)
+        try:
+            reader.read_chunk(layout, grid_index, box, dest)
+        except (ChunkError, OSError):  # corrupted, truncated or vanished: never serve it
+            self.cache.evict(key.decode())
+            with self._lock:
+                self.stats.refetches += 1
+            return False
+        finally:
+            reader.close()
+        self.cache.touch(key.decode())
+        with self._lock:
+            self.stats.cache_bytes += entry[key].length
+            self.stats.cache_hits += 1
+        return True
+
+    def _start(self, ref: ValueRef):
+        key = ref.file[len(self._root):]
+        return self._store.read(key, byte_range=slice(ref.offset, ref.offset + ref.length))
+
+    def _take(self, key: bytes, ref: ValueRef):
+        """The prefetched future for `key` (releasing its window bytes), else a new read."""
+        with self._lock:
+            future = self._pending.get(key)
+            self._pending[key] = _TAKEN
+        if future is None or future is _TAKEN or future is _RESERVED:
+            return self._start(ref), False
+        return future, True
+
+    def _fetch_checked(self, layout: ArrayLayout, key: bytes, ref: ValueRef,
+                       grid_index) -> bytes:
+        """The chunk's stored bytes, checked against its crc32c (fetched again on mismatch)."""
+        future, prefetched = self._take(key, ref)
+        for attempt in range(FETCH_ATTEMPTS):
+            try:
+                data = self._result(future, layout, ref, grid_index)
+            finally:
+                if prefetched:
+                    self._window.release(ref.length)
+                    prefetched = False
+            if not layout.checksummed or _crc_ok(data):  # always: the network is untrusted
+                return data
+            with self._lock:
+                self.stats.refetches += 1
+            if attempt + 1 < FETCH_ATTEMPTS:
+                future = self._start(ref)
+        raise ChunkError(f"{ref.file}: array {layout.name!r}, chunk {_fmt(grid_index)}: "
+                         f"corrupted in transfer {FETCH_ATTEMPTS} times (crc32c mismatch)")
+
+    def _result(self, future, layout: ArrayLayout, ref: ValueRef, grid_index) -> bytes:
+        where = f"{ref.file} [bytes {ref.offset}-{ref.offset + ref.length - 1}]"
+        try:
+            result = future.result()
+        except Exception as err:  # tensorstore's status errors, after its own retries
+            raise StorageError(f"{where}: array {layout.name!r}, chunk {_fmt(grid_index)}: "
+                               f"read failed ({storage.explain(err)})") from None
+        data = bytes(result.value) if result.state == "value" else b""
+        if len(data) != ref.length:
+            raise ChunkError(f"{where}: array {layout.name!r}, chunk {_fmt(grid_index)}: got "
+                             f"{len(data)} bytes, expected {ref.length} (object missing or "
+                             "truncated)")
+        with self._lock:
+            self.stats.network_bytes += len(data)
+            self.stats.network_requests += 1
+        return data
+
+
+_RESERVED = object()  # prefetch waits for room in its window before starting this read
+_TAKEN = object()  # a read thread has (or is fetching) this chunk: prefetch must not
+
+
+def _crc_ok(data: bytes) -> bool:
+    view = memoryview(data)
+    return crc32c.crc32c(view[:-_CRC_BYTES]) == int.from_bytes(view[-_CRC_BYTES:], "little")
+
+
+def _place(layout: ArrayLayout, grid_index, box: tuple[slice, ...], dest: np.ndarray,
+           data: bytes) -> None:
+    """Copy the part of a chunk (its stored bytes) inside global `box` into `dest`."""
+    origin = [g * c for g, c in zip(grid_index, layout.chunk)]
+    inter = [slice(max(o, s.start), min(o + c, s.stop, n))
+             for o, c, s, n in zip(origin, layout.chunk, box, layout.shape)]
+    body = np.frombuffer(data, np.uint8)
+    body = body[:len(body) - _CRC_BYTES] if layout.checksummed else body
+    values = body.view(layout.dtype).reshape(layout.chunk)
+    out = dest[tuple(slice(i.start - s.start, i.stop - s.start) for i, s in zip(inter, box))]
+    out[...] = values[tuple(slice(i.start - o, i.stop - o) for i, o in zip(inter, origin))]
+
+
+def _fmt(index) -> str:
+    return "(" + ", ".join(map(str, index)) + ("," if len(index) == 1 else "") + ")"
