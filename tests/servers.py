@@ -160,6 +160,7 @@ class _Fault:
     match: str = ""  # only requests whose path contains this
     status: int = 500
     seconds: float = 0.0
+    after: int = 0  # let this many matching requests through first
 
 
 class FaultProxy:
@@ -191,17 +192,19 @@ class FaultProxy:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     # -- faults ----------------------------------------------------------------------------
-    def fail(self, times: int, status: int = 500, match: str = "") -> None:
-        """Answer the next `times` matching requests (-1: all) with `status`."""
-        self._add(_Fault("status", times, match, status=status))
+    def fail(self, times: int, status: int = 500, match: str = "", after: int = 0) -> None:
+        """Answer the next `times` matching requests (-1: all) with `status`, after letting
+        `after` through."""
+        self._add(_Fault("status", times, match, status=status, after=after))
 
-    def drop(self, times: int, match: str = "") -> None:
-        """Close the connection without an answer, for the next `times` matching requests."""
-        self._add(_Fault("drop", times, match))
+    def drop(self, times: int, match: str = "", after: int = 0) -> None:
+        """Close the connection without an answer, for the next `times` matching requests
+        (after `after` more have been served: `drop(-1, after=n)` is a server dying mid-way)."""
+        self._add(_Fault("drop", times, match, after=after))
 
-    def corrupt(self, times: int, match: str = "") -> None:
+    def corrupt(self, times: int, match: str = "", after: int = 0) -> None:
         """Flip one byte in the middle of the next `times` matching response bodies."""
-        self._add(_Fault("corrupt", times, match))
+        self._add(_Fault("corrupt", times, match, after=after))
 
     def stall(self, seconds: float, times: int, match: str = "") -> None:
         self._add(_Fault("stall", times, match, seconds=seconds))
@@ -234,6 +237,9 @@ class FaultProxy:
             for fault in self._faults:
                 if fault.remaining != 0 and fault.match in path and (
                         fault.kind != "corrupt" or method == "GET"):
+                    if fault.after > 0:
+                        fault.after -= 1
+                        continue
                     if fault.remaining > 0:
                         fault.remaining -= 1
                     return fault

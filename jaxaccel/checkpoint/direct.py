@@ -67,21 +67,32 @@ class ArrayLayout:
 
 def ocdbt_index(params_dir) -> dict[bytes, ValueRef]:
     """Every key of the OCDBT database's newest version -> where its value lives (`file`:
-    a local path, or a URL when `params_dir` is remote: see checkpoint.storage)."""
+    a local path, or a URL when `params_dir` is remote: see checkpoint.storage). A remote
+    index that does not decode is read again (a response corrupted in transit heals)."""
     params_dir = storage.checkpoint_path(params_dir)
     if isinstance(params_dir, pathlib.Path):
-        params_dir = params_dir.absolute()
+        return _ocdbt_index(params_dir.absolute())
+    for attempt in range(2):
+        try:
+            return _ocdbt_index(params_dir)
+        except storage.StorageError as err:
+            if attempt or "DATA_LOSS" not in str(err):
+                raise
+    raise AssertionError("unreachable")
+
+
+def _ocdbt_index(params_dir) -> dict[bytes, ValueRef]:
     try:
         base = ts.KvStore.open(storage.kvstore_spec(params_dir)).result()
         manifest = ts.ocdbt.dump(base).result()
+        index: dict[bytes, ValueRef] = {}
+        if manifest.get("versions"):
+            root = manifest["versions"][-1]["root"]
+            if "location" in root:
+                _walk(base, root["location"], b"", params_dir, index)
     except Exception as err:  # tensorstore raises ValueError subclasses with status text
         raise storage.StorageError(f"{params_dir}: the OCDBT database cannot be listed "
                                    f"({storage.explain(err)})") from None
-    index: dict[bytes, ValueRef] = {}
-    if manifest.get("versions"):
-        root = manifest["versions"][-1]["root"]
-        if "location" in root:
-            _walk(base, root["location"], b"", params_dir, index)
     return index
 
 

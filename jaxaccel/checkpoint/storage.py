@@ -164,6 +164,9 @@ def _context_resources(driver: str) -> dict:
                  f"{driver}_request_retries": retry}
     if driver == "s3" and (os.environ.get("AWS_NO_SIGN_REQUEST", "").lower() in ("1", "true")):
         resources["aws_credentials"] = {"type": "anonymous"}
+    elif driver == "s3" and os.environ.get("AWS_ACCESS_KEY_ID"):
+        # The SDKs' first choice; skips the profile-file probe that logs errors without ~/.aws.
+        resources["aws_credentials"] = {"type": "environment"}
     return resources
 
 

@@ -1,0 +1,235 @@
+"""Remote checkpoints against real servers on 127.0.0.1: moto's S3, the GCS emulator, a plain
+HTTP server with Range support (tests/servers.py). References: the local restore of the same
+checkpoint, and request/byte counts taken at a proxy in front of the server."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import crc32c
+import numpy as np
+import pytest
+
+from jaxaccel import launcher
+from jaxaccel.errors import CheckpointError, StorageError
+
+pytestmark = pytest.mark.cpu_only  # meshes of the 8 simulated host devices
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SENTENCES = ["A man is eating food.", "Short.", "ünïcödé and emoji 🙂 tokenise too"]
+DATA = "/params/d/"  # OCDBT data files: the chunks' bytes
+
+
+def _embed(ckpt, mesh="data=2,model=4"):
+    from jaxaccel.embed import Embedder
+    from jaxaccel.loader import load_model
+    from jaxaccel.sharding import Layout
+
+    loaded = load_model(ckpt, Layout.create(mesh))
+    return Embedder(loaded, batch_size=4).embed_texts(SENTENCES)[0], loaded
+
+
+@pytest.fixture(scope="module")
+def local_embeddings(minilm_ckpt):
+    return _embed(minilm_ckpt)[0]
+
+
+def _cache_entries(cache_dir: pathlib.Path) -> list[pathlib.Path]:
+    return [p for p in cache_dir.rglob("*") if p.is_file() and p.name != "source.json"]
+
+
+def _entry_ok(path: pathlib.Path) -> bool:
+    """An entry is a chunk's stored bytes: values then their crc32c (little-endian)."""
+    data = path.read_bytes()
+    return len(data) > 4 and crc32c.crc32c(data[:-4]) == int.from_bytes(data[-4:], "little")
+
+
+def test_restore_from_s3_gcs_and_http_equals_local(s3_minilm, gcs_minilm, http_server,
+                                                    s3_proxy, local_embeddings, monkeypatch):
+    """Embeddings on data=2,model=4 are bit-for-bit the local restore's, from each server."""
+    monkeypatch.setenv("JAXACCEL_NO_CACHE", "1")
+    for url in (s3_minilm, gcs_minilm, f"{http_server.url}/minilm"):
+        got, loaded = _embed(url)
+        np.testing.assert_array_equal(got, local_embeddings, err_msg=url)
+        assert loaded.stats.bytes_from_network > 0 and loaded.stats.bytes_from_cache == 0
+    assert s3_proxy.count(DATA)[1] > 0  # the s3 restore went through the proxy
+
+
+def test_second_restore_asks_the_server_for_no_chunk(s3_minilm, s3_proxy, local_embeddings,
+                                                     tmp_path):
+    first, loaded = _embed(s3_minilm)
+    requests, nbytes = s3_proxy.count(DATA)  # chunks, plus the OCDBT b-tree node(s)
+    index_requests = requests - loaded.stats.network_requests
+    assert loaded.stats.network_requests > 0 and 0 < index_requests <= 2
+    s3_proxy.reset_counts()
+    second, again = _embed(s3_minilm)
+    assert s3_proxy.count(DATA)[0] == index_requests  # not one chunk requested
+    assert again.stats.network_requests == 0
+    assert again.stats.bytes_from_cache >= loaded.stats.bytes_from_network
+    np.testing.assert_array_equal(first, local_embeddings)
+    np.testing.assert_array_equal(second, local_embeddings)
+
+
+def test_corrupted_cache_entry_is_evicted_and_fetched_again(s3_minilm, s3_proxy,
+                                                            local_embeddings, tmp_path):
+    _embed(s3_minilm)
+    entries = _cache_entries(tmp_path / "cache")
+    victim = max(entries, key=lambda p: p.stat().st_size)
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 3] ^= 0x01
+    victim.write_bytes(bytes(data))
+    s3_proxy.reset_counts()
+    got, loaded = _embed(s3_minilm)
+    np.testing.assert_array_equal(got, local_embeddings)
+    assert loaded.stats.network_requests == 1  # only the bad entry came again
+    assert loaded.stats.bytes_from_network == len(data)
+    assert _entry_ok(victim)
+
+
+def _restore_process(url: str, env: dict, extra: str = "") -> subprocess.Popen:
+    code = ("import sys; from jaxaccel.loader import load_model; "
+            f"m = load_model({url!r}); print('OK', m.stats.bytes_from_network, "
+            f"m.stats.bytes_from_cache); {extra}")
+    return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
+
+
+def test_sigkill_during_cache_fill_leaves_nothing_served(s3_minilm, s3_proxy, tmp_path,
+                                                         local_embeddings):
+    s3_proxy.stall(30, -1, match=DATA + "")  # every chunk request hangs...
+    s3_proxy.clear_faults()
+    s3_proxy.stall(30, -1, match=DATA)
+    # ...after the first few are through: the process is killed mid-fill
+    s3_proxy._faults[0].after = 3
+    proc = _restore_process(s3_minilm, dict(os.environ))
+    deadline = time.monotonic() + 60
+    while s3_proxy.count(DATA)[0] < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    s3_proxy.clear_faults()
+    entries = _cache_entries(tmp_path / "cache")
+    served = [p for p in entries if not p.name.startswith(".tmp-")]
+    assert all(_entry_ok(p) for p in served), served
+    got, _ = _embed(s3_minilm)
+    np.testing.assert_array_equal(got, local_embeddings)
+
+
+def test_two_concurrent_restores_fill_one_cache(s3_minilm, s3_proxy, tmp_path):
+    procs = [_restore_process(s3_minilm, dict(os.environ)) for _ in range(2)]
+    outs = [p.communicate(timeout=240) for p in procs]
+    for proc, (out, err) in zip(procs, outs):
+        assert proc.returncode == 0 and out.startswith("OK"), err[-2000:]
+    entries = _cache_entries(tmp_path / "cache")
+    assert entries and all(_entry_ok(p) for p in entries)
+    assert not [p for p in entries if p.name.startswith(".tmp-")]
+
+
+def test_server_errors_then_success_restore(s3_minilm, s3_proxy, local_embeddings,
+                                            monkeypatch):
+    monkeypatch.setenv("JAXACCEL_NO_CACHE", "1")
+    monkeypatch.setenv("JAXACCEL_REMOTE_RETRIES", "8")
+    s3_proxy.fail(3, 500, match=DATA)
+    s3_proxy.fail(2, 503, match="jaxaccel.json")
+    s3_proxy.drop(2, match=DATA)
+    got, _ = _embed(s3_minilm)
+    np.testing.assert_array_equal(got, local_embeddings)
+
+
+def test_permanent_server_error_names_url_and_array(s3_minilm, s3_proxy, monkeypatch):
+    from jaxaccel.loader import load_model
+
+    monkeypatch.setenv("JAXACCEL_NO_CACHE", "1")
+    s3_proxy.fail(-1, 500, match=DATA, after=2)  # the b-tree index reads get through
+    with pytest.raises(StorageError) as err:
+        load_model(s3_minilm)
+    message = str(err.value)
+    assert "\n" not in message and f"{s3_minilm}/params/d/" in message
+    assert "array '" in message and "chunk (" in message
+
+
+def test_corrupted_response_is_fetched_again(s3_minilm, s3_proxy, local_embeddings):
+    s3_proxy.corrupt(1, match=DATA)  # the b-tree index: read again
+    s3_proxy.corrupt(2, match=DATA, after=3)  # two chunks: fetched again
+    got, loaded = _embed(s3_minilm)
+    np.testing.assert_array_equal(got, local_embeddings)
+    assert all(_entry_ok(p) for p in _cache_entries(s3_proxy_cache(s3_proxy)))
+
+
+def s3_proxy_cache(proxy) -> pathlib.Path:
+    return pathlib.Path(os.environ["JAXACCEL_CACHE_DIR"])
+
+
+def test_always_corrupted_response_is_a_clear_error(s3_minilm, s3_proxy):
+    from jaxaccel.loader import load_model
+
+    s3_proxy.corrupt(-1, match=DATA, after=2)
+    with pytest.raises(CheckpointError, match=r"array '.*', chunk \(.*crc32c mismatch"):
+        load_model(s3_minilm)
+    assert not _cache_entries(s3_proxy_cache(s3_proxy))
+
+
+def test_server_dying_mid_restore_is_a_clear_error_and_caches_nothing_bad(s3_minilm,
+                                                                         s3_proxy):
+    from jaxaccel.loader import load_model
+
+    s3_proxy.drop(-1, match=DATA, after=10)
+    with pytest.raises(StorageError, match=r"^s3://.*read failed"):
+        load_model(s3_minilm)
+    entries = _cache_entries(s3_proxy_cache(s3_proxy))
+    assert len(entries) <= 10 and all(_entry_ok(p) for p in entries)
+
+
+def test_missing_checkpoint_and_unreachable_endpoint_fail_before_reading(s3_minilm, s3_proxy,
+                                                                        monkeypatch):
+    from jaxaccel.loader import load_model
+
+    with pytest.raises(CheckpointError, match=r"^s3://jaxaccel-test/nothere/jaxaccel.json: "):
+        load_model("s3://jaxaccel-test/nothere")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")
+    monkeypatch.setenv("JAXACCEL_REMOTE_RETRIES", "1")
+    with pytest.raises(StorageError, match="unreachable"):
+        load_model(s3_minilm)
+
+
+def test_two_processes_each_fetch_half(s3_minilm, s3_server, minilm_ckpt, tmp_path,
+                                       local_embeddings):
+    """2 processes x 4 devices, `model` split across them: each process's proxy sees about
+    half of the checkpoint's chunk bytes, and the embeddings equal the local restore's."""
+    import servers
+
+    proxies = [servers.FaultProxy(s3_server.url) for _ in range(2)]
+    port = launcher.free_port()
+    worker = ROOT / "tests" / "multihost_worker.py"
+    procs = []
+    for i, proxy in enumerate(proxies):
+        env = launcher.process_env(i, 2, port, 4, 120)
+        env.update(AWS_ENDPOINT_URL=proxy.url, JAXACCEL_NO_CACHE="1",
+                   PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
+        procs.append(subprocess.Popen([sys.executable, str(worker), s3_minilm,
+                                       "model=2,stage=4", "dp_tp_pp"], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True, cwd=ROOT))
+    outs = [p.communicate(timeout=300) for p in procs]
+    for proc, (_, err) in zip(procs, outs):
+        assert proc.returncode == 0, err[-3000:]
+    result = json.loads(outs[0][0])
+    total = sum(p.stat().st_size for p in (minilm_ckpt / "params" / "d").iterdir())
+    shares = [proxy.count(DATA)[1] / total for proxy in proxies]
+    print("per-process chunk bytes / stored bytes:", shares)
+    assert all(0.45 <= share <= 0.55 for share in shares), shares
+    got = np.array(result["embeddings"])
+    from multihost_worker import SENTENCES as WORKER_SENTENCES
+
+    want = _embed(minilm_ckpt, "data=1")[1]
+    from jaxaccel.embed import Embedder
+
+    want = Embedder(want, batch_size=8).embed_texts(WORKER_SENTENCES)[0]
+    assert (got * want).sum(-1).min() >= 0.99999
+    for proxy in proxies:
+        proxy.stop()
