@@ -206,8 +206,9 @@ class FaultProxy:
         """Flip one byte in the middle of the next `times` matching response bodies."""
         self._add(_Fault("corrupt", times, match, after=after))
 
-    def stall(self, seconds: float, times: int, match: str = "") -> None:
-        self._add(_Fault("stall", times, match, seconds=seconds))
+    def stall(self, seconds: float, times: int, match: str = "", after: int = 0) -> None:
+        """Hold the next `times` matching requests for `seconds` before answering."""
+        self._add(_Fault("stall", times, match, seconds=seconds, after=after))
 
     def clear_faults(self) -> None:
         with self._lock:
@@ -250,6 +251,8 @@ class FaultProxy:
         path = handler.path.split("?", 1)[0]
         length = int(handler.headers.get("Content-Length") or 0)
         body = handler.rfile.read(length) if length else b""
+        with self._lock:  # counted on arrival: a stalled or dropped request counts too
+            self.requests[path] += 1
         fault = self._take_fault(handler.command, path)
         if fault is not None and fault.kind == "stall":
             time.sleep(fault.seconds)
@@ -287,9 +290,8 @@ class FaultProxy:
 
     def _reply(self, handler, status: int, headers, data: bytes, path: str,
                count: bool = True) -> None:
-        with self._lock:
-            self.requests[path] += 1
-            if count:
+        if count:
+            with self._lock:
                 self.bytes[path] += len(data)
         handler.send_response(status)
         for name, value in headers:

@@ -124,6 +124,8 @@ class Manifest:
         path = directory / MANIFEST_NAME
         data = storage.read_bytes(path)  # raises StorageError: no bucket, credentials, network
         if data is None:
+            if not directory.scheme.startswith("http"):  # names a missing bucket (StorageError)
+                storage.list_keys(directory)
             raise CheckpointError(f"{path}: missing; {directory} is not a complete jaxaccel "
                                   "checkpoint (wrong path, or was the convert interrupted?)")
         try:

@@ -223,6 +223,25 @@ def local_copy(location, dest: pathlib.Path) -> pathlib.Path:
     return dest
 
 
+def list_keys(location) -> list[str]:
+    """Every key under the remote prefix `location` (relative to it)."""
+    store = open_kvstore(location)
+    try:
+        return [key.decode() for key in store.list().result()]
+    except Exception as err:  # tensorstore's status errors
+        raise StorageError(f"{location}: cannot be listed ({explain(err)})") from None
+
+
+def delete_keys(location, names) -> None:
+    """Delete the objects `names` under the remote prefix `location` (absent ones are fine)."""
+    store = open_kvstore(location)
+    try:
+        for future in [store.delete_range(ts.KvStore.KeyRange(n, n + "\0")) for n in names]:
+            future.result()
+    except Exception as err:  # tensorstore's status errors
+        raise StorageError(f"{location}: cannot delete ({explain(err)})") from None
+
+
 def delete_tree(location) -> None:
     """Delete every object under the remote prefix `location` (for convert --overwrite)."""
     store = open_kvstore(location)
