@@ -102,7 +102,7 @@ class Manifest:
         return hashlib.sha256(text.encode()).hexdigest()
 
     @classmethod
-    def load(cls, directory) -> "Manifest":
+    def load(cls, directory) -> Manifest:
         """Read DIR/jaxaccel.json from a local directory or a gs://, s3://, http(s):// prefix."""
         directory = storage.checkpoint_path(directory)
         if isinstance(directory, storage.RemotePath):
@@ -120,7 +120,7 @@ class Manifest:
         return cls.from_json(raw, path)
 
     @classmethod
-    def _load_remote(cls, directory: "storage.RemotePath") -> "Manifest":
+    def _load_remote(cls, directory: storage.RemotePath) -> Manifest:
         path = directory / MANIFEST_NAME
         data = storage.read_bytes(path)  # raises StorageError: no bucket, credentials, network
         if data is None:
@@ -135,7 +135,7 @@ class Manifest:
         return cls.from_json(raw, path)
 
     @classmethod
-    def from_json(cls, raw, path: pathlib.Path | str = MANIFEST_NAME) -> "Manifest":
+    def from_json(cls, raw, path: pathlib.Path | str = MANIFEST_NAME) -> Manifest:
         if not isinstance(raw, Mapping):
             raise CheckpointError(f"{path}: expected a JSON object, got {type(raw).__name__}")
         version = raw.get("format_version")

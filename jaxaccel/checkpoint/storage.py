@@ -45,7 +45,7 @@ class RemotePath:
     def __init__(self, url: str):
         self.url = url.rstrip("/")
 
-    def __truediv__(self, name: str) -> "RemotePath":
+    def __truediv__(self, name: str) -> RemotePath:
         return RemotePath(f"{self.url}/{str(name).strip('/')}")
 
     @property
@@ -53,7 +53,7 @@ class RemotePath:
         return self.url.rsplit("/", 1)[-1]
 
     @property
-    def parent(self) -> "RemotePath":
+    def parent(self) -> RemotePath:
         return RemotePath(self.url.rsplit("/", 1)[0])
 
     @property

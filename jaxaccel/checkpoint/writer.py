@@ -32,6 +32,7 @@ from jaxaccel.checkpoint.manifest import (
 from jaxaccel.errors import UsageError
 
 ORBAX_TREE_METADATA = "_METADATA"
+ORBAX_COMMIT_MARKER = "commit_success.txt"
 
 
 def checksum(array: np.ndarray) -> str:
@@ -175,6 +176,9 @@ def _write_remote(dest: storage.RemotePath, manifest: Manifest, arrays, extra_fi
     manifest = dataclasses.replace(manifest, arrays=entries, tokenizer_files=tuple(extra_files))
     for name, source in extra_files.items():
         storage.write_bytes(dest / name, pathlib.Path(source).read_bytes())
+    # orbax's completeness marker on object stores (no rename there): plain orbax then
+    # restores DEST/params from gs:// as it does a local copy.
+    storage.write_bytes(dest / PARAMS_DIR / ORBAX_COMMIT_MARKER, b"written by jaxaccel convert")
     manifest.write(dest)
     return manifest
 
