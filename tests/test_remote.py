@@ -272,3 +272,38 @@ def test_killed_convert_to_bucket_leaves_nothing_that_loads(minilm_src, s3_minil
     s3_proxy.clear_faults()
     with pytest.raises(CheckpointError, match=r"killed/jaxaccel.json: missing"):
         load_model(url)
+
+
+def test_cli_inspect_verify_plan_and_cache_commands(s3_minilm, s3_proxy, minilm_ckpt, capsys,
+                                                    monkeypatch, tmp_path):
+    from cli_runner import run_cli
+
+    code, out, err = run_cli(capsys, monkeypatch, "inspect", s3_minilm, "--json")
+    assert code == 0, err
+    local = json.loads((minilm_ckpt / "jaxaccel.json").read_text())
+    assert json.loads(out)["arrays"].keys() == local["arrays"].keys()
+    code, out, err = run_cli(capsys, monkeypatch, "verify", s3_minilm, "--json")
+    assert code == 0 and json.loads(out)["ok"] is True, err
+    code, out, err = run_cli(capsys, monkeypatch, "plan", s3_minilm, "--mesh", "data=2,model=4",
+                             "--json")
+    assert code == 0, err
+    code, out, err = run_cli(capsys, monkeypatch, "embed", s3_minilm, "-t", "hello", "--json")
+    assert code == 0, err
+    cache_dir = tmp_path / "cache"
+    code, out, _ = run_cli(capsys, monkeypatch, "--cache-dir", cache_dir, "cache", "ls", "--json")
+    listing = json.loads(out)
+    entries = _cache_entries(cache_dir)
+    assert [c["url"] for c in listing["checkpoints"]] == [s3_minilm]
+    assert listing["total_bytes"] == sum(p.stat().st_size for p in entries) > 0
+    # LRU: the oldest entries go first, down to the size asked for
+    for age, path in enumerate(sorted(entries)):
+        os.utime(path, (1000 + age, 1000 + age))
+    keep = sum(p.stat().st_size for p in sorted(entries)[-5:])
+    code, out, _ = run_cli(capsys, monkeypatch, "--cache-dir", cache_dir, "cache", "prune",
+                           "--max-size", str(keep), "--json")
+    assert code == 0 and json.loads(out)["total_bytes"] == keep
+    assert sorted(_cache_entries(cache_dir)) == sorted(entries)[-5:]
+    code, out, _ = run_cli(capsys, monkeypatch, "--cache-dir", cache_dir, "cache", "clear",
+                           "--json")
+    assert code == 0 and json.loads(out)["freed_bytes"] == keep
+    assert not _cache_entries(cache_dir)
