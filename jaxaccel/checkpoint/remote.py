@@ -67,6 +67,7 @@ class RemoteChunkReader:
     def __init__(self, index: dict[bytes, ValueRef], params_dir: storage.RemotePath, *,
                  verify: bool = True, cache=None, prefetch_bytes: int = 1 << 30):
         self.index, self.params_dir, self.verify, self.cache = index, params_dir, verify, cache
+        self.prefetch_bytes = prefetch_bytes
         self.stats = FetchStats()
         self._store = storage.open_kvstore(params_dir)
         self._root = str(params_dir) + "/"
@@ -127,9 +128,10 @@ class RemoteChunkReader:
     def _read_cached(self, layout, key: bytes, grid_index, box, dest) -> bool:
         """Read a chunk from its cache entry, always verified; a bad entry is evicted."""
         path = self.cache.path(key.decode())
-        if path is None:
+        try:
+            entry = {key: ValueRef(str(path), 0, path.stat().st_size)}
+        except (AttributeError, OSError):  # evicted or pruned meanwhile (by another process)
             return False
-        entry = {key: ValueRef(str(path), 0, path.stat().st_size)}
         reader = direct.ChunkReader(entry, verify=True)
         try:
             reader.read_chunk(layout, grid_index, box, dest)

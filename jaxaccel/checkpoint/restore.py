@@ -209,9 +209,11 @@ def restore_arrays(ckpt_dir: str | pathlib.Path, manifest: Manifest,
     stores = _open_stores(params_dir, {n: t for n, t in targets.items() if n not in layouts},
                           manifest, ts.Context({"cache_pool": {"total_bytes_limit": 0}}))
     stats.engines = {name: "direct" if name in layouts else "tensorstore" for name in targets}
-    run = _Run(layouts, stores, stats, on_bytes, ByteBudget(host_memory_budget),
-               _chunk_reader(index, params_dir, manifest, verify_chunks, host_memory_budget)
-               if layouts else None)
+    reader = (_chunk_reader(index, params_dir, manifest, verify_chunks, host_memory_budget)
+              if layouts else None)
+    # A remote reader's prefetch window holds part of the budget; slices get the rest.
+    window = getattr(reader, "prefetch_bytes", 0)
+    run = _Run(layouts, stores, stats, on_bytes, ByteBudget(host_memory_budget - window), reader)
     reads = plan_reads(targets)
     prefetch = None
     if run.reader is not None:  # queue the disk reads ahead, in read order, off this thread
