@@ -13,7 +13,6 @@ import time
 import crc32c
 import numpy as np
 import pytest
-
 from cli_runner import run_subprocess
 
 from jaxaccel import launcher

@@ -170,11 +170,11 @@ class RemoteChunkReader:
             self.stats.network_requests += 1
         return self._store.read(file[len(self._root):], byte_range=slice(start, stop))
 
-    def _start(self, ref: ValueRef) -> "_Part":
+    def _start(self, ref: ValueRef) -> _Part:
         return _Part(self._read_range(ref.file, ref.offset, ref.offset + ref.length), 0,
                      ref.length)
 
-    def _take(self, key: bytes, ref: ValueRef) -> tuple["_Part", bool]:
+    def _take(self, key: bytes, ref: ValueRef) -> tuple[_Part, bool]:
         """The prefetched part for `key` (its window bytes to release), else a new read."""
         with self._lock:
             part = self._pending.get(key)
@@ -203,7 +203,7 @@ class RemoteChunkReader:
         raise ChunkError(f"{ref.file}: array {layout.name!r}, chunk {_fmt(grid_index)}: "
                          f"corrupted in transfer {FETCH_ATTEMPTS} times (crc32c mismatch)")
 
-    def _result(self, part: "_Part", layout: ArrayLayout, ref: ValueRef, grid_index) -> bytes:
+    def _result(self, part: _Part, layout: ArrayLayout, ref: ValueRef, grid_index) -> bytes:
         where = f"{ref.file} [bytes {ref.offset}-{ref.offset + ref.length - 1}]"
         try:
             result = part.future.result()  # several threads may share one grouped read
