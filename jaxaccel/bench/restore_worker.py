@@ -145,7 +145,8 @@ def main(contender: str, ckpt: str, mesh: str, rules: str, dtype: str = "default
     jax.block_until_ready(out)
     seconds = time.perf_counter() - start
     peak = status_bytes("VmHWM")
-    resident = sum(b.nbytes for b in out) if contender == "raw" else resident_bytes(out)
+    raw = contender in ("raw", "remote-raw")  # lists of numpy buffers, not jax arrays
+    resident = sum(b.nbytes for b in out) if raw else resident_bytes(out)
     return {"contender": contender, "seconds": seconds, "bytes": nbytes,
             "peak_rss_growth": peak - before, "resident": resident,
             "overhead": peak - before - resident}
