@@ -80,6 +80,8 @@ class RemoteChunkReader:
         self._lock = threading.Lock()
         self._stats_lock = threading.Lock()  # apart: _read_range runs under self._lock
         self._closed = False
+        self._queued: list[tuple[bytes, ValueRef]] = []  # reserved, not yet requested
+        self._queued_bytes = 0
         # Fill-valued (absent) and inline chunks need no request: the local reader serves them.
         self._local = direct.ChunkReader(index, verify=verify)
 
@@ -93,8 +95,7 @@ class RemoteChunkReader:
         self._local.close()
 
     def prefetch(self, layout: ArrayLayout, box: tuple[slice, ...]) -> None:
-        """Start the ranged reads of the chunks `box` needs that are not cached."""
-        wanted = []
+        """Queue the ranged reads of the chunks `box` needs that are not cached."""
         for grid_index in direct.chunks_in(box, layout.chunk):
             key = direct.chunk_key(layout.name, grid_index)
             ref = self.index.get(key)
@@ -104,23 +105,36 @@ class RemoteChunkReader:
                 if key in self._pending or self._closed:
                     continue
                 self._pending[key] = _RESERVED  # a read thread arriving first fetches it itself
-            wanted.append((key, ref))
-        for group in coalesce(wanted, MAX_REQUEST_BYTES):
+            self._queued.append((key, ref))
+            self._queued_bytes += ref.length
+        # Gather a quarter of the window before requesting: adjacent chunks of different
+        # slices then share requests (against moto, 208 single-chunk requests took 1.1-1.4 s,
+        # the same bytes in 26 runs 0.3-0.5 s). Queuing is quick: reads start within ms.
+        if self._queued_bytes >= max(MAX_REQUEST_BYTES, self.prefetch_bytes // 4):
+            self.prefetch_flush()
+
+    def prefetch_flush(self) -> None:
+        """Start the reads of every chunk `prefetch` has queued (restore calls this last)."""
+        queued, self._queued, self._queued_bytes = self._queued, [], 0
+        for group in coalesce(queued, MAX_REQUEST_BYTES):
             self._start_group(group)
 
     def _start_group(self, group: list[tuple[bytes, ValueRef]]) -> None:
-        """One ranged GET for adjacent chunks of one data file, once the window has room."""
-        start = group[0][1].offset
-        stop = group[-1][1].offset + group[-1][1].length
-        self._window.acquire(stop - start)
+        """Ranged GETs for adjacent chunks of one data file, once the window has room."""
+        self._window.acquire(sum(ref.length for _, ref in group))
         with self._lock:
-            live = not self._closed and any(self._pending.get(k) is _RESERVED for k, _ in group)
-            future = self._read_range(group[0][1].file, start, stop) if live else None
+            live = [] if self._closed else [
+                (key, ref) for key, ref in group if self._pending.get(key) is _RESERVED]
+            live_keys = {key for key, _ in live}
             for key, ref in group:
-                if future is not None and self._pending.get(key) is _RESERVED:
-                    self._pending[key] = _Part(future, ref.offset - start, ref.length)
-                else:  # taken by a read thread (or closed) meanwhile: its bytes never land
+                if key not in live_keys:  # taken by a read thread meanwhile: never lands
                     self._window.release(ref.length)
+            for run in coalesce(live, MAX_REQUEST_BYTES):
+                start = run[0][1].offset
+                stop = run[-1][1].offset + run[-1][1].length
+                future = self._read_range(run[0][1].file, start, stop)
+                for key, ref in run:
+                    self._pending[key] = _Part(future, ref.offset - start, ref.length)
 
     def read_chunk(self, layout: ArrayLayout, grid_index, box: tuple[slice, ...],
                    dest: np.ndarray) -> int:

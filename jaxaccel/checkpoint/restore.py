@@ -259,6 +259,8 @@ def _prefetch(reader: direct.ChunkReader, layouts: dict, reads: list[_Read]) -> 
         for read in reads:
             if read.name in layouts:
                 reader.prefetch(layouts[read.name], read.index)
+        if hasattr(reader, "prefetch_flush"):  # a remote reader gathers chunks into requests
+            reader.prefetch_flush()
     except OSError:  # advice only: the reads themselves report real I/O errors
         pass
 
