@@ -138,7 +138,7 @@ def initialize(cluster: Cluster | None) -> None:
     _cluster = dataclasses.replace(
         cluster, coordinator=_client_address() or cluster.coordinator,
         num_processes=jax.process_count(), process_id=jax.process_index())
-    _client().key_value_set(f"jaxaccel/who/{_cluster.process_id}",
+    client().key_value_set(f"jaxaccel/who/{_cluster.process_id}",
                             f"{socket.gethostname()} pid {os.getpid()}")
     progress.say(f"distributed: {_cluster.environment} detected; connected as process "
                  f"{_cluster.process_id}/{_cluster.num_processes} on host "
@@ -181,7 +181,8 @@ def is_output_process() -> bool:
     return process_index() == 0
 
 
-def _client():
+def client():
+    """jax's coordination-service client (key-value store, barriers) of the joined cluster."""
     from jax._src import (
         distributed as jax_distributed,  # deferred: jax (see initialize)
     )
@@ -205,12 +206,12 @@ def gather(name: str, value=None, timeout_s: float | None = None) -> dict[int, o
     timeout_s = _cluster.timeout_s if timeout_s is None else timeout_s
     _barrier_counts[name] = _barrier_counts.get(name, 0) + 1
     prefix = f"jaxaccel/gather/{name}/{_barrier_counts[name]}/"
-    client = _client()
+    kv = client()
     deadline = time.monotonic() + timeout_s
     try:
-        client.key_value_set(prefix + str(_cluster.process_id), json.dumps(value))
+        kv.key_value_set(prefix + str(_cluster.process_id), json.dumps(value))
         while True:
-            entries = dict(client.key_value_dir_get(prefix))
+            entries = dict(kv.key_value_dir_get(prefix))
             arrived = {int(key.rsplit("/", 1)[1]): json.loads(v) for key, v in entries.items()}
             if len(arrived) == _cluster.num_processes:
                 return dict(sorted(arrived.items()))
@@ -218,7 +219,7 @@ def gather(name: str, value=None, timeout_s: float | None = None) -> dict[int, o
                 missing = sorted(set(range(_cluster.num_processes)) - set(arrived))
                 raise DistributedError(
                     f"{_cluster.describe()}: timed out after {timeout_s:g} s at {name!r}: "
-                    f"{_name_processes(missing)} did not arrive")
+                    f"{name_processes(missing)} did not arrive")
             time.sleep(_POLL_S)
     except DistributedError:
         raise
@@ -228,11 +229,12 @@ def gather(name: str, value=None, timeout_s: float | None = None) -> dict[int, o
             f"at {name!r} ({_first_line(err)})") from None
 
 
-def _name_processes(ids: list[int]) -> str:
+def name_processes(ids: list[int]) -> str:
+    """`process 1 (host pid 123), ...`: each process with what it registered on joining."""
     names = []
     for pid in ids:
         try:
-            who = _client().key_value_try_get(f"jaxaccel/who/{pid}")
+            who = client().key_value_try_get(f"jaxaccel/who/{pid}")
         except Exception:
             who = None
         names.append(f"process {pid}" + (f" ({who})" if who else ""))

@@ -34,12 +34,13 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxaccel import distributed
+from jaxaccel import distributed, watchdog
 from jaxaccel.checkpoint import restore, restore_mode
 from jaxaccel.checkpoint.restore import RestoreStats, Target
 from jaxaccel.errors import DistributedError
 
 Key = tuple  # ((start, stop), ...) of one slice, in the target's (padded) shape
+_restores = [0]  # broadcast restores so far: the same count on every process (one watch each)
 
 
 def _key(index, shape) -> Key:
@@ -165,22 +166,32 @@ def restore_broadcast(ckpt_dir, manifest, targets: Mapping[str, Target], *,
     start = time.perf_counter()
     options = {"host_memory_budget": host_memory_budget, "on_bytes": on_bytes, "stats": stats,
                "engine": engine, "threads": threads, "verify_chunks": verify_chunks}
+    restore.check_against_manifest(manifest, {n: t.checkpoint_shape for n, t in targets.items()},
+                                   str(ckpt_dir))
     shared = {n: t for n, t in targets.items()
               if isinstance(t.sharding, NamedSharding) and spans_processes(t)}
     plain = {n: t for n, t in targets.items() if n not in shared}
-    arrays = restore.restore_arrays(ckpt_dir, manifest, plain, **options) if plain else {}
+    arrays = {}
+    if plain:  # slices no two processes share: each process reads its own, as always
+        shards = restore.read_slices(ckpt_dir, manifest, plain, restore.plan_reads(plain),
+                                     **options)
+        arrays = {name: restore.assemble(t, shards[name]) for name, t in plain.items()}
     owners = assign_owners(shared)
     groups = chunks(shared, host_memory_budget)
-    for number, group in enumerate(groups, 1):
-        reads, received = _owned_reads(group, owners)
-        if _tenth(number, len(groups)) != _tenth(number - 1, len(groups)):  # ~10 lines at most
-            status(f"restore broadcast: chunk {number}/{len(groups)} on process "
-                   f"{jax.process_index()}: {stats.bytes_from_storage / 1e6:.1f} MB read from "
-                   f"storage here, {stats.bytes_broadcast / 1e6:.1f} MB received so far")
-        shards = restore.read_slices(ckpt_dir, manifest, group, reads, **options)
-        arrays.update(_broadcast(group, owners, shards, f"chunk {number}/{len(groups)}"))
-        stats.bytes_broadcast += received
-        on_bytes(received)
+    _restores[0] += 1
+    # A peer that dies mid-restore leaves the others waiting in a collective (or a barrier):
+    # the watchdog names it and ends this process, well within the distributed timeout.
+    with watchdog.watch(f"restore broadcast {_restores[0]}"):
+        for number, group in enumerate(groups, 1):
+            reads, received = _owned_reads(group, owners)
+            if _tenth(number, len(groups)) != _tenth(number - 1, len(groups)):  # <= ~10 lines
+                status(f"restore broadcast: chunk {number}/{len(groups)} on process "
+                       f"{jax.process_index()}: {stats.bytes_from_storage / 1e6:.1f} MB read "
+                       f"from storage here, {stats.bytes_broadcast / 1e6:.1f} MB received so far")
+            shards = restore.read_slices(ckpt_dir, manifest, group, reads, **options)
+            arrays.update(_broadcast(group, owners, shards, f"chunk {number}/{len(groups)}"))
+            stats.bytes_broadcast += received
+            on_bytes(received)
     stats.seconds = time.perf_counter() - start
     return {name: arrays[name] for name in targets}
 

@@ -190,11 +190,13 @@ def restore_arrays(ckpt_dir: str | pathlib.Path, manifest: Manifest,
     tensorstore. `verify_chunks` checks each chunk's crc32c (tensorstore always does).
     """
     stats = stats if stats is not None else RestoreStats()
+    check_against_manifest(manifest, {n: t.checkpoint_shape for n, t in targets.items()},
+                           str(ckpt_dir))
     start = time.perf_counter()
     shards = read_slices(ckpt_dir, manifest, targets, plan_reads(targets),
                          host_memory_budget=host_memory_budget, on_bytes=on_bytes, stats=stats,
                          engine=engine, threads=threads, verify_chunks=verify_chunks)
-    arrays = {name: _assemble(target, shards[name]) for name, target in targets.items()}
+    arrays = {name: assemble(target, shards[name]) for name, target in targets.items()}
     stats.seconds = time.perf_counter() - start
     return arrays
 
@@ -207,14 +209,14 @@ def read_slices(ckpt_dir: str | pathlib.Path, manifest: Manifest,
                 threads: int | None = None, verify_chunks: bool = True,
                 ) -> dict[str, dict]:
     """Run `reads` (slices of `targets`, e.g. from `plan_reads`): {name: {device: jax.Array}}
-    for every device a read names. The engine of restore_arrays and checkpoint.broadcast."""
+    for every device a read names. The engine of restore_arrays and checkpoint.broadcast;
+    `targets` may be a subset of the checkpoint (callers check the whole against the
+    manifest first, with check_against_manifest)."""
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     ckpt_dir = pathlib.Path(ckpt_dir)
     params_dir = ckpt_dir / PARAMS_DIR
     stats = stats if stats is not None else RestoreStats()
-    check_against_manifest(manifest, {n: t.checkpoint_shape for n, t in targets.items()},
-                           str(ckpt_dir))
     # One walk of the OCDBT b-tree serves both the presence check and the direct reader.
     index = direct.ocdbt_index(params_dir) if engine != "tensorstore" else None
     # A missing array or chunk would read as zeros: refuse it (milliseconds).
@@ -353,7 +355,8 @@ def _fmt_index(index) -> str:
     return "[" + ", ".join(f"{s.start}:{s.stop}" for s in index) + "]"
 
 
-def _assemble(target: Target, by_device: dict) -> jax.Array:
+def assemble(target: Target, by_device: dict) -> jax.Array:
+    """The global array from its local devices' shards ({device: single-device array})."""
     devices = list(target.sharding.addressable_devices_indices_map(target.shape))
     return jax.make_array_from_single_device_arrays(
         target.shape, target.sharding, [by_device[d] for d in devices])
