@@ -123,9 +123,9 @@ def _owned_reads(targets: Mapping[str, Target], owners) -> tuple[list, int]:
     """This process's reads (each placed on its owner device only) and the bytes it gets
     from other processes' reads instead."""
     reads, received = [], 0
+    keys = {name: slice_keys(target) for name, target in targets.items()}
     for read in restore.plan_reads(targets):
-        keys = slice_keys(targets[read.name])
-        owner = owners[read.name][keys[read.devices[0]]]
+        owner = owners[read.name][keys[read.name][read.devices[0]]]
         if owner.process_index == jax.process_index():
             reads.append(dataclasses.replace(read, devices=[owner]))
         else:

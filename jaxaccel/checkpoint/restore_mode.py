@@ -12,6 +12,8 @@ auto       broadcast when some slice is replicated across processes *and* the ch
 
 from __future__ import annotations
 
+from jaxaccel.errors import UsageError
+
 MODES = ("auto", "read-all", "broadcast")
 _REMOTE_SCHEMES = ("gs://", "s3://", "http://", "https://")
 
@@ -19,9 +21,9 @@ _default = {"mode": "auto"}
 
 
 def check(mode: str) -> str:
-    """`mode` itself, or ValueError naming the flag and the choices."""
+    """`mode` itself, or UsageError (a ValueError) naming the flag and the choices."""
     if mode not in MODES:
-        raise ValueError(f"--restore-mode must be one of {MODES}, got {mode!r}")
+        raise UsageError(f"--restore-mode must be one of {MODES}, got {mode!r}")
     return mode
 
 
