@@ -184,14 +184,14 @@ def restore_broadcast(ckpt_dir, manifest, targets: Mapping[str, Target], *,
     with watchdog.watch(f"restore broadcast {_restores[0]}"):
         for number, group in enumerate(groups, 1):
             reads, received = _owned_reads(group, owners)
-            if _tenth(number, len(groups)) != _tenth(number - 1, len(groups)):  # <= ~10 lines
-                status(f"restore broadcast: chunk {number}/{len(groups)} on process "
-                       f"{jax.process_index()}: {stats.bytes_from_storage / 1e6:.1f} MB read "
-                       f"from storage here, {stats.bytes_broadcast / 1e6:.1f} MB received so far")
             shards = restore.read_slices(ckpt_dir, manifest, group, reads, **options)
             arrays.update(_broadcast(group, owners, shards, f"chunk {number}/{len(groups)}"))
             stats.bytes_broadcast += received
             on_bytes(received)
+            if _tenth(number, len(groups)) != _tenth(number - 1, len(groups)):  # <= ~10 lines
+                status(f"restore broadcast: chunk {number}/{len(groups)} done on process "
+                       f"{jax.process_index()}: {stats.bytes_from_storage / 1e6:.1f} MB read "
+                       f"from storage here, {stats.bytes_broadcast / 1e6:.1f} MB received")
     stats.seconds = time.perf_counter() - start
     return {name: arrays[name] for name in targets}
 
