@@ -20,7 +20,14 @@ import time
 
 from jaxaccel import distributed
 
-_BEAT_S = 0.25
+_BEAT_S = 0.25  # beat interval up to 8 processes; more processes beat less often (below)
+
+
+def beat_interval(processes: int, timeout_s: float) -> float:
+    """Every process reads every beat, so the coordinator serves processes^2 reads per beat:
+    beat less often as the cluster grows (8 s at 256 processes), but at least 4 times within
+    the staleness limit."""
+    return min(stale_after(timeout_s) / 4, _BEAT_S * max(1.0, processes / 8))
 
 
 def stale_after(timeout_s: float) -> float:
@@ -57,10 +64,11 @@ def _key(what: str, pid: int) -> str:
 def _run(cluster, what: str, stop: threading.Event) -> None:
     client = distributed.client()
     limit = stale_after(cluster.timeout_s)
+    interval = beat_interval(cluster.num_processes, cluster.timeout_s)
     seen: dict[int, tuple[str, float]] = {}
     beat = 0
     start = time.monotonic()
-    while not stop.wait(_BEAT_S):
+    while not stop.wait(interval):
         beat += 1
         try:
             client.key_value_set(_key(what, cluster.process_id), str(beat), allow_overwrite=True)

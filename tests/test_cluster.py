@@ -296,3 +296,17 @@ def test_real_mpirun(minilm_ckpt, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     assert "open mpi detected; connected as process 1/2" in run.stderr
     assert len(json.loads(run.stdout.strip().splitlines()[-1])["embeddings"][0]) == 384
+
+
+def test_watchdog_fires_before_jax_aborts():
+    """A dead peer is named before jax's coordination service aborts the survivors (its
+    heartbeat timeout is max(timeout, 10) s; the abort came 6-8 s after a kill at 10 s), with
+    at least 4 beats in the window; large clusters beat less often."""
+    from jaxaccel import watchdog
+
+    for timeout in (1, 8, 120, 600):
+        heartbeat = max(timeout, 10)
+        assert watchdog.stale_after(timeout) <= 0.5 * heartbeat
+        for processes in (2, 64, 4096):
+            assert watchdog.beat_interval(processes, timeout) <= watchdog.stale_after(timeout) / 4
+    assert watchdog.beat_interval(256, 120) > watchdog.beat_interval(2, 120)
