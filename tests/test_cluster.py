@@ -182,6 +182,8 @@ def test_restore_mode_and_straggler_report():
     assert restore_mode.resolve("auto", "/data/ckpt", True) == "read-all"  # local disk
     assert restore_mode.resolve("auto", "s3://bucket/ckpt", True) == "broadcast"
     assert restore_mode.resolve("auto", "gs://bucket/ckpt", False) == "read-all"  # no replicas
+    assert restore_mode.resolve("auto", pathlib.Path("s3://bucket/ckpt"), True) == "broadcast"
+    assert restore_mode.resolve("auto", "relative/dir:with/colon", True) == "read-all"
     assert restore_mode.resolve("broadcast", "/data/ckpt", False) == "broadcast"
     with pytest.raises(ValueError, match="--restore-mode must be one of"):
         restore_mode.resolve("fast", "/x", True)

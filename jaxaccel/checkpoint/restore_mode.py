@@ -12,10 +12,13 @@ auto       broadcast when some slice is replicated across processes *and* the ch
 
 from __future__ import annotations
 
+import re
+
 from jaxaccel.errors import UsageError
 
 MODES = ("auto", "read-all", "broadcast")
-_REMOTE_SCHEMES = ("gs://", "s3://", "http://", "https://")
+# A URL scheme, also after pathlib.Path collapsed "s3://bucket" into "s3:/bucket".
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")
 
 _default = {"mode": "auto"}
 
@@ -38,8 +41,7 @@ def default() -> str:
 
 def is_remote(source) -> bool:
     """Whether a checkpoint location is an object store / URL rather than a file path."""
-    text = str(source)
-    return text.startswith(_REMOTE_SCHEMES) or "://" in text
+    return bool(_URL.match(str(source)))
 
 
 def resolve(mode: str | None, source, replicated_across_processes: bool) -> str:
