@@ -179,7 +179,10 @@ class FaultProxy:
                 pass
 
             def do_GET(self):
-                proxy._handle(self)
+                try:
+                    proxy._handle(self)
+                except (BrokenPipeError, ConnectionResetError):  # the client hung up first
+                    self.close_connection = True
 
             do_HEAD = do_PUT = do_POST = do_DELETE = do_GET
 
