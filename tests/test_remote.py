@@ -149,6 +149,12 @@ def test_permanent_server_error_names_url_and_array(s3_minilm, s3_proxy, monkeyp
     message = str(err.value)
     assert "\n" not in message and f"{s3_minilm}/params/d/" in message
     assert "array '" in message and "chunk (" in message
+    # With a small budget the prefetch waits for room that the failed reads never free: the
+    # restore must still end with the error, not hang.
+    s3_proxy.clear_faults()
+    s3_proxy.fail(-1, 500, match=DATA, after=2)
+    with pytest.raises(StorageError, match="read failed"):
+        load_model(s3_minilm, host_memory_budget=4 << 20)
 
 
 def test_corrupted_response_is_fetched_again(s3_minilm, s3_proxy, local_embeddings):

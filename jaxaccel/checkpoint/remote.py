@@ -49,14 +49,20 @@ class _Window:
     """Bytes prefetched but not yet consumed <= limit (one chunk larger than it runs alone)."""
 
     def __init__(self, limit: int):
-        self.limit, self.used = limit, 0
+        self.limit, self.used, self.cancelled = limit, 0, False
         self._cond = threading.Condition()
 
     def acquire(self, nbytes: int) -> None:
         with self._cond:
-            while self.used and self.used + nbytes > self.limit:
+            while self.used and self.used + nbytes > self.limit and not self.cancelled:
                 self._cond.wait()
             self.used += nbytes
+
+    def cancel(self) -> None:
+        """Wake and stop every wait (the reads that would make room have stopped)."""
+        with self._cond:
+            self.cancelled = True
+            self._cond.notify_all()
 
     def release(self, nbytes: int) -> None:
         with self._cond:
@@ -84,6 +90,13 @@ class RemoteChunkReader:
         self._queued_bytes = 0
         # Fill-valued (absent) and inline chunks need no request: the local reader serves them.
         self._local = direct.ChunkReader(index, verify=verify)
+
+    def abort(self) -> None:
+        """Stop prefetching (restore calls this when its reads end, failed or not): a prefetch
+        waiting for window room would otherwise wait for reads that never come."""
+        with self._lock:
+            self._closed = True
+        self._window.cancel()
 
     def close(self) -> None:
         with self._lock:

@@ -245,6 +245,8 @@ def read_slices(ckpt_dir: str | pathlib.Path, manifest: Manifest,
         run.all(reads, threads or default_threads())
     finally:
         if prefetch is not None:
+            if hasattr(run.reader, "abort"):  # a remote prefetch may wait for window room
+                run.reader.abort()
             prefetch.join()
             run.reader.close()
             _network_stats(run.reader, stats)
