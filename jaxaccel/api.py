@@ -4,7 +4,8 @@
     model = jaxaccel.load("checkpoints/minilm", mesh="data=2,model=4")
     vectors = model.embed(["A man is eating food.", "A man is eating bread."])
 
-Every function takes paths as `str` or `pathlib.Path` and raises the errors of
+Every function takes paths as `str` or `pathlib.Path` (checkpoints also as gs://, s3://,
+https:// URLs: see jaxaccel.checkpoint.storage) and raises the errors of
 `jaxaccel.errors` (importable from `jaxaccel` itself) with one-line messages.
 """
 
@@ -17,6 +18,7 @@ from jax.sharding import Mesh
 
 from jaxaccel import planner, progress
 from jaxaccel import sharding as ax
+from jaxaccel.checkpoint import storage
 from jaxaccel.checkpoint.integrity import VerifyReport, verify_checkpoint
 from jaxaccel.checkpoint.layout import DEFAULT_CHUNK_BYTES
 from jaxaccel.checkpoint.manifest import Manifest
@@ -100,7 +102,7 @@ def verify(path: str | pathlib.Path, *, progress: bool = True) -> VerifyReport:
     """Re-read every chunk and compare it with the manifest's checksums; raises
     IntegrityError naming every damaged array and chunk."""
     total = Manifest.load(path).total_bytes
-    with _bar(total, f"verify {pathlib.Path(path).name}", progress) as advance:
+    with _bar(total, f"verify {storage.checkpoint_path(path).name}", progress) as advance:
         return verify_checkpoint(path, on_bytes=advance)
 
 

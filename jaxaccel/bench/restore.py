@@ -62,17 +62,26 @@ def register(bench_app: typer.Typer) -> None:
         processes: int = typer.Option(1, "--processes", min=1, help="Restore across this many "
                                       "local processes (jax.distributed, gloo) and compare "
                                       "--restore-mode read-all with broadcast instead."),
-        source: Optional[str] = typer.Option(None, "--source", help="With --processes: where "
-                                             "the processes read the checkpoint (default CKPT)."),
+        source: Optional[str] = typer.Option(
+            None, "--source", help="The same checkpoint in a bucket (s3://, gs://): time "
+            "jaxaccel from it with a cold and a warm chunk cache, a raw parallel download of its "
+            "data files (boto3 for s3://), and CKPT from local files; see --orbax-source. With "
+            "--processes: where the processes read the checkpoint (default CKPT)."),
+        orbax_source: Optional[str] = typer.Option(
+            None, "--orbax-source", help="With --source: the same checkpoint at a gs:// URL "
+            "(e.g. on an emulator, STORAGE_EMULATOR_HOST + TENSORSTORE_GCS_HTTP_URL) for orbax "
+            "to restore."),
     ) -> None:
         """Restore time, GB/s and peak host-memory overhead of jaxaccel vs orbax vs raw read;
-        with --processes N, read-all vs broadcast restore across N processes."""
+        with --source, from a bucket; with --processes N, read-all vs broadcast restore across
+        N processes."""
         if processes > 1:
             _bench_cluster(str(source or ckpt), mesh, rules, dtype, processes, repeats, json_out)
             return
-        runs = runner.alternate(contenders(ckpt, mesh, rules, dtype, orbax_default, engines),
-                                repeats, before_run=drop_page_cache if cold else None)
-        rows, summary = table_rows(runs)
+        found = (remote_contenders(ckpt, source, orbax_source, mesh, rules, dtype) if source
+                 else contenders(ckpt, mesh, rules, dtype, orbax_default, engines))
+        runs = runner.alternate(found, repeats, before_run=drop_page_cache if cold else None)
+        rows, summary = table_rows(runs, REMOTE_RAW if source else RAW)
         where = "cold page cache" if cold else "page cache warm, memory pre-touched"
         runner.print_table(f"restore {ckpt.name} onto {mesh} ({rules}, dtype {dtype}); {where}; "
                            f"{repeats} fresh processes each", COLUMNS, rows)
@@ -95,12 +104,35 @@ COLUMNS = ("contender", "min s", "median s", "max s", "GB/s (median)", "peak RSS
            "orbax / this", "this / raw")
 
 
-def table_rows(runs: dict[str, list[dict]]) -> tuple[list, dict]:
+def remote_contenders(ckpt: pathlib.Path, source: str, orbax_source: Optional[str], mesh: str,
+                      rules: str, dtype: str) -> dict[str, Worker]:
+    """jaxaccel from the bucket (cold, warm cache), from local files, orbax from gs://, and
+    the raw parallel download (bench.remote_restore)."""
+    devices = runner.mesh_devices(mesh)
+
+    def worker(contender: str, url: Optional[str] = source) -> Worker:
+        return Worker(WORKER, {"contender": contender, "ckpt": str(ckpt), "mesh": mesh,
+                               "rules": rules, "dtype": dtype, "manifest_from": str(ckpt),
+                               "source": url}, devices)
+
+    found = {"jaxaccel, cold cache": worker("remote-cold"),
+             "jaxaccel, warm cache": worker("remote-warm"),
+             "jaxaccel, local file": worker("jaxaccel")}
+    if orbax_source:
+        found["orbax via gs://"] = worker("remote-orbax", orbax_source)
+    found[REMOTE_RAW] = worker("remote-raw")
+    return found
+
+
+REMOTE_RAW = "raw parallel download"
+
+
+def table_rows(runs: dict[str, list[dict]], raw_name: str = RAW) -> tuple[list, dict]:
     seconds = runner.summarize_each(runs, "seconds")
     overhead = runner.summarize_each(runs, "overhead")
     summary = {name: {"seconds": seconds[name], "overhead_bytes": overhead[name],
                       "bytes": results[0]["bytes"]} for name, results in runs.items()}
-    orbax, raw = (seconds[n]["median"] if n in seconds else None for n in (BASELINE, RAW))
+    orbax, raw = (seconds[n]["median"] if n in seconds else None for n in (BASELINE, raw_name))
     rows = []
     for name, s in summary.items():
         t = s["seconds"]
