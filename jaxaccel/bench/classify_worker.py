@@ -2,14 +2,17 @@
 
     python -m jaxaccel.bench.classify_worker '{"ckpt": CKPT, "dtype": "float32", "batch": 32,
         "iters": 4, "mode": "compute"}'
-    ... "mode": "decode" | "pipeline" | "serial", "images": [FILE, ...]
+    ... "mode": "decode" | "pipeline" | "serial" | "serial_parallel", "images": [FILE, ...]
 
 compute: the jitted forward alone on a fixed random batch [batch, s, s, 3] (s: the
 checkpoint's crop). decode: the input pipeline's host side alone (worker-thread decode and
-preprocessing into host batches). pipeline: files -> logits through `Classifier.classify`
-(decode, transfer one step ahead, compute, all overlapping). serial: the same with
-`prefetch=False` (decode inline, each step waits for the last). Prints one JSON line:
-{"images_per_s": ..., "seconds": ...}.
+preprocessing into host batches; `workers` threads). pipeline: files -> logits through
+`Classifier.classify` (decode, transfer one step ahead, compute, all overlapping). serial:
+the same with `prefetch=False`, what a user gets without the overlap: each batch decoded
+inline on one thread, then transferred and computed, and the next batch decoded only once
+that result is back. serial_parallel: no overlap either, but each batch decoded by
+`workers` threads (to separate what parallel decoding gains from what overlapping it with
+the compute gains). Prints one JSON line: {"images_per_s": ..., "seconds": ...}.
 """
 
 from __future__ import annotations
@@ -40,6 +43,18 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
+def serial_parallel(classifier, files: list[str], workers: int | None) -> None:
+    """Each batch decoded by a thread pool, then put, computed and fetched; the next batch
+    starts decoding only after that (no overlap between decode and compute)."""
+    from jaxaccel.input_pipeline import HostBatches  # deferred: see load_classifier
+
+    step = classifier.batch_size
+    for start in range(0, len(files), step):
+        batch, = HostBatches(files[start:start + step], classifier.preprocess, step,
+                             workers=workers)
+        classifier.fetch(classifier.run(classifier.put(batch.rows)))
+
+
 def main(ckpt: str, dtype: str, batch: int, iters: int, mode: str,
          images: list[str] | None = None, workers: int | None = None) -> dict:
     from jaxaccel.input_pipeline import HostBatches  # deferred: see load_classifier
@@ -58,6 +73,8 @@ def main(ckpt: str, dtype: str, batch: int, iters: int, mode: str,
     elif mode in ("pipeline", "serial"):
         seconds = timed(lambda: classifier.classify(files, prefetch=mode == "pipeline",
                                                     workers=workers))
+    elif mode == "serial_parallel":
+        seconds = timed(lambda: serial_parallel(classifier, files, workers))
     else:
         raise SystemExit(f"unknown mode {mode!r}")
     return {"images_per_s": len(files) / seconds, "seconds": seconds}
