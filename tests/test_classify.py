@@ -286,7 +286,8 @@ def test_bench_classify_runs_every_contender(resnet, tmp_path, capsys, monkeypat
                                        "end to end, prefetch", "end to end, no prefetch",
                                        "end to end, no prefetch, pool decode"}
     assert all(s["median"] > 0 for s in [*result["compute"].values(),
-                                          *result["pipeline"].values()])
+                                          *result["pipeline"].values(),
+                                          *result["pipeline_cpu_s_per_image"].values()])
 
 
 # Cold start: compile while restoring, persistent compile cache --------------------------------

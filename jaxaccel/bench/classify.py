@@ -145,14 +145,19 @@ def register(bench_app: typer.Typer) -> None:
                                                    "x pytorch same dtype"), compute_rows(compute))
         with tempfile.TemporaryDirectory(prefix="jaxaccel-bench-images-") as scratch:
             files = image_files(images, num_images, pathlib.Path(scratch), photo_side)
-            pipeline = runner.summarize_each(runner.alternate(pipeline_contenders(
-                ckpt, pipeline_dtype, batch, iters, files, workers), repeats), "images_per_s")
+            runs = runner.alternate(pipeline_contenders(
+                ckpt, pipeline_dtype, batch, iters, files, workers), repeats)
+        pipeline = runner.summarize_each(runs, "images_per_s")
+        cpu = runner.summarize_each(runs, "cpu_s_per_image")
         rows, baselines = pipeline_rows(pipeline)
+        rows = [(*row, cpu[row[0]]["median"]) for row in rows]
         runner.print_table(f"images/s, input pipeline on {len(files)} files, batch {batch}, "
                            f"{pipeline_dtype}", ("contender", "min", "median", "max",
-                                                 "x min(decode, compute)", "x no prefetch"), rows)
+                                                 "x min(decode, compute)", "x no prefetch",
+                                                 "CPU s/image"), rows)
         runner.write_json(json_out, {"benchmark": "classify", "batch": batch, "iters": iters,
                                      "compute": compute, "pipeline": pipeline,
                                      "pipeline_dtype": pipeline_dtype,
+                                     "pipeline_cpu_s_per_image": cpu,
                                      "pipeline_baselines": baselines, "images": len(files),
                                      "photo_side": None if images else photo_side})

@@ -12,7 +12,9 @@ the same with `prefetch=False`, what a user gets without the overlap: each batch
 inline on one thread, then transferred and computed, and the next batch decoded only once
 that result is back. serial_parallel: no overlap either, but each batch decoded by
 `workers` threads (to separate what parallel decoding gains from what overlapping it with
-the compute gains). Prints one JSON line: {"images_per_s": ..., "seconds": ...}.
+the compute gains). Prints one JSON line: {"images_per_s": ..., "seconds": ...,
+"cpu_s_per_image": ...} (the process's CPU seconds, all threads, per image: on a shared
+machine less disturbed by other load than the wall clock).
 """
 
 from __future__ import annotations
@@ -37,10 +39,11 @@ def load_classifier(ckpt: str, dtype: str, batch: int):
     return Classifier(load_model(ckpt, dtype=dtype), batch_size=batch)
 
 
-def timed(fn) -> float:
-    start = time.perf_counter()
+def timed(fn) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process's threads) of `fn()`."""
+    start, cpu = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def serial_parallel(classifier, files: list[str], workers: int | None) -> None:
@@ -62,22 +65,26 @@ def main(ckpt: str, dtype: str, batch: int, iters: int, mode: str,
     classifier = load_classifier(ckpt, dtype, batch)
     if mode == "compute":
         placed = classifier.put(random_pixels(batch, classifier.config.image_size))
+        cpu = time.process_time()
         seconds = loop_seconds(lambda: classifier.run(placed), iters,
                                wait=lambda out: out.block_until_ready())
-        return {"images_per_s": batch * iters / seconds, "seconds": seconds}
+        cpu = time.process_time() - cpu  # includes the 2 warm-up steps: 2 more batches
+        return {"images_per_s": batch * iters / seconds, "seconds": seconds,
+                "cpu_s_per_image": cpu / (batch * (iters + 2))}
     files = (images * (batch * iters // len(images) + 1))[:batch * iters]
     classifier.classify(files[:batch])  # compile and warm up
     if mode == "decode":
-        seconds = timed(lambda: list(HostBatches(files, classifier.preprocess, batch,
-                                                 workers=workers)))
+        seconds, cpu = timed(lambda: list(HostBatches(files, classifier.preprocess, batch,
+                                                      workers=workers)))
     elif mode in ("pipeline", "serial"):
-        seconds = timed(lambda: classifier.classify(files, prefetch=mode == "pipeline",
-                                                    workers=workers))
+        seconds, cpu = timed(lambda: classifier.classify(files, prefetch=mode == "pipeline",
+                                                         workers=workers))
     elif mode == "serial_parallel":
-        seconds = timed(lambda: serial_parallel(classifier, files, workers))
+        seconds, cpu = timed(lambda: serial_parallel(classifier, files, workers))
     else:
         raise SystemExit(f"unknown mode {mode!r}")
-    return {"images_per_s": len(files) / seconds, "seconds": seconds}
+    return {"images_per_s": len(files) / seconds, "seconds": seconds,
+            "cpu_s_per_image": cpu / len(files)}
 
 
 if __name__ == "__main__":
