@@ -136,27 +136,18 @@ class Classifier:
     def fetch(self, logits) -> np.ndarray:
         return distributed.host_array(logits)
 
-    @property
-    def on_host_cpu(self) -> bool:
-        """Whether the program runs on the host's CPU cores (which decoding shares)."""
-        return self.runtime.layout.mesh.devices.flat[0].platform == "cpu"
-
     def classify(self, items: Sequence, *, skip_bad: bool = False, prefetch: bool = True,
-                 workers: int | None = None,
-                 background_decode: bool | None = None) -> Classification:
+                 workers: int | None = None) -> Classification:
         """Classify image files, PIL images or uint8 [h, w, 3] arrays, in input order.
 
         A file that does not decode is an `InputError` naming it, or with `skip_bad` is
         reported in `skipped` (its logits row NaN). `prefetch=False` runs decode, transfer
-        and compute one after another (see `jaxaccel.input_pipeline`).
-        `background_decode` (default: when the devices are the host CPU) runs the decode
-        threads at a lower priority than the compute."""
+        and compute one after another (see `jaxaccel.input_pipeline`)."""
         check_inputs(items)
         out = np.full((len(items), self.config.num_labels), np.nan, np.float32)
         skipped = []
-        background = self.on_host_cpu if background_decode is None else background_decode
         batches = HostBatches(items, self.preprocess, self.batch_size, skip_bad=skip_bad,
-                              workers=workers if prefetch else 0, background=background)
+                              workers=workers if prefetch else 0)
         try:
             for batch, logits in device_steps(batches, self.put, self.run, self.fetch,
                                               prefetch=prefetch):

@@ -12,11 +12,6 @@ raised in the consumer; closing the consumer early (an error of its own, Ctrl-C,
 stops the producer and cancels pending decodes. `workers=0` decodes inline on the
 consumer's thread, and `prefetch=False` also waits for each step before starting the next:
 the same work without any overlap, the baseline the benchmark compares against.
-
-Where the devices are the host's own CPU cores, decode threads compete with XLA's compute
-threads for the same cores; `background=True` runs them at a lower scheduling priority
-(Linux: per-thread nice +10), so they use what the compute leaves idle instead of slowing
-it (see the README's benchmark notes for the numbers).
 """
 
 from __future__ import annotations
@@ -26,7 +21,6 @@ import concurrent.futures
 import dataclasses
 import os
 import queue
-import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 
@@ -35,7 +29,6 @@ import numpy as np
 from jaxaccel.errors import InputError
 
 _POLL_S = 0.1  # how often a blocked producer checks whether the consumer has gone
-BACKGROUND_NICE = 10  # added to a background decode thread's nice value (Linux)
 
 
 @dataclasses.dataclass
@@ -47,19 +40,6 @@ class HostBatch:
 
 def default_workers() -> int:
     return max(1, min(8, (os.cpu_count() or 1)))
-
-
-def lower_thread_priority(increment: int = BACKGROUND_NICE) -> None:
-    """Raise the calling thread's nice value by `increment` (Linux, where `setpriority` on
-    a thread id applies to that thread alone; elsewhere it would be a process: no-op)."""
-    if sys.platform != "linux":
-        return
-    tid = threading.get_native_id()
-    try:
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid)
-                                                 + increment))
-    except OSError:  # a sandbox without the call: run at normal priority
-        pass
 
 
 def _assemble(start: int, results: list, skip_bad: bool) -> HostBatch:
@@ -88,12 +68,10 @@ class HostBatches:
     """Iterate `HostBatch`es of `items` decoded by `load`, in input order."""
 
     def __init__(self, items: Sequence, load: Callable, batch_size: int, *,
-                 workers: int | None = None, depth: int = 2, skip_bad: bool = False,
-                 background: bool = False):
-        """`background`: decode threads at a lower priority (see the module docstring)."""
+                 workers: int | None = None, depth: int = 2, skip_bad: bool = False):
         self.items, self.load, self.batch_size = items, load, batch_size
         self.workers = default_workers() if workers is None else workers
-        self.depth, self.skip_bad, self.background = depth, skip_bad, background
+        self.depth, self.skip_bad = depth, skip_bad
         self._stop = threading.Event()
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
         self._thread: threading.Thread | None = None
@@ -106,9 +84,7 @@ class HostBatches:
         if self.workers == 0:
             yield from self._inline()
             return
-        self._pool = concurrent.futures.ThreadPoolExecutor(
-            self.workers, "jaxaccel-decode",
-            initializer=lower_thread_priority if self.background else None)
+        self._pool = concurrent.futures.ThreadPoolExecutor(self.workers, "jaxaccel-decode")
         self._thread = threading.Thread(target=self._produce, name="jaxaccel-batches",
                                         daemon=True)
         self._thread.start()

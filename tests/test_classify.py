@@ -2,8 +2,6 @@
 `classify` command and `Model.classify`, against transformers on real image files."""
 
 import json
-import os
-import sys
 import threading
 import time
 
@@ -84,20 +82,6 @@ def test_bad_items_skipped_or_raised():
     assert [b.indices for b in got] == [[0, 2], [3, 5]]
     assert [f for b in got for f in b.failed] == [(1, "item1: not a readable image"),
                                                  (4, "item4: not a readable image")]
-
-
-@pytest.mark.skipif(sys.platform != "linux", reason="per-thread nice values are Linux's")
-def test_background_decode_threads_run_at_lower_priority():
-    """Decode threads that share the CPU with XLA's compute yield to it (nice +10)."""
-    def nice() -> int:
-        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-
-    seen = {True: [], False: []}
-    for background in (True, False):
-        list(HostBatches(list(range(6)), lambda i, b=background: seen[b].append(nice()) or
-                         np.zeros(1), 2, workers=2, background=background))
-    assert seen[True] == [min(19, nice() + 10)] * 6
-    assert seen[False] == [nice()] * 6
 
 
 # End to end on image files -------------------------------------------------------------------
@@ -300,7 +284,6 @@ def test_bench_classify_runs_every_contender(resnet, tmp_path, capsys, monkeypat
                                       "pytorch eager float32", "pytorch eager bfloat16"}
     assert set(result["pipeline"]) == {"decode only", "decode only, 1 thread", "compute only",
                                        "end to end, prefetch", "end to end, no prefetch",
-                                       "end to end, prefetch, decode at normal priority",
                                        "end to end, no prefetch, pool decode"}
     assert all(s["median"] > 0 for s in [*result["compute"].values(),
                                           *result["pipeline"].values(),

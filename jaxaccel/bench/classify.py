@@ -87,9 +87,6 @@ def pipeline_contenders(ckpt, dtype: str, batch: int, iters: int, images: list[s
                                    {**common, "iters": iters, "mode": "compute"}),
             "end to end, prefetch": Worker("jaxaccel.bench.classify_worker",
                                            {**common, **files, "mode": "pipeline"}),
-            "end to end, prefetch, decode at normal priority": Worker(
-                "jaxaccel.bench.classify_worker",
-                {**common, **files, "mode": "pipeline_normal_priority"}),
             "end to end, no prefetch": Worker("jaxaccel.bench.classify_worker",
                                               {**common, **files, "mode": "serial"}),
             "end to end, no prefetch, pool decode": Worker(

@@ -2,15 +2,12 @@
 
     python -m jaxaccel.bench.classify_worker '{"ckpt": CKPT, "dtype": "float32", "batch": 32,
         "iters": 4, "mode": "compute"}'
-    ... "mode": "decode" | "pipeline" | "pipeline_normal_priority" | "serial" |
-        "serial_parallel", "images": [FILE, ...]
+    ... "mode": "decode" | "pipeline" | "serial" | "serial_parallel", "images": [FILE, ...]
 
 compute: the jitted forward alone on a fixed random batch [batch, s, s, 3] (s: the
 checkpoint's crop). decode: the input pipeline's host side alone (worker-thread decode and
 preprocessing into host batches; `workers` threads). pipeline: files -> logits through
-`Classifier.classify` (decode, transfer one step ahead, compute, all overlapping; on the
-CPU the decode threads at a lower priority than the compute); pipeline_normal_priority: the
-same with the decode threads at normal priority. serial:
+`Classifier.classify` (decode, transfer one step ahead, compute, all overlapping). serial:
 the same with `prefetch=False`, what a user gets without the overlap: each batch decoded
 inline on one thread, then transferred and computed, and the next batch decoded only once
 that result is back. serial_parallel: no overlap either, but each batch decoded by
@@ -96,9 +93,6 @@ def main(ckpt: str, dtype: str, batch: int, iters: int, mode: str,
     if mode in ("pipeline", "serial"):
         seconds, cpu = timed(lambda: classifier.classify(files, prefetch=mode == "pipeline",
                                                          workers=workers))
-    elif mode == "pipeline_normal_priority":
-        seconds, cpu = timed(lambda: classifier.classify(files, workers=workers,
-                                                         background_decode=False))
     elif mode == "serial_parallel":
         seconds, cpu = timed(lambda: serial_parallel(classifier, files, workers))
     else:
