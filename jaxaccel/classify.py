@@ -106,7 +106,22 @@ class Classifier:
         return state, pixels
 
     def compile(self, rows: int) -> None:
+        """Compile the forward for the bucket of `rows` images ahead of time."""
         self.forward.compile(*self.abstract_args(rows))
+
+    def call_rows(self, count: int) -> list[int]:
+        """The distinct row counts of the calls that classify `count` images."""
+        full, rest = divmod(count, self.batch_size)
+        return ([self.batch_size] if full else []) + ([rest] if rest else [])
+
+    def memory_analysis(self, rows: int):
+        """XLA's memory analysis of the forward at the bucket of `rows` images."""
+        return self.forward.memory_analysis(*self.abstract_args(rows))
+
+    def attach(self, loaded: LoadedModel) -> Classifier:
+        """Give a plan-built Classifier the restored weights (same layout and dtype)."""
+        self.loaded, self.state = loaded, loaded.state
+        return self
 
     def logits(self, pixels_bhwc: np.ndarray) -> np.ndarray:
         """Float32 logits [n, labels] of preprocessed pixels [n, h, w, c], in input order

@@ -5,7 +5,7 @@ input bucket's shape) is known from the manifest before a byte is read, so the p
 compile ahead of time (`runtime.Program.compile`) on a second thread during the restore, and
 start-up approaches max(restore, compile) instead of their sum. With the persistent compile
 cache (`jaxaccel.compile_cache`) a second start loads the executables instead of compiling.
-`embed` and `generate` both start this way.
+`embed`, `generate` and `classify` all start this way.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 
 from jaxaccel import models
 from jaxaccel.checkpoint.restore import DEFAULT_HOST_MEMORY_BUDGET
+from jaxaccel.classify import Classifier
 from jaxaccel.embed import Embedder
 from jaxaccel.errors import InputError, UsageError
 from jaxaccel.generate import Generator
@@ -32,7 +33,7 @@ from jaxaccel.tokenizer import Encoded, TextTokenizer
 @dataclasses.dataclass
 class Started:
     loaded: LoadedModel
-    runner: Embedder | Generator  # compiled for the requested buckets, weights attached
+    runner: Embedder | Generator | Classifier  # compiled for the requested buckets, weights attached
     timings: dict  # seconds: plan, restore, compile, ready (plan end -> restored + compiled)
 
     @property
@@ -41,6 +42,10 @@ class Started:
 
     @property
     def generator(self) -> Generator:
+        return self.runner
+
+    @property
+    def classifier(self) -> Classifier:
         return self.runner
 
 
@@ -119,11 +124,37 @@ def start_generator(path: str | pathlib.Path, layout: Layout | None = None,
     return Started(loaded, generator.attach(loaded), {"plan": plan_seconds, **timings})
 
 
+def start_classifier(path: str | pathlib.Path, layout: Layout | None = None,
+                     dtype: str | None = None, *, images: int, batch_size: int = 32,
+                     overlap: bool = True,
+                     host_memory_budget: int = DEFAULT_HOST_MEMORY_BUDGET,
+                     verify_checksums: bool = False, quiet: bool = True,
+                     plan: ModelPlan | None = None) -> Started:
+    """Restore an image classifier and compile its forward for the batches that classify
+    `images` images (`batch_size` per call: a full batch and the remainder), concurrently
+    if `overlap`; returns a Classifier whose calls of those batches run at once."""
+    start = time.perf_counter()
+    plan = plan or plan_model(path, layout, dtype)
+    classifier = Classifier(plan, batch_size=batch_size)
+    plan_seconds = time.perf_counter() - start
+
+    def compile_all():  # one executable per distinct padded batch
+        by_bucket = {classifier.bucket(rows): rows for rows in classifier.call_rows(images)}
+        for rows in by_bucket.values():
+            classifier.compile(rows)
+
+    loaded, timings = restore_while_compiling(
+        plan, path, compile_all, overlap=overlap, host_memory_budget=host_memory_budget,
+        verify_checksums=verify_checksums, quiet=quiet)
+    return Started(loaded, classifier.attach(loaded), {"plan": plan_seconds, **timings})
+
+
 def plan_for(task: str, path, layout: Layout | None, dtype: str | None, *,
              device_memory: int | None = None, batch: int = 1, seq: int | None = None,
              max_new_tokens: int = 0) -> ModelPlan:
-    """The plan of a run of `task` ("embed" or "generate"), checked before reading a byte:
-    the checkpoint's family does that task, and (where device memory is known) it fits."""
+    """The plan of a run of `task` ("embed", "generate" or "classify"), checked before
+    reading a byte: the checkpoint's family does that task, and (where device memory is
+    known) it fits."""
     plan = plan_model(path, layout, dtype)
     family = plan.manifest.family
     if models.task(family) != task:

@@ -197,7 +197,7 @@ def test_cli_json_out_and_skip_bad(resnet, photos, tmp_path, capsys, monkeypatch
                                atol=1e-3 * np.abs(want).max())
 
 
-@pytest.mark.parametrize("case", ["bad_file", "empty_dir", "no_inputs", "text_model", "plan"])
+@pytest.mark.parametrize("case", ["bad_file", "empty_dir", "no_inputs", "text_model"])
 def test_cli_bad_inputs_are_one_line_errors(resnet, minilm_ckpt, photos, tmp_path, capsys,
                                             monkeypatch, case):
     (tmp_path / "notes.jpg").write_text("hello")
@@ -206,15 +206,46 @@ def test_cli_bad_inputs_are_one_line_errors(resnet, minilm_ckpt, photos, tmp_pat
             "empty_dir": [resnet[1], "--input-dir", tmp_path / "empty"],
             "no_inputs": [resnet[1]],
             "text_model": [minilm_ckpt, "--input-dir", photos]}.get(case, [])
-    if case == "plan":  # not yet planned: a one-line refusal, not a traceback
-        code, _, err = run_cli(capsys, monkeypatch, "plan", resnet[1], "--batch", "2")
-    else:
-        code, _, err = run_cli(capsys, monkeypatch, "classify", *args)
+    code, _, err = run_cli(capsys, monkeypatch, "classify", *args)
     line = one_error_line(err)
     assert code in (1, 2)
     expected = {"bad_file": "notes.jpg", "empty_dir": "no image files", "no_inputs": "--image",
-                "text_model": "classify", "plan": "plan covers embed and generate"}[case]
+                "text_model": "classify"}[case]
     assert expected in line, line
+
+
+def test_cli_truncated_jpeg_is_one_line_error_and_odd_images_classify(resnet, tmp_path, capsys,
+                                                                     monkeypatch):
+    """Through the command: a truncated JPEG is a one-line error naming it; a 1x1 image, a
+    16-bit PNG and a CMYK JPEG are classified, as their RGB conversions are by transformers."""
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(skimage_data.astronaut()).save(buf, "JPEG")
+    (tmp_path / "cut.jpg").write_bytes(buf.getvalue()[:len(buf.getvalue()) // 3])
+    code, _, err = run_cli(capsys, monkeypatch, "classify", resnet[1], "--image",
+                           tmp_path / "cut.jpg")
+    assert code in (1, 2) and "cut.jpg" in one_error_line(err)
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    Image.new("RGB", (1, 1), (200, 10, 10)).save(odd / "dot.png")
+    Image.fromarray(skimage_data.camera().astype(np.uint16) * 257).save(odd / "deep.png")
+    Image.fromarray(skimage_data.chelsea()).convert("CMYK").save(odd / "cmyk.jpg")
+    code, out, err = run_cli(capsys, monkeypatch, "classify", resnet[1], "--input-dir", odd,
+                             "--json", "--out", tmp_path / "odd.npy")
+    assert code == 0, err
+    assert len(json.loads(out)["predictions"]) == 3
+    paths = sorted(odd.iterdir())
+    rgb = tmp_path / "rgb"
+    rgb.mkdir()
+    for path in paths:  # the conversions Pillow documents: I;16 -> 8 bits, CMYK -> RGB
+        image = Image.open(path)
+        if image.mode.startswith("I"):
+            image = Image.fromarray((np.asarray(image) >> 8).astype(np.uint8))
+        image.convert("RGB").save(rgb / f"{path.stem}.png")
+    want = reference_logits(resnet, [rgb / f"{p.stem}.png" for p in paths])
+    np.testing.assert_allclose(np.load(tmp_path / "odd.npy"), want, rtol=1e-4,
+                               atol=1e-3 * np.abs(want).max())
 
 
 @pytest.mark.parametrize("flags, expected", [
@@ -251,7 +282,63 @@ def test_bench_classify_runs_every_contender(resnet, tmp_path, capsys, monkeypat
     result = json.loads(out.read_text())
     assert set(result["compute"]) == {"jaxaccel float32", "jaxaccel bfloat16",
                                       "pytorch eager float32", "pytorch eager bfloat16"}
-    assert set(result["pipeline"]) == {"decode only", "compute only", "end to end, prefetch",
-                                       "end to end, no prefetch"}
+    assert set(result["pipeline"]) == {"decode only", "decode only, 1 thread", "compute only",
+                                       "end to end, prefetch", "end to end, no prefetch",
+                                       "end to end, no prefetch, pool decode"}
     assert all(s["median"] > 0 for s in [*result["compute"].values(),
-                                          *result["pipeline"].values()])
+                                          *result["pipeline"].values(),
+                                          *result["pipeline_cpu_s_per_image"].values()])
+
+
+# Cold start: compile while restoring, persistent compile cache --------------------------------
+
+
+@pytest.mark.cpu_only  # a data=2,model=4 mesh of simulated CPU devices
+@pytest.mark.parametrize("overlap", [True, False])
+def test_start_classifier_compiles_while_restoring(resnet, photos, overlap):
+    """The forward compiled from the plan before the weights arrive serves every batch
+    without tracing, and classifies as a Classifier on the plainly restored weights does."""
+    from jaxaccel import coldstart
+    from jaxaccel.classify import Classifier
+    from jaxaccel.loader import load_model
+    from jaxaccel.sharding import Layout
+
+    paths = sorted(photos.iterdir())
+    layout = Layout.create("data=2,model=4", "dp_tp")
+    started = coldstart.start_classifier(resnet[1], layout, images=len(paths), batch_size=4,
+                                         overlap=overlap)
+    assert set(started.timings) >= {"plan", "restore", "compile", "ready"}
+    got = started.classifier.classify(paths).logits
+    assert started.classifier.forward.jitted._cache_size() == 0, "a batch traced instead of AOT"
+    want = Classifier(load_model(resnet[1], layout), batch_size=4).classify(paths).logits
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_allclose(got, reference_logits(resnet, paths), rtol=1e-4,
+                               atol=1e-3 * np.abs(want).max())
+
+
+def test_second_classify_process_hits_the_compile_cache(resnet, photos, tmp_path):
+    """Two fresh `jaxaccel classify --compile-cache DIR` processes: the first compiles and
+    fills DIR, the second loads its executable from there; same logits."""
+    import subprocess
+    import sys
+
+    count_hits = ("import json, sys, jax; hits = []; jax.monitoring.register_event_listener("
+                  "lambda e, **k: hits.append(e) if e.endswith('cache_hits') else None); "
+                  "from jaxaccel.cli import app, run_with_clean_errors; "
+                  "sys.argv = ['jaxaccel', *sys.argv[1:]]; code = run_with_clean_errors(app); "
+                  "print(json.dumps({'hits': len(hits)}), file=sys.stderr); sys.exit(code)")
+    cache = tmp_path / "xla-cache"
+    hits = []
+    for run in range(2):
+        out = tmp_path / f"logits{run}.npy"
+        proc = subprocess.run([sys.executable, "-c", count_hits, "classify", str(resnet[1]),
+                               "--input-dir", str(photos), "--batch-size", "8", "--quiet",
+                               "--compile-cache", str(cache), "--out", str(out)],
+                              capture_output=True, text=True, timeout=300, check=False)
+        assert proc.returncode == 0, proc.stderr
+        hits.append(json.loads(proc.stderr.strip().splitlines()[-1])["hits"])
+        if run == 0:
+            assert any(cache.iterdir())
+    assert hits[0] == 0 and hits[1] >= 1, hits
+    np.testing.assert_array_equal(np.load(tmp_path / "logits0.npy"),
+                                  np.load(tmp_path / "logits1.npy"))

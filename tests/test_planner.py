@@ -169,3 +169,59 @@ def test_suggested_mesh_really_fits(minilm_ckpt):
     again = planner.plan(minilm_ckpt, Layout.create(sizes, rules), batch=1, seq=512,
                          device_memory=100 << 20)
     assert again.fits and again.param_bytes + again.kv_cache_bytes <= predicted
+
+
+@pytest.fixture(scope="module")
+def resnet_ckpt(tmp_path_factory) -> pathlib.Path:
+    """A small random bottleneck ResNet (64 px images, 10 labels), converted."""
+    pytest.importorskip("torch", reason="reference extra (torch) not installed")
+    pytest.importorskip("transformers", reason="reference extra not installed")
+    from jaxaccel.conversion.hf import convert
+    from jaxaccel_reference.random_resnet import hf_model, write_hf
+
+    root = tmp_path_factory.mktemp("resnet")
+    model = hf_model(depths=(1, 1, 1, 1), hidden_sizes=(32, 64, 64, 128), embedding_size=16,
+                     num_labels=10)
+    write_hf(model, root / "hf", image_size=64)
+    convert(root / "hf", root / "ckpt")
+    return root / "ckpt"
+
+
+@pytest.mark.parametrize("mesh, batch", [(None, 4), ("data=8", 8), ("data=2,model=4", 6)])
+def test_resnet_plan_matches_measured(resnet_ckpt, mesh, batch):
+    """classify: parameter bytes exact (channels split over `model`), total within 20% of the
+    shards device 0 holds plus what the classifier's own executable allocates."""
+    from jaxaccel.classify import Classifier
+    from jaxaccel.loader import load_model
+
+    layout = Layout.create(mesh, "dp_tp")
+    plan = planner.plan(resnet_ckpt, layout, batch=batch)
+    loaded = load_model(resnet_ckpt, layout)
+    params = device0_bytes(loaded.state)
+    assert plan.param_bytes == params  # exact
+    assert (plan.task, plan.seq, plan.kv_cache_bytes) == ("classify", 64, 0)
+    classifier = Classifier(loaded, batch_size=batch)
+    pixels = classifier.put(np.zeros((batch, 64, 64, 3), np.float32))
+    assert plan.batch == pixels.shape[0]
+    stats = classifier.forward.lower(loaded.state, pixels).compile().memory_analysis()
+    measured = params + stats.temp_size_in_bytes + stats.output_size_in_bytes
+    assert plan.activation_source == "xla"
+    assert abs(plan.total_bytes - measured) <= 0.2 * measured, (plan.total_bytes, measured)
+    formula = planner.plan(resnet_ckpt, layout, batch=batch, compile_activations=False)
+    assert formula.activation_source == "formula"
+    assert 0.25 < formula.activation_bytes / plan.activation_bytes < 4
+
+
+def test_resnet_plan_cli_fits_refuses_and_suggests(capsys, monkeypatch, resnet_ckpt):
+    code, out, err = run_cli(capsys, monkeypatch, "plan", resnet_ckpt, "--batch", "8",
+                             "--device-memory", "1GiB", "--json")
+    assert code == 0, err
+    payload = json.loads(out)
+    assert payload["task"] == "classify" and payload["per_device"]["fits"] is True
+    code, _, err = run_cli(capsys, monkeypatch, "plan", resnet_ckpt, "--batch", "8",
+                           "--device-memory", "300KiB")
+    line = one_error_line(err)
+    assert code == 1 and "plan: each device would need" in line
+    assert "--mesh data=" in line and "stage=1 --rules dp_tp" in line  # no pipeline for ResNet
+    code, _, err = run_cli(capsys, monkeypatch, "plan", resnet_ckpt, "--seq", "32")
+    assert code == 2 and "image size 64" in one_error_line(err)

@@ -4,8 +4,12 @@ Compute: jaxaccel fp32/bf16 against PyTorch eager fp32/bf16 (transformers'
 ResNetForImageClassification, channels_last, `jaxaccel_reference.classify_torch`) on the
 checkpoint's Hugging Face source, same weights, batch and pixels; baseline: PyTorch in the
 same dtype. Pipeline, on real image files (scikit-image's sample photographs re-encoded as
-JPEG/PNG/WebP unless --images DIR): decode-only, compute-only, end to end with prefetch
-and without; baselines: min(decode-only, compute-only) and end to end without prefetch.
+JPEG/PNG/WebP unless --images DIR; --photo-side 3000 makes camera-sized ones): decode-only
+(the pool's threads, and one thread), compute-only, end to end with prefetch and without
+(decode on one thread, serial: what a user gets without the overlap), and without prefetch
+but with the pool decoding each batch (no overlap with the compute); baselines:
+min(decode-only, compute-only) and end to end without prefetch. On a CPU, decode and compute
+share the same cores: see the README for what that allows.
 """
 
 from __future__ import annotations
@@ -25,8 +29,9 @@ PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "immunohistochem
 FORMATS = (("JPEG", ".jpg"), ("PNG", ".png"), ("WEBP", ".webp"))
 
 
-def sample_images(dest: pathlib.Path, count: int) -> list[str]:
-    """`count` photo files (about 500 px on the long side, formats in turn) under `dest`."""
+def sample_images(dest: pathlib.Path, count: int, side: int = 500) -> list[str]:
+    """`count` photo files (`side` px on the long side, formats in turn) under `dest`;
+    scikit-image's photographs are ~512 px, larger sides are upsampled (Lanczos)."""
     try:
         # deferred: scikit-image (the test extra) is needed only without --images
         import skimage.data
@@ -37,16 +42,19 @@ def sample_images(dest: pathlib.Path, count: int) -> list[str]:
     paths = []
     for i in range(count):
         image = Image.fromarray(getattr(skimage.data, PHOTOS[i % len(PHOTOS)])())
-        image.thumbnail((500, 500))
+        scale = side / max(image.size)
+        image = image.resize((round(image.width * scale), round(image.height * scale)),
+                             Image.Resampling.LANCZOS)
         fmt, suffix = FORMATS[i % len(FORMATS)]
         paths.append(str(dest / f"photo{i:04d}{suffix}"))
         image.convert("RGB").save(paths[-1], fmt)
     return paths
 
 
-def image_files(folder: Optional[pathlib.Path], count: int, scratch: pathlib.Path) -> list[str]:
+def image_files(folder: pathlib.Path | None, count: int, scratch: pathlib.Path,
+                side: int = 500) -> list[str]:
     if folder is None:
-        return sample_images(scratch, count)
+        return sample_images(scratch, count, side)
     from jaxaccel.images import (
         list_images,  # deferred: Pillow, only when a folder is given
     )
@@ -72,12 +80,17 @@ def pipeline_contenders(ckpt, dtype: str, batch: int, iters: int, images: list[s
     files = {"images": images, "iters": max(1, len(images) // batch)}
     return {"decode only": Worker("jaxaccel.bench.classify_worker",
                                   {**common, **files, "mode": "decode"}),
+            "decode only, 1 thread": Worker("jaxaccel.bench.classify_worker",
+                                            {**common, **files, "mode": "decode",
+                                             "workers": 1}),
             "compute only": Worker("jaxaccel.bench.classify_worker",
                                    {**common, "iters": iters, "mode": "compute"}),
             "end to end, prefetch": Worker("jaxaccel.bench.classify_worker",
                                            {**common, **files, "mode": "pipeline"}),
             "end to end, no prefetch": Worker("jaxaccel.bench.classify_worker",
-                                              {**common, **files, "mode": "serial"})}
+                                              {**common, **files, "mode": "serial"}),
+            "end to end, no prefetch, pool decode": Worker(
+                "jaxaccel.bench.classify_worker", {**common, **files, "mode": "serial_parallel"})}
 
 
 def compute_rows(summary: dict[str, dict]) -> list[tuple]:
@@ -114,25 +127,37 @@ def register(bench_app: typer.Typer) -> None:
                                            "of the pipeline runs."),
         workers: Optional[int] = typer.Option(None, "--workers", help="Decode threads "
                                               "(default: the CPU count, at most 8)."),
+        photo_side: int = typer.Option(500, "--photo-side", min=64, help="Long side (px) of "
+                                       "the sample photographs (e.g. 3000: camera-sized)."),
+        compute_table: bool = typer.Option(True, "--compute/--no-compute", help="Also time "
+                                           "the forward alone against PyTorch."),
         json_out: Optional[pathlib.Path] = typer.Option(None, "--json", help="Write results here."),
     ) -> None:
         """Images/s of jaxaccel (fp32, bf16) against PyTorch eager channels_last (when torch
         and transformers are installed), then the input pipeline on real image files."""
-        compute = runner.summarize_each(runner.alternate(
-            compute_contenders(ckpt, runner.hf_source(ckpt), batch, iters), repeats),
-            "images_per_s")
-        runner.print_table(f"images/s, compute only, batch {batch} ({repeats} fresh processes "
-                           "each)", ("contender", "min", "median", "max", "x pytorch same dtype"),
-                           compute_rows(compute))
+        compute = {}
+        if compute_table:
+            compute = runner.summarize_each(runner.alternate(
+                compute_contenders(ckpt, runner.hf_source(ckpt), batch, iters), repeats),
+                "images_per_s")
+            runner.print_table(f"images/s, compute only, batch {batch} ({repeats} fresh "
+                               "processes each)", ("contender", "min", "median", "max",
+                                                   "x pytorch same dtype"), compute_rows(compute))
         with tempfile.TemporaryDirectory(prefix="jaxaccel-bench-images-") as scratch:
-            files = image_files(images, num_images, pathlib.Path(scratch))
-            pipeline = runner.summarize_each(runner.alternate(pipeline_contenders(
-                ckpt, pipeline_dtype, batch, iters, files, workers), repeats), "images_per_s")
+            files = image_files(images, num_images, pathlib.Path(scratch), photo_side)
+            runs = runner.alternate(pipeline_contenders(
+                ckpt, pipeline_dtype, batch, iters, files, workers), repeats)
+        pipeline = runner.summarize_each(runs, "images_per_s")
+        cpu = runner.summarize_each(runs, "cpu_s_per_image")
         rows, baselines = pipeline_rows(pipeline)
+        rows = [(*row, cpu[row[0]]["median"]) for row in rows]
         runner.print_table(f"images/s, input pipeline on {len(files)} files, batch {batch}, "
                            f"{pipeline_dtype}", ("contender", "min", "median", "max",
-                                                 "x min(decode, compute)", "x no prefetch"), rows)
+                                                 "x min(decode, compute)", "x no prefetch",
+                                                 "CPU s/image"), rows)
         runner.write_json(json_out, {"benchmark": "classify", "batch": batch, "iters": iters,
                                      "compute": compute, "pipeline": pipeline,
                                      "pipeline_dtype": pipeline_dtype,
-                                     "pipeline_baselines": baselines, "images": len(files)})
+                                     "pipeline_cpu_s_per_image": cpu,
+                                     "pipeline_baselines": baselines, "images": len(files),
+                                     "photo_side": None if images else photo_side})

@@ -14,6 +14,7 @@ from jaxaccel.commands import options
 from jaxaccel.errors import UsageError
 from jaxaccel.images import list_images, read_list
 from jaxaccel.textfiles import save_npy_atomically
+from jaxaccel.units import parse_bytes
 
 
 def image_inputs(image, input_dir, input_list) -> list[pathlib.Path]:
@@ -48,22 +49,34 @@ def register(app: typer.Typer) -> None:
         mesh: Optional[str] = options.MESH,
         rules: str = options.RULES,
         rule: Optional[str] = options.RULE_OVERRIDES,
+        budget: str = options.HOST_MEMORY_BUDGET,
+        device_memory: Optional[str] = options.DEVICE_MEMORY,
+        verify_checksums: bool = options.VERIFY_CHECKSUMS,
+        compile_cache: Optional[pathlib.Path] = options.COMPILE_CACHE,
+        no_compile_cache: bool = options.NO_COMPILE_CACHE,
         as_json: bool = options.JSON,
         quiet: bool = options.QUIET,
     ) -> None:
         """Classify images: decoded on host threads and preprocessed as the checkpoint's
-        preprocessor_config.json says, batches transferred one step ahead of the compute."""
+        preprocessor_config.json says, batches transferred one step ahead of the compute.
+        The weights stream in while XLA compiles the batches these images need."""
         # deferred: jax loads only when a command runs, after --host-devices set XLA's flags
-        from jaxaccel.classify import Classifier
-        from jaxaccel.loader import load_model
+        from jaxaccel import coldstart
+        from jaxaccel import compile_cache as xla_cache
 
         paths = image_inputs(image, input_dir, input_list)
-        loaded = load_model(ckpt, options.layout_from(mesh, rules, rule), dtype, quiet=quiet)
-        classifier = Classifier(loaded, batch_size=batch_size)
+        plan = coldstart.plan_for("classify", ckpt, options.layout_from(mesh, rules, rule),
+                                  dtype, device_memory=options.device_memory_from(device_memory),
+                                  batch=min(batch_size, len(paths)))
+        xla_cache.configure(compile_cache, enabled=not no_compile_cache)
+        started = coldstart.start_classifier(
+            ckpt, images=len(paths), batch_size=batch_size, plan=plan,
+            host_memory_budget=parse_bytes(budget, "--host-memory-budget"),
+            verify_checksums=verify_checksums, quiet=quiet)
         start = time.perf_counter()
-        result = classifier.classify(paths, skip_bad=skip_bad)
+        result = started.classifier.classify(paths, skip_bad=skip_bad)
         seconds = time.perf_counter() - start
-        report(ckpt, result, loaded.dtype, top_k, seconds, out, as_json, quiet)
+        report(ckpt, result, started.loaded.dtype, top_k, seconds, out, as_json, quiet)
 
 
 def report(ckpt, result, dtype: str, top_k: int, seconds: float, out, as_json: bool,

@@ -24,7 +24,8 @@ def register(app: typer.Typer) -> None:
         dtype: Optional[str] = options.DTYPE,
         batch: int = typer.Option(1, "--batch", min=1, help="Rows per forward call."),
         seq: Optional[int] = typer.Option(None, "--seq", min=1, help="Tokens per row (default: "
-                                          "the model's maximum); for decoders, the prompt."),
+                                          "the model's maximum); for decoders, the prompt; "
+                                          "image classifiers run at their image size."),
         max_new_tokens: int = typer.Option(0, "--max-new-tokens", min=0, help="Decoders: "
                                            "tokens to generate (sizes the KV cache)."),
         device_memory: Optional[str] = options.DEVICE_MEMORY,
@@ -58,8 +59,9 @@ def _print_plan(plan, quiet: bool = False) -> None:
     from jaxaccel.sharding import format_mesh  # deferred: the module imports jax
 
     console = Console()
+    rows = (f"{plan.seq}x{plan.seq} images" if plan.task == "classify" else f"seq {plan.seq}")
     console.print(f"[bold]{plan.ckpt}[/]  {plan.family}  {plan.dtype}  mesh {format_mesh(plan.mesh)}"
-                  f"  batch {plan.batch} x seq {plan.seq}"
+                  f"  batch {plan.batch} x {rows}"
                   + (f" + {plan.max_new_tokens} new" if plan.max_new_tokens else ""))
     table = Table("per device", "bytes", title=None)
     table.add_row("parameters", fb(plan.param_bytes))
