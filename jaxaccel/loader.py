@@ -109,7 +109,7 @@ def _target(spec, layout: Layout) -> Target:
 
 def restore_plan(plan: ModelPlan, path: str | pathlib.Path, *,
                  host_memory_budget: int = DEFAULT_HOST_MEMORY_BUDGET,
-                 quiet: bool = False, verify_checksums: bool = False,
+                 quiet: bool = False, verify_checksums: bool = True,
                  threads: int | None = None) -> LoadedModel:
     path = pathlib.Path(path)
     stats = RestoreStats()
@@ -131,7 +131,7 @@ def restore_plan(plan: ModelPlan, path: str | pathlib.Path, *,
 
 def load_model(path: str | pathlib.Path, layout: Layout | None = None, dtype: str | None = None,
                *, host_memory_budget: int = DEFAULT_HOST_MEMORY_BUDGET,
-               quiet: bool = True, verify_checksums: bool = False) -> LoadedModel:
+               quiet: bool = True, verify_checksums: bool = True) -> LoadedModel:
     """Restore a checkpoint onto `layout` (default: one device) in the compute `dtype`.
 
     Always checked (~1% of restore time): every array and chunk present, chunk lengths.

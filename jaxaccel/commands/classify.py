@@ -50,6 +50,7 @@ def register(app: typer.Typer) -> None:
         rule: Optional[str] = options.RULE_OVERRIDES,
         as_json: bool = options.JSON,
         quiet: bool = options.QUIET,
+        verify_checksums: bool = options.VERIFY_CHECKSUMS,
     ) -> None:
         """Classify images: decoded on host threads and preprocessed as the checkpoint's
         preprocessor_config.json says, batches transferred one step ahead of the compute."""
@@ -58,7 +59,8 @@ def register(app: typer.Typer) -> None:
         from jaxaccel.loader import load_model
 
         paths = image_inputs(image, input_dir, input_list)
-        loaded = load_model(ckpt, options.layout_from(mesh, rules, rule), dtype, quiet=quiet)
+        loaded = load_model(ckpt, options.layout_from(mesh, rules, rule), dtype, quiet=quiet,
+                            verify_checksums=verify_checksums)
         classifier = Classifier(loaded, batch_size=batch_size)
         start = time.perf_counter()
         result = classifier.classify(paths, skip_bad=skip_bad)
