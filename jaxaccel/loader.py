@@ -135,9 +135,11 @@ def load_model(path: str | pathlib.Path, layout: Layout | None = None, dtype: st
     """Restore a checkpoint onto `layout` (default: one device) in the compute `dtype`.
 
     Always checked (~1% of restore time): every array and chunk present, chunk lengths.
-    `verify_checksums` also checks every chunk's crc32c as it is read: +35-70% restore time
-    measured on CPU (2.68 GB: 1.29 s -> 2.18 s), so it is opt-in; `jaxaccel verify` checks
-    everything against the manifest's checksums.
+    `verify_checksums` (default True; the CLI's `--no-verify` and `jaxaccel.load(verify=False)`
+    turn it off) checks every chunk's crc32c as it is read, in the read threads on each piece
+    still in cache; a mismatch raises IntegrityError naming the array and chunk. Its cost is
+    what `jaxaccel bench restore` reports as `verify_on_over_off` (numbers in
+    checkpoint/direct.py). `jaxaccel verify` checks everything against the manifest.
     """
     plan = plan_model(path, layout, dtype)
     return restore_plan(plan, path, host_memory_budget=host_memory_budget, quiet=quiet,

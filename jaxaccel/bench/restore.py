@@ -43,8 +43,8 @@ def contenders(ckpt: pathlib.Path, mesh: str, rules: str, dtype: str,
     found[BASELINE] = worker("orbax")
     if orbax_default is not None:
         found["orbax (orbax default format)"] = worker("orbax", orbax_default)
-    found[RAW] = worker("raw")
     found[FLOOR] = worker("copy-floor")
+    found[RAW] = worker("raw")
     return found
 
 
