@@ -50,7 +50,8 @@ def load(path: str | pathlib.Path, *, mesh: MeshLike = None, rules: str | Mappin
     or "bfloat16"; default: the checkpoint's), streaming only the slices each device holds.
 
     `host_memory_budget`: bytes (or "2GiB") of restore reads in flight. `verify` (default
-    True): check every chunk's crc32c while reading, at <= 10% of restore time; False skips
+    True): check every chunk's crc32c while reading (+0-25% of restore time, measured in
+    checkpoint/direct.py); False skips
     it (missing or short chunks are always refused). `progress`:
     a progress bar on a terminal or in Jupyter. Raises CheckpointError, UsageError.
     """

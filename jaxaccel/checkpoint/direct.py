@@ -16,13 +16,15 @@ The crc32c check is on by default (`--no-verify` turns it off). Its cost, measur
   checked 0.761 s (3.53 GB/s), --no-verify 0.985 s (2.72 GB/s), copy floor 0.803 s (3.34 GB/s),
   orbax 12.4 s. Per round, checked / unchecked = 0.97, 0.59, 0.80; checked / floor = 1.14,
   0.91, 1.04.
-The checked path is not slower because its pieces land in a contiguous, already-touched
-scratch buffer and numpy then copies them into the strided shard, while the unchecked
-scatter preadv page-faults fresh memory inside the kernel's copy, 1-4 KiB run by run. On
-memory touched beforehand (no page faults: CPU cost alone, in-process, 2 threads) the check
-costs +24%: 0.272 s unchecked vs 0.337 s checked (the crc32c package's hardware crc at
-~12 GB/s per core on cache-resident pieces; it drops the GIL for inputs >= 32 KiB, its
-default gil_release_mode, so both read threads checksum in parallel).
+In one process, restoring again and again into fresh buffers (2 threads, 4 rounds
+alternated; memory faulted but already backed): unchecked 0.381 s min / 0.407 s median,
+checked 0.436 / 0.508 s: the check's CPU cost is +14% (min) to +25% (median). The fresh-process
+figures above hide it behind first-touch page faults, which vary from run to run by more than
+that on this VM. Reading pieces through the scratch buffer without checking (0.384 / 0.395 s)
+is no faster than the scatter preadv, so the unchecked path keeps the single scatter call
+(one GIL hand-over per 1024 runs, which matters beside a compile thread). The crc32c package
+computes a hardware crc (~12 GB/s per core on cache-resident pieces) and drops the GIL for
+inputs >= 32 KiB (its default gil_release_mode), so both read threads checksum in parallel.
 
 Only arrays stored the way `layout.create_spec` writes them uncompressed qualify (codecs
 `bytes` little-endian + optional `crc32c`, regular chunk grid, default chunk keys); restore
