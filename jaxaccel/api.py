@@ -4,7 +4,8 @@
     model = jaxaccel.load("checkpoints/minilm", mesh="data=2,model=4")
     vectors = model.embed(["A man is eating food.", "A man is eating bread."])
 
-Every function takes paths as `str` or `pathlib.Path` and raises the errors of
+Every function takes paths as `str` or `pathlib.Path` (checkpoints also as gs://, s3://,
+https:// URLs: see jaxaccel.checkpoint.storage) and raises the errors of
 `jaxaccel.errors` (importable from `jaxaccel` itself) with one-line messages.
 """
 
@@ -17,6 +18,7 @@ from jax.sharding import Mesh
 
 from jaxaccel import planner, progress
 from jaxaccel import sharding as ax
+from jaxaccel.checkpoint import storage
 from jaxaccel.checkpoint.integrity import VerifyReport, verify_checkpoint
 from jaxaccel.checkpoint.layout import DEFAULT_CHUNK_BYTES
 from jaxaccel.checkpoint.manifest import Manifest
@@ -45,19 +47,21 @@ def layout(mesh: MeshLike = None, rules: str | Mapping | None = None) -> ax.Layo
 
 def load(path: str | pathlib.Path, *, mesh: MeshLike = None, rules: str | Mapping | None = None,
          dtype: str | None = None, host_memory_budget: int | str | None = None,
-         verify: bool = True, progress: bool = True, microbatches: int | None = None) -> Model:
+         verify: bool = True, progress: bool = True, microbatches: int | None = None,
+         restore_mode: str | None = None) -> Model:
     """Restore a checkpoint onto `mesh` (default: one device) in compute `dtype` ("float32"
     or "bfloat16"; default: the checkpoint's), streaming only the slices each device holds.
 
     `host_memory_budget`: bytes (or "2GiB") of restore reads in flight. `verify` (default
     True): check every chunk's crc32c while reading (+0-25% of restore time, measured in
-    checkpoint/direct.py); False skips
-    it (missing or short chunks are always refused). `progress`:
-    a progress bar on a terminal or in Jupyter. Raises CheckpointError, UsageError.
+    checkpoint/direct.py); False skips it (missing or short chunks are always refused).
+    `progress`: a progress bar on a terminal or in Jupyter. `restore_mode` (multi-host):
+    "read-all", "broadcast" or "auto" (the default; see the README's Clusters section). Raises
+    CheckpointError, UsageError.
     """
     budget = _bytes(host_memory_budget, "host_memory_budget") or DEFAULT_HOST_MEMORY_BUDGET
     loaded = load_model(path, layout(mesh, rules), dtype, host_memory_budget=budget,
-                        quiet=not progress, verify_checksums=verify)
+                        quiet=not progress, verify_checksums=verify, restore_mode=restore_mode)
     return Model(loaded, microbatches=microbatches)
 
 
@@ -99,7 +103,7 @@ def verify(path: str | pathlib.Path, *, progress: bool = True) -> VerifyReport:
     """Re-read every chunk and compare it with the manifest's checksums; raises
     IntegrityError naming every damaged array and chunk."""
     total = Manifest.load(path).total_bytes
-    with _bar(total, f"verify {pathlib.Path(path).name}", progress) as advance:
+    with _bar(total, f"verify {storage.checkpoint_path(path).name}", progress) as advance:
         return verify_checkpoint(path, on_bytes=advance)
 
 

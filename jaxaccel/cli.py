@@ -7,6 +7,7 @@ chance to set XLA_FLAGS (XLA reads it once, when its CPU backend starts).
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 import traceback
 from typing import Optional
@@ -15,6 +16,7 @@ import click
 import typer
 
 from jaxaccel import __version__, distributed, errors, platform
+from jaxaccel.checkpoint import restore_mode as restore_mode_
 
 app = typer.Typer(
     name="jaxaccel",
@@ -57,22 +59,57 @@ def _global_options(
         None, "--distributed-timeout", min=1, metavar="SECONDS",
         help="Multi-host: deadline of every blocking step (connect, barriers); on expiry the "
              "error names the process that did not arrive. Default 120."),
+    distributed_mode: str = typer.Option(
+        "auto", "--distributed", metavar="auto|off",
+        help="Multi-host: auto joins the cluster this process was started in (srun, mpirun, "
+             "a TPU pod slice, a Kubernetes indexed Job/JobSet, the JAX_* variables), as "
+             "jax.distributed detects it; off runs alone even there."),
+    restore_mode: str = typer.Option(
+        "auto", "--restore-mode", metavar="auto|read-all|broadcast",
+        help="Multi-host restore: read-all (every process reads the slices its devices "
+             "hold), broadcast (each slice replicated across processes is read once and sent "
+             "to the others over the devices), auto (broadcast when replicas span processes "
+             "and the checkpoint is remote)."),
     debug: bool = typer.Option(
         False, "--debug", help="Print the full traceback of an unexpected error (without it: "
         "one line and exit code 1)."),
+    s3_endpoint: Optional[str] = typer.Option(
+        None, "--s3-endpoint", metavar="URL", help="Remote checkpoints: endpoint of an "
+        "S3-compatible store for s3:// paths (sets $AWS_ENDPOINT_URL)."),
+    concurrency: Optional[int] = typer.Option(
+        None, "--concurrency", min=1, help="Remote checkpoints: requests in flight per storage "
+        "driver ($JAXACCEL_REMOTE_CONCURRENCY, default 32)."),
+    cache_dir: Optional[str] = typer.Option(
+        None, "--cache-dir", help="Remote checkpoints: local chunk cache directory "
+        "($JAXACCEL_CACHE_DIR, default ~/.cache/jaxaccel/chunks)."),
+    cache_size: Optional[str] = typer.Option(
+        None, "--cache-size", help="Remote checkpoints: chunk cache limit, least recently used "
+        "chunks are evicted beyond it ($JAXACCEL_CACHE_SIZE, default 50GiB)."),
+    no_cache: bool = typer.Option(
+        False, "--no-cache", help="Remote checkpoints: read every chunk from the network, "
+        "neither reading nor filling the chunk cache ($JAXACCEL_NO_CACHE=1)."),
 ) -> None:
     _DEBUG["enabled"] = debug
+    # Environment variables, so that bench and launch subprocesses inherit the settings.
+    for name, value in (("AWS_ENDPOINT_URL", s3_endpoint), ("JAXACCEL_CACHE_DIR", cache_dir),
+                        ("JAXACCEL_CACHE_SIZE", cache_size),
+                        ("JAXACCEL_REMOTE_CONCURRENCY", concurrency and str(concurrency)),
+                        ("JAXACCEL_NO_CACHE", "1" if no_cache else None)):
+        if value:
+            os.environ[name] = value
     platform.configure_host_devices(host_devices)
     try:
         cluster = distributed.cluster_from(coordinator, num_processes, process_id,
-                                           distributed_timeout)
+                                           distributed_timeout, mode=distributed_mode)
+        restore_mode_.set_default(restore_mode)
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
     distributed.initialize(cluster)
 
 
 # Command modules under jaxaccel/commands/, in --help order; each has `register(app)`.
-COMMANDS = ("convert", "inspect", "embed", "generate", "classify", "demo", "plan", "verify", "launch", "bench")
+COMMANDS = ("convert", "inspect", "embed", "generate", "classify", "demo", "plan", "verify", "launch", "bench",
+            "cache")
 
 for _name in COMMANDS:
     try:
@@ -86,7 +123,8 @@ for _name in COMMANDS:
 
 # Options of the `jaxaccel` command itself, which click accepts only before the subcommand.
 GLOBAL_OPTIONS = ("--host-devices", "--coordinator", "--num-processes", "--process-id",
-                  "--distributed-timeout", "--debug")
+                  "--distributed-timeout", "--distributed", "--restore-mode", "--debug",
+                  "--s3-endpoint", "--concurrency", "--cache-dir", "--cache-size", "--no-cache")
 
 
 def misplaced_global_option(argv: list[str]) -> str | None:

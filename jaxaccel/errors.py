@@ -45,6 +45,10 @@ class IntegrityError(CheckpointError):
     """Stored bytes that do not match what the manifest recorded."""
 
 
+class StorageError(CheckpointError):
+    """A bucket, object or web server that cannot be reached or read; names the URL."""
+
+
 class ChunkError(IntegrityError):
     """A chunk that is missing, short, or fails its checksum; names the array and chunk."""
 

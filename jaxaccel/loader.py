@@ -16,12 +16,13 @@ import numpy as np
 from flax import nnx
 
 from jaxaccel import distributed, progress
+from jaxaccel.checkpoint import chunk_cache, storage
+from jaxaccel.checkpoint.broadcast import restore_checkpoint
 from jaxaccel.checkpoint.manifest import CheckpointError, Manifest, check_member_name
 from jaxaccel.checkpoint.restore import (
     DEFAULT_HOST_MEMORY_BUDGET,
     RestoreStats,
     Target,
-    restore_arrays,
 )
 from jaxaccel.errors import UsageError
 from jaxaccel.models import config_from_dict
@@ -41,7 +42,7 @@ class LoadedModel:
     state: nnx.State
     layout: Layout
     dtype: str
-    path: pathlib.Path
+    path: pathlib.Path  # or storage.RemotePath
     stats: RestoreStats | None = None
 
     @property
@@ -70,8 +71,15 @@ class ModelPlan:
         return _tokenizer_path(self.manifest, self.path)
 
 
-def _tokenizer_path(manifest: Manifest, path: pathlib.Path) -> pathlib.Path | None:
-    return path / "tokenizer.json" if "tokenizer.json" in manifest.tokenizer_files else None
+def _tokenizer_path(manifest: Manifest, path) -> pathlib.Path | None:
+    """tokenizer.json's local path; a remote checkpoint's is downloaded once into the cache
+    directory (keyed by the manifest's identity)."""
+    if "tokenizer.json" not in manifest.tokenizer_files:
+        return None
+    if not isinstance(path, storage.RemotePath):
+        return path / "tokenizer.json"
+    local = chunk_cache.default_dir().parent / "files" / manifest.identity / "tokenizer.json"
+    return storage.local_copy(path / "tokenizer.json", local)
 
 
 def compute_dtype_name(manifest: Manifest, dtype: str | None) -> str:
@@ -83,7 +91,7 @@ def compute_dtype_name(manifest: Manifest, dtype: str | None) -> str:
 
 def plan_model(path: str | pathlib.Path, layout: Layout | None = None,
                dtype: str | None = None) -> ModelPlan:
-    path = pathlib.Path(path)
+    path = storage.checkpoint_path(path)
     manifest = Manifest.load(path)
     for name in manifest.tokenizer_files:
         check_member_name(name, path / "jaxaccel.json")
@@ -110,17 +118,25 @@ def _target(spec, layout: Layout) -> Target:
 def restore_plan(plan: ModelPlan, path: str | pathlib.Path, *,
                  host_memory_budget: int = DEFAULT_HOST_MEMORY_BUDGET,
                  quiet: bool = False, verify_checksums: bool = True,
-                 threads: int | None = None) -> LoadedModel:
-    path = pathlib.Path(path)
+                 threads: int | None = None, restore_mode: str | None = None) -> LoadedModel:
+    """Restore `plan`'s arrays from `path`. `restore_mode`: read-all, broadcast or auto
+    (default: the CLI's --restore-mode; see checkpoint.restore_mode)."""
+    path = storage.checkpoint_path(path)
     stats = RestoreStats()
     total = sum(int(np.prod(t.checkpoint_shape)) * np.dtype(t.dtype).itemsize
                 for t in plan.targets.values())
     with progress.byte_progress(total, f"restore {path.name}", enabled=not quiet) as advance:
-        arrays = restore_arrays(path, plan.manifest, plan.targets,
-                                host_memory_budget=host_memory_budget, on_bytes=advance,
-                                stats=stats, verify_chunks=verify_checksums, threads=threads)
+        arrays = restore_checkpoint(path, plan.manifest, plan.targets, mode=restore_mode,
+                                    status=lambda line: progress.say(line, quiet),
+                                    host_memory_budget=host_memory_budget, on_bytes=advance,
+                                    stats=stats, verify_chunks=verify_checksums, threads=threads)
     progress.say(f"restored {path.name}: {stats.bytes_read / 1e9:.3f} GB in {stats.seconds:.2f} s "
                  f"({stats.gb_per_s:.2f} GB/s) onto {plan.layout.describe()}", quiet)
+    if isinstance(path, storage.RemotePath):
+        network_rate = stats.bytes_from_network / stats.seconds / 1e9 if stats.seconds else 0.0
+        progress.say(f"  from {path}: {stats.bytes_from_network / 1e9:.3f} GB over the network "
+                     f"in {stats.network_requests} requests ({network_rate:.2f} GB/s), "
+                     f"{stats.bytes_from_cache / 1e9:.3f} GB from the chunk cache", quiet)
     if distributed.active():  # a barrier: every process must have restored before running
         report = distributed.restore_report(stats, total)
         progress.say(report, quiet or not distributed.is_output_process())
@@ -131,7 +147,8 @@ def restore_plan(plan: ModelPlan, path: str | pathlib.Path, *,
 
 def load_model(path: str | pathlib.Path, layout: Layout | None = None, dtype: str | None = None,
                *, host_memory_budget: int = DEFAULT_HOST_MEMORY_BUDGET,
-               quiet: bool = True, verify_checksums: bool = True) -> LoadedModel:
+               quiet: bool = True, verify_checksums: bool = True,
+               restore_mode: str | None = None) -> LoadedModel:
     """Restore a checkpoint onto `layout` (default: one device) in the compute `dtype`.
 
     Always checked (~1% of restore time): every array and chunk present, chunk lengths.
@@ -143,4 +160,4 @@ def load_model(path: str | pathlib.Path, layout: Layout | None = None, dtype: st
     """
     plan = plan_model(path, layout, dtype)
     return restore_plan(plan, path, host_memory_budget=host_memory_budget, quiet=quiet,
-                        verify_checksums=verify_checksums)
+                        verify_checksums=verify_checksums, restore_mode=restore_mode)

@@ -28,3 +28,69 @@ def minilm_ckpt(tmp_path_factory, minilm_src) -> pathlib.Path:
     dest = tmp_path_factory.mktemp("ckpt") / "minilm"
     convert(minilm_src, dest)
     return dest
+
+
+# -- Storage servers for remote checkpoints (tests/servers.py), started once per session ----
+BUCKET = "jaxaccel-test"
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on 127.0.0.1 (dummy credentials in the environment, as the AWS SDKs
+    read them); tests point AWS_ENDPOINT_URL at it or at a FaultProxy in front of it."""
+    import servers
+
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "test")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "test")
+    os.environ.setdefault("AWS_REGION", "us-east-1")
+    server = servers.MotoS3()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def gcs_server():
+    """gcp-storage-emulator on 127.0.0.1, reached through TENSORSTORE_GCS_HTTP_URL."""
+    import servers
+
+    server = servers.GcsEmulator(BUCKET)
+    os.environ["TENSORSTORE_GCS_HTTP_URL"] = server.url
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_minilm(s3_server, minilm_ckpt) -> str:
+    """The session's MiniLM checkpoint uploaded to moto: its s3:// URL."""
+    s3_server.upload_dir(minilm_ckpt, BUCKET, "minilm")
+    return f"s3://{BUCKET}/minilm"
+
+
+@pytest.fixture(scope="session")
+def gcs_minilm(gcs_server, minilm_ckpt) -> str:
+    gcs_server.upload_dir(minilm_ckpt, BUCKET, "minilm")
+    return f"gs://{BUCKET}/minilm"
+
+
+@pytest.fixture(scope="session")
+def http_server(minilm_ckpt):
+    """The directory holding the session's MiniLM checkpoint, served with Range support."""
+    import servers
+
+    server = servers.RangeHTTPServer(minilm_ckpt.parent)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_proxy(s3_server, monkeypatch, tmp_path):
+    """A FaultProxy in front of the S3 server, made the endpoint (AWS_ENDPOINT_URL) of this
+    test, with a fresh chunk cache directory."""
+    import servers
+
+    proxy = servers.FaultProxy(s3_server.url)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+    monkeypatch.setenv("JAXACCEL_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("JAXACCEL_REMOTE_RETRIES", "3")
+    yield proxy
+    proxy.stop()

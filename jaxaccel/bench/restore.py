@@ -16,7 +16,7 @@ from typing import Optional
 
 import typer
 
-from jaxaccel.bench import runner
+from jaxaccel.bench import cluster_restore, runner
 from jaxaccel.bench.runner import Worker
 
 BASELINE = "orbax (same checkpoint)"
@@ -67,12 +67,30 @@ def register(bench_app: typer.Typer) -> None:
                                   "(needs root): cold-disk figures."),
         repeats: int = typer.Option(3, "--repeats", min=1, help="Fresh processes per contender."),
         json_out: Optional[pathlib.Path] = typer.Option(None, "--json", help="Write results here."),
+        processes: int = typer.Option(1, "--processes", min=1, help="Restore across this many "
+                                      "local processes (jax.distributed, gloo) and compare "
+                                      "--restore-mode read-all with broadcast instead."),
+        source: Optional[str] = typer.Option(
+            None, "--source", help="The same checkpoint in a bucket (s3://, gs://): time "
+            "jaxaccel from it with a cold and a warm chunk cache, a raw parallel download of its "
+            "data files (boto3 for s3://), and CKPT from local files; see --orbax-source. With "
+            "--processes: where the processes read the checkpoint (default CKPT)."),
+        orbax_source: Optional[str] = typer.Option(
+            None, "--orbax-source", help="With --source: the same checkpoint at a gs:// URL "
+            "(e.g. on an emulator, STORAGE_EMULATOR_HOST + TENSORSTORE_GCS_HTTP_URL) for orbax "
+            "to restore."),
     ) -> None:
         """Restore time, GB/s and peak host-memory overhead of jaxaccel (crc32c checked, and
-        --no-verify) vs orbax vs raw read vs the copy floor."""
-        runs = runner.alternate(contenders(ckpt, mesh, rules, dtype, orbax_default, engines),
-                                repeats, before_run=drop_page_cache if cold else None)
-        rows, summary = table_rows(runs)
+        --no-verify) vs orbax vs raw read vs the copy floor;
+        with --source, from a bucket; with --processes N, read-all vs broadcast restore across
+        N processes."""
+        if processes > 1:
+            _bench_cluster(str(source or ckpt), mesh, rules, dtype, processes, repeats, json_out)
+            return
+        found = (remote_contenders(ckpt, source, orbax_source, mesh, rules, dtype) if source
+                 else contenders(ckpt, mesh, rules, dtype, orbax_default, engines))
+        runs = runner.alternate(found, repeats, before_run=drop_page_cache if cold else None)
+        rows, summary = table_rows(runs, REMOTE_RAW if source else RAW)
         where = "cold page cache" if cold else "page cache warm, memory pre-touched"
         runner.print_table(f"restore {ckpt.name} onto {mesh} ({rules}, dtype {dtype}); {where}; "
                            f"{repeats} fresh processes each", COLUMNS, rows)
@@ -81,17 +99,50 @@ def register(bench_app: typer.Typer) -> None:
                                      "results": summary, "ratios": ratios(summary)})
 
 
+def _bench_cluster(source: str, mesh: str, rules: str, dtype: str, processes: int,
+                   repeats: int, json_out) -> None:
+    runs = cluster_restore.measure(source, mesh, rules, dtype, processes, repeats)
+    rows, summary = cluster_restore.table_rows(runs)
+    runner.print_table(f"restore {source} onto {mesh} ({rules}) across {processes} processes; "
+                       f"{repeats} launches each, alternated", cluster_restore.COLUMNS, rows)
+    runner.write_json(json_out, {"benchmark": "restore-cluster", "source": source, "mesh": mesh,
+                                 "rules": rules, "processes": processes, "results": summary})
+
+
 COLUMNS = ("contender", "min s", "median s", "max s", "GB/s (median)", "peak RSS overhead MB",
            "orbax / this", "this / raw", "this / copy floor")
 
 
-def table_rows(runs: dict[str, list[dict]]) -> tuple[list, dict]:
+def remote_contenders(ckpt: pathlib.Path, source: str, orbax_source: Optional[str], mesh: str,
+                      rules: str, dtype: str) -> dict[str, Worker]:
+    """jaxaccel from the bucket (cold, warm cache), from local files, orbax from gs://, and
+    the raw parallel download (bench.remote_restore)."""
+    devices = runner.mesh_devices(mesh)
+
+    def worker(contender: str, url: Optional[str] = source) -> Worker:
+        return Worker(WORKER, {"contender": contender, "ckpt": str(ckpt), "mesh": mesh,
+                               "rules": rules, "dtype": dtype, "manifest_from": str(ckpt),
+                               "source": url}, devices)
+
+    found = {"jaxaccel, cold cache": worker("remote-cold"),
+             "jaxaccel, warm cache": worker("remote-warm"),
+             "jaxaccel, local file": worker("jaxaccel")}
+    if orbax_source:
+        found["orbax via gs://"] = worker("remote-orbax", orbax_source)
+    found[REMOTE_RAW] = worker("remote-raw")
+    return found
+
+
+REMOTE_RAW = "raw parallel download"
+
+
+def table_rows(runs: dict[str, list[dict]], raw_name: str = RAW) -> tuple[list, dict]:
     seconds = runner.summarize_each(runs, "seconds")
     overhead = runner.summarize_each(runs, "overhead")
     summary = {name: {"seconds": seconds[name], "overhead_bytes": overhead[name],
                       "bytes": results[0]["bytes"]} for name, results in runs.items()}
     orbax, raw, floor = (seconds[n]["median"] if n in seconds else None
-                         for n in (BASELINE, RAW, FLOOR))
+                         for n in (BASELINE, raw_name, FLOOR))
     rows = []
     for name, s in summary.items():
         t = s["seconds"]

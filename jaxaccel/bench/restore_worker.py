@@ -27,6 +27,7 @@ import time
 
 import numpy as np
 
+from jaxaccel.bench import remote_restore
 from jaxaccel.bench.worker import serve
 
 # Pre-touch this many times the checkpoint's bytes: enough for what any contender allocates
@@ -63,13 +64,15 @@ def resident_bytes(arrays) -> int:
 
 
 def prepare(contender: str, ckpt: pathlib.Path, mesh: str, rules: str, dtype: str | None,
-            manifest_dir: pathlib.Path):
+            manifest_dir: pathlib.Path, source: str | None = None):
     """Everything outside the clock; returns a zero-argument function doing the restore."""
     if contender == "raw":
         return raw_reader(data_files(ckpt))
     if contender == "copy-floor":
         return copy_floor(data_files(ckpt))
     plan = plan_restore(manifest_dir, mesh, rules, dtype)
+    if contender.startswith("remote-"):  # from the bucket at `source` (bench restore --source)
+        return remote_restore.prepare(contender, source, plan, orbax_restore)
     if contender.startswith("jaxaccel"):
         # As load_model: chunk lengths always checked, crc32c unless `--no-verify`.
         engine = "tensorstore" if contender == "jaxaccel-tensorstore" else "auto"
@@ -148,7 +151,8 @@ def orbax_restore(ckpt: pathlib.Path, plan):
     import jax
     import orbax.checkpoint as ocp
 
-    directory = ckpt / "params" if (ckpt / "params").is_dir() else ckpt
+    remote = not isinstance(ckpt, pathlib.Path)  # a storage.RemotePath
+    directory = ckpt / "params" if remote or (ckpt / "params").is_dir() else ckpt
     abstract: dict = {}
     for name, target in plan.targets.items():
         node = abstract
@@ -157,17 +161,18 @@ def orbax_restore(ckpt: pathlib.Path, plan):
             node = node.setdefault(key, {})
         node[leaf] = jax.ShapeDtypeStruct(target.shape, target.dtype, sharding=target.sharding)
     checkpointer = ocp.StandardCheckpointer()
-    return lambda: checkpointer.restore(directory.absolute(), abstract)
+    where = str(directory) if remote else directory.absolute()
+    return lambda: checkpointer.restore(where, abstract)
 
 
 def main(contender: str, ckpt: str, mesh: str, rules: str, dtype: str = "default",
-         manifest_from: str | None = None) -> dict:
+         manifest_from: str | None = None, source: str | None = None) -> dict:
     # deferred: jax and the runtime load in the worker process only, not in `jaxaccel bench`
     import jax
 
     ckpt = pathlib.Path(ckpt)
     restore = prepare(contender, ckpt, mesh, rules, None if dtype == "default" else dtype,
-                      pathlib.Path(manifest_from or ckpt))
+                      pathlib.Path(manifest_from or ckpt), source)
     jax.block_until_ready(jax.device_put(np.ones(8, np.float32), jax.devices()[0]))
     nbytes = sum(p.stat().st_size for p in data_files(ckpt))
     pretouch(int(nbytes * PRETOUCH_FACTOR))
@@ -179,7 +184,8 @@ def main(contender: str, ckpt: str, mesh: str, rules: str, dtype: str = "default
     jax.block_until_ready(out)
     seconds = time.perf_counter() - start
     peak = status_bytes("VmHWM")
-    raw = contender in ("raw", "copy-floor")
+    # lists of numpy buffers, not jax arrays
+    raw = contender in ("raw", "remote-raw", "copy-floor")
     resident = sum(b.nbytes for b in out) if raw else resident_bytes(out)
     return {"contender": contender, "seconds": seconds, "bytes": nbytes,
             "peak_rss_growth": peak - before, "resident": resident,

@@ -47,7 +47,7 @@ import ml_dtypes
 import numpy as np
 import tensorstore as ts
 
-from jaxaccel.checkpoint import integrity
+from jaxaccel.checkpoint import integrity, storage
 from jaxaccel.checkpoint.integrity import IntegrityError
 from jaxaccel.errors import ChunkError  # noqa: F401  (re-exported)
 
@@ -81,24 +81,38 @@ class ArrayLayout:
     checksummed: bool
 
 
-def ocdbt_index(params_dir: str | pathlib.Path) -> dict[bytes, ValueRef]:
-    """Every key of the OCDBT database's newest version -> where its value lives."""
-    params_dir = pathlib.Path(params_dir).absolute()
+def ocdbt_index(params_dir) -> dict[bytes, ValueRef]:
+    """Every key of the OCDBT database's newest version -> where its value lives (`file`:
+    a local path, or a URL when `params_dir` is remote: see checkpoint.storage). A remote
+    index that does not decode is read again (a response corrupted in transit heals)."""
+    params_dir = storage.checkpoint_path(params_dir)
+    if isinstance(params_dir, pathlib.Path):
+        return _ocdbt_index(params_dir.absolute())
+    for attempt in range(2):
+        try:
+            return _ocdbt_index(params_dir)
+        except storage.StorageError as err:
+            if attempt or "DATA_LOSS" not in str(err):
+                raise
+    raise AssertionError("unreachable")
+
+
+def _ocdbt_index(params_dir) -> dict[bytes, ValueRef]:
     try:
-        base = ts.KvStore.open(f"file://{params_dir}/").result()
+        base = ts.KvStore.open(storage.kvstore_spec(params_dir)).result()
         manifest = ts.ocdbt.dump(base).result()
+        index: dict[bytes, ValueRef] = {}
+        if manifest.get("versions"):
+            root = manifest["versions"][-1]["root"]
+            if "location" in root:
+                _walk(base, root["location"], b"", params_dir, index)
     except Exception as err:  # tensorstore raises ValueError subclasses with status text
-        raise IntegrityError(f"{params_dir}: the OCDBT database cannot be listed "
-                             f"({str(err).splitlines()[0][:300]})") from None
-    index: dict[bytes, ValueRef] = {}
-    if manifest.get("versions"):
-        root = manifest["versions"][-1]["root"]
-        if "location" in root:
-            _walk(base, root["location"], b"", params_dir, index)
+        raise storage.StorageError(f"{params_dir}: the OCDBT database cannot be listed "
+                                   f"({storage.explain(err)})") from None
     return index
 
 
-def _walk(base, location: str, prefix: bytes, params_dir: pathlib.Path, index: dict) -> None:
+def _walk(base, location: str, prefix: bytes, params_dir, index: dict) -> None:
     node = ts.ocdbt.dump(base, location).result()
     for entry in node["entries"]:
         if "location" in entry:  # interior node: child keys are relative to the common prefix
@@ -110,7 +124,7 @@ def _walk(base, location: str, prefix: bytes, params_dir: pathlib.Path, index: d
             index[prefix + entry["key"]] = ValueRef(None, inline=bytes(entry["inline_value"]))
 
 
-def _value_ref(text: str, params_dir: pathlib.Path) -> ValueRef:
+def _value_ref(text: str, params_dir) -> ValueRef:
     # "value::d/<file>:<offset>:<length>"
     path, offset, length = text.removeprefix("value::").rsplit(":", 2)
     return ValueRef(str(params_dir / path), int(offset), int(length))

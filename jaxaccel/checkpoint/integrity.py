@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 import tensorstore as ts
 
-from jaxaccel.checkpoint import layout
+from jaxaccel.checkpoint import layout, storage
 from jaxaccel.checkpoint.manifest import PARAMS_DIR, Manifest
 from jaxaccel.errors import IntegrityError  # noqa: F401  (re-exported)
 
@@ -157,14 +157,14 @@ def verify_checkpoint(path: str | pathlib.Path, names: Iterable[str] | None = No
 
     Raises IntegrityError listing every damaged, missing or mis-shaped array and chunk.
     """
-    path = pathlib.Path(path)
+    path = storage.checkpoint_path(path)
     manifest = Manifest.load(path)
     params_dir = path / PARAMS_DIR
     names = sorted(names if names is not None else manifest.arrays)
     report = VerifyReport(arrays=len(names))
     start = time.perf_counter()
     problems = _check_files(path, manifest)
-    if not params_dir.is_dir():
+    if isinstance(params_dir, pathlib.Path) and not params_dir.is_dir():
         _raise_problems(path, problems + [f"{params_dir}: missing"])
     problems += missing_chunks(params_dir, manifest, names)
     _raise_problems(path, problems)  # reading would only repeat these as read errors
@@ -176,9 +176,13 @@ def verify_checkpoint(path: str | pathlib.Path, names: Iterable[str] | None = No
     return report
 
 
-def _check_files(path: pathlib.Path, manifest: Manifest) -> list[str]:
+def _check_files(path, manifest: Manifest) -> list[str]:
+    if isinstance(path, storage.RemotePath):
+        present = lambda name: storage.read_bytes(path / name) is not None  # noqa: E731
+    else:
+        present = lambda name: (path / name).is_file()  # noqa: E731
     return [f"{path / name}: listed in the manifest but missing"
-            for name in manifest.tokenizer_files if not (path / name).is_file()]
+            for name in manifest.tokenizer_files if not present(name)]
 
 
 def _open_stores(params_dir, manifest: Manifest, names) -> tuple[dict, list[str]]:

@@ -13,10 +13,10 @@ reads exactly the chunks it holds and nothing else.
 from __future__ import annotations
 
 import math
-import pathlib
 from collections.abc import Sequence
 
 from jaxaccel import sharding as ax
+from jaxaccel.checkpoint import storage
 
 # Logical axes some rule table maps to a mesh axis: these are where chunks get cut.
 SPLIT_AXES = (ax.LAYERS, ax.HEADS, ax.KV_HEADS, ax.MLP, ax.VOCAB, ax.CHANNELS)
@@ -53,9 +53,10 @@ def chunk_shape(shape: Sequence[int], axes: Sequence[str | None], itemsize: int,
     return tuple(chunk)
 
 
-def kvstore_spec(params_dir: str) -> dict:
-    base = pathlib.Path(params_dir).absolute()
-    return {"driver": "ocdbt", "base": f"file://{base}", "config": OCDBT_CONFIG}
+def kvstore_spec(params_dir) -> dict:
+    """The OCDBT database at `params_dir`: a local directory or a remote prefix (gs://,
+    s3://, http(s)://; see checkpoint.storage)."""
+    return {"driver": "ocdbt", "base": storage.kvstore_spec(params_dir), "config": OCDBT_CONFIG}
 
 
 def array_spec(params_dir: str, name: str) -> dict:

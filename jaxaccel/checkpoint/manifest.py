@@ -9,6 +9,7 @@ A jaxaccel checkpoint directory:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import pathlib
 from collections.abc import Mapping
@@ -16,6 +17,7 @@ from collections.abc import Mapping
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
 import numpy as np
 
+from jaxaccel.checkpoint import storage
 from jaxaccel.errors import CheckpointError  # noqa: F401  (re-exported)
 
 FORMAT_VERSION = 1
@@ -87,13 +89,24 @@ class Manifest:
             "arrays": {name: entry.to_json() for name, entry in sorted(self.arrays.items())},
         }
 
-    def write(self, directory: pathlib.Path) -> None:
-        path = pathlib.Path(directory) / MANIFEST_NAME
-        path.write_text(json.dumps(self.to_json(), indent=1) + "\n")
+    def write(self, directory) -> None:
+        """Write the manifest into a local directory or a remote prefix (storage.RemotePath)."""
+        text = json.dumps(self.to_json(), indent=1) + "\n"
+        storage.write_bytes(storage.checkpoint_path(directory) / MANIFEST_NAME, text.encode())
+
+    @property
+    def identity(self) -> str:
+        """sha256 of the manifest's content: names the checkpoint's bytes (it records every
+        chunk's crc32), e.g. as the chunk cache's key."""
+        text = json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
 
     @classmethod
-    def load(cls, directory: str | pathlib.Path) -> "Manifest":
-        directory = pathlib.Path(directory)
+    def load(cls, directory) -> Manifest:
+        """Read DIR/jaxaccel.json from a local directory or a gs://, s3://, http(s):// prefix."""
+        directory = storage.checkpoint_path(directory)
+        if isinstance(directory, storage.RemotePath):
+            return cls._load_remote(directory)
         path = directory / MANIFEST_NAME
         if not directory.is_dir():
             raise CheckpointError(f"{directory}: not a directory (expected a jaxaccel checkpoint)")
@@ -107,7 +120,22 @@ class Manifest:
         return cls.from_json(raw, path)
 
     @classmethod
-    def from_json(cls, raw, path: pathlib.Path | str = MANIFEST_NAME) -> "Manifest":
+    def _load_remote(cls, directory: storage.RemotePath) -> Manifest:
+        path = directory / MANIFEST_NAME
+        data = storage.read_bytes(path)  # raises StorageError: no bucket, credentials, network
+        if data is None:
+            if not directory.scheme.startswith("http"):  # names a missing bucket (StorageError)
+                storage.list_keys(directory)
+            raise CheckpointError(f"{path}: missing; {directory} is not a complete jaxaccel "
+                                  "checkpoint (wrong path, or was the convert interrupted?)")
+        try:
+            raw = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise CheckpointError(f"{path}: not valid JSON ({err})") from None
+        return cls.from_json(raw, path)
+
+    @classmethod
+    def from_json(cls, raw, path: pathlib.Path | str = MANIFEST_NAME) -> Manifest:
         if not isinstance(raw, Mapping):
             raise CheckpointError(f"{path}: expected a JSON object, got {type(raw).__name__}")
         version = raw.get("format_version")

@@ -29,7 +29,7 @@ import jax
 import numpy as np
 import tensorstore as ts
 
-from jaxaccel.checkpoint import direct, integrity, layout
+from jaxaccel.checkpoint import chunk_cache, direct, integrity, layout, remote, storage
 from jaxaccel.checkpoint.manifest import PARAMS_DIR, CheckpointError, Manifest
 
 DEFAULT_HOST_MEMORY_BUDGET = 2 << 30
@@ -65,6 +65,7 @@ class RestoreStats:
 
     bytes_read: int = 0  # requested slice bytes, in the checkpoint's dtype
     bytes_from_storage: int = 0  # chunk bytes read from files (whole chunks, checksums)
+    bytes_broadcast: int = 0  # slice bytes received from another process (checkpoint.broadcast)
     seconds: float = 0.0
     reads: int = 0
     peak_bytes_in_flight: int = 0
@@ -72,6 +73,10 @@ class RestoreStats:
     bytes_per_array: dict = dataclasses.field(default_factory=collections.Counter)
     bytes_per_array_device: dict = dataclasses.field(default_factory=collections.Counter)
     engines: dict = dataclasses.field(default_factory=dict)  # array name -> engine used
+    # Remote checkpoints: chunk bytes that came over the network / from the local chunk cache.
+    bytes_from_network: int = 0
+    network_requests: int = 0
+    bytes_from_cache: int = 0
 
     @property
     def gb_per_s(self) -> float:
@@ -105,7 +110,7 @@ def check_against_manifest(manifest: Manifest, expected: Mapping[str, tuple[int,
         raise CheckpointError(f"{where}: checkpoint does not match the model: " + "; ".join(problems))
 
 
-def _open_stores(params_dir: pathlib.Path, targets, manifest, context) -> dict:
+def _open_stores(params_dir, targets, manifest, context) -> dict:
     """Open every array (metadata only) concurrently; check stored shape against manifest."""
     futures = {}
     for name in targets:
@@ -188,14 +193,34 @@ def restore_arrays(ckpt_dir: str | pathlib.Path, manifest: Manifest,
     `engine`: auto (direct where the array's layout allows, else tensorstore), direct or
     tensorstore. `verify_chunks` checks each chunk's crc32c (tensorstore always does).
     """
-    if engine not in ENGINES:
-        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
-    ckpt_dir = pathlib.Path(ckpt_dir)
-    params_dir = ckpt_dir / PARAMS_DIR
     stats = stats if stats is not None else RestoreStats()
     check_against_manifest(manifest, {n: t.checkpoint_shape for n, t in targets.items()},
                            str(ckpt_dir))
     start = time.perf_counter()
+    shards = read_slices(ckpt_dir, manifest, targets, plan_reads(targets),
+                         host_memory_budget=host_memory_budget, on_bytes=on_bytes, stats=stats,
+                         engine=engine, threads=threads, verify_chunks=verify_chunks)
+    arrays = {name: assemble(target, shards[name]) for name, target in targets.items()}
+    stats.seconds = time.perf_counter() - start
+    return arrays
+
+
+def read_slices(ckpt_dir: str | pathlib.Path, manifest: Manifest,
+                targets: Mapping[str, Target], reads: list[_Read], *,
+                host_memory_budget: int = DEFAULT_HOST_MEMORY_BUDGET,
+                on_bytes: Callable[[int], None] = lambda n: None,
+                stats: RestoreStats | None = None, engine: str = "auto",
+                threads: int | None = None, verify_chunks: bool = True,
+                ) -> dict[str, dict]:
+    """Run `reads` (slices of `targets`, e.g. from `plan_reads`): {name: {device: jax.Array}}
+    for every device a read names. The engine of restore_arrays and checkpoint.broadcast;
+    `targets` may be a subset of the checkpoint (callers check the whole against the
+    manifest first, with check_against_manifest)."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    ckpt_dir = storage.checkpoint_path(ckpt_dir)
+    params_dir = ckpt_dir / PARAMS_DIR
+    stats = stats if stats is not None else RestoreStats()
     # One walk of the OCDBT b-tree serves both the presence check and the direct reader.
     index = direct.ocdbt_index(params_dir) if engine != "tensorstore" else None
     # A missing array or chunk would read as zeros: refuse it (milliseconds).
@@ -204,10 +229,13 @@ def restore_arrays(ckpt_dir: str | pathlib.Path, manifest: Manifest,
     layouts = _direct_layouts(params_dir, manifest, targets, engine, index or {})
     stores = _open_stores(params_dir, {n: t for n, t in targets.items() if n not in layouts},
                           manifest, ts.Context({"cache_pool": {"total_bytes_limit": 0}}))
-    stats.engines = {name: "direct" if name in layouts else "tensorstore" for name in targets}
-    run = _Run(layouts, stores, stats, on_bytes, ByteBudget(host_memory_budget),
-               direct.ChunkReader(index, verify=verify_chunks) if layouts else None)
-    reads = plan_reads(targets)
+    stats.engines.update({name: "direct" if name in layouts else "tensorstore"
+                          for name in targets})
+    reader = (_chunk_reader(index, params_dir, manifest, verify_chunks, host_memory_budget)
+              if layouts else None)
+    # A remote reader's prefetch window holds part of the budget; slices get the rest.
+    window = getattr(reader, "prefetch_bytes", 0)
+    run = _Run(layouts, stores, stats, on_bytes, ByteBudget(host_memory_budget - window), reader)
     prefetch = None
     if run.reader is not None:  # queue the disk reads ahead, in read order, off this thread
         prefetch = threading.Thread(target=_prefetch, args=(run.reader, layouts, reads),
@@ -217,12 +245,34 @@ def restore_arrays(ckpt_dir: str | pathlib.Path, manifest: Manifest,
         run.all(reads, threads or default_threads())
     finally:
         if prefetch is not None:
+            if hasattr(run.reader, "abort"):  # a remote prefetch may wait for window room
+                run.reader.abort()
             prefetch.join()
             run.reader.close()
-    arrays = {name: _assemble(target, run.shards[name]) for name, target in targets.items()}
-    stats.seconds = time.perf_counter() - start
-    stats.peak_bytes_in_flight = run.budget.peak
-    return arrays
+            _network_stats(run.reader, stats)
+    stats.peak_bytes_in_flight = max(stats.peak_bytes_in_flight, run.budget.peak)
+    return run.shards
+
+
+def _chunk_reader(index: dict, params_dir, manifest: Manifest, verify: bool, budget: int):
+    """The local direct reader, or for a bucket/web server the remote one (with the chunk
+    cache unless disabled; its prefetch window takes half the host-memory budget)."""
+    if not isinstance(params_dir, storage.RemotePath):
+        return direct.ChunkReader(index, verify=verify)
+    cache = None
+    if chunk_cache.enabled():
+        cache = chunk_cache.ChunkCache().for_checkpoint(manifest.identity, str(params_dir.parent))
+    return remote.RemoteChunkReader(index, params_dir, verify=verify, cache=cache,
+                                    prefetch_bytes=max(budget // 2, 1))
+
+
+def _network_stats(reader, stats: RestoreStats) -> None:
+    if isinstance(reader, remote.RemoteChunkReader):
+        stats.bytes_from_network += reader.stats.network_bytes
+        stats.network_requests += reader.stats.network_requests
+        stats.bytes_from_cache += reader.stats.cache_bytes
+        if reader.cache is not None:  # keep the cache under its size (LRU)
+            chunk_cache.ChunkCache().prune()
 
 
 def _prefetch(reader: direct.ChunkReader, layouts: dict, reads: list[_Read]) -> None:
@@ -230,11 +280,13 @@ def _prefetch(reader: direct.ChunkReader, layouts: dict, reads: list[_Read]) -> 
         for read in reads:
             if read.name in layouts:
                 reader.prefetch(layouts[read.name], read.index)
+        if hasattr(reader, "prefetch_flush"):  # a remote reader gathers chunks into requests
+            reader.prefetch_flush()
     except OSError:  # advice only: the reads themselves report real I/O errors
         pass
 
 
-def _direct_layouts(params_dir: pathlib.Path, manifest: Manifest, targets, engine: str,
+def _direct_layouts(params_dir, manifest: Manifest, targets, engine: str,
                     index: dict) -> dict:
     """{name: direct.ArrayLayout} for every array the direct engine reads."""
     if engine == "tensorstore":
@@ -336,7 +388,8 @@ def _fmt_index(index) -> str:
     return "[" + ", ".join(f"{s.start}:{s.stop}" for s in index) + "]"
 
 
-def _assemble(target: Target, by_device: dict) -> jax.Array:
+def assemble(target: Target, by_device: dict) -> jax.Array:
+    """The global array from its local devices' shards ({device: single-device array})."""
     devices = list(target.sharding.addressable_devices_indices_map(target.shape))
     return jax.make_array_from_single_device_arrays(
         target.shape, target.sharding, [by_device[d] for d in devices])

@@ -21,15 +21,18 @@ from collections.abc import Callable, Iterable, Iterator
 import numpy as np
 import tensorstore as ts
 
-from jaxaccel.checkpoint import integrity, layout
+from jaxaccel.checkpoint import integrity, layout, storage
 from jaxaccel.checkpoint.manifest import (
+    MANIFEST_NAME,
     PARAMS_DIR,
     ArrayEntry,
     CheckpointError,
     Manifest,
 )
+from jaxaccel.errors import UsageError
 
 ORBAX_TREE_METADATA = "_METADATA"
+ORBAX_COMMIT_MARKER = "commit_success.txt"
 
 
 def checksum(array: np.ndarray) -> str:
@@ -86,8 +89,10 @@ def write_arrays(params_dir: pathlib.Path, arrays: Iterable[tuple[str, np.ndarra
                  chunk_bytes: int | None, codec: str,
                  on_array: Callable[[str, int], None] = lambda name, nbytes: None,
                  ) -> dict[str, ArrayEntry]:
-    """Write (name, array, logical axes) triples into an OCDBT/zarr3 store; return entries."""
-    params_dir.mkdir(parents=True, exist_ok=True)
+    """Write (name, array, logical axes) triples into an OCDBT/zarr3 store (a local directory
+    or a remote prefix); return entries."""
+    if isinstance(params_dir, pathlib.Path):
+        params_dir.mkdir(parents=True, exist_ok=True)
     context = ts.Context({"cache_pool": {"total_bytes_limit": 0}})
     entries = {}
     for name, array, axes in arrays:
@@ -108,7 +113,7 @@ def write_arrays(params_dir: pathlib.Path, arrays: Iterable[tuple[str, np.ndarra
     return entries
 
 
-def _write_orbax_tree_metadata(params_dir: pathlib.Path, entries) -> None:
+def _write_orbax_tree_metadata(params_dir, entries) -> None:
     """The `_METADATA` file orbax's PyTreeCheckpointHandler reads to rebuild the tree."""
     tree = {}
     for name in sorted(entries):
@@ -119,7 +124,7 @@ def _write_orbax_tree_metadata(params_dir: pathlib.Path, entries) -> None:
         }
     metadata = {"tree_metadata": tree, "use_ocdbt": True, "use_zarr3": True,
                 "store_array_data_equal_to_fill_value": True, "custom_metadata": None}
-    (params_dir / ORBAX_TREE_METADATA).write_text(json.dumps(metadata))
+    storage.write_bytes(params_dir / ORBAX_TREE_METADATA, json.dumps(metadata).encode())
 
 
 def write_checkpoint(dest: pathlib.Path, manifest: Manifest,
@@ -127,7 +132,11 @@ def write_checkpoint(dest: pathlib.Path, manifest: Manifest,
                      extra_files: dict[str, pathlib.Path], *, chunk_bytes: int | None,
                      codec: str = "none", overwrite: bool = False,
                      on_array: Callable[[str, int], None] = lambda name, nbytes: None) -> Manifest:
-    """Write arrays, copy `extra_files` (name -> source path), then the manifest; publish."""
+    """Write arrays, copy `extra_files` (name -> source path), then the manifest; publish.
+    A remote `dest` (storage.RemotePath) is written in place, the manifest last."""
+    if isinstance(dest, storage.RemotePath):
+        return _write_remote(dest, manifest, arrays, extra_files, chunk_bytes=chunk_bytes,
+                             codec=codec, overwrite=overwrite, on_array=on_array)
     with staging_directory(dest, overwrite) as staging:
         try:
             entries = write_arrays(staging / PARAMS_DIR, arrays, chunk_bytes, codec, on_array)
@@ -143,6 +152,34 @@ def write_checkpoint(dest: pathlib.Path, manifest: Manifest,
         except OSError as err:
             raise CheckpointError(f"{dest}: writing the checkpoint failed ({err.strerror}); "
                                   "nothing was published") from None
+    return manifest
+
+
+def _write_remote(dest: storage.RemotePath, manifest: Manifest, arrays, extra_files: dict, *,
+                  chunk_bytes, codec: str, overwrite: bool, on_array) -> Manifest:
+    """Write a checkpoint to a bucket. Object stores have no rename, so atomicity comes from
+    order: the manifest, which makes a checkpoint loadable, is deleted first (on overwrite)
+    and written last; a convert killed in between leaves objects that do not load."""
+    if dest.scheme.startswith("http"):
+        raise UsageError(f"{dest}: http(s) locations are read-only; write to gs:// or s3://")
+    names = [MANIFEST_NAME, *extra_files]
+    existing = storage.list_keys(dest)
+    if existing and not overwrite:
+        raise CheckpointError(f"{dest}: already holds {len(existing)} object(s) (a checkpoint "
+                              "or an interrupted convert); choose another destination or pass "
+                              "--overwrite")
+    if existing:  # only what a convert writes: never other objects under the prefix
+        storage.delete_keys(dest, [MANIFEST_NAME])
+        storage.delete_tree(dest / PARAMS_DIR)
+        storage.delete_keys(dest, names)
+    entries = write_arrays(dest / PARAMS_DIR, arrays, chunk_bytes, codec, on_array)
+    manifest = dataclasses.replace(manifest, arrays=entries, tokenizer_files=tuple(extra_files))
+    for name, source in extra_files.items():
+        storage.write_bytes(dest / name, pathlib.Path(source).read_bytes())
+    # orbax's completeness marker on object stores (no rename there): plain orbax then
+    # restores DEST/params from gs:// as it does a local copy.
+    storage.write_bytes(dest / PARAMS_DIR / ORBAX_COMMIT_MARKER, b"written by jaxaccel convert")
+    manifest.write(dest)
     return manifest
 
 

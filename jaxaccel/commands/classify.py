@@ -30,7 +30,7 @@ def image_inputs(image, input_dir, input_list) -> list[pathlib.Path]:
 def register(app: typer.Typer) -> None:
     @app.command("classify")
     def classify_cmd(
-        ckpt: pathlib.Path = typer.Argument(..., help="Image classifier checkpoint directory."),
+        ckpt: str = typer.Argument(..., help="Image classifier checkpoint: " + options.CKPT_HELP),
         image: Optional[List[pathlib.Path]] = typer.Option(None, "--image", help="An image "
                                                            "file (repeatable)."),
         input_dir: Optional[pathlib.Path] = typer.Option(None, "--input-dir", help="Classify "

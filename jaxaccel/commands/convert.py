@@ -29,7 +29,8 @@ def register(app: typer.Typer) -> None:
     def convert_cmd(
         src: str = typer.Argument(..., help="Hugging Face model directory (config.json + "
                                   "*.safetensors), or `minilm` for the bundled all-MiniLM-L6-v2."),
-        dest: pathlib.Path = typer.Argument(..., help="New checkpoint directory (must not exist)."),
+        dest: str = typer.Argument(..., help="New checkpoint directory (must not exist), or "
+                                   "gs://BUCKET/PATH, s3://BUCKET/PATH (manifest written last)."),
         dtype: str = typer.Option("float32", "--dtype", help="Stored dtype: float32, bfloat16 "
                                   "(halves the bytes) or float16."),
         family: str = typer.Option("auto", "--family", help="Model family: auto (from "

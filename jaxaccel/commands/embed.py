@@ -24,7 +24,7 @@ def read_text_lines(path: pathlib.Path) -> list[str]:
 def register(app: typer.Typer) -> None:
     @app.command("embed")
     def embed_cmd(
-        ckpt: pathlib.Path = typer.Argument(..., help="Encoder checkpoint directory."),
+        ckpt: str = typer.Argument(..., help="Encoder checkpoint: " + options.CKPT_HELP),
         text: Optional[List[str]] = typer.Option(None, "--text", "-t", help="A text to embed "
                                                  "(repeatable)."),
         input_file: Optional[pathlib.Path] = typer.Option(None, "--input", "-i", help="UTF-8 "

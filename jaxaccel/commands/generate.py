@@ -72,7 +72,7 @@ class TextStream:
 def register(app: typer.Typer) -> None:
     @app.command("generate")
     def generate_cmd(
-        ckpt: pathlib.Path = typer.Argument(..., help="Decoder checkpoint directory (GPT-2; "
+        ckpt: str = typer.Argument(..., help="Decoder checkpoint directory (GPT-2; "
                                             "Llama, Mistral, Qwen2)."),
         prompt: Optional[List[str]] = typer.Option(None, "--prompt", "-p", help="Prompt text "
                                                    "(repeatable; needs the checkpoint's "

@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import json
-import pathlib
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from jaxaccel.checkpoint.manifest import Manifest
-from jaxaccel.commands.options import JSON, QUIET
+from jaxaccel.commands.options import CKPT_HELP, JSON, QUIET
 from jaxaccel.units import format_bytes
 
 
 def register(app: typer.Typer) -> None:
     @app.command("inspect")
-    def inspect_cmd(ckpt: pathlib.Path = typer.Argument(..., help="Checkpoint directory."),
+    def inspect_cmd(ckpt: str = typer.Argument(..., help=CKPT_HELP),
                     as_json: bool = JSON, quiet: bool = QUIET) -> None:
         """Show a checkpoint's family, config, and every array's shape, dtype and bytes
         (--quiet: the array table alone)."""

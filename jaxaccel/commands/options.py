@@ -8,6 +8,8 @@ import typer
 
 from jaxaccel.units import parse_bytes
 
+CKPT_HELP = ("Checkpoint directory, or a remote one: gs://BUCKET/PATH, s3://BUCKET/PATH, "
+             "https://HOST/PATH (chunks cached locally; see `jaxaccel cache`).")
 DTYPE = typer.Option(None, "--dtype", help="Compute dtype: float32 or bfloat16 (default: the "
                      "checkpoint's). bfloat16 keeps norms, softmax and matmul accumulation in "
                      "float32.")

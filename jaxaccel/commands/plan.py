@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import pathlib
 from typing import Optional
 
 import typer
@@ -18,7 +17,7 @@ from jaxaccel.units import parse_bytes
 def register(app: typer.Typer) -> None:
     @app.command("plan")
     def plan_cmd(
-        ckpt: pathlib.Path = typer.Argument(..., help="Checkpoint directory."),
+        ckpt: str = typer.Argument(..., help=options.CKPT_HELP),
         mesh: Optional[str] = options.MESH,
         rules: str = options.RULES,
         rule: Optional[str] = options.RULE_OVERRIDES,

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import json
-import pathlib
 
 import typer
 
 from jaxaccel import progress
-from jaxaccel.commands.options import JSON, QUIET
+from jaxaccel.commands.options import CKPT_HELP, JSON, QUIET
 from jaxaccel.errors import JaxaccelError
 
 
 def register(app: typer.Typer) -> None:
     @app.command("verify")
-    def verify_cmd(ckpt: pathlib.Path = typer.Argument(..., help="Checkpoint directory."),
+    def verify_cmd(ckpt: str = typer.Argument(..., help=CKPT_HELP),
                    as_json: bool = JSON, quiet: bool = QUIET) -> None:
         """Check a checkpoint's integrity: every array present with its manifest shape and
         dtype, every chunk present and matching the crc32 recorded when it was written.

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 import ml_dtypes
 import numpy as np
 
-from jaxaccel.checkpoint import writer
+from jaxaccel.checkpoint import storage, writer
 from jaxaccel.checkpoint.layout import DEFAULT_CHUNK_BYTES
 from jaxaccel.checkpoint.manifest import Manifest
 from jaxaccel.conversion.generation import generation_settings
@@ -252,7 +252,7 @@ def convert(src: str | pathlib.Path, dest: str | pathlib.Path, *, dtype: str = "
     Raises ConvertError (naming the file, tensor or config key) for anything it cannot
     convert faithfully, before DEST exists; the manifest's `source.ignored_tensors` lists the
     source tensors deliberately left out (pooler/MLM heads, redundant tied heads, ...)."""
-    src, dest = pathlib.Path(src), pathlib.Path(dest)
+    src, dest = pathlib.Path(src), storage.checkpoint_path(dest)
     if dtype not in DTYPES:
         raise UsageError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     module = source_module(src, family, layout)
