@@ -52,7 +52,7 @@ class Started:
 def restore_while_compiling(plan: ModelPlan, path, compile_all: Callable[[], object], *,
                             overlap: bool = True,
                             host_memory_budget: int = DEFAULT_HOST_MEMORY_BUDGET,
-                            verify_checksums: bool = False, quiet: bool = True
+                            verify_checksums: bool = True, quiet: bool = True
                             ) -> tuple[LoadedModel, dict]:
     """Restore `path` (as `plan` says) and run `compile_all`, concurrently if `overlap`.
     Returns the loaded model and timings (seconds) of restore, compile and both (`ready`)."""
@@ -82,7 +82,7 @@ def start_embedder(path: str | pathlib.Path, layout: Layout | None = None,
                    rows: int = 8, tokens: int = 128, batch_size: int = 32,
                    max_length: int | None = None, microbatches: int | None = None,
                    overlap: bool = True, host_memory_budget: int = DEFAULT_HOST_MEMORY_BUDGET,
-                   verify_checksums: bool = False, quiet: bool = True,
+                   verify_checksums: bool = True, quiet: bool = True,
                    plan: ModelPlan | None = None, embedder: Embedder | None = None) -> Started:
     """Restore `path` and compile the embed forward for its buckets, concurrently if `overlap`.
 
@@ -108,7 +108,7 @@ def start_generator(path: str | pathlib.Path, layout: Layout | None = None,
                     microbatches: int | None = None, packed_weights: bool | None = None,
                     loop: str = "device", overlap: bool = True,
                     host_memory_budget: int = DEFAULT_HOST_MEMORY_BUDGET,
-                    verify_checksums: bool = False, quiet: bool = True,
+                    verify_checksums: bool = True, quiet: bool = True,
                     plan: ModelPlan | None = None) -> Started:
     """Restore a decoder and compile prefill + decode (`loop` "device", or "host" for
     streaming) for the bucket of these prompts, concurrently if `overlap`; returns a

@@ -5,6 +5,7 @@ that name the contender. No timing thresholds."""
 import os
 import textwrap
 
+import numpy as np
 import pytest
 
 from jaxaccel.bench import embed, pipeline, restore, runner
@@ -94,15 +95,20 @@ def test_restore_ratios_against_orbax_and_raw():
         return {"seconds": seconds, "overhead": 1e6, "bytes": 4e9}
 
     runs = {"jaxaccel": [run(1.0), run(3.0), run(2.0)], restore.BASELINE: [run(8.0)],
-            restore.RAW: [run(0.5)]}
+            restore.RAW: [run(0.5)], restore.NO_VERIFY: [run(0.8), run(2.0), run(1.6)],
+            restore.FLOOR: [run(1.0), run(1.0), run(1.0)]}
     rows, summary = restore.table_rows(runs)
-    name, low, median, high, gb_s, overhead_mb, vs_orbax, vs_raw = rows[0]
+    name, low, median, high, gb_s, overhead_mb, vs_orbax, vs_raw, vs_floor = rows[0]
     assert (name, low, median, high) == ("jaxaccel", 1.0, 2.0, 3.0)
     assert gb_s == 2.0 and overhead_mb == 1.0
-    assert vs_orbax == 4.0 and vs_raw == 4.0
+    assert vs_orbax == 4.0 and vs_raw == 4.0 and vs_floor == 2.0
     assert summary["jaxaccel"]["seconds"]["median"] == 2.0
+    ratios = restore.ratios(summary)
+    assert ratios["verify_on_over_off"] == 2.0 / 1.6
+    assert ratios["verify_on_over_copy_floor"] == 2.0
+    assert ratios["verify_on_over_off_per_round"] == [1.0 / 0.8, 3.0 / 2.0, 2.0 / 1.6]
     rows, _ = restore.table_rows({"jaxaccel": runs["jaxaccel"]})
-    assert rows[0][-2:] == ("n/a", "n/a")
+    assert rows[0][-3:] == ("n/a", "n/a", "n/a")
 
 
 def test_worker_env_sets_the_host_device_count(monkeypatch):
@@ -133,6 +139,9 @@ def test_benchmarks_give_each_worker_the_devices_its_mesh_needs(tmp_path):
     assert {w.devices for w in found.values()} == {4}
     assert list(found)[-1] == restore.RAW
     assert found[restore.BASELINE].kwargs["contender"] == "orbax"
+    assert found[restore.DEFAULT].kwargs["contender"] == "jaxaccel"  # crc32c checked
+    assert found[restore.NO_VERIFY].kwargs["contender"] == "jaxaccel-noverify"
+    assert found[restore.FLOOR].kwargs["contender"] == "copy-floor"
     found = pipeline.contenders(3, {"layers": 2})
     assert list(found) == ["1 device", "data=3", "stage=3 M=1", "stage=3 M=6", "stage=3 M=12"]
     assert {w.devices for w in found.values()} == {3}
@@ -164,3 +173,17 @@ def test_bench_commands_print_a_failure_as_one_error(capsys):
     assert info.value.code == 1
     err = capsys.readouterr().err
     assert err.startswith("error: contender 'x' failed") and "boom" in err
+
+
+def test_copy_floor_copies_every_byte(tmp_path):
+    """The floor contender's timed call really moves the files' bytes (pieces and threads)."""
+    from jaxaccel.bench import restore_worker
+
+    rng = np.random.default_rng(0)
+    files = []
+    for i, size in enumerate((0, 5, restore_worker.COPY_PIECE + 3)):
+        path = tmp_path / f"f{i}"
+        path.write_bytes(rng.integers(0, 256, size, dtype=np.uint8).tobytes())
+        files.append(path)
+    copied = restore_worker.copy_floor(files, threads=2)()
+    assert [bytes(buf) for buf in copied] == [p.read_bytes() for p in files]

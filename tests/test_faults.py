@@ -89,9 +89,72 @@ def test_flipped_bytes_in_a_chunk(cli, ckpt, tmp_path):
         original = handle.read(4)
         handle.seek(middle)
         handle.write(bytes(b ^ 0xFF for b in original))
-    # Restore checks chunk crc32c only when asked (it costs 35-70% of restore time).
+    # `--verify-checksums` (opt-in once, the default now) is still accepted.
     assert_refused(cli, ckpt, tmp_path, "embeddings.token_vd", "chunk (", "corrupted",
                    embed_flags=["--verify-checksums"])
+
+
+def chunk_ranges(ckpt: pathlib.Path, data: pathlib.Path) -> list[tuple[int, int, str]]:
+    """(start, stop, array name) of every chunk value stored in the data file `data`."""
+    from jaxaccel.checkpoint import direct
+
+    index = direct.ocdbt_index(ckpt / "params")
+    return [(ref.offset, ref.offset + ref.length, key.decode().split("/")[0])
+            for key, ref in index.items()
+            if ref.inline is None and pathlib.Path(ref.file) == data]
+
+
+def flip_three_runs(ckpt: pathlib.Path) -> set[str]:
+    """The issue's bar: flip 3 x 64 bytes in the largest stored file (at 1/4, 1/2 and 3/4 of
+    it). Returns the arrays whose chunk values were hit, from the OCDBT index read before."""
+    data = largest_data_file(ckpt)
+    ranges = chunk_ranges(ckpt, data)
+    size = data.stat().st_size
+    hit = set()
+    with open(data, "r+b") as handle:
+        for at in (size // 4, size // 2, 3 * size // 4):
+            handle.seek(at)
+            original = handle.read(64)
+            handle.seek(at)
+            handle.write(bytes(b ^ 0x5A for b in original))
+            hit |= {name for start, stop, name in ranges if start <= at and at + 64 <= stop}
+    return hit
+
+
+def test_flipped_bytes_fail_embed_by_default(cli, ckpt, tmp_path):
+    """No flag: every chunk's crc32c is checked on restore, so embed exits 1 naming an array,
+    and never prints embeddings of damaged weights."""
+    hit = flip_three_runs(ckpt)
+    assert hit, "no flip landed inside chunk values: the test would not test the check"
+    out = tmp_path / "vectors.npy"
+    code, stdout, err = cli("embed", ckpt, "--text", "hello", "--out", out, "--quiet")
+    assert code == FAILURE, err
+    line = one_error_line(err)
+    assert any(f"array {name!r}" in line for name in hit), (hit, line)
+    assert "crc32c mismatch" in line
+    assert stdout == "" and not out.exists()
+
+
+def test_no_verify_skips_the_check(cli, ckpt, minilm_ckpt, tmp_path):
+    """`--no-verify` / `verify=False` restore damaged chunk bytes without noticing (the
+    choice when storage is trusted): the load succeeds with values unlike the intact ones;
+    `verify` left at its default refuses the same checkpoint."""
+    import jax
+    import numpy as np
+
+    import jaxaccel
+
+    hit = flip_three_runs(ckpt)
+    assert hit
+    with pytest.raises(jaxaccel.IntegrityError, match="crc32c mismatch"):
+        jaxaccel.load(ckpt, progress=False)
+    damaged = jaxaccel.load(ckpt, verify=False, progress=False).loaded.state
+    intact = jaxaccel.load(minilm_ckpt, progress=False).loaded.state
+    differ = [not np.array_equal(a, b) for a, b in
+              zip(jax.tree.leaves(intact), jax.tree.leaves(damaged))]
+    assert sum(differ) >= 1
+    code, _, err = cli("embed", ckpt, "--text", "hello", "--quiet", "--no-verify")
+    assert code == 0, err
 
 
 def test_deleted_array(cli, ckpt, tmp_path):

@@ -129,7 +129,51 @@ def test_corrupt_chunk_fails_naming_array_and_chunk(small_ckpt, tmp_path):
         handle.seek(ref.offset + 100)
         handle.write(bytes([byte[0] ^ 0xFF]))
     with pytest.raises(IntegrityError, match=r"blocks\.wi_df.*chunk \(1, 0, 0\).*crc32c"):
-        _restore(ckpt, "data=2,model=4", engine="direct")
+        _restore(ckpt, "data=2,model=4", engine="direct")  # checked by default
+
+
+def _flip_inside(ckpt, key: bytes) -> None:
+    """Flip 8 bytes in the middle of chunk `key`'s stored value (its data, not its crc)."""
+    ref = direct.ocdbt_index(ckpt / PARAMS_DIR)[key]
+    at = ref.offset + ref.length // 2
+    with open(ref.file, "r+b") as handle:
+        handle.seek(at)
+        original = handle.read(8)
+        handle.seek(at)
+        handle.write(bytes(b ^ 0xFF for b in original))
+
+
+@pytest.mark.cpu_only  # a mesh of up to 8 simulated CPU devices
+def test_no_verify_reads_damaged_bytes_unchecked(small_ckpt, tmp_path):
+    """verify_chunks=False (`--no-verify`) skips the crc32c: the damaged element comes back
+    wrong, the rest equal tensorstore's read of the intact checkpoint."""
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(small_ckpt, ckpt)
+    _flip_inside(ckpt, b"blocks.wi_df/c/1/0/0")
+    _, damaged, _ = _restore(ckpt, "data=2,model=4", engine="direct", verify_chunks=False)
+    _, intact, _ = _restore(small_ckpt, "data=2,model=4", engine="tensorstore")
+    differ = np.asarray(damaged["blocks.wi_df"]) != np.asarray(intact["blocks.wi_df"])
+    assert 1 <= differ.sum() <= 3  # 8 flipped bytes touch 2-3 float32 values
+    assert np.argwhere(differ)[0][0] == 1  # in layer 1, the chunk that was damaged
+
+
+@pytest.mark.cpu_only  # a mesh of up to 8 simulated CPU devices
+def test_zstd_checkpoint_checks_crc32c_by_default(tmp_path):
+    """zstd chunks go through tensorstore, which checks each chunk's crc32c on read: a
+    damaged chunk fails the default restore, naming the array and chunk."""
+    from jaxaccel.checkpoint import layout
+
+    ckpt = tmp_path / "zstd"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(layout, "MIN_SPLIT_BYTES", 0)
+        synthetic.write(ckpt, synthetic.bert_config(**SMALL), chunk_bytes=16 << 10,
+                        codec="zstd")
+    _flip_inside(ckpt, b"blocks.wi_df/c/1/0/0")
+    with pytest.raises(IntegrityError, match=r"blocks\.wi_df.*chunk \(1, 0, 0\).*crc32c") as err:
+        _restore(ckpt, "data=2,model=4")
+    assert "\n" not in str(err.value)
 
 
 def test_mismatch_fails_before_reading(small_ckpt):

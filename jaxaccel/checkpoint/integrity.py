@@ -1,13 +1,14 @@
 """Checksums that make a damaged checkpoint fail loudly, naming the array and the chunk.
 
 Three layers, cheapest first:
-  1. Every zarr3 chunk carries a crc32c (its last codec), which tensorstore checks on every
-     read: flipped or truncated bytes fail the read itself, at no measurable cost.
+  1. Every zarr3 chunk carries a crc32c (its last codec), checked on every restore read (by
+     tensorstore, and by the direct reader unless `--no-verify`): flipped or truncated bytes
+     fail the read itself, naming the array and chunk.
   2. Restore lists the OCDBT keys once (milliseconds) and refuses when a chunk is missing:
      zarr would otherwise hand back the fill value (zeros) for it, a silent wrong answer.
-  3. The manifest records a crc32 of every chunk as written. `jaxaccel verify` (or
-     `load_model(..., verify=True)`) re-reads every chunk and compares. That is a second full
-     read plus a crc pass (~1.6 GB/s per core), far above 10% of restore time, so it is opt-in.
+  3. The manifest records a crc32 of every chunk as written. `jaxaccel verify` re-reads
+     every chunk and compares: a second full read plus a crc pass (~1.6 GB/s per core), so
+     it is a command of its own, not part of restore.
 
 A chunk is named by its index in the chunk grid, e.g. `blocks.wi_df` chunk (3, 0, 5), and by
 its key inside the OCDBT database (`blocks.wi_df/c/3/0/5`).

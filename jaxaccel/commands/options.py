@@ -31,9 +31,11 @@ JSON = typer.Option(False, "--json", help="Print one JSON object on stdout (for 
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bars or status lines.")
 HOST_MEMORY_BUDGET = typer.Option("2GiB", "--host-memory-budget",
                                   help="Bound on host memory held by restore reads in flight.")
-VERIFY_CHECKSUMS = typer.Option(False, "--verify-checksums", help="Check every chunk's crc32c "
-                                "while restoring (slower: +35-70% restore time). Missing or "
-                                "truncated chunks are always refused; `jaxaccel verify` checks all.")
+VERIFY_CHECKSUMS = typer.Option(True, "--verify-checksums/--no-verify", help="Check every "
+                                "chunk's crc32c as it is read (the default; +0-25% of restore "
+                                "time, measured on 2.68 GB). --no-verify skips it; missing or "
+                                "truncated chunks are always refused; `jaxaccel verify` checks "
+                                "everything.")
 DEVICE_MEMORY = typer.Option(None, "--device-memory", help="Memory per device, e.g. 16GiB "
                              "(default: what the backend reports; CPU reports none). When set or "
                              "detected, the run is planned first and refused before reading a "
