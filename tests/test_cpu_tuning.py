@@ -48,3 +48,21 @@ def test_every_library_computes_the_matmul(library, dtype):
     # numpy on the same (rounded) inputs, float64 accumulation.
     want = np.asarray(xd, np.float64) @ np.asarray(wd, np.float64)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.cpu_only
+def test_runtime_applies_the_chosen_library(minilm_ckpt, minilm_src, monkeypatch):
+    """$JAXACCEL_CPU_DOT_LIBRARY=eigen reaches the embed program (no YNNPACK fusion left),
+    and its embeddings still match the transformers reference."""
+    pytest.importorskip("torch", reason="reference extra (torch) not installed")
+    from test_bert_parity import SENTENCES, reference_embeddings
+
+    from jaxaccel.embed import Embedder
+    from jaxaccel.loader import load_model
+
+    monkeypatch.setenv(tuning.ENV_LIBRARY, "eigen")
+    embedder = Embedder(load_model(minilm_ckpt, dtype="float32"), batch_size=8)
+    ours = embedder.embed_texts(SENTENCES)[0]
+    np.testing.assert_allclose(ours, reference_embeddings(minilm_src, SENTENCES), atol=2e-5)
+    text = embedder.forward.lower(*embedder.abstract_args((8, 16))).compile().as_text()
+    assert " dot(" in text and "ynn_fusion" not in text
