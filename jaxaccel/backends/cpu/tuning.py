@@ -5,12 +5,17 @@ default (`xla_cpu_experimental_ynn_fusion_type`), oneDNN (`..._onednn_fusion_typ
 library that drives Intel's AMX tiles), XNNPACK (`..._xnn_fusion_type`), or XLA's own Eigen
 dots when every list is empty. `LIBRARIES` spells each as compiler options.
 
-Measured on the AMD EPYC (Zen 4, AVX512-BF16, no AMX) development VM, MiniLM b32x128 end to
-end, all variants in one process, alternated (scripts/bench_cpu_library.py): XLA's default
-(YNNPACK) is the fastest in float32 and bfloat16, so no CPU kind gets another library by
-default. AMX (Sapphire Rapids) could not be measured here: oneDNN is detectable
-(`CpuInfo.amx_bf16`) but stays off unless asked for with JAXACCEL_CPU_DOT_LIBRARY=onednn
-(or ynn, xnn, eigen), so a run on such a machine can measure it.
+Measured on the AMD EPYC (Zen 4, AVX512-BF16, no AMX) development VM with jax 0.10.2,
+MiniLM b32x128 end to end, all variants in one process, alternated over 4 rounds
+(scripts/bench_cpu_library.py; the 2 cores were shared, load average 6-11, so absolute
+figures are ~4x below an idle machine's): bfloat16, sentences/s best/median: YNNPACK (XLA's
+default) 35.1/25.4, Eigen 23.4/17.8; the oneDNN and XNNPACK options compile to no library
+fusion at all in this jaxlib (Eigen dots; 25.6/24.1 and 26.0/17.6). float32 was not
+conclusive under that load (YNNPACK 18.6/11.8, Eigen 16.9/15.8), so no CPU kind gets
+another library by default. AMX (Sapphire Rapids) could not be measured here: it is
+detectable (`CpuInfo.amx_bf16`) but oneDNN stays off unless asked for with
+JAXACCEL_CPU_DOT_LIBRARY=onednn (or ynn, xnn, eigen), so a run on such a machine can measure
+it and `dot_library` can then choose per CPU.
 """
 
 from __future__ import annotations
