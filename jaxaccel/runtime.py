@@ -189,7 +189,8 @@ class Runtime:
             self.pipeline.microbatches if self.pipeline else 1)
         self.traces: collections.Counter = collections.Counter()  # per program, while tracing
         self.programs: dict[tuple, Program] = {}  # by (name, bucket...): read-only for callers
-        self._compiler_options = compiler_options
+        # The backend's per-CPU choices first, the caller's options over them.
+        self._compiler_options = {**self.backend.compiler_options(), **(compiler_options or {})}
 
     @property
     def single_device(self) -> bool:
@@ -219,6 +220,6 @@ class Runtime:
 
             jitted = jax.jit(traced, in_shardings=in_shardings, out_shardings=out_shardings,
                              donate_argnums=donate_argnums,
-                             compiler_options=self._compiler_options)
+                             compiler_options=self._compiler_options or None)
             self.programs[key] = Program(jitted, in_shardings)
         return self.programs[key]

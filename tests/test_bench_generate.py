@@ -21,3 +21,13 @@ def test_summary_ratios_and_bandwidth_use():
     assert generate.ratio(summary, "jaxaccel bfloat16", "prefill_ms") == 2.0  # theirs / ours
     assert generate.ratio(summary, "jaxaccel bfloat16 xla-dots", "decode_b8_tok_s") == 250 / 300
     assert generate.ratio(summary, "transformers bfloat16", "decode_b1_tok_s") == "n/a"
+
+
+def test_prefill_gflops_as_fraction_of_peak():
+    runs = {"jaxaccel bfloat16": [run(500, 1, 1)], "jaxaccel float32": [run(250, 1, 1)]}
+    summary = generate.summarize(runs, bandwidth=1.0, peak_bandwidth=1.0)
+    generate.add_prefill_flops(summary, 10 * 10**9, {"bfloat16": {"gflops": 40.0}})
+    assert summary["jaxaccel bfloat16"]["prefill_gflops"] == 20.0
+    assert summary["jaxaccel bfloat16"]["prefill_fraction_of_peak"] == 0.5
+    assert summary["jaxaccel float32"]["prefill_fraction_of_peak"] == "n/a"
+    assert generate.table_rows(summary)[0][-1] == "20 (0.50)"

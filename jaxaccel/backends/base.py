@@ -10,7 +10,7 @@ exactly what a GPU/TPU engineer would write, with nothing platform-specific in t
 Traced hooks (called inside jit, by `models.layers` and `models.kv_cache`):
   matmul, lookup, head_logits, scan_layers, cache_storage_dtype, cache_store, cache_load.
 Host-side policies (called by the runtime when it builds a model's programs):
-  prepare_decoder, min_batch.
+  prepare_decoder, min_batch, compiler_options.
 
 Shape legend as in `jaxaccel.models.layers`.
 """
@@ -95,3 +95,8 @@ class Backend:
     def min_batch(self, dtype, prepared: bool) -> int:
         """The smallest batch bucket worth compiling for (rows are padded up to it)."""
         return 1
+
+    def compiler_options(self) -> dict:
+        """XLA compiler options for this platform's programs ({}: XLA's defaults); options the
+        caller passes to the runtime take precedence."""
+        return {}

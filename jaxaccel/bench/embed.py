@@ -1,7 +1,9 @@
 """`jaxaccel bench embed CKPT`: sentences/s, jaxaccel fp32/bf16 vs PyTorch eager fp32/bf16.
 
 Baseline: the faster PyTorch eager dtype ("best pytorch", `jaxaccel_reference.embed_torch`)
-on the checkpoint's Hugging Face source, when the `reference` extra is installed.
+on the checkpoint's Hugging Face source, when the `reference` extra is installed. Each
+contender's matmul GFLOP/s is also printed as a fraction of this CPU's matmul peak in its
+dtype (`roofline.limits`: the cached `bench roofline`, or its peak shapes measured in this run).
 """
 
 from __future__ import annotations
@@ -11,11 +13,11 @@ from typing import Optional
 
 import typer
 
-from jaxaccel.bench import runner
+from jaxaccel.bench import roofline, runner
 from jaxaccel.bench.runner import Worker
 
 DTYPES = ("float32", "bfloat16")
-COLUMNS = ("contender", "min", "median", "max", "x best pytorch")
+COLUMNS = ("contender", "min", "median", "max", "x best pytorch", "GFLOP/s", "x peak")
 
 
 def contenders(ckpt: pathlib.Path, source: Optional[pathlib.Path], batch: int, length: int,
@@ -30,12 +32,20 @@ def contenders(ckpt: pathlib.Path, source: Optional[pathlib.Path], batch: int, l
     return found
 
 
-def table_rows(summary: dict[str, dict]) -> tuple[list[tuple], float | None]:
-    """Rows of the table, and the baseline: the best PyTorch median (sentences/s)."""
+def table_rows(summary: dict[str, dict], flops_per_sentence: float | None = None,
+               peaks: dict | None = None) -> tuple[list[tuple], float | None]:
+    """Rows of the table, and the baseline: the best PyTorch median (sentences/s). With
+    `flops_per_sentence` and the roofline's `peaks`, each row also has its matmul GFLOP/s
+    (median) and that as a fraction of the peak in its dtype."""
     best_torch = max((s["median"] for n, s in summary.items() if n.startswith("pytorch")),
                      default=None)
-    rows = [(name, s["min"], s["median"], s["max"], runner.ratio(s["median"], best_torch))
-            for name, s in summary.items()]
+    rows = []
+    for name, s in summary.items():
+        row = (name, s["min"], s["median"], s["max"], runner.ratio(s["median"], best_torch))
+        if flops_per_sentence is not None:
+            gflops = s["median"] * flops_per_sentence / 1e9
+            row += (gflops, roofline.fraction(gflops, (peaks or {}).get(name.split()[-1])))
+        rows.append(row)
     return rows, best_torch
 
 
@@ -48,15 +58,26 @@ def register(bench_app: typer.Typer) -> None:
         iters: int = typer.Option(8, "--iters", help="Timed batches per process."),
         repeats: int = typer.Option(3, "--repeats", help="Fresh processes per contender."),
         json_out: Optional[pathlib.Path] = typer.Option(None, "--json", help="Write results here."),
+        with_roofline: bool = typer.Option(
+            True, "--roofline/--no-roofline", help="Also print GFLOP/s as a fraction of this "
+            "CPU's matmul peak (cached `bench roofline`, else measured in this run)."),
     ) -> None:
         """Throughput of jaxaccel (fp32, bf16) against PyTorch eager (fp32, bf16, when torch and
         transformers are installed) on the same weights, batch and tokens, in one run."""
         found = contenders(ckpt, runner.hf_source(ckpt), batch, length, iters)
         runs = runner.alternate(found, repeats)
         summary = runner.summarize_each(runs, "sentences_per_s")
-        rows, best_torch = table_rows(summary)
+        flops = roofline.forward_flops(ckpt, length)
+        peaks, source = roofline.limits() if with_roofline else ({}, "not measured")
+        rows, best_torch = table_rows(summary, flops, peaks)
+        columns = COLUMNS if with_roofline else COLUMNS[:-1]
         runner.print_table(f"sentences/s, batch {batch} x {length} tokens ({repeats} fresh "
-                           "processes each)", COLUMNS, rows)
+                           f"processes each); peaks: {source}", columns,
+                           [r[:len(columns)] for r in rows])
         runner.write_json(json_out, {"benchmark": "embed", "batch": batch, "length": length,
                                      "iters": iters, "results": summary,
-                                     "best_pytorch_median": best_torch})
+                                     "best_pytorch_median": best_torch,
+                                     "flops_per_sentence": flops,
+                                     "roofline": {"peaks": peaks, "source": source,
+                                                  "fraction_of_peak": {
+                                                      r[0]: r[6] for r in rows}}})

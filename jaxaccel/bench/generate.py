@@ -10,7 +10,8 @@ run when torch and transformers are installed, and so does jaxaccel bfloat16 on 
 in fresh processes, alternating round by round (see `runner`). The memory bandwidth is
 measured at the start of every round, since it drifts on shared machines (here: 35-68 GB/s
 from one fresh process to the next); utilisation is reported against its median and, in
-brackets, against the fastest round.
+brackets, against the fastest round. Prefill is also printed as matmul GFLOP/s and as a
+fraction of this CPU's matmul peak in its dtype (`roofline.limits`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Optional
 
 import typer
 
-from jaxaccel.bench import runner
+from jaxaccel.bench import roofline, runner
 from jaxaccel.bench.runner import Worker
 
 DTYPES = ("float32", "bfloat16")
@@ -78,7 +79,16 @@ def ratio(summary: dict, name: str, metric: str) -> float | str:
 
 
 COLUMNS = ("contender", "prefill ms", "x tf", "b1 tok/s", "x tf", "b1 bw use (vs fastest)",
-           "b8 tok/s", "x tf")
+           "b8 tok/s", "x tf", "prefill GFLOP/s (x peak)")
+
+
+def add_prefill_flops(summary: dict, prefill_flops: int, peaks: dict) -> None:
+    """Each entry gains `prefill_gflops` (median) and `prefill_fraction_of_peak` (against
+    the roofline's matmul peak of its dtype; "n/a" without one)."""
+    for name, entry in summary.items():
+        gflops = prefill_flops / (entry["prefill_ms"]["median"] / 1e3) / 1e9
+        entry["prefill_gflops"] = gflops
+        entry["prefill_fraction_of_peak"] = roofline.fraction(gflops, peaks.get(name.split()[1]))
 
 
 def table_rows(summary: dict) -> list[tuple]:
@@ -87,7 +97,12 @@ def table_rows(summary: dict) -> list[tuple]:
         cells = [(entry[m]["median"], ratio(summary, name, m)) for m in METRICS]
         use = (f"{100 * entry['bandwidth_utilisation_b1']:.0f}% "
                f"({100 * entry['bandwidth_utilisation_b1_vs_max']:.0f}%)")
-        rows.append((name, *cells[0], *cells[1], use, *cells[2]))
+        row = (name, *cells[0], *cells[1], use, *cells[2])
+        if "prefill_gflops" in entry:
+            fraction = entry["prefill_fraction_of_peak"]
+            row += (f"{entry['prefill_gflops']:.0f} ("
+                    + (f"{fraction:.2f})" if isinstance(fraction, float) else "n/a)"),)
+        rows.append(row)
     return rows
 
 
@@ -101,6 +116,9 @@ def register(bench_app: typer.Typer) -> None:
         new_tokens: int = typer.Option(32, "--new-tokens", help="Decode tokens timed per run."),
         repeats: int = typer.Option(1, "--repeats", help="Fresh processes per contender."),
         json_out: Optional[pathlib.Path] = typer.Option(None, "--json", help="Write results here."),
+        with_roofline: bool = typer.Option(
+            True, "--roofline/--no-roofline", help="Prefill as a fraction of this CPU's matmul "
+            "peak: cached `bench roofline`, else measured in this run (else: n/a)."),
     ) -> None:
         """Prefill and decode speed of jaxaccel (fp32, bf16) against transformers `generate`
         (fp32, bf16, when installed) on the same weights, with memory-bandwidth use."""
@@ -110,12 +128,15 @@ def register(bench_app: typer.Typer) -> None:
         bandwidths = runner.summarize([r["read_bytes_per_s"] for r in runs.pop("bandwidth")])
         bandwidth = bandwidths["median"]
         summary = summarize(runs, bandwidth, bandwidths["max"])
+        peaks, source = roofline.limits() if with_roofline else ({}, "not measured")
+        add_prefill_flops(summary, roofline.forward_flops(ckpt, prefill_len), peaks)
         runner.print_table(
             f"{prefill_len}-token prefill and decode ({repeats} fresh process(es) each); memory "
             f"read bandwidth {bandwidth / 1e9:.1f} GB/s (median; "
-            f"{bandwidths['min'] / 1e9:.1f}-{bandwidths['max'] / 1e9:.1f})",
+            f"{bandwidths['min'] / 1e9:.1f}-{bandwidths['max'] / 1e9:.1f}); peaks: {source}",
             COLUMNS, table_rows(summary))
         runner.write_json(json_out, {"benchmark": "generate", "prefill_len": prefill_len,
                                      "new_tokens": new_tokens, "repeats": repeats,
                                      "read_bytes_per_s": bandwidth,
-                                     "read_bytes_per_s_runs": bandwidths, "results": summary})
+                                     "read_bytes_per_s_runs": bandwidths, "results": summary,
+                                     "roofline": {"peaks": peaks, "source": source}})

@@ -14,6 +14,14 @@ nor traced on any other platform (`jaxaccel.backends.for_platform`):
   ops, and there the carriers cost time (scan x3.7, cache write x2, gather x8 slower).
 * A lone bf16 prompt decodes as a batch of two when the packed kernel is not in use: XLA:CPU's
   fast bf16 dot (YNNPACK) takes no matrix-vector products (x1.34 on jax 0.10, x1.3-1.7 on 0.12).
+* Which library runs the dots, per CPU kind (`tuning`, from the ISA record of `isa`).
+
+MiniLM embed (b32x128, jax 0.10.2, Zen 4, in-process A/B, 5 alternated rounds) gained nothing
+from dropping the carriers or from unrolling the 6-layer scan (best of rounds within 2%), so the
+encoder shares the decoder's path. Its bf16 time goes (XLA's per-thunk profile) ~75% to the
+YNNPACK dots, of which the attention's batched [128x32]x[32x128] dots run at a quarter of the
+dense ones' GFLOP/s (`bench roofline`), ~5% to the exact-erf GELU in float32, the rest to
+transposes, layer norms and the carriers' copies.
 
 Fences (`optimization_barrier`) around attention, which an earlier layout needed, measured no
 gain in prefill or decode on either jax version once the projections became 2-D matmuls, and
@@ -30,7 +38,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxaccel.backends.base import Backend
-from jaxaccel.backends.cpu import packed, packing
+from jaxaccel.backends.cpu import isa, packed, packing, tuning
 from jaxaccel.backends.cpu.packed import PackedWeight
 
 
@@ -117,6 +125,9 @@ class CpuBackend(Backend):
 
     def min_batch(self, dtype, prepared: bool) -> int:
         return 2 if jnp.dtype(dtype) == jnp.bfloat16 and not prepared else 1
+
+    def compiler_options(self) -> dict:
+        return tuning.compiler_options(isa.detect())
 
 
 def _typed(body):
