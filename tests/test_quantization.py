@@ -107,3 +107,52 @@ def test_quantize_on_load_equals_quantize_then_save(scheme, mesh, tmp_path):
         assert a[name].dtype == b[name].dtype and a[name].sharding == b[name].sharding, name
         np.testing.assert_array_equal(np.asarray(a[name]).view(np.uint8),
                                       np.asarray(b[name]).view(np.uint8), err_msg=name)
+
+
+def test_quantize_on_load_device_bytes_stay_quantized(tmp_path):
+    """Restore-time accounting: each device receives exactly its share of the quantized state
+    (values + scales, plus the full-precision embeddings/norms/biases), never a float32 slice
+    of a quantized weight; the float32 blocks live on the host, at most one budget's worth."""
+    _, ckpt = _decoder("llama_gqa", tmp_path)
+    layout = Layout.create("data=2,model=4", "dp_tp")
+    fp32 = load_model(ckpt, layout)
+    int8 = load_model(ckpt, layout, quantize="int8", host_memory_budget=1 << 16)
+    held = {}
+    for array in jax.tree.leaves(int8.state):
+        for shard in array.addressable_shards:
+            held[shard.device.id] = held.get(shard.device.id, 0) + shard.data.nbytes
+    assert dict(int8.stats.bytes_placed_per_device) == held
+    for name, array in flat_arrays(int8.state).items():
+        if name.endswith(".values"):
+            assert array.dtype == jnp.int8, name
+    for device, nbytes in held.items():
+        assert nbytes < fp32.stats.bytes_placed_per_device[device]
+    assert int8.stats.peak_bytes_in_flight <= max(1 << 16, int8.stats.largest_read)
+
+
+@pytest.mark.parametrize("rules,mesh", [("dp", "data=8"), ("tp", "model=4"),
+                                        ("dp_tp", "data=2,model=4"), ("pp", "stage=2,data=4")])
+def test_scales_shard_with_their_weights(rules, mesh, tmp_path):
+    _, ckpt = _decoder("gpt2", tmp_path)
+    quantize_checkpoint(ckpt, tmp_path / "q", quantization.Scheme.parse("int4", 32),
+                        chunk_bytes=None)
+    loaded = load_model(tmp_path / "q", Layout.create(mesh, rules))
+    specs = quantization.manifest_specs(loaded.manifest)
+    arrays = flat_arrays(loaded.state)
+    split = 0
+    for name, spec in specs.items():
+        values, scales = arrays[name + ".values"], arrays[name + ".scales"]
+        assert values.dtype == ml_dtypes.int4
+        v_spec = tuple(values.sharding.spec) + (None,) * values.ndim
+        s_spec = tuple(scales.sharding.spec) + (None,) * values.ndim
+        for dim, (tile, v, s) in enumerate(zip(spec.tiles, v_spec, s_spec)):
+            assert s == (None if tile == values.shape[dim] else v), (name, dim)
+            split += v is not None
+        # Each device's scales are those of its own values: dequantize shard by shard.
+        whole = np.asarray(qwix.dequantize(qwix.QArray(jnp.asarray(np.asarray(values)),
+                                                       jnp.asarray(np.asarray(scales)))))
+        for v_shard in values.addressable_shards:
+            s_shard = next(s for s in scales.addressable_shards if s.device == v_shard.device)
+            part = qwix.dequantize(qwix.QArray(v_shard.data, s_shard.data))
+            np.testing.assert_array_equal(np.asarray(part), whole[v_shard.index], err_msg=name)
+    assert split or rules == "dp"
