@@ -124,12 +124,16 @@ def inspect(path: str | pathlib.Path) -> Manifest:
 
 def plan(path: str | pathlib.Path, *, mesh: MeshLike = None, rules: str | Mapping | None = None,
          dtype: str | None = None, batch: int = 1, seq: int | None = None,
-         max_new_tokens: int = 0, device_memory: int | str | None = None) -> planner.MemoryPlan:
+         max_new_tokens: int = 0, device_memory: int | str | None = None,
+         quantize: str | None = None, group_size: int | None = None,
+         quantize_head: bool = False) -> planner.MemoryPlan:
     """Per-device and per-process memory of a run, before reading a byte (`.fits`,
-    `.to_json()`; `jaxaccel.planner.check_fits` raises PlanError when it does not fit)."""
+    `.to_json()`; `jaxaccel.planner.check_fits` raises PlanError when it does not fit).
+    `quantize` etc.: as in `load` (a quantize-on-load run)."""
     return planner.plan(path, layout(mesh, rules), dtype, batch=batch, seq=seq,
                         max_new_tokens=max_new_tokens,
-                        device_memory=_bytes(device_memory, "device_memory"))
+                        device_memory=_bytes(device_memory, "device_memory"),
+                        quantize=quantization.Scheme.parse(quantize, group_size, quantize_head))
 
 
 def verify(path: str | pathlib.Path, *, progress: bool = True) -> VerifyReport:

@@ -151,6 +151,16 @@ def _shape_key(args) -> tuple:
                  if hasattr(x, "shape"))
 
 
+# jax < 0.12 on CPU: arrays of int4 (quantized weights) are held one value per byte while an
+# ahead-of-time executable expects them packed and refuses them; such calls go through
+# `jax.jit`, which compiles for the arrays' own layout (jax 0.12 packs both).
+_INT4_UNPACKED_ARRAYS = tuple(int(p) for p in jax.__version__.split(".")[:2]) < (0, 12)
+
+
+def _has_int4(args) -> bool:
+    return any(getattr(x, "dtype", None) == jnp.int4 for x in jax.tree.leaves(args))
+
+
 class Program:
     """One jitted function plus the executables compiled ahead of time for it.
 
@@ -173,7 +183,8 @@ class Program:
     def compile(self, *abstract_args):
         """Compile for these argument shapes now, so a later call of them runs at once."""
         executable = self.lower(*abstract_args).compile()
-        self._executables[_shape_key(abstract_args)] = executable
+        if not (_INT4_UNPACKED_ARRAYS and _has_int4(abstract_args)):
+            self._executables[_shape_key(abstract_args)] = executable
         return executable
 
     def memory_analysis(self, *abstract_args):

@@ -34,6 +34,8 @@ import time
 from collections.abc import Callable, Mapping
 
 import jax
+import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import tensorstore as ts
 
@@ -345,7 +347,7 @@ class _Run:
         try:
             host, from_storage = self._read(read)
             pieces = self._pieces(read, host)
-            placed = [jax.device_put(piece, device) for _, device, piece in pieces]
+            placed = [_device_put(piece, device) for _, device, piece in pieces]
             # Until copied, the host buffer must live; on CPU jax adopts it and this is instant.
             jax.block_until_ready(placed)
             del host
@@ -401,6 +403,19 @@ class _Run:
         if read.padded_shape is not None:
             host = np.pad(host, [(0, p - h) for p, h in zip(shape, host.shape)])
         return host, host.nbytes
+
+
+def _device_put(host: np.ndarray, device) -> jax.Array:
+    """`host` onto `device`; int4 goes as int8 and narrows there, so the array has the packed
+    layout compiled programs expect (a device_put of numpy int4 keeps one value per byte)."""
+    if host.dtype != ml_dtypes.int4:
+        return jax.device_put(host, device)
+    return _narrow_int4(jax.device_put(host.astype(np.int8), device))
+
+
+@jax.jit
+def _narrow_int4(values):
+    return values.astype(jnp.int4)
 
 
 @contextlib.contextmanager
