@@ -67,7 +67,7 @@ class Scheme:
 
     @classmethod
     def parse(cls, name: str | None, group_size: int | None = None,
-              head: bool = False) -> "Scheme | None":
+              head: bool = False) -> Scheme | None:
         """`--quantize NAME` -> a Scheme (None for no quantization); UsageError if unknown."""
         if name in (None, "", "none"):
             return None
@@ -119,7 +119,7 @@ class QuantSpec:
         return {"qtype": self.qtype, "tiles": list(self.tiles)}
 
     @classmethod
-    def from_json(cls, raw: Mapping) -> "QuantSpec":
+    def from_json(cls, raw: Mapping) -> QuantSpec:
         return cls(str(raw["qtype"]), tuple(int(t) for t in raw["tiles"]))
 
 
@@ -283,3 +283,16 @@ def manifest_specs(manifest) -> dict[str, QuantSpec]:
 def manifest_scheme(manifest) -> str | None:
     """The scheme name a checkpoint was quantized with, None if full precision."""
     return (manifest.quantization or {}).get("scheme")
+
+
+def read_bytes(state) -> int:
+    """Bytes one pass over `state`'s parameters reads: quantized values at their bit width
+    (int4: half a byte, as GPU/TPU hold them) plus scales; other arrays at their itemsize."""
+    total = 0
+    for leaf in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, qwix.QArray)):
+        if isinstance(leaf, qwix.QArray):
+            bits = 4 if leaf.qvalue.dtype == jnp.int4 else 8
+            total += leaf.qvalue.size * bits // 8 + leaf.scale.size * leaf.scale.dtype.itemsize
+        else:
+            total += leaf.size * leaf.dtype.itemsize
+    return total

@@ -2,6 +2,8 @@
 transformers/sentence-transformers references, quantize-on-load against quantize-then-save,
 device bytes during a quantize-on-load restore, and scales sharded with their weights."""
 
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -18,36 +20,50 @@ from jaxaccel.loader import load_model
 from jaxaccel.models.state import flat_arrays
 from jaxaccel.sharding import Layout
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
 STREAM = np.random.default_rng(0).integers(3, 101, 256).tolist()  # fixed 256-token stream
+# sentence-transformers' own fp32 embeddings of 11 fixture sentences (scripts/make_reference.py)
+FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "minilm_reference.npz"
 
 
-def _minilm_cosines(ckpt, src, **quant):
-    from test_bert_parity import SENTENCES, reference_embeddings
-
+def _minilm_cosines(ckpt, **quant):
     from jaxaccel.embed import Embedder
 
+    data = np.load(FIXTURE)
     loaded = load_model(ckpt, **quant)
-    ours = Embedder(loaded, batch_size=8).embed_texts(SENTENCES)[0]
-    return (ours * reference_embeddings(src, SENTENCES)).sum(-1)
+    ours = Embedder(loaded, batch_size=16).embed_texts([str(s) for s in data["sentences"]])[0]
+    return (ours * data["embeddings"]).sum(-1) / np.linalg.norm(ours, axis=-1)
 
 
-def test_minilm_int8_cosine_vs_sentence_transformers(minilm_ckpt, minilm_src):
-    cosine = _minilm_cosines(minilm_ckpt, minilm_src, quantize="int8")
+def test_minilm_int8_cosine_vs_sentence_transformers(minilm_ckpt):
+    cosine = _minilm_cosines(minilm_ckpt, quantize="int8")
     assert cosine.min() >= 0.995, cosine
 
 
-def test_minilm_int4_g128_cosine_vs_sentence_transformers(minilm_ckpt, minilm_src):
-    """Measured 0.918 (absmax round-to-nearest, groups of 128 along k): the issue's 0.98 is
-    not reached by plain RTN on MiniLM (g32: 0.944; MSE clipping: 0.940); this pins the
+def test_minilm_int4_g128_cosine_vs_sentence_transformers(minilm_ckpt):
+    """Measured min 0.831, mean 0.93 over the 11 sentences (absmax round-to-nearest, groups of
+    128 along k): the issue's 0.98 is not reached by plain RTN int4 on MiniLM (on 5 other
+    sentences: g128 0.918, g32 0.944, g128 with MSE-searched clipping 0.950). This pins the
     measured level so a regression shows."""
-    cosine = _minilm_cosines(minilm_ckpt, minilm_src, quantize="int4")
-    assert cosine.min() >= 0.90, cosine
+    cosine = _minilm_cosines(minilm_ckpt, quantize="int4")
+    assert cosine.min() >= 0.80 and cosine.mean() >= 0.90, cosine
+
+
+@pytest.fixture(scope="module")
+def decoders(tmp_path_factory):
+    """kind -> (transformers fp32 logits over STREAM, fp32 jaxaccel checkpoint), built once."""
+    built = {}
+
+    def get(kind):
+        if kind not in built:
+            built[kind] = _decoder(kind, tmp_path_factory.mktemp(kind))
+        return built[kind]
+
+    return get
 
 
 def _decoder(kind, tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     if kind == "gpt2":
         hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
@@ -82,8 +98,8 @@ def _all_logits(loaded, ids):
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama_gqa"])
-def test_decoder_int8_top1_agreement_with_fp32(kind, tmp_path):
-    reference, ckpt = _decoder(kind, tmp_path)
+def test_decoder_int8_top1_agreement_with_fp32(kind, decoders):
+    reference, ckpt = decoders(kind)
     fp32 = _all_logits(load_model(ckpt), STREAM)
     np.testing.assert_allclose(fp32, reference, atol=2e-4, rtol=1e-4)  # the fp32 path is exact
     int8 = _all_logits(load_model(ckpt, quantize="int8"), STREAM)
@@ -94,8 +110,8 @@ def test_decoder_int8_top1_agreement_with_fp32(kind, tmp_path):
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 @pytest.mark.parametrize("mesh", [None, "data=2,model=4"])
-def test_quantize_on_load_equals_quantize_then_save(scheme, mesh, tmp_path):
-    _, ckpt = _decoder("gpt2", tmp_path)
+def test_quantize_on_load_equals_quantize_then_save(scheme, mesh, decoders, tmp_path):
+    _, ckpt = decoders("gpt2")
     quantize_checkpoint(ckpt, tmp_path / "q", quantization.Scheme.parse(scheme, 32),
                         chunk_bytes=None)
     layout = Layout.create(mesh, "dp_tp" if mesh else None)
@@ -109,11 +125,11 @@ def test_quantize_on_load_equals_quantize_then_save(scheme, mesh, tmp_path):
                                       np.asarray(b[name]).view(np.uint8), err_msg=name)
 
 
-def test_quantize_on_load_device_bytes_stay_quantized(tmp_path):
+def test_quantize_on_load_device_bytes_stay_quantized(decoders):
     """Restore-time accounting: each device receives exactly its share of the quantized state
     (values + scales, plus the full-precision embeddings/norms/biases), never a float32 slice
     of a quantized weight; the float32 blocks live on the host, at most one budget's worth."""
-    _, ckpt = _decoder("llama_gqa", tmp_path)
+    _, ckpt = decoders("llama_gqa")
     layout = Layout.create("data=2,model=4", "dp_tp")
     fp32 = load_model(ckpt, layout)
     int8 = load_model(ckpt, layout, quantize="int8", host_memory_budget=1 << 16)
@@ -132,8 +148,8 @@ def test_quantize_on_load_device_bytes_stay_quantized(tmp_path):
 
 @pytest.mark.parametrize("rules,mesh", [("dp", "data=8"), ("tp", "model=4"),
                                         ("dp_tp", "data=2,model=4"), ("pp", "stage=2,data=4")])
-def test_scales_shard_with_their_weights(rules, mesh, tmp_path):
-    _, ckpt = _decoder("gpt2", tmp_path)
+def test_scales_shard_with_their_weights(rules, mesh, decoders, tmp_path):
+    _, ckpt = decoders("gpt2")
     quantize_checkpoint(ckpt, tmp_path / "q", quantization.Scheme.parse("int4", 32),
                         chunk_bytes=None)
     loaded = load_model(tmp_path / "q", Layout.create(mesh, rules))
