@@ -145,3 +145,14 @@ def test_int8_decode_step_is_plain_xla(layout, family, config, platform):
     text = exported_text(jitted, gen.abstract_decode_args(GREEDY, "device", b, t, slots), platform)
     assert_plain_and_sharded(text)
     assert re.search(r"%arg\d+: tensor<2x64x\d+x\d+xi8>", text), "no int8 weights among the inputs"
+
+
+def test_fp8_decode_step_lowers_for_cuda(layout):
+    """fp8 (e4m3) weights: refused on the CPU, lowered here for `cuda` as plain XLA."""
+    graphdef, state = quantized_abstract_state("llama", LLAMA, layout, "fp8")
+    gen = Generator(graphdef, state, LLAMA, layout, dtype=jnp.bfloat16, platform="cuda")
+    b, t, slots = gen.shapes([5, 9], 16)
+    jitted = gen.decode_program(GREEDY, "device", b, t, slots).jitted
+    text = exported_text(jitted, gen.abstract_decode_args(GREEDY, "device", b, t, slots), "cuda")
+    assert_plain_and_sharded(text)
+    assert re.search(r"%arg\d+: tensor<2x64x\d+x\d+xf8E4M3FN>", text)

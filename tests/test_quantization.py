@@ -172,3 +172,32 @@ def test_scales_shard_with_their_weights(rules, mesh, decoders, tmp_path):
             part = qwix.dequantize(qwix.QArray(v_shard.data, s_shard.data))
             np.testing.assert_array_equal(np.asarray(part), whole[v_shard.index], err_msg=name)
     assert split or rules == "dp"
+
+
+@pytest.mark.parametrize("source", ["on load", "checkpoint"])
+def test_plan_predicts_quantized_bytes_exactly(source, decoders, tmp_path):
+    from jaxaccel import planner
+
+    _, ckpt = decoders("llama_gqa")
+    scheme = quantization.Scheme.parse("int4", 32)
+    if source == "checkpoint":
+        quantize_checkpoint(ckpt, tmp_path / "q", scheme, chunk_bytes=None)
+        ckpt, scheme = tmp_path / "q", None
+    layout = Layout.create("data=2,model=4", "dp_tp")
+    plan = planner.plan(ckpt, layout, compile_activations=False, quantize=scheme)
+    loaded = load_model(ckpt, layout, quantize=scheme)
+    per_device = {}
+    for array in jax.tree.leaves(loaded.state):
+        for shard in array.addressable_shards:
+            per_device[shard.device.id] = per_device.get(shard.device.id, 0) + shard.data.nbytes
+    assert set(per_device.values()) == {plan.param_bytes}
+    assert plan.quantization["scheme"] == "int4"
+
+
+def test_fp8_is_refused_on_the_cpu_with_a_clear_message(minilm_ckpt):
+    from jaxaccel.errors import UsageError
+
+    with pytest.raises(UsageError, match="fp8: the cpu backend has no float8 matmuls"):
+        load_model(minilm_ckpt, quantize="fp8")
+    with pytest.raises(UsageError, match="--quantize must be one of"):
+        quantization.Scheme.parse("int3")
