@@ -9,7 +9,7 @@ import sys
 import typer
 
 # Benchmark modules under jaxaccel/bench/ that add a sub-command via `register(bench_app)`.
-BENCH_MODULES = ("embed", "restore", "coldstart", "generate", "pipeline", "classify")
+BENCH_MODULES = ("embed", "restore", "coldstart", "generate", "pipeline", "classify", "quality")
 
 
 def register(app: typer.Typer) -> None:
