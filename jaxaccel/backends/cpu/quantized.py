@@ -43,9 +43,9 @@ MAX_KERNEL_ROWS = 32
 class PackedQuantWeight:
     lines: jax.Array  # uint8 [*stacked, n_pad/64, k_pad/step, 4, 16, 4]
     scales: jax.Array  # float32 [*stacked, groups, n_pad]
-    k_shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
-    n_shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
-    bits: int = dataclasses.field(metadata=dict(static=True))
+    k_shape: tuple[int, ...] = dataclasses.field(metadata={"static": True})
+    n_shape: tuple[int, ...] = dataclasses.field(metadata={"static": True})
+    bits: int = dataclasses.field(metadata={"static": True})
     # Inside a layer scan: the arrays are whole stacks and `layer` picks one (see
     # `CpuBackend.scan_layers`).
     layer: jax.Array | None = None
