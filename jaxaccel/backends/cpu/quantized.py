@@ -10,8 +10,9 @@ contiguous stream read once per call; the layout of a step is described in the k
 
 Why a kernel: decode is bound by the bytes of weights read, and the packed int8 (int4) weights
 are half (a quarter) of bfloat16's; the kernel reads them at about the bf16 kernel's bandwidth
-(scripts/bench_quantized_matmul.py). `matmul_xla` is the plain dequantize-then-dot on the same
-packed weights, for prefill-sized row counts where XLA's dot is faster (measured there too).
+(scripts/bench_quantized_matmul.py). `matmul_xla` is XLA's dequantize-then-dot on the same
+packed weights; the kernel is used at every row count, since it measured faster than that at
+32 and 128 rows too (14 of 16 GPT-2 shape/row cases, 1.1-3.4x).
 
 `PackedQuantWeight` is a pytree like `packed.PackedWeight`: read whole with `[...]`, and its
 stacked arrays (`STACKED`) are indexed in place by layer inside a layer scan.
@@ -33,9 +34,6 @@ STREAM = PANEL * PANELS  # output columns per contiguous stream
 STEP_ROWS = {8: 4, 4: 8}  # k rows per step of a stream, by bits
 OFFSET = {8: 128, 4: 8}  # stored u = q + OFFSET (unsigned, what `vpdpbusd` multiplies)
 QTYPES = {jnp.dtype(jnp.int8): 8, jnp.dtype(jnp.int4): 4}
-# Rows above which `matmul` hands the product to XLA (dequantize, then dot): measured in
-# scripts/bench_quantized_matmul.py (kernel ahead at 8 rows, XLA ahead from 64).
-MAX_KERNEL_ROWS = 32
 
 
 @jax.tree_util.register_dataclass
@@ -204,12 +202,10 @@ def _rows(x, w: PackedQuantWeight):
 def matmul(x, w: PackedQuantWeight, kernel: str | None = None) -> jax.Array:
     """x[..., *k_shape] (float32 or bfloat16) . dequantize(w) -> float32 [..., *n_shape].
 
-    Up to MAX_KERNEL_ROWS rows through the kernel (`kernel` names a registered build, tests
-    pass portable variants; by default the one compiled for this CPU), more through XLA.
+    `kernel` names a registered build of the kernel (tests pass portable variants); by
+    default, the one compiled for this CPU.
     """
     lead, rows = _rows(x, w)
-    if rows > MAX_KERNEL_ROWS and kernel is None:
-        return matmul_xla(x, w)
     kernel = kernel or build.target(KERNEL_SOURCE, KERNEL_SYMBOL)
     if kernel is None:
         raise RuntimeError("the quantized matmul kernel is not available; pack weights only "

@@ -57,12 +57,12 @@ struct QuantizedX {
   std::vector<float> scale;         // [m]
 };
 
-QuantizedX quantize_x(const float* x, int64_t m, int64_t k, int64_t groups) {
-  QuantizedX q;
+// Into `q`, a per-thread buffer reused across calls (no allocation per decode step).
+void quantize_x(const float* x, int64_t m, int64_t k, int64_t groups, QuantizedX& q) {
   q.h.resize(m * k);
   q.l.resize(m * k);
-  q.h_sum.assign(m * groups, 0);
-  q.l_sum.assign(m * groups, 0);
+  q.h_sum.resize(m * groups);
+  q.l_sum.resize(m * groups);
   q.scale.resize(m);
   int64_t group = k / groups;
   for (int64_t r = 0; r < m; ++r) {
@@ -92,7 +92,6 @@ QuantizedX quantize_x(const float* x, int64_t m, int64_t k, int64_t groups) {
       q.l_sum[r * groups + g] = l_sum;
     }
   }
-  return q;
 }
 
 struct Problem {
@@ -256,7 +255,8 @@ ffi::Error QuantizedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   if (index < 0 || index >= layers || (stacked && s_dims[0] != layers)) {
     return ffi::Error::InvalidArgument("quantized_matmul: layer index out of range");
   }
-  QuantizedX qx = quantize_x(x.typed_data(), m, k, groups);
+  thread_local QuantizedX qx;
+  quantize_x(x.typed_data(), m, k, groups, qx);
   Problem problem{&qx,
                   w_packed.typed_data() + index * streams * steps * kStepBytes,
                   scales.typed_data() + index * groups * n,
