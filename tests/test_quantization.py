@@ -25,12 +25,13 @@ STREAM = np.random.default_rng(0).integers(3, 101, 256).tolist()  # fixed 256-to
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "minilm_reference.npz"
 
 
-def _minilm_cosines(ckpt, **quant):
-    from jaxaccel.embed import Embedder
+def _minilm_cosines(ckpt, quantize):
+    import jaxaccel
 
     data = np.load(FIXTURE)
-    loaded = load_model(ckpt, **quant)
-    ours = Embedder(loaded, batch_size=16).embed_texts([str(s) for s in data["sentences"]])[0]
+    model = jaxaccel.load(ckpt, quantize=quantize, progress=False)
+    assert model.quantization == quantize and f"{quantize} weights" in repr(model)
+    ours = model.embed([str(s) for s in data["sentences"]])
     return (ours * data["embeddings"]).sum(-1) / np.linalg.norm(ours, axis=-1)
 
 
