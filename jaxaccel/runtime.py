@@ -117,8 +117,9 @@ def state_shardings(state: nnx.State, layout: ax.Layout):
         if isinstance(value, qwix.QArray):
             _, values, scales = quantized_param_spec(axes, value.shape, value.scale_tile_shape,
                                                      layout)
-            return dataclasses.replace(value, qvalue=NamedSharding(layout.mesh, values),
-                                       scale=NamedSharding(layout.mesh, scales))
+            return variable.replace(value=dataclasses.replace(
+                value, qvalue=NamedSharding(layout.mesh, values),
+                scale=NamedSharding(layout.mesh, scales)))
         return place_param(axes, value.shape, layout)[1]
 
     return jax.tree.map(sharding, state, is_leaf=_is_variable)

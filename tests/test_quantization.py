@@ -83,6 +83,13 @@ def _decoder(kind, tmp_path):
     return reference, tmp_path / "fp32"
 
 
+def generator_for(loaded):
+    from jaxaccel.generate import Generator
+
+    return Generator(loaded.graphdef, loaded.state, loaded.config, loaded.layout,
+                     dtype=loaded.dtype)
+
+
 def _all_logits(loaded, ids):
     """Float32 logits [t, v] of one causal pass over `ids`, traced with the mesh's backend."""
     graphdef = loaded.graphdef
@@ -103,10 +110,16 @@ def test_decoder_int8_top1_agreement_with_fp32(kind, decoders):
     reference, ckpt = decoders(kind)
     fp32 = _all_logits(load_model(ckpt), STREAM)
     np.testing.assert_allclose(fp32, reference, atol=2e-4, rtol=1e-4)  # the fp32 path is exact
-    int8 = _all_logits(load_model(ckpt, quantize="int8"), STREAM)
+    loaded = load_model(ckpt, quantize="int8")
+    int8 = _all_logits(loaded, STREAM)
     agreement = (int8.argmax(-1) == reference.argmax(-1)).mean()
     assert agreement >= 0.95, agreement
     assert not np.array_equal(int8, fp32)  # the weights really were quantized
+    # The Generator (prefill + KV-cache decode) on the same quantized weights: its greedy
+    # tokens are the argmax of its own full-pass logits, token by token.
+    new = generator_for(loaded).generate([STREAM[:8]], 8, loop="device")[0]
+    ids = STREAM[:8] + new
+    np.testing.assert_array_equal(_all_logits(loaded, ids)[7:-1].argmax(-1), new)
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
