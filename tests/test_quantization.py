@@ -62,6 +62,35 @@ def decoders(tmp_path_factory):
     return get
 
 
+# Random-weight checkpoints written with numpy (no torch: these tests run on the newest jax
+# too) for what needs no transformers reference: equality, sharding, memory, plan.
+SMALL = {"gpt2": dict(vocab_size=128, hidden_size=64, num_layers=2, num_heads=4,
+                      intermediate_size=256, max_position_embeddings=128, eos_token_id=3),
+         "llama": dict(vocab_size=128, hidden_size=64, num_layers=2, num_heads=8, num_kv_heads=2,
+                       intermediate_size=128, head_dim=8, max_position_embeddings=128,
+                       eos_token_id=3, tie_word_embeddings=False)}
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """family -> a float32 jaxaccel checkpoint of random weights, written once."""
+    import dataclasses
+
+    from jaxaccel.bench import synthetic
+    from jaxaccel.models import family_module
+
+    built = {}
+
+    def get(family):
+        if family not in built:
+            config = dataclasses.asdict(family_module(family).Config(**SMALL[family]))
+            built[family] = tmp_path_factory.mktemp(family) / "ckpt"
+            synthetic.write(built[family], config, "float32", family=family)
+        return built[family]
+
+    return get
+
+
 def _decoder(kind, tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
@@ -124,8 +153,8 @@ def test_decoder_int8_top1_agreement_with_fp32(kind, decoders):
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 @pytest.mark.parametrize("mesh", [None, "data=2,model=4"])
-def test_quantize_on_load_equals_quantize_then_save(scheme, mesh, decoders, tmp_path):
-    _, ckpt = decoders("gpt2")
+def test_quantize_on_load_equals_quantize_then_save(scheme, mesh, small, tmp_path):
+    ckpt = small("gpt2")
     quantize_checkpoint(ckpt, tmp_path / "q", quantization.Scheme.parse(scheme, 32),
                         chunk_bytes=None)
     layout = Layout.create(mesh, "dp_tp" if mesh else None)
@@ -139,11 +168,11 @@ def test_quantize_on_load_equals_quantize_then_save(scheme, mesh, decoders, tmp_
                                       np.asarray(b[name]).view(np.uint8), err_msg=name)
 
 
-def test_quantize_on_load_device_bytes_stay_quantized(decoders):
+def test_quantize_on_load_device_bytes_stay_quantized(small):
     """Restore-time accounting: each device receives exactly its share of the quantized state
     (values + scales, plus the full-precision embeddings/norms/biases), never a float32 slice
     of a quantized weight; the float32 blocks live on the host, at most one budget's worth."""
-    _, ckpt = decoders("llama_gqa")
+    ckpt = small("llama")
     layout = Layout.create("data=2,model=4", "dp_tp")
     fp32 = load_model(ckpt, layout)
     int8 = load_model(ckpt, layout, quantize="int8", host_memory_budget=1 << 16)
@@ -162,8 +191,8 @@ def test_quantize_on_load_device_bytes_stay_quantized(decoders):
 
 @pytest.mark.parametrize("rules,mesh", [("dp", "data=8"), ("tp", "model=4"),
                                         ("dp_tp", "data=2,model=4"), ("pp", "stage=2,data=4")])
-def test_scales_shard_with_their_weights(rules, mesh, decoders, tmp_path):
-    _, ckpt = decoders("gpt2")
+def test_scales_shard_with_their_weights(rules, mesh, small, tmp_path):
+    ckpt = small("gpt2")
     quantize_checkpoint(ckpt, tmp_path / "q", quantization.Scheme.parse("int4", 32),
                         chunk_bytes=None)
     loaded = load_model(tmp_path / "q", Layout.create(mesh, rules))
@@ -189,10 +218,10 @@ def test_scales_shard_with_their_weights(rules, mesh, decoders, tmp_path):
 
 
 @pytest.mark.parametrize("source", ["on load", "checkpoint"])
-def test_plan_predicts_quantized_bytes_exactly(source, decoders, tmp_path):
+def test_plan_predicts_quantized_bytes_exactly(source, small, tmp_path):
     from jaxaccel import planner
 
-    _, ckpt = decoders("llama_gqa")
+    ckpt = small("llama")
     scheme = quantization.Scheme.parse("int4", 32)
     if source == "checkpoint":
         quantize_checkpoint(ckpt, tmp_path / "q", scheme, chunk_bytes=None)
