@@ -31,7 +31,8 @@ def _minilm_cosines(ckpt, quantize):
     data = np.load(FIXTURE)
     model = jaxaccel.load(ckpt, quantize=quantize, progress=False)
     assert model.quantization == quantize and f"{quantize} weights" in repr(model)
-    ours = model.embed([str(s) for s in data["sentences"]])
+    with pytest.warns(UserWarning, match="truncated"):  # the fixture's long sentence
+        ours = model.embed([str(s) for s in data["sentences"]])
     return (ours * data["embeddings"]).sum(-1) / np.linalg.norm(ours, axis=-1)
 
 
