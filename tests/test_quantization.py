@@ -245,3 +245,13 @@ def test_fp8_is_refused_on_the_cpu_with_a_clear_message(minilm_ckpt):
         load_model(minilm_ckpt, quantize="fp8")
     with pytest.raises(UsageError, match="--quantize must be one of"):
         quantization.Scheme.parse("int3")
+
+
+def test_bench_quality_decoder_metrics_by_hand():
+    from jaxaccel.bench.quality import decoder_metrics
+
+    p = np.log(np.array([[0.5, 0.5], [0.9, 0.1]]))
+    q = np.log(np.array([[0.25, 0.75], [0.9, 0.1]]))
+    kl, top1 = decoder_metrics(p, q)
+    expected = (0.5 * np.log(0.5 / 0.25) + 0.5 * np.log(0.5 / 0.75)) / 2  # row 2 adds 0
+    assert kl == pytest.approx(expected) and top1 == 0.5  # row 1: argmax 0 vs 1
