@@ -49,8 +49,8 @@ def layout(mesh: MeshLike = None, rules: str | Mapping | None = None) -> ax.Layo
 def load(path: str | pathlib.Path, *, mesh: MeshLike = None, rules: str | Mapping | None = None,
          dtype: str | None = None, host_memory_budget: int | str | None = None,
          verify: bool = False, progress: bool = True, microbatches: int | None = None,
-         quantize: str | None = None, group_size: int | None = None,
-         quantize_head: bool = False) -> Model:
+         restore_mode: str | None = None, quantize: str | None = None,
+         group_size: int | None = None, quantize_head: bool = False) -> Model:
     """Restore a checkpoint onto `mesh` (default: one device) in compute `dtype` ("float32"
     or "bfloat16"; default: the checkpoint's), streaming only the slices each device holds.
 
@@ -61,12 +61,15 @@ def load(path: str | pathlib.Path, *, mesh: MeshLike = None, rules: str | Mappin
 
     `host_memory_budget`: bytes (or "2GiB") of restore reads in flight. `verify`: check every
     chunk's crc32c while reading (missing or short chunks are always refused). `progress`:
-    a progress bar on a terminal or in Jupyter. Raises CheckpointError, UsageError.
+    a progress bar on a terminal or in Jupyter. `restore_mode` (multi-host): "read-all",
+    "broadcast" or "auto" (the default; see the README's Clusters section). Raises
+    CheckpointError, UsageError.
     """
     budget = _bytes(host_memory_budget, "host_memory_budget") or DEFAULT_HOST_MEMORY_BUDGET
     scheme = quantization.Scheme.parse(quantize, group_size, quantize_head)
     loaded = load_model(path, layout(mesh, rules), dtype, host_memory_budget=budget,
-                        quiet=not progress, verify_checksums=verify, quantize=scheme)
+                        quiet=not progress, verify_checksums=verify, restore_mode=restore_mode,
+                        quantize=scheme)
     return Model(loaded, microbatches=microbatches)
 
 

@@ -15,6 +15,7 @@ import click
 import typer
 
 from jaxaccel import __version__, distributed, errors, platform
+from jaxaccel.checkpoint import restore_mode as restore_mode_
 
 app = typer.Typer(
     name="jaxaccel",
@@ -57,6 +58,17 @@ def _global_options(
         None, "--distributed-timeout", min=1, metavar="SECONDS",
         help="Multi-host: deadline of every blocking step (connect, barriers); on expiry the "
              "error names the process that did not arrive. Default 120."),
+    distributed_mode: str = typer.Option(
+        "auto", "--distributed", metavar="auto|off",
+        help="Multi-host: auto joins the cluster this process was started in (srun, mpirun, "
+             "a TPU pod slice, a Kubernetes indexed Job/JobSet, the JAX_* variables), as "
+             "jax.distributed detects it; off runs alone even there."),
+    restore_mode: str = typer.Option(
+        "auto", "--restore-mode", metavar="auto|read-all|broadcast",
+        help="Multi-host restore: read-all (every process reads the slices its devices "
+             "hold), broadcast (each slice replicated across processes is read once and sent "
+             "to the others over the devices), auto (broadcast when replicas span processes "
+             "and the checkpoint is remote)."),
     debug: bool = typer.Option(
         False, "--debug", help="Print the full traceback of an unexpected error (without it: "
         "one line and exit code 1)."),
@@ -65,7 +77,8 @@ def _global_options(
     platform.configure_host_devices(host_devices)
     try:
         cluster = distributed.cluster_from(coordinator, num_processes, process_id,
-                                           distributed_timeout)
+                                           distributed_timeout, mode=distributed_mode)
+        restore_mode_.set_default(restore_mode)
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
     distributed.initialize(cluster)
@@ -86,7 +99,7 @@ for _name in COMMANDS:
 
 # Options of the `jaxaccel` command itself, which click accepts only before the subcommand.
 GLOBAL_OPTIONS = ("--host-devices", "--coordinator", "--num-processes", "--process-id",
-                  "--distributed-timeout", "--debug")
+                  "--distributed-timeout", "--distributed", "--restore-mode", "--debug")
 
 
 def misplaced_global_option(argv: list[str]) -> str | None:

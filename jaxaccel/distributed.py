@@ -24,7 +24,8 @@ import time
 
 import numpy as np
 
-from jaxaccel import progress
+from jaxaccel import cluster as environments
+from jaxaccel import progress, straggler
 from jaxaccel.errors import DistributedError  # noqa: F401  (re-exported)
 
 DEFAULT_TIMEOUT_S = 120.0
@@ -39,13 +40,19 @@ ENV_TIMEOUT = "JAXACCEL_DISTRIBUTED_TIMEOUT"
 
 @dataclasses.dataclass(frozen=True)
 class Cluster:
-    coordinator: str
-    num_processes: int
-    process_id: int
+    """How this process joins. None fields are left to jax's own cluster detection
+    (`jax.distributed.initialize` without them) and filled in once joined."""
+
+    coordinator: str | None
+    num_processes: int | None
+    process_id: int | None
     timeout_s: float = DEFAULT_TIMEOUT_S
+    environment: str = "flags"  # what told us: flags, JAX_* variables, slurm, open mpi, ...
 
     def describe(self) -> str:
-        return f"process {self.process_id}/{self.num_processes} (coordinator {self.coordinator})"
+        who = ("this process" if self.process_id is None
+               else f"process {self.process_id}/{self.num_processes}")
+        return f"{who} (coordinator {self.coordinator or 'from the ' + self.environment + ' environment'})"
 
 
 _cluster: Cluster | None = None
@@ -54,8 +61,20 @@ _barrier_counts: dict[str, int] = {}
 
 def cluster_from(coordinator: str | None = None, num_processes: int | None = None,
                  process_id: int | None = None, timeout_s: float | None = None,
-                 environ=os.environ) -> Cluster | None:
-    """Flags first, then the standard environment variables; None for a single-process run."""
+                 environ=os.environ, mode: str = "auto") -> Cluster | None:
+    """How to join: flags first, then the JAX_* variables, then (`mode` auto) a cluster
+    environment jax detects itself (SLURM, Open MPI, TPU pod, Kubernetes; see jaxaccel.cluster).
+    None for a single-process run (always with `mode` off). Raises ValueError naming the flag."""
+    if mode not in environments.MODES:
+        raise ValueError(f"--distributed must be one of {environments.MODES}, got {mode!r}")
+    flags = {"--coordinator": coordinator, "--num-processes": num_processes,
+             "--process-id": process_id}
+    if mode == "off":
+        given = [flag for flag, v in flags.items() if v is not None]
+        if given:
+            raise ValueError(f"--distributed off contradicts {', '.join(given)}: drop one")
+        return None
+    found = environments.detect(environ)
     coordinator = coordinator or environ.get(ENV_COORDINATOR)
     num_processes = num_processes if num_processes is not None else _env_int(environ, ENV_NUM_PROCESSES)
     process_id = process_id if process_id is not None else _env_int(environ, ENV_PROCESS_ID)
@@ -63,18 +82,22 @@ def cluster_from(coordinator: str | None = None, num_processes: int | None = Non
         timeout_s = float(environ.get(ENV_TIMEOUT, DEFAULT_TIMEOUT_S))
     given = {"--coordinator": coordinator, "--num-processes": num_processes,
              "--process-id": process_id}
+    source = "flags" if any(v is not None for v in flags.values()) else (
+        found.name if found else "JAX_* variables")
     if all(v is None for v in given.values()):
-        return None
+        if found is None or not found.joins:
+            return None
+        return Cluster(None, None, None, timeout_s, found.name)  # jax detects the rest
     missing = [flag for flag, v in given.items() if v is None]
-    if missing:
+    if missing and (found is None or found.name == "JAX_* variables"):
         raise ValueError(f"multi-host runs need --coordinator, --num-processes and --process-id "
                          f"(or {ENV_COORDINATOR}, {ENV_NUM_PROCESSES}, {ENV_PROCESS_ID}); "
                          f"missing {', '.join(missing)}")
-    if ":" not in coordinator:
+    if coordinator is not None and ":" not in coordinator:
         raise ValueError(f"--coordinator must be HOST:PORT, got {coordinator!r}")
-    if not 0 <= process_id < num_processes:
+    if None not in (process_id, num_processes) and not 0 <= process_id < num_processes:
         raise ValueError(f"--process-id must be in [0, {num_processes}), got {process_id}")
-    return Cluster(coordinator, num_processes, process_id, timeout_s)
+    return Cluster(coordinator, num_processes, process_id, timeout_s, source)
 
 
 def _env_int(environ, name: str) -> int | None:
@@ -88,7 +111,10 @@ def _env_int(environ, name: str) -> int | None:
 
 
 def initialize(cluster: Cluster | None) -> None:
-    """Connect to the coordinator (a no-op for None); within the timeout or fail naming it."""
+    """Connect to the coordinator (a no-op for None); within the timeout or fail naming it.
+
+    Fields of `cluster` left None are found by jax's own detection; the first status line
+    says which environment was detected and what this process is."""
     global _cluster
     if cluster is None or _cluster is not None:
         return
@@ -105,14 +131,28 @@ def initialize(cluster: Cluster | None) -> None:
             shutdown_timeout_seconds=timeout)
     except Exception as err:  # jaxlib raises XlaRuntimeError/ValueError with a long status text
         raise DistributedError(
-            f"{cluster.describe()}: could not join the cluster within {timeout} s "
-            f"({_first_line(err)}); is every process started, and is the coordinator "
-            f"(process 0) listening on {cluster.coordinator}?") from None
-    _cluster = cluster
-    _client().key_value_set(f"jaxaccel/who/{cluster.process_id}",
+            f"{cluster.describe()}: could not join the {cluster.environment} cluster within "
+            f"{timeout} s ({_first_line(err)}); is every process started, and is the "
+            f"coordinator (process 0) listening on {_client_address() or cluster.coordinator}?"
+        ) from None
+    _cluster = dataclasses.replace(
+        cluster, coordinator=_client_address() or cluster.coordinator,
+        num_processes=jax.process_count(), process_id=jax.process_index())
+    client().key_value_set(f"jaxaccel/who/{_cluster.process_id}",
                             f"{socket.gethostname()} pid {os.getpid()}")
-    progress.say(f"distributed: {cluster.describe()} connected; {jax.local_device_count()} of "
-                 f"{jax.device_count()} devices are local")
+    progress.say(f"distributed: {_cluster.environment} detected; connected as process "
+                 f"{_cluster.process_id}/{_cluster.num_processes} on host "
+                 f"{socket.gethostname()}, {jax.local_device_count()} local devices "
+                 f"({jax.device_count()} in all; coordinator {_cluster.coordinator})")
+
+
+def _client_address() -> str | None:
+    """The coordinator address jax settled on (its own detection may have chosen it)."""
+    from jax._src import (
+        distributed as jax_distributed,  # deferred: jax (see initialize)
+    )
+
+    return jax_distributed.global_state.coordinator_address
 
 
 def _keep_stdout_for_results() -> None:
@@ -141,7 +181,8 @@ def is_output_process() -> bool:
     return process_index() == 0
 
 
-def _client():
+def client():
+    """jax's coordination-service client (key-value store, barriers) of the joined cluster."""
     from jax._src import (
         distributed as jax_distributed,  # deferred: jax (see initialize)
     )
@@ -165,12 +206,12 @@ def gather(name: str, value=None, timeout_s: float | None = None) -> dict[int, o
     timeout_s = _cluster.timeout_s if timeout_s is None else timeout_s
     _barrier_counts[name] = _barrier_counts.get(name, 0) + 1
     prefix = f"jaxaccel/gather/{name}/{_barrier_counts[name]}/"
-    client = _client()
+    kv = client()
     deadline = time.monotonic() + timeout_s
     try:
-        client.key_value_set(prefix + str(_cluster.process_id), json.dumps(value))
+        kv.key_value_set(prefix + str(_cluster.process_id), json.dumps(value))
         while True:
-            entries = dict(client.key_value_dir_get(prefix))
+            entries = dict(kv.key_value_dir_get(prefix))
             arrived = {int(key.rsplit("/", 1)[1]): json.loads(v) for key, v in entries.items()}
             if len(arrived) == _cluster.num_processes:
                 return dict(sorted(arrived.items()))
@@ -178,7 +219,7 @@ def gather(name: str, value=None, timeout_s: float | None = None) -> dict[int, o
                 missing = sorted(set(range(_cluster.num_processes)) - set(arrived))
                 raise DistributedError(
                     f"{_cluster.describe()}: timed out after {timeout_s:g} s at {name!r}: "
-                    f"{_name_processes(missing)} did not arrive")
+                    f"{name_processes(missing)} did not arrive")
             time.sleep(_POLL_S)
     except DistributedError:
         raise
@@ -188,11 +229,12 @@ def gather(name: str, value=None, timeout_s: float | None = None) -> dict[int, o
             f"at {name!r} ({_first_line(err)})") from None
 
 
-def _name_processes(ids: list[int]) -> str:
+def name_processes(ids: list[int]) -> str:
+    """`process 1 (host pid 123), ...`: each process with what it registered on joining."""
     names = []
     for pid in ids:
         try:
-            who = _client().key_value_try_get(f"jaxaccel/who/{pid}")
+            who = client().key_value_try_get(f"jaxaccel/who/{pid}")
         except Exception:
             who = None
         names.append(f"process {pid}" + (f" ({who})" if who else ""))
@@ -234,12 +276,7 @@ def host_array(x):
 
 
 def restore_report(stats, total_bytes: int) -> str:
-    """Every process's restore bytes, share of the checkpoint and GB/s (a gather)."""
-    mine = {"bytes": stats.bytes_read, "seconds": stats.seconds}
-    lines = []
-    for pid, s in gather("restore", mine).items():
-        rate = s["bytes"] / s["seconds"] / 1e9 if s["seconds"] else 0.0
-        lines.append(f"process {pid}: {s['bytes'] / 1e6:.1f} MB "
-                     f"({100 * s['bytes'] / max(total_bytes, 1):.1f}% of the checkpoint) "
-                     f"in {s['seconds']:.2f} s, {rate:.2f} GB/s")
-    return "\n".join(lines)
+    """Every process's restore bytes, share of the checkpoint, GB/s and the slowest process
+    (a gather; see jaxaccel.straggler)."""
+    rows = gather("restore", straggler.row(stats, socket.gethostname()))
+    return straggler.table(rows, total_bytes)

@@ -20,12 +20,12 @@ import numpy as np
 from flax import nnx
 
 from jaxaccel import distributed, progress, quantization
+from jaxaccel.checkpoint.broadcast import restore_checkpoint
 from jaxaccel.checkpoint.manifest import CheckpointError, Manifest, check_member_name
 from jaxaccel.checkpoint.restore import (
     DEFAULT_HOST_MEMORY_BUDGET,
     RestoreStats,
     Target,
-    restore_arrays,
 )
 from jaxaccel.errors import UsageError
 from jaxaccel.models import config_from_dict, family_module
@@ -179,15 +179,18 @@ def _target(spec, layout: Layout, quant=None, scales: bool = False) -> Target:
 def restore_plan(plan: ModelPlan, path: str | pathlib.Path, *,
                  host_memory_budget: int = DEFAULT_HOST_MEMORY_BUDGET,
                  quiet: bool = False, verify_checksums: bool = False,
-                 threads: int | None = None) -> LoadedModel:
+                 threads: int | None = None, restore_mode: str | None = None) -> LoadedModel:
+    """Restore `plan`'s arrays from `path`. `restore_mode`: read-all, broadcast or auto
+    (default: the CLI's --restore-mode; see checkpoint.restore_mode)."""
     path = pathlib.Path(path)
     stats = RestoreStats()
     total = sum(int(np.prod(t.checkpoint_shape)) * np.dtype(t.dtype).itemsize
                 for t in plan.targets.values())
     with progress.byte_progress(total, f"restore {path.name}", enabled=not quiet) as advance:
-        arrays = restore_arrays(path, plan.manifest, plan.targets,
-                                host_memory_budget=host_memory_budget, on_bytes=advance,
-                                stats=stats, verify_chunks=verify_checksums, threads=threads)
+        arrays = restore_checkpoint(path, plan.manifest, plan.targets, mode=restore_mode,
+                                    status=lambda line: progress.say(line, quiet),
+                                    host_memory_budget=host_memory_budget, on_bytes=advance,
+                                    stats=stats, verify_chunks=verify_checksums, threads=threads)
     progress.say(f"restored {path.name}: {stats.bytes_read / 1e9:.3f} GB in {stats.seconds:.2f} s "
                  f"({stats.gb_per_s:.2f} GB/s) onto {plan.layout.describe()}", quiet)
     if distributed.active():  # a barrier: every process must have restored before running
@@ -201,6 +204,7 @@ def restore_plan(plan: ModelPlan, path: str | pathlib.Path, *,
 def load_model(path: str | pathlib.Path, layout: Layout | None = None, dtype: str | None = None,
                *, host_memory_budget: int = DEFAULT_HOST_MEMORY_BUDGET,
                quiet: bool = True, verify_checksums: bool = False,
+               restore_mode: str | None = None,
                quantize: quantization.Scheme | str | None = None) -> LoadedModel:
     """Restore a checkpoint onto `layout` (default: one device) in the compute `dtype`.
 
@@ -211,4 +215,4 @@ def load_model(path: str | pathlib.Path, layout: Layout | None = None, dtype: st
     """
     plan = plan_model(path, layout, dtype, quantize)
     return restore_plan(plan, path, host_memory_budget=host_memory_budget, quiet=quiet,
-                        verify_checksums=verify_checksums)
+                        verify_checksums=verify_checksums, restore_mode=restore_mode)

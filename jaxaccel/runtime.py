@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import qwix
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
@@ -117,8 +118,6 @@ def state_shardings(state: nnx.State, layout: ax.Layout):
         if isinstance(value, qwix.QArray):
             _, values, scales = quantized_param_spec(axes, value.shape, value.scale_tile_shape,
                                                      layout)
-            # Kept inside its Variable: a bare QArray of shardings is no prefix of the state
-            # (device_put of a concrete quantized state, as `Generator` does, refused it).
             return variable.replace(value=dataclasses.replace(
                 value, qvalue=NamedSharding(layout.mesh, values),
                 scale=NamedSharding(layout.mesh, scales)))
@@ -149,6 +148,20 @@ def cast_state(state, dtype):
     return jax.tree.map(cast, state, is_leaf=lambda x: isinstance(x, qwix.QArray))
 
 
+def global_inputs(args, in_shardings) -> tuple:
+    """Multi-host: host (numpy) arguments become global jax.Arrays on their shardings.
+
+    Every process runs the same command on the same inputs, so each holds the whole host
+    array and gives each of its devices its slice; jit refuses numpy inputs whose sharding
+    spans processes (e.g. a batch split over a `data` axis across hosts)."""
+    out = list(args)
+    for i, (arg, sharding) in enumerate(zip(args, in_shardings)):
+        if (isinstance(arg, np.ndarray) and isinstance(sharding, jax.sharding.Sharding)
+                and not sharding.is_fully_addressable):
+            out[i] = jax.make_array_from_callback(arg.shape, sharding, arg.__getitem__)
+    return tuple(out)
+
+
 def _shape_key(args) -> tuple:
     return tuple((tuple(x.shape), str(x.dtype)) for x in jax.tree.leaves(args)
                  if hasattr(x, "shape"))
@@ -172,11 +185,14 @@ class Program:
     shape). `lower` and `memory_analysis` take abstract arguments (ShapeDtypeStructs).
     """
 
-    def __init__(self, jitted):
+    def __init__(self, jitted, in_shardings=None):
         self.jitted = jitted
+        self.in_shardings = in_shardings
         self._executables: dict[tuple, object] = {}
 
     def __call__(self, *args):
+        if self.in_shardings is not None and jax.process_count() > 1:
+            args = global_inputs(args, self.in_shardings)
         executable = self._executables.get(_shape_key(args))
         return (executable or self.jitted)(*args)
 
@@ -246,5 +262,5 @@ class Runtime:
             jitted = jax.jit(traced, in_shardings=in_shardings, out_shardings=out_shardings,
                              donate_argnums=donate_argnums,
                              compiler_options=self._compiler_options)
-            self.programs[key] = Program(jitted)
+            self.programs[key] = Program(jitted, in_shardings)
         return self.programs[key]

@@ -110,11 +110,30 @@ def make_mesh(text_or_sizes: str | Mapping[str, int] | None = None,
     """Build a (data, model, stage) mesh over the first prod(sizes) devices."""
     sizes = parse_mesh(text_or_sizes) if not isinstance(text_or_sizes, Mapping) else {
         **{axis: 1 for axis in MESH_AXES}, **text_or_sizes}
+    everything = devices is None
     devices = list(devices if devices is not None else jax.devices())
     sizes = resolve_mesh_sizes(sizes, len(devices))
     shape = tuple(sizes[axis] for axis in MESH_AXES)
     grid = np.array(devices[: math.prod(shape)], dtype=object).reshape(shape)
+    if everything:
+        _check_spans_processes(sizes, grid, devices)
     return Mesh(grid, MESH_AXES)
+
+
+def _check_spans_processes(sizes: Mapping[str, int], grid: np.ndarray, devices: list) -> None:
+    """Refuse a mesh that leaves processes of a multi-host run out: they would hold nothing,
+    and the run would silently be the size of the processes it does span."""
+    processes = {d.process_index for d in devices}
+    used = {d.process_index for d in grid.flat}
+    if len(used) == len(processes):
+        return
+    per_process = len(devices) // len(processes)
+    raise MeshSpecError(
+        f"--mesh {format_mesh(sizes)} uses {grid.size} devices on {len(used)} of the cluster's "
+        f"{len(processes)} processes ({per_process} devices each); a multi-host mesh must use "
+        f"all {len(devices)} devices: make the axes multiply to {len(devices)}, e.g. --mesh "
+        f"data={len(devices) // max(1, grid.size // sizes['data'])},model={sizes['model']},"
+        f"stage={sizes['stage']} (or data=-1), or run with --distributed off")
 
 
 def resolve_rules(name_or_rules: str | Rules | None, overrides: str | None = None) -> dict:

@@ -145,7 +145,7 @@ def test_embed_refuses_before_reading_any_byte(capsys, monkeypatch, minilm_ckpt,
     def no_reads(*args, **kwargs):
         raise AssertionError("restore started although the plan does not fit")
 
-    monkeypatch.setattr(jaxaccel.loader, "restore_arrays", no_reads)
+    monkeypatch.setattr(jaxaccel.loader, "restore_checkpoint", no_reads)
     out = tmp_path / "v.npy"
     code, _, err = run_cli(capsys, monkeypatch, "embed", minilm_ckpt, "--text", "hello",
                            "--device-memory", "100MiB", "--max-length", "512", "--out", out)

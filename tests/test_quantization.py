@@ -25,12 +25,14 @@ STREAM = np.random.default_rng(0).integers(3, 101, 256).tolist()  # fixed 256-to
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "minilm_reference.npz"
 
 
-def _minilm_cosines(ckpt, **quant):
-    from jaxaccel.embed import Embedder
+def _minilm_cosines(ckpt, quantize):
+    import jaxaccel
 
     data = np.load(FIXTURE)
-    loaded = load_model(ckpt, **quant)
-    ours = Embedder(loaded, batch_size=16).embed_texts([str(s) for s in data["sentences"]])[0]
+    model = jaxaccel.load(ckpt, quantize=quantize, progress=False)
+    assert model.quantization == quantize and f"{quantize} weights" in repr(model)
+    with pytest.warns(UserWarning, match="truncated"):  # the fixture's long sentence
+        ours = model.embed([str(s) for s in data["sentences"]])
     return (ours * data["embeddings"]).sum(-1) / np.linalg.norm(ours, axis=-1)
 
 
@@ -61,6 +63,35 @@ def decoders(tmp_path_factory):
     return get
 
 
+# Random-weight checkpoints written with numpy (no torch: these tests run on the newest jax
+# too) for what needs no transformers reference: equality, sharding, memory, plan.
+SMALL = {"gpt2": dict(vocab_size=128, hidden_size=64, num_layers=2, num_heads=4,
+                      intermediate_size=256, max_position_embeddings=128, eos_token_id=3),
+         "llama": dict(vocab_size=128, hidden_size=64, num_layers=2, num_heads=8, num_kv_heads=2,
+                       intermediate_size=128, head_dim=8, max_position_embeddings=128,
+                       eos_token_id=3, tie_word_embeddings=False)}
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """family -> a float32 jaxaccel checkpoint of random weights, written once."""
+    import dataclasses
+
+    from jaxaccel.bench import synthetic
+    from jaxaccel.models import family_module
+
+    built = {}
+
+    def get(family):
+        if family not in built:
+            config = dataclasses.asdict(family_module(family).Config(**SMALL[family]))
+            built[family] = tmp_path_factory.mktemp(family) / "ckpt"
+            synthetic.write(built[family], config, "float32", family=family)
+        return built[family]
+
+    return get
+
+
 def _decoder(kind, tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
@@ -80,6 +111,13 @@ def _decoder(kind, tmp_path):
         reference = hf(torch.tensor([STREAM])).logits[0].numpy()
     convert(save_hf(hf, tmp_path / "hf"), tmp_path / "fp32")
     return reference, tmp_path / "fp32"
+
+
+def generator_for(loaded):
+    from jaxaccel.generate import Generator
+
+    return Generator(loaded.graphdef, loaded.state, loaded.config, loaded.layout,
+                     dtype=loaded.dtype)
 
 
 def _all_logits(loaded, ids):
@@ -102,16 +140,22 @@ def test_decoder_int8_top1_agreement_with_fp32(kind, decoders):
     reference, ckpt = decoders(kind)
     fp32 = _all_logits(load_model(ckpt), STREAM)
     np.testing.assert_allclose(fp32, reference, atol=2e-4, rtol=1e-4)  # the fp32 path is exact
-    int8 = _all_logits(load_model(ckpt, quantize="int8"), STREAM)
+    loaded = load_model(ckpt, quantize="int8")
+    int8 = _all_logits(loaded, STREAM)
     agreement = (int8.argmax(-1) == reference.argmax(-1)).mean()
     assert agreement >= 0.95, agreement
     assert not np.array_equal(int8, fp32)  # the weights really were quantized
+    # The Generator (prefill + KV-cache decode) on the same quantized weights: its greedy
+    # tokens are the argmax of its own full-pass logits, token by token.
+    new = generator_for(loaded).generate([STREAM[:8]], 8, loop="device")[0]
+    ids = STREAM[:8] + new
+    np.testing.assert_array_equal(_all_logits(loaded, ids)[7:-1].argmax(-1), new)
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 @pytest.mark.parametrize("mesh", [None, "data=2,model=4"])
-def test_quantize_on_load_equals_quantize_then_save(scheme, mesh, decoders, tmp_path):
-    _, ckpt = decoders("gpt2")
+def test_quantize_on_load_equals_quantize_then_save(scheme, mesh, small, tmp_path):
+    ckpt = small("gpt2")
     quantize_checkpoint(ckpt, tmp_path / "q", quantization.Scheme.parse(scheme, 32),
                         chunk_bytes=None)
     layout = Layout.create(mesh, "dp_tp" if mesh else None)
@@ -125,11 +169,11 @@ def test_quantize_on_load_equals_quantize_then_save(scheme, mesh, decoders, tmp_
                                       np.asarray(b[name]).view(np.uint8), err_msg=name)
 
 
-def test_quantize_on_load_device_bytes_stay_quantized(decoders):
+def test_quantize_on_load_device_bytes_stay_quantized(small):
     """Restore-time accounting: each device receives exactly its share of the quantized state
     (values + scales, plus the full-precision embeddings/norms/biases), never a float32 slice
     of a quantized weight; the float32 blocks live on the host, at most one budget's worth."""
-    _, ckpt = decoders("llama_gqa")
+    ckpt = small("llama")
     layout = Layout.create("data=2,model=4", "dp_tp")
     fp32 = load_model(ckpt, layout)
     int8 = load_model(ckpt, layout, quantize="int8", host_memory_budget=1 << 16)
@@ -148,8 +192,8 @@ def test_quantize_on_load_device_bytes_stay_quantized(decoders):
 
 @pytest.mark.parametrize("rules,mesh", [("dp", "data=8"), ("tp", "model=4"),
                                         ("dp_tp", "data=2,model=4"), ("pp", "stage=2,data=4")])
-def test_scales_shard_with_their_weights(rules, mesh, decoders, tmp_path):
-    _, ckpt = decoders("gpt2")
+def test_scales_shard_with_their_weights(rules, mesh, small, tmp_path):
+    ckpt = small("gpt2")
     quantize_checkpoint(ckpt, tmp_path / "q", quantization.Scheme.parse("int4", 32),
                         chunk_bytes=None)
     loaded = load_model(tmp_path / "q", Layout.create(mesh, rules))
@@ -175,10 +219,10 @@ def test_scales_shard_with_their_weights(rules, mesh, decoders, tmp_path):
 
 
 @pytest.mark.parametrize("source", ["on load", "checkpoint"])
-def test_plan_predicts_quantized_bytes_exactly(source, decoders, tmp_path):
+def test_plan_predicts_quantized_bytes_exactly(source, small, tmp_path):
     from jaxaccel import planner
 
-    _, ckpt = decoders("llama_gqa")
+    ckpt = small("llama")
     scheme = quantization.Scheme.parse("int4", 32)
     if source == "checkpoint":
         quantize_checkpoint(ckpt, tmp_path / "q", scheme, chunk_bytes=None)
@@ -201,3 +245,13 @@ def test_fp8_is_refused_on_the_cpu_with_a_clear_message(minilm_ckpt):
         load_model(minilm_ckpt, quantize="fp8")
     with pytest.raises(UsageError, match="--quantize must be one of"):
         quantization.Scheme.parse("int3")
+
+
+def test_bench_quality_decoder_metrics_by_hand():
+    from jaxaccel.bench.quality import decoder_metrics
+
+    p = np.log(np.array([[0.5, 0.5], [0.9, 0.1]]))
+    q = np.log(np.array([[0.25, 0.75], [0.9, 0.1]]))
+    kl, top1 = decoder_metrics(p, q)
+    expected = (0.5 * np.log(0.5 / 0.25) + 0.5 * np.log(0.5 / 0.75)) / 2  # row 2 adds 0
+    assert kl == pytest.approx(expected) and top1 == 0.5  # row 1: argmax 0 vs 1

@@ -13,7 +13,7 @@ from typing import Optional
 
 import typer
 
-from jaxaccel.bench import runner
+from jaxaccel.bench import cluster_restore, runner
 from jaxaccel.bench.runner import Worker
 
 BASELINE = "orbax (same checkpoint)"
@@ -59,8 +59,17 @@ def register(bench_app: typer.Typer) -> None:
                                   "(needs root): cold-disk figures."),
         repeats: int = typer.Option(3, "--repeats", min=1, help="Fresh processes per contender."),
         json_out: Optional[pathlib.Path] = typer.Option(None, "--json", help="Write results here."),
+        processes: int = typer.Option(1, "--processes", min=1, help="Restore across this many "
+                                      "local processes (jax.distributed, gloo) and compare "
+                                      "--restore-mode read-all with broadcast instead."),
+        source: Optional[str] = typer.Option(None, "--source", help="With --processes: where "
+                                             "the processes read the checkpoint (default CKPT)."),
     ) -> None:
-        """Restore time, GB/s and peak host-memory overhead of jaxaccel vs orbax vs raw read."""
+        """Restore time, GB/s and peak host-memory overhead of jaxaccel vs orbax vs raw read;
+        with --processes N, read-all vs broadcast restore across N processes."""
+        if processes > 1:
+            _bench_cluster(str(source or ckpt), mesh, rules, dtype, processes, repeats, json_out)
+            return
         runs = runner.alternate(contenders(ckpt, mesh, rules, dtype, orbax_default, engines),
                                 repeats, before_run=drop_page_cache if cold else None)
         rows, summary = table_rows(runs)
@@ -70,6 +79,16 @@ def register(bench_app: typer.Typer) -> None:
         runner.write_json(json_out, {"benchmark": "restore", "ckpt": str(ckpt), "mesh": mesh,
                                      "rules": rules, "dtype": dtype, "cold": cold,
                                      "results": summary})
+
+
+def _bench_cluster(source: str, mesh: str, rules: str, dtype: str, processes: int,
+                   repeats: int, json_out) -> None:
+    runs = cluster_restore.measure(source, mesh, rules, dtype, processes, repeats)
+    rows, summary = cluster_restore.table_rows(runs)
+    runner.print_table(f"restore {source} onto {mesh} ({rules}) across {processes} processes; "
+                       f"{repeats} launches each, alternated", cluster_restore.COLUMNS, rows)
+    runner.write_json(json_out, {"benchmark": "restore-cluster", "source": source, "mesh": mesh,
+                                 "rules": rules, "processes": processes, "results": summary})
 
 
 COLUMNS = ("contender", "min s", "median s", "max s", "GB/s (median)", "peak RSS overhead MB",

@@ -82,6 +82,7 @@ class RestoreStats:
 
     bytes_read: int = 0  # requested slice bytes, in the checkpoint's dtype
     bytes_from_storage: int = 0  # chunk bytes read from files (whole chunks, checksums)
+    bytes_broadcast: int = 0  # slice bytes received from another process (checkpoint.broadcast)
     seconds: float = 0.0
     reads: int = 0
     peak_bytes_in_flight: int = 0
@@ -244,14 +245,50 @@ def restore_arrays(ckpt_dir: str | pathlib.Path, manifest: Manifest,
     `engine`: auto (direct where the array's layout allows, else tensorstore), direct or
     tensorstore. `verify_chunks` checks each chunk's crc32c (tensorstore always does).
     """
+    stats = stats if stats is not None else RestoreStats()
+    check_against_manifest(manifest, {n: t.checkpoint_shape for n, t in targets.items()},
+                           str(ckpt_dir))
+    start = time.perf_counter()
+    shards = read_slices(ckpt_dir, manifest, targets, plan_reads(targets),
+                         host_memory_budget=host_memory_budget, on_bytes=on_bytes, stats=stats,
+                         engine=engine, threads=threads, verify_chunks=verify_chunks)
+    arrays = assemble_all(targets, shards)
+    stats.seconds = time.perf_counter() - start
+    return arrays
+
+
+def assemble_all(targets: Mapping[str, Target], shards: Mapping[str, dict]) -> dict[str, jax.Array]:
+    """Every target's global array; a quantize-on-load target NAME gives NAME.values and
+    NAME.scales."""
+    arrays = {}
+    for name, target in targets.items():
+        if target.quant is None:
+            arrays[name] = assemble(target, shards[name])
+            continue
+        values, scales = quantized_names(name)
+        arrays[values] = assemble(target, shards[values])
+        arrays[scales] = assemble(
+            Target(target.quant.scale_shape(target.shape), np.float32, target.scale_sharding),
+            shards[scales])
+    return arrays
+
+
+def read_slices(ckpt_dir: str | pathlib.Path, manifest: Manifest,
+                targets: Mapping[str, Target], reads: list[_Read], *,
+                host_memory_budget: int = DEFAULT_HOST_MEMORY_BUDGET,
+                on_bytes: Callable[[int], None] = lambda n: None,
+                stats: RestoreStats | None = None, engine: str = "auto",
+                threads: int | None = None, verify_chunks: bool = True,
+                ) -> dict[str, dict]:
+    """Run `reads` (slices of `targets`, e.g. from `plan_reads`): {name: {device: jax.Array}}
+    for every device a read names. The engine of restore_arrays and checkpoint.broadcast;
+    `targets` may be a subset of the checkpoint (callers check the whole against the
+    manifest first, with check_against_manifest)."""
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     ckpt_dir = pathlib.Path(ckpt_dir)
     params_dir = ckpt_dir / PARAMS_DIR
     stats = stats if stats is not None else RestoreStats()
-    check_against_manifest(manifest, {n: t.checkpoint_shape for n, t in targets.items()},
-                           str(ckpt_dir))
-    start = time.perf_counter()
     # One walk of the OCDBT b-tree serves both the presence check and the direct reader.
     index = direct.ocdbt_index(params_dir) if engine != "tensorstore" else None
     # A missing array or chunk would read as zeros: refuse it (milliseconds).
@@ -260,10 +297,10 @@ def restore_arrays(ckpt_dir: str | pathlib.Path, manifest: Manifest,
     layouts = _direct_layouts(params_dir, manifest, targets, engine, index or {})
     stores = _open_stores(params_dir, {n: t for n, t in targets.items() if n not in layouts},
                           manifest, ts.Context({"cache_pool": {"total_bytes_limit": 0}}))
-    stats.engines = {name: "direct" if name in layouts else "tensorstore" for name in targets}
+    stats.engines.update({name: "direct" if name in layouts else "tensorstore"
+                          for name in targets})
     run = _Run(layouts, stores, stats, on_bytes, ByteBudget(host_memory_budget),
                direct.ChunkReader(index, verify=verify_chunks) if layouts else None)
-    reads = plan_reads(targets)
     prefetch = None
     if run.reader is not None:  # queue the disk reads ahead, in read order, off this thread
         prefetch = threading.Thread(target=_prefetch, args=(run.reader, layouts, reads),
@@ -275,20 +312,9 @@ def restore_arrays(ckpt_dir: str | pathlib.Path, manifest: Manifest,
         if prefetch is not None:
             prefetch.join()
             run.reader.close()
-    arrays = {}
-    for name, target in targets.items():
-        if target.quant is None:
-            arrays[name] = _assemble(target, run.shards[name])
-            continue
-        values, scales = quantized_names(name)
-        arrays[values] = _assemble(target, run.shards[values])
-        arrays[scales] = _assemble(
-            Target(target.quant.scale_shape(target.shape), np.float32, target.scale_sharding),
-            run.shards[scales])
-    stats.seconds = time.perf_counter() - start
-    stats.peak_bytes_in_flight = run.budget.peak
-    stats.largest_read = max((r.nbytes for r in reads), default=0)
-    return arrays
+    stats.peak_bytes_in_flight = max(stats.peak_bytes_in_flight, run.budget.peak)
+    stats.largest_read = max([stats.largest_read] + [r.nbytes for r in reads])
+    return run.shards
 
 
 def _prefetch(reader: direct.ChunkReader, layouts: dict, reads: list[_Read]) -> None:
@@ -433,7 +459,8 @@ def _fmt_index(index) -> str:
     return "[" + ", ".join(f"{s.start}:{s.stop}" for s in index) + "]"
 
 
-def _assemble(target: Target, by_device: dict) -> jax.Array:
+def assemble(target: Target, by_device: dict) -> jax.Array:
+    """The global array from its local devices' shards ({device: single-device array})."""
     devices = list(target.sharding.addressable_devices_indices_map(target.shape))
     return jax.make_array_from_single_device_arrays(
         target.shape, target.sharding, [by_device[d] for d in devices])
