@@ -11,20 +11,23 @@ https:// URLs: see jaxaccel.checkpoint.storage) and raises the errors of
 
 from __future__ import annotations
 
+import functools
 import pathlib
+import tempfile
 from collections.abc import Mapping
 
 from jax.sharding import Mesh
 
-from jaxaccel import planner, progress
+from jaxaccel import planner, progress, quantization
 from jaxaccel import sharding as ax
 from jaxaccel.checkpoint import storage
 from jaxaccel.checkpoint.integrity import VerifyReport, verify_checkpoint
 from jaxaccel.checkpoint.layout import DEFAULT_CHUNK_BYTES
-from jaxaccel.checkpoint.manifest import Manifest
+from jaxaccel.checkpoint.manifest import MANIFEST_NAME, Manifest
 from jaxaccel.checkpoint.restore import DEFAULT_HOST_MEMORY_BUDGET
 from jaxaccel.conversion import hf
 from jaxaccel.conversion.bundled import resolve_source
+from jaxaccel.conversion.quantize import quantize_checkpoint
 from jaxaccel.errors import UsageError
 from jaxaccel.loader import load_model
 from jaxaccel.model import Model
@@ -48,9 +51,15 @@ def layout(mesh: MeshLike = None, rules: str | Mapping | None = None) -> ax.Layo
 def load(path: str | pathlib.Path, *, mesh: MeshLike = None, rules: str | Mapping | None = None,
          dtype: str | None = None, host_memory_budget: int | str | None = None,
          verify: bool = True, progress: bool = True, microbatches: int | None = None,
-         restore_mode: str | None = None) -> Model:
+         restore_mode: str | None = None, quantize: str | None = None,
+         group_size: int | None = None, quantize_head: bool = False) -> Model:
     """Restore a checkpoint onto `mesh` (default: one device) in compute `dtype` ("float32"
     or "bfloat16"; default: the checkpoint's), streaming only the slices each device holds.
+
+    `quantize` "int8" | "int4" | "fp8" (GPU/TPU): weight-only quantization of the matmul
+    weights, each slice quantized on the host as it streams in (`group_size` for int4,
+    default 128; `quantize_head` also the untied LM head). A checkpoint written by
+    `convert(..., quantize=...)` is quantized already and needs no `quantize`.
 
     `host_memory_budget`: bytes (or "2GiB") of restore reads in flight. `verify` (default
     True): check every chunk's crc32c while reading (+0-25% of restore time, measured in
@@ -60,21 +69,32 @@ def load(path: str | pathlib.Path, *, mesh: MeshLike = None, rules: str | Mappin
     CheckpointError, UsageError.
     """
     budget = _bytes(host_memory_budget, "host_memory_budget") or DEFAULT_HOST_MEMORY_BUDGET
+    scheme = quantization.Scheme.parse(quantize, group_size, quantize_head)
     loaded = load_model(path, layout(mesh, rules), dtype, host_memory_budget=budget,
-                        quiet=not progress, verify_checksums=verify, restore_mode=restore_mode)
+                        quiet=not progress, verify_checksums=verify, restore_mode=restore_mode,
+                        quantize=scheme)
     return Model(loaded, microbatches=microbatches)
 
 
 def convert(src: str | pathlib.Path, dest: str | pathlib.Path, *, dtype: str | None = None,
             family: str = "auto", layout: str = "hf", overwrite: bool = False,
             progress: bool = True, chunk_bytes: int | None = DEFAULT_CHUNK_BYTES,
-            codec: str = "none", allow_overflow: bool = False) -> Manifest:
+            codec: str = "none", allow_overflow: bool = False, quantize: str | None = None,
+            group_size: int | None = None, quantize_head: bool = False) -> Manifest:
     """Convert a Hugging Face directory (config.json + safetensors; "minilm" for the bundled
     all-MiniLM-L6-v2) into a jaxaccel checkpoint at `dest` (written atomically, as `dtype`:
     float32, bfloat16 or float16); another `layout` of a family, e.g. family="resnet",
     layout="torchvision". `chunk_bytes`: chunk size target (None: one chunk per array);
     `codec`: "none" or "zstd"; `allow_overflow`: store values past the dtype's range.
+    `quantize` "int8" | "int4": a weight-only quantized checkpoint (values + scales per weight,
+    see `jaxaccel.quantization`); `src` may then also be a full-precision jaxaccel checkpoint.
     Raises ConvertError, UsageError."""
+    scheme = quantization.Scheme.parse(quantize, group_size, quantize_head)
+    if scheme is not None:
+        return _convert_quantized(src, dest, scheme, dtype=dtype, family=family, layout=layout,
+                                  overwrite=overwrite, progress=progress,
+                                  chunk_bytes=chunk_bytes, codec=codec,
+                                  allow_overflow=allow_overflow)
     source = resolve_source(str(src))
     total = sum(p.stat().st_size for p in source.glob("*.safetensors")) if source.is_dir() else 0
     with _bar(total, f"convert {source.name}", progress) as advance:
@@ -84,6 +104,25 @@ def convert(src: str | pathlib.Path, dest: str | pathlib.Path, *, dtype: str | N
                           on_array=lambda name, n: advance(n))
 
 
+def _convert_quantized(src, dest, scheme, *, progress: bool, chunk_bytes, codec: str,
+                       overwrite: bool, **convert_args) -> Manifest:
+    """convert --quantize: quantize a jaxaccel checkpoint, or convert a Hugging Face
+    directory to a full-precision one first (in a temporary directory next to DEST)."""
+    if scheme.name == "fp8":
+        raise UsageError("convert --quantize: int8 or int4 (fp8 is quantize-on-load only)")
+    source = resolve_source(str(src))
+    dest = pathlib.Path(dest)
+    quantize = functools.partial(quantize_checkpoint, dest=dest, scheme=scheme,
+                                 chunk_bytes=chunk_bytes, codec=codec, overwrite=overwrite)
+    if (source / MANIFEST_NAME).is_file():
+        return quantize(source)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{dest.name}.fp-", dir=dest.parent) as tmp:
+        convert(source, pathlib.Path(tmp) / "fp", progress=progress, chunk_bytes=chunk_bytes,
+                codec=codec, **convert_args)
+        return quantize(pathlib.Path(tmp) / "fp")
+
+
 def inspect(path: str | pathlib.Path) -> Manifest:
     """A checkpoint's manifest: family, config, dtype, every array's shape/dtype/axes/bytes."""
     return Manifest.load(path)
@@ -91,12 +130,16 @@ def inspect(path: str | pathlib.Path) -> Manifest:
 
 def plan(path: str | pathlib.Path, *, mesh: MeshLike = None, rules: str | Mapping | None = None,
          dtype: str | None = None, batch: int = 1, seq: int | None = None,
-         max_new_tokens: int = 0, device_memory: int | str | None = None) -> planner.MemoryPlan:
+         max_new_tokens: int = 0, device_memory: int | str | None = None,
+         quantize: str | None = None, group_size: int | None = None,
+         quantize_head: bool = False) -> planner.MemoryPlan:
     """Per-device and per-process memory of a run, before reading a byte (`.fits`,
-    `.to_json()`; `jaxaccel.planner.check_fits` raises PlanError when it does not fit)."""
+    `.to_json()`; `jaxaccel.planner.check_fits` raises PlanError when it does not fit).
+    `quantize` etc.: as in `load` (a quantize-on-load run)."""
     return planner.plan(path, layout(mesh, rules), dtype, batch=batch, seq=seq,
                         max_new_tokens=max_new_tokens,
-                        device_memory=_bytes(device_memory, "device_memory"))
+                        device_memory=_bytes(device_memory, "device_memory"),
+                        quantize=quantization.Scheme.parse(quantize, group_size, quantize_head))
 
 
 def verify(path: str | pathlib.Path, *, progress: bool = True) -> VerifyReport:

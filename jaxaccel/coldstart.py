@@ -151,17 +151,18 @@ def start_classifier(path: str | pathlib.Path, layout: Layout | None = None,
 
 def plan_for(task: str, path, layout: Layout | None, dtype: str | None, *,
              device_memory: int | None = None, batch: int = 1, seq: int | None = None,
-             max_new_tokens: int = 0) -> ModelPlan:
+             max_new_tokens: int = 0, quantize=None) -> ModelPlan:
     """The plan of a run of `task` ("embed", "generate" or "classify"), checked before
     reading a byte: the checkpoint's family does that task, and (where device memory is
-    known) it fits."""
-    plan = plan_model(path, layout, dtype)
+    known) it fits. `quantize`: a quantize-on-load scheme (`quantization.Scheme`) or None."""
+    plan = plan_model(path, layout, dtype, quantize)
     family = plan.manifest.family
     if models.task(family) != task:
         raise UsageError(f"{path} holds a {family!r} model; {task} needs one of "
                          f"{', '.join(models.families_for(task))}")
     refuse_if_too_big(path, plan.layout, dtype, batch=batch, seq=seq,
-                      max_new_tokens=max_new_tokens, device_memory=device_memory)
+                      max_new_tokens=max_new_tokens, device_memory=device_memory,
+                      quantize=quantize)
     return plan
 
 
@@ -173,11 +174,11 @@ def tokenizer_for(plan: ModelPlan) -> TextTokenizer | None:
 def start_for_texts(path, texts: list[str], layout: Layout | None, dtype: str | None, *,
                     batch_size: int = 32, max_length: int | None = None, truncate: bool = True,
                     microbatches: int | None = None, device_memory: int | None = None,
-                    **restore) -> tuple[Started, Encoded]:
+                    quantize=None, **restore) -> tuple[Started, Encoded]:
     """Tokenise first (bad input fails before a byte is read), then restore the weights while
     XLA compiles the forward for exactly the buckets these texts need."""
     plan = plan_for("embed", path, layout, dtype, device_memory=device_memory,
-                    batch=min(batch_size, len(texts)), seq=max_length)
+                    batch=min(batch_size, len(texts)), seq=max_length, quantize=quantize)
     tokenizer = tokenizer_for(plan)
     if tokenizer is None:
         raise InputError(f"{path}: embed needs a checkpoint with a tokenizer.json")

@@ -3,6 +3,10 @@
 `load_model` is the one entry point the CLI, benchmarks and notebooks use: read the manifest,
 build the abstract model, compute every parameter's sharding from the layout's rule table,
 and stream the arrays onto their devices (checkpoint.restore).
+
+Weight-only quantization (`jaxaccel.quantization`): a quantized checkpoint restores its
+values and scales as stored; `quantize=Scheme` on a full-precision one quantizes each slice on
+the host as it streams in (quantize on load), so its weights reach the devices quantized.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxaccel import distributed, progress
+from jaxaccel import distributed, progress, quantization
 from jaxaccel.checkpoint import chunk_cache, storage
 from jaxaccel.checkpoint.broadcast import restore_checkpoint
 from jaxaccel.checkpoint.manifest import CheckpointError, Manifest, check_member_name
@@ -25,9 +29,9 @@ from jaxaccel.checkpoint.restore import (
     Target,
 )
 from jaxaccel.errors import UsageError
-from jaxaccel.models import config_from_dict
+from jaxaccel.models import config_from_dict, family_module
 from jaxaccel.models.state import abstract_model, fill_state, param_specs
-from jaxaccel.runtime import place_param
+from jaxaccel.runtime import place_param, quantized_param_spec
 from jaxaccel.sharding import Layout
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -44,6 +48,7 @@ class LoadedModel:
     dtype: str
     path: pathlib.Path  # or storage.RemotePath
     stats: RestoreStats | None = None
+    quantization: dict = dataclasses.field(default_factory=dict)  # {"scheme", ...} or {}
 
     @property
     def tokenizer_path(self) -> pathlib.Path | None:
@@ -65,6 +70,8 @@ class ModelPlan:
     layout: Layout
     dtype: str
     path: pathlib.Path
+    # Weight-only quantization in effect: {"scheme", "head", ["group_size"], "on_load"} or {}.
+    quantization: dict = dataclasses.field(default_factory=dict)
 
     @property
     def tokenizer_path(self) -> pathlib.Path | None:
@@ -90,7 +97,11 @@ def compute_dtype_name(manifest: Manifest, dtype: str | None) -> str:
 
 
 def plan_model(path: str | pathlib.Path, layout: Layout | None = None,
-               dtype: str | None = None) -> ModelPlan:
+               dtype: str | None = None,
+               quantize: quantization.Scheme | str | None = None) -> ModelPlan:
+    """The abstract, sharded model of a checkpoint; `quantize` (a Scheme or its name) plans a
+    quantize-on-load restore of a full-precision checkpoint (UsageError on a quantized one
+    with another scheme, or fp8 off GPU/TPU)."""
     path = storage.checkpoint_path(path)
     manifest = Manifest.load(path)
     for name in manifest.tokenizer_files:
@@ -102,14 +113,72 @@ def plan_model(path: str | pathlib.Path, layout: Layout | None = None,
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{path / 'jaxaccel.json'}: {err}") from None
     graphdef, abstract = abstract_model(manifest.family, config, COMPUTE_DTYPES[dtype])
-    targets = {name: _target(spec, layout) for name, spec in param_specs(abstract).items()}
-    sharded = fill_state(abstract, {name: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=t.sharding)
-                                    for name, t in targets.items()})
-    return ModelPlan(manifest, config, graphdef, sharded, targets, layout, dtype, path)
+    scheme = quantization.Scheme.parse(quantize) if isinstance(quantize, str) else quantize
+    stored, on_load, info = _quantization(manifest, scheme, path)
+    quantization.check_platform(scheme, layout.mesh.devices.flat[0].platform)
+    if stored:
+        abstract = quantization.apply_specs(abstract, stored)
+    elif scheme is not None:
+        abstract, on_load = quantization.quantize_abstract(
+            abstract, family_module(manifest.family), scheme)
+    targets, held = {}, {}
+    for name, spec in param_specs(abstract).items():
+        weight = name.rpartition(".")[0]
+        if weight in on_load:
+            if name.endswith(".values"):
+                targets[weight], held_values, held_scales = _quantized_target(
+                    spec, on_load[weight], layout)
+                held[name], held[quantization.scales_name(weight)] = held_values, held_scales
+            continue
+        quant = stored.get(weight)
+        targets[name] = target = _target(spec, layout, quant, name.endswith(".scales"))
+        if quant is not None and name.endswith(".values"):
+            target = dataclasses.replace(target, dtype=np.dtype(quant.stored_dtype))
+            if np.dtype(spec.dtype) != target.dtype:
+                targets[name] = dataclasses.replace(target, held_dtype=np.dtype(spec.dtype))
+        held[name] = jax.ShapeDtypeStruct(target.shape, spec.dtype, sharding=target.sharding)
+    sharded = fill_state(abstract, held)
+    return ModelPlan(manifest, config, graphdef, sharded, targets, layout, dtype, path, info)
 
 
-def _target(spec, layout: Layout) -> Target:
-    """Where restore puts an array: its held shape and sharding (`runtime.place_param`)."""
+def _quantization(manifest: Manifest, scheme, path) -> tuple[dict, dict, dict]:
+    """(stored specs, {} for on-load specs to fill, what the plan reports)."""
+    stored = quantization.manifest_specs(manifest)
+    name = quantization.manifest_scheme(manifest)
+    if stored and scheme is not None and scheme.name != name:
+        raise UsageError(f"{path}: the checkpoint is already quantized ({name}); "
+                         f"--quantize {scheme.name} cannot re-quantize it")
+    if stored:
+        return stored, {}, {**manifest.quantization, "on_load": False, "weights": len(stored)}
+    if scheme is not None:
+        return {}, {}, {**scheme.to_json(), "on_load": True}
+    return {}, {}, {}
+
+
+def _quantized_target(spec, quant, layout: Layout):
+    """Quantize on load: (Target of the float32 source, held values, held scales)."""
+    shape, values, scales = quantized_param_spec(spec.axes, spec.shape, quant.tiles, layout)
+    values_sh = jax.sharding.NamedSharding(layout.mesh, values)
+    scales_sh = jax.sharding.NamedSharding(layout.mesh, scales)
+    target = Target(shape, np.dtype("float32"), values_sh,
+                    stored_shape=spec.shape if shape != spec.shape else None,
+                    quant=quant, scale_sharding=scales_sh)
+    return (target, jax.ShapeDtypeStruct(shape, np.dtype(jnp.dtype(quant.qtype)), sharding=values_sh),
+            jax.ShapeDtypeStruct(quant.scale_shape(shape), np.float32, sharding=scales_sh))
+
+
+def _target(spec, layout: Layout, quant=None, scales: bool = False) -> Target:
+    """Where restore puts an array: its held shape and sharding (`runtime.place_param`; a
+    stored quantized weight's values/scales: `runtime.quantized_param_spec`)."""
+    if quant is not None:
+        values_shape = spec.shape if not scales else tuple(
+            d * t for d, t in zip(spec.shape, quant.tiles))
+        held, values, scale_spec = quantized_param_spec(spec.axes, values_shape, quant.tiles,
+                                                         layout)
+        shape = held if not scales else quant.scale_shape(held)
+        sharding = jax.sharding.NamedSharding(layout.mesh, scale_spec if scales else values)
+        return Target(shape, spec.dtype, sharding,
+                      stored_shape=spec.shape if shape != spec.shape else None)
     shape, sharding = place_param(spec.axes, spec.shape, layout)
     return Target(shape, spec.dtype, sharding,
                   stored_shape=spec.shape if shape != spec.shape else None)
@@ -142,13 +211,14 @@ def restore_plan(plan: ModelPlan, path: str | pathlib.Path, *,
         progress.say(report, quiet or not distributed.is_output_process())
     state = fill_state(plan.abstract_state, arrays)
     return LoadedModel(plan.manifest, plan.manifest.family, plan.config, plan.graphdef, state,
-                       plan.layout, plan.dtype, path, stats)
+                       plan.layout, plan.dtype, path, stats, plan.quantization)
 
 
 def load_model(path: str | pathlib.Path, layout: Layout | None = None, dtype: str | None = None,
                *, host_memory_budget: int = DEFAULT_HOST_MEMORY_BUDGET,
                quiet: bool = True, verify_checksums: bool = True,
-               restore_mode: str | None = None) -> LoadedModel:
+               restore_mode: str | None = None,
+               quantize: quantization.Scheme | str | None = None) -> LoadedModel:
     """Restore a checkpoint onto `layout` (default: one device) in the compute `dtype`.
 
     Always checked (~1% of restore time): every array and chunk present, chunk lengths.
@@ -158,6 +228,6 @@ def load_model(path: str | pathlib.Path, layout: Layout | None = None, dtype: st
     what `jaxaccel bench restore` reports as `verify_on_over_off` (numbers in
     checkpoint/direct.py). `jaxaccel verify` checks everything against the manifest.
     """
-    plan = plan_model(path, layout, dtype)
+    plan = plan_model(path, layout, dtype, quantize)
     return restore_plan(plan, path, host_memory_budget=host_memory_budget, quiet=quiet,
                         verify_checksums=verify_checksums, restore_mode=restore_mode)

@@ -61,6 +61,8 @@ class Model:
     config = property(lambda self: self.loaded.config, doc="The family's Config dataclass.")
     mesh = property(lambda self: self.loaded.layout.mesh, doc="The jax.sharding.Mesh.")
     dtype = property(lambda self: self.loaded.dtype, doc="Compute dtype name.")
+    quantization = property(lambda self: self.loaded.quantization.get("scheme"),
+                            doc="Weight-only quantization scheme ('int8', 'int4', 'fp8') or None.")
 
     @property
     def nbytes(self) -> int:
@@ -72,7 +74,8 @@ class Model:
         return {name: str(x.sharding.spec) for name, x in flat_arrays(self.loaded.state).items()}
 
     def __repr__(self) -> str:
-        lines = [f"Model({self.family}, {self.task}, {self.dtype}, "
+        quant = f"{self.quantization} weights, " if self.quantization else ""
+        lines = [f"Model({self.family}, {self.task}, {self.dtype}, {quant}"
                  f"{format_bytes(self.nbytes)}, mesh {format_mesh(dict(self.mesh.shape))})"]
         lines += [f"  {axis}: {count} parameter(s) split" for axis, count in
                   self._split_counts().items()]
@@ -88,6 +91,7 @@ class Model:
         shard = self.shardings()
         shown = dict(list(shard.items())[:_SHOWN_ARRAYS])
         return {"family": self.family, "task": self.task, "dtype": self.dtype,
+                "quantization": self.quantization or "none",
                 "parameters": format_bytes(self.nbytes),
                 "mesh": format_mesh(dict(self.mesh.shape)),
                 "split over": ", ".join(f"{a}: {n}" for a, n in self._split_counts().items())

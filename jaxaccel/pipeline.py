@@ -210,6 +210,7 @@ def pad_stacked(state, stages: int):
         value = variable.get_value()
         if axes[:1] != (ax.LAYERS,) or value.shape[0] % stages == 0:
             return variable
-        return variable.replace(_pad_layers(value, padded_layers(value.shape[0], stages)))
+        layers = padded_layers(value.shape[0], stages)  # a quantized QArray: values and scales
+        return variable.replace(jax.tree.map(lambda x: _pad_layers(x, layers), value))
 
     return jax.tree.map(pad, state, is_leaf=lambda x: isinstance(x, nnx.Variable))

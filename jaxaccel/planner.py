@@ -34,7 +34,7 @@ from jaxaccel.errors import PlanError, UsageError  # noqa: F401  (PlanError re-e
 from jaxaccel.generate import Generator
 from jaxaccel.loader import plan_model
 from jaxaccel.models.kv_cache import CACHE_AXES
-from jaxaccel.models.state import param_specs
+from jaxaccel.models.state import flat_arrays, param_specs
 from jaxaccel.runtime import Buckets, param_spec
 from jaxaccel.units import format_bytes
 
@@ -66,6 +66,7 @@ class MemoryPlan:
     specs: Mapping = dataclasses.field(default_factory=dict, repr=False)  # for suggest_mesh
     config: object = dataclasses.field(default=None, repr=False)
     task: str = "embed"  # "embed", "generate" or "classify"
+    quantization: dict = dataclasses.field(default_factory=dict)  # scheme in effect, or {}
 
     @property
     def total_bytes(self) -> int:
@@ -93,6 +94,7 @@ class MemoryPlan:
                             "host_memory_budget": self.host_budget},
             "largest_arrays": dict(self.largest_arrays(8)),
             "warnings": self.warnings,
+            **({"quantization": self.quantization} if self.quantization else {}),
         }
 
 
@@ -166,9 +168,11 @@ PLANNED_TASKS = ("embed", "generate", "classify")  # the tasks whose memory plan
 
 def plan(ckpt: str | pathlib.Path, layout=None, dtype: str | None = None, *, batch: int = 1,
          seq: int | None = None, max_new_tokens: int = 0, host_budget: int | None = None,
-         device_memory: int | None = None, compile_activations: bool = True) -> MemoryPlan:
-    """Memory plan of running `ckpt` on `layout`: reads only the manifest (and tokenizer)."""
-    model_plan = plan_model(ckpt, layout, dtype)
+         device_memory: int | None = None, compile_activations: bool = True,
+         quantize=None) -> MemoryPlan:
+    """Memory plan of running `ckpt` on `layout`: reads only the manifest (and tokenizer).
+    `quantize`: a quantize-on-load scheme (`quantization.Scheme` or name)."""
+    model_plan = plan_model(ckpt, layout, dtype, quantize)
     task = models.task(model_plan.manifest.family)
     if task not in PLANNED_TASKS:
         raise UsageError(f"{ckpt}: plan covers {', '.join(PLANNED_TASKS)} checkpoints; this "
@@ -178,7 +182,7 @@ def plan(ckpt: str | pathlib.Path, layout=None, dtype: str | None = None, *, bat
     seq = _sequence(model_plan, task, seq)
     itemsize = _itemsize(model_plan.dtype)
     specs = param_specs(model_plan.abstract_state)
-    by_array = param_bytes(specs, sizes, rules)
+    by_array = {**param_bytes(specs, sizes, rules), **_quantized_bytes(model_plan.abstract_state)}
     batch_rows, seq, slots = _buckets(model_plan, batch, seq, max_new_tokens)
     kv = kv_cache_bytes(config, batch_rows, slots, itemsize, sizes, rules)
     act, source = _activations(model_plan, batch_rows, seq, slots, itemsize,
@@ -193,7 +197,8 @@ def plan(ckpt: str | pathlib.Path, layout=None, dtype: str | None = None, *, bat
         peak_host_bytes=peak_in_flight(reads, host_budget), host_budget=host_budget,
         device_memory=device_memory if device_memory is not None else detected_device_memory(),
         param_bytes_by_array=by_array, warnings=divisibility_warnings(specs, sizes, rules),
-        specs=specs, config=config, task=task)
+        specs=specs, config=config, task=task,
+        quantization=model_plan.quantization)
     return result
 
 
@@ -207,6 +212,17 @@ def _sequence(model_plan, task: str, seq: int | None) -> int:
         raise UsageError(f"{model_plan.path}: a classifier runs at its image size "
                          f"{config.image_size}; --seq {seq} does not apply (leave it out)")
     return config.image_size
+
+
+def _quantized_bytes(abstract_state) -> dict[str, int]:
+    """Per-device bytes of quantized values/scales, from the shardings restore will use
+    (`runtime.quantized_param_spec`: int4 groups may keep a dim replicated)."""
+    out = {}
+    for name, leaf in flat_arrays(abstract_state).items():
+        if name.endswith((".values", ".scales")):
+            shard = leaf.sharding.shard_shape(leaf.shape)
+            out[name] = math.prod(shard) * np.dtype(leaf.dtype).itemsize
+    return out
 
 
 def _itemsize(dtype: str) -> int:
@@ -365,7 +381,8 @@ def check_fits(plan_: MemoryPlan, device_count: int = 1) -> None:
 
 
 def refuse_if_too_big(ckpt, layout, dtype: str | None, *, batch: int, seq: int | None = None,
-                      max_new_tokens: int = 0, device_memory: int | None = None) -> MemoryPlan | None:
+                      max_new_tokens: int = 0, device_memory: int | None = None,
+                      quantize=None) -> MemoryPlan | None:
     """The pre-flight check `embed`/`generate`/`bench` run before restoring anything.
 
     Skipped (None) when no device memory is known: CPU without `--device-memory`.
@@ -373,6 +390,6 @@ def refuse_if_too_big(ckpt, layout, dtype: str | None, *, batch: int, seq: int |
     if device_memory is None and detected_device_memory() is None:
         return None
     plan_ = plan(ckpt, layout, dtype, batch=batch, seq=seq, max_new_tokens=max_new_tokens,
-                 device_memory=device_memory)
+                 device_memory=device_memory, quantize=quantize)
     check_fits(plan_, len(jax.devices()))
     return plan_

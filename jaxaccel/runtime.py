@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import qwix
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -87,6 +88,25 @@ def place_param(axes: Sequence[str | None], shape: Sequence[int],
     return shape, NamedSharding(layout.mesh, spec)
 
 
+def quantized_param_spec(axes: Sequence[str | None], shape: Sequence[int], tiles: Sequence[int],
+                         layout) -> tuple[tuple[int, ...], PartitionSpec, PartitionSpec]:
+    """(held shape, values spec, scales spec) of a weight-only quantized parameter whose scales
+    cover `tiles` (`quantization.QuantSpec`): scales shard with their values. A dim split into
+    groups (1 < tile < dim) stays split only where each device holds whole groups (else both
+    replicate it, like a dim the mesh does not divide); a dim one scale spans (tile = dim, the
+    contraction axes of per-channel scales) may split the values while its scale dim, 1, does
+    not."""
+    held, spec = param_spec(axes, shape, layout)
+    entries = list(spec) + [None] * (len(held) - len(spec))
+    scale_entries = []
+    for i, (dim, tile) in enumerate(zip(held, tiles)):
+        entry = entries[i]
+        if entry is not None and 1 < tile < dim and (dim // layout.mesh.shape[entry]) % tile:
+            entries[i] = entry = None
+        scale_entries.append(None if tile == dim and dim > 1 else entry)
+    return held, PartitionSpec(*entries), PartitionSpec(*scale_entries)
+
+
 def _is_variable(x) -> bool:
     return isinstance(x, nnx.Variable)
 
@@ -94,8 +114,14 @@ def _is_variable(x) -> bool:
 def state_shardings(state: nnx.State, layout: ax.Layout):
     """A NamedSharding per parameter of an (abstract or concrete) state, from its axes."""
     def sharding(variable):
-        value = variable.get_value()
-        return place_param(variable.get_metadata()["axes"], value.shape, layout)[1]
+        value, axes = variable.get_value(), variable.get_metadata()["axes"]
+        if isinstance(value, qwix.QArray):
+            _, values, scales = quantized_param_spec(axes, value.shape, value.scale_tile_shape,
+                                                     layout)
+            return variable.replace(value=dataclasses.replace(
+                value, qvalue=NamedSharding(layout.mesh, values),
+                scale=NamedSharding(layout.mesh, scales)))
+        return place_param(axes, value.shape, layout)[1]
 
     return jax.tree.map(sharding, state, is_leaf=_is_variable)
 
@@ -106,15 +132,20 @@ def placed_shardings(state):
 
 
 def param_dtype(state) -> jnp.dtype:
-    return next(x.dtype for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating))
+    """The compute dtype of a state: its first floating parameter that is not quantized."""
+    leaves = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, qwix.QArray))
+    return next(x.dtype for x in leaves
+                if not isinstance(x, qwix.QArray) and jnp.issubdtype(x.dtype, jnp.floating))
 
 
 def cast_state(state, dtype):
-    """Floating parameters in `dtype`; others unchanged."""
+    """Floating parameters in `dtype`; others (and quantized values, even float8) unchanged."""
     def cast(x):
+        if isinstance(x, qwix.QArray):
+            return x
         return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dtype else x
 
-    return jax.tree.map(cast, state)
+    return jax.tree.map(cast, state, is_leaf=lambda x: isinstance(x, qwix.QArray))
 
 
 def global_inputs(args, in_shardings) -> tuple:
@@ -134,6 +165,16 @@ def global_inputs(args, in_shardings) -> tuple:
 def _shape_key(args) -> tuple:
     return tuple((tuple(x.shape), str(x.dtype)) for x in jax.tree.leaves(args)
                  if hasattr(x, "shape"))
+
+
+# jax < 0.12 on CPU: arrays of int4 (quantized weights) are held one value per byte while an
+# ahead-of-time executable expects them packed and refuses them; such calls go through
+# `jax.jit`, which compiles for the arrays' own layout (jax 0.12 packs both).
+_INT4_UNPACKED_ARRAYS = tuple(int(p) for p in jax.__version__.split(".")[:2]) < (0, 12)
+
+
+def _has_int4(args) -> bool:
+    return any(getattr(x, "dtype", None) == jnp.int4 for x in jax.tree.leaves(args))
 
 
 class Program:
@@ -161,7 +202,8 @@ class Program:
     def compile(self, *abstract_args):
         """Compile for these argument shapes now, so a later call of them runs at once."""
         executable = self.lower(*abstract_args).compile()
-        self._executables[_shape_key(abstract_args)] = executable
+        if not (_INT4_UNPACKED_ARRAYS and _has_int4(abstract_args)):
+            self._executables[_shape_key(abstract_args)] = executable
         return executable
 
     def memory_analysis(self, *abstract_args):

@@ -108,3 +108,51 @@ def test_the_cpu_programs_do_carry_the_cpu_workarounds():
     text = jitted.lower(*args).as_text()
     assert gen.packed_weights and "custom_call" in text and "ui16" in text  # packed lines
     assert (args[1].k_lbksh.dtype == jnp.uint16) == cpu.CARRIERS  # the cache's storage
+
+
+def quantized_abstract_state(family, config, layout, scheme="int8"):
+    """The sharded abstract state of a quantize-on-load run (`jaxaccel.quantization`)."""
+    from jaxaccel import quantization
+    from jaxaccel.runtime import quantized_param_spec
+
+    graphdef, abstract = abstract_model(family, config, jnp.bfloat16)
+    abstract, specs = quantization.quantize_abstract(abstract, models.family_module(family),
+                                                     quantization.Scheme.parse(scheme))
+    structs = {}
+    for name, spec in param_specs(abstract).items():
+        weight, _, part = name.rpartition(".")
+        if weight not in specs:
+            shape, sharding = place_param(spec.axes, spec.shape, layout)
+        else:  # values and scales: the scales' shape is the values' divided by the tiles
+            tiles = specs[weight].tiles
+            values_shape = tuple(d * (t if part == "scales" else 1) for d, t in zip(spec.shape, tiles))
+            held, values, scales = quantized_param_spec(spec.axes, values_shape, tiles, layout)
+            shape = held if part == "values" else specs[weight].scale_shape(held)
+            sharding = jax.sharding.NamedSharding(layout.mesh, values if part == "values" else scales)
+        structs[name] = jax.ShapeDtypeStruct(shape, spec.dtype, sharding=sharding)
+    return graphdef, fill_state(abstract, structs)
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+@pytest.mark.parametrize("family,config", [("gpt2", GPT2), ("llama", LLAMA)], ids=["gpt2", "llama"])
+def test_int8_decode_step_is_plain_xla(layout, family, config, platform):
+    """Weight-only int8 (qwix QArray weights, `Backend.quantized_matmul`): the decode step for
+    GPU/TPU reads int8 weights, with no CPU-only op, and keeps its shardings."""
+    graphdef, state = quantized_abstract_state(family, config, layout)
+    gen = Generator(graphdef, state, config, layout, dtype=jnp.bfloat16, platform=platform)
+    b, t, slots = gen.shapes([5, 9, 3, 7], 16)
+    jitted = gen.decode_program(GREEDY, "device", b, t, slots).jitted
+    text = exported_text(jitted, gen.abstract_decode_args(GREEDY, "device", b, t, slots), platform)
+    assert_plain_and_sharded(text)
+    assert re.search(r"%arg\d+: tensor<2x64x\d+x\d+xi8>", text), "no int8 weights among the inputs"
+
+
+def test_fp8_decode_step_lowers_for_cuda(layout):
+    """fp8 (e4m3) weights: refused on the CPU, lowered here for `cuda` as plain XLA."""
+    graphdef, state = quantized_abstract_state("llama", LLAMA, layout, "fp8")
+    gen = Generator(graphdef, state, LLAMA, layout, dtype=jnp.bfloat16, platform="cuda")
+    b, t, slots = gen.shapes([5, 9], 16)
+    jitted = gen.decode_program(GREEDY, "device", b, t, slots).jitted
+    text = exported_text(jitted, gen.abstract_decode_args(GREEDY, "device", b, t, slots), "cuda")
+    assert_plain_and_sharded(text)
+    assert re.search(r"%arg\d+: tensor<2x64x\d+x\d+xf8E4M3FN>", text)

@@ -8,7 +8,8 @@ mesh's platform (`jaxaccel.backends.for_mesh`) and installs it while tracing
 exactly what a GPU/TPU engineer would write, with nothing platform-specific in the program.
 
 Traced hooks (called inside jit, by `models.layers` and `models.kv_cache`):
-  matmul, lookup, head_logits, scan_layers, cache_storage_dtype, cache_store, cache_load.
+  matmul, quantized_matmul, lookup, head_logits, scan_layers, cache_storage_dtype, cache_store,
+  cache_load.
 Host-side policies (called by the runtime when it builds a model's programs):
   prepare_decoder, min_batch, compiler_options.
 
@@ -22,6 +23,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import qwix
 from flax import nnx
 
 from jaxaccel.errors import KernelUnavailable
@@ -46,12 +48,36 @@ class Backend:
         out = jnp.einsum("...k,kn->...n", x2, w2, preferred_element_type=jnp.float32)
         return out.astype(x.dtype).reshape(*lead, *n_shape)
 
+    def quantized_matmul(self, x, w: qwix.QArray, contracting: int = 1) -> jax.Array:
+        """x[..., *k] . w[*k, *n] -> [..., *n] in x.dtype, float32 accumulation, for a weight-only
+        quantized `w` (`jaxaccel.quantization`): `w.qvalue` int8/int4/float8 [*k, *n],
+        `w.scale` float per output channel (shape 1 along k) or per group along k (qwix's
+        tiled layout; as 2-D, [K / group, N]), no zero point.
+
+        Plain qwix: `qwix.dot_general` of x with the 2-D view of the QArray; with a float x it
+        dequantizes the weight inside the dot (XLA fuses the convert and scale into the dot's
+        operand), which is what GPU/TPU compilers turn into a weight-only matmul.
+        """
+        k_shape, n_shape = w.shape[:contracting], w.shape[contracting:]
+        lead = x.shape[:x.ndim - contracting]
+        k, n = math.prod(k_shape), math.prod(n_shape)
+        w2 = qwix.QArray(w.qvalue.reshape(k, n), _scale_2d(w.scale, contracting).astype(x.dtype),
+                         None, w.qtype)
+        out = qwix.dot_general(x.reshape(*lead, k), w2,
+                               (((len(lead),), (0,)), ((), ())),
+                               preferred_element_type=jnp.float32)
+        return out.astype(x.dtype).reshape(*lead, *n_shape)
+
     def lookup(self, table_vd, ids) -> jax.Array:
         """Rows `ids` of an embedding table [v, ...]: [*ids.shape, ...]."""
         return jnp.take(table_vd, ids, axis=0)
 
     def head_logits(self, x_btd, head_vd) -> jax.Array:
-        """Float32 logits [b, t, v] from a head stored [v, d] (Hugging Face's layout)."""
+        """Float32 logits [b, t, v] from a head stored [v, d] (Hugging Face's layout); a
+        quantized head (a QArray with one scale per vocab row) goes through qwix."""
+        if isinstance(head_vd, qwix.QArray):
+            return qwix.einsum("btd,vd->btv", x_btd, head_vd.astype(x_btd.dtype),
+                               preferred_element_type=jnp.float32).astype(jnp.float32)
         return jnp.einsum("btd,vd->btv", x_btd, head_vd.astype(x_btd.dtype),
                           preferred_element_type=jnp.float32)
 
@@ -100,3 +126,8 @@ class Backend:
         """XLA compiler options for this platform's programs ({}: XLA's defaults); options the
         caller passes to the runtime take precedence."""
         return {}
+
+
+def _scale_2d(scale, contracting: int):
+    """A QArray scale [*k', *n'] (k' = 1 per channel, or groups) as 2-D [K', N']."""
+    return scale.reshape(math.prod(scale.shape[:contracting]), math.prod(scale.shape[contracting:]))

@@ -4,12 +4,15 @@ Baseline: the faster PyTorch eager dtype ("best pytorch", `jaxaccel_reference.em
 on the checkpoint's Hugging Face source, when the `reference` extra is installed. Each
 contender's matmul GFLOP/s is also printed as a fraction of this CPU's matmul peak in its
 dtype (`roofline.limits`: the cached `bench roofline`, or its peak shapes measured in this run).
+`--quantize int8` (repeatable) adds jaxaccel with weight-only quantized matmul weights, per
+dtype, to the same alternated run.
 """
 
 from __future__ import annotations
 
 import pathlib
-from typing import Optional
+from collections.abc import Sequence
+from typing import List, Optional
 
 import typer
 
@@ -21,10 +24,14 @@ COLUMNS = ("contender", "min", "median", "max", "x best pytorch", "GFLOP/s", "x 
 
 
 def contenders(ckpt: pathlib.Path, source: Optional[pathlib.Path], batch: int, length: int,
-               iters: int) -> dict[str, Worker]:
+               iters: int, quantize: Sequence[str] = ()) -> dict[str, Worker]:
     shape = {"batch": batch, "length": length, "iters": iters}
     found = {f"jaxaccel {d}": Worker("jaxaccel.bench.embed_worker",
                                      {"ckpt": str(ckpt), "dtype": d, **shape}) for d in DTYPES}
+    for scheme in quantize:
+        for d in DTYPES:
+            found[f"jaxaccel {d} {scheme}"] = Worker("jaxaccel.bench.embed_worker", {
+                "ckpt": str(ckpt), "dtype": d, **shape, "quantize": scheme})
     if source is not None and runner.reference_available():
         for d in DTYPES:
             found[f"pytorch eager {d}"] = Worker("jaxaccel_reference.embed_torch",
@@ -57,6 +64,9 @@ def register(bench_app: typer.Typer) -> None:
         length: int = typer.Option(128, "--length", help="Tokens per sentence."),
         iters: int = typer.Option(8, "--iters", help="Timed batches per process."),
         repeats: int = typer.Option(3, "--repeats", help="Fresh processes per contender."),
+        quantize: Optional[List[str]] = typer.Option(None, "--quantize", help="Add jaxaccel "
+                                                     "with weight-only quantized weights (int8, "
+                                                     "int4; repeatable), per dtype."),
         json_out: Optional[pathlib.Path] = typer.Option(None, "--json", help="Write results here."),
         with_roofline: bool = typer.Option(
             True, "--roofline/--no-roofline", help="Also print GFLOP/s as a fraction of this "
@@ -64,7 +74,7 @@ def register(bench_app: typer.Typer) -> None:
     ) -> None:
         """Throughput of jaxaccel (fp32, bf16) against PyTorch eager (fp32, bf16, when torch and
         transformers are installed) on the same weights, batch and tokens, in one run."""
-        found = contenders(ckpt, runner.hf_source(ckpt), batch, length, iters)
+        found = contenders(ckpt, runner.hf_source(ckpt), batch, length, iters, quantize or ())
         runs = runner.alternate(found, repeats)
         summary = runner.summarize_each(runs, "sentences_per_s")
         flops = roofline.forward_flops(ckpt, length)

@@ -19,17 +19,19 @@ def synthetic_batch(vocab: int, batch: int, length: int, seed: int = 0):
     return ids, np.ones_like(ids)
 
 
-def load_embedder(ckpt: str, dtype: str, batch: int):
-    """The runtime's embedder for `ckpt` (kept apart: its API is the runtime's to change)."""
+def load_embedder(ckpt: str, dtype: str, batch: int, quantize: str | None = None):
+    """The runtime's embedder for `ckpt` (kept apart: its API is the runtime's to change);
+    `quantize` ("int8", "int4") quantizes the matmul weights while they restore."""
     # deferred: jax and the runtime load in the worker process only, not in `jaxaccel bench`
     from jaxaccel.embed import Embedder
     from jaxaccel.loader import load_model
 
-    return Embedder(load_model(ckpt, dtype=dtype), batch_size=batch)
+    return Embedder(load_model(ckpt, dtype=dtype, quantize=quantize), batch_size=batch)
 
 
-def main(ckpt: str, dtype: str, batch: int, length: int, iters: int) -> dict:
-    embedder = load_embedder(ckpt, dtype, batch)
+def main(ckpt: str, dtype: str, batch: int, length: int, iters: int,
+         quantize: str | None = None) -> dict:
+    embedder = load_embedder(ckpt, dtype, batch, quantize)
     ids, mask = synthetic_batch(embedder.loaded.config.vocab_size, batch, length)
     state = embedder.loaded.state
     seconds = loop_seconds(lambda: embedder.forward(state, ids, mask), iters,

@@ -12,12 +12,17 @@ measured at the start of every round, since it drifts on shared machines (here: 
 from one fresh process to the next); utilisation is reported against its median and, in
 brackets, against the fastest round. Prefill is also printed as matmul GFLOP/s and as a
 fraction of this CPU's matmul peak in its dtype (`roofline.limits`).
+
+`--quantize int8 --quantize int4` adds weight-only quantized contenders (bfloat16 compute,
+weights quantized while they restore) to the same alternated run, and a second table of
+their speed against jaxaccel bfloat16 with the bytes each decode step reads.
 """
 
 from __future__ import annotations
 
 import pathlib
-from typing import Optional
+from collections.abc import Sequence
+from typing import List, Optional
 
 import typer
 
@@ -30,10 +35,15 @@ WORKER = "jaxaccel.bench.generate_worker"
 
 
 def contenders(ckpt: pathlib.Path, source: Optional[pathlib.Path], prefill_len: int,
-               new_tokens: int) -> dict[str, Worker]:
+               new_tokens: int, quantize: Sequence[str] = (),
+               group_size: int = 128) -> dict[str, Worker]:
     shape = {"prefill_len": prefill_len, "new_tokens": new_tokens}
     found = {f"jaxaccel {d}": Worker(WORKER, {"ckpt": str(ckpt), "dtype": d, **shape})
              for d in DTYPES}
+    for scheme in quantize:
+        found[quantized_name(scheme)] = Worker(WORKER, {
+            "ckpt": str(ckpt), "dtype": "bfloat16", **shape, "quantize": scheme,
+            "group_size": group_size})
     # deferred: jax and the runtime load in the worker process only, not in `jaxaccel bench`
     from jaxaccel.backends.cpu import packed
 
@@ -45,6 +55,26 @@ def contenders(ckpt: pathlib.Path, source: Optional[pathlib.Path], prefill_len: 
             found[baseline(d)] = Worker("jaxaccel_reference.generate_transformers",
                                         {"src": str(source), "dtype": d, **shape})
     return found
+
+
+def quantized_name(scheme: str) -> str:
+    return f"jaxaccel bfloat16 {scheme}"
+
+
+QUANT_COLUMNS = ("contender", "bytes/token (b1)", "prefill x bf16", "b1 x bf16", "b8 x bf16")
+
+
+def quantized_rows(summary: dict) -> list[tuple]:
+    """Each quantized contender against jaxaccel bfloat16 (prefill: bf16 time / its time)."""
+    base = summary.get("jaxaccel bfloat16")
+    rows = []
+    for name, entry in summary.items():
+        if base is None or not name.startswith("jaxaccel bfloat16 ") or "xla-dots" in name:
+            continue
+        cells = [runner.ratio(base[m]["median"], entry[m]["median"]) if m == "prefill_ms"
+                 else runner.ratio(entry[m]["median"], base[m]["median"]) for m in METRICS]
+        rows.append((name, entry["param_bytes"], *cells))
+    return rows
 
 
 def baseline(dtype: str) -> str:
@@ -115,15 +145,21 @@ def register(bench_app: typer.Typer) -> None:
         prefill_len: int = typer.Option(512, "--prefill-len", help="Prompt tokens for prefill."),
         new_tokens: int = typer.Option(32, "--new-tokens", help="Decode tokens timed per run."),
         repeats: int = typer.Option(1, "--repeats", help="Fresh processes per contender."),
+        quantize: Optional[List[str]] = typer.Option(None, "--quantize", help="Add a "
+                                                     "weight-only quantized contender (int8, "
+                                                     "int4; repeatable), bfloat16 compute."),
+        group_size: int = typer.Option(128, "--group-size", help="int4 group size."),
         json_out: Optional[pathlib.Path] = typer.Option(None, "--json", help="Write results here."),
         with_roofline: bool = typer.Option(
             True, "--roofline/--no-roofline", help="Prefill as a fraction of this CPU's matmul "
             "peak: cached `bench roofline`, else measured in this run (else: n/a)."),
     ) -> None:
-        """Prefill and decode speed of jaxaccel (fp32, bf16) against transformers `generate`
-        (fp32, bf16, when installed) on the same weights, with memory-bandwidth use."""
+        """Prefill and decode speed of jaxaccel (fp32, bf16, and quantized with --quantize)
+        against transformers `generate` (fp32, bf16, when installed) on the same weights,
+        with memory-bandwidth use."""
         found = {"bandwidth": Worker("jaxaccel.bench.bandwidth_worker"),
-                 **contenders(ckpt, runner.hf_source(ckpt), prefill_len, new_tokens)}
+                 **contenders(ckpt, runner.hf_source(ckpt), prefill_len, new_tokens,
+                              quantize or (), group_size)}
         runs = runner.alternate(found, repeats)
         bandwidths = runner.summarize([r["read_bytes_per_s"] for r in runs.pop("bandwidth")])
         bandwidth = bandwidths["median"]
@@ -135,6 +171,9 @@ def register(bench_app: typer.Typer) -> None:
             f"read bandwidth {bandwidth / 1e9:.1f} GB/s (median; "
             f"{bandwidths['min'] / 1e9:.1f}-{bandwidths['max'] / 1e9:.1f}); peaks: {source}",
             COLUMNS, table_rows(summary))
+        if quantize:
+            runner.print_table("weight-only quantized vs jaxaccel bfloat16 (same run)",
+                               QUANT_COLUMNS, quantized_rows(summary))
         runner.write_json(json_out, {"benchmark": "generate", "prefill_len": prefill_len,
                                      "new_tokens": new_tokens, "repeats": repeats,
                                      "read_bytes_per_s": bandwidth,

@@ -3,6 +3,8 @@
     python -m jaxaccel.bench.generate_worker '{"ckpt": CKPT, "dtype": DTYPE,
         "prefill_len": 512, "new_tokens": 32, "xla_dots": false}'
 
+`quantize` ("int8", "int4"; `group_size`) quantizes the matmul weights while they restore
+(weight-only, `jaxaccel.quantization`); `param_bytes` then counts what a step reads.
 `xla_dots` keeps XLA's own dots for bfloat16 on the CPU instead of jaxaccel's packed-weight
 kernel (`jaxaccel.backends.cpu`), to show what the kernel buys.
 
@@ -28,14 +30,16 @@ def decode_tokens_per_s(generate, batch: int, new_tokens: int, vocab: int) -> fl
     return batch * new_tokens / max(long - short, 1e-9)
 
 
-def load_generator(ckpt: str, dtype: str, xla_dots: bool):
+def load_generator(ckpt: str, dtype: str, xla_dots: bool, quantize: str | None = None,
+                   group_size: int = 128):
     """The runtime's model and generator (kept apart: their API is the runtime's to change)."""
     # deferred: jax and the runtime load in the worker process only, not in `jaxaccel bench`
     from jaxaccel.generate import Generator
     from jaxaccel.loader import load_model
+    from jaxaccel.quantization import Scheme
     from jaxaccel.runtime import Buckets
 
-    loaded = load_model(ckpt, dtype=dtype)
+    loaded = load_model(ckpt, dtype=dtype, quantize=Scheme.parse(quantize, group_size))
     packed_weights = False if xla_dots else None
     generator = Generator(loaded.graphdef, loaded.state, loaded.config, dtype=dtype,
                           packed_weights=packed_weights)
@@ -45,14 +49,13 @@ def load_generator(ckpt: str, dtype: str, xla_dots: bool):
 
 
 def main(ckpt: str, dtype: str, prefill_len: int, new_tokens: int,
-         xla_dots: bool = False) -> dict:
+         xla_dots: bool = False, quantize: str | None = None, group_size: int = 128) -> dict:
     # deferred: jax and the runtime load in the worker process only, not in `jaxaccel bench`
-    import jax
-    import numpy as np
+    from jaxaccel.quantization import read_bytes
 
-    loaded, generator = load_generator(ckpt, dtype, xla_dots)
-    # The model's own bytes in `dtype` (packing pads a little; the padding is not counted).
-    param_bytes = sum(x.size * np.dtype(dtype).itemsize for x in jax.tree.leaves(loaded.state))
+    loaded, generator = load_generator(ckpt, dtype, xla_dots, quantize, group_size)
+    # The model's own bytes as held (packing pads a little; the padding is not counted).
+    param_bytes = read_bytes(loaded.state)
     long_prompt = prompts(1, prefill_len, loaded.config.vocab_size)
     result = {"dtype": dtype, "param_bytes": param_bytes,
               "packed_weights": generator.packed_weights,

@@ -48,12 +48,12 @@ import numpy as np
 import tensorstore as ts
 
 from jaxaccel.checkpoint import integrity, storage
-from jaxaccel.checkpoint.integrity import IntegrityError
 from jaxaccel.errors import ChunkError  # noqa: F401  (re-exported)
 
 PIECE_BYTES = int(os.environ.get("JAXACCEL_PIECE", 1 << 20))  # read granularity
 ALIGNMENT = 4096  # jax on CPU adopts (does not copy) buffers aligned to >= 64 bytes
-_DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16)}
+_DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16),
+           "float8_e4m3fn": np.dtype(ml_dtypes.float8_e4m3fn)}
 _CRC_BYTES = 4
 
 

@@ -25,7 +25,8 @@ MANIFEST_NAME = "jaxaccel.json"
 PARAMS_DIR = "params"
 STORED_DTYPES = ("float32", "bfloat16", "float16")
 # Per-array dtypes a manifest may name: the stored float types plus plain integers.
-ARRAY_DTYPES = STORED_DTYPES + ("int8", "int16", "int32", "int64", "uint8", "uint32", "bool")
+ARRAY_DTYPES = STORED_DTYPES + ("int8", "int16", "int32", "int64", "uint8", "uint32", "bool",
+                                "float8_e4m3fn")
 
 
 
@@ -71,6 +72,10 @@ class Manifest:
     # EOS/BOS/PAD ids and default sampling settings read at convert time from config.json and
     # generation_config.json (`generation.eos_token_ids`: every id); {} in older checkpoints.
     generation: dict = dataclasses.field(default_factory=dict)
+    # A weight-only quantized checkpoint (`jaxaccel.quantization`): {"scheme", "head",
+    # ["group_size"], "weights": {NAME: {"qtype", "tiles"}}}; NAME is stored as NAME.values and
+    # NAME.scales. {} for a full-precision checkpoint.
+    quantization: dict = dataclasses.field(default_factory=dict)
 
     @property
     def total_bytes(self) -> int:
@@ -85,6 +90,7 @@ class Manifest:
             "tokenizer_files": list(self.tokenizer_files),
             "source": self.source,
             "generation": self.generation,
+            **({"quantization": self.quantization} if self.quantization else {}),
             "total_bytes": self.total_bytes,
             "arrays": {name: entry.to_json() for name, entry in sorted(self.arrays.items())},
         }
@@ -156,9 +162,15 @@ class Manifest:
                                   "'generation' objects")
         for name in tokenizer_files:
             check_member_name(name, path)
+        quantization = raw.get("quantization") or {}
+        if not isinstance(quantization, Mapping) or not isinstance(
+                quantization.get("weights", {}), Mapping):
+            raise CheckpointError(f"{path}: 'quantization' must be an object with a 'weights' "
+                                  "object")
         return cls(family=raw["family"], config=dict(raw["config"]), dtype=raw["dtype"],
                    arrays=arrays, tokenizer_files=tuple(tokenizer_files),
-                   source=dict(source), format_version=version, generation=dict(generation))
+                   source=dict(source), format_version=version, generation=dict(generation),
+                   quantization=dict(quantization))
 
 
 def check_member_name(name: str, manifest_path) -> None:
@@ -223,4 +235,6 @@ def _chunk_count(shape, chunk) -> int:
 def _itemsize(dtype: str) -> int:
     if dtype == "bfloat16":
         return 2
+    if dtype == "float8_e4m3fn":
+        return 1
     return np.dtype(dtype).itemsize

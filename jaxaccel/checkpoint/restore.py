@@ -10,6 +10,14 @@ OCDBT data files into the slice's final, aligned buffer, which jax on CPU adopts
 copy; it serves arrays written uncompressed by jaxaccel. `tensorstore` serves everything else
 (zstd, foreign layouts). A pool of threads runs the reads; a byte budget bounds the host
 memory held by slices read but not yet handed to their devices.
+
+Quantize on load (`Target.quant`): a full-precision checkpoint array lands on its devices as
+weight-only quantized values + scales (`jaxaccel.quantization`). Each read is the smallest
+block that covers a device's slice in whole quantization tiles (for per-channel scales, the
+whole contraction axis of the device's output channels; int4 groups never straddle a shard,
+see `runtime.quantized_param_spec`); it is read as float32 on the host, quantized there with
+qwix, and only each device's quantized part is placed: full-precision weights never reach a
+device. `RestoreStats.bytes_placed_per_device` accounts what each device received.
 """
 
 from __future__ import annotations
@@ -26,11 +34,14 @@ import time
 from collections.abc import Callable, Mapping
 
 import jax
+import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import tensorstore as ts
 
 from jaxaccel.checkpoint import chunk_cache, direct, integrity, layout, remote, storage
 from jaxaccel.checkpoint.manifest import PARAMS_DIR, CheckpointError, Manifest
+from jaxaccel.quantization import quantize_block, quantized_names
 
 DEFAULT_HOST_MEMORY_BUDGET = 2 << 30
 ENGINES = ("auto", "direct", "tensorstore")
@@ -52,6 +63,12 @@ class Target:
     # The checkpoint's shape when `shape` is larger (a layer stack padded to a multiple of
     # the pipeline stages): the extra rows are zeros and are never read.
     stored_shape: tuple[int, ...] | None = None
+    # Cast on the host to this dtype after reading `dtype` (int4 values stored one per byte).
+    held_dtype: np.dtype | None = None
+    # Quantize on load: a `quantization.QuantSpec`; the array is read as float32 (`dtype`) and
+    # restored as NAME.values (on `sharding`) and NAME.scales (on `scale_sharding`).
+    quant: object = None
+    scale_sharding: jax.sharding.Sharding | None = None
 
     @property
     def checkpoint_shape(self) -> tuple[int, ...]:
@@ -72,6 +89,9 @@ class RestoreStats:
     bytes_per_device: dict = dataclasses.field(default_factory=collections.Counter)
     bytes_per_array: dict = dataclasses.field(default_factory=collections.Counter)
     bytes_per_array_device: dict = dataclasses.field(default_factory=collections.Counter)
+    # Bytes handed to each device (device id -> bytes), after any quantization on the host.
+    bytes_placed_per_device: dict = dataclasses.field(default_factory=collections.Counter)
+    largest_read: int = 0  # bytes of the largest single slice read (in the read dtype)
     engines: dict = dataclasses.field(default_factory=dict)  # array name -> engine used
     # Remote checkpoints: chunk bytes that came over the network / from the local chunk cache.
     bytes_from_network: int = 0
@@ -92,6 +112,9 @@ class _Read:
     future: object = None
     padded_shape: tuple[int, ...] | None = None  # zero-fill the read up to this shape
     dtype: np.dtype = np.dtype("float32")  # the compute dtype the slice is held in
+    held_dtype: np.dtype | None = None  # cast to this on the host after reading
+    # Quantize on load: (QuantSpec, [(device, values index, scales index) within the block]).
+    quant: tuple | None = None
 
 
 def check_against_manifest(manifest: Manifest, expected: Mapping[str, tuple[int, ...]],
@@ -141,20 +164,53 @@ def plan_reads(targets: Mapping[str, Target]) -> list[_Read]:
     """One read per distinct local slice; devices holding the same slice share it."""
     reads = []
     for name, target in targets.items():
+        if target.quant is not None:
+            reads += _quantized_reads(name, target)
+            continue
         by_index = collections.defaultdict(list)
         for device, index in target.sharding.addressable_devices_indices_map(target.shape).items():
             key = tuple((s.start, s.stop) for s in _full_index(index, target.shape))
             by_index[key].append(device)
-        itemsize = np.dtype(target.dtype).itemsize
         for key, devices in by_index.items():
-            stored = [(min(a, dim), min(b, dim)) for (a, b), dim in zip(key, target.checkpoint_shape)]
-            index = tuple(slice(a, b) for a, b in stored)
-            nbytes = int(np.prod([b - a for a, b in stored], dtype=np.int64)) * itemsize
-            padded = tuple(b - a for a, b in key) if stored != list(key) else None
-            reads.append(_Read(name, index, devices, nbytes, padded_shape=padded,
-                               dtype=np.dtype(target.dtype)))
+            reads.append(_make_read(name, target, key, devices))
     # Largest first: small arrays then fill the gaps while big reads are in flight.
     return sorted(reads, key=lambda r: -r.nbytes)
+
+
+def _make_read(name: str, target: Target, key, devices, quant=None) -> _Read:
+    """A read of the global box `key` ((start, stop) per dim), clipped to the stored shape."""
+    stored = [(min(a, dim), min(b, dim)) for (a, b), dim in zip(key, target.checkpoint_shape)]
+    index = tuple(slice(a, b) for a, b in stored)
+    nbytes = int(np.prod([b - a for a, b in stored], dtype=np.int64)) * np.dtype(target.dtype).itemsize
+    padded = tuple(b - a for a, b in key) if stored != list(key) else None
+    return _Read(name, index, devices, nbytes, padded_shape=padded, dtype=np.dtype(target.dtype),
+                 held_dtype=target.held_dtype, quant=quant)
+
+
+def _quantized_reads(name: str, target: Target) -> list[_Read]:
+    """Quantize on load: one read per distinct block of whole tiles that covers local slices
+    (a tile spanning a whole axis, as per-channel scales span k, widens the block to it)."""
+    spec, shape = target.quant, target.shape
+    scale_shape = spec.scale_shape(shape)
+    values_map = target.sharding.addressable_devices_indices_map(shape)
+    scales_map = target.scale_sharding.addressable_devices_indices_map(scale_shape)
+    by_block = collections.defaultdict(list)
+    for device, index in values_map.items():
+        block = tuple((0, dim) if tile == dim else (s.start, s.stop)
+                      for s, dim, tile in zip(_full_index(index, shape), shape, spec.tiles))
+        by_block[block].append(device)
+    reads = []
+    for block, devices in by_block.items():
+        parts = []
+        for device in devices:
+            values = _full_index(values_map[device], shape)
+            scales = _full_index(scales_map[device], scale_shape)
+            parts.append((device,
+                          tuple(slice(v.start - a, v.stop - a) for v, (a, _) in zip(values, block)),
+                          tuple(slice(s.start - a // t, s.stop - a // t)
+                                for s, (a, _), t in zip(scales, block, spec.tiles))))
+        reads.append(_make_read(name, target, block, devices, quant=(spec, parts)))
+    return reads
 
 
 def _full_index(index, shape) -> tuple[slice, ...]:
@@ -200,8 +256,24 @@ def restore_arrays(ckpt_dir: str | pathlib.Path, manifest: Manifest,
     shards = read_slices(ckpt_dir, manifest, targets, plan_reads(targets),
                          host_memory_budget=host_memory_budget, on_bytes=on_bytes, stats=stats,
                          engine=engine, threads=threads, verify_chunks=verify_chunks)
-    arrays = {name: assemble(target, shards[name]) for name, target in targets.items()}
+    arrays = assemble_all(targets, shards)
     stats.seconds = time.perf_counter() - start
+    return arrays
+
+
+def assemble_all(targets: Mapping[str, Target], shards: Mapping[str, dict]) -> dict[str, jax.Array]:
+    """Every target's global array; a quantize-on-load target NAME gives NAME.values and
+    NAME.scales."""
+    arrays = {}
+    for name, target in targets.items():
+        if target.quant is None:
+            arrays[name] = assemble(target, shards[name])
+            continue
+        values, scales = quantized_names(name)
+        arrays[values] = assemble(target, shards[values])
+        arrays[scales] = assemble(
+            Target(target.quant.scale_shape(target.shape), np.float32, target.scale_sharding),
+            shards[scales])
     return arrays
 
 
@@ -251,6 +323,7 @@ def read_slices(ckpt_dir: str | pathlib.Path, manifest: Manifest,
             run.reader.close()
             _network_stats(run.reader, stats)
     stats.peak_bytes_in_flight = max(stats.peak_bytes_in_flight, run.budget.peak)
+    stats.largest_read = max([stats.largest_read] + [r.nbytes for r in reads])
     return run.shards
 
 
@@ -332,15 +405,17 @@ class _Run:
     def one(self, read: _Read) -> None:
         try:
             host, from_storage = self._read(read)
-            placed = [jax.device_put(host, device) for device in read.devices]
+            pieces = self._pieces(read, host)
+            placed = [_device_put(piece, device) for _, device, piece in pieces]
             # Until copied, the host buffer must live; on CPU jax adopts it and this is instant.
             jax.block_until_ready(placed)
             del host
         finally:
             self.budget.release(read.nbytes)
         with self._lock:
-            for array, device in zip(placed, read.devices):
-                self.shards[read.name][device] = array
+            for array, (name, device, piece) in zip(placed, pieces):
+                self.shards[name][device] = array
+                self.stats.bytes_placed_per_device[device.id] += piece.nbytes
             stats = self.stats
             stats.bytes_per_device[read.devices[0].id] += read.nbytes
             stats.bytes_per_array_device[read.name, read.devices[0].id] += read.nbytes
@@ -349,6 +424,22 @@ class _Run:
             stats.bytes_per_array[read.name] += read.nbytes
             stats.reads += 1
         self.on_bytes(read.nbytes)
+
+    @staticmethod
+    def _pieces(read: _Read, host: np.ndarray) -> list[tuple[str, object, np.ndarray]]:
+        """(array name, device, host array) for every device of the read."""
+        if read.quant is None:
+            if read.held_dtype is not None:
+                host = host.astype(read.held_dtype)
+            return [(read.name, device, host) for device in read.devices]
+        spec, parts = read.quant
+        values, scales = quantize_block(host, spec)
+        values_name, scales_name = quantized_names(read.name)
+        pieces = []
+        for device, values_index, scales_index in parts:
+            pieces.append((values_name, device, np.ascontiguousarray(values[values_index])))
+            pieces.append((scales_name, device, np.ascontiguousarray(scales[scales_index])))
+        return pieces
 
     def _read(self, read: _Read) -> tuple[np.ndarray, int]:
         shape = read.padded_shape or tuple(s.stop - s.start for s in read.index)
@@ -371,6 +462,19 @@ class _Run:
         if read.padded_shape is not None:
             host = np.pad(host, [(0, p - h) for p, h in zip(shape, host.shape)])
         return host, host.nbytes
+
+
+def _device_put(host: np.ndarray, device) -> jax.Array:
+    """`host` onto `device`; int4 goes as int8 and narrows there, so the array has the packed
+    layout compiled programs expect (a device_put of numpy int4 keeps one value per byte)."""
+    if host.dtype != ml_dtypes.int4:
+        return jax.device_put(host, device)
+    return _narrow_int4(jax.device_put(host.astype(np.int8), device))
+
+
+@jax.jit
+def _narrow_int4(values):
+    return values.astype(jnp.int4)
 
 
 @contextlib.contextmanager

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import pathlib
 import time
+from typing import Optional
 
 import typer
 
@@ -50,6 +50,15 @@ def register(app: typer.Typer) -> None:
                                             "a value does not fit the stored dtype (float16 "
                                             "beyond 65504 becomes inf) or the source holds "
                                             "NaN/inf; refused by default, naming the tensor."),
+        quantize: Optional[str] = typer.Option(None, "--quantize", help="Write a weight-only "
+                                               "quantized checkpoint: int8 (per output channel) "
+                                               "or int4 (groups along the input axis, "
+                                               "--group-size); values + scales per weight. SRC "
+                                               "may also be a full-precision jaxaccel checkpoint."),
+        group_size: int = typer.Option(128, "--group-size", min=1, help="int4: input-axis "
+                                       "elements per scale (a power of two)."),
+        quantize_head: bool = typer.Option(False, "--quantize-head", help="Also quantize an "
+                                           "untied LM head."),
         as_json: bool = JSON,
         quiet: bool = QUIET,
     ) -> None:
@@ -66,11 +75,13 @@ def register(app: typer.Typer) -> None:
         manifest = api.convert(src, dest, dtype=dtype, family=family, layout=layout,
                                overwrite=overwrite, progress=not quiet,
                                chunk_bytes=chunk_bytes_from(chunking), codec=codec,
-                               allow_overflow=allow_overflow)
+                               allow_overflow=allow_overflow, quantize=quantize,
+                               group_size=group_size, quantize_head=quantize_head)
         seconds = time.perf_counter() - start
         ignored = manifest.source.get("ignored_tensors", [])
         if as_json:
             print(json.dumps({"dest": str(dest), "family": manifest.family, "dtype": manifest.dtype,
+                              "quantization": manifest.quantization.get("scheme"),
                               "arrays": len(manifest.arrays), "total_bytes": manifest.total_bytes,
                               "ignored_tensors": ignored, "seconds": round(seconds, 3)}))
         else:

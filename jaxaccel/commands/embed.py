@@ -44,6 +44,8 @@ def register(app: typer.Typer) -> None:
         device_memory: Optional[str] = options.DEVICE_MEMORY,
         verify_checksums: bool = options.VERIFY_CHECKSUMS,
         microbatches: Optional[int] = options.MICROBATCHES,
+        quantize: Optional[str] = options.QUANTIZE,
+        group_size: int = options.GROUP_SIZE,
         compile_cache: Optional[pathlib.Path] = options.COMPILE_CACHE,
         no_compile_cache: bool = options.NO_COMPILE_CACHE,
         as_json: bool = options.JSON,
@@ -63,6 +65,7 @@ def register(app: typer.Typer) -> None:
             ckpt, texts, options.layout_from(mesh, rules, rule), dtype,
             device_memory=options.device_memory_from(device_memory), batch_size=batch_size,
             max_length=max_length, truncate=not no_truncate, microbatches=microbatches,
+            quantize=options.scheme_from(quantize, group_size),
             host_memory_budget=parse_bytes(budget, "--host-memory-budget"),
             verify_checksums=verify_checksums, quiet=quiet)
         embedder, loaded, truncated = started.embedder, started.loaded, encoded.truncated

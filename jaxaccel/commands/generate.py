@@ -112,6 +112,9 @@ def register(app: typer.Typer) -> None:
             "weights packed, through jaxaccel's compiled kernel (built with the system C++ "
             "compiler on first use, then cached). Default: wherever it applies; --kernels "
             "insists (an error where it cannot), --no-kernels keeps XLA's own dots."),
+        quantize: Optional[str] = options.QUANTIZE,
+        group_size: int = options.GROUP_SIZE,
+        quantize_head: bool = options.QUANTIZE_HEAD,
         compile_cache: Optional[pathlib.Path] = options.COMPILE_CACHE,
         no_compile_cache: bool = options.NO_COMPILE_CACHE,
         as_json: bool = options.JSON,
@@ -123,13 +126,14 @@ def register(app: typer.Typer) -> None:
             greedy, temperature, top_k, top_p, seed), ignore_eos, dtype, mesh, rules, rule,
             budget, microbatches, device_memory, verify_checksums, as_json, quiet, kernels,
             compile_cache=compile_cache, no_compile_cache=no_compile_cache,
-            input_file=input_file, output_file=output_file)
+            input_file=input_file, output_file=output_file,
+            quantize=options.scheme_from(quantize, group_size, quantize_head))
 
 
 def run_generate(ckpt, prompt, prompt_ids, max_new_tokens, sampling, ignore_eos, dtype, mesh,
                  rules, rule, budget, microbatches, device_memory, verify_checksums, as_json,
                  quiet, kernels=None, *, compile_cache=None, no_compile_cache=False,
-                 input_file=None, output_file=None) -> None:
+                 input_file=None, output_file=None, quantize=None) -> None:
     """Check the request (before reading a byte of weights), restore while compiling,
     generate, print: the body of `jaxaccel generate`."""
     # deferred: jax loads only when a command runs, after --host-devices set XLA's flags
@@ -149,7 +153,7 @@ def run_generate(ckpt, prompt, prompt_ids, max_new_tokens, sampling, ignore_eos,
     given_ids = parse_prompt_ids(prompt_ids) if prompt_ids is not None else None
     plan = coldstart.plan_for("generate", ckpt, options.layout_from(mesh, rules, rule), dtype,
                               device_memory=options.device_memory_from(device_memory),
-                              max_new_tokens=max_new_tokens)
+                              max_new_tokens=max_new_tokens, quantize=quantize)
     tokenizer = coldstart.tokenizer_for(plan)
     if prompt and tokenizer is None:
         raise UsageError(f"{ckpt} has no tokenizer.json; use --prompt-ids")

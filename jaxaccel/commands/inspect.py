@@ -36,6 +36,13 @@ def _print_table(ckpt, manifest, quiet: bool = False) -> None:
         if manifest.generation:
             console.print("generation: " + ", ".join(f"{k}={v}" for k, v in
                                                      manifest.generation.items()))
+        quant = manifest.quantization
+        if quant:
+            group = f", group {quant['group_size']}" if "group_size" in quant else ""
+            console.print(f"quantization: {quant['scheme']} weight-only{group}"
+                          f"{', LM head too' if quant.get('head') else ''}; "
+                          f"{len(quant.get('weights', {}))} weights stored as NAME.values "
+                          "+ NAME.scales")
         ignored = manifest.source.get("ignored_tensors")
         if ignored:
             console.print(f"ignored source tensors ({len(ignored)}): " + ", ".join(ignored))

@@ -27,6 +27,14 @@ COMPILE_CACHE = typer.Option(None, "--compile-cache", help="Persistent XLA compi
                              "the same model, mesh and shapes skips compiling.")
 NO_COMPILE_CACHE = typer.Option(False, "--no-compile-cache", help="Do not read or write the "
                                 "persistent compilation cache.")
+QUANTIZE = typer.Option(None, "--quantize", help="Weight-only quantization of the matmul "
+                        "weights while they restore: int8 (per output channel), int4 (groups "
+                        "along the input axis, --group-size) or fp8 (e4m3; GPU/TPU only). "
+                        "Embeddings, norms and biases stay in the compute dtype.")
+GROUP_SIZE = typer.Option(128, "--group-size", min=1, help="int4: input-axis elements per scale "
+                          "(a power of two).")
+QUANTIZE_HEAD = typer.Option(False, "--quantize-head", help="Also quantize an untied LM head "
+                             "(a tied head is the embedding table and stays full precision).")
 JSON = typer.Option(False, "--json", help="Print one JSON object on stdout (for machines).")
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bars or status lines.")
 HOST_MEMORY_BUDGET = typer.Option("2GiB", "--host-memory-budget",
@@ -48,6 +56,13 @@ def layout_from(mesh: Optional[str], rules: str, rule_overrides: Optional[str] =
     )
 
     return Layout.create(mesh, rules, rule_overrides)
+
+
+def scheme_from(quantize: Optional[str], group_size: int = 128, head: bool = False):
+    """--quantize/--group-size/--quantize-head as a quantization.Scheme (None: no quantization)."""
+    from jaxaccel.quantization import Scheme  # deferred: imports jax and qwix
+
+    return Scheme.parse(quantize, group_size, head)
 
 
 def device_memory_from(text: Optional[str]) -> Optional[int]:

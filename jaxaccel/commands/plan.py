@@ -30,6 +30,9 @@ def register(app: typer.Typer) -> None:
                                            "tokens to generate (sizes the KV cache)."),
         device_memory: Optional[str] = options.DEVICE_MEMORY,
         budget: str = options.HOST_MEMORY_BUDGET,
+        quantize: Optional[str] = options.QUANTIZE,
+        group_size: int = options.GROUP_SIZE,
+        quantize_head: bool = options.QUANTIZE_HEAD,
         as_json: bool = options.JSON,
         quiet: bool = options.QUIET,
     ) -> None:
@@ -47,12 +50,21 @@ def register(app: typer.Typer) -> None:
         result = planner.plan(ckpt, layout, dtype, batch=batch, seq=seq,
                               max_new_tokens=max_new_tokens,
                               host_budget=parse_bytes(budget, "--host-memory-budget"),
-                              device_memory=memory)
+                              device_memory=memory,
+                              quantize=options.scheme_from(quantize, group_size, quantize_head))
         if as_json:
             print(json.dumps(result.to_json()))
         else:
             _print_plan(result, quiet)
         planner.check_fits(result, len(jax.devices()))
+
+
+def _scheme(info: dict) -> str:
+    """'int4 (group 128, on load)' from a plan's quantization object."""
+    details = [f"group {info['group_size']}"] if "group_size" in info else []
+    details += ["LM head too"] if info.get("head") else []
+    details += ["on load"] if info.get("on_load") else []
+    return info["scheme"] + (f" ({', '.join(details)})" if details else "")
 
 
 def _print_plan(plan, quiet: bool = False) -> None:
@@ -62,7 +74,8 @@ def _print_plan(plan, quiet: bool = False) -> None:
     rows = (f"{plan.seq}x{plan.seq} images" if plan.task == "classify" else f"seq {plan.seq}")
     console.print(f"[bold]{plan.ckpt}[/]  {plan.family}  {plan.dtype}  mesh {format_mesh(plan.mesh)}"
                   f"  batch {plan.batch} x {rows}"
-                  + (f" + {plan.max_new_tokens} new" if plan.max_new_tokens else ""))
+                  + (f" + {plan.max_new_tokens} new" if plan.max_new_tokens else "")
+                  + (f"  quantized {_scheme(plan.quantization)}" if plan.quantization else ""))
     table = Table("per device", "bytes", title=None)
     table.add_row("parameters", fb(plan.param_bytes))
     table.add_row("KV cache", fb(plan.kv_cache_bytes))

@@ -39,6 +39,9 @@ IGNORED_SOURCE_WEIGHTS = (r"^pooler\.", r"position_ids$", r"^cls\.", r"^classifi
 SOURCE_PREFIXES = ("", "bert.")
 # The original TF-converted checkpoints (bert-base-uncased) name LayerNorm gamma/beta.
 SOURCE_ALIASES = (("LayerNorm.weight", "LayerNorm.gamma"), ("LayerNorm.bias", "LayerNorm.beta"))
+# Weight-only quantization (`jaxaccel.quantization`): matmul weights -> their contraction axes.
+QUANTIZED_WEIGHTS = {"blocks.wq_dnh": (0,), "blocks.wk_dnh": (0,), "blocks.wv_dnh": (0,),
+                     "blocks.wo_nhd": (0, 1), "blocks.wi_df": (0,), "blocks.wm_fd": (0,)}
 ST_MODULE = "sentence_transformers.models."
 # A Dense module's weights enter the converter's source under this prefix.
 DENSE_SOURCE_PREFIX = "st_dense."

@@ -29,6 +29,11 @@ HF_MODEL_TYPES = ("gpt2",)
 # checked against `wte` (see `tied_weights`), not ignored.
 IGNORED_SOURCE_WEIGHTS = (r"\.attn\.bias$", r"\.attn\.masked_bias$")
 SOURCE_ALIASES = ()
+# Weight-only quantization (`jaxaccel.quantization`): matmul weights -> their contraction axes;
+# the untied head [v, d] only with `head=True` (a tied head is the embedding: full precision).
+QUANTIZED_WEIGHTS = {"blocks.wq_dnh": (0,), "blocks.wk_dkh": (0,), "blocks.wv_dkh": (0,),
+                     "blocks.wo_nhd": (0, 1), "blocks.wi_df": (0,), "blocks.wm_fd": (0,)}
+QUANTIZED_HEAD = {"lm_head_vd": (1,)}
 # GPT2Model names tensors bare; GPT2LMHeadModel prefixes them with `transformer.`.
 SOURCE_PREFIXES = ("", "transformer.")
 

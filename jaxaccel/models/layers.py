@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import qwix
 from flax import nnx
 
 from jaxaccel import backends
@@ -57,7 +58,12 @@ def make_param(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str | None],
 
 
 def einsum(equation: str, x: jax.Array, w: jax.Array) -> jax.Array:
-    """Matmul in the activation dtype with float32 accumulation, result in x.dtype."""
+    """Matmul in the activation dtype with float32 accumulation, result in x.dtype.
+
+    A quantized `w` (qwix QArray) must be a 2-D "...k,kn->...n" contraction: it goes to the
+    backend's `quantized_matmul`."""
+    if isinstance(w, qwix.QArray):
+        return backends.current().quantized_matmul(x, w, 1)
     out = jnp.einsum(equation, x, w.astype(x.dtype), preferred_element_type=jnp.float32)
     return out.astype(x.dtype)
 
@@ -67,8 +73,11 @@ def matmul(x, w, contracting: int = 1) -> jax.Array:
 
     `contracting` counts the k dims of `w`. One 2-D matmul: a 3-D einsum lets XLA fold
     neighbouring head transposes into the matmul by transposing the weight instead (a copy of
-    it per layer and step); a [k, n] view cannot be folded.
+    it per layer and step); a [k, n] view cannot be folded. A weight-only quantized `w` (a
+    qwix QArray, see `jaxaccel.quantization`) goes to the backend's `quantized_matmul`.
     """
+    if isinstance(w, qwix.QArray):
+        return backends.current().quantized_matmul(x, w, contracting)
     return backends.current().matmul(x, w, contracting)
 
 

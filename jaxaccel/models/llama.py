@@ -37,6 +37,12 @@ TASK = "generate"
 HF_MODEL_TYPES = ("llama", "mistral", "qwen2")
 IGNORED_SOURCE_WEIGHTS = (r"rotary_emb\.inv_freq$",)
 SOURCE_ALIASES = ()
+# Weight-only quantization (`jaxaccel.quantization`): matmul weights -> their contraction axes;
+# the untied head [v, d] only with `head=True` (a tied head is the embedding: full precision).
+QUANTIZED_WEIGHTS = {"blocks.wq_dnh": (0,), "blocks.wk_dkh": (0,), "blocks.wv_dkh": (0,),
+                     "blocks.wo_nhd": (0, 1), "blocks.wg_df": (0,), "blocks.wu_df": (0,),
+                     "blocks.wm_fd": (0,)}
+QUANTIZED_HEAD = {"lm_head_vd": (1,)}
 # LlamaModel names tensors bare; LlamaForCausalLM prefixes the body with `model.` (but not
 # `lm_head.weight`, which is looked up bare first).
 SOURCE_PREFIXES = ("", "model.")

@@ -1,7 +1,9 @@
 """A model's parameters as a flat {dotted.path: array} mapping, and back.
 
 Checkpoints, converters and the restore engine all speak in dotted paths
-("blocks.wq_dnh"); NNX speaks in `State` pytrees. These helpers translate.
+("blocks.wq_dnh"); NNX speaks in `State` pytrees. These helpers translate. A weight-only
+quantized parameter (a qwix QArray, `jaxaccel.quantization`) is two arrays, NAME.values and
+NAME.scales, both carrying the parameter's logical axes.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+import qwix
 from flax import nnx
 
 from jaxaccel.models import config_from_dict, family_module
@@ -28,10 +31,17 @@ class ParamSpec:
         return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
 
 
+# QArray fields -> jaxaccel's own names for them (qwix's pytree layout is not ours to store).
+_QARRAY_FIELDS = {"qvalue": "values", "scale": "scales"}
+
+
 def path_name(path) -> str:
     parts = []
     for key in path:
         if isinstance(key, jax.tree_util.GetAttrKey) and key.name in ("value", "raw_value"):
+            continue
+        if isinstance(key, jax.tree_util.GetAttrKey) and key.name in _QARRAY_FIELDS:
+            parts.append(_QARRAY_FIELDS[key.name])
             continue
         parts.append(str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))))
     return ".".join(parts)
@@ -51,9 +61,13 @@ def param_specs(state: nnx.State) -> dict[str, ParamSpec]:
     specs = {}
     for path, variable in nnx.to_flat_state(state):
         value = variable.get_value() if hasattr(variable, "get_value") else variable.value
-        axes = variable.get_metadata().get("axes", (None,) * len(value.shape))
-        specs[".".join(map(str, path))] = ParamSpec(tuple(value.shape), np.dtype(value.dtype),
-                                                    tuple(axes))
+        axes = tuple(variable.get_metadata().get("axes", (None,) * len(value.shape)))
+        name = ".".join(map(str, path))
+        if isinstance(value, qwix.QArray):
+            for field, part in (("values", value.qvalue), ("scales", value.scale)):
+                specs[f"{name}.{field}"] = ParamSpec(tuple(part.shape), np.dtype(part.dtype), axes)
+            continue
+        specs[name] = ParamSpec(tuple(value.shape), np.dtype(value.dtype), axes)
     return specs
 
 

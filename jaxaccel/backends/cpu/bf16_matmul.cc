@@ -10,21 +10,19 @@
 // every few pages (measured: one stream per group read ~1.2x faster than one per panel).
 //
 // Decode steps are matrix-vector products, bound by reading W once; the work is split over
-// XLA's intra-op thread pool because one core cannot pull the machine's memory bandwidth.
+// XLA's intra-op thread pool (parallel_chunks.h) because one core cannot pull the machine's
+// memory bandwidth.
 // scripts/bench_bf16_matmul.py measures it against XLA's own bf16 dot.
 
 #include <algorithm>
-#include <atomic>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <mutex>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
+#include "parallel_chunks.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -39,14 +37,6 @@ constexpr int64_t kPrefetchPairs = 12;  // software prefetch distance, in k pair
 // two threads finish together on a 768-wide weight (12 groups), large enough to keep
 // claiming cheap.
 constexpr int64_t kChunks = 16;
-constexpr int kSpins = 1 << 16;  // pauses (~1 ms) before blocking
-
-inline void spin_pause() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
-#endif
-}
-
 // x rows as (bf16, bf16) pairs along k, one uint32 per pair: the broadcast operand of
 // vdpbf16ps and of the portable loop alike.
 struct Problem {
@@ -144,42 +134,6 @@ void group_all_rows(const Problem& p, int64_t group) {
   }
 }
 
-// Chunks of groups are claimed from a shared counter by the calling thread and by helper
-// tasks on XLA's pool. The caller waits for finished chunks, never for tasks: a helper that
-// starts late finds nothing left and returns, so a busy or one-thread pool cannot deadlock.
-struct Work {
-  Problem problem;
-  int64_t chunk_groups, chunks;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  std::mutex mutex;
-  std::condition_variable finished;
-
-  void run() {
-    int64_t groups = problem.n / kGroupWords;
-    for (int64_t c; (c = next.fetch_add(1)) < chunks;) {
-      int64_t end = std::min(groups, (c + 1) * chunk_groups);
-      for (int64_t group = c * chunk_groups; group < end; ++group) group_all_rows(problem, group);
-      if (done.fetch_add(1) + 1 == chunks) {
-        std::lock_guard<std::mutex> lock(mutex);
-        finished.notify_all();
-      }
-    }
-  }
-
-  // The caller waits only for chunks a helper has already claimed, i.e. at most one chunk
-  // (~1/16 of the call): spin for it, since sleeping on the condition variable costs a
-  // wake-up per call (73 calls per GPT-2 decode step); block only after kSpins.
-  void wait() {
-    for (int spin = 0; spin < kSpins; ++spin) {
-      if (done.load(std::memory_order_acquire) == chunks) return;
-      spin_pause();
-    }
-    std::unique_lock<std::mutex> lock(mutex);
-    finished.wait(lock, [this] { return done.load() == chunks; });
-  }
-};
-
 // `w_packed` is one packed weight [n/64, k/2, 4, 16, 2] or a stack of them [layers, ...], of
 // which `layer` picks one: inside a layer scan the kernel reads the stack in place, where a
 // sliced operand would first be copied out by XLA (read, written and read again).
@@ -205,15 +159,11 @@ ffi::Error Bf16MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x,
   }
   const uint32_t* w_lines = reinterpret_cast<const uint32_t*>(w_packed.typed_data()) +
                             index * groups * half_k * kGroupWords;
-  auto work = std::make_shared<Work>();
-  work->problem = Problem{reinterpret_cast<const uint32_t*>(x.typed_data()),
-                          w_lines, y->typed_data(), m, half_k, n};
-  work->chunk_groups = std::max<int64_t>(1, groups / kChunks);
-  work->chunks = (groups + work->chunk_groups - 1) / work->chunk_groups;
-  int64_t helpers = std::min<int64_t>(pool.num_threads(), work->chunks) - 1;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->run(); });
-  work->run();
-  work->wait();
+  Problem problem{reinterpret_cast<const uint32_t*>(x.typed_data()),
+                  w_lines, y->typed_data(), m, half_k, n};
+  jaxaccel::parallel_chunks(pool, groups, kChunks, [&problem](int64_t first, int64_t end) {
+    for (int64_t group = first; group < end; ++group) group_all_rows(problem, group);
+  });
   return ffi::Error::Success();
 }
 

@@ -56,7 +56,8 @@ def _cpu_features() -> str:
 def _library_path(source: pathlib.Path, compiler: str, flags: tuple[str, ...]) -> pathlib.Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256()
-    for part in (source.read_bytes(), version.encode(), " ".join(flags).encode(),
+    headers = b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))
+    for part in (source.read_bytes(), headers, version.encode(), " ".join(flags).encode(),
                  _cpu_features().encode(), jax.ffi.include_dir().encode(),
                  jax.__version__.encode()):
         key.update(part)

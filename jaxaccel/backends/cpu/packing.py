@@ -1,4 +1,6 @@
-"""Packing a decoder's matmul weights once, for bfloat16 generation on the CPU.
+"""Packing a decoder's matmul weights once, for generation on the CPU: bfloat16 weights for
+the bf16 kernel, weight-only int8 / int4 quantized ones (qwix QArrays) for the quantized
+kernel (`quantized`), in any compute dtype.
 
 The runtime calls `CpuBackend.prepare_decoder`, which calls `wanted` and then `pack_state`
 when a `Generator` is built: the packed weights replace the plain ones in its state (no
@@ -7,7 +9,8 @@ backend's `matmul`, `lookup` and `head_logits` hooks.
 
 Which weights to pack is read off the parameters' logical axes, so any decoder family is
 covered without declaring anything: every stacked block weight `w*` of rank >= 2, and the
-[vocab, embed] head (`lm_head_vd`, or the tied `token_vd`).
+[vocab, embed] head (`lm_head_vd`, or the tied `token_vd`). A quantized weight appears in
+`param_specs` as NAME.values / NAME.scales (`jaxaccel.models.state`) and is packed whole.
 """
 
 from __future__ import annotations
@@ -16,9 +19,10 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import qwix
 
 from jaxaccel import sharding as ax
-from jaxaccel.backends.cpu import huge_pages, packed
+from jaxaccel.backends.cpu import huge_pages, packed, quantized
 from jaxaccel.errors import KernelUnavailable
 from jaxaccel.models.state import param_specs, path_name
 
@@ -31,7 +35,8 @@ def packing_spec(state) -> dict[str, tuple[int, bool]]:
     A block weight whose first (non-layer) axis is `embed` contracts that axis ([d, n, h],
     [d, f]); any other contracts all but its last axis ([n, h, d], [f, d]).
     """
-    specs = param_specs(state)
+    specs = {name.removesuffix(".values"): s for name, s in param_specs(state).items()
+             if not name.endswith(".scales")}
     spec = {}
     for name, s in specs.items():
         block, _, leaf = name.rpartition(".")
@@ -67,9 +72,27 @@ def wanted(dtype, single_device: bool, requested: bool | None) -> bool:
     return not reasons
 
 
-def pack_state(state):
-    """`state` with its matmul weights (`packing_spec`) replaced by `PackedWeight`s, packed
-    in one jit call and then moved onto huge pages (see `huge_pages`).
+def _is_qarray(x) -> bool:
+    return isinstance(x, qwix.QArray)
+
+
+def has_quantized(state) -> bool:
+    """Whether `state` holds any weight-only quantized (QArray) parameter."""
+    return any(map(_is_qarray, jax.tree.leaves(state, is_leaf=_is_qarray)))
+
+
+def quantized_wanted(state, single_device: bool, requested: bool | None) -> bool:
+    """Whether to pack `state`'s quantized weights: it has some, on one CPU device, and the
+    quantized kernel builds (`requested` False never packs)."""
+    return (requested is not False and single_device and has_quantized(state)
+            and quantized.kernel_available())
+
+
+def pack_state(state, bf16: bool = True, quantize: bool = True):
+    """`state` with its matmul weights (`packing_spec`) replaced by packed ones, packed in one
+    jit call and then moved onto huge pages (see `huge_pages`): bfloat16 arrays by
+    `packed.pack` (when `bf16`), quantized QArrays by `quantized.pack` (when `quantize`, and
+    where their scale layout fits the kernel: the others keep qwix's plain path).
 
     An abstract state (ShapeDtypeStructs, one device) gives the abstract packed state, so
     programs can compile before the weights are restored.
@@ -82,9 +105,17 @@ def pack_state(state):
             return leaf
         contracting, transposed = spec[name]
         stacked = 1 if name.startswith("blocks.") else 0
+        if _is_qarray(leaf):
+            fits = quantized.packable(leaf, contracting, stacked, transposed) is None
+            if not (quantize and fits):
+                return leaf
+            return quantized.pack(leaf, contracting, stacked=stacked, transposed=transposed)
+        if not bf16:
+            return leaf
         return packed.pack(leaf, contracting, stacked=stacked, transposed=transposed)
 
-    pack_all = jax.jit(lambda s: jax.tree_util.tree_map_with_path(pack_leaf, s))
+    pack_all = jax.jit(lambda s: jax.tree_util.tree_map_with_path(pack_leaf, s,
+                                                                 is_leaf=_is_qarray))
     first = jax.tree.leaves(state)[0]
     if isinstance(first, jax.ShapeDtypeStruct):
         one_device = first.sharding  # single device: every array has this sharding
@@ -92,10 +123,11 @@ def pack_state(state):
                             jax.eval_shape(pack_all, state))
     packed_state = pack_all(state)
 
+    packed_types = (packed.PackedWeight, quantized.PackedQuantWeight)
+
     def to_huge_pages(leaf):
-        if not isinstance(leaf, packed.PackedWeight):
+        if not isinstance(leaf, packed_types):
             return leaf
         return dataclasses.replace(leaf, lines=huge_pages.copy_to_huge_pages(leaf.lines))
 
-    return jax.tree.map(to_huge_pages, packed_state,
-                        is_leaf=lambda x: isinstance(x, packed.PackedWeight))
+    return jax.tree.map(to_huge_pages, packed_state, is_leaf=lambda x: isinstance(x, packed_types))

@@ -1,0 +1,280 @@
+// Weight-only int8 / int4 matmul for XLA:CPU, registered as an XLA FFI custom call.
+//
+//   y[m, n] (float32) = x[m, k] (float32) . (q[k, n] * scale[k / group, n]),
+//
+// q symmetric int8 or int4 (no zero point), one scale per output column and group of `group`
+// consecutive k rows (int8 per channel: one group spanning k). Decode reads each weight once,
+// so reading 1 (int8) or 1/2 (int4) byte per weight instead of bf16's 2 is the speed-up.
+//
+// Arithmetic (AVX512-VNNI `vpdpbusd`, u8 x s8 -> int32, 4 products per 32-bit lane): each x
+// row is quantized on entry to int16, x16 = round(x / sx), sx = max|x| / 32639, and split into
+// two signed bytes x16 = 256 h + l (h in [-128, 127], l in [-128, 127]). Weights are stored
+// unsigned, u = q + offset (offset 128 for int8, 8 for int4), so that
+//   sum_k x16 q = 256 (sum_k h u - offset sum_k h) + (sum_k l u - offset sum_k l)
+// with exact int32 sums per group (|h u| <= 32640: no overflow below ~65k rows per group);
+// the per-row sums of h and l come from the x quantization. The only rounding beyond float32
+// accumulation is x's int16 step, |x - sx x16| <= sx / 2 (sx = max|x| / 32639, finer than
+// bfloat16's own step for all but the smallest entries of a row).
+//
+// Packed layout (jaxaccel/backends/cpu/quantized.py): [n/64, k/s, 4, 16, 4] bytes, s = 4 k rows
+// per step (int8) or 8 (int4). A group of 64 output columns is one contiguous stream, as in
+// bf16_matmul.cc; per step, 4 lines of 64 bytes, one per panel of 16 columns; in a line, column
+// c's 4 bytes are k rows 4i..4i+3 (int8), or nibbles: rows 8i..8i+3 low, 8i+4..8i+7 high (int4).
+// Each 32-bit lane is then exactly one `vpdpbusd` operand.
+//
+// Without AVX512-VNNI a portable loop computes the same integer sums (int64) per group.
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define JAXACCEL_VNNI 1
+#endif
+
+#include "parallel_chunks.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kPanel = 16;                  // output columns per 64-byte line
+constexpr int64_t kPanels = 4;                  // lines per step in a stream
+constexpr int64_t kStream = kPanel * kPanels;   // output columns per contiguous stream
+constexpr int64_t kStepBytes = kPanels * 64;    // bytes per step of a stream
+constexpr int64_t kPrefetchSteps = 12;          // software prefetch distance (3 KiB)
+constexpr int64_t kChunks = 16;                 // work chunks per call (see bf16_matmul.cc)
+constexpr int kRowTile = 2;  // x rows per register tile: 16 accumulators (3 spill)
+constexpr float kXMax = 32639.0f;               // keeps h = (x16 + 128) >> 8 within int8
+
+// x rows quantized to int16, split into bytes, with per-group byte sums.
+struct QuantizedX {
+  std::vector<int8_t> h, l;         // [m, k]
+  std::vector<int32_t> h_sum, l_sum;  // [m, groups]
+  std::vector<float> scale;         // [m]
+};
+
+// Into `q`, a per-thread buffer reused across calls (no allocation per decode step).
+void quantize_x(const float* x, int64_t m, int64_t k, int64_t groups, QuantizedX& q) {
+  q.h.resize(m * k);
+  q.l.resize(m * k);
+  q.h_sum.resize(m * groups);
+  q.l_sum.resize(m * groups);
+  q.scale.resize(m);
+  int64_t group = k / groups;
+  for (int64_t r = 0; r < m; ++r) {
+    const float* row = x + r * k;
+    float amax = 0.0f;
+    for (int64_t i = 0; i < k; ++i) amax = std::max(amax, std::fabs(row[i]));
+    float sx = amax > 0.0f ? amax / kXMax : 1.0f;
+    float inv = 1.0f / sx;
+    q.scale[r] = sx;
+    // Plain loops that the compiler vectorizes (this runs once per call, single-threaded).
+    int8_t* h = q.h.data() + r * k;
+    int8_t* l = q.l.data() + r * k;
+    for (int64_t i = 0; i < k; ++i) {
+      float v = std::min(std::max(row[i] * inv, -kXMax), kXMax);
+      int32_t x16 = static_cast<int32_t>(v + (v < 0.0f ? -0.5f : 0.5f));  // nearest
+      int32_t hi = (x16 + 128) >> 8;  // arithmetic shift: floor
+      h[i] = static_cast<int8_t>(hi);
+      l[i] = static_cast<int8_t>(x16 - 256 * hi);  // in [-128, 127]
+    }
+    for (int64_t g = 0; g < groups; ++g) {
+      int32_t h_sum = 0, l_sum = 0;
+      for (int64_t i = g * group; i < (g + 1) * group; ++i) {
+        h_sum += h[i];
+        l_sum += l[i];
+      }
+      q.h_sum[r * groups + g] = h_sum;
+      q.l_sum[r * groups + g] = l_sum;
+    }
+  }
+}
+
+struct Problem {
+  const QuantizedX* x;
+  const uint8_t* w;     // one layer's lines [n/64, k/step, 4, 16, 4]
+  const float* scale;   // [groups, n]
+  float* y;             // [m, n]
+  int64_t m, k, n, groups, bits;
+  int64_t step_rows() const { return bits == 4 ? 8 : 4; }
+  int32_t offset() const { return bits == 4 ? 8 : 128; }
+};
+
+#if defined(JAXACCEL_VNNI)
+inline __m512i broadcast4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm512_set1_epi32(v);
+}
+
+// ROWS rows of x against one stream of 64 columns, group by group: ROWS x 4 panels x (h, l)
+// int32 accumulators in registers, flushed into y (float) at the end of every group.
+template <int ROWS, int BITS>
+void stream_tile(const Problem& p, int64_t row0, int64_t stream) {
+  constexpr int64_t kRows = BITS == 4 ? 8 : 4;
+  const int64_t group = p.k / p.groups, steps = group / kRows;
+  const uint8_t* w = p.w + stream * (p.k / kRows) * kStepBytes;
+  const __m512i low_nibbles = _mm512_set1_epi8(0x0F);
+  for (int64_t g = 0; g < p.groups; ++g) {
+    __m512i acc_h[ROWS][kPanels], acc_l[ROWS][kPanels];
+    for (int r = 0; r < ROWS; ++r)
+      for (int q = 0; q < kPanels; ++q) acc_h[r][q] = acc_l[r][q] = _mm512_setzero_si512();
+    const int8_t* xh = p.x->h.data() + row0 * p.k + g * group;
+    const int8_t* xl = p.x->l.data() + row0 * p.k + g * group;
+    for (int64_t s = 0; s < steps; ++s, w += kStepBytes) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetchSteps * kStepBytes), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetchSteps * kStepBytes + 128),
+                   _MM_HINT_T0);
+      if constexpr (BITS == 8) {
+        for (int q = 0; q < kPanels; ++q) {
+          __m512i line = _mm512_loadu_si512(w + q * 64);
+          for (int r = 0; r < ROWS; ++r) {
+            const int64_t at = r * p.k + s * 4;
+            acc_h[r][q] = _mm512_dpbusd_epi32(acc_h[r][q], line, broadcast4(xh + at));
+            acc_l[r][q] = _mm512_dpbusd_epi32(acc_l[r][q], line, broadcast4(xl + at));
+          }
+        }
+      } else {
+        // Low nibbles (rows 8s..8s+3) of all panels, then high nibbles (8s+4..8s+7): only
+        // one quad's broadcasts of x are live at a time (both would spill accumulators).
+        for (int half = 0; half < 2; ++half) {
+          for (int q = 0; q < kPanels; ++q) {
+            __m512i line = _mm512_loadu_si512(w + q * 64);
+            __m512i u = _mm512_and_si512(half ? _mm512_srli_epi16(line, 4) : line, low_nibbles);
+            for (int r = 0; r < ROWS; ++r) {
+              const int64_t at = r * p.k + s * 8 + 4 * half;
+              acc_h[r][q] = _mm512_dpbusd_epi32(acc_h[r][q], u, broadcast4(xh + at));
+              acc_l[r][q] = _mm512_dpbusd_epi32(acc_l[r][q], u, broadcast4(xl + at));
+            }
+          }
+        }
+      }
+    }
+    // sum_k x16 q = 256 (acc_h - offset sum h) + (acc_l - offset sum l), exact in int32.
+    for (int r = 0; r < ROWS; ++r) {
+      const int64_t row = row0 + r;
+      __m512i h_off = _mm512_set1_epi32(BITS == 8 ? 128 * p.x->h_sum[row * p.groups + g]
+                                                   : 8 * p.x->h_sum[row * p.groups + g]);
+      __m512i l_off = _mm512_set1_epi32(BITS == 8 ? 128 * p.x->l_sum[row * p.groups + g]
+                                                   : 8 * p.x->l_sum[row * p.groups + g]);
+      __m512 sx = _mm512_set1_ps(p.x->scale[row]);
+      for (int q = 0; q < kPanels; ++q) {
+        const int64_t col = stream * kStream + q * kPanel;
+        __m512 h = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc_h[r][q], h_off));
+        __m512 l = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc_l[r][q], l_off));
+        __m512 dot = _mm512_fmadd_ps(h, _mm512_set1_ps(256.0f), l);
+        __m512 scale = _mm512_mul_ps(_mm512_loadu_ps(p.scale + g * p.n + col), sx);
+        float* out = p.y + row * p.n + col;
+        __m512 prev = g == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(out);
+        _mm512_storeu_ps(out, _mm512_fmadd_ps(dot, scale, prev));
+      }
+    }
+  }
+}
+
+template <int BITS>
+void stream_all_rows(const Problem& p, int64_t stream) {
+  int64_t row = 0;
+  for (; row + kRowTile <= p.m; row += kRowTile) stream_tile<kRowTile, BITS>(p, row, stream);
+  if (p.m - row == 1) stream_tile<1, BITS>(p, row, stream);
+}
+
+void stream_columns(const Problem& p, int64_t stream) {
+  if (p.bits == 4) {
+    stream_all_rows<4>(p, stream);
+  } else {
+    stream_all_rows<8>(p, stream);
+  }
+}
+#else
+// The stored value (q + offset) of column c, k row i (within the stream's step layout).
+inline int32_t stored(const Problem& p, const uint8_t* stream_w, int64_t i, int64_t c) {
+  const int64_t rows = p.step_rows();
+  const uint8_t* line = stream_w + (i / rows) * kStepBytes + (c / kPanel) * 64 + (c % kPanel) * 4;
+  if (p.bits == 8) return line[i % 4];
+  uint8_t byte = line[i % 4];
+  return (i % 8) < 4 ? (byte & 0x0F) : (byte >> 4);
+}
+
+void stream_columns(const Problem& p, int64_t stream) {
+  const int64_t group = p.k / p.groups;
+  const uint8_t* w = p.w + stream * (p.k / p.step_rows()) * kStepBytes;
+  for (int64_t row = 0; row < p.m; ++row) {
+    const int8_t* xh = p.x->h.data() + row * p.k;
+    const int8_t* xl = p.x->l.data() + row * p.k;
+    float out[kStream] = {};
+    for (int64_t g = 0; g < p.groups; ++g) {
+      int64_t acc[kStream] = {};
+      for (int64_t i = g * group; i < (g + 1) * group; ++i) {
+        int64_t x16 = 256 * int64_t{xh[i]} + xl[i];
+        for (int64_t c = 0; c < kStream; ++c) acc[c] += x16 * (stored(p, w, i, c) - p.offset());
+      }
+      for (int64_t c = 0; c < kStream; ++c) {
+        out[c] += static_cast<float>(acc[c]) * (p.scale[g * p.n + stream * kStream + c] *
+                                                p.x->scale[row]);
+      }
+    }
+    std::memcpy(p.y + row * p.n + stream * kStream, out, sizeof(out));
+  }
+}
+#endif
+
+// `w_packed` is one packed weight [n/64, k/step, 4, 16, 4] or a stack [layers, ...] of which
+// `layer` picks one (read in place inside a layer scan, as in bf16_matmul.cc); `scales` is
+// [groups, n] or [layers, groups, n] float32.
+ffi::Error QuantizedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                               ffi::Buffer<ffi::U8> w_packed, ffi::Buffer<ffi::F32> scales,
+                               ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y,
+                               int32_t bits) {
+  auto x_dims = x.dimensions();
+  auto w_dims = w_packed.dimensions();
+  auto s_dims = scales.dimensions();
+  size_t rank = w_dims.size();
+  bool stacked = rank == 6;
+  if (x_dims.size() != 2 || (rank != 5 && rank != 6) || w_dims[rank - 3] != kPanels ||
+      w_dims[rank - 2] != kPanel || w_dims[rank - 1] != 4 || s_dims.size() != (stacked ? 3 : 2) ||
+      layer.element_count() != 1 || (bits != 4 && bits != 8)) {
+    return ffi::Error::InvalidArgument(
+        "quantized_matmul: expected x [m, k], W packed as [(layers,) n/64, k/step, 4, 16, 4], "
+        "scales [(layers,) groups, n], a layer, bits 4 or 8");
+  }
+  const int64_t step_rows = bits == 4 ? 8 : 4;
+  int64_t streams = w_dims[rank - 5], steps = w_dims[rank - 4];
+  int64_t m = x_dims[0], k = x_dims[1], n = streams * kStream;
+  int64_t groups = s_dims[s_dims.size() - 2];
+  int64_t layers = stacked ? w_dims[0] : 1, index = layer.typed_data()[0];
+  if (k != steps * step_rows || s_dims[s_dims.size() - 1] != n || groups < 1 ||
+      k % groups != 0 || (k / groups) % step_rows != 0) {
+    return ffi::Error::InvalidArgument(
+        "quantized_matmul: x's k, the packed W and the scales' [groups, n] disagree");
+  }
+  if (index < 0 || index >= layers || (stacked && s_dims[0] != layers)) {
+    return ffi::Error::InvalidArgument("quantized_matmul: layer index out of range");
+  }
+  thread_local QuantizedX qx;
+  quantize_x(x.typed_data(), m, k, groups, qx);
+  Problem problem{&qx,
+                  w_packed.typed_data() + index * streams * steps * kStepBytes,
+                  scales.typed_data() + index * groups * n,
+                  y->typed_data(), m, k, n, groups, bits};
+  jaxaccel::parallel_chunks(pool, streams, kChunks, [&problem](int64_t first, int64_t end) {
+    for (int64_t s = first; s < end; ++s) stream_columns(problem, s);
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxaccelQuantizedMatmul, QuantizedMatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("bits"));

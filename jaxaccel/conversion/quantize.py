@@ -1,0 +1,66 @@
+"""`convert --quantize`: a full-precision jaxaccel checkpoint -> a weight-only quantized one.
+
+Each weight the scheme covers (`jaxaccel.quantization`) is read whole as float32, quantized
+with the same function quantize-on-load applies per slice, and written as NAME.values and
+NAME.scales; every other array is copied as stored. The manifest's "quantization" object
+records the scheme and each weight's qtype and tiles. Writing is atomic (checkpoint.writer).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import tensorstore as ts
+
+from jaxaccel import quantization
+from jaxaccel.checkpoint import layout, writer
+from jaxaccel.checkpoint.manifest import PARAMS_DIR, Manifest
+from jaxaccel.errors import UsageError
+from jaxaccel.models import family_module
+from jaxaccel.models.state import abstract_model
+
+
+def quantize_checkpoint(src: str | pathlib.Path, dest: str | pathlib.Path,
+                        scheme: quantization.Scheme, *, chunk_bytes: int | None,
+                        codec: str = "none", overwrite: bool = False,
+                        on_array: Callable[[str, int], None] = lambda name, nbytes: None,
+                        ) -> Manifest:
+    """Write DEST: SRC (a full-precision jaxaccel checkpoint) quantized with `scheme`.
+
+    Raises UsageError if SRC is already quantized; CheckpointError from reading/writing."""
+    src, dest = pathlib.Path(src), pathlib.Path(dest)
+    manifest = Manifest.load(src)
+    if manifest.quantization:
+        raise UsageError(f"{src}: already quantized "
+                         f"({quantization.manifest_scheme(manifest)}); convert it from its "
+                         "full-precision checkpoint")
+    module = family_module(manifest.family)
+    _, abstract = abstract_model(manifest.family, manifest.config)
+    _, specs = quantization.quantize_abstract(abstract, module, scheme)
+    info = {**scheme.to_json(), "weights": {n: s.to_json() for n, s in sorted(specs.items())}}
+    out = dataclasses.replace(manifest, quantization=info,
+                              source={**manifest.source, "quantized_from": str(src.absolute())})
+    extras = {name: src / name for name in manifest.tokenizer_files}
+    return writer.write_checkpoint(dest, out, _arrays(src, manifest, specs), extras,
+                                   chunk_bytes=chunk_bytes, codec=codec, overwrite=overwrite,
+                                   on_array=on_array)
+
+
+def _arrays(src: pathlib.Path, manifest: Manifest,
+            specs: dict) -> Iterator[tuple[str, np.ndarray, tuple]]:
+    """(name, array, axes) to write, one source array in memory at a time."""
+    params = str(src / PARAMS_DIR)
+    for name, entry in sorted(manifest.arrays.items()):
+        store = ts.open(layout.array_spec(params, name), read=True).result()
+        spec = specs.get(name)
+        if spec is None:
+            yield name, store.read().result(), entry.axes
+            continue
+        whole = ts.cast(store, ts.float32).read().result()
+        values, scales = quantization.quantize_block(whole, spec)
+        del whole
+        yield quantization.values_name(name), quantization.to_stored(values), entry.axes
+        yield quantization.scales_name(name), scales, entry.axes

@@ -1,0 +1,298 @@
+"""Weight-only quantization: schemes, which weights they cover, and how one block is quantized.
+
+The quantized array type is qwix's `QArray` (`qvalue` int8/int4/float8 in the weight's stored
+shape, `scale` float32, no zero point: symmetric), made by `qwix.quantize`; model code hands it
+to the backend's `quantized_matmul` hook (`jaxaccel.models.layers.matmul`). Which weights a
+scheme covers is a list of `qwix.QuantizationRule`s whose `module_path` matches dotted
+parameter names: the family's `QUANTIZED_WEIGHTS` (its matmul weights), plus its untied LM
+head with `head=True`. Embeddings, norms and biases stay in the compute dtype.
+
+How a weight is quantized is a `QuantSpec`: per axis, the tile its scale covers. Weights are
+stored [*k, *n] (in, out), possibly with a leading layers axis:
+  * int8 / fp8: one scale per output channel: tile = the whole axis on every k axis, 1 elsewhere
+    (scale shape 1 along k);
+  * int4: one scale per output channel and group of `group_size` consecutive elements of the
+    flattened contraction axes (qwix's tiled/blockwise layout; for wo [n, h, d] with h = 64 and
+    g = 128, tiles (2, 64, 1): a group is two heads). Reshaped to 2-D, the scale is always
+    [K / g, N].
+
+Stored form (checkpoints, `jaxaccel.json`): a quantized weight NAME is two arrays, NAME.values
+(int8: int8; int4: int8 holding -8..7, one per byte; fp8: float8_e4m3fn) and NAME.scales
+(float32, shape = values shape / tiles), and the manifest's "quantization" object records the
+scheme and each weight's qtype and tiles (`QuantSpec.to_json`). This is jaxaccel's own layout;
+qwix's parameter pytree (declared unstable) is never written.
+
+Quantizing a block is elementwise after a max over each tile, so a block whose edges fall on
+tile edges quantizes to exactly the corresponding part of the whole array: quantize-on-load
+(per slice, `checkpoint.restore`) and convert --quantize (whole arrays) give the same bits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import re
+from collections.abc import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import qwix
+from flax import nnx
+
+from jaxaccel.errors import UsageError
+from jaxaccel.sharding import LAYERS
+
+SCHEMES = ("int8", "int4", "fp8")
+DEFAULT_GROUP_SIZE = 128
+QTYPES = {"int8": "int8", "int4": "int4", "fp8": "float8_e4m3fn"}
+# What each qtype is stored as in a checkpoint (int4: one value per byte, see module doc).
+STORED_DTYPES = {"int8": "int8", "int4": "int8", "float8_e4m3fn": "float8_e4m3fn"}
+VALUES, SCALES = "values", "scales"
+SCALE_DTYPE = np.dtype("float32")
+# Platforms whose XLA has float8 dots (H100-class GPUs, TPU v5+); elsewhere fp8 is refused.
+FP8_PLATFORMS = ("cuda", "gpu", "tpu")
+
+
+@dataclasses.dataclass(frozen=True)
+class Scheme:
+    """A weight-only scheme: `name` int8 | int4 | fp8, `group_size` (int4), `head` (also the
+    untied LM head)."""
+
+    name: str
+    group_size: int = DEFAULT_GROUP_SIZE
+    head: bool = False
+
+    @classmethod
+    def parse(cls, name: str | None, group_size: int | None = None,
+              head: bool = False) -> Scheme | None:
+        """`--quantize NAME` -> a Scheme (None for no quantization); UsageError if unknown."""
+        if name in (None, "", "none"):
+            return None
+        if name not in SCHEMES:
+            raise UsageError(f"--quantize must be one of {', '.join(SCHEMES)}, got {name!r}")
+        group = DEFAULT_GROUP_SIZE if group_size is None else int(group_size)
+        if group < 1 or group & (group - 1):
+            raise UsageError(f"--group-size must be a power of two, got {group}")
+        return cls(name, group, bool(head))
+
+    @property
+    def qtype(self) -> str:
+        return QTYPES[self.name]
+
+    def rules(self, family_module) -> list[qwix.QuantizationRule]:
+        """The qwix rules of this scheme for a family: one per quantized weight name."""
+        names = list(getattr(family_module, "QUANTIZED_WEIGHTS", {}))
+        if self.head:
+            names += list(getattr(family_module, "QUANTIZED_HEAD", {}))
+        if not names:
+            return []
+        pattern = "^(" + "|".join(re.escape(n) for n in names) + ")$"
+        tile = self.group_size if self.name == "int4" else None
+        return [qwix.QuantizationRule(module_path=pattern, weight_qtype=self.qtype,
+                                      tile_size=tile)]
+
+    def to_json(self) -> dict:
+        out = {"scheme": self.name, "head": self.head}
+        if self.name == "int4":
+            out["group_size"] = self.group_size
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantSpec:
+    """How one weight is quantized: its qtype and, per axis, the tile one scale covers."""
+
+    qtype: str
+    tiles: tuple[int, ...]
+
+    def scale_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+        return tuple(d // t for d, t in zip(shape, self.tiles))
+
+    @property
+    def stored_dtype(self) -> str:
+        return STORED_DTYPES[self.qtype]
+
+    def to_json(self) -> dict:
+        return {"qtype": self.qtype, "tiles": list(self.tiles)}
+
+    @classmethod
+    def from_json(cls, raw: Mapping) -> QuantSpec:
+        return cls(str(raw["qtype"]), tuple(int(t) for t in raw["tiles"]))
+
+
+def weight_axes(family_module, name: str, head: bool) -> tuple[int, ...] | None:
+    """The contraction axes (in the unstacked shape) of weight `name`, None if not covered."""
+    table = dict(getattr(family_module, "QUANTIZED_WEIGHTS", {}))
+    if head:
+        table.update(getattr(family_module, "QUANTIZED_HEAD", {}))
+    return table.get(name)
+
+
+def matching(rules: Sequence[qwix.QuantizationRule], name: str) -> qwix.QuantizationRule | None:
+    """The first rule whose module_path matches the dotted parameter name."""
+    return next((r for r in rules if r.weight_qtype and re.fullmatch(r.module_path, name)), None)
+
+
+def spec_for(shape: Sequence[int], k_axes: Sequence[int], stacked: bool,
+             rule: qwix.QuantizationRule) -> QuantSpec:
+    """The QuantSpec of a weight of `shape` (with a leading layers axis when `stacked`) whose
+    contraction axes are `k_axes` (unstacked numbering)."""
+    offset = 1 if stacked else 0
+    k = [a + offset for a in k_axes]
+    tiles = [1] * len(shape)
+    if rule.tile_size is None:  # per output channel: one scale over all of k
+        for a in k:
+            tiles[a] = shape[a]
+    else:
+        group = _fitting_group([shape[a] for a in k], int(rule.tile_size))
+        for a, t in zip(k, _group_tiles([shape[a] for a in k], group)):
+            tiles[a] = t
+    return QuantSpec(str(jnp.dtype(rule.weight_qtype)), tuple(tiles))
+
+
+def _group_tiles(k_dims: Sequence[int], group: int) -> list[int] | None:
+    """Tiles over the k axes whose product is `group` consecutive elements of flattened k."""
+    tiles, remaining = [1] * len(k_dims), group
+    for i in reversed(range(len(k_dims))):
+        dim = k_dims[i]
+        if remaining >= dim:
+            if remaining % dim:
+                return None
+            tiles[i], remaining = dim, remaining // dim
+        else:
+            if dim % remaining:
+                return None
+            tiles[i], remaining = remaining, 1
+        if remaining == 1:
+            return tiles
+    return tiles if remaining == 1 else None
+
+
+def _fitting_group(k_dims: Sequence[int], group: int) -> int:
+    """`group`, or the largest power-of-two fraction of it that tiles k (small test models)."""
+    while group > 1 and _group_tiles(k_dims, group) is None:
+        group //= 2
+    return max(group, 1)
+
+
+def abstract_qarray(shape, spec: QuantSpec) -> qwix.QArray:
+    """A QArray of ShapeDtypeStructs: the held form of a quantized weight."""
+    return qwix.QArray(jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(spec.qtype)),
+                       jax.ShapeDtypeStruct(spec.scale_shape(shape), SCALE_DTYPE),
+                       None, jnp.dtype(spec.qtype))
+
+
+@functools.cache
+def _quantizer(shape: tuple[int, ...], spec: QuantSpec):
+    channelwise = [a for a, t in enumerate(spec.tiles) if t == 1]
+    tiled = {a: t for a, t in enumerate(spec.tiles) if t != 1}
+
+    @jax.jit
+    def run(block):
+        q = qwix.quantize(block, jnp.dtype(spec.qtype), channelwise_axes=channelwise,
+                          tiled_axes=tiled)
+        return q.qvalue, q.scale.astype(jnp.float32)
+
+    return run
+
+
+def quantize_block(block: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray]:
+    """(values, scales) of a float32 host block whose edges fall on tile edges, computed with
+    qwix on the host CPU (never on an accelerator). values: int8 / ml_dtypes.int4 / float8."""
+    block = np.asarray(block, np.float32)
+    for dim, tile in zip(block.shape, spec.tiles):
+        if dim % tile:
+            raise ValueError(f"block {block.shape} is not a whole number of tiles {spec.tiles}")
+    cpu = jax.local_devices(backend="cpu")[0]
+    with jax.default_device(cpu):
+        values, scales = _quantizer(block.shape, spec)(jax.device_put(block, cpu))
+        return np.asarray(values), np.asarray(scales)
+
+
+def to_stored(values: np.ndarray) -> np.ndarray:
+    """Held values -> their checkpoint dtype (int4 widens to int8)."""
+    return values.astype(np.int8) if values.dtype == ml_dtypes.int4 else values
+
+
+def from_stored(values: np.ndarray, spec: QuantSpec) -> np.ndarray:
+    """Checkpoint values -> held dtype (int8 holding -8..7 narrows to int4)."""
+    return values.astype(ml_dtypes.int4) if spec.qtype == "int4" else values
+
+
+def check_platform(scheme: Scheme | None, platform: str) -> None:
+    """fp8 needs float8 dots; refuse it, naming the platform, where XLA has none."""
+    if scheme is not None and scheme.name == "fp8" and platform not in FP8_PLATFORMS:
+        raise UsageError(f"--quantize fp8: the {platform} backend has no float8 matmuls "
+                         f"(fp8 runs on {', '.join(FP8_PLATFORMS)}); use int8 or int4")
+
+
+def values_name(name: str) -> str:
+    return f"{name}.{VALUES}"
+
+
+def scales_name(name: str) -> str:
+    return f"{name}.{SCALES}"
+
+
+def held_nbytes(shape: Sequence[int], spec: QuantSpec) -> int:
+    """Bytes a quantized weight takes on a device: values + float32 scales."""
+    values = math.prod(shape) * np.dtype(jnp.dtype(spec.qtype)).itemsize
+    return values + math.prod(spec.scale_shape(shape)) * SCALE_DTYPE.itemsize
+
+
+def quantized_names(name: str) -> tuple[str, str]:
+    """(NAME.values, NAME.scales): the two arrays a quantized weight NAME is held/stored as."""
+    return values_name(name), scales_name(name)
+
+
+def quantize_abstract(state, family_module, scheme: Scheme):
+    """(abstract state with the scheme's weights as abstract QArrays, {name: QuantSpec})."""
+    rules = scheme.rules(family_module)
+    specs = {}
+    for path, variable in nnx.to_flat_state(state):
+        name = ".".join(map(str, path))
+        if matching(rules, name) is None:
+            continue
+        value = variable.get_value()
+        stacked = tuple(variable.get_metadata().get("axes", ()))[:1] == (LAYERS,)
+        specs[name] = spec_for(value.shape, weight_axes(family_module, name, scheme.head),
+                               stacked, matching(rules, name))
+    return apply_specs(state, specs), specs
+
+
+def apply_specs(state, specs: Mapping[str, QuantSpec]):
+    """`state` whose parameters named in `specs` are abstract QArrays of that spec."""
+    flat = []
+    for path, variable in nnx.to_flat_state(state):
+        spec = specs.get(".".join(map(str, path)))
+        if spec is not None:
+            variable = variable.replace(value=abstract_qarray(variable.get_value().shape, spec))
+        flat.append((path, variable))
+    return nnx.from_flat_state(flat)
+
+
+def manifest_specs(manifest) -> dict[str, QuantSpec]:
+    """{weight name: QuantSpec} of a quantized checkpoint ({} for a full-precision one)."""
+    weights = (manifest.quantization or {}).get("weights", {})
+    return {name: QuantSpec.from_json(raw) for name, raw in weights.items()}
+
+
+def manifest_scheme(manifest) -> str | None:
+    """The scheme name a checkpoint was quantized with, None if full precision."""
+    return (manifest.quantization or {}).get("scheme")
+
+
+def read_bytes(state) -> int:
+    """Bytes one pass over `state`'s parameters reads: quantized values at their bit width
+    (int4: half a byte, as GPU/TPU hold them) plus scales; other arrays at their itemsize."""
+    total = 0
+    for leaf in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, qwix.QArray)):
+        if isinstance(leaf, qwix.QArray):
+            bits = 4 if leaf.qvalue.dtype == jnp.int4 else 8
+            total += leaf.qvalue.size * bits // 8 + leaf.scale.size * leaf.scale.dtype.itemsize
+        else:
+            total += leaf.size * leaf.dtype.itemsize
+    return total
