@@ -111,6 +111,25 @@ def test_restore_ratios_against_orbax_and_raw():
     assert rows[0][-3:] == ("n/a", "n/a", "n/a")
 
 
+
+def test_cluster_restore_rows_from_a_bucket():
+    """`bench restore --processes N --source s3://...`: the network bytes are extra columns;
+    the local-source table keeps its columns."""
+    from jaxaccel.bench import cluster_restore
+
+    def run(seconds, storage, network):
+        return {"seconds": seconds, "storage": storage, "network": network, "total_bytes": 100,
+                "processes": {}}
+
+    runs = {"read-all": [run(2.0, 400, 398), run(4.0, 400, 398)],
+            "broadcast": [run(1.0, 100, 99), run(3.0, 100, 99)]}
+    rows, summary = cluster_restore.table_rows(runs, remote=True)
+    assert len(rows[1]) == len(cluster_restore.REMOTE_COLUMNS)
+    assert rows[1] == ("broadcast", 1.0, 2.0, 3.0, 100e-6, 1.0, 1.5, 0.25, 99e-6, 0.99)
+    assert summary["read-all"]["bytes_from_network"] == 398
+    rows, _ = cluster_restore.table_rows(runs)
+    assert len(rows[0]) == len(cluster_restore.COLUMNS) == 8
+
 def test_worker_env_sets_the_host_device_count(monkeypatch):
     base = {"XLA_FLAGS": "--xla_cpu_foo=1 --xla_force_host_platform_device_count=8",
             "JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "2",

@@ -7,6 +7,7 @@ through jax's own cluster detection. Each launch costs seconds of CPU per proces
 test checks several things at once.
 """
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -25,6 +26,7 @@ from jaxaccel.checkpoint import restore_mode
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "cluster_worker.py"
+DATA = "/params/d/"  # OCDBT data files: chunks and b-tree nodes, as in test_remote
 _EPHEMERAL = 65535 - 2**12 + 1  # jax picks SLURM/Open MPI coordinator ports in [this, 65535]
 
 
@@ -137,12 +139,49 @@ def _reference(minilm_ckpt, gpt2_ckpt):
     return embeddings, tokens
 
 
-@pytest.fixture(params=["local"])
-def checkpoint_source(request, minilm_ckpt, gpt2_ckpt):
-    """Where the cluster reads the checkpoints from: (minilm source, gpt2 source, reference
-    checkpoint dirs). Today a local directory; an object-store variant (the local S3 server
-    of the remote-storage work) slots in as another param, counting bytes at the server."""
-    return str(minilm_ckpt), str(gpt2_ckpt)
+@dataclasses.dataclass
+class Source:
+    """Where the cluster reads the checkpoints from, and how its storage traffic is counted."""
+
+    minilm: str
+    gpt2: str
+    proxy: object = None  # servers.FaultProxy in front of the S3 server; None: local files
+    stored: int = 0  # bytes of the checkpoints' OCDBT data files (chunks and b-tree nodes)
+
+    def served(self) -> int:
+        """Body bytes the server sent for data-file reads (ranged GETs under params/d/)."""
+        return self.proxy.count(DATA)[1]
+
+
+@pytest.fixture(scope="module")
+def s3_gpt2(s3_server, gpt2_ckpt) -> str:
+    from conftest import BUCKET
+
+    s3_server.upload_dir(gpt2_ckpt, BUCKET, "cluster-gpt2")
+    return f"s3://{BUCKET}/cluster-gpt2"
+
+
+def _data_file_bytes(ckpt: pathlib.Path) -> int:
+    return sum(p.stat().st_size for p in (ckpt / "params" / "d").iterdir())
+
+
+@pytest.fixture(params=["local", "s3"])
+def checkpoint_source(request, minilm_ckpt, gpt2_ckpt, monkeypatch):
+    """The checkpoints in a local directory, or uploaded once to the local S3 server (moto,
+    tests/servers.py) and read through a counting proxy, with the chunk cache off (the
+    processes would otherwise share one cache directory and hide the traffic)."""
+    if request.param == "local":
+        yield Source(str(minilm_ckpt), str(gpt2_ckpt))
+        return
+    import servers
+
+    server = request.getfixturevalue("s3_server")
+    minilm, gpt2 = request.getfixturevalue("s3_minilm"), request.getfixturevalue("s3_gpt2")
+    proxy = servers.FaultProxy(server.url)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+    monkeypatch.setenv("JAXACCEL_NO_CACHE", "1")
+    yield Source(minilm, gpt2, proxy, _data_file_bytes(minilm_ckpt) + _data_file_bytes(gpt2_ckpt))
+    proxy.stop()
 
 
 # --- cheap: detection, modes, the report ---------------------------------------------------
@@ -228,18 +267,25 @@ def test_slurm_processes_join_without_flags(minilm_ckpt, tmp_path):
             "processes") in errs[0] and "--mesh data=2,model=2,stage=1" in errs[0]
 
 
+def _run_worker(source: Source, mode: str, logs: pathlib.Path, *extra: str) -> dict:
+    argv = [sys.executable, str(WORKER), source.minilm, source.gpt2, "data=4,model=2", "dp_tp",
+            mode, *extra]
+    codes, outs, errs = finish(start("open mpi", 4, 2, argv, logs, timeout=90), logs,
+                               timeout=400)
+    assert codes == [0, 0, 0, 0], [e[-1500:] for e in errs]
+    return {**json.loads(outs[0]), "stderr": errs[0]}
+
+
 @pytest.mark.cpu_only
 def test_broadcast_restore_reads_each_byte_once(checkpoint_source, minilm_ckpt, gpt2_ckpt,
                                                 tmp_path):
     """Four processes x 2 devices started as mpirun starts them, `data=4,model=2`, broadcast
-    restore: together they read the checkpoints from storage ~once (read-all: 4x), and the
-    embeddings and greedy tokens equal the single-process run."""
-    minilm, gpt2 = checkpoint_source
-    argv = [sys.executable, str(WORKER), minilm, gpt2, "data=4,model=2", "dp_tp", "broadcast"]
-    codes, outs, errs = finish(start("open mpi", 4, 2, argv, tmp_path, timeout=90), tmp_path,
-                               timeout=400)
-    assert codes == [0, 0, 0, 0], [e[-1500:] for e in errs]
-    result = json.loads(outs[0])
+    restore: together they read the checkpoints from storage ~once, and the embeddings and
+    greedy tokens equal the single-process run. From S3 the bytes are counted at the server
+    (a proxy), `--restore-mode auto` must pick broadcast there, and read-all costs ~4x."""
+    source = checkpoint_source
+    remote = source.proxy is not None
+    result = _run_worker(source, "auto" if remote else "broadcast", tmp_path)
     assert result["cluster"] == "open mpi"
     storage = {int(p): r["storage"] for p, r in result["processes"].items()}
     total = result["total_bytes"]
@@ -247,10 +293,24 @@ def test_broadcast_restore_reads_each_byte_once(checkpoint_source, minilm_ckpt, 
     assert 0.95 <= sum(storage.values()) / total <= 1.05, (storage, total)
     assert all(r["received"] > 0 for r in result["processes"].values())
     assert all(0.15 <= s / total <= 0.35 for s in storage.values()), storage  # spread evenly
-    assert "slowest: process" in errs[0] and "received from replicas" in errs[0]
+    assert "slowest: process" in result["stderr"]
+    assert "received from replicas" in result["stderr"]
     embeddings, tokens = _reference(minilm_ckpt, gpt2_ckpt)
     np.testing.assert_allclose(np.array(result["embeddings"]), embeddings, atol=2e-6)
     assert result["tokens"] == tokens
+    if not remote:
+        return
+    # At the server: data-file bytes (chunks, plus the b-tree nodes every process reads to
+    # find them) over the data files' size; manifests and OCDBT manifests are extra requests.
+    broadcast, everything = source.served(), source.proxy.count()[1]
+    source.proxy.reset_counts()
+    _run_worker(source, "read-all", tmp_path, "restore-only")
+    read_all = source.served()
+    print(f"served data-file bytes / stored: broadcast {broadcast / source.stored:.3f}, "
+          f"read-all {read_all / source.stored:.3f}; all bytes served (broadcast run, with "
+          f"metadata) / stored: {everything / source.stored:.3f}")
+    assert 0.95 <= broadcast / source.stored <= 1.05, (broadcast, source.stored)
+    assert 3.8 <= read_all / source.stored <= 4.2, (read_all, source.stored)
 
 
 @pytest.mark.cpu_only

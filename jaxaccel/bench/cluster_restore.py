@@ -6,6 +6,10 @@ round by round. Reported per mode: the cluster's restore seconds (its slowest pr
 bytes all processes read from storage together (and as a multiple of the checkpoint), and
 ratios against read-all. On one machine the "storage" is the page cache, so seconds measure
 the collective's cost more than a bucket's; the bytes are what a remote source would serve.
+From a bucket (`--source s3://...`, each process with its own cold chunk cache) the table
+adds the bytes fetched over the network: the chunk ranges' response bodies as every process's
+remote reader counted them (the client side; the OCDBT index and manifests, read by every
+process, are not in it).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ WORKER = "jaxaccel.bench.cluster_restore_worker"
 MODES = ("read-all", "broadcast")
 COLUMNS = ("mode", "min s", "median s", "max s", "MB from storage", "x checkpoint",
            "read-all s / this", "storage / read-all")
+REMOTE_COLUMNS = (*COLUMNS, "MB over the network", "network x checkpoint")
 
 
 def run_once(kwargs: dict, processes: int, devices_each: int, timeout_s: float = 600) -> dict:
@@ -54,17 +59,22 @@ def measure(source: str, mesh: str, rules: str, dtype: str, processes: int,
     return runs
 
 
-def table_rows(runs: dict[str, list[dict]]) -> tuple[list, dict]:
+def table_rows(runs: dict[str, list[dict]], remote: bool = False) -> tuple[list, dict]:
+    """Rows of COLUMNS (REMOTE_COLUMNS when `remote`: network bytes of the first launch of
+    each mode) and the JSON summary."""
     seconds = runner.summarize_each(runs, "seconds")
     storage = {mode: results[0]["storage"] for mode, results in runs.items()}
+    network = {mode: results[0].get("network", 0) for mode, results in runs.items()}
     total = next(iter(runs.values()))[0]["total_bytes"]
     base_s, base_bytes = seconds["read-all"]["median"], storage["read-all"]
     rows, summary = [], {}
     for mode, s in seconds.items():
-        rows.append((mode, s["min"], s["median"], s["max"], storage[mode] / 1e6,
-                     storage[mode] / total, runner.ratio(base_s, s["median"]),
-                     runner.ratio(storage[mode], base_bytes)))
+        row = (mode, s["min"], s["median"], s["max"], storage[mode] / 1e6,
+               storage[mode] / total, runner.ratio(base_s, s["median"]),
+               runner.ratio(storage[mode], base_bytes))
+        rows.append((*row, network[mode] / 1e6, network[mode] / total) if remote else row)
         summary[mode] = {"seconds": s, "bytes_from_storage": storage[mode],
+                         "bytes_from_network": network[mode],
                          "checkpoint_bytes": total,
                          "per_process": [r["processes"] for r in runs[mode]]}
     return rows, summary

@@ -18,6 +18,7 @@ import typer
 
 from jaxaccel.bench import cluster_restore, runner
 from jaxaccel.bench.runner import Worker
+from jaxaccel.checkpoint import restore_mode
 
 BASELINE = "orbax (same checkpoint)"
 RAW = "raw read (page cache)"
@@ -102,9 +103,12 @@ def register(bench_app: typer.Typer) -> None:
 def _bench_cluster(source: str, mesh: str, rules: str, dtype: str, processes: int,
                    repeats: int, json_out) -> None:
     runs = cluster_restore.measure(source, mesh, rules, dtype, processes, repeats)
-    rows, summary = cluster_restore.table_rows(runs)
+    remote = restore_mode.is_remote(source)
+    rows, summary = cluster_restore.table_rows(runs, remote)
     runner.print_table(f"restore {source} onto {mesh} ({rules}) across {processes} processes; "
-                       f"{repeats} launches each, alternated", cluster_restore.COLUMNS, rows)
+                       f"{repeats} launches each, alternated",
+                       cluster_restore.REMOTE_COLUMNS if remote else cluster_restore.COLUMNS,
+                       rows)
     runner.write_json(json_out, {"benchmark": "restore-cluster", "source": source, "mesh": mesh,
                                  "rules": rules, "processes": processes, "results": summary})
 
