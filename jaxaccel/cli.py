@@ -37,66 +37,87 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
-@app.callback()
-def _global_options(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                 help="Print jaxaccel's version and exit."),
-    host_devices: Optional[int] = typer.Option(
-        None, "--host-devices", min=1,
-        help="On CPU, simulate N devices (sets XLA's host device count before jax starts); "
-             "use with --mesh to try data/tensor/pipeline parallel layouts on one machine."),
-    coordinator: Optional[str] = typer.Option(
-        None, "--coordinator", metavar="HOST:PORT",
-        help="Multi-host: the coordinator's address (process 0 serves it). Also read from "
-             "$JAX_COORDINATOR_ADDRESS. See `jaxaccel launch` to start local processes."),
-    num_processes: Optional[int] = typer.Option(
-        None, "--num-processes", min=1, help="Multi-host: how many processes take part "
-        "($JAX_NUM_PROCESSES)."),
-    process_id: Optional[int] = typer.Option(
-        None, "--process-id", min=0, help="Multi-host: this process's index, 0..N-1 "
-        "($JAX_PROCESS_ID). Only process 0 prints results."),
-    distributed_timeout: Optional[float] = typer.Option(
-        None, "--distributed-timeout", min=1, metavar="SECONDS",
-        help="Multi-host: deadline of every blocking step (connect, barriers); on expiry the "
-             "error names the process that did not arrive. Default 120."),
-    distributed_mode: str = typer.Option(
-        "auto", "--distributed", metavar="auto|off",
-        help="Multi-host: auto joins the cluster this process was started in (srun, mpirun, "
-             "a TPU pod slice, a Kubernetes indexed Job/JobSet, the JAX_* variables), as "
-             "jax.distributed detects it; off runs alone even there."),
-    restore_mode: str = typer.Option(
-        "auto", "--restore-mode", metavar="auto|read-all|broadcast",
-        help="Multi-host restore: read-all (every process reads the slices its devices "
-             "hold), broadcast (each slice replicated across processes is read once and sent "
-             "to the others over the devices), auto (broadcast when replicas span processes "
-             "and the checkpoint is remote)."),
-    debug: bool = typer.Option(
-        False, "--debug", help="Print the full traceback of an unexpected error (without it: "
-        "one line and exit code 1)."),
-    s3_endpoint: Optional[str] = typer.Option(
-        None, "--s3-endpoint", metavar="URL", help="Remote checkpoints: endpoint of an "
-        "S3-compatible store for s3:// paths (sets $AWS_ENDPOINT_URL)."),
-    concurrency: Optional[int] = typer.Option(
-        None, "--concurrency", min=1, help="Remote checkpoints: requests in flight per storage "
-        "driver ($JAXACCEL_REMOTE_CONCURRENCY, default 32)."),
-    cache_dir: Optional[str] = typer.Option(
-        None, "--cache-dir", help="Remote checkpoints: local chunk cache directory "
-        "($JAXACCEL_CACHE_DIR, default ~/.cache/jaxaccel/chunks)."),
-    cache_size: Optional[str] = typer.Option(
-        None, "--cache-size", help="Remote checkpoints: chunk cache limit, least recently used "
-        "chunks are evicted beyond it ($JAXACCEL_CACHE_SIZE, default 50GiB)."),
-    no_cache: bool = typer.Option(
-        False, "--no-cache", help="Remote checkpoints: read every chunk from the network, "
-        "neither reading nor filling the chunk cache ($JAXACCEL_NO_CACHE=1)."),
-) -> None:
-    _DEBUG["enabled"] = debug
-    # Environment variables, so that bench and launch subprocesses inherit the settings.
+_VERSION = typer.Option(False, "--version", callback=_version, is_eager=True,
+    help="Print jaxaccel's version and exit.")
+_HOST_DEVICES = typer.Option(
+    None, "--host-devices", min=1,
+    help="On CPU, simulate N devices (sets XLA's host device count before jax starts); "
+    "use with --mesh to try data/tensor/pipeline parallel layouts on one machine.")
+_COORDINATOR = typer.Option(
+    None, "--coordinator", metavar="HOST:PORT",
+    help="Multi-host: the coordinator's address (process 0 serves it). Also read from "
+    "$JAX_COORDINATOR_ADDRESS. See `jaxaccel launch` to start local processes.")
+_NUM_PROCESSES = typer.Option(
+    None, "--num-processes", min=1, help="Multi-host: how many processes take part "
+    "($JAX_NUM_PROCESSES).")
+_PROCESS_ID = typer.Option(
+    None, "--process-id", min=0, help="Multi-host: this process's index, 0..N-1 "
+    "($JAX_PROCESS_ID). Only process 0 prints results.")
+_DISTRIBUTED_TIMEOUT = typer.Option(
+    None, "--distributed-timeout", min=1, metavar="SECONDS",
+    help="Multi-host: deadline of every blocking step (connect, barriers); on expiry the "
+    "error names the process that did not arrive. Default 120.")
+_DISTRIBUTED_MODE = typer.Option(
+    "auto", "--distributed", metavar="auto|off",
+    help="Multi-host: auto joins the cluster this process was started in (srun, mpirun, "
+    "a TPU pod slice, a Kubernetes indexed Job/JobSet, the JAX_* variables), as "
+    "jax.distributed detects it; off runs alone even there.")
+_RESTORE_MODE = typer.Option(
+    "auto", "--restore-mode", metavar="auto|read-all|broadcast",
+    help="Multi-host restore: read-all (every process reads the slices its devices "
+    "hold), broadcast (each slice replicated across processes is read once and sent "
+    "to the others over the devices), auto (broadcast when replicas span processes "
+    "and the checkpoint is remote).")
+_DEBUG_OPTION = typer.Option(
+    False, "--debug", help="Print the full traceback of an unexpected error (without it: "
+    "one line and exit code 1).")
+_S3_ENDPOINT = typer.Option(
+    None, "--s3-endpoint", metavar="URL", help="Remote checkpoints: endpoint of an "
+    "S3-compatible store for s3:// paths (sets $AWS_ENDPOINT_URL).")
+_CONCURRENCY = typer.Option(
+    None, "--concurrency", min=1, help="Remote checkpoints: requests in flight per storage "
+    "driver ($JAXACCEL_REMOTE_CONCURRENCY, default 32).")
+_CACHE_DIR = typer.Option(
+    None, "--cache-dir", help="Remote checkpoints: local chunk cache directory "
+    "($JAXACCEL_CACHE_DIR, default ~/.cache/jaxaccel/chunks).")
+_CACHE_SIZE = typer.Option(
+    None, "--cache-size", help="Remote checkpoints: chunk cache limit, least recently used "
+    "chunks are evicted beyond it ($JAXACCEL_CACHE_SIZE, default 50GiB).")
+_NO_CACHE = typer.Option(
+    False, "--no-cache", help="Remote checkpoints: read every chunk from the network, "
+    "neither reading nor filling the chunk cache ($JAXACCEL_NO_CACHE=1).")
+
+
+def _export_remote_settings(s3_endpoint, concurrency, cache_dir, cache_size, no_cache) -> None:
+    """Remote-checkpoint options as environment variables, so that bench and launch
+    subprocesses inherit them."""
     for name, value in (("AWS_ENDPOINT_URL", s3_endpoint), ("JAXACCEL_CACHE_DIR", cache_dir),
                         ("JAXACCEL_CACHE_SIZE", cache_size),
                         ("JAXACCEL_REMOTE_CONCURRENCY", concurrency and str(concurrency)),
                         ("JAXACCEL_NO_CACHE", "1" if no_cache else None)):
         if value:
             os.environ[name] = value
+
+
+@app.callback()
+def _global_options(
+    version: bool = _VERSION,
+    host_devices: Optional[int] = _HOST_DEVICES,
+    coordinator: Optional[str] = _COORDINATOR,
+    num_processes: Optional[int] = _NUM_PROCESSES,
+    process_id: Optional[int] = _PROCESS_ID,
+    distributed_timeout: Optional[float] = _DISTRIBUTED_TIMEOUT,
+    distributed_mode: str = _DISTRIBUTED_MODE,
+    restore_mode: str = _RESTORE_MODE,
+    debug: bool = _DEBUG_OPTION,
+    s3_endpoint: Optional[str] = _S3_ENDPOINT,
+    concurrency: Optional[int] = _CONCURRENCY,
+    cache_dir: Optional[str] = _CACHE_DIR,
+    cache_size: Optional[str] = _CACHE_SIZE,
+    no_cache: bool = _NO_CACHE,
+) -> None:
+    _DEBUG["enabled"] = debug
+    _export_remote_settings(s3_endpoint, concurrency, cache_dir, cache_size, no_cache)
     platform.configure_host_devices(host_devices)
     try:
         cluster = distributed.cluster_from(coordinator, num_processes, process_id,

@@ -67,7 +67,9 @@ def detect(environ=None) -> Environment | None:
     return None
 
 
-def _int(environ, name: str) -> int | None:
+def env_int(environ, name: str) -> int | None:
+    """The integer in environment variable `name`, or None when unset; ValueError naming it
+    when it is not an integer."""
     value = environ.get(name)
     if value is None:
         return None
@@ -80,19 +82,19 @@ def _int(environ, name: str) -> int | None:
 def _slurm(environ) -> Environment | None:
     if not all(name in environ for name in _SLURM):
         return None
-    return Environment("slurm", _int(environ, "SLURM_NTASKS"), _int(environ, "SLURM_PROCID"))
+    return Environment("slurm", env_int(environ, "SLURM_NTASKS"), env_int(environ, "SLURM_PROCID"))
 
 
 def _open_mpi(environ) -> Environment | None:
     if _OMPI_URI not in environ and not all(name in environ for name in _OMPI5):
         return None
-    return Environment("open mpi", _int(environ, "OMPI_COMM_WORLD_SIZE"),
-                       _int(environ, "OMPI_COMM_WORLD_RANK"))
+    return Environment("open mpi", env_int(environ, "OMPI_COMM_WORLD_SIZE"),
+                       env_int(environ, "OMPI_COMM_WORLD_RANK"))
 
 
 def _tpu_pod(environ) -> Environment | None:
     if any(environ.get(name) for name in _TPU_HOSTS) and "TPU_WORKER_ID" in environ:
-        return Environment("tpu pod (gke)", None, _int(environ, "TPU_WORKER_ID"))
+        return Environment("tpu pod (gke)", None, env_int(environ, "TPU_WORKER_ID"))
     if environ is os.environ and _on_tpu_vm() and _gce_tpu_metadata_present():
         return Environment("tpu pod (metadata)")
     return None
@@ -120,12 +122,12 @@ def _kubernetes(environ) -> Environment | None:
     if "KUBERNETES_SERVICE_HOST" not in environ or "JOB_COMPLETION_INDEX" not in environ:
         return None
     name = "kubernetes jobset" if "JOBSET_NAME" in environ else "kubernetes job"
-    return Environment(name, _int(environ, "JAX_NUM_PROCESSES"),
-                       _int(environ, "JOB_COMPLETION_INDEX"))
+    return Environment(name, env_int(environ, "JAX_NUM_PROCESSES"),
+                       env_int(environ, "JOB_COMPLETION_INDEX"))
 
 
 def _jax_variables(environ) -> Environment | None:
     if not all(name in environ for name in _JAX):
         return None
-    return Environment("JAX_* variables", _int(environ, "JAX_NUM_PROCESSES"),
-                       _int(environ, "JAX_PROCESS_ID"))
+    return Environment("JAX_* variables", env_int(environ, "JAX_NUM_PROCESSES"),
+                       env_int(environ, "JAX_PROCESS_ID"))

@@ -76,8 +76,10 @@ def cluster_from(coordinator: str | None = None, num_processes: int | None = Non
         return None
     found = environments.detect(environ)
     coordinator = coordinator or environ.get(ENV_COORDINATOR)
-    num_processes = num_processes if num_processes is not None else _env_int(environ, ENV_NUM_PROCESSES)
-    process_id = process_id if process_id is not None else _env_int(environ, ENV_PROCESS_ID)
+    if num_processes is None:
+        num_processes = environments.env_int(environ, ENV_NUM_PROCESSES)
+    if process_id is None:
+        process_id = environments.env_int(environ, ENV_PROCESS_ID)
     if timeout_s is None:
         timeout_s = float(environ.get(ENV_TIMEOUT, DEFAULT_TIMEOUT_S))
     given = {"--coordinator": coordinator, "--num-processes": num_processes,
@@ -98,16 +100,6 @@ def cluster_from(coordinator: str | None = None, num_processes: int | None = Non
     if None not in (process_id, num_processes) and not 0 <= process_id < num_processes:
         raise ValueError(f"--process-id must be in [0, {num_processes}), got {process_id}")
     return Cluster(coordinator, num_processes, process_id, timeout_s, source)
-
-
-def _env_int(environ, name: str) -> int | None:
-    value = environ.get(name)
-    if value is None:
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        raise ValueError(f"${name} must be an integer, got {value!r}") from None
 
 
 def initialize(cluster: Cluster | None) -> None:

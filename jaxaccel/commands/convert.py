@@ -24,41 +24,55 @@ def chunk_bytes_from(chunking: str) -> int | None:
     return parse_bytes(chunking, "--chunking")
 
 
+_SRC = typer.Argument(..., help="Hugging Face model directory (config.json + "
+    "*.safetensors), or `minilm` for the bundled all-MiniLM-L6-v2.")
+_DEST = typer.Argument(..., help="New checkpoint directory (must not exist), or "
+    "gs://BUCKET/PATH, s3://BUCKET/PATH (manifest written last).")
+_DTYPE = typer.Option("float32", "--dtype", help="Stored dtype: float32, bfloat16 "
+    "(halves the bytes) or float16.")
+_FAMILY = typer.Option("auto", "--family", help="Model family: auto (from "
+    "config.json's model_type), bert, gpt2, llama or resnet.")
+_LAYOUT = typer.Option("hf", "--layout", help="Source layout: hf (Hugging Face), "
+    "or a family's other layout, e.g. `--family resnet --layout "
+    "torchvision` (a torchvision state dict as safetensors; "
+    "config.json optional, for labels).")
+_CHUNKING = typer.Option("auto", "--chunking", help="auto: one chunk per layer, "
+    "sharded dims cut in 8 aligned pieces, chunks <= 64MiB; "
+    "none: one chunk per array; or a max chunk size like 16MiB.")
+_CODEC = typer.Option("none", "--codec", help="Chunk codec: none (fastest restore) "
+    "or zstd (smaller, slower). Every chunk carries a crc32c.")
+_OVERWRITE = typer.Option(False, "--overwrite", help="Replace DEST if it exists "
+    "(atomically, only once the new checkpoint is complete).")
+_ALLOW_OVERFLOW = typer.Option(False, "--allow-overflow", help="Convert even where "
+    "a value does not fit the stored dtype (float16 "
+    "beyond 65504 becomes inf) or the source holds "
+    "NaN/inf; refused by default, naming the tensor.")
+_QUANTIZE = typer.Option(None, "--quantize", help="Write a weight-only "
+    "quantized checkpoint: int8 (per output channel) "
+    "or int4 (groups along the input axis, "
+    "--group-size); values + scales per weight. SRC "
+    "may also be a full-precision jaxaccel checkpoint.")
+_GROUP_SIZE = typer.Option(128, "--group-size", min=1, help="int4: input-axis "
+    "elements per scale (a power of two).")
+_QUANTIZE_HEAD = typer.Option(False, "--quantize-head", help="Also quantize an "
+    "untied LM head.")
+
+
 def register(app: typer.Typer) -> None:
     @app.command("convert")
     def convert_cmd(
-        src: str = typer.Argument(..., help="Hugging Face model directory (config.json + "
-                                  "*.safetensors), or `minilm` for the bundled all-MiniLM-L6-v2."),
-        dest: str = typer.Argument(..., help="New checkpoint directory (must not exist), or "
-                                   "gs://BUCKET/PATH, s3://BUCKET/PATH (manifest written last)."),
-        dtype: str = typer.Option("float32", "--dtype", help="Stored dtype: float32, bfloat16 "
-                                  "(halves the bytes) or float16."),
-        family: str = typer.Option("auto", "--family", help="Model family: auto (from "
-                                   "config.json's model_type), bert, gpt2, llama or resnet."),
-        layout: str = typer.Option("hf", "--layout", help="Source layout: hf (Hugging Face), "
-                                   "or a family's other layout, e.g. `--family resnet --layout "
-                                   "torchvision` (a torchvision state dict as safetensors; "
-                                   "config.json optional, for labels)."),
-        chunking: str = typer.Option("auto", "--chunking", help="auto: one chunk per layer, "
-                                     "sharded dims cut in 8 aligned pieces, chunks <= 64MiB; "
-                                     "none: one chunk per array; or a max chunk size like 16MiB."),
-        codec: str = typer.Option("none", "--codec", help="Chunk codec: none (fastest restore) "
-                                  "or zstd (smaller, slower). Every chunk carries a crc32c."),
-        overwrite: bool = typer.Option(False, "--overwrite", help="Replace DEST if it exists "
-                                       "(atomically, only once the new checkpoint is complete)."),
-        allow_overflow: bool = typer.Option(False, "--allow-overflow", help="Convert even where "
-                                            "a value does not fit the stored dtype (float16 "
-                                            "beyond 65504 becomes inf) or the source holds "
-                                            "NaN/inf; refused by default, naming the tensor."),
-        quantize: Optional[str] = typer.Option(None, "--quantize", help="Write a weight-only "
-                                               "quantized checkpoint: int8 (per output channel) "
-                                               "or int4 (groups along the input axis, "
-                                               "--group-size); values + scales per weight. SRC "
-                                               "may also be a full-precision jaxaccel checkpoint."),
-        group_size: int = typer.Option(128, "--group-size", min=1, help="int4: input-axis "
-                                       "elements per scale (a power of two)."),
-        quantize_head: bool = typer.Option(False, "--quantize-head", help="Also quantize an "
-                                           "untied LM head."),
+        src: str = _SRC,
+        dest: str = _DEST,
+        dtype: str = _DTYPE,
+        family: str = _FAMILY,
+        layout: str = _LAYOUT,
+        chunking: str = _CHUNKING,
+        codec: str = _CODEC,
+        overwrite: bool = _OVERWRITE,
+        allow_overflow: bool = _ALLOW_OVERFLOW,
+        quantize: Optional[str] = _QUANTIZE,
+        group_size: int = _GROUP_SIZE,
+        quantize_head: bool = _QUANTIZE_HEAD,
         as_json: bool = JSON,
         quiet: bool = QUIET,
     ) -> None:
@@ -69,7 +83,7 @@ def register(app: typer.Typer) -> None:
         only when complete.
         """
         # deferred: the converter pulls in jax and tensorstore, which `--help` does not need
-        from jaxaccel import api, progress
+        from jaxaccel import api
 
         start = time.perf_counter()
         manifest = api.convert(src, dest, dtype=dtype, family=family, layout=layout,
@@ -78,17 +92,25 @@ def register(app: typer.Typer) -> None:
                                allow_overflow=allow_overflow, quantize=quantize,
                                group_size=group_size, quantize_head=quantize_head)
         seconds = time.perf_counter() - start
-        ignored = manifest.source.get("ignored_tensors", [])
-        if as_json:
-            print(json.dumps({"dest": str(dest), "family": manifest.family, "dtype": manifest.dtype,
-                              "quantization": manifest.quantization.get("scheme"),
-                              "arrays": len(manifest.arrays), "total_bytes": manifest.total_bytes,
-                              "ignored_tensors": ignored, "seconds": round(seconds, 3)}))
-        else:
-            if ignored:
-                progress.say(f"ignored {len(ignored)} source tensor(s) the model does not use: "
-                             + ", ".join(ignored[:6]) + (" ..." if len(ignored) > 6 else ""),
-                             quiet)
-            progress.say(f"wrote {dest}: {manifest.family}, {len(manifest.arrays)} arrays, "
-                         f"{manifest.total_bytes / 1e6:.1f} MB {manifest.dtype} in {seconds:.1f} s",
+        _report(dest, manifest, seconds, as_json, quiet)
+
+
+def _report(dest, manifest, seconds: float, as_json: bool, quiet: bool) -> None:
+    """The convert result: one JSON object, or the ignored tensors and a summary line."""
+    # deferred: progress is light, but keeps --help free of the package's imports
+    from jaxaccel import progress
+
+    ignored = manifest.source.get("ignored_tensors", [])
+    if as_json:
+        print(json.dumps({"dest": str(dest), "family": manifest.family, "dtype": manifest.dtype,
+                          "quantization": manifest.quantization.get("scheme"),
+                          "arrays": len(manifest.arrays), "total_bytes": manifest.total_bytes,
+                          "ignored_tensors": ignored, "seconds": round(seconds, 3)}))
+    else:
+        if ignored:
+            progress.say(f"ignored {len(ignored)} source tensor(s) the model does not use: "
+                         + ", ".join(ignored[:6]) + (" ..." if len(ignored) > 6 else ""),
                          quiet)
+        progress.say(f"wrote {dest}: {manifest.family}, {len(manifest.arrays)} arrays, "
+                     f"{manifest.total_bytes / 1e6:.1f} MB {manifest.dtype} in {seconds:.1f} s",
+                     quiet)

@@ -29,19 +29,13 @@ PANELS = 4  # lines per pair of k rows in a group
 GROUP = PANEL * PANELS  # output columns per contiguous stream
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class PackedWeight:
-    lines: jax.Array  # uint16 [*stacked, n_pad/64, k_pad/2, 4, 16, 2]
-    k_shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
-    n_shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
-    # Inside a layer scan: `lines` is the whole [layers, ...] stack and `layer` the index of
-    # the one to use, so the kernel reads it in place (see `CpuBackend.scan_layers`).
-    layer: jax.Array | None = None
+class WholeWeight:
+    """What every packed weight shares: it is read whole (`param[...]` returns it, as an
+    nnx.Param would its value) and knows its logical sizes k = prod(k_shape), n = prod(n_shape)."""
 
     def __getitem__(self, index):
         if index is not Ellipsis:
-            raise TypeError("a PackedWeight is read whole (`param[...]`), not indexed")
+            raise TypeError(f"a {type(self).__name__} is read whole (`param[...]`), not indexed")
         return self
 
     @property
@@ -51,6 +45,18 @@ class PackedWeight:
     @property
     def n(self) -> int:
         return math.prod(self.n_shape)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PackedWeight(WholeWeight):
+    lines: jax.Array  # uint16 [*stacked, n_pad/64, k_pad/2, 4, 16, 2]
+    k_shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
+    n_shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
+    # Inside a layer scan: `lines` is the whole [layers, ...] stack and `layer` the index of
+    # the one to use, so the kernel reads it in place (see `CpuBackend.scan_layers`).
+    layer: jax.Array | None = None
+
 
 
 

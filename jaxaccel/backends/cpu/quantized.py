@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxaccel.backends.cpu import build
+from jaxaccel.backends.cpu import build, packed
 
 PANEL, PANELS = 16, 4
 STREAM = PANEL * PANELS  # output columns per contiguous stream
@@ -38,7 +38,7 @@ QTYPES = {jnp.dtype(jnp.int8): 8, jnp.dtype(jnp.int4): 4}
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class PackedQuantWeight:
+class PackedQuantWeight(packed.WholeWeight):
     lines: jax.Array  # uint8 [*stacked, n_pad/64, k_pad/step, 4, 16, 4]
     scales: jax.Array  # float32 [*stacked, groups, n_pad]
     k_shape: tuple[int, ...] = dataclasses.field(metadata={"static": True})
@@ -49,19 +49,6 @@ class PackedQuantWeight:
     layer: jax.Array | None = None
 
     STACKED = ("lines", "scales")
-
-    def __getitem__(self, index):
-        if index is not Ellipsis:
-            raise TypeError("a PackedQuantWeight is read whole (`param[...]`), not indexed")
-        return self
-
-    @property
-    def k(self) -> int:
-        return math.prod(self.k_shape)
-
-    @property
-    def n(self) -> int:
-        return math.prod(self.n_shape)
 
     @property
     def k_pad(self) -> int:
