@@ -52,13 +52,15 @@ def load(path: str | pathlib.Path, *, mesh: MeshLike = None, rules: str | Mappin
          dtype: str | None = None, host_memory_budget: int | str | None = None,
          verify: bool = True, progress: bool = True, microbatches: int | None = None,
          restore_mode: str | None = None, quantize: str | None = None,
-         group_size: int | None = None, quantize_head: bool = False) -> Model:
+         group_size: int | None = None, quantize_head: bool | str = False) -> Model:
     """Restore a checkpoint onto `mesh` (default: one device) in compute `dtype` ("float32"
     or "bfloat16"; default: the checkpoint's), streaming only the slices each device holds.
 
     `quantize` "int8" | "int4" | "fp8" (GPU/TPU): weight-only quantization of the matmul
     weights, each slice quantized on the host as it streams in (`group_size` for int4,
-    default 128; `quantize_head` also the untied LM head). A checkpoint written by
+    default 128; `quantize_head` also the LM head: True for int8 per output channel, or a
+    scheme name; a tied head becomes a quantized copy of the embedding table, the lookup
+    keeps the table in `dtype`). A checkpoint written by
     `convert(..., quantize=...)` is quantized already and needs no `quantize`.
 
     `host_memory_budget`: bytes (or "2GiB") of restore reads in flight. `verify` (default
@@ -80,7 +82,7 @@ def convert(src: str | pathlib.Path, dest: str | pathlib.Path, *, dtype: str | N
             family: str = "auto", layout: str = "hf", overwrite: bool = False,
             progress: bool = True, chunk_bytes: int | None = DEFAULT_CHUNK_BYTES,
             codec: str = "none", allow_overflow: bool = False, quantize: str | None = None,
-            group_size: int | None = None, quantize_head: bool = False) -> Manifest:
+            group_size: int | None = None, quantize_head: bool | str = False) -> Manifest:
     """Convert a Hugging Face directory (config.json + safetensors; "minilm" for the bundled
     all-MiniLM-L6-v2) into a jaxaccel checkpoint at `dest` (written atomically, as `dtype`:
     float32, bfloat16 or float16); another `layout` of a family, e.g. family="resnet",
@@ -132,7 +134,7 @@ def plan(path: str | pathlib.Path, *, mesh: MeshLike = None, rules: str | Mappin
          dtype: str | None = None, batch: int = 1, seq: int | None = None,
          max_new_tokens: int = 0, device_memory: int | str | None = None,
          quantize: str | None = None, group_size: int | None = None,
-         quantize_head: bool = False) -> planner.MemoryPlan:
+         quantize_head: bool | str = False) -> planner.MemoryPlan:
     """Per-device and per-process memory of a run, before reading a byte (`.fits`,
     `.to_json()`; `jaxaccel.planner.check_fits` raises PlanError when it does not fit).
     `quantize` etc.: as in `load` (a quantize-on-load run)."""

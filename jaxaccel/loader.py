@@ -112,9 +112,15 @@ def plan_model(path: str | pathlib.Path, layout: Layout | None = None,
         config = config_from_dict(manifest.family, manifest.config)
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{path / 'jaxaccel.json'}: {err}") from None
-    graphdef, abstract = abstract_model(manifest.family, config, COMPUTE_DTYPES[dtype])
     scheme = quantization.Scheme.parse(quantize) if isinstance(quantize, str) else quantize
     stored, on_load, info = _quantization(manifest, scheme, path)
+    # A tied head quantized: the model holds it as its own parameter, a copy of the table.
+    copies = (quantization.manifest_head_copy(manifest) if stored
+              else quantization.tied_head(family_module(manifest.family), config, scheme))
+    graphdef, abstract = abstract_model(manifest.family, config, COMPUTE_DTYPES[dtype],
+                                        head_copy=bool(copies))
+    if copies and not stored:
+        info["head_copy"] = copies
     quantization.check_platform(scheme, layout.mesh.devices.flat[0].platform)
     if stored:
         abstract = quantization.apply_specs(abstract, stored)
@@ -127,7 +133,7 @@ def plan_model(path: str | pathlib.Path, layout: Layout | None = None,
         if weight in on_load:
             if name.endswith(".values"):
                 targets[weight], held_values, held_scales = _quantized_target(
-                    spec, on_load[weight], layout)
+                    spec, on_load[weight], layout, copies.get(weight))
                 held[name], held[quantization.scales_name(weight)] = held_values, held_scales
             continue
         quant = stored.get(weight)
@@ -155,14 +161,15 @@ def _quantization(manifest: Manifest, scheme, path) -> tuple[dict, dict, dict]:
     return {}, {}, {}
 
 
-def _quantized_target(spec, quant, layout: Layout):
-    """Quantize on load: (Target of the float32 source, held values, held scales)."""
+def _quantized_target(spec, quant, layout: Layout, source: str | None = None):
+    """Quantize on load: (Target of the float32 source, held values, held scales); `source`
+    names the checkpoint array it reads when that is not the weight itself (a tied head)."""
     shape, values, scales = quantized_param_spec(spec.axes, spec.shape, quant.tiles, layout)
     values_sh = jax.sharding.NamedSharding(layout.mesh, values)
     scales_sh = jax.sharding.NamedSharding(layout.mesh, scales)
     target = Target(shape, np.dtype("float32"), values_sh,
                     stored_shape=spec.shape if shape != spec.shape else None,
-                    quant=quant, scale_sharding=scales_sh)
+                    quant=quant, scale_sharding=scales_sh, source=source)
     return (target, jax.ShapeDtypeStruct(shape, np.dtype(jnp.dtype(quant.qtype)), sharding=values_sh),
             jax.ShapeDtypeStruct(quant.scale_shape(shape), np.float32, sharding=scales_sh))
 

@@ -4,8 +4,22 @@ The quantized array type is qwix's `QArray` (`qvalue` int8/int4/float8 in the we
 shape, `scale` float32, no zero point: symmetric), made by `qwix.quantize`; model code hands it
 to the backend's `quantized_matmul` hook (`jaxaccel.models.layers.matmul`). Which weights a
 scheme covers is a list of `qwix.QuantizationRule`s whose `module_path` matches dotted
-parameter names: the family's `QUANTIZED_WEIGHTS` (its matmul weights), plus its untied LM
-head with `head=True`. Embeddings, norms and biases stay in the compute dtype.
+parameter names: the family's `QUANTIZED_WEIGHTS` (its matmul weights), plus its LM head
+with `head=True`. Embeddings, norms and biases stay in the compute dtype.
+
+A tied LM head (GPT-2; Llama/Qwen with `tie_word_embeddings`) is the token embedding table.
+With `head=True` the model then also holds its head as a parameter of its own (the family's
+`TIED_HEAD`: the head's name and the table it copies; `models.state.abstract_model(...,
+head_copy=True)`), quantized from the table: the logits matmul reads the quantized copy, the
+embedding lookup keeps the table in the compute dtype. Quantize on load reads the table a
+second time for it (`checkpoint.restore.Target.source`); `convert --quantize-head` stores the
+copy as the head's NAME.values / NAME.scales and records {head: table} as the manifest's
+`quantization.head_copy`.
+
+The head's scheme: `Scheme.head_name`, by default int8 per output channel under every
+scheme, int4 included (`HEAD_SCHEMES`; as llama.cpp keeps `output.weight` at higher
+precision): measured on GPT-2 124M (README, Quantization), an int4 head cost more accuracy
+than the int4 blocks alone for little speed.
 
 How a weight is quantized is a `QuantSpec`: per axis, the tile its scale covers. Weights are
 stored [*k, *n] (in, out), possibly with a leading layers axis:
@@ -46,6 +60,8 @@ from jaxaccel.errors import UsageError
 from jaxaccel.sharding import LAYERS
 
 SCHEMES = ("int8", "int4", "fp8")
+# The head's scheme under each scheme when not named (see the module doc for why int8).
+HEAD_SCHEMES = {"int8": "int8", "int4": "int8", "fp8": "fp8"}
 DEFAULT_GROUP_SIZE = 128
 QTYPES = {"int8": "int8", "int4": "int4", "fp8": "float8_e4m3fn"}
 # What each qtype is stored as in a checkpoint (int4: one value per byte, see module doc).
@@ -59,45 +75,81 @@ FP8_PLATFORMS = ("cuda", "gpu", "tpu")
 @dataclasses.dataclass(frozen=True)
 class Scheme:
     """A weight-only scheme: `name` int8 | int4 | fp8, `group_size` (int4), `head` (also the
-    untied LM head)."""
+    LM head, tied or not), `head_name` (the head's scheme; None: `HEAD_SCHEMES[name]`)."""
 
     name: str
     group_size: int = DEFAULT_GROUP_SIZE
     head: bool = False
+    head_name: str | None = None
 
     @classmethod
     def parse(cls, name: str | None, group_size: int | None = None,
-              head: bool = False) -> Scheme | None:
-        """`--quantize NAME` -> a Scheme (None for no quantization); UsageError if unknown."""
+              head: bool | str = False) -> Scheme | None:
+        """`--quantize NAME` -> a Scheme (None for no quantization); `head` True (the default
+        head scheme) or a scheme name for the head. UsageError if unknown."""
         if name in (None, "", "none"):
             return None
         if name not in SCHEMES:
             raise UsageError(f"--quantize must be one of {', '.join(SCHEMES)}, got {name!r}")
+        if isinstance(head, str) and head not in SCHEMES:
+            raise UsageError(f"the head's scheme must be one of {', '.join(SCHEMES)}, "
+                             f"got {head!r}")
         group = DEFAULT_GROUP_SIZE if group_size is None else int(group_size)
         if group < 1 or group & (group - 1):
             raise UsageError(f"--group-size must be a power of two, got {group}")
-        return cls(name, group, bool(head))
+        head_name = head if isinstance(head, str) else None
+        return cls(name, group, bool(head), head_name)
+
+    @classmethod
+    def from_label(cls, label: str | None, group_size: int | None = None) -> Scheme | None:
+        """A scheme from its `label` ("int8", "int4+head", "int4+head=int4": how benchmarks
+        name their contenders). UsageError if malformed."""
+        if label in (None, "", "none"):
+            return None
+        name, plus, head = label.partition("+")
+        if plus and not (head == "head" or head.startswith("head=")):
+            raise UsageError(f"a quantized contender is SCHEME, SCHEME+head or "
+                             f"SCHEME+head=SCHEME, got {label!r}")
+        return cls.parse(name, group_size, head.partition("=")[2] or bool(plus))
+
+    @property
+    def label(self) -> str:
+        """"int8", "int4+head" (the default head scheme) or "int4+head=int4"."""
+        if not self.head:
+            return self.name
+        return f"{self.name}+head" + ("" if self.head_name in (None, HEAD_SCHEMES[self.name])
+                                      else f"={self.head_name}")
 
     @property
     def qtype(self) -> str:
         return QTYPES[self.name]
 
+    @property
+    def head_scheme(self) -> str:
+        return self.head_name or HEAD_SCHEMES[self.name]
+
     def rules(self, family_module) -> list[qwix.QuantizationRule]:
-        """The qwix rules of this scheme for a family: one per quantized weight name."""
-        names = list(getattr(family_module, "QUANTIZED_WEIGHTS", {}))
+        """The qwix rules of this scheme for a family: the matmul weights, then the head."""
+        rules = [self._rule(getattr(family_module, "QUANTIZED_WEIGHTS", {}), self.name)]
         if self.head:
-            names += list(getattr(family_module, "QUANTIZED_HEAD", {}))
+            rules.append(self._rule(getattr(family_module, "QUANTIZED_HEAD", {}),
+                                    self.head_scheme))
+        return [r for r in rules if r is not None]
+
+    def _rule(self, names, scheme: str) -> qwix.QuantizationRule | None:
         if not names:
-            return []
+            return None
         pattern = "^(" + "|".join(re.escape(n) for n in names) + ")$"
-        tile = self.group_size if self.name == "int4" else None
-        return [qwix.QuantizationRule(module_path=pattern, weight_qtype=self.qtype,
-                                      tile_size=tile)]
+        tile = self.group_size if scheme == "int4" else None
+        return qwix.QuantizationRule(module_path=pattern, weight_qtype=QTYPES[scheme],
+                                     tile_size=tile)
 
     def to_json(self) -> dict:
         out = {"scheme": self.name, "head": self.head}
         if self.name == "int4":
             out["group_size"] = self.group_size
+        if self.head:
+            out["head_scheme"] = self.head_scheme
         return out
 
 
@@ -121,6 +173,20 @@ class QuantSpec:
     @classmethod
     def from_json(cls, raw: Mapping) -> QuantSpec:
         return cls(str(raw["qtype"]), tuple(int(t) for t in raw["tiles"]))
+
+
+def tied_head(family_module, config, scheme: Scheme | None) -> dict[str, str]:
+    """{head: table} when `scheme` quantizes the head of a model whose head is its embedding
+    table (the family's `TIED_HEAD`, config `tie_word_embeddings`); else {}."""
+    tied = getattr(family_module, "TIED_HEAD", None)
+    if scheme is None or not scheme.head or tied is None:
+        return {}
+    return {tied[0]: tied[1]} if getattr(config, "tie_word_embeddings", False) else {}
+
+
+def manifest_head_copy(manifest) -> dict[str, str]:
+    """{head: table} of a checkpoint that stores a quantized copy of its tied head."""
+    return dict((manifest.quantization or {}).get("head_copy", {}))
 
 
 def weight_axes(family_module, name: str, head: bool) -> tuple[int, ...] | None:
@@ -285,14 +351,36 @@ def manifest_scheme(manifest) -> str | None:
     return (manifest.quantization or {}).get("scheme")
 
 
-def read_bytes(state) -> int:
+def read_bytes(state, skip: Sequence[str] = ()) -> int:
     """Bytes one pass over `state`'s parameters reads: quantized values at their bit width
-    (int4: half a byte, as GPU/TPU hold them) plus scales; other arrays at their itemsize."""
+    (int4: half a byte, as GPU/TPU hold them) plus scales; other arrays at their itemsize.
+    `skip`: dotted names of parameters the pass does not read whole (`lookup_only`)."""
     total = 0
-    for leaf in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, qwix.QArray)):
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_qarray)[0]:
+        if _dotted(path) in skip:
+            continue
         if isinstance(leaf, qwix.QArray):
             bits = 4 if leaf.qvalue.dtype == jnp.int4 else 8
             total += leaf.qvalue.size * bits // 8 + leaf.scale.size * leaf.scale.dtype.itemsize
         else:
             total += leaf.size * leaf.dtype.itemsize
     return total
+
+
+def lookup_only(state, family_module) -> tuple[str, ...]:
+    """The embedding table a decode step only looks rows up in (not read whole): the
+    family's tied table when the model has a head of its own (untied, or a quantized copy)."""
+    tied = getattr(family_module, "TIED_HEAD", None)
+    names = {_dotted(path) for path, _ in jax.tree_util.tree_flatten_with_path(
+        state, is_leaf=_is_qarray)[0]}
+    return (tied[1],) if tied is not None and tied[0] in names else ()
+
+
+def _dotted(path) -> str:
+    """A state leaf's dotted parameter name (without the Variable's `value` key)."""
+    keys = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+    return ".".join(k for k in keys if k not in ("value", "raw_value"))
+
+
+def _is_qarray(x) -> bool:
+    return isinstance(x, qwix.QArray)

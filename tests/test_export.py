@@ -111,13 +111,15 @@ def test_the_cpu_programs_do_carry_the_cpu_workarounds():
 
 
 def quantized_abstract_state(family, config, layout, scheme="int8"):
-    """The sharded abstract state of a quantize-on-load run (`jaxaccel.quantization`)."""
+    """The sharded abstract state of a quantize-on-load run (`jaxaccel.quantization`);
+    `scheme` a label ("int8+head": a tied head as its own quantized copy of the table)."""
     from jaxaccel import quantization
     from jaxaccel.runtime import quantized_param_spec
 
-    graphdef, abstract = abstract_model(family, config, jnp.bfloat16)
-    abstract, specs = quantization.quantize_abstract(abstract, models.family_module(family),
-                                                     quantization.Scheme.parse(scheme))
+    module, scheme = models.family_module(family), quantization.Scheme.from_label(scheme)
+    copies = quantization.tied_head(module, config, scheme)
+    graphdef, abstract = abstract_model(family, config, jnp.bfloat16, head_copy=bool(copies))
+    abstract, specs = quantization.quantize_abstract(abstract, module, scheme)
     structs = {}
     for name, spec in param_specs(abstract).items():
         weight, _, part = name.rpartition(".")
@@ -135,16 +137,24 @@ def quantized_abstract_state(family, config, layout, scheme="int8"):
 
 @pytest.mark.parametrize("platform", PLATFORMS)
 @pytest.mark.parametrize("family,config", [("gpt2", GPT2), ("llama", LLAMA)], ids=["gpt2", "llama"])
-def test_int8_decode_step_is_plain_xla(layout, family, config, platform):
+@pytest.mark.parametrize("scheme", ["int8", "int8+head"])
+def test_int8_decode_step_is_plain_xla(layout, family, config, platform, scheme):
     """Weight-only int8 (qwix QArray weights, `Backend.quantized_matmul`): the decode step for
-    GPU/TPU reads int8 weights, with no CPU-only op, and keeps its shardings."""
-    graphdef, state = quantized_abstract_state(family, config, layout)
+    GPU/TPU reads int8 weights, with no CPU-only op, and keeps its shardings. With the head
+    (tied, Llama too): the logits read an int8 [vocab, d] copy of the table."""
+    if scheme.endswith("+head"):
+        config = dataclasses.replace(config, tie_word_embeddings=True)
+    graphdef, state = quantized_abstract_state(family, config, layout, scheme)
     gen = Generator(graphdef, state, config, layout, dtype=jnp.bfloat16, platform=platform)
     b, t, slots = gen.shapes([5, 9, 3, 7], 16)
     jitted = gen.decode_program(GREEDY, "device", b, t, slots).jitted
     text = exported_text(jitted, gen.abstract_decode_args(GREEDY, "device", b, t, slots), platform)
     assert_plain_and_sharded(text)
     assert re.search(r"%arg\d+: tensor<2x64x\d+x\d+xi8>", text), "no int8 weights among the inputs"
+    head = re.search(rf"%arg\d+: tensor<{config.vocab_size}x64xi8> [^%]*lm_head_vd[^%]*", text)
+    assert (head is not None) == scheme.endswith("+head"), "the int8 head copy"
+    if head is not None:  # split over `model` along the vocabulary, like the table
+        assert '[{"model"}, {}]' in head.group(0), head.group(0)
 
 
 def test_fp8_decode_step_lowers_for_cuda(layout):

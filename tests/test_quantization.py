@@ -104,7 +104,7 @@ def _decoder(kind, tmp_path):
         hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
             vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256,
-            bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)).eval()
+            bos_token_id=1, eos_token_id=2, tie_word_embeddings=kind == "llama_tied")).eval()
     with torch.no_grad():  # peaked next-token distributions, so top-1 is meaningful
         for p in hf.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -152,17 +152,41 @@ def test_decoder_int8_top1_agreement_with_fp32(kind, decoders):
     np.testing.assert_array_equal(_all_logits(loaded, ids)[7:-1].argmax(-1), new)
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama_tied"])
+def test_quantized_tied_head_top1_agreement_with_fp32(kind, decoders):
+    """`quantize_head` on a tied model: the head is an int8 copy of the embedding (which the
+    lookup keeps in float32), in the plain path and packed for the CPU kernel alike."""
+    reference, ckpt = decoders(kind)
+    loaded = load_model(ckpt, quantize=quantization.Scheme.parse("int8", head=True))
+    arrays = flat_arrays(loaded.state)
+    assert arrays["lm_head_vd.values"].dtype == jnp.int8
+    assert arrays["token_vd"].dtype == jnp.float32
+    with_head = _all_logits(loaded, STREAM)
+    agreement = (with_head.argmax(-1) == reference.argmax(-1)).mean()
+    assert agreement >= 0.95, agreement
+    body_only = _all_logits(load_model(ckpt, quantize="int8"), STREAM)
+    assert not np.array_equal(with_head, body_only)  # the head really was quantized
+    # Prefill + decode with the packed head (the CPU kernel): greedy tokens are the argmax of
+    # the plain path's logits.
+    generator = generator_for(loaded)
+    head = generator.state["lm_head_vd"].get_value()
+    assert generator.packed_weights and type(head).__name__ == "PackedQuantWeight"
+    new = generator.generate([STREAM[:8]], 8, loop="device")[0]
+    np.testing.assert_array_equal(_all_logits(loaded, STREAM[:8] + new)[7:-1].argmax(-1), new)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4", "int8+head", "int4+head"])
 @pytest.mark.parametrize("mesh", [None, "data=2,model=4"])
 def test_quantize_on_load_equals_quantize_then_save(scheme, mesh, small, tmp_path):
-    ckpt = small("gpt2")
-    quantize_checkpoint(ckpt, tmp_path / "q", quantization.Scheme.parse(scheme, 32),
+    ckpt = small("gpt2")  # tied: +head quantizes a copy of the embedding as the head
+    quantize_checkpoint(ckpt, tmp_path / "q", quantization.Scheme.from_label(scheme, 32),
                         chunk_bytes=None)
     layout = Layout.create(mesh, "dp_tp" if mesh else None)
-    on_load = load_model(ckpt, layout, quantize=quantization.Scheme.parse(scheme, 32))
+    on_load = load_model(ckpt, layout, quantize=quantization.Scheme.from_label(scheme, 32))
     saved = load_model(tmp_path / "q", layout)
     a, b = flat_arrays(on_load.state), flat_arrays(saved.state)
     assert sorted(a) == sorted(b) and "blocks.wq_dnh.values" in a
+    assert ("lm_head_vd.values" in a) == scheme.endswith("+head")
     for name in a:
         assert a[name].dtype == b[name].dtype and a[name].sharding == b[name].sharding, name
         np.testing.assert_array_equal(np.asarray(a[name]).view(np.uint8),
@@ -219,11 +243,12 @@ def test_scales_shard_with_their_weights(rules, mesh, small, tmp_path):
 
 
 @pytest.mark.parametrize("source", ["on load", "checkpoint"])
-def test_plan_predicts_quantized_bytes_exactly(source, small, tmp_path):
+@pytest.mark.parametrize("family,label", [("llama", "int4"), ("gpt2", "int4+head")])
+def test_plan_predicts_quantized_bytes_exactly(source, family, label, small, tmp_path):
     from jaxaccel import planner
 
-    ckpt = small("llama")
-    scheme = quantization.Scheme.parse("int4", 32)
+    ckpt = small(family)
+    scheme = quantization.Scheme.from_label(label, 32)
     if source == "checkpoint":
         quantize_checkpoint(ckpt, tmp_path / "q", scheme, chunk_bytes=None)
         ckpt, scheme = tmp_path / "q", None
@@ -236,6 +261,25 @@ def test_plan_predicts_quantized_bytes_exactly(source, small, tmp_path):
             per_device[shard.device.id] = per_device.get(shard.device.id, 0) + shard.data.nbytes
     assert set(per_device.values()) == {plan.param_bytes}
     assert plan.quantization["scheme"] == "int4"
+    if label.endswith("+head"):  # the head's int8 copy, split over `model` like the table
+        assert plan.quantization["head_copy"] == {"lm_head_vd": "token_vd"}
+        head = flat_arrays(loaded.state)["lm_head_vd.values"]
+        assert head.dtype == jnp.int8 and tuple(head.sharding.spec)[:1] == ("model",)
+
+
+def test_quantized_head_labels_and_rules():
+    parse = quantization.Scheme.from_label
+    assert parse("int4").head is False and parse("int4+head").head_scheme == "int8"
+    assert parse("int4+head=int4").head_scheme == "int4" and parse("int8+head").label == "int8+head"
+    assert parse("int4+head=int4").label == "int4+head=int4"
+    from jaxaccel.errors import UsageError
+    from jaxaccel.models import family_module
+
+    with pytest.raises(UsageError, match="SCHEME\\+head"):
+        parse("int4+tail")
+    rules = parse("int4+head", 64).rules(family_module("gpt2"))
+    assert [(r.weight_qtype, r.tile_size) for r in rules] == [("int4", 64), ("int8", None)]
+    assert quantization.matching(rules, "lm_head_vd") is rules[1]
 
 
 def test_fp8_is_refused_on_the_cpu_with_a_clear_message(minilm_ckpt):
@@ -255,3 +299,49 @@ def test_bench_quality_decoder_metrics_by_hand():
     kl, top1 = decoder_metrics(p, q)
     expected = (0.5 * np.log(0.5 / 0.25) + 0.5 * np.log(0.5 / 0.75)) / 2  # row 2 adds 0
     assert kl == pytest.approx(expected) and top1 == 0.5  # row 1: argmax 0 vs 1
+
+
+def test_convert_and_inspect_show_the_tied_head_copy(small, tmp_path, capsys, monkeypatch):
+    """`convert --quantize int4 --quantize-head` on a tied GPT-2: the manifest records the copy,
+    `inspect` names it, and `plan --json` counts exactly what a load places on the device."""
+    import json
+
+    from cli_runner import run_cli
+
+    dest = tmp_path / "q"
+    code, _, err = run_cli(capsys, monkeypatch, "convert", "--quantize", "int4",
+                           "--group-size", "32", "--quantize-head", small("gpt2"), dest)
+    assert code == 0, err
+    code, out, err = run_cli(capsys, monkeypatch, "inspect", dest)
+    assert code == 0, err
+    out = " ".join(out.split())  # rich wraps long lines
+    assert "LM head too (int8); lm_head_vd: int8 copy of the tied token_vd" in out
+    code, out, err = run_cli(capsys, monkeypatch, "inspect", dest, "--json")
+    payload = json.loads(out)
+    assert payload["quantization"]["head_copy"] == {"lm_head_vd": "token_vd"}
+    assert payload["arrays"]["lm_head_vd.values"]["dtype"] == "int8"
+    assert payload["arrays"]["token_vd"]["dtype"] == "float32"
+    code, out, err = run_cli(capsys, monkeypatch, "plan", dest, "--json")
+    assert code == 0, err
+    held = sum(a.nbytes for a in jax.tree.leaves(load_model(dest).state))
+    assert json.loads(out)["per_device"]["param_bytes"] == held
+
+
+def test_step_bytes_leave_the_tied_table_to_the_lookup(small):
+    """`bench generate`'s bytes/token with a quantized head copy: the int4 values at half a
+    byte, the scales, everything else whole, except the table only looked up."""
+    from jaxaccel.models import family_module
+
+    loaded = load_model(small("gpt2"), dtype="bfloat16",
+                        quantize=quantization.Scheme.from_label("int4+head=int4", 32))
+    skip = quantization.lookup_only(loaded.state, family_module("gpt2"))
+    assert skip == ("token_vd",)
+    expected = 0
+    for name, array in flat_arrays(loaded.state).items():
+        size = np.asarray(array).size
+        if name == "token_vd":
+            continue
+        expected += size // 2 if array.dtype == ml_dtypes.int4 else size * array.dtype.itemsize
+    assert quantization.read_bytes(loaded.state, skip) == expected
+    plain = load_model(small("gpt2"), dtype="bfloat16", quantize="int4")
+    assert quantization.lookup_only(plain.state, family_module("gpt2")) == ()

@@ -15,7 +15,10 @@ fraction of this CPU's matmul peak in its dtype (`roofline.limits`).
 
 `--quantize int8 --quantize int4` adds weight-only quantized contenders (bfloat16 compute,
 weights quantized while they restore) to the same alternated run, and a second table of
-their speed against jaxaccel bfloat16 with the bytes each decode step reads.
+their speed against jaxaccel bfloat16 with the bytes each decode step reads; `--quantize-head`
+adds each of them again with its LM head quantized too (`int8+head`: a tied head as a
+quantized copy of the embedding), and a contender may also be named by its label
+(`--quantize int4+head=int4`: the head in int4 rather than the default int8).
 """
 
 from __future__ import annotations
@@ -36,11 +39,11 @@ WORKER = "jaxaccel.bench.generate_worker"
 
 def contenders(ckpt: pathlib.Path, source: Optional[pathlib.Path], prefill_len: int,
                new_tokens: int, quantize: Sequence[str] = (),
-               group_size: int = 128) -> dict[str, Worker]:
+               group_size: int = 128, quantize_head: bool = False) -> dict[str, Worker]:
     shape = {"prefill_len": prefill_len, "new_tokens": new_tokens}
     found = {f"jaxaccel {d}": Worker(WORKER, {"ckpt": str(ckpt), "dtype": d, **shape})
              for d in DTYPES}
-    for scheme in quantize:
+    for scheme in runner.quantized_labels(quantize, quantize_head):
         found[quantized_name(scheme)] = Worker(WORKER, {
             "ckpt": str(ckpt), "dtype": "bfloat16", **shape, "quantize": scheme,
             "group_size": group_size})
@@ -147,8 +150,12 @@ def register(bench_app: typer.Typer) -> None:
         repeats: int = typer.Option(1, "--repeats", help="Fresh processes per contender."),
         quantize: Optional[List[str]] = typer.Option(None, "--quantize", help="Add a "
                                                      "weight-only quantized contender (int8, "
-                                                     "int4; repeatable), bfloat16 compute."),
+                                                     "int4; repeatable), bfloat16 compute; "
+                                                     "also a label such as int4+head=int4."),
         group_size: int = typer.Option(128, "--group-size", help="int4 group size."),
+        quantize_head: bool = typer.Option(False, "--quantize-head", help="Also each "
+                                           "--quantize scheme with its LM head quantized "
+                                           "(tied: a quantized copy of the embedding)."),
         json_out: Optional[pathlib.Path] = typer.Option(None, "--json", help="Write results here."),
         with_roofline: bool = typer.Option(
             True, "--roofline/--no-roofline", help="Prefill as a fraction of this CPU's matmul "
@@ -159,7 +166,7 @@ def register(bench_app: typer.Typer) -> None:
         with memory-bandwidth use."""
         found = {"bandwidth": Worker("jaxaccel.bench.bandwidth_worker"),
                  **contenders(ckpt, runner.hf_source(ckpt), prefill_len, new_tokens,
-                              quantize or (), group_size)}
+                              quantize or (), group_size, quantize_head)}
         runs = runner.alternate(found, repeats)
         bandwidths = runner.summarize([r["read_bytes_per_s"] for r in runs.pop("bandwidth")])
         bandwidth = bandwidths["median"]

@@ -3,8 +3,10 @@
     python -m jaxaccel.bench.generate_worker '{"ckpt": CKPT, "dtype": DTYPE,
         "prefill_len": 512, "new_tokens": 32, "xla_dots": false}'
 
-`quantize` ("int8", "int4"; `group_size`) quantizes the matmul weights while they restore
-(weight-only, `jaxaccel.quantization`); `param_bytes` then counts what a step reads.
+`quantize` ("int8", "int4", "int4+head", ...: a `quantization.Scheme.label`; `group_size`)
+quantizes the matmul weights while they restore (weight-only, `jaxaccel.quantization`).
+`param_bytes` counts what a decode step reads: every parameter whole, except an embedding
+table that a head of its own (untied, or a tied head's quantized copy) leaves to the lookup.
 `xla_dots` keeps XLA's own dots for bfloat16 on the CPU instead of jaxaccel's packed-weight
 kernel (`jaxaccel.backends.cpu`), to show what the kernel buys.
 
@@ -39,7 +41,7 @@ def load_generator(ckpt: str, dtype: str, xla_dots: bool, quantize: str | None =
     from jaxaccel.quantization import Scheme
     from jaxaccel.runtime import Buckets
 
-    loaded = load_model(ckpt, dtype=dtype, quantize=Scheme.parse(quantize, group_size))
+    loaded = load_model(ckpt, dtype=dtype, quantize=Scheme.from_label(quantize, group_size))
     packed_weights = False if xla_dots else None
     generator = Generator(loaded.graphdef, loaded.state, loaded.config, dtype=dtype,
                           packed_weights=packed_weights)
@@ -51,11 +53,12 @@ def load_generator(ckpt: str, dtype: str, xla_dots: bool, quantize: str | None =
 def main(ckpt: str, dtype: str, prefill_len: int, new_tokens: int,
          xla_dots: bool = False, quantize: str | None = None, group_size: int = 128) -> dict:
     # deferred: jax and the runtime load in the worker process only, not in `jaxaccel bench`
-    from jaxaccel.quantization import read_bytes
+    from jaxaccel.models import family_module
+    from jaxaccel.quantization import lookup_only, read_bytes
 
     loaded, generator = load_generator(ckpt, dtype, xla_dots, quantize, group_size)
     # The model's own bytes as held (packing pads a little; the padding is not counted).
-    param_bytes = read_bytes(loaded.state)
+    param_bytes = read_bytes(loaded.state, lookup_only(loaded.state, family_module(loaded.family)))
     long_prompt = prompts(1, prefill_len, loaded.config.vocab_size)
     result = {"dtype": dtype, "param_bytes": param_bytes,
               "packed_weights": generator.packed_weights,

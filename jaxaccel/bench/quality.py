@@ -7,8 +7,10 @@ Decoders, against jaxaccel float32 on the same checkpoint: mean KL(fp32 || quant
 next-token distributions and top-1 agreement over a fixed token stream (`--tokens`, one causal
 pass), and greedy-token agreement over `--greedy` new tokens from the stream's first 16.
 Quantized weights run with float32 activations, so the numbers are the quantization's alone;
-bfloat16 (unquantized) is listed for scale. Accuracy is not timing: everything runs in this
-process, one contender after another.
+bfloat16 (unquantized) is listed for scale. `--quantize-head` adds each scheme again with
+its LM head quantized (`int8+head`; a tied head as a quantized copy of the embedding), and a
+contender may be named by its label (`--quantize int4+head=int4`). Accuracy is not timing:
+everything runs in this process, one contender after another.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ def _load(ckpt, dtype: str, scheme: str | None, group_size: int):
     from jaxaccel.loader import load_model
     from jaxaccel.quantization import Scheme
 
-    return load_model(ckpt, dtype=dtype, quantize=Scheme.parse(scheme, group_size))
+    return load_model(ckpt, dtype=dtype, quantize=Scheme.from_label(scheme, group_size))
 
 
 def encoder_quality(ckpt, schemes: Sequence[str], reference: pathlib.Path,
@@ -128,8 +130,11 @@ def register(bench_app: typer.Typer) -> None:
                                             "MiniLM with real weights; or a decoder)."),
         quantize: Optional[List[str]] = typer.Option(None, "--quantize", help="Schemes to "
                                                      "measure (repeatable; default int8 and "
-                                                     "int4; fp8 needs a GPU/TPU)."),
+                                                     "int4; fp8 needs a GPU/TPU; also a label "
+                                                     "such as int4+head=int4)."),
         group_size: int = typer.Option(128, "--group-size", help="int4 group size."),
+        quantize_head: bool = typer.Option(False, "--quantize-head", help="Also each scheme "
+                                           "with its LM head quantized."),
         reference: pathlib.Path = typer.Option(DEFAULT_REFERENCE, "--reference", help="Encoders: "
                                                ".npz with `sentences` and their fp32 "
                                                "sentence-transformers `embeddings`."),
@@ -142,7 +147,7 @@ def register(bench_app: typer.Typer) -> None:
         from jaxaccel import models  # deferred: as in `_load`
         from jaxaccel.checkpoint.manifest import Manifest
 
-        schemes = list(quantize or SCHEMES)
+        schemes = runner.quantized_labels(quantize or SCHEMES, quantize_head)
         task = models.task(Manifest.load(ckpt).family)
         if task == "embed":
             results = encoder_quality(ckpt, schemes, reference, group_size)

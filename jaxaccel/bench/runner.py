@@ -144,6 +144,15 @@ def hf_source(ckpt: pathlib.Path) -> pathlib.Path | None:
     return pathlib.Path(path) if path and pathlib.Path(path).is_dir() else None
 
 
+def quantized_labels(quantize: Sequence[str], quantize_head: bool) -> list[str]:
+    """The quantized contenders' labels (`quantization.Scheme.label`): each --quantize, and
+    with --quantize-head each plain scheme again with its head quantized."""
+    labels = list(dict.fromkeys(quantize))
+    if quantize_head:
+        labels += [f"{q}+head" for q in labels if "+" not in q and f"{q}+head" not in labels]
+    return labels
+
+
 def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence]) -> None:
     table = Table(*columns, title=title)
     for row in rows:

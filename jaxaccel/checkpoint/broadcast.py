@@ -167,8 +167,7 @@ def restore_broadcast(ckpt_dir, manifest, targets: Mapping[str, Target], *,
     start = time.perf_counter()
     options = {"host_memory_budget": host_memory_budget, "on_bytes": on_bytes, "stats": stats,
                "engine": engine, "threads": threads, "verify_chunks": verify_chunks}
-    restore.check_against_manifest(manifest, {n: t.checkpoint_shape for n, t in targets.items()},
-                                   str(ckpt_dir))
+    restore.check_against_manifest(manifest, restore.checkpoint_shapes(targets), str(ckpt_dir))
     shared = {n: t for n, t in targets.items()
               if isinstance(t.sharding, NamedSharding) and spans_processes(t)}
     plain = {n: t for n, t in targets.items() if n not in shared}

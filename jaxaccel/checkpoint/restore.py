@@ -17,7 +17,9 @@ block that covers a device's slice in whole quantization tiles (for per-channel 
 whole contraction axis of the device's output channels; int4 groups never straddle a shard,
 see `runtime.quantized_param_spec`); it is read as float32 on the host, quantized there with
 qwix, and only each device's quantized part is placed: full-precision weights never reach a
-device. `RestoreStats.bytes_placed_per_device` accounts what each device received.
+device. `RestoreStats.bytes_placed_per_device` accounts what each device received. A target
+may read another checkpoint array (`Target.source`): a tied LM head's quantized copy is the
+token embedding read a second time, as float32, and quantized.
 """
 
 from __future__ import annotations
@@ -69,10 +71,22 @@ class Target:
     # restored as NAME.values (on `sharding`) and NAME.scales (on `scale_sharding`).
     quant: object = None
     scale_sharding: jax.sharding.Sharding | None = None
+    # The checkpoint array to read when it is not the target's own name (a tied head's copy).
+    source: str | None = None
 
     @property
     def checkpoint_shape(self) -> tuple[int, ...]:
         return self.stored_shape or self.shape
+
+
+def source_name(name: str, target: Target) -> str:
+    """The checkpoint array target `name` reads."""
+    return target.source or name
+
+
+def checkpoint_shapes(targets: Mapping[str, Target]) -> dict[str, tuple[int, ...]]:
+    """{checkpoint array: shape} that `targets` read (each array once)."""
+    return {source_name(n, t): t.checkpoint_shape for n, t in targets.items()}
 
 
 @dataclasses.dataclass
@@ -115,6 +129,7 @@ class _Read:
     held_dtype: np.dtype | None = None  # cast to this on the host after reading
     # Quantize on load: (QuantSpec, [(device, values index, scales index) within the block]).
     quant: tuple | None = None
+    source: str = ""  # the checkpoint array read (`Target.source`; default: `name`)
 
 
 def check_against_manifest(manifest: Manifest, expected: Mapping[str, tuple[int, ...]],
@@ -136,20 +151,21 @@ def check_against_manifest(manifest: Manifest, expected: Mapping[str, tuple[int,
 def _open_stores(params_dir, targets, manifest, context) -> dict:
     """Open every array (metadata only) concurrently; check stored shape against manifest."""
     futures = {}
-    for name in targets:
-        spec = layout.array_spec(str(params_dir), name)
+    for name, target in targets.items():
+        spec = layout.array_spec(str(params_dir), source_name(name, target))
         futures[name] = ts.open(spec, read=True, context=context)
     stores = {}
     for name, future in futures.items():
+        source = source_name(name, targets[name])
         try:
             store = future.result()
         except Exception as err:  # tensorstore raises ValueError / its own types
-            raise CheckpointError(f"{params_dir}: array {name!r} cannot be opened "
+            raise CheckpointError(f"{params_dir}: array {source!r} cannot be opened "
                                   f"({_short(err)})") from None
-        if tuple(store.shape) != tuple(manifest.arrays[name].shape):
-            raise CheckpointError(f"{params_dir}: array {name!r} is stored with shape "
+        if tuple(store.shape) != tuple(manifest.arrays[source].shape):
+            raise CheckpointError(f"{params_dir}: array {source!r} is stored with shape "
                                   f"{tuple(store.shape)} but the manifest says "
-                                  f"{manifest.arrays[name].shape}")
+                                  f"{manifest.arrays[source].shape}")
         target_dtype = np.dtype(targets[name].dtype)
         stores[name] = store if store.dtype.numpy_dtype == target_dtype else ts.cast(
             store, ts.dtype(target_dtype.name))
@@ -184,7 +200,7 @@ def _make_read(name: str, target: Target, key, devices, quant=None) -> _Read:
     nbytes = int(np.prod([b - a for a, b in stored], dtype=np.int64)) * np.dtype(target.dtype).itemsize
     padded = tuple(b - a for a, b in key) if stored != list(key) else None
     return _Read(name, index, devices, nbytes, padded_shape=padded, dtype=np.dtype(target.dtype),
-                 held_dtype=target.held_dtype, quant=quant)
+                 held_dtype=target.held_dtype, quant=quant, source=source_name(name, target))
 
 
 def _quantized_reads(name: str, target: Target) -> list[_Read]:
@@ -250,8 +266,7 @@ def restore_arrays(ckpt_dir: str | pathlib.Path, manifest: Manifest,
     tensorstore. `verify_chunks` checks each chunk's crc32c (tensorstore always does).
     """
     stats = stats if stats is not None else RestoreStats()
-    check_against_manifest(manifest, {n: t.checkpoint_shape for n, t in targets.items()},
-                           str(ckpt_dir))
+    check_against_manifest(manifest, checkpoint_shapes(targets), str(ckpt_dir))
     start = time.perf_counter()
     shards = read_slices(ckpt_dir, manifest, targets, plan_reads(targets),
                          host_memory_budget=host_memory_budget, on_bytes=on_bytes, stats=stats,
@@ -296,7 +311,7 @@ def read_slices(ckpt_dir: str | pathlib.Path, manifest: Manifest,
     # One walk of the OCDBT b-tree serves both the presence check and the direct reader.
     index = direct.ocdbt_index(params_dir) if engine != "tensorstore" else None
     # A missing array or chunk would read as zeros: refuse it (milliseconds).
-    integrity.check_chunks_present(params_dir, manifest, targets,
+    integrity.check_chunks_present(params_dir, manifest, set(checkpoint_shapes(targets)),
                                    keys=None if index is None else {k.decode() for k in index})
     layouts = _direct_layouts(params_dir, manifest, targets, engine, index or {})
     stores = _open_stores(params_dir, {n: t for n, t in targets.items() if n not in layouts},
@@ -365,13 +380,14 @@ def _direct_layouts(params_dir, manifest: Manifest, targets, engine: str,
     if engine == "tensorstore":
         return {}
     layouts = {}
-    for name in targets:
-        found = direct.array_layout(name, index)
-        entry = manifest.arrays[name]
+    for name, target in targets.items():
+        found = direct.array_layout(source_name(name, target), index)
+        entry = manifest.arrays[source_name(name, target)]
         if found is None or found.shape != entry.shape or found.dtype != direct.numpy_dtype(
                 entry.dtype):
             if engine == "direct":
-                raise CheckpointError(f"{params_dir}: array {name!r} is not stored in a layout "
+                raise CheckpointError(f"{params_dir}: array {source_name(name, target)!r} is not "
+                                      "stored in a layout "
                                       "the direct engine reads (uncompressed zarr3); use "
                                       "engine='auto' or 'tensorstore'")
             continue
@@ -458,7 +474,7 @@ class _Run:
         try:
             host = self.stores[read.name][read.index].read().result()
         except Exception as err:
-            raise integrity.read_error(read.name, err, f"slice {_fmt_index(read.index)}") from None
+            raise integrity.read_error(read.source, err, f"slice {_fmt_index(read.index)}") from None
         if read.padded_shape is not None:
             host = np.pad(host, [(0, p - h) for p, h in zip(shape, host.shape)])
         return host, host.nbytes

@@ -54,8 +54,8 @@ _QUANTIZE = typer.Option(None, "--quantize", help="Write a weight-only "
     "may also be a full-precision jaxaccel checkpoint.")
 _GROUP_SIZE = typer.Option(128, "--group-size", min=1, help="int4: input-axis "
     "elements per scale (a power of two).")
-_QUANTIZE_HEAD = typer.Option(False, "--quantize-head", help="Also quantize an "
-    "untied LM head.")
+_QUANTIZE_HEAD = typer.Option(False, "--quantize-head", help="Also quantize the LM head "
+    "(int8); a tied head is stored as a quantized copy of the embedding table.")
 
 
 def register(app: typer.Typer) -> None:

@@ -40,7 +40,7 @@ def _print_table(ckpt, manifest, quiet: bool = False) -> None:
         if quant:
             group = f", group {quant['group_size']}" if "group_size" in quant else ""
             console.print(f"quantization: {quant['scheme']} weight-only{group}"
-                          f"{', LM head too' if quant.get('head') else ''}; "
+                          f"{_head(quant)}; "
                           f"{len(quant.get('weights', {}))} weights stored as NAME.values "
                           "+ NAME.scales")
         ignored = manifest.source.get("ignored_tensors")
@@ -51,3 +51,13 @@ def _print_table(ckpt, manifest, quiet: bool = False) -> None:
         table.add_row(name, "×".join(map(str, entry.shape)) or "scalar", entry.dtype,
                       ",".join(str(a) for a in entry.axes), format_bytes(entry.nbytes))
     console.print(table)
+
+
+def _head(quant: dict) -> str:
+    """", LM head too (int8)" and, for a tied head, which table its quantized copy is of."""
+    if not quant.get("head"):
+        return ""
+    scheme = quant.get("head_scheme", quant["scheme"])
+    copies = "".join(f"; {head}: {scheme} copy of the tied {table}"
+                     for head, table in quant.get("head_copy", {}).items())
+    return f", LM head too ({scheme}){copies}"

@@ -33,8 +33,10 @@ QUANTIZE = typer.Option(None, "--quantize", help="Weight-only quantization of th
                         "Embeddings, norms and biases stay in the compute dtype.")
 GROUP_SIZE = typer.Option(128, "--group-size", min=1, help="int4: input-axis elements per scale "
                           "(a power of two).")
-QUANTIZE_HEAD = typer.Option(False, "--quantize-head", help="Also quantize an untied LM head "
-                             "(a tied head is the embedding table and stays full precision).")
+QUANTIZE_HEAD = typer.Option(False, "--quantize-head", help="Also quantize the LM head (int8 "
+                             "per output channel under every scheme); a tied head gets a "
+                             "quantized copy of the embedding table, whose lookup stays in "
+                             "the compute dtype.")
 JSON = typer.Option(False, "--json", help="Print one JSON object on stdout (for machines).")
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bars or status lines.")
 HOST_MEMORY_BUDGET = typer.Option("2GiB", "--host-memory-budget",

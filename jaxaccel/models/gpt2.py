@@ -30,10 +30,12 @@ HF_MODEL_TYPES = ("gpt2",)
 IGNORED_SOURCE_WEIGHTS = (r"\.attn\.bias$", r"\.attn\.masked_bias$")
 SOURCE_ALIASES = ()
 # Weight-only quantization (`jaxaccel.quantization`): matmul weights -> their contraction axes;
-# the untied head [v, d] only with `head=True` (a tied head is the embedding: full precision).
+# the head [v, d] only with `head=True`. A tied head quantized is a copy of the embedding
+# table (TIED_HEAD: head, table), which the lookup keeps in the compute dtype.
 QUANTIZED_WEIGHTS = {"blocks.wq_dnh": (0,), "blocks.wk_dkh": (0,), "blocks.wv_dkh": (0,),
                      "blocks.wo_nhd": (0, 1), "blocks.wi_df": (0,), "blocks.wm_fd": (0,)}
 QUANTIZED_HEAD = {"lm_head_vd": (1,)}
+TIED_HEAD = ("lm_head_vd", "token_vd")
 # GPT2Model names tensors bare; GPT2LMHeadModel prefixes them with `transformer.`.
 SOURCE_PREFIXES = ("", "transformer.")
 
@@ -134,7 +136,10 @@ class Block(nnx.Module):
 
 
 class Model(nnx.Module):
-    def __init__(self, cfg: Config, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, cfg: Config, *, dtype=jnp.float32, rngs: nnx.Rngs,
+                 head_copy: bool = False):
+        """`head_copy`: a tied model also holds its head as `lm_head_vd` (a quantized copy of
+        the embedding, `jaxaccel.quantization.tied_head`); the lookup keeps `token_vd`."""
         d = cfg.hidden_size
         self.config = cfg
         self.token_vd = layers.make_param(rngs, (cfg.vocab_size, d), (ax.VOCAB, ax.EMBED), dtype)
@@ -144,7 +149,7 @@ class Model(nnx.Module):
         self.norm_scale_d = layers.make_param(rngs, (d,), (ax.EMBED,), dtype, layers.ones_init)
         self.norm_bias_d = layers.make_param(rngs, (d,), (ax.EMBED,), dtype, layers.zeros_init)
         head = lambda: layers.make_param(rngs, (cfg.vocab_size, d), (ax.VOCAB, ax.EMBED), dtype)  # noqa: E731
-        self.lm_head_vd = None if cfg.tie_word_embeddings else head()
+        self.lm_head_vd = head() if head_copy or not cfg.tie_word_embeddings else None
 
     def __call__(self, ids_bt, positions_bt, mask_btt, cache: KVCache | None = None,
                  cache_mask_bts=None):
@@ -166,7 +171,8 @@ class Model(nnx.Module):
         return x_btd, new_kv
 
     def logits(self, x_btd):
-        """Float32 logits [b, t, v] from the tied token embedding or the untied head."""
+        """Float32 logits [b, t, v] from the tied token embedding, or the head (untied, or
+        the tied head's quantized copy)."""
         head = self.token_vd if self.lm_head_vd is None else self.lm_head_vd
         return layers.head_logits(x_btd, head[...])
 

@@ -38,11 +38,13 @@ HF_MODEL_TYPES = ("llama", "mistral", "qwen2")
 IGNORED_SOURCE_WEIGHTS = (r"rotary_emb\.inv_freq$",)
 SOURCE_ALIASES = ()
 # Weight-only quantization (`jaxaccel.quantization`): matmul weights -> their contraction axes;
-# the untied head [v, d] only with `head=True` (a tied head is the embedding: full precision).
+# the head [v, d] only with `head=True`. A tied head quantized is a copy of the embedding
+# table (TIED_HEAD: head, table), which the lookup keeps in the compute dtype.
 QUANTIZED_WEIGHTS = {"blocks.wq_dnh": (0,), "blocks.wk_dkh": (0,), "blocks.wv_dkh": (0,),
                      "blocks.wo_nhd": (0, 1), "blocks.wg_df": (0,), "blocks.wu_df": (0,),
                      "blocks.wm_fd": (0,)}
 QUANTIZED_HEAD = {"lm_head_vd": (1,)}
+TIED_HEAD = ("lm_head_vd", "token_vd")
 # LlamaModel names tensors bare; LlamaForCausalLM prefixes the body with `model.` (but not
 # `lm_head.weight`, which is looked up bare first).
 SOURCE_PREFIXES = ("", "model.")
@@ -223,14 +225,17 @@ def _add_bias(x, bias: nnx.Param | None):
 
 
 class Model(nnx.Module):
-    def __init__(self, cfg: Config, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, cfg: Config, *, dtype=jnp.float32, rngs: nnx.Rngs,
+                 head_copy: bool = False):
+        """`head_copy`: a tied model also holds its head as `lm_head_vd` (a quantized copy of
+        the embedding, `jaxaccel.quantization.tied_head`); the lookup keeps `token_vd`."""
         d = cfg.hidden_size
         self.config = cfg
         self.token_vd = layers.make_param(rngs, (cfg.vocab_size, d), (ax.VOCAB, ax.EMBED), dtype)
         self.blocks = Block(cfg, dtype=dtype, rngs=rngs, num_layers=cfg.num_layers)
         self.norm_scale_d = layers.make_param(rngs, (d,), (ax.EMBED,), dtype, layers.ones_init)
         head = lambda: layers.make_param(rngs, (cfg.vocab_size, d), (ax.VOCAB, ax.EMBED), dtype)  # noqa: E731
-        self.lm_head_vd = None if cfg.tie_word_embeddings else head()
+        self.lm_head_vd = head() if head_copy or not cfg.tie_word_embeddings else None
 
     def __call__(self, ids_bt, positions_bt, mask_btt, cache: KVCache | None = None,
                  cache_mask_bts=None):

@@ -47,12 +47,15 @@ def path_name(path) -> str:
     return ".".join(parts)
 
 
-def abstract_model(family: str, config, dtype=jnp.float32):
-    """(graphdef, abstract State) of a family's model: shapes and metadata, no memory."""
+def abstract_model(family: str, config, dtype=jnp.float32, head_copy: bool = False):
+    """(graphdef, abstract State) of a family's model: shapes and metadata, no memory.
+    `head_copy`: a tied decoder also holds its head as a parameter of its own (to hold it
+    quantized: `jaxaccel.quantization.tied_head`)."""
     if isinstance(config, Mapping):
         config = config_from_dict(family, dict(config))
     model_cls = family_module(family).Model
-    model = nnx.eval_shape(lambda: model_cls(config, dtype=dtype, rngs=nnx.Rngs(0)))
+    extra = {"head_copy": True} if head_copy else {}  # only decoders with TIED_HEAD take it
+    model = nnx.eval_shape(lambda: model_cls(config, dtype=dtype, rngs=nnx.Rngs(0), **extra))
     return nnx.split(model)
 
 
