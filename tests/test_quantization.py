@@ -217,9 +217,9 @@ def test_quantize_on_load_device_bytes_stay_quantized(small):
 @pytest.mark.parametrize("rules,mesh", [("dp", "data=8"), ("tp", "model=4"),
                                         ("dp_tp", "data=2,model=4"), ("pp", "stage=2,data=4")])
 def test_scales_shard_with_their_weights(rules, mesh, small, tmp_path):
-    ckpt = small("gpt2")
-    quantize_checkpoint(ckpt, tmp_path / "q", quantization.Scheme.parse("int4", 32),
-                        chunk_bytes=None)
+    ckpt = small("gpt2")  # tied: the head's quantized copy shards like every other weight
+    quantize_checkpoint(ckpt, tmp_path / "q",
+                        quantization.Scheme.parse("int4", 32, head="int4"), chunk_bytes=None)
     loaded = load_model(tmp_path / "q", Layout.create(mesh, rules))
     specs = quantization.manifest_specs(loaded.manifest)
     arrays = flat_arrays(loaded.state)
