@@ -37,8 +37,8 @@ Stored form (checkpoints, `jaxaccel.json`): a quantized weight NAME is two array
 scheme and each weight's qtype and tiles (`QuantSpec.to_json`). This is jaxaccel's own layout;
 qwix's parameter pytree (declared unstable) is never written.
 
-Quantizing a block is elementwise after a max over each tile, so a block whose edges fall on
-tile edges quantizes to exactly the corresponding part of the whole array: quantize-on-load
+Quantizing a block is elementwise after a max (and, for int4, a search of the clipping range,
+`CLIP_RATIOS`) over each tile, so a block whose edges fall on tile edges quantizes to exactly the corresponding part of the whole array: quantize-on-load
 (per slice, `checkpoint.restore`) and convert --quantize (whole arrays) give the same bits.
 """
 
@@ -71,6 +71,13 @@ VALUES, SCALES = "values", "scales"
 SCALE_DTYPE = np.dtype("float32")
 # Platforms whose XLA has float8 dots (H100-class GPUs, TPU v5+); elsewhere fp8 is refused.
 FP8_PLATFORMS = ("cuda", "gpu", "tpu")
+# Per qtype, the fractions of a tile's absmax tried as its clipping range; each tile keeps the
+# one whose round-to-nearest has the least squared error (the clipping search of AWQ's
+# auto_clip and llama.cpp's k-quants, without calibration data). For int4's 16 levels this
+# matters: on MiniLM with groups of 128 it raises the minimum cosine to the fp32 reference
+# from 0.83 to 0.88 for +2-3 s of quantize-on-load on GPT-2 124M (4 ratios: 7 gave 0.89).
+# int8 keeps plain absmax (its cosine is 0.996 already).
+CLIP_RATIOS = {"int4": (1.0, 0.9, 0.8, 0.7)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,6 +156,8 @@ class Scheme:
         out = {"scheme": self.name, "head": self.head}
         if self.name == "int4":
             out["group_size"] = self.group_size
+        if self.qtype in CLIP_RATIOS:
+            out["clip_ratios"] = list(CLIP_RATIOS[self.qtype])
         if self.head:
             out["head_scheme"] = self.head_scheme
         return out
@@ -252,16 +261,64 @@ def abstract_qarray(shape, spec: QuantSpec) -> qwix.QArray:
                        None, jnp.dtype(spec.qtype))
 
 
+def _tiled_view(shape: Sequence[int], tiles: Sequence[int]):
+    """(view shape, tile axes, scale view shape) of a block of `shape`: each axis cut into
+    (tiles along it, tile) where 1 < tile < its size, so per-tile reductions are over the tile
+    axes and a scale reshaped to the scale view broadcasts against the view."""
+    view, tile_axes, scale_view = [], [], []
+    for dim, tile in zip(shape, tiles):
+        if tile == 1:
+            view.append(dim)
+            scale_view.append(dim)
+        elif tile == dim:
+            tile_axes.append(len(view))
+            view.append(dim)
+            scale_view.append(1)
+        else:
+            view += [dim // tile, tile]
+            tile_axes.append(len(view) - 1)
+            scale_view += [dim // tile, 1]
+    return tuple(view), tuple(tile_axes), tuple(scale_view)
+
+
+def _clip_search(x: jax.Array, scale: jax.Array, tile_axes: tuple[int, ...], qtype: str,
+                 ratios: Sequence[float]) -> jax.Array:
+    """Per tile, `scale` * the ratio in `ratios` whose round-to-nearest of `x` has the least
+    squared error (x and scale in the views of `_tiled_view`; scale: qwix's absmax scale)."""
+    info = jnp.iinfo(jnp.dtype(qtype))
+    best, best_error = scale, None
+    for ratio in ratios:  # ratios[0] == 1.0 (plain absmax) wins ties
+        candidate = scale * ratio
+        error = jnp.sum(jnp.square(jnp.round(x / candidate).clip(info.min, info.max)
+                                   * candidate - x), axis=tile_axes, keepdims=True)
+        if best_error is None:
+            best_error = error
+        else:
+            better = error < best_error
+            best, best_error = jnp.where(better, candidate, best), jnp.minimum(error, best_error)
+    return best
+
+
 @functools.cache
 def _quantizer(shape: tuple[int, ...], spec: QuantSpec):
     channelwise = [a for a, t in enumerate(spec.tiles) if t == 1]
     tiled = {a: t for a, t in enumerate(spec.tiles) if t != 1}
+    ratios = CLIP_RATIOS.get(spec.qtype)
 
     @jax.jit
     def run(block):
         q = qwix.quantize(block, jnp.dtype(spec.qtype), channelwise_axes=channelwise,
                           tiled_axes=tiled)
-        return q.qvalue, q.scale.astype(jnp.float32)
+        if not ratios:
+            return q.qvalue, q.scale.astype(jnp.float32)
+        view, tile_axes, scale_view = _tiled_view(block.shape, spec.tiles)
+        x = block.reshape(view)
+        scale = _clip_search(x, q.scale.reshape(scale_view), tile_axes, spec.qtype, ratios)
+        info = jnp.iinfo(jnp.dtype(spec.qtype))
+        # The same rounding as qwix's integer convert_to, with the range clipped explicitly.
+        values = jnp.round(x / scale).clip(info.min, info.max)
+        return (values.astype(q.qvalue.dtype).reshape(block.shape),
+                scale.reshape(q.scale.shape).astype(jnp.float32))
 
     return run
 

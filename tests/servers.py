@@ -52,10 +52,11 @@ def wait_listening(port: int, process: subprocess.Popen | None = None, timeout: 
 class _Subprocess:
     """A server subprocess on a free port; `url` is its endpoint."""
 
-    def __init__(self, argv_for_port):
+    def __init__(self, argv_for_port, env: dict | None = None):
         self.port = free_port()
         self.process = subprocess.Popen(argv_for_port(self.port), stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL)
+                                        stderr=subprocess.DEVNULL,
+                                        env=None if env is None else {**os.environ, **env})
         wait_listening(self.port, self.process)
         self.url = f"http://127.0.0.1:{self.port}"
 
@@ -67,9 +68,12 @@ class _Subprocess:
 class MotoS3(_Subprocess):
     """moto's S3 server; `client()` is a boto3 client of it."""
 
-    def __init__(self):
+    def __init__(self, check_credentials: bool = False):
+        # moto checks signatures against its IAM users only when told to (from the first
+        # request on: INITIAL_NO_AUTH_ACTION_COUNT=0); by default any key is accepted.
+        env = {"INITIAL_NO_AUTH_ACTION_COUNT": "0"} if check_credentials else None
         super().__init__(lambda port: [sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
-                                       "-p", str(port)])
+                                       "-p", str(port)], env)
 
     def client(self):
         import boto3  # deferred: test-only dependency, needed only when S3 tests run

@@ -42,12 +42,43 @@ def test_minilm_int8_cosine_vs_sentence_transformers(minilm_ckpt):
 
 
 def test_minilm_int4_g128_cosine_vs_sentence_transformers(minilm_ckpt):
-    """Measured min 0.831, mean 0.93 over the 11 sentences (absmax round-to-nearest, groups of
-    128 along k): the issue's 0.98 is not reached by plain RTN int4 on MiniLM (on 5 other
-    sentences: g128 0.918, g32 0.944, g128 with MSE-searched clipping 0.950). This pins the
-    measured level so a regression shows."""
+    """Measured min 0.884, mean 0.944 over the 11 sentences (round-to-nearest in groups of 128
+    along k with the per-group clipping search; plain absmax gave min 0.831, mean 0.930). The
+    issue's 0.98 is out of reach of weight-only int4 g128 on MiniLM: the independent torch
+    experiments of scripts/int4_quality_ceiling.py reach at most 0.91 (GPTQ with calibration
+    data; zero points 0.87, Hadamard-rotated groups 0.89). This pins the measured level so a regression shows."""
     cosine = _minilm_cosines(minilm_ckpt, quantize="int4")
-    assert cosine.min() >= 0.80 and cosine.mean() >= 0.90, cosine
+    assert cosine.min() >= 0.87 and cosine.mean() >= 0.935, cosine
+
+
+def test_int4_clip_search_matches_numpy_and_qwix():
+    """Each int4 group's scale is the absmax scale times the ratio in CLIP_RATIOS of least
+    squared error (numpy brute force), values are round-half-even(x / scale) clipped to
+    [-8, 7], and groups that keep ratio 1.0 equal qwix.quantize's own output."""
+    rng = np.random.default_rng(3)
+    block = rng.standard_normal((2, 256, 24)).astype(np.float32)
+    block[:, rng.integers(0, 256, 6), rng.integers(0, 24, 6)] *= 12.0  # outliers to clip
+    spec = quantization.QuantSpec("int4", (1, 128, 1))
+    values, scales = quantization.quantize_block(block, spec)
+    assert values.dtype == ml_dtypes.int4 and scales.shape == (2, 2, 24)
+
+    groups = block.reshape(2, 2, 128, 24)
+    absmax_scale = np.abs(groups).max(axis=2) / 7.5  # qwix's symmetric int4 bound is 7 + 0.5
+
+    def error(scale):
+        q = np.clip(np.round(groups / scale[:, :, None]), -8, 7)
+        return np.square(q * scale[:, :, None] - groups).sum(axis=2)
+
+    errors = np.stack([error(absmax_scale * r) for r in quantization.CLIP_RATIOS["int4"]])
+    np.testing.assert_allclose(error(scales), errors.min(axis=0), rtol=1e-5)
+    assert (scales < absmax_scale * 0.999).any()  # the search did clip some groups
+    expected = np.clip(np.round(groups / scales[:, :, None]), -8, 7).reshape(block.shape)
+    np.testing.assert_array_equal(values.astype(np.int8), expected.astype(np.int8))
+    plain = qwix.quantize(jnp.asarray(block), jnp.int4, channelwise_axes=[0, 2],
+                          tiled_axes={1: 128})
+    kept = np.repeat(np.isclose(scales, absmax_scale, rtol=1e-6), 128, axis=1)
+    np.testing.assert_array_equal(values.astype(np.int8)[kept],
+                                  np.asarray(plain.qvalue).astype(np.int8)[kept])
 
 
 @pytest.fixture(scope="module")

@@ -206,6 +206,28 @@ def test_missing_checkpoint_and_unreachable_endpoint_fail_before_reading(s3_mini
         load_model(s3_minilm)
 
 
+def test_wrong_credentials_fail_before_reading(monkeypatch):
+    """An S3 server that checks signatures: an unknown access key is one line naming the URL
+    and saying the credentials are wrong, raised on the first request (the manifest)."""
+    import servers
+
+    from jaxaccel.loader import load_model
+
+    server = servers.MotoS3(check_credentials=True)
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", server.url)
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIANOTAKEYOFTHISSERVER")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+        monkeypatch.setenv("JAXACCEL_REMOTE_RETRIES", "1")
+        with pytest.raises((StorageError, CheckpointError),
+                           match=r"^s3://jaxaccel-test/ckpt/jaxaccel.json: .*wrong credentials"
+                           ) as raised:
+            load_model("s3://jaxaccel-test/ckpt")
+        assert "\n" not in str(raised.value)
+    finally:
+        server.stop()
+
+
 def test_two_processes_each_fetch_half(s3_minilm, s3_server, minilm_ckpt, tmp_path,
                                        local_embeddings):
     """2 processes x 4 devices, `model` split across them: each process's proxy sees about
