@@ -1,0 +1,71 @@
+"""Fused softmax attention on the CPU (`attention.cc`): one pass per (batch, kv head, block of
+query rows) instead of XLA:CPU's batched dots, float32 softmax and transposes.
+
+Shape legend as in `jaxaccel.models.layers`: b batch, t queries, s keys, n query heads, k kv
+heads (n % k == 0), h head dim.
+
+Why a kernel: XLA:CPU runs the attention's batched dots at 55-80 GFLOP/s where its dense dots
+of the same model run at ~300 (`jaxaccel bench roofline`, Zen 4), and the float32 softmax
+between them is a separate pass over [b, n, t, s]. MiniLM b32x128 spent ~40% of its bf16
+time there. Measured numbers: scripts/bench_attention.py and the module docstring of
+`jaxaccel.backends.cpu`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxaccel.backends.cpu import build, isa
+
+KERNEL_SOURCE = "attention.cc"
+SYMBOLS = {jnp.dtype(jnp.bfloat16): "JaxaccelAttentionBf16",
+           jnp.dtype(jnp.float32): "JaxaccelAttentionF32"}
+# What the kernel is written for: AVX-512 with byte/word and 128/256-bit forms (it emulates
+# AVX512-BF16 where that is missing); head dims of whole 16-float vectors, up to 8 of them.
+REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl")
+MAX_HEAD_DIM = 128
+
+
+def cpu_supported(cpu: isa.CpuInfo) -> bool:
+    """Whether this CPU has the instructions the kernel is written with."""
+    return all(cpu.has(flag) for flag in REQUIRED_FLAGS)
+
+
+def supported(q_btnh, k_bskh, v_bskh, mask_bts) -> bool:
+    """Whether the kernel takes these operands (dtypes, head dim, shapes)."""
+    dt = q_btnh.dtype
+    b, t, n, h = q_btnh.shape
+    return (jnp.dtype(dt) in SYMBOLS and k_bskh.dtype == dt and v_bskh.dtype == dt
+            and k_bskh.shape == v_bskh.shape and k_bskh.shape[0] == b and k_bskh.shape[3] == h
+            and n % k_bskh.shape[2] == 0 and h % 16 == 0 and h <= MAX_HEAD_DIM
+            and tuple(mask_bts.shape) == (b, t, k_bskh.shape[1]))
+
+
+def kernel(dtype) -> str | None:
+    """The registered FFI target for `dtype` on this CPU, or None (no AVX-512, no compiler,
+    JAXACCEL_KERNELS=0)."""
+    symbol = SYMBOLS.get(jnp.dtype(dtype))
+    if symbol is None or not cpu_supported(isa.detect()):
+        return None
+    return build.target(KERNEL_SOURCE, symbol)
+
+
+def attention(q_btnh, k_bskh, v_bskh, mask_bts, target: str | None = None) -> jax.Array:
+    """softmax(q k^T / sqrt(h), masked) v -> [b, t, n, h] in q's dtype.
+
+    q [b, t, n, h]; k, v [b, s, k, h] (the projections' layout); mask bool [b, t, s], True
+    where a query may attend; query head i reads kv head i // (n / k). A row with no True
+    gets uniform weights (as the plain code's finfo.min fill gives). Scores, softmax and
+    accumulation are float32. `target` names a registered build of the kernel (tests pass
+    portable variants); by default the one compiled for this CPU.
+
+    Raises RuntimeError when the kernel is unavailable (check `kernel(dtype)` first).
+    """
+    target = target or kernel(q_btnh.dtype)
+    if target is None:
+        raise RuntimeError("the attention kernel is not available on this CPU/build")
+    h = q_btnh.shape[-1]
+    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(q_btnh.shape, q_btnh.dtype))
+    return call(q_btnh, k_bskh, v_bskh, mask_bts.astype(jnp.bool_), scale=np.float32(h ** -0.5))
