@@ -101,6 +101,30 @@ def test_kernel_matches_numpy(case, dtype, flags):
                                atol=tolerance, rtol=tolerance)
 
 
+# (b, t, cached, n, kv heads, h): decode steps (t = 1) and a chunk of 3 over a cache, GQA.
+CACHE_CASES = [(3, 1, 37, 4, 2, 64), (2, 1, 130, 2, 1, 32), (2, 3, 20, 6, 3, 16)]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", CACHE_CASES, ids=[f"t{c[1]}-cache{c[2]}-n{c[3]}k{c[4]}-h{c[5]}"
+                                                    for c in CACHE_CASES])
+def test_kernel_over_a_cache_matches_numpy(case, dtype):
+    """Cached keys/values in cache layout [b, k, s, h] before the fresh ones; the cache's
+    unwritten slots (past each row's length) and left padding masked, as in decoding."""
+    b, t, cached, n, kv, h = case
+    q, k, v, mask = operands((b, t, cached + t, n, kv, h, "random"), dtype, seed=1)
+    lengths = np.random.default_rng(2).integers(1, cached + 1, b)
+    mask[:, :, :cached] &= np.arange(cached)[None, None] < lengths[:, None, None]
+    past = (k[:, :cached].transpose(0, 2, 1, 3), v[:, :cached].transpose(0, 2, 1, 3),
+            mask[:, :, :cached])
+    target = kernel_build((), dtype)
+    out = jax.jit(kernel_module.attention, static_argnums=4)(
+        q, k[:, cached:], v[:, cached:], mask[:, :, cached:], target, past)
+    tolerance = 2e-5 if dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(np.asarray(out, np.float64), reference(q, k, v, mask),
+                               atol=tolerance, rtol=tolerance)
+
+
 def test_fully_masked_row_is_the_mean_of_the_values():
     q, k, v, mask = operands(CASES[0], jnp.float32)
     out = kernel_module.attention(q, k, v, mask, kernel_build((), jnp.float32))
@@ -116,7 +140,8 @@ def test_backend_uses_the_kernel_only_where_it_applies():
     q, k, v, mask = (jnp.asarray(x) for x in operands(CASES[1], jnp.bfloat16))
     one_device = cpu.backend().for_layout(single_device=True)
     assert "JaxaccelAttention" in lowered_attention(one_device, q, k, v, mask)
-    # Several devices (XLA would gather a custom call's operands), a cache, a head dim of 10.
+    # Several devices (XLA would gather a custom call's operands), a decode step over a
+    # cache (measured no faster), a head dim of 10.
     sharded = cpu.backend().for_layout(single_device=False)
     assert "custom_call" not in lowered_attention(sharded, q, k, v, mask)
     b, t, _n, h = q.shape
@@ -147,16 +172,16 @@ DECODERS = {
         "bos_token_id": 1, "eos_token_id": 2}),
     # grouped-query attention 2:1, head dim 16
     "llama_gqa": ("llama", "LlamaForCausalLM", "LlamaConfig", {
-        "vocab_size": 101, "hidden_size": 48, "head_dim": 16, "intermediate_size": 67, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 96,
+        "vocab_size": 101, "hidden_size": 48, "head_dim": 16, "intermediate_size": 67,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 96,
         "bos_token_id": 1, "eos_token_id": 2}),
 }
 
 
 @pytest.mark.parametrize("name", sorted(DECODERS))
-def test_decoder_prefill_with_kernel_matches_transformers(name, tmp_path):
+def test_decoder_with_kernel_matches_transformers(name, tmp_path):
     """fp32 last-position logits of left-padded batched prompts (causal + padding masks
-    through the kernel), and the prefill program does run the kernel."""
+    through the kernel, which the prefill program runs) and 8 greedy tokens after it."""
     needs_kernel()
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
@@ -165,10 +190,15 @@ def test_decoder_prefill_with_kernel_matches_transformers(name, tmp_path):
     config = getattr(transformers, config_class)(**fields)
     hf = getattr(transformers, model_class)(config).eval()
     gen = generator(*load_jax(family, save_hf(hf, tmp_path)))
-    b, t, slots = gen.shapes([len(p) for p in PROMPTS], 1)
-    lowered = gen.prefill_program(GREEDY, b, t, slots).jitted.lower(*gen.abstract_prefill_args(b, t))
-    assert "JaxaccelAttentionF32" in lowered.as_text()
+    b, t, slots = gen.shapes([len(p) for p in PROMPTS], 8)
+    prefill = gen.prefill_program(GREEDY, b, t, slots).jitted
+    assert "JaxaccelAttentionF32" in prefill.lower(*gen.abstract_prefill_args(b, t)).as_text()
     for prompt, logits in zip(PROMPTS, gen.last_logits(PROMPTS)):
         with torch.no_grad():
             ref = hf(torch.tensor([prompt])).logits[0, -1].numpy()
         np.testing.assert_allclose(logits, ref, atol=1e-4, rtol=0)
+    for prompt, tokens in zip(PROMPTS, gen.generate(PROMPTS, 8)):
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False,
+                              eos_token_id=None, pad_token_id=0)
+        assert tokens == ref[0, len(prompt):].tolist()

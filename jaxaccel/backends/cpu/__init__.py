@@ -134,7 +134,10 @@ class CpuBackend(Backend):
 
     def attention(self, q_btnh, k_btkh, v_btkh, mask_btt, past=None) -> jax.Array:
         """The fused kernel (`attention.cc`) for attention without a cache (encoder, prefill)
-        on one device, where the CPU and the operands suit it; else plain XLA."""
+        on one device, where the CPU and the operands suit it; else plain XLA.
+
+        Decode steps keep XLA's attention: through the kernel (which takes a cache) GPT-2 124M
+        bf16 decoded 0.93x as fast at batch 1 and 0.98x at batch 8 (in-process A/B, Zen 4)."""
         if past is None and self.fused_attention and attention_kernel.supported(
                 q_btnh, k_btkh, v_btkh, mask_btt):
             target = attention_kernel.kernel(q_btnh.dtype)

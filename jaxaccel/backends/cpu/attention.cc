@@ -110,7 +110,8 @@ inline __m512 exp_nonpositive(__m512 x) {
 }
 
 struct Shape {
-  int64_t b, t, n, kv_heads, s, h, groups;
+  int64_t b, t, n, kv_heads, h, groups;
+  int64_t cached, fresh, s;  // keys: cached ones first, then fresh ones; s = cached + fresh
   float scale;
 };
 
@@ -126,9 +127,10 @@ class Item {
   using Elem = typename T::Elem;
   static constexpr int kU = T::kPerUnit;
 
-  Item(const Shape& shape, const Elem* q, const Elem* k, const Elem* v, const bool* mask,
-       Elem* out, Scratch& scratch)
-      : sh_(shape), q_(q), k_(k), v_(v), mask_(mask), out_(out), scratch_(scratch),
+  Item(const Shape& shape, const Elem* q, const Elem* k, const Elem* v, const Elem* k_cached,
+       const Elem* v_cached, const bool* mask, Elem* out, Scratch& scratch)
+      : sh_(shape), q_(q), k_(k), v_(v), kc_(k_cached), vc_(v_cached), mask_(mask), out_(out),
+        scratch_(scratch),
         s_pad_((shape.s + kLane - 1) / kLane * kLane), h_units_(shape.h / kU) {}
 
   // Query rows [row0, row1) of the (batch, kv head) pair; row r is query position r / g of
@@ -136,6 +138,7 @@ class Item {
   void run(int64_t batch, int64_t kv_head, int64_t row0, int64_t row1) {
     batch_ = batch;
     kv_head_ = kv_head;
+    key_range(row0, row1, &pack_lo_, &pack_hi_);  // only these keys are ever read
     pack_keys();
     pack_values();
     scratch_.scores.resize(kBlockRows * s_pad_);
@@ -144,12 +147,13 @@ class Item {
   }
 
  private:
-  const Elem* key_row(int64_t j) const {
-    return k_ + ((batch_ * sh_.s + j) * sh_.kv_heads + kv_head_) * sh_.h;
+  // Key j: cached ([b, kv_heads, cached, h]) below `cached`, else fresh ([b, fresh, kv_heads, h]).
+  int64_t offset(int64_t j) const {
+    if (j < sh_.cached) return ((batch_ * sh_.kv_heads + kv_head_) * sh_.cached + j) * sh_.h;
+    return ((batch_ * sh_.fresh + j - sh_.cached) * sh_.kv_heads + kv_head_) * sh_.h;
   }
-  const Elem* value_row(int64_t j) const {
-    return v_ + ((batch_ * sh_.s + j) * sh_.kv_heads + kv_head_) * sh_.h;
-  }
+  const Elem* key_row(int64_t j) const { return (j < sh_.cached ? kc_ : k_) + offset(j); }
+  const Elem* value_row(int64_t j) const { return (j < sh_.cached ? vc_ : v_) + offset(j); }
   int64_t head(int64_t r) const { return kv_head_ * sh_.groups + r % sh_.groups; }
   int64_t position(int64_t r) const { return r / sh_.groups; }
   const Elem* query_row(int64_t r) const {
@@ -160,12 +164,13 @@ class Item {
   }
   const bool* mask_row(int64_t r) const { return mask_ + (batch_ * sh_.t + position(r)) * sh_.s; }
 
-  // keys[u, j] = unit u of key j (zero past s): 16 keys x 16 units at a time, transposed
-  // in registers.
+  // keys[u, j - pack_lo] = unit u of key j in [pack_lo, pack_hi) (zero past s): 16 keys x 16
+  // units at a time, transposed in registers.
   void pack_keys() {
     std::vector<uint32_t>& keys = scratch_.keys;
-    keys.resize(h_units_ * s_pad_);
-    for (int64_t j0 = 0; j0 < s_pad_; j0 += kLane) {
+    const int64_t stride = pack_hi_ - pack_lo_;
+    keys.resize(h_units_ * stride);
+    for (int64_t j0 = pack_lo_; j0 < pack_hi_; j0 += kLane) {
       for (int64_t u0 = 0; u0 < h_units_; u0 += kLane) {
         const int64_t units = std::min<int64_t>(kLane, h_units_ - u0);
         const __mmask16 valid = static_cast<__mmask16>((1u << units) - 1);
@@ -178,7 +183,7 @@ class Item {
         }
         transpose16(rows);
         for (int64_t u = 0; u < units; ++u) {
-          _mm512_storeu_si512(keys.data() + (u0 + u) * s_pad_ + j0, rows[u]);
+          _mm512_storeu_si512(keys.data() + (u0 + u) * stride + (j0 - pack_lo_), rows[u]);
         }
       }
     }
@@ -210,14 +215,14 @@ class Item {
     }
   }
 
-  // values[i, c] = value rows i*u .. i*u+u-1 at column c, as one unit (zero past s).
+  // values[i, c] = value rows pack_lo + i*u .. +u-1 at column c, as one unit (zero past s).
   void pack_values() {
     std::vector<uint32_t>& values = scratch_.values;
-    const int64_t h = sh_.h;
-    values.resize(s_pad_ / kU * h);
-    for (int64_t i = 0; i < s_pad_ / kU; ++i) {
+    const int64_t h = sh_.h, units = (pack_hi_ - pack_lo_) / kU;
+    values.resize(units * h);
+    for (int64_t i = 0; i < units; ++i) {
       uint32_t* dst = values.data() + i * h;
-      const int64_t j = i * kU;
+      const int64_t j = pack_lo_ + i * kU;
       if constexpr (kU == 2) {
         for (int64_t c = 0; c < h; c += kLane) {  // bf16 pairs (even row, odd row)
           __m512i even = j < sh_.s ? load_widened(value_row(j) + c) : _mm512_setzero_si512();
@@ -282,8 +287,9 @@ class Item {
       for (int c = 0; c < VECTORS; ++c) acc[r][c] = _mm512_setzero_ps();
     const uint32_t* q[ROWS];
     for (int r = 0; r < ROWS; ++r) q[r] = reinterpret_cast<const uint32_t*>(query_row(row + r));
-    const uint32_t* keys = scratch_.keys.data() + j;
-    for (int64_t u = 0; u < h_units_; ++u, keys += s_pad_) {
+    const int64_t stride = pack_hi_ - pack_lo_;
+    const uint32_t* keys = scratch_.keys.data() + (j - pack_lo_);
+    for (int64_t u = 0; u < h_units_; ++u, keys += stride) {
       __m512i line[VECTORS];
       for (int c = 0; c < VECTORS; ++c) line[c] = _mm512_loadu_si512(keys + c * kLane);
       for (int r = 0; r < ROWS; ++r) {
@@ -359,7 +365,7 @@ class Item {
       for (int c = 0; c < HV; ++c) acc[r][c] = _mm512_setzero_ps();
     const int64_t p_stride = s_pad_ / kU;
     const uint32_t* probs = scratch_.probs.data() + slot * p_stride;
-    const uint32_t* values = scratch_.values.data() + lo / kU * sh_.h;
+    const uint32_t* values = scratch_.values.data() + (lo - pack_lo_) / kU * sh_.h;
     for (int64_t i = 0; i < (hi - lo) / kU; ++i, values += sh_.h) {
       __m512i line[HV];
       for (int c = 0; c < HV; ++c) line[c] = _mm512_loadu_si512(values + c * kLane);
@@ -398,19 +404,21 @@ class Item {
   }
 
   const Shape& sh_;
-  const Elem *q_, *k_, *v_;
+  const Elem *q_, *k_, *v_, *kc_, *vc_;
   const bool* mask_;
   Elem* out_;
   Scratch& scratch_;
   const int64_t s_pad_, h_units_;
   int64_t batch_ = 0, kv_head_ = 0;
+  int64_t pack_lo_ = 0, pack_hi_ = 0;  // the item's packed keys (multiples of kLane)
   __m512 best_[kBlockRows];  // per block row: the running maximum of its scores, per lane
 };
 
 template <typename T>
 void run_all(ffi::ThreadPool& pool, const Shape& sh, const typename T::Elem* q,
-             const typename T::Elem* k, const typename T::Elem* v, const bool* mask,
-             typename T::Elem* out) {
+             const typename T::Elem* k, const typename T::Elem* v,
+             const typename T::Elem* k_cached, const typename T::Elem* v_cached,
+             const bool* mask, typename T::Elem* out) {
   const int64_t rows = sh.t * sh.groups;
   const int64_t per_item = std::min<int64_t>(kItemRows, (rows + kBlockRows - 1) / kBlockRows *
                                                             kBlockRows);
@@ -418,7 +426,7 @@ void run_all(ffi::ThreadPool& pool, const Shape& sh, const typename T::Elem* q,
   const int64_t items = sh.b * sh.kv_heads * chunks;
   jaxaccel::parallel_chunks(pool, items, items, [&](int64_t first, int64_t end) {
     thread_local Scratch scratch;
-    Item<T> item(sh, q, k, v, mask, out, scratch);
+    Item<T> item(sh, q, k, v, k_cached, v_cached, mask, out, scratch);
     for (int64_t i = first; i < end; ++i) {
       int64_t chunk = i % chunks, pair = i / chunks;
       int64_t row0 = chunk * per_item;
@@ -428,35 +436,41 @@ void run_all(ffi::ThreadPool& pool, const Shape& sh, const typename T::Elem* q,
 }
 #endif
 
+// q [b, t, n, h]; fresh keys/values k, v [b, t', kv_heads, h]; cached ones kc, vc
+// [b, kv_heads, s_c, h] (s_c may be 0); mask [b, t, s_c + t'] over cached then fresh keys.
 template <ffi::DataType D>
 ffi::Error AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<D> q, ffi::Buffer<D> k,
-                         ffi::Buffer<D> v, ffi::Buffer<ffi::PRED> mask, float scale,
-                         ffi::ResultBuffer<D> out) {
+                         ffi::Buffer<D> v, ffi::Buffer<D> kc, ffi::Buffer<D> vc,
+                         ffi::Buffer<ffi::PRED> mask, float scale, ffi::ResultBuffer<D> out) {
   auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), md = mask.dimensions();
-  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || md.size() != 3) {
+  auto cd = kc.dimensions(), cvd = vc.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || cd.size() != 4 ||
+      cvd.size() != 4 || md.size() != 3) {
     return ffi::Error::InvalidArgument(
-        "attention: expected q [b, t, n, h], k and v [b, s, kv_heads, h], mask [b, t, s]");
+        "attention: expected q [b, t, n, h], k and v [b, t', kv_heads, h], cached k and v "
+        "[b, kv_heads, s_c, h], mask [b, t, s_c + t']");
   }
-  Shape sh{qd[0], qd[1], qd[2], kd[2], kd[1], qd[3], 0, scale};
-  bool same_kv = std::equal(kd.begin(), kd.end(), vd.begin());
-  if (!same_kv || kd[0] != sh.b || kd[3] != sh.h || sh.kv_heads == 0 || sh.n % sh.kv_heads ||
-      md[0] != sh.b || md[1] != sh.t || md[2] != sh.s || sh.h % 16 || sh.h > 128) {
+  Shape sh{qd[0], qd[1], qd[2], kd[2], qd[3], 0, cd[2], kd[1], cd[2] + kd[1], scale};
+  bool same_kv = std::equal(kd.begin(), kd.end(), vd.begin()) &&
+                 std::equal(cd.begin(), cd.end(), cvd.begin());
+  if (!same_kv || kd[0] != sh.b || kd[3] != sh.h || cd[0] != sh.b || cd[1] != sh.kv_heads ||
+      cd[3] != sh.h || sh.kv_heads == 0 || sh.n % sh.kv_heads || md[0] != sh.b ||
+      md[1] != sh.t || md[2] != sh.s || sh.h % 16 || sh.h > 128 || sh.s == 0) {
     return ffi::Error::InvalidArgument(
         "attention: shapes disagree (need k == v shapes, n % kv_heads == 0, h % 16 == 0, "
-        "h <= 128, mask [b, t, s])");
+        "h <= 128, mask [b, t, s_c + t'])");
   }
   sh.groups = sh.n / sh.kv_heads;
 #if defined(JAXACCEL_ATTENTION_KERNEL)
   const bool* m = mask.typed_data();
   if constexpr (D == ffi::DataType::BF16) {
     using E = uint16_t;
-    run_all<Bf16>(pool, sh, reinterpret_cast<const E*>(q.typed_data()),
-                  reinterpret_cast<const E*>(k.typed_data()),
-                  reinterpret_cast<const E*>(v.typed_data()), m,
+    auto data = [](auto& buffer) { return reinterpret_cast<const E*>(buffer.typed_data()); };
+    run_all<Bf16>(pool, sh, data(q), data(k), data(v), data(kc), data(vc), m,
                   reinterpret_cast<E*>(out->typed_data()));
   } else {
-    run_all<F32>(pool, sh, q.typed_data(), k.typed_data(), v.typed_data(), m,
-                 out->typed_data());
+    run_all<F32>(pool, sh, q.typed_data(), k.typed_data(), v.typed_data(), kc.typed_data(),
+                 vc.typed_data(), m, out->typed_data());
   }
   return ffi::Error::Success();
 #else
@@ -469,6 +483,8 @@ ffi::Error AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<D> q, ffi::Buffer<D> 
 #define JAXACCEL_ATTENTION_BINDING(D)         \
   ffi::Ffi::Bind()                            \
       .Ctx<ffi::ThreadPool>()                 \
+      .Arg<ffi::Buffer<D>>()                  \
+      .Arg<ffi::Buffer<D>>()                  \
       .Arg<ffi::Buffer<D>>()                  \
       .Arg<ffi::Buffer<D>>()                  \
       .Arg<ffi::Buffer<D>>()                  \

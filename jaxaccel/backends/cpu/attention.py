@@ -33,14 +33,23 @@ def cpu_supported(cpu: isa.CpuInfo) -> bool:
     return all(cpu.has(flag) for flag in REQUIRED_FLAGS)
 
 
-def supported(q_btnh, k_bskh, v_bskh, mask_bts) -> bool:
-    """Whether the kernel takes these operands (dtypes, head dim, shapes)."""
+def supported(q_btnh, k_btkh, v_btkh, mask_btt, past=None) -> bool:
+    """Whether the kernel takes these operands (dtypes, head dim, shapes); `past` as for
+    `attention`."""
     dt = q_btnh.dtype
     b, t, n, h = q_btnh.shape
-    return (jnp.dtype(dt) in SYMBOLS and k_bskh.dtype == dt and v_bskh.dtype == dt
-            and k_bskh.shape == v_bskh.shape and k_bskh.shape[0] == b and k_bskh.shape[3] == h
-            and n % k_bskh.shape[2] == 0 and h % 16 == 0 and h <= MAX_HEAD_DIM
-            and tuple(mask_bts.shape) == (b, t, k_bskh.shape[1]))
+    kv_heads = k_btkh.shape[2]
+    cached = 0 if past is None else past[0].shape[2]
+    ok = (jnp.dtype(dt) in SYMBOLS and k_btkh.dtype == dt and v_btkh.dtype == dt
+          and k_btkh.shape == v_btkh.shape and k_btkh.shape[0] == b and k_btkh.shape[3] == h
+          and n % kv_heads == 0 and h % 16 == 0 and h <= MAX_HEAD_DIM
+          and tuple(mask_btt.shape) == (b, t, k_btkh.shape[1]))
+    if past is None or not ok:
+        return ok
+    k_bksh, v_bksh, mask_bts = past
+    return (k_bksh.dtype == dt and v_bksh.dtype == dt and k_bksh.shape == v_bksh.shape
+            and tuple(k_bksh.shape) == (b, kv_heads, cached, h)
+            and tuple(mask_bts.shape) == (b, t, cached))
 
 
 def kernel(dtype) -> str | None:
@@ -52,20 +61,30 @@ def kernel(dtype) -> str | None:
     return build.target(KERNEL_SOURCE, symbol)
 
 
-def attention(q_btnh, k_bskh, v_bskh, mask_bts, target: str | None = None) -> jax.Array:
+def attention(q_btnh, k_btkh, v_btkh, mask_btt, target: str | None = None,
+              past=None) -> jax.Array:
     """softmax(q k^T / sqrt(h), masked) v -> [b, t, n, h] in q's dtype.
 
-    q [b, t, n, h]; k, v [b, s, k, h] (the projections' layout); mask bool [b, t, s], True
-    where a query may attend; query head i reads kv head i // (n / k). A row with no True
-    gets uniform weights (as the plain code's finfo.min fill gives). Scores, softmax and
-    accumulation are float32. `target` names a registered build of the kernel (tests pass
-    portable variants); by default the one compiled for this CPU.
+    q [b, t, n, h]; k, v [b, t', k, h] (the projections' layout); mask bool [b, t, t'], True
+    where a query may attend; `past`, when given, is (keys [b, k, s, h], values [b, k, s, h],
+    mask [b, t, s]) from a KV cache (its keys come before the fresh ones). Query head i reads
+    kv head i // (n / k). A row with no True gets uniform weights (as the plain code's
+    finfo.min fill gives). Scores, softmax and accumulation are float32. `target` names a
+    registered build of the kernel (tests pass portable variants); by default the one
+    compiled for this CPU.
 
     Raises RuntimeError when the kernel is unavailable (check `kernel(dtype)` first).
     """
     target = target or kernel(q_btnh.dtype)
     if target is None:
         raise RuntimeError("the attention kernel is not available on this CPU/build")
-    h = q_btnh.shape[-1]
+    b, _, _, h = q_btnh.shape
+    mask_bts = mask_btt.astype(jnp.bool_)
+    if past is None:
+        empty = jnp.zeros((b, k_btkh.shape[2], 0, h), q_btnh.dtype)
+        k_bksh, v_bksh = empty, empty
+    else:
+        k_bksh, v_bksh, cached_mask = past
+        mask_bts = jnp.concatenate([cached_mask.astype(jnp.bool_), mask_bts], axis=-1)
     call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(q_btnh.shape, q_btnh.dtype))
-    return call(q_btnh, k_bskh, v_bskh, mask_bts.astype(jnp.bool_), scale=np.float32(h ** -0.5))
+    return call(q_btnh, k_btkh, v_btkh, k_bksh, v_bksh, mask_bts, scale=np.float32(h ** -0.5))
