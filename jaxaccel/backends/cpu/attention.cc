@@ -5,7 +5,9 @@
 //
 // with g = n / kv_heads query heads per kv head (grouped-query attention), the scores, the
 // softmax and the accumulation in float32, q/k/v/out all bfloat16 or all float32, in the
-// layout the projections produce ([b, t, heads, h]: no transposes before or after). A row
+// layout the projections produce ([b, t, heads, h]: no transposes before or after). The keys
+// s are optionally a KV cache's [b, kv_heads, s_c, h] followed by the fresh ones (the CPU
+// backend uses the kernel without a cache: decode measured no faster through it). A row
 // whose mask is all false gets uniform weights, as the plain jnp code gives it.
 //
 // Why: XLA:CPU runs attention as two batched dots with a float32 softmax between them, each
@@ -13,7 +15,7 @@
 // quarter of its dense dots' speed (`jaxaccel bench roofline`). Here one work item, a (batch,
 // kv head, block of query rows), keeps its keys, values, scores and probabilities in cache:
 //
-// * keys are packed per item as [h/u, s] units and values as [s/u, h] units, where a unit is
+// * the keys any row of the item may attend to are packed as [h/u, s] units and values as [s/u, h] units, where a unit is
 //   4 bytes: u = 2 bf16 (a pair along the contraction, the operand of AVX512-BF16
 //   `vdpbf16ps`) or u = 1 float32 (`vfmadd`); a query row and a probability row are already
 //   rows of units in their natural order, and are broadcast one unit at a time;
