@@ -222,10 +222,11 @@ class Runtime:
         self.graphdef, self.config = graphdef, config
         self.layout = layout or ax.Layout.create("data=1,model=1", "replicated")
         self.dtype = jnp.dtype(dtype)
-        self.backend = backend or backends.for_mesh(self.layout.mesh)
         # On a `stage` mesh the layers run as a GPipe pipeline of `microbatches` (default: the
         # stage count); the batch must then split into them.
         self.pipeline = pipeline.for_layout(self.layout, config.num_layers, microbatches)
+        self.backend = (backend or backends.for_mesh(self.layout.mesh)).for_layout(
+            self.single_device)
         self.stages = pipeline.stage_count(self.layout)
         self.batch_divisor = self.layout.batch_divisor * (
             self.pipeline.microbatches if self.pipeline else 1)

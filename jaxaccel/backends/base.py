@@ -8,10 +8,10 @@ mesh's platform (`jaxaccel.backends.for_mesh`) and installs it while tracing
 exactly what a GPU/TPU engineer would write, with nothing platform-specific in the program.
 
 Traced hooks (called inside jit, by `models.layers` and `models.kv_cache`):
-  matmul, quantized_matmul, lookup, head_logits, scan_layers, cache_storage_dtype, cache_store,
-  cache_load.
+  matmul, quantized_matmul, lookup, head_logits, scan_layers, attention, cache_storage_dtype,
+  cache_store, cache_load.
 Host-side policies (called by the runtime when it builds a model's programs):
-  prepare_decoder, min_batch, compiler_options.
+  prepare_decoder, min_batch, compiler_options, for_layout.
 
 Shape legend as in `jaxaccel.models.layers`.
 """
@@ -95,6 +95,45 @@ class Backend:
 
         return jax.lax.scan(step, carry, (state, xs))
 
+    def attention(self, q_btnh, k_btkh, v_btkh, mask_btt, past=None) -> jax.Array:
+        """Softmax attention of t new queries over t new keys/values (and a cache) -> [b, t, n, h]
+        in q's dtype. q [b, t, n, h]; k, v [b, t, k, h] (n % k == 0: query head i reads kv
+        head i // (n / k)); mask bool [b, t, t], True where a query may attend; `past`, when
+        given, is (keys [b, k, s, h], values [b, k, s, h], mask [b, t, s]) from the cache in
+        compute dtype. Scores and softmax in float32, masked scores at finfo(float32).min (a
+        row with nothing to attend to gets uniform weights).
+
+        Rows r enumerate (t, g), so each kv head's queries form one [t*g, h] matrix; scores over
+        the cache and over the new keys are concatenated before one softmax, so the cache is
+        only read, never copied to append the new keys.
+        """
+        b, t, n, h = q_btnh.shape
+        kv_heads = k_btkh.shape[2]
+        groups = n // kv_heads
+        dt = q_btnh.dtype
+        q_bkrh = q_btnh.reshape(b, t, kv_heads, groups, h).transpose(0, 2, 1, 3, 4).reshape(
+            b, kv_heads, t * groups, h)
+        keys, values, masks = [k_btkh.transpose(0, 2, 1, 3)], [v_btkh.transpose(0, 2, 1, 3)], [mask_btt]
+        if past is not None:
+            keys.insert(0, past[0])
+            values.insert(0, past[1])
+            masks.insert(0, past[2])
+        scores = [jnp.einsum("bkrh,bksh->bkrs", q_bkrh, k.astype(dt),
+                             preferred_element_type=jnp.float32) for k in keys]
+        scores_bkrs = jnp.concatenate(scores, axis=-1) * (h ** -0.5)
+        mask_bts = jnp.concatenate(masks, axis=-1)
+        mask_b1rs = jnp.repeat(mask_bts[:, None], groups, axis=2)
+        scores_bkrs = jnp.where(mask_b1rs, scores_bkrs, jnp.finfo(jnp.float32).min)
+        probs_bkrs = jax.nn.softmax(scores_bkrs, axis=-1).astype(dt)
+        out_bkrh, start = 0.0, 0
+        for v in values:
+            s = v.shape[2]
+            out_bkrh += jnp.einsum("bkrs,bksh->bkrh", probs_bkrs[..., start:start + s],
+                                   v.astype(dt), preferred_element_type=jnp.float32)
+            start += s
+        out_btkgh = out_bkrh.reshape(b, kv_heads, t, groups, h).transpose(0, 2, 1, 3, 4)
+        return out_btkgh.reshape(b, t, n, h).astype(dt)
+
     def cache_storage_dtype(self, dtype) -> jnp.dtype:
         """The dtype a KV cache of compute dtype `dtype` is stored in."""
         return jnp.dtype(dtype)
@@ -121,6 +160,11 @@ class Backend:
     def min_batch(self, dtype, prepared: bool) -> int:
         """The smallest batch bucket worth compiling for (rows are padded up to it)."""
         return 1
+
+    def for_layout(self, single_device: bool) -> Backend:
+        """This backend as a program on `single_device` (one device, no pipeline) or not should
+        use it: kernels that XLA's SPMD partitioner cannot split are for one device only."""
+        return self
 
     def compiler_options(self) -> dict:
         """XLA compiler options for this platform's programs ({}: XLA's defaults); options the

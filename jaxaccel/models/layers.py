@@ -9,9 +9,10 @@ bfloat16); every matmul accumulates in float32 (`preferred_element_type`) and no
 softmax run in float32. On XLA:CPU a bf16 dot with an f32 result is also ~2x faster than one
 with a bf16 result, so the policy costs nothing.
 
-Platform neutrality: `matmul`, `lookup`, `head_logits` and `scan_layers` are the operations a
-platform backend may replace (`jaxaccel.backends`); they call `backends.current()`, which is
-plain XLA unless the runtime installed another backend while tracing.
+Platform neutrality: `matmul`, `lookup`, `head_logits` and `scan_layers` (and
+`models.attention.attention`) are the operations a platform backend may replace
+(`jaxaccel.backends`); they call `backends.current()`, which is plain XLA unless the runtime
+installed another backend while tracing.
 """
 
 from __future__ import annotations

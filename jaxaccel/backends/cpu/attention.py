@@ -1,0 +1,90 @@
+"""Fused softmax attention on the CPU (`attention.cc`): one pass per (batch, kv head, block of
+query rows) instead of XLA:CPU's batched dots, float32 softmax and transposes.
+
+Shape legend as in `jaxaccel.models.layers`: b batch, t queries, s keys, n query heads, k kv
+heads (n % k == 0), h head dim.
+
+Why a kernel: XLA:CPU runs the attention's batched dots at 55-80 GFLOP/s where its dense dots
+of the same model run at ~300 (`jaxaccel bench roofline`, Zen 4), and the float32 softmax
+between them is a separate pass over [b, n, t, s]. MiniLM b32x128 spent ~40% of its bf16
+time there. Measured numbers: scripts/bench_attention.py and the module docstring of
+`jaxaccel.backends.cpu`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxaccel.backends.cpu import build, isa
+
+KERNEL_SOURCE = "attention.cc"
+SYMBOLS = {jnp.dtype(jnp.bfloat16): "JaxaccelAttentionBf16",
+           jnp.dtype(jnp.float32): "JaxaccelAttentionF32"}
+# What the kernel is written for: AVX-512 with byte/word and 128/256-bit forms (it emulates
+# AVX512-BF16 where that is missing); head dims of whole 16-float vectors, up to 8 of them.
+REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl")
+MAX_HEAD_DIM = 128
+
+
+def cpu_supported(cpu: isa.CpuInfo) -> bool:
+    """Whether this CPU has the instructions the kernel is written with."""
+    return all(cpu.has(flag) for flag in REQUIRED_FLAGS)
+
+
+def supported(q_btnh, k_btkh, v_btkh, mask_btt, past=None) -> bool:
+    """Whether the kernel takes these operands (dtypes, head dim, shapes); `past` as for
+    `attention`."""
+    dt = q_btnh.dtype
+    b, t, n, h = q_btnh.shape
+    kv_heads = k_btkh.shape[2]
+    cached = 0 if past is None else past[0].shape[2]
+    ok = (jnp.dtype(dt) in SYMBOLS and k_btkh.dtype == dt and v_btkh.dtype == dt
+          and k_btkh.shape == v_btkh.shape and k_btkh.shape[0] == b and k_btkh.shape[3] == h
+          and n % kv_heads == 0 and h % 16 == 0 and h <= MAX_HEAD_DIM
+          and tuple(mask_btt.shape) == (b, t, k_btkh.shape[1]))
+    if past is None or not ok:
+        return ok
+    k_bksh, v_bksh, mask_bts = past
+    return (k_bksh.dtype == dt and v_bksh.dtype == dt and k_bksh.shape == v_bksh.shape
+            and tuple(k_bksh.shape) == (b, kv_heads, cached, h)
+            and tuple(mask_bts.shape) == (b, t, cached))
+
+
+def kernel(dtype) -> str | None:
+    """The registered FFI target for `dtype` on this CPU, or None (no AVX-512, no compiler,
+    JAXACCEL_KERNELS=0)."""
+    symbol = SYMBOLS.get(jnp.dtype(dtype))
+    if symbol is None or not cpu_supported(isa.detect()):
+        return None
+    return build.target(KERNEL_SOURCE, symbol)
+
+
+def attention(q_btnh, k_btkh, v_btkh, mask_btt, target: str | None = None,
+              past=None) -> jax.Array:
+    """softmax(q k^T / sqrt(h), masked) v -> [b, t, n, h] in q's dtype.
+
+    q [b, t, n, h]; k, v [b, t', k, h] (the projections' layout); mask bool [b, t, t'], True
+    where a query may attend; `past`, when given, is (keys [b, k, s, h], values [b, k, s, h],
+    mask [b, t, s]) from a KV cache (its keys come before the fresh ones). Query head i reads
+    kv head i // (n / k). A row with no True gets uniform weights (as the plain code's
+    finfo.min fill gives). Scores, softmax and accumulation are float32. `target` names a
+    registered build of the kernel (tests pass portable variants); by default the one
+    compiled for this CPU.
+
+    Raises RuntimeError when the kernel is unavailable (check `kernel(dtype)` first).
+    """
+    target = target or kernel(q_btnh.dtype)
+    if target is None:
+        raise RuntimeError("the attention kernel is not available on this CPU/build")
+    b, _, _, h = q_btnh.shape
+    mask_bts = mask_btt.astype(jnp.bool_)
+    if past is None:
+        empty = jnp.zeros((b, k_btkh.shape[2], 0, h), q_btnh.dtype)
+        k_bksh, v_bksh = empty, empty
+    else:
+        k_bksh, v_bksh, cached_mask = past
+        mask_bts = jnp.concatenate([cached_mask.astype(jnp.bool_), mask_bts], axis=-1)
+    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(q_btnh.shape, q_btnh.dtype))
+    return call(q_btnh, k_btkh, v_btkh, k_bksh, v_bksh, mask_bts, scale=np.float32(h ** -0.5))
