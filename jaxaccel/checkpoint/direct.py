@@ -38,6 +38,7 @@ import dataclasses
 import itertools
 import json
 import math
+import mmap
 import os
 import pathlib
 import threading
@@ -48,7 +49,7 @@ import numpy as np
 import tensorstore as ts
 
 from jaxaccel.checkpoint import integrity, storage
-from jaxaccel.errors import ChunkError  # noqa: F401  (re-exported)
+from jaxaccel.errors import ChunkError
 
 PIECE_BYTES = int(os.environ.get("JAXACCEL_PIECE", 1 << 20))  # read granularity
 ALIGNMENT = 4096  # jax on CPU adopts (does not copy) buffers aligned to >= 64 bytes
@@ -243,6 +244,12 @@ def _pread_exact(fd: int, buf: np.ndarray, offset: int, ref: ValueRef) -> None:
         done += got
 
 
+def _bytes_of(view: np.ndarray) -> np.ndarray:
+    """`view` (its last axis contiguous, as any box of a C-order array) as uint8, the last
+    axis widened to bytes: a same-dtype copy then moves bytes, whatever their alignment."""
+    return view.view(np.uint8)
+
+
 def _pieces(chunk: tuple[int, ...], itemsize: int, out: np.ndarray):
     """(view of `out`, byte offset inside the chunk) of PIECE_BYTES-sized slabs along the
     chunk's first dim longer than 1: C order, so each slab's bytes are contiguous on disk."""
@@ -264,11 +271,12 @@ class ChunkReader:
         self.index = index
         self.verify = verify
         self._fds: dict[str, int] = {}
+        self._maps: dict[str, tuple] = {}  # path -> (read-only mmap of it, uint8 view)
         self._lock = threading.Lock()
-        self._local = threading.local()
 
     def close(self) -> None:
         with self._lock:
+            self._maps.clear()  # unmapped once the last view of each is gone
             for fd in self._fds.values():
                 os.close(fd)
             self._fds.clear()
@@ -315,11 +323,12 @@ class ChunkReader:
         """Stream a chunk that `out` receives entirely.
 
         Unchecked and uncast: one scatter preadv straight into `out`. Otherwise piece by
-        piece along the chunk's first long dim: each piece is read (straight into `out` when
-        that part of it is contiguous, else into this thread's scratch buffer), its crc32c
-        taken while the piece is still in L2, then cast/copied into `out` from cache. The
-        crc32c package releases the GIL for inputs >= 32 KiB (its default gil_release_mode),
-        so both read threads checksum in parallel.
+        piece along the chunk's first long dim (PIECE_BYTES, about L2), its crc32c taken
+        while the piece is still in cache: a piece that `out` holds contiguously is pread
+        straight into it and checked there; a strided or cast piece is checked in a
+        read-only mapping of the data file and copied (cast) from it into `out` by numpy,
+        without the bounce through a scratch buffer that a pread would need. The crc32c
+        package and numpy's copy release the GIL, so both read threads work in parallel.
         """
         self._check_length(layout, ref, grid_index)
         fd = self._fd(ref.file)
@@ -327,20 +336,60 @@ class ChunkReader:
         if out.dtype == layout.dtype and not check:
             _scatter_read(fd, out, ref.offset, ref)  # no cast, no checksum: bytes straight in
             return
-        crc = 0
-        for view, offset in _pieces(layout.chunk, layout.dtype.itemsize, out):
-            nbytes = view.size * layout.dtype.itemsize
-            straight = out.dtype == layout.dtype and view.flags.c_contiguous
-            buf = view.reshape(-1).view(np.uint8) if straight else self._scratch(nbytes)
-            _pread_exact(fd, buf, ref.offset + offset, ref)
-            if check:
-                crc = crc32c.crc32c(buf, crc)
-            if not straight:
-                view[...] = buf.view(layout.dtype).reshape(view.shape)
+        crc, mapped = 0, None
+        try:
+            for view, offset in _pieces(layout.chunk, layout.dtype.itemsize, out):
+                start = ref.offset + offset
+                if out.dtype == layout.dtype and view.flags.c_contiguous:
+                    dst = view.reshape(-1).view(np.uint8)
+                    _pread_exact(fd, dst, start, ref)
+                    crc = crc32c.crc32c(dst, crc) if check else crc
+                    continue
+                mapped = self._mapped(ref) if mapped is None else mapped
+                src = mapped[start:start + view.size * layout.dtype.itemsize]
+                crc = crc32c.crc32c(src, crc) if check else crc
+                if out.dtype == layout.dtype:
+                    np.copyto(_bytes_of(view), src.reshape(_bytes_of(view).shape))
+                else:  # cast while copying
+                    view[...] = src.view(layout.dtype).reshape(view.shape)
+        finally:
+            if mapped is not None:
+                self._unmap_pages(ref)
         if check:
             tail = np.empty(_CRC_BYTES, np.uint8)
             _pread_exact(fd, tail, ref.offset + ref.length - _CRC_BYTES, ref)
             self._compare(layout, grid_index, crc, tail)
+
+    def _mapped(self, ref: ValueRef) -> np.ndarray:
+        """The data file holding `ref` as a read-only uint8 array (one mapping per file).
+
+        Why a mapping: a strided piece is checked where it lies and copied once, straight
+        into the shard buffer, instead of being pread into a scratch buffer and copied again
+        (measured in the module docstring). Restored arrays never alias it: every byte is
+        copied out, so a file rewritten later changes no array (tested)."""
+        entry = self._maps.get(ref.file)
+        if entry is None:
+            fd = self._fd(ref.file)  # outside the lock: _fd takes it
+            with self._lock:
+                entry = self._maps.get(ref.file)
+                if entry is None:
+                    size = os.fstat(fd).st_size
+                    handle = mmap.mmap(fd, size, prot=mmap.PROT_READ) if size else None
+                    view = np.frombuffer(handle, np.uint8) if size else np.zeros(0, np.uint8)
+                    entry = self._maps[ref.file] = (handle, view)
+        mapped = entry[1]
+        if ref.offset + ref.length > len(mapped):  # a short file would SIGBUS on access
+            raise ChunkError(f"{ref.file}: ends at byte {len(mapped)}, inside a chunk: "
+                             "stored data is truncated or damaged")
+        return mapped
+
+    def _unmap_pages(self, ref: ValueRef) -> None:
+        """Drop the chunk's pages from this process's page tables (the page cache keeps
+        them): mapped file pages count in the resident set, which the host-memory budget
+        and its tests measure. A page shared with a neighbouring chunk faults back in."""
+        handle = self._maps[ref.file][0]
+        start = ref.offset - ref.offset % mmap.PAGESIZE
+        handle.madvise(mmap.MADV_DONTNEED, start, ref.offset + ref.length - start)
 
     def _read_all(self, layout: ArrayLayout, ref: ValueRef, grid_index) -> np.ndarray:
         """A whole chunk's values as a new flat array (for chunks only partly needed)."""
@@ -377,9 +426,3 @@ class ChunkReader:
                 if fd is None:
                     fd = self._fds[path] = os.open(path, os.O_RDONLY)
         return fd
-
-    def _scratch(self, nbytes: int) -> np.ndarray:
-        buf = getattr(self._local, "buf", None)
-        if buf is None or buf.nbytes < nbytes:
-            buf = self._local.buf = aligned_empty((max(nbytes, PIECE_BYTES),), np.uint8)
-        return buf[:nbytes]
