@@ -5,10 +5,29 @@ Why by hand: tensorstore reads every chunk into a fresh buffer, decodes it, then
 a fresh result array, so each byte lands in two new allocations. On CPU (and on these VMs in
 particular) first-touching new memory dominates a restore: a perf profile of tensorstore
 reading the 2.68 GB reference checkpoint spent 53% of its cycles in the kernel's page zeroing
-(`clear_page_erms`) and ran at 0.6 GB/s. Here every chunk is read in L2-sized pieces through a
-small scratch buffer that each thread reuses (or, where the destination is contiguous,
-straight into it), its crc32c is checked on the way, and the bytes are written once, into the
-64-byte-aligned shard buffer that jax then adopts without copying on CPU.
+(`clear_page_erms`) and ran at 0.6 GB/s. Here every chunk is read in L2-sized pieces, its
+crc32c checked on the way, and the bytes are written once, into the 64-byte-aligned shard
+buffer that jax then adopts without copying on CPU (checked on jax 0.10.2 and 0.12: the
+array's buffer pointer is the numpy buffer's). A piece the shard holds contiguously is pread
+straight into it; a strided piece (a chunk of a column-split shard: 1.41 of the 2.68 GB on
+data=2,model=4) is checked in a read-only mapping of the data file and copied from there.
+
+Where a checked restore's time went (perf, 2.68 GB onto data=2,model=4, fresh process, warm
+page cache, before the mapping): the kernel's page-cache copy 30%, zeroing the fresh shard
+pages on first touch (transparent huge pages: numpy advises them) 26%, crc32c 8%, the
+scratch-to-shard memmove of strided pieces 6.5% (plus the zeroing it triggers), page-cache
+lookups ~8%. Copying strided pieces from the mapping instead cut the restore's CPU time from
+1.29-1.55 s (median 1.30, 6 fresh processes) to 0.97-1.04 s (3), against 0.55-0.84 s for the
+copy floor (shared CPU; wall times there varied 2x with the other jobs). Measured and not
+taken: copying every piece from the mapping (1.0-1.8 s: user-space copies of contiguous
+pieces beat the kernel's only sometimes), MADV_POPULATE_READ on each chunk's pages first
+(0.98-1.2 s), writing into a memfd to skip the zeroing (shmem allocates 4 KiB pages one by
+one: 1.2-1.6 s wall for the copy alone vs 0.45-1.1 s into fresh huge pages), 4 KiB
+destination pages (2-3x slower to fault than huge pages on this VM). A MAP_PRIVATE mapping
+that jax adopts directly was rejected: Linux shows later writes to the file through private
+pages not yet copied, a shard spans many chunks that are not adjacent in the file, and chunk
+offsets are not 64-byte aligned. What no restore into fresh memory avoids is the zeroing:
+the copy floor copies into memory touched before its clock.
 
 The crc32c check is on by default (`--no-verify` turns it off). Its cost, measured on the
 2.68 GB reference tree onto data=2,model=4 (AMD EPYC, 2 cores shared with other jobs,
