@@ -86,7 +86,7 @@ def _only(manifest: Manifest, name: str) -> Manifest:
 @pytest.mark.parametrize("verify", [True, False])
 @pytest.mark.cpu_only  # a mesh of up to 8 simulated CPU devices
 def test_restored_arrays_do_not_alias_the_files(small_ckpt, tmp_path, verify):
-    """Chunks are copied out of a mapping of the data files: overwriting every data file in
+    """Restored arrays own copies of the chunk bytes: overwriting every data file in
     place after the restore changes no restored value (compared with a numpy copy taken
     before), and the restore equals tensorstore's read of the same checkpoint."""
     import shutil

@@ -5,29 +5,10 @@ Why by hand: tensorstore reads every chunk into a fresh buffer, decodes it, then
 a fresh result array, so each byte lands in two new allocations. On CPU (and on these VMs in
 particular) first-touching new memory dominates a restore: a perf profile of tensorstore
 reading the 2.68 GB reference checkpoint spent 53% of its cycles in the kernel's page zeroing
-(`clear_page_erms`) and ran at 0.6 GB/s. Here every chunk is read in L2-sized pieces, its
-crc32c checked on the way, and the bytes are written once, into the 64-byte-aligned shard
-buffer that jax then adopts without copying on CPU (checked on jax 0.10.2 and 0.12: the
-array's buffer pointer is the numpy buffer's). A piece the shard holds contiguously is pread
-straight into it; a strided piece (a chunk of a column-split shard: 1.41 of the 2.68 GB on
-data=2,model=4) is checked in a read-only mapping of the data file and copied from there.
-
-Where a checked restore's time went (perf, 2.68 GB onto data=2,model=4, fresh process, warm
-page cache, before the mapping): the kernel's page-cache copy 30%, zeroing the fresh shard
-pages on first touch (transparent huge pages: numpy advises them) 26%, crc32c 8%, the
-scratch-to-shard memmove of strided pieces 6.5% (plus the zeroing it triggers), page-cache
-lookups ~8%. Copying strided pieces from the mapping instead cut the restore's CPU time from
-1.29-1.55 s (median 1.30, 6 fresh processes) to 0.97-1.04 s (3), against 0.55-0.84 s for the
-copy floor (shared CPU; wall times there varied 2x with the other jobs). Measured and not
-taken: copying every piece from the mapping (1.0-1.8 s: user-space copies of contiguous
-pieces beat the kernel's only sometimes), MADV_POPULATE_READ on each chunk's pages first
-(0.98-1.2 s), writing into a memfd to skip the zeroing (shmem allocates 4 KiB pages one by
-one: 1.2-1.6 s wall for the copy alone vs 0.45-1.1 s into fresh huge pages), 4 KiB
-destination pages (2-3x slower to fault than huge pages on this VM). A MAP_PRIVATE mapping
-that jax adopts directly was rejected: Linux shows later writes to the file through private
-pages not yet copied, a shard spans many chunks that are not adjacent in the file, and chunk
-offsets are not 64-byte aligned. What no restore into fresh memory avoids is the zeroing:
-the copy floor copies into memory touched before its clock.
+(`clear_page_erms`) and ran at 0.6 GB/s. Here every chunk is read in L2-sized pieces through a
+small scratch buffer that each thread reuses (or, where the destination is contiguous,
+straight into it), its crc32c is checked on the way, and the bytes are written once, into the
+64-byte-aligned shard buffer that jax then adopts without copying on CPU.
 
 The crc32c check is on by default (`--no-verify` turns it off). Its cost, measured on the
 2.68 GB reference tree onto data=2,model=4 (AMD EPYC, 2 cores shared with other jobs,
@@ -45,6 +26,24 @@ is no faster than the scatter preadv, so the unchecked path keeps the single sca
 computes a hardware crc (~12 GB/s per core on cache-resident pieces) and drops the GIL for
 inputs >= 32 KiB (its default gil_release_mode), so both read threads checksum in parallel.
 
+Where a checked restore's time goes (perf, 2.68 GB onto data=2,model=4, fresh process, warm
+page cache): the kernel's page-cache copy 30%, zeroing the fresh shard pages on first touch
+(transparent huge pages: numpy advises them) 26%, crc32c 8%, the scratch-to-shard memmove of
+strided pieces (chunks of column-split shards: 1.41 of the 2.68 GB) 6.5%, page-cache lookups
+~8%; index walk and planning ~30 ms. jax adopts the shard buffers without a copy (the array's
+buffer pointer is the numpy buffer's, on jax 0.10.2 and 0.12). Measured and not taken, on
+the same tree in alternated fresh processes (2 shared cores, restore CPU seconds): checking
+and copying strided pieces from a read-only mmap of the data file instead of the scratch
+bounce (0.97-1.5 s vs 0.93-1.55 s: its source-page faults cost what the memmove saved; the
+bench's wall medians 0.84 vs 0.81 s), copying every piece from the mapping (1.0-1.8 s),
+MADV_POPULATE_READ first (0.98-1.2 s); writing into a memfd to skip the zeroing (shmem
+allocates 4 KiB pages one by one: 1.2-1.6 s wall for the copy alone, vs 0.45-1.1 s into
+fresh huge pages); 4 KiB destination pages (2-3x slower to fault than huge pages on this VM).
+Adopting a MAP_PRIVATE file mapping directly was rejected: Linux shows later writes to the
+file through private pages not yet copied, a shard spans many chunks not adjacent in the
+file, and chunk offsets are not 64-byte aligned. The zeroing is what no restore into fresh
+memory avoids; the bench's copy floor copies into memory touched before its clock.
+
 Only arrays stored the way `layout.create_spec` writes them uncompressed qualify (codecs
 `bytes` little-endian + optional `crc32c`, regular chunk grid, default chunk keys); restore
 sends anything else (zstd, foreign layouts) through tensorstore.
@@ -57,7 +56,6 @@ import dataclasses
 import itertools
 import json
 import math
-import mmap
 import os
 import pathlib
 import threading
@@ -68,7 +66,7 @@ import numpy as np
 import tensorstore as ts
 
 from jaxaccel.checkpoint import integrity, storage
-from jaxaccel.errors import ChunkError
+from jaxaccel.errors import ChunkError  # noqa: F401  (re-exported)
 
 PIECE_BYTES = int(os.environ.get("JAXACCEL_PIECE", 1 << 20))  # read granularity
 ALIGNMENT = 4096  # jax on CPU adopts (does not copy) buffers aligned to >= 64 bytes
@@ -263,12 +261,6 @@ def _pread_exact(fd: int, buf: np.ndarray, offset: int, ref: ValueRef) -> None:
         done += got
 
 
-def _bytes_of(view: np.ndarray) -> np.ndarray:
-    """`view` (its last axis contiguous, as any box of a C-order array) as uint8, the last
-    axis widened to bytes: a same-dtype copy then moves bytes, whatever their alignment."""
-    return view.view(np.uint8)
-
-
 def _pieces(chunk: tuple[int, ...], itemsize: int, out: np.ndarray):
     """(view of `out`, byte offset inside the chunk) of PIECE_BYTES-sized slabs along the
     chunk's first dim longer than 1: C order, so each slab's bytes are contiguous on disk."""
@@ -290,12 +282,11 @@ class ChunkReader:
         self.index = index
         self.verify = verify
         self._fds: dict[str, int] = {}
-        self._maps: dict[str, tuple] = {}  # path -> (read-only mmap of it, uint8 view)
         self._lock = threading.Lock()
+        self._local = threading.local()
 
     def close(self) -> None:
         with self._lock:
-            self._maps.clear()  # unmapped once the last view of each is gone
             for fd in self._fds.values():
                 os.close(fd)
             self._fds.clear()
@@ -342,12 +333,11 @@ class ChunkReader:
         """Stream a chunk that `out` receives entirely.
 
         Unchecked and uncast: one scatter preadv straight into `out`. Otherwise piece by
-        piece along the chunk's first long dim (PIECE_BYTES, about L2), its crc32c taken
-        while the piece is still in cache: a piece that `out` holds contiguously is pread
-        straight into it and checked there; a strided or cast piece is checked in a
-        read-only mapping of the data file and copied (cast) from it into `out` by numpy,
-        without the bounce through a scratch buffer that a pread would need. The crc32c
-        package and numpy's copy release the GIL, so both read threads work in parallel.
+        piece along the chunk's first long dim: each piece is read (straight into `out` when
+        that part of it is contiguous, else into this thread's scratch buffer), its crc32c
+        taken while the piece is still in L2, then cast/copied into `out` from cache. The
+        crc32c package releases the GIL for inputs >= 32 KiB (its default gil_release_mode),
+        so both read threads checksum in parallel.
         """
         self._check_length(layout, ref, grid_index)
         fd = self._fd(ref.file)
@@ -355,60 +345,20 @@ class ChunkReader:
         if out.dtype == layout.dtype and not check:
             _scatter_read(fd, out, ref.offset, ref)  # no cast, no checksum: bytes straight in
             return
-        crc, mapped = 0, None
-        try:
-            for view, offset in _pieces(layout.chunk, layout.dtype.itemsize, out):
-                start = ref.offset + offset
-                if out.dtype == layout.dtype and view.flags.c_contiguous:
-                    dst = view.reshape(-1).view(np.uint8)
-                    _pread_exact(fd, dst, start, ref)
-                    crc = crc32c.crc32c(dst, crc) if check else crc
-                    continue
-                mapped = self._mapped(ref) if mapped is None else mapped
-                src = mapped[start:start + view.size * layout.dtype.itemsize]
-                crc = crc32c.crc32c(src, crc) if check else crc
-                if out.dtype == layout.dtype:
-                    np.copyto(_bytes_of(view), src.reshape(_bytes_of(view).shape))
-                else:  # cast while copying
-                    view[...] = src.view(layout.dtype).reshape(view.shape)
-        finally:
-            if mapped is not None:
-                self._unmap_pages(ref)
+        crc = 0
+        for view, offset in _pieces(layout.chunk, layout.dtype.itemsize, out):
+            nbytes = view.size * layout.dtype.itemsize
+            straight = out.dtype == layout.dtype and view.flags.c_contiguous
+            buf = view.reshape(-1).view(np.uint8) if straight else self._scratch(nbytes)
+            _pread_exact(fd, buf, ref.offset + offset, ref)
+            if check:
+                crc = crc32c.crc32c(buf, crc)
+            if not straight:
+                view[...] = buf.view(layout.dtype).reshape(view.shape)
         if check:
             tail = np.empty(_CRC_BYTES, np.uint8)
             _pread_exact(fd, tail, ref.offset + ref.length - _CRC_BYTES, ref)
             self._compare(layout, grid_index, crc, tail)
-
-    def _mapped(self, ref: ValueRef) -> np.ndarray:
-        """The data file holding `ref` as a read-only uint8 array (one mapping per file).
-
-        Why a mapping: a strided piece is checked where it lies and copied once, straight
-        into the shard buffer, instead of being pread into a scratch buffer and copied again
-        (measured in the module docstring). Restored arrays never alias it: every byte is
-        copied out, so a file rewritten later changes no array (tested)."""
-        entry = self._maps.get(ref.file)
-        if entry is None:
-            fd = self._fd(ref.file)  # outside the lock: _fd takes it
-            with self._lock:
-                entry = self._maps.get(ref.file)
-                if entry is None:
-                    size = os.fstat(fd).st_size
-                    handle = mmap.mmap(fd, size, prot=mmap.PROT_READ) if size else None
-                    view = np.frombuffer(handle, np.uint8) if size else np.zeros(0, np.uint8)
-                    entry = self._maps[ref.file] = (handle, view)
-        mapped = entry[1]
-        if ref.offset + ref.length > len(mapped):  # a short file would SIGBUS on access
-            raise ChunkError(f"{ref.file}: ends at byte {len(mapped)}, inside a chunk: "
-                             "stored data is truncated or damaged")
-        return mapped
-
-    def _unmap_pages(self, ref: ValueRef) -> None:
-        """Drop the chunk's pages from this process's page tables (the page cache keeps
-        them): mapped file pages count in the resident set, which the host-memory budget
-        and its tests measure. A page shared with a neighbouring chunk faults back in."""
-        handle = self._maps[ref.file][0]
-        start = ref.offset - ref.offset % mmap.PAGESIZE
-        handle.madvise(mmap.MADV_DONTNEED, start, ref.offset + ref.length - start)
 
     def _read_all(self, layout: ArrayLayout, ref: ValueRef, grid_index) -> np.ndarray:
         """A whole chunk's values as a new flat array (for chunks only partly needed)."""
@@ -445,3 +395,9 @@ class ChunkReader:
                 if fd is None:
                     fd = self._fds[path] = os.open(path, os.O_RDONLY)
         return fd
+
+    def _scratch(self, nbytes: int) -> np.ndarray:
+        buf = getattr(self._local, "buf", None)
+        if buf is None or buf.nbytes < nbytes:
+            buf = self._local.buf = aligned_empty((max(nbytes, PIECE_BYTES),), np.uint8)
+        return buf[:nbytes]
