@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxaccel.backends.cpu import build, packed
+from jaxaccel.backends.cpu import build, isa, packed
 
 PANEL, PANELS = 16, 4
 STREAM = PANEL * PANELS  # output columns per contiguous stream
@@ -170,6 +170,8 @@ def unpack_values(w: PackedQuantWeight) -> jax.Array:
 
 
 KERNEL_SOURCE, KERNEL_SYMBOL = "quantized_matmul.cc", "JaxaccelQuantizedMatmul"
+# The many-rows entry point of the same source: bf16 x, streams dequantized to bf16 panels.
+PANELS_SYMBOL = "JaxaccelQuantizedMatmulPanels"
 
 
 def kernel_available() -> bool:
@@ -186,18 +188,59 @@ def _rows(x, w: PackedQuantWeight):
     return lead, math.prod(lead)
 
 
+def panel_rows(cpu: isa.CpuInfo) -> int | None:
+    """The fewest rows of bfloat16 x from which `matmul` takes the dequantized-panel entry
+    point on `cpu` (None: never).
+
+    With AVX512-BF16, the panels' `vdpbf16ps` does as many multiplies per instruction as the
+    int16-split `vpdpbusd`, without quantizing x or unpacking nibbles per row tile, and once
+    the per-call dequantizing is spread over enough rows it wins (Zen 4, GPT-2 shapes,
+    scripts/bench_quantized_matmul.py: see PANEL_ROWS). Without it the panels' portable
+    bf16 dot is far slower than VNNI, so they are not used.
+    """
+    return PANEL_ROWS if cpu.bf16_dot and cpu.has("avx512_vnni") else None
+
+
+# Measured on Zen 4 (AMD EPYC, 2 cores, avx512_bf16 + avx512_vnni), int8 and int4 (group 128)
+# on the four GPT-2 124M shapes: see the module docstring.
+PANEL_ROWS = 16
+
+
 def matmul(x, w: PackedQuantWeight, kernel: str | None = None) -> jax.Array:
     """x[..., *k_shape] (float32 or bfloat16) . dequantize(w) -> float32 [..., *n_shape].
 
-    `kernel` names a registered build of the kernel (tests pass portable variants); by
-    default, the one compiled for this CPU.
+    `kernel` names a registered build of the VNNI entry point (tests pass portable
+    variants). By default, the build for this CPU, and bfloat16 x of at least
+    `panel_rows(cpu)` rows goes to `matmul_panels` instead.
     """
     lead, rows = _rows(x, w)
+    if kernel is None and x.dtype == jnp.bfloat16:
+        threshold = panel_rows(isa.detect())
+        if threshold is not None and rows >= threshold:
+            return matmul_panels(x, w)
     kernel = kernel or build.target(KERNEL_SOURCE, KERNEL_SYMBOL)
     if kernel is None:
         raise RuntimeError("the quantized matmul kernel is not available; pack weights only "
                            "when `kernel_available()` says so")
     x2 = x.astype(jnp.float32).reshape(rows, w.k)
+    if w.k_pad != w.k:
+        x2 = jnp.pad(x2, ((0, 0), (0, w.k_pad - w.k)))
+    layer = jnp.int32(0) if w.layer is None else w.layer.astype(jnp.int32)
+    y = jax.ffi.ffi_call(kernel, jax.ShapeDtypeStruct((rows, w.n_pad), jnp.float32))(
+        x2, w.lines, w.scales, layer, bits=np.int32(w.bits))
+    return y[:, :w.n].reshape(*lead, *w.n_shape)
+
+
+def matmul_panels(x, w: PackedQuantWeight, kernel: str | None = None) -> jax.Array:
+    """The same product through the dequantized-panel entry point (PANELS_SYMBOL): x rounded
+    to bfloat16, q exact in bfloat16, float32 sums, scales applied per group. `kernel` names
+    a registered build of PANELS_SYMBOL; by default, the one for this CPU."""
+    lead, rows = _rows(x, w)
+    kernel = kernel or build.target(KERNEL_SOURCE, PANELS_SYMBOL)
+    if kernel is None:
+        raise RuntimeError("the quantized matmul kernel is not available; pack weights only "
+                           "when `kernel_available()` says so")
+    x2 = x.astype(jnp.bfloat16).reshape(rows, w.k)
     if w.k_pad != w.k:
         x2 = jnp.pad(x2, ((0, 0), (0, w.k_pad - w.k)))
     layer = jnp.int32(0) if w.layer is None else w.layer.astype(jnp.int32)
