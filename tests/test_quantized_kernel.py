@@ -5,7 +5,8 @@ Builds: the native one (AVX512-VNNI `vpdpbusd` on this machine) and the portable
 AVX-512). The reference is float64 numpy: x . (q * scale), with q and scale straight from the
 qwix QArray. The kernel rounds x to int16 per row (x16 = round(x / sx), sx = max|x| / 32639),
 so the bound allowed is that step, sx / 2 per entry, times sum_k |w|, plus float32
-accumulation.
+accumulation. The many-rows entry point (bf16 panels) takes bf16 x as it is: float32
+accumulation only.
 """
 
 import dataclasses

@@ -30,8 +30,9 @@
 // kernel outran it (0.6-0.84x at 512 rows). The second entry point,
 // JaxaccelQuantizedMatmulPanels, takes x in bfloat16 instead: each thread dequantizes one
 // stream of 64 columns at a time into a buffer of q as bfloat16 (exact: |q| <= 128) in
-// bf16_matmul.cc's layout [k/2, 4, 16, 2], then runs that kernel's row tiles on it, with the
-// scales applied per group at the flush as above. The buffer (k x 128 bytes, 384 KiB at
+// bf16_matmul.cc's layout [k/2, 4, 16, 2], then runs that kernel's row tiles on it (6 rows;
+// 3 rows with the totals in registers when there are several scale groups), applying the
+// scales per group. The buffer (k x 128 bytes, 384 KiB at
 // k = 3072) stays in L2 while every row tile reads it, so the dequantizing is paid once per
 // call, not per row, and products are exact x_bf16 * q summed in float32.
 
