@@ -5,7 +5,8 @@ Builds: the native one (AVX512-VNNI `vpdpbusd` on this machine) and the portable
 AVX-512). The reference is float64 numpy: x . (q * scale), with q and scale straight from the
 qwix QArray. The kernel rounds x to int16 per row (x16 = round(x / sx), sx = max|x| / 32639),
 so the bound allowed is that step, sx / 2 per entry, times sum_k |w|, plus float32
-accumulation.
+accumulation. The many-rows entry point (bf16 panels) takes bf16 x as it is: float32
+accumulation only.
 """
 
 import dataclasses
@@ -23,7 +24,7 @@ from test_packed_decode import random_bf16_model
 
 from jaxaccel import backends, quantization
 from jaxaccel.backends import cpu
-from jaxaccel.backends.cpu import build, quantized
+from jaxaccel.backends.cpu import build, isa, quantized
 from jaxaccel.backends.cpu.quantized import PackedQuantWeight
 from jaxaccel.models import llama
 
@@ -79,6 +80,61 @@ def test_matmul_matches_numpy(build_name, qtype, m, k, n, group, x_dtype):
     y = jax.jit(lambda x, w: quantized.matmul(x, w, kernel))(jnp.asarray(x), quantized.pack(q, 1))
     assert y.shape == (m, n) and y.dtype == jnp.float32
     assert_matches_float64(y, x, dequantized(q))
+
+
+# Many rows (prefill), through the bf16-panel entry point: rows on both sides of its 6-row
+# (one group) and 3-row (several groups) tiles, odd n, k not a multiple of the int4 step.
+PANEL_SHAPES = [(1, 7, 5, None), (16, 97, 50, None), (37, 64, 70, 16), (130, 768, 130, 128),
+                (512, 768, 200, 128), (20, 3072, 70, 128)]
+
+
+def panels_build(flags):
+    name = build.target(quantized.KERNEL_SOURCE, quantized.PANELS_SYMBOL, flags)
+    assert name is not None, "the kernel must build wherever the tests run (gcc is present)"
+    return name
+
+
+@pytest.mark.parametrize("build_name", BUILDS)
+@pytest.mark.parametrize("qtype", [jnp.int8, jnp.int4], ids=["int8", "int4"])
+@pytest.mark.parametrize("m,k,n,group", PANEL_SHAPES)
+def test_panels_match_numpy(build_name, qtype, m, k, n, group):
+    """bf16 x times q (exact in bf16), summed in float32, scaled per group: within float32
+    accumulation of the float64 product (no x rounding beyond bf16's own)."""
+    rng = np.random.default_rng(m * 1000 + k + n + 7)
+    q = qarray(rng, k, n, qtype, group if qtype == jnp.int4 else None)
+    x = rng.standard_normal((m, k)).astype(ml_dtypes.bfloat16)
+    kernel = panels_build(BUILDS[build_name])
+    y = jax.jit(lambda x, w: quantized.matmul_panels(x, w, kernel))(jnp.asarray(x),
+                                                                    quantized.pack(q, 1))
+    assert y.shape == (m, n) and y.dtype == jnp.float32
+    x64, w64 = np.asarray(x, np.float64), dequantized(q)
+    bound = 1e-5 * (np.abs(x64) @ np.abs(w64)) + 1e-6
+    assert np.all(np.abs(np.asarray(y, np.float64) - x64 @ w64) <= bound)
+
+
+def _custom_calls(fn, *args) -> str:
+    return jax.jit(fn).lower(*args).as_text()
+
+
+def test_many_bf16_rows_take_the_panels_where_the_cpu_has_bf16_dots():
+    """The dispatch of `quantized.matmul`: bf16 x of `panel_rows` rows or more goes to the
+    panels (on a CPU with AVX512-BF16 and VNNI), fewer rows or float32 x to VNNI."""
+    q = quantized.pack(qarray(np.random.default_rng(8), 64, 40, jnp.int8, None), 1)
+    threshold = quantized.panel_rows(isa.detect())
+    if threshold is None:
+        pytest.skip("this CPU has no AVX512-BF16 + VNNI: the panels are never chosen")
+    for rows, dtype, panels in [(threshold, jnp.bfloat16, True), (threshold - 1, jnp.bfloat16, False),
+                                (threshold, jnp.float32, False)]:
+        text = _custom_calls(lambda x: quantized.matmul(x, q), jnp.zeros((rows, 64), dtype))
+        assert (quantized.PANELS_SYMBOL in text) == panels, (rows, dtype)
+        assert (f"{quantized.KERNEL_SYMBOL}_" in text) == (not panels), (rows, dtype)
+
+
+def test_panel_rows_per_cpu():
+    zen4 = isa.CpuInfo(flags=frozenset({"avx512f", "avx512bw", "avx512_vnni", "avx512_bf16"}))
+    no_bf16 = isa.CpuInfo(flags=frozenset({"avx512f", "avx512bw", "avx512_vnni"}))
+    assert quantized.panel_rows(zen4) == quantized.PANEL_ROWS
+    assert quantized.panel_rows(no_bf16) is None and quantized.panel_rows(isa.CpuInfo()) is None
 
 
 def test_a_zero_row_gives_zeros():

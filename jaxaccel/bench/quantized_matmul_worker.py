@@ -5,7 +5,9 @@ counts.
     python -m jaxaccel.bench.quantized_matmul_worker '{"contender": "int8", "rows": [1, 8]}'
 
 Contenders: `bf16` (the packed bf16 kernel, `jaxaccel.backends.cpu.packed`), `int8` / `int4`
-(the quantized kernel, `jaxaccel.backends.cpu.quantized`, int4 in groups of 128 k rows),
+(the quantized kernel's VNNI entry point, `jaxaccel.backends.cpu.quantized`, int4 in groups
+of 128 k rows), `int8_panels` / `int4_panels` (its entry point for many rows: streams
+dequantized to bf16 panels),
 `int8_xla` / `int4_xla` (XLA dequantizing the same packed weights, then one bf16 dot),
 `qwix_int8` / `qwix_int4` (qwix's `dequantize` of the QArray, then XLA's dot: the plain
 backend's hook). x is bfloat16. Prints one JSON line: per shape and row count, the best of
@@ -19,7 +21,8 @@ from jaxaccel.bench.worker import best_seconds, serve
 LAYERS = 12
 SHAPES = ((768, 2304), (768, 768), (768, 3072), (3072, 768))  # GPT-2 124M: qkv, o, up, down
 GROUP = 128  # int4 group along k
-CONTENDERS = ("bf16", "int8", "int4", "int8_xla", "int4_xla", "qwix_int8", "qwix_int4")
+CONTENDERS = ("bf16", "int8", "int4", "int8_panels", "int4_panels", "int8_xla", "int4_xla",
+              "qwix_int8", "qwix_int4")
 
 
 def quantize(w, bits: int):
@@ -58,6 +61,10 @@ def layer_fn(contender: str, w, x):
     nbytes = weights.lines.nbytes + weights.scales.nbytes
     if contender.endswith("_xla"):
         return (lambda i: quantized.matmul_xla(x, dataclasses.replace(weights, layer=i)), nbytes)
+    if contender.endswith("_panels"):
+        panels = build.target(quantized.KERNEL_SOURCE, quantized.PANELS_SYMBOL)
+        return (lambda i: quantized.matmul_panels(x, dataclasses.replace(weights, layer=i),
+                                                  panels), nbytes)
     kernel = build.target(quantized.KERNEL_SOURCE, quantized.KERNEL_SYMBOL)
     return (lambda i: quantized.matmul(x, dataclasses.replace(weights, layer=i), kernel),
             nbytes)

@@ -14,6 +14,16 @@ are half (a quarter) of bfloat16's; the kernel reads them at about the bf16 kern
 packed weights; the kernel is used at every row count, since it measured faster than that at
 32 and 128 rows too (14 of 16 GPT-2 shape/row cases, 1.1-3.4x).
 
+Many rows (prefill) take the kernel's second entry point (`matmul_panels`): its VNNI path
+multiplies the two bytes of an int16 x, so at 512 rows it ran at 0.61-0.84x the packed bf16
+kernel's time on the GPT-2 shapes (compute-bound: both do 32 multiplies per instruction,
+and VNNI adds x's quantization and nibble unpacking); the panels dequantize each 64-column
+stream to bfloat16 once per call and run the bf16 kernel's tiles on it: 0.97-1.03x bf16 at
+512 rows (int8 and int4 g128, Zen 4, shared machine). Crossover (`PANEL_ROWS`, same bench,
+rows 4/8/16/32, medians of 2 alternated processes): VNNI wins every shape at 4 and 8 rows
+(1.1-1.9x), the panels 3 of 4 int8 shapes and 2 of 4 int4 shapes at 16 (less time summed over
+the four), and most at 32; so from 16 rows on, where the CPU has AVX512-BF16 (`panel_rows`).
+
 `PackedQuantWeight` is a pytree like `packed.PackedWeight`: read whole with `[...]`, and its
 stacked arrays (`STACKED`) are indexed in place by layer inside a layer scan.
 """
@@ -27,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxaccel.backends.cpu import build, packed
+from jaxaccel.backends.cpu import build, isa, packed
 
 PANEL, PANELS = 16, 4
 STREAM = PANEL * PANELS  # output columns per contiguous stream
@@ -170,6 +180,8 @@ def unpack_values(w: PackedQuantWeight) -> jax.Array:
 
 
 KERNEL_SOURCE, KERNEL_SYMBOL = "quantized_matmul.cc", "JaxaccelQuantizedMatmul"
+# The many-rows entry point of the same source: bf16 x, streams dequantized to bf16 panels.
+PANELS_SYMBOL = "JaxaccelQuantizedMatmulPanels"
 
 
 def kernel_available() -> bool:
@@ -186,18 +198,59 @@ def _rows(x, w: PackedQuantWeight):
     return lead, math.prod(lead)
 
 
+def panel_rows(cpu: isa.CpuInfo) -> int | None:
+    """The fewest rows of bfloat16 x from which `matmul` takes the dequantized-panel entry
+    point on `cpu` (None: never).
+
+    With AVX512-BF16, the panels' `vdpbf16ps` does as many multiplies per instruction as the
+    int16-split `vpdpbusd`, without quantizing x or unpacking nibbles per row tile, and once
+    the per-call dequantizing is spread over enough rows it wins (Zen 4, GPT-2 shapes,
+    scripts/bench_quantized_matmul.py: see PANEL_ROWS). Without it the panels' portable
+    bf16 dot is far slower than VNNI, so they are not used.
+    """
+    return PANEL_ROWS if cpu.bf16_dot and cpu.has("avx512_vnni") else None
+
+
+# Measured on Zen 4 (AMD EPYC, 2 cores, avx512_bf16 + avx512_vnni), int8 and int4 (group 128)
+# on the four GPT-2 124M shapes: see the module docstring. Decode (1-8 rows) stays on VNNI.
+PANEL_ROWS = 16
+
+
 def matmul(x, w: PackedQuantWeight, kernel: str | None = None) -> jax.Array:
     """x[..., *k_shape] (float32 or bfloat16) . dequantize(w) -> float32 [..., *n_shape].
 
-    `kernel` names a registered build of the kernel (tests pass portable variants); by
-    default, the one compiled for this CPU.
+    `kernel` names a registered build of the VNNI entry point (tests pass portable
+    variants). By default, the build for this CPU, and bfloat16 x of at least
+    `panel_rows(cpu)` rows goes to `matmul_panels` instead.
     """
     lead, rows = _rows(x, w)
+    if kernel is None and x.dtype == jnp.bfloat16:
+        threshold = panel_rows(isa.detect())
+        if threshold is not None and rows >= threshold:
+            return matmul_panels(x, w)
     kernel = kernel or build.target(KERNEL_SOURCE, KERNEL_SYMBOL)
     if kernel is None:
         raise RuntimeError("the quantized matmul kernel is not available; pack weights only "
                            "when `kernel_available()` says so")
     x2 = x.astype(jnp.float32).reshape(rows, w.k)
+    if w.k_pad != w.k:
+        x2 = jnp.pad(x2, ((0, 0), (0, w.k_pad - w.k)))
+    layer = jnp.int32(0) if w.layer is None else w.layer.astype(jnp.int32)
+    y = jax.ffi.ffi_call(kernel, jax.ShapeDtypeStruct((rows, w.n_pad), jnp.float32))(
+        x2, w.lines, w.scales, layer, bits=np.int32(w.bits))
+    return y[:, :w.n].reshape(*lead, *w.n_shape)
+
+
+def matmul_panels(x, w: PackedQuantWeight, kernel: str | None = None) -> jax.Array:
+    """The same product through the dequantized-panel entry point (PANELS_SYMBOL): x rounded
+    to bfloat16, q exact in bfloat16, float32 sums, scales applied per group. `kernel` names
+    a registered build of PANELS_SYMBOL; by default, the one for this CPU."""
+    lead, rows = _rows(x, w)
+    kernel = kernel or build.target(KERNEL_SOURCE, PANELS_SYMBOL)
+    if kernel is None:
+        raise RuntimeError("the quantized matmul kernel is not available; pack weights only "
+                           "when `kernel_available()` says so")
+    x2 = x.astype(jnp.bfloat16).reshape(rows, w.k)
     if w.k_pad != w.k:
         x2 = jnp.pad(x2, ((0, 0), (0, w.k_pad - w.k)))
     layer = jnp.int32(0) if w.layer is None else w.layer.astype(jnp.int32)
