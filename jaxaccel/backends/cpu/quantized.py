@@ -229,16 +229,7 @@ def matmul(x, w: PackedQuantWeight, kernel: str | None = None) -> jax.Array:
         if threshold is not None and rows >= threshold:
             return matmul_panels(x, w)
     kernel = kernel or build.target(KERNEL_SOURCE, KERNEL_SYMBOL)
-    if kernel is None:
-        raise RuntimeError("the quantized matmul kernel is not available; pack weights only "
-                           "when `kernel_available()` says so")
-    x2 = x.astype(jnp.float32).reshape(rows, w.k)
-    if w.k_pad != w.k:
-        x2 = jnp.pad(x2, ((0, 0), (0, w.k_pad - w.k)))
-    layer = jnp.int32(0) if w.layer is None else w.layer.astype(jnp.int32)
-    y = jax.ffi.ffi_call(kernel, jax.ShapeDtypeStruct((rows, w.n_pad), jnp.float32))(
-        x2, w.lines, w.scales, layer, bits=np.int32(w.bits))
-    return y[:, :w.n].reshape(*lead, *w.n_shape)
+    return _call(kernel, x.astype(jnp.float32).reshape(rows, w.k), w, lead)
 
 
 def matmul_panels(x, w: PackedQuantWeight, kernel: str | None = None) -> jax.Array:
@@ -247,14 +238,19 @@ def matmul_panels(x, w: PackedQuantWeight, kernel: str | None = None) -> jax.Arr
     a registered build of PANELS_SYMBOL; by default, the one for this CPU."""
     lead, rows = _rows(x, w)
     kernel = kernel or build.target(KERNEL_SOURCE, PANELS_SYMBOL)
+    return _call(kernel, x.astype(jnp.bfloat16).reshape(rows, w.k), w, lead)
+
+
+def _call(kernel: str | None, x2, w: PackedQuantWeight, lead) -> jax.Array:
+    """One entry point of the kernel on x2 [rows, k] (zero-padded here to k_pad): y [*lead, *n]
+    float32. RuntimeError if no build of the kernel is registered."""
     if kernel is None:
         raise RuntimeError("the quantized matmul kernel is not available; pack weights only "
                            "when `kernel_available()` says so")
-    x2 = x.astype(jnp.bfloat16).reshape(rows, w.k)
     if w.k_pad != w.k:
         x2 = jnp.pad(x2, ((0, 0), (0, w.k_pad - w.k)))
     layer = jnp.int32(0) if w.layer is None else w.layer.astype(jnp.int32)
-    y = jax.ffi.ffi_call(kernel, jax.ShapeDtypeStruct((rows, w.n_pad), jnp.float32))(
+    y = jax.ffi.ffi_call(kernel, jax.ShapeDtypeStruct((x2.shape[0], w.n_pad), jnp.float32))(
         x2, w.lines, w.scales, layer, bits=np.int32(w.bits))
     return y[:, :w.n].reshape(*lead, *w.n_shape)
 

@@ -39,6 +39,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
@@ -235,6 +236,45 @@ void stream_columns(const Problem& p, int64_t stream) {
 }
 #endif
 
+// The sizes both entry points read off their operands, once checked against each other.
+struct Operands {
+  int64_t m, k, n, streams, steps, groups, layers, index;
+};
+
+// x [m, k], W packed [(layers,) n/64, k/step, 4, 16, 4], scales [(layers,) groups, n] and one
+// layer index, checked; errors start with `name` (the entry point).
+ffi::Error check_operands(const std::string& name, ffi::Span<const int64_t> x_dims,
+                          ffi::Span<const int64_t> w_dims, ffi::Span<const int64_t> s_dims,
+                          ffi::Buffer<ffi::S32>& layer, int32_t bits, Operands& op) {
+  size_t rank = w_dims.size();
+  bool stacked = rank == 6;
+  if (x_dims.size() != 2 || (rank != 5 && rank != 6) || w_dims[rank - 3] != kPanels ||
+      w_dims[rank - 2] != kPanel || w_dims[rank - 1] != 4 || s_dims.size() != (stacked ? 3 : 2) ||
+      layer.element_count() != 1 || (bits != 4 && bits != 8)) {
+    return ffi::Error::InvalidArgument(
+        name + ": expected x [m, k], W packed as [(layers,) n/64, k/step, 4, 16, 4], "
+        "scales [(layers,) groups, n], a layer, bits 4 or 8");
+  }
+  const int64_t step_rows = bits == 4 ? 8 : 4;
+  op.streams = w_dims[rank - 5];
+  op.steps = w_dims[rank - 4];
+  op.m = x_dims[0];
+  op.k = x_dims[1];
+  op.n = op.streams * kStream;
+  op.groups = s_dims[s_dims.size() - 2];
+  op.layers = stacked ? w_dims[0] : 1;
+  op.index = layer.typed_data()[0];
+  if (op.k != op.steps * step_rows || s_dims[s_dims.size() - 1] != op.n || op.groups < 1 ||
+      op.k % op.groups != 0 || (op.k / op.groups) % step_rows != 0) {
+    return ffi::Error::InvalidArgument(
+        name + ": x's k, the packed W and the scales' [groups, n] disagree");
+  }
+  if (op.index < 0 || op.index >= op.layers || (stacked && s_dims[0] != op.layers)) {
+    return ffi::Error::InvalidArgument(name + ": layer index out of range");
+  }
+  return ffi::Error::Success();
+}
+
 // `w_packed` is one packed weight [n/64, k/step, 4, 16, 4] or a stack [layers, ...] of which
 // `layer` picks one (read in place inside a layer scan, as in bf16_matmul.cc); `scales` is
 // [groups, n] or [layers, groups, n] float32.
@@ -242,31 +282,12 @@ ffi::Error QuantizedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                                ffi::Buffer<ffi::U8> w_packed, ffi::Buffer<ffi::F32> scales,
                                ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y,
                                int32_t bits) {
-  auto x_dims = x.dimensions();
-  auto w_dims = w_packed.dimensions();
-  auto s_dims = scales.dimensions();
-  size_t rank = w_dims.size();
-  bool stacked = rank == 6;
-  if (x_dims.size() != 2 || (rank != 5 && rank != 6) || w_dims[rank - 3] != kPanels ||
-      w_dims[rank - 2] != kPanel || w_dims[rank - 1] != 4 || s_dims.size() != (stacked ? 3 : 2) ||
-      layer.element_count() != 1 || (bits != 4 && bits != 8)) {
-    return ffi::Error::InvalidArgument(
-        "quantized_matmul: expected x [m, k], W packed as [(layers,) n/64, k/step, 4, 16, 4], "
-        "scales [(layers,) groups, n], a layer, bits 4 or 8");
-  }
-  const int64_t step_rows = bits == 4 ? 8 : 4;
-  int64_t streams = w_dims[rank - 5], steps = w_dims[rank - 4];
-  int64_t m = x_dims[0], k = x_dims[1], n = streams * kStream;
-  int64_t groups = s_dims[s_dims.size() - 2];
-  int64_t layers = stacked ? w_dims[0] : 1, index = layer.typed_data()[0];
-  if (k != steps * step_rows || s_dims[s_dims.size() - 1] != n || groups < 1 ||
-      k % groups != 0 || (k / groups) % step_rows != 0) {
-    return ffi::Error::InvalidArgument(
-        "quantized_matmul: x's k, the packed W and the scales' [groups, n] disagree");
-  }
-  if (index < 0 || index >= layers || (stacked && s_dims[0] != layers)) {
-    return ffi::Error::InvalidArgument("quantized_matmul: layer index out of range");
-  }
+  Operands op;
+  ffi::Error checked = check_operands("quantized_matmul", x.dimensions(), w_packed.dimensions(),
+                                      scales.dimensions(), layer, bits, op);
+  if (checked.failure()) return checked;
+  const int64_t m = op.m, k = op.k, n = op.n, groups = op.groups;
+  const int64_t streams = op.streams, steps = op.steps, index = op.index;
   thread_local QuantizedX qx;
   quantize_x(x.typed_data(), m, k, groups, qx);
   Problem problem{&qx,
@@ -483,31 +504,12 @@ ffi::Error QuantizedMatmulPanelsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16
                                      ffi::Buffer<ffi::U8> w_packed, ffi::Buffer<ffi::F32> scales,
                                      ffi::Buffer<ffi::S32> layer,
                                      ffi::ResultBuffer<ffi::F32> y, int32_t bits) {
-  auto x_dims = x.dimensions();
-  auto w_dims = w_packed.dimensions();
-  auto s_dims = scales.dimensions();
-  size_t rank = w_dims.size();
-  bool stacked = rank == 6;
-  if (x_dims.size() != 2 || (rank != 5 && rank != 6) || w_dims[rank - 3] != kPanels ||
-      w_dims[rank - 2] != kPanel || w_dims[rank - 1] != 4 || s_dims.size() != (stacked ? 3 : 2) ||
-      layer.element_count() != 1 || (bits != 4 && bits != 8)) {
-    return ffi::Error::InvalidArgument(
-        "quantized_matmul_panels: expected x [m, k], W packed as [(layers,) n/64, k/step, 4, "
-        "16, 4], scales [(layers,) groups, n], a layer, bits 4 or 8");
-  }
-  const int64_t step_rows = bits == 4 ? 8 : 4;
-  int64_t streams = w_dims[rank - 5], steps = w_dims[rank - 4];
-  int64_t m = x_dims[0], k = x_dims[1], n = streams * kStream;
-  int64_t groups = s_dims[s_dims.size() - 2];
-  int64_t layers = stacked ? w_dims[0] : 1, index = layer.typed_data()[0];
-  if (k != steps * step_rows || s_dims[s_dims.size() - 1] != n || groups < 1 ||
-      k % groups != 0 || (k / groups) % step_rows != 0) {
-    return ffi::Error::InvalidArgument(
-        "quantized_matmul_panels: x's k, the packed W and the scales' [groups, n] disagree");
-  }
-  if (index < 0 || index >= layers || (stacked && s_dims[0] != layers)) {
-    return ffi::Error::InvalidArgument("quantized_matmul_panels: layer index out of range");
-  }
+  Operands op;
+  ffi::Error checked = check_operands("quantized_matmul_panels", x.dimensions(),
+                                      w_packed.dimensions(), scales.dimensions(), layer, bits, op);
+  if (checked.failure()) return checked;
+  const int64_t m = op.m, k = op.k, n = op.n, groups = op.groups;
+  const int64_t streams = op.streams, steps = op.steps, index = op.index;
   PanelProblem problem{reinterpret_cast<const uint32_t*>(x.typed_data()),
                        w_packed.typed_data() + index * streams * steps * kStepBytes,
                        scales.typed_data() + index * groups * n,
