@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from jaxaccel.commands.options import JSON, QUIET
+from jaxaccel.commands.options import GROUP_SIZE, JSON, QUANTIZE_HEAD, QUIET
 from jaxaccel.units import parse_bytes
 
 
@@ -52,10 +52,6 @@ _QUANTIZE = typer.Option(None, "--quantize", help="Write a weight-only "
     "or int4 (groups along the input axis, "
     "--group-size); values + scales per weight. SRC "
     "may also be a full-precision jaxaccel checkpoint.")
-_GROUP_SIZE = typer.Option(128, "--group-size", min=1, help="int4: input-axis "
-    "elements per scale (a power of two).")
-_QUANTIZE_HEAD = typer.Option(False, "--quantize-head", help="Also quantize the LM head "
-    "(int8); a tied head is stored as a quantized copy of the embedding table.")
 
 
 def register(app: typer.Typer) -> None:
@@ -71,8 +67,8 @@ def register(app: typer.Typer) -> None:
         overwrite: bool = _OVERWRITE,
         allow_overflow: bool = _ALLOW_OVERFLOW,
         quantize: Optional[str] = _QUANTIZE,
-        group_size: int = _GROUP_SIZE,
-        quantize_head: bool = _QUANTIZE_HEAD,
+        group_size: int = GROUP_SIZE,
+        quantize_head: bool = QUANTIZE_HEAD,
         as_json: bool = JSON,
         quiet: bool = QUIET,
     ) -> None:

@@ -33,6 +33,7 @@
 
 #include <immintrin.h>
 
+#include "bf16_dot.h"
 #include "parallel_chunks.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -54,16 +55,7 @@ struct Bf16 {
   using Elem = uint16_t;
   static constexpr int kPerUnit = 2;
   static __m512 dot(__m512 acc, __m512i a, __m512i b) {
-#if defined(__AVX512BF16__)
-    return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b);
-#else
-    // Without BF16 instructions: widen both halves of each pair and use two FMAs.
-    __m512 a_lo = _mm512_castsi512_ps(_mm512_slli_epi32(a, 16));
-    __m512 a_hi = _mm512_castsi512_ps(_mm512_and_si512(a, _mm512_set1_epi32(0xFFFF0000)));
-    __m512 b_lo = _mm512_castsi512_ps(_mm512_slli_epi32(b, 16));
-    __m512 b_hi = _mm512_castsi512_ps(_mm512_and_si512(b, _mm512_set1_epi32(0xFFFF0000)));
-    return _mm512_fmadd_ps(a_hi, b_hi, _mm512_fmadd_ps(a_lo, b_lo, acc));
-#endif
+    return jaxaccel::bf16_dot_pairs(acc, a, b);
   }
   // 16 floats -> 16 bf16, rounded to nearest even (as XLA's convert).
   static __m256i narrow(__m512 x) {

@@ -22,6 +22,7 @@
 #include <immintrin.h>
 #endif
 
+#include "bf16_dot.h"
 #include "parallel_chunks.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -62,16 +63,7 @@ inline float bf16_high(uint32_t pair) {  // the odd-k element
 
 #if defined(__AVX512F__)
 inline __m512 dot_pairs(__m512 acc, __m512i w, __m512i x) {
-#if defined(__AVX512BF16__)
-  return _mm512_dpbf16_ps(acc, (__m512bh)x, (__m512bh)w);
-#else
-  // Without BF16 instructions: widen both halves of each pair and use two FMAs.
-  __m512 w_lo = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
-  __m512 w_hi = _mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32(0xFFFF0000)));
-  __m512 x_lo = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
-  __m512 x_hi = _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32(0xFFFF0000)));
-  return _mm512_fmadd_ps(w_hi, x_hi, _mm512_fmadd_ps(w_lo, x_lo, acc));
-#endif
+  return jaxaccel::bf16_dot_pairs(acc, x, w);
 }
 
 // ROWS rows of x against one group: ROWS x 4 accumulators of 16 columns in registers, each
