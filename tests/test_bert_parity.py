@@ -63,3 +63,26 @@ def test_token_ids_match_reference_tokenizer(minilm_src, minilm_ckpt):
     ours = TextTokenizer(minilm_ckpt / "tokenizer.json").encode(SENTENCES, 512).ids
     theirs = transformers.AutoTokenizer.from_pretrained(minilm_src)(SENTENCES)["input_ids"]
     assert ours == theirs
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_gelu_matches_pytorch(dtype):
+    """The exact (erf) GELU BERT-style models use, vs torch.nn.functional.gelu on the same
+    values: float32 to float32 rounding, bfloat16 computed in float32 and rounded once (as
+    PyTorch does), so at most one bfloat16 step apart. Below x = -5.6 XLA's float32 erf has
+    saturated to -1 (GELU exactly 0) where PyTorch still gives up to -7e-7: hence atol."""
+    import jax.numpy as jnp
+
+    from jaxaccel.models import layers
+
+    x = np.concatenate([np.linspace(-12, 12, 4001), [-1e4, -50, 0.0, 1e-30, 50, 1e4]])
+    x = x.astype(np.float32)
+    t = torch.from_numpy(x).to(getattr(torch, dtype))
+    expected = torch.nn.functional.gelu(t).float().numpy()
+    got = np.asarray(layers.activation("gelu")(jnp.asarray(t.float().numpy(), dtype)),
+                     np.float32)
+    if dtype == "float32":
+        np.testing.assert_allclose(got, expected, rtol=2e-6, atol=1e-6)
+    else:
+        step = np.abs(expected) * 2.0 ** -7  # one bfloat16 step at the value's size
+        assert np.all(np.abs(got - expected) <= step + 1e-6)

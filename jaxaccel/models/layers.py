@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import qwix
 from flax import nnx
 
@@ -107,7 +108,15 @@ def rms_norm(x, scale, eps: float):
 
 
 def gelu(x, approximate: bool):
-    return jax.nn.gelu(x, approximate=approximate)
+    """GELU of x (any shape) in x's dtype. Exact form (`approximate=False`, transformers'
+    "gelu"): 0.5 x (1 + erf(x / sqrt 2)) as PyTorch computes it, in float32 and rounded once;
+    jax.nn.gelu on bfloat16 rounds every intermediate to bfloat16 (off by several steps) and
+    its erfc form cost XLA:CPU more (MiniLM bf16 b32x128 embed: 5-8% faster with this one,
+    Zen 4). Tanh form: jax.nn.gelu's."""
+    if approximate:
+        return jax.nn.gelu(x, approximate=True)
+    xf = x.astype(jnp.float32)
+    return (0.5 * xf * (1.0 + jax.lax.erf(xf * np.float32(np.sqrt(0.5))))).astype(x.dtype)
 
 
 ACTIVATIONS = {
