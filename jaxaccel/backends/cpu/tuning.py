@@ -16,6 +16,15 @@ another library by default. AMX (Sapphire Rapids) could not be measured here: it
 detectable (`CpuInfo.amx_bf16`) but oneDNN stays off unless asked for with
 JAXACCEL_CPU_DOT_LIBRARY=onednn (or ynn, xnn, eigen), so a run on such a machine can measure
 it and `dot_library` can then choose per CPU.
+
+`ynn_dots` keeps YNNPACK for the dots but one dot per fusion (LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT),
+the elementwise work around them left to XLA's own loops. Measured on the same Zen 4 VM, idle,
+after the float32 erf GELU (`layers.gelu`), MiniLM b32x128 in-process, 3 alternated rounds,
+best of 12 batches (ms): bfloat16 304 / 309 / 306 against 342 / 323 / 313 with XLA's default
+(which fused the GELU and both MLP dots into one YNNPACK subgraph); float32 587 / 587 / 532
+against 564 / 616 / 580; GPT-2 124M prefill and decode (b1, b8) within noise of the default
+in both dtypes. So Zen 4 (AMD family 25 with AVX512-BF16) gets it by default; other CPU kinds
+keep XLA's default until measured.
 """
 
 from __future__ import annotations
@@ -35,19 +44,25 @@ LIBRARIES: dict[str, dict | None] = {
     "onednn": {_YNN: "", _ONEDNN: _DOT},
     "xnn": {_YNN: "", _XNN: _DOT},
     "eigen": {_YNN: ""},
+    "ynn_dots": {_YNN: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"},
 }
 
 
 def dot_library(cpu: CpuInfo, environ=os.environ) -> str:
-    """The library for this CPU's dots: $JAXACCEL_CPU_DOT_LIBRARY if set, else "default"
-    on every CPU kind measured so far (see the module docstring); `cpu` is where a measured
-    per-CPU default (e.g. `cpu.amx_bf16` -> "onednn") belongs.
+    """The library for this CPU's dots: $JAXACCEL_CPU_DOT_LIBRARY if set, else "ynn_dots"
+    on Zen 4 and "default" on every other CPU kind (see the module docstring, which has the
+    measurements).
 
     Raises UsageError for an unknown library name."""
-    name = environ.get(ENV_LIBRARY, "").strip().lower() or "default"
+    name = environ.get(ENV_LIBRARY, "").strip().lower() or _measured_default(cpu)
     if name not in LIBRARIES:
         raise UsageError(f"${ENV_LIBRARY}={name!r}: expected one of {', '.join(LIBRARIES)}")
     return name
+
+
+def _measured_default(cpu: CpuInfo) -> str:
+    zen4 = cpu.vendor == "AuthenticAMD" and cpu.family == 25 and cpu.bf16_dot
+    return "ynn_dots" if zen4 else "default"
 
 
 def compiler_options(cpu: CpuInfo, environ=os.environ) -> dict:
