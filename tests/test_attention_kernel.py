@@ -125,6 +125,38 @@ def test_kernel_over_a_cache_matches_numpy(case, dtype):
                                atol=tolerance, rtol=tolerance)
 
 
+STORED = {"fp32": (jnp.float32, np.float32), "bf16": (jnp.bfloat16, ml_dtypes.bfloat16),
+          "bf16-bits": (jnp.bfloat16, np.uint16)}
+
+
+@pytest.mark.parametrize("stored", list(STORED))
+@pytest.mark.parametrize("layer", [0, 2])
+def test_kernel_reads_one_layer_of_a_stacked_cache(stored, layer):
+    """A whole cache stack [l, b, k, s, h] and a layer index (`CacheLayer`, what decode steps
+    hand over): the other layers hold large values, so reading any of them is caught; bf16
+    also stored as its uint16 bits (the carrier before jax 0.12)."""
+    dtype, np_stored = STORED[stored]
+    b, t, cached, n, kv, h = 2, 1, 45, 4, 2, 32
+    q, k, v, mask = operands((b, t, cached + t, n, kv, h, "random"), dtype, seed=3)
+    mask[:, :, 0] = True
+    stacks = []
+    for x in (k, v):
+        stack = np.full((3, b, kv, cached, h), 300.0, np.float32).astype(x.dtype)
+        stack[layer] = x[:, :cached].transpose(0, 2, 1, 3)
+        stacks.append(stack.view(np.uint16) if np_stored == np.uint16 else stack)
+    past = tuple(kernel_module.CacheLayer(jnp.asarray(s_), jnp.int32(layer), jnp.dtype(dtype))
+                 for s_ in stacks) + (mask[:, :, :cached],)
+    target = kernel_build((), dtype)
+    out = jax.jit(kernel_module.attention, static_argnums=4)(
+        q, k[:, cached:], v[:, cached:], mask[:, :, cached:], target, past)
+    tolerance = 2e-5 if dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(np.asarray(out, np.float64), reference(q, k, v, mask),
+                               atol=tolerance, rtol=tolerance)
+    # What code other than the kernel reads: the same layer, in the compute dtype.
+    np.testing.assert_array_equal(np.asarray(past[0].value(), np.float32),
+                                  np.asarray(k[:, :cached].transpose(0, 2, 1, 3), np.float32))
+
+
 def test_fully_masked_row_is_the_mean_of_the_values():
     q, k, v, mask = operands(CASES[0], jnp.float32)
     out = kernel_module.attention(q, k, v, mask, kernel_build((), jnp.float32))
@@ -140,13 +172,17 @@ def test_backend_uses_the_kernel_only_where_it_applies():
     q, k, v, mask = (jnp.asarray(x) for x in operands(CASES[1], jnp.bfloat16))
     one_device = cpu.backend().for_layout(single_device=True)
     assert "JaxaccelAttention" in lowered_attention(one_device, q, k, v, mask)
-    # Several devices (XLA would gather a custom call's operands), a decode step over a
-    # cache (measured no faster), a head dim of 10.
+    # Several devices (XLA would gather a custom call's operands), a cache handed over as a
+    # slice (it would be copied out of its stack every step), a head dim of 10.
     sharded = cpu.backend().for_layout(single_device=False)
     assert "custom_call" not in lowered_attention(sharded, q, k, v, mask)
     b, t, _n, h = q.shape
     past = (jnp.zeros((b, k.shape[2], 4, h), q.dtype),) * 2 + (jnp.ones((b, t, 4), bool),)
     assert "custom_call" not in lowered_attention(one_device, q, k, v, mask, past)
+    stack = jnp.zeros((3, b, k.shape[2], 4, h), jnp.uint16)
+    view = kernel_module.CacheLayer(stack, jnp.int32(1), jnp.dtype(jnp.bfloat16))
+    assert "JaxaccelAttention" in lowered_attention(one_device, q, k, v, mask,
+                                                    (view, view, past[2]))
     assert "custom_call" not in lowered_attention(one_device, q[..., :10], k[..., :10],
                                                   v[..., :10], mask)
 
@@ -193,6 +229,10 @@ def test_decoder_with_kernel_matches_transformers(name, tmp_path):
     b, t, slots = gen.shapes([len(p) for p in PROMPTS], 8)
     prefill = gen.prefill_program(GREEDY, b, t, slots).jitted
     assert "JaxaccelAttentionF32" in prefill.lower(*gen.abstract_prefill_args(b, t)).as_text()
+    # Decode steps read the stacked cache in place (the stack and a layer index go in).
+    decode = gen.decode_program(GREEDY, "device", b, t, slots).jitted
+    assert "JaxaccelAttentionF32" in decode.lower(
+        *gen.abstract_decode_args(GREEDY, "device", b, t, slots)).as_text()
     for prompt, logits in zip(PROMPTS, gen.last_logits(PROMPTS)):
         with torch.no_grad():
             ref = hf(torch.tensor([prompt])).logits[0, -1].numpy()

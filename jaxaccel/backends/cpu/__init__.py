@@ -10,10 +10,14 @@ nor traced on any other platform (`jaxaccel.backends.for_platform`):
 * Packed int8 / int4 weight-only quantized weights (qwix QArrays) read by a second kernel
   (`quantized`, `quantized_matmul.cc`, AVX512-VNNI): a decode step reads half (a quarter) of
   bf16's bytes, ~2x (~3x) faster per matmul at one row (scripts/bench_quantized_matmul.py).
-* Fused softmax attention for attention without a cache (encoder, decoder prefill) on one
-  device (`attention`, `attention.cc`): XLA:CPU's batched QK^T/PV dots, float32 softmax and
-  head transposes took ~40% of MiniLM's bf16 time; the kernel runs that attention 2.4-5x
-  faster (scripts/bench_attention.py: MiniLM b32x128, GPT-2 512-token prefill, Zen 4).
+* Fused softmax attention on one device (`attention`, `attention.cc`): XLA:CPU's batched
+  QK^T/PV dots, float32 softmax and head transposes took ~40% of MiniLM's bf16 time; the
+  kernel runs that attention 2.4-5x faster (scripts/bench_attention.py: MiniLM b32x128, GPT-2
+  512-token prefill, Zen 4). Decode steps hand it the whole stacked KV cache and the layer
+  (`attention.CacheLayer`), read in place: XLA converted each layer's cache to float32 for its
+  dots every step (GPT-2 124M bf16, batch 8, 128 slots: 6.4 ms of thread time per step in
+  those converts and dots, 4.1 in the kernel; decode b8 509/519 -> 545/531 tok/s, fresh
+  processes alternated, Zen 4).
 * jax < 0.12 only: bf16 carried as its uint16 bits where that XLA:CPU lacks a bf16 op and
   converts a whole array to float32 instead: dynamic slices of the stacked layer weights
   inside the layer scan (x1.55 faster with), the KV cache's dynamic-update-slice (x10), and
@@ -51,6 +55,7 @@ from jaxaccel.backends.cpu import attention as attention_kernel
 from jaxaccel.backends.cpu import isa, packed, packing, quantized, tuning
 from jaxaccel.backends.cpu.packed import PackedWeight
 from jaxaccel.backends.cpu.quantized import PackedQuantWeight
+from jaxaccel.models.kv_cache import KVCache
 
 
 def _jax_version() -> tuple[int, ...]:
@@ -130,19 +135,27 @@ class CpuBackend(Backend):
             blocks, body = _map_params(blocks, to_carrier), _typed(body)
         if runner is not None:
             return runner(blocks, carry, body, xs)
-        return _scan_packed(blocks, carry, body, xs)
+        cache_views = self.fused_attention and attention_kernel.cpu_supported(isa.detect())
+        return _scan_packed(blocks, carry, body, xs, cache_views)
 
     def attention(self, q_btnh, k_btkh, v_btkh, mask_btt, past=None) -> jax.Array:
-        """The fused kernel (`attention.cc`) for attention without a cache (encoder, prefill)
-        on one device, where the CPU and the operands suit it; else plain XLA.
+        """The fused kernel (`attention.cc`) on one device, where the CPU and the operands
+        suit it: without a cache (encoder, prefill) or over a cache read in place
+        (`CacheLayer`s from `scan_layers`: decode steps); else plain XLA.
 
-        Decode steps keep XLA's attention: through the kernel (which takes a cache) GPT-2 124M
-        bf16 decoded 0.93x as fast at batch 1 and 0.98x at batch 8 (in-process A/B, Zen 4)."""
-        if past is None and self.fused_attention and attention_kernel.supported(
-                q_btnh, k_btkh, v_btkh, mask_btt):
+        A cache handed over as a slice stays with XLA: the slice would be copied out of the
+        stack for the kernel on every step (GPT-2 124M bf16 decoded 0.93x as fast at batch 1
+        and 0.98x at batch 8 that way, in-process A/B, Zen 4)."""
+        in_place = past is None or isinstance(past[0], attention_kernel.CacheLayer)
+        if in_place and self.fused_attention and attention_kernel.supported(
+                q_btnh, k_btkh, v_btkh, mask_btt, past):
             target = attention_kernel.kernel(q_btnh.dtype)
             if target is not None:
-                return attention_kernel.attention(q_btnh, k_btkh, v_btkh, mask_btt, target)
+                return attention_kernel.attention(q_btnh, k_btkh, v_btkh, mask_btt, target,
+                                                  past)
+        if past is not None:
+            past = tuple(x.value() if isinstance(x, attention_kernel.CacheLayer) else x
+                         for x in past)
         return super().attention(q_btnh, k_btkh, v_btkh, mask_btt, past)
 
     def cache_storage_dtype(self, dtype) -> jnp.dtype:
@@ -157,6 +170,8 @@ class CpuBackend(Backend):
         return x.astype(storage_dtype)
 
     def cache_load(self, x, dtype) -> jax.Array:
+        if isinstance(x, attention_kernel.CacheLayer):  # read later, in place
+            return dataclasses.replace(x, dtype=jnp.dtype(dtype))
         return from_carrier(x).astype(dtype)
 
     def prepare_decoder(self, state, *, dtype, single_device: bool, requested: bool | None):
@@ -189,10 +204,15 @@ def _stacked_fields(leaf) -> tuple[str, ...]:
     return getattr(leaf, "STACKED", ("lines",))
 
 
-def _scan_packed(blocks, carry, body, xs):
+def _scan_packed(blocks, carry, body, xs, cache_views: bool = False):
     """A plain layer scan in which each packed weight leaves the scanned state: it becomes a
     layer index to scan over, and its whole stacks are handed to the kernel, which picks the
-    layer."""
+    layer. With `cache_views`, a KV cache scanned as `xs` likewise reaches the body as
+    `CacheLayer`s (the whole stacks and the layer) for the attention kernel."""
+    views = cache_views and isinstance(xs, KVCache)
+    stacked_cache = xs if views else None
+    if views:
+        xs = jnp.arange(xs.k_lbksh.shape[0], dtype=jnp.int32)
     graphdef, state = nnx.split(blocks)
     stacks = []
 
@@ -214,9 +234,17 @@ def _scan_packed(blocks, carry, body, xs):
 
     def step(carry, layer_and_x):
         layer_state, x = layer_and_x
+        if views:
+            x = KVCache(*(attention_kernel.CacheLayer(stack, x, _compute_dtype(stack))
+                          for stack in stacked_cache))
         return body(nnx.merge(graphdef, attach(layer_state)), carry, x)
 
     return jax.lax.scan(step, carry, (state, xs))
+
+
+def _compute_dtype(stored) -> jnp.dtype:
+    """What a cache stored as `stored` holds (uint16: bf16 bits, see `cache_storage_dtype`)."""
+    return jnp.dtype(jnp.bfloat16) if stored.dtype == jnp.uint16 else jnp.dtype(stored.dtype)
 
 
 @functools.cache

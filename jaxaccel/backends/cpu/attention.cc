@@ -6,8 +6,8 @@
 // with g = n / kv_heads query heads per kv head (grouped-query attention), the scores, the
 // softmax and the accumulation in float32, q/k/v/out all bfloat16 or all float32, in the
 // layout the projections produce ([b, t, heads, h]: no transposes before or after). The keys
-// s are optionally a KV cache's [b, kv_heads, s_c, h] followed by the fresh ones (the CPU
-// backend uses the kernel without a cache: decode measured no faster through it). A row
+// s are optionally a KV cache's [b, kv_heads, s_c, h] followed by the fresh ones; the cache
+// may be a whole stack of layers read in place at a layer index (decode steps). A row
 // whose mask is all false gets uniform weights, as the plain jnp code gives it.
 //
 // Why: XLA:CPU runs attention as two batched dots with a float32 softmax between them, each
@@ -430,19 +430,42 @@ void run_all(ffi::ThreadPool& pool, const Shape& sh, const typename T::Elem* q,
 }
 #endif
 
-// q [b, t, n, h]; fresh keys/values k, v [b, t', kv_heads, h]; cached ones kc, vc
-// [b, kv_heads, s_c, h] (s_c may be 0); mask [b, t, s_c + t'] over cached then fresh keys.
+// The cached keys or values: [b, kv_heads, s_c, h], or a whole stacked cache
+// [layers, b, kv_heads, s_c, h] of which `layer` is read in place (a slice taken in XLA would
+// be copied out of the stack on every decode step). Elements are D, or for bf16 also their
+// uint16 bits (the CPU backend's cache carrier before jax 0.12). Null on a mismatch.
+template <ffi::DataType D>
+const void* cached_layer(const ffi::AnyBuffer& c, int64_t layer, ffi::Span<const int64_t>& dims) {
+  auto all = c.dimensions();
+  const bool bits_ok = c.element_type() == D ||
+                       (D == ffi::DataType::BF16 && c.element_type() == ffi::DataType::U16);
+  if (!bits_ok || (all.size() != 4 && all.size() != 5)) return nullptr;
+  const int64_t layers = all.size() == 5 ? all[0] : 1;
+  if (layer < 0 || layer >= layers) return nullptr;
+  dims = all.size() == 5 ? all.last(4) : all;
+  const int64_t per_layer = dims[0] * dims[1] * dims[2] * dims[3];
+  return static_cast<const char*>(c.untyped_data()) +
+         layer * per_layer * static_cast<int64_t>(ffi::ByteWidth(D));
+}
+
+// q [b, t, n, h]; fresh keys/values k, v [b, t', kv_heads, h]; cached ones kc, vc (see
+// cached_layer; s_c may be 0); mask [b, t, s_c + t'] over cached then fresh keys.
 template <ffi::DataType D>
 ffi::Error AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<D> q, ffi::Buffer<D> k,
-                         ffi::Buffer<D> v, ffi::Buffer<D> kc, ffi::Buffer<D> vc,
-                         ffi::Buffer<ffi::PRED> mask, float scale, ffi::ResultBuffer<D> out) {
+                         ffi::Buffer<D> v, ffi::AnyBuffer kc, ffi::AnyBuffer vc,
+                         ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::PRED> mask, float scale,
+                         ffi::ResultBuffer<D> out) {
   auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), md = mask.dimensions();
-  auto cd = kc.dimensions(), cvd = vc.dimensions();
-  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || cd.size() != 4 ||
-      cvd.size() != 4 || md.size() != 3) {
+  ffi::Span<const int64_t> cd, cvd;
+  const int64_t index = layer.element_count() == 1 ? layer.typed_data()[0] : -1;
+  const void* kc_data = cached_layer<D>(kc, index, cd);
+  const void* vc_data = cached_layer<D>(vc, index, cvd);
+  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || kc_data == nullptr ||
+      vc_data == nullptr || kc.element_type() != vc.element_type() || md.size() != 3) {
     return ffi::Error::InvalidArgument(
         "attention: expected q [b, t, n, h], k and v [b, t', kv_heads, h], cached k and v "
-        "[b, kv_heads, s_c, h], mask [b, t, s_c + t']");
+        "[(layers,) b, kv_heads, s_c, h] of q's dtype (bf16: or uint16 bits) and a layer "
+        "index in range, mask [b, t, s_c + t']");
   }
   Shape sh{qd[0], qd[1], qd[2], kd[2], qd[3], 0, cd[2], kd[1], cd[2] + kd[1], scale};
   bool same_kv = std::equal(kd.begin(), kd.end(), vd.begin()) &&
@@ -460,11 +483,12 @@ ffi::Error AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<D> q, ffi::Buffer<D> 
   if constexpr (D == ffi::DataType::BF16) {
     using E = uint16_t;
     auto data = [](auto& buffer) { return reinterpret_cast<const E*>(buffer.typed_data()); };
-    run_all<Bf16>(pool, sh, data(q), data(k), data(v), data(kc), data(vc), m,
-                  reinterpret_cast<E*>(out->typed_data()));
+    run_all<Bf16>(pool, sh, data(q), data(k), data(v), static_cast<const E*>(kc_data),
+                  static_cast<const E*>(vc_data), m, reinterpret_cast<E*>(out->typed_data()));
   } else {
-    run_all<F32>(pool, sh, q.typed_data(), k.typed_data(), v.typed_data(), kc.typed_data(),
-                 vc.typed_data(), m, out->typed_data());
+    run_all<F32>(pool, sh, q.typed_data(), k.typed_data(), v.typed_data(),
+                 static_cast<const float*>(kc_data), static_cast<const float*>(vc_data), m,
+                 out->typed_data());
   }
   return ffi::Error::Success();
 #else
@@ -480,8 +504,9 @@ ffi::Error AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<D> q, ffi::Buffer<D> 
       .Arg<ffi::Buffer<D>>()                  \
       .Arg<ffi::Buffer<D>>()                  \
       .Arg<ffi::Buffer<D>>()                  \
-      .Arg<ffi::Buffer<D>>()                  \
-      .Arg<ffi::Buffer<D>>()                  \
+      .Arg<ffi::AnyBuffer>()                  \
+      .Arg<ffi::AnyBuffer>()                  \
+      .Arg<ffi::Buffer<ffi::S32>>()           \
       .Arg<ffi::Buffer<ffi::PRED>>()          \
       .Attr<float>("scale")                   \
       .Ret<ffi::Buffer<D>>()

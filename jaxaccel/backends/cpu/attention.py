@@ -13,6 +13,8 @@ time there. Measured numbers: scripts/bench_attention.py and the module docstrin
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,6 +28,37 @@ SYMBOLS = {jnp.dtype(jnp.bfloat16): "JaxaccelAttentionBf16",
 # AVX512-BF16 where that is missing); head dims of whole 16-float vectors, up to 8 of them.
 REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl")
 MAX_HEAD_DIM = 128
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class CacheLayer:
+    """One layer of a stacked KV cache, read in place: `stack` [l, b, k, s, h] as stored
+    (bfloat16, its uint16 bits, or float32), the `layer` to read (int32 scalar) and the
+    compute `dtype` it stands for. Inside a layer scan the CPU backend hands these to
+    attention instead of a slice, which XLA would copy out of the stack for a custom call
+    on every decode step; the kernel takes the stack and the index."""
+
+    stack: jax.Array
+    layer: jax.Array
+    dtype: jnp.dtype = dataclasses.field(metadata={"static": True})
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.stack.shape[1:])
+
+    def value(self) -> jax.Array:
+        """The layer as an array [b, k, s, h] in `dtype` (for code other than the kernel)."""
+        x = jax.lax.dynamic_index_in_dim(self.stack, self.layer, keepdims=False)
+        if x.dtype == jnp.uint16:
+            x = jax.lax.bitcast_convert_type(x, jnp.bfloat16)
+        return x.astype(self.dtype)
+
+    def readable_as(self, dtype) -> bool:
+        """Whether the kernel for `dtype` can read the stored elements as they are."""
+        stored = jnp.dtype(self.stack.dtype)
+        return stored == jnp.dtype(dtype) or (
+            stored == jnp.uint16 and jnp.dtype(dtype) == jnp.bfloat16)
 
 
 def cpu_supported(cpu: isa.CpuInfo) -> bool:
@@ -47,7 +80,10 @@ def supported(q_btnh, k_btkh, v_btkh, mask_btt, past=None) -> bool:
     if past is None or not ok:
         return ok
     k_bksh, v_bksh, mask_bts = past
-    return (k_bksh.dtype == dt and v_bksh.dtype == dt and k_bksh.shape == v_bksh.shape
+    readable = all(x.readable_as(dt) if isinstance(x, CacheLayer) else x.dtype == dt
+                   for x in (k_bksh, v_bksh))
+    return (readable and k_bksh.dtype == dt and v_bksh.dtype == dt
+            and type(k_bksh) is type(v_bksh) and k_bksh.shape == v_bksh.shape
             and tuple(k_bksh.shape) == (b, kv_heads, cached, h)
             and tuple(mask_bts.shape) == (b, t, cached))
 
@@ -67,7 +103,8 @@ def attention(q_btnh, k_btkh, v_btkh, mask_btt, target: str | None = None,
 
     q [b, t, n, h]; k, v [b, t', k, h] (the projections' layout); mask bool [b, t, t'], True
     where a query may attend; `past`, when given, is (keys [b, k, s, h], values [b, k, s, h],
-    mask [b, t, s]) from a KV cache (its keys come before the fresh ones). Query head i reads
+    mask [b, t, s]) from a KV cache (its keys come before the fresh ones; keys and values
+    may be `CacheLayer`s, read in place). Query head i reads
     kv head i // (n / k). A row with no True gets uniform weights (as the plain code's
     finfo.min fill gives). Scores, softmax and accumulation are float32. `target` names a
     registered build of the kernel (tests pass portable variants); by default the one
@@ -80,11 +117,16 @@ def attention(q_btnh, k_btkh, v_btkh, mask_btt, target: str | None = None,
         raise RuntimeError("the attention kernel is not available on this CPU/build")
     b, _, _, h = q_btnh.shape
     mask_bts = mask_btt.astype(jnp.bool_)
+    layer = jnp.int32(0)
     if past is None:
         empty = jnp.zeros((b, k_btkh.shape[2], 0, h), q_btnh.dtype)
         k_bksh, v_bksh = empty, empty
     else:
         k_bksh, v_bksh, cached_mask = past
         mask_bts = jnp.concatenate([cached_mask.astype(jnp.bool_), mask_bts], axis=-1)
+        if isinstance(k_bksh, CacheLayer):
+            layer = k_bksh.layer.astype(jnp.int32)
+            k_bksh, v_bksh = k_bksh.stack, v_bksh.stack
     call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(q_btnh.shape, q_btnh.dtype))
-    return call(q_btnh, k_btkh, v_btkh, k_bksh, v_bksh, mask_bts, scale=np.float32(h ** -0.5))
+    return call(q_btnh, k_btkh, v_btkh, k_bksh, v_bksh, layer, mask_bts,
+                scale=np.float32(h ** -0.5))
