@@ -157,6 +157,29 @@ def test_kernel_reads_one_layer_of_a_stacked_cache(stored, layer):
                                   np.asarray(k[:, :cached].transpose(0, 2, 1, 3), np.float32))
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+def test_decode_over_a_mostly_unwritten_cache_matches_numpy(dtype):
+    """A decode step in a 256-slot bucket: row 0 sees slots 0-19, row 1 (left padded) slots
+    40-60, both their fresh key; the kernel skips the unseen 16-key blocks between them, and
+    large values there must not leak in."""
+    b, t, cached, n, kv, h = 2, 1, 256, 4, 2, 64
+    q, k, v, mask = operands((b, t, cached + t, n, kv, h, "random"), dtype, seed=4)
+    mask[:] = False
+    mask[0, :, :20] = True
+    mask[1, :, 40:61] = True
+    mask[:, :, cached:] = True
+    k[:, :cached][~mask[:, 0, :cached]] = 1e4
+    v[:, :cached][~mask[:, 0, :cached]] = 1e4
+    past = (k[:, :cached].transpose(0, 2, 1, 3), v[:, :cached].transpose(0, 2, 1, 3),
+            mask[:, :, :cached])
+    target = kernel_build((), dtype)
+    out = jax.jit(kernel_module.attention, static_argnums=4)(
+        q, k[:, cached:], v[:, cached:], mask[:, :, cached:], target, past)
+    tolerance = 2e-5 if dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(np.asarray(out, np.float64), reference(q, k, v, mask),
+                               atol=tolerance, rtol=tolerance)
+
+
 def test_fully_masked_row_is_the_mean_of_the_values():
     q, k, v, mask = operands(CASES[0], jnp.float32)
     out = kernel_module.attention(q, k, v, mask, kernel_build((), jnp.float32))

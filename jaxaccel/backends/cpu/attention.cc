@@ -19,9 +19,12 @@
 //   4 bytes: u = 2 bf16 (a pair along the contraction, the operand of AVX512-BF16
 //   `vdpbf16ps`) or u = 1 float32 (`vfmadd`); a query row and a probability row are already
 //   rows of units in their natural order, and are broadcast one unit at a time;
-// * per 12 query rows, the scores are computed only over the keys between the first and the
-//   last one any of the rows may attend to (a causal or padding mask skips the rest), then
-//   softmaxed in float32 and multiplied with the values; the 1/sum is applied at the end.
+// * only the 16-key blocks some row of the item may attend to are packed, back to back (a
+//   decode step in a cache bucket skips the unwritten slots between the written ones and its
+//   own key: GPT-2 124M bf16 decode at batch 8, 128 slots, 4.1 -> 2.0 ms of a ~16 ms step);
+// * per 12 query rows, the scores are computed only over those blocks between the first and
+//   the last key any of the rows may attend to (a causal or padding mask skips the rest),
+//   then softmaxed in float32 and multiplied with the values; the 1/sum is applied at the end.
 //
 // Work items are spread over XLA's intra-op thread pool (parallel_chunks.h).
 
@@ -113,6 +116,8 @@ struct Shape {
 struct Scratch {
   std::vector<uint32_t> keys, values, probs;
   std::vector<float> scores;
+  std::vector<int64_t> live;  // first keys of the item's live 16-key blocks, ascending
+  std::vector<uint8_t> seen;  // [s]: some row of the item may attend to the key
 };
 
 template <typename T>
@@ -132,7 +137,7 @@ class Item {
   void run(int64_t batch, int64_t kv_head, int64_t row0, int64_t row1) {
     batch_ = batch;
     kv_head_ = kv_head;
-    key_range(row0, row1, &pack_lo_, &pack_hi_);  // only these keys are ever read
+    find_live_blocks(row0, row1);  // only these keys are ever read
     pack_keys();
     pack_values();
     scratch_.scores.resize(kBlockRows * s_pad_);
@@ -158,13 +163,14 @@ class Item {
   }
   const bool* mask_row(int64_t r) const { return mask_ + (batch_ * sh_.t + position(r)) * sh_.s; }
 
-  // keys[u, j - pack_lo] = unit u of key j in [pack_lo, pack_hi) (zero past s): 16 keys x 16
-  // units at a time, transposed in registers.
+  // keys[u, c] = unit u of the key at compact position c (see find_live_blocks; zero past s):
+  // 16 keys x 16 units at a time, transposed in registers.
   void pack_keys() {
     std::vector<uint32_t>& keys = scratch_.keys;
-    const int64_t stride = pack_hi_ - pack_lo_;
+    const int64_t stride = packed_;
     keys.resize(h_units_ * stride);
-    for (int64_t j0 = pack_lo_; j0 < pack_hi_; j0 += kLane) {
+    for (int64_t c0 = 0; c0 < packed_; c0 += kLane) {
+      const int64_t j0 = key_at(c0);
       for (int64_t u0 = 0; u0 < h_units_; u0 += kLane) {
         const int64_t units = std::min<int64_t>(kLane, h_units_ - u0);
         const __mmask16 valid = static_cast<__mmask16>((1u << units) - 1);
@@ -177,7 +183,7 @@ class Item {
         }
         transpose16(rows);
         for (int64_t u = 0; u < units; ++u) {
-          _mm512_storeu_si512(keys.data() + (u0 + u) * stride + (j0 - pack_lo_), rows[u]);
+          _mm512_storeu_si512(keys.data() + (u0 + u) * stride + c0, rows[u]);
         }
       }
     }
@@ -209,14 +215,15 @@ class Item {
     }
   }
 
-  // values[i, c] = value rows pack_lo + i*u .. +u-1 at column c, as one unit (zero past s).
+  // values[i, c] = the value rows at compact positions i*u .. i*u+u-1 at column c, as one
+  // unit (zero past s).
   void pack_values() {
     std::vector<uint32_t>& values = scratch_.values;
-    const int64_t h = sh_.h, units = (pack_hi_ - pack_lo_) / kU;
+    const int64_t h = sh_.h, units = packed_ / kU;
     values.resize(units * h);
     for (int64_t i = 0; i < units; ++i) {
       uint32_t* dst = values.data() + i * h;
-      const int64_t j = pack_lo_ + i * kU;
+      const int64_t j = key_at(i * kU);  // a unit's rows are in one block
       if constexpr (kU == 2) {
         for (int64_t c = 0; c < h; c += kLane) {  // bf16 pairs (even row, odd row)
           __m512i even = j < sh_.s ? load_widened(value_row(j) + c) : _mm512_setzero_si512();
@@ -234,6 +241,46 @@ class Item {
 
   static __m512i load_widened(const uint16_t* x) {  // 16 x 16 bits -> 16 x 32 bits
     return _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
+  }
+
+  // The 16-key blocks any of rows [r0, r1) may attend to (all of them if a row attends to
+  // none: its weights are then uniform over every key), packed back to back: compact key
+  // position c is key key_at(c). A decode step over a cache bucket sees the written slots
+  // and its own key, not the unwritten slots between them.
+  void find_live_blocks(int64_t r0, int64_t r1) {
+    // seen[j]: some row may attend to key j (the rows' masks OR-ed, 64 keys at a time).
+    std::vector<uint8_t>& seen = scratch_.seen;
+    seen.assign(sh_.s, 0);
+    bool attends_none = false;
+    for (int64_t r = r0; r < r1; ++r) {
+      const bool* m = mask_row(r);
+      if (r > r0 && m == mask_row(r - 1)) continue;  // the query heads of a group share it
+      __mmask64 row_any = 0;
+      for (int64_t j = 0; j < sh_.s; j += 64) {
+        const int64_t n = std::min<int64_t>(64, sh_.s - j);
+        const __mmask64 in = n == 64 ? ~__mmask64{0} : (__mmask64{1} << n) - 1;
+        __m512i bits = _mm512_maskz_loadu_epi8(in, m + j);
+        row_any |= _mm512_test_epi8_mask(bits, bits);
+        _mm512_mask_storeu_epi8(seen.data() + j, in,
+                                _mm512_or_si512(bits, _mm512_maskz_loadu_epi8(in, seen.data() + j)));
+      }
+      attends_none = attends_none || row_any == 0;
+    }
+    std::vector<int64_t>& live = scratch_.live;
+    live.clear();
+    for (int64_t j = 0; j < sh_.s; j += kLane) {
+      const int64_t n = std::min<int64_t>(kLane, sh_.s - j);
+      if (attends_none || std::memchr(seen.data() + j, 1, n) != nullptr) live.push_back(j);
+    }
+    packed_ = static_cast<int64_t>(live.size()) * kLane;
+  }
+
+  int64_t key_at(int64_t c) const { return scratch_.live[c / kLane] + c % kLane; }
+
+  // Compact position of the first live block at or after key j (packed_ if none).
+  int64_t compact_at_or_after(int64_t j) const {
+    const std::vector<int64_t>& live = scratch_.live;
+    return (std::lower_bound(live.begin(), live.end(), j) - live.begin()) * kLane;
   }
 
   // Keys [lo, hi) (multiples of kLane) that rows [r0, r1) may attend to; all keys if any
@@ -256,9 +303,12 @@ class Item {
     *hi = (last + kLane - 1) / kLane * kLane;
   }
 
+  // Rows [r0, r1): their scores over the live blocks within their own key range (compact
+  // positions [lo, hi)), softmax, values.
   void block(int64_t r0, int64_t r1) {
-    int64_t lo, hi;
-    key_range(r0, r1, &lo, &hi);
+    int64_t first, last;
+    key_range(r0, r1, &first, &last);
+    const int64_t lo = compact_at_or_after(first), hi = compact_at_or_after(last);
     int64_t rows = r1 - r0;
     for (int64_t r = 0; r < rows; ++r) best_[r] = _mm512_set1_ps(-INFINITY);
     for (int64_t r = 0; r < rows; r += kScoreRows) {
@@ -273,7 +323,7 @@ class Item {
     values_dispatch(r0, rows, lo, hi, inverse);
   }
 
-  // scores[row, j - lo] for ROWS query rows x VECTORS*16 keys from j.
+  // scores[row, j - lo] for ROWS query rows x VECTORS*16 keys from compact position j.
   template <int ROWS, int VECTORS>
   void score_tile(int64_t row, int64_t slot, int64_t j, int64_t lo) {
     __m512 acc[ROWS][VECTORS];
@@ -281,8 +331,8 @@ class Item {
       for (int c = 0; c < VECTORS; ++c) acc[r][c] = _mm512_setzero_ps();
     const uint32_t* q[ROWS];
     for (int r = 0; r < ROWS; ++r) q[r] = reinterpret_cast<const uint32_t*>(query_row(row + r));
-    const int64_t stride = pack_hi_ - pack_lo_;
-    const uint32_t* keys = scratch_.keys.data() + (j - pack_lo_);
+    const int64_t stride = packed_;
+    const uint32_t* keys = scratch_.keys.data() + j;
     for (int64_t u = 0; u < h_units_; ++u, keys += stride) {
       __m512i line[VECTORS];
       for (int c = 0; c < VECTORS; ++c) line[c] = _mm512_loadu_si512(keys + c * kLane);
@@ -296,7 +346,7 @@ class Item {
     // past s -inf (they weigh 0 even in a row with nothing to attend to).
     const __m512 scale = _mm512_set1_ps(sh_.scale), lowest = _mm512_set1_ps(-FLT_MAX);
     for (int c = 0; c < VECTORS; ++c) {
-      const int64_t key = j + c * kLane;
+      const int64_t key = key_at(j + c * kLane), at = j + c * kLane - lo;
       const __mmask16 inside = key + kLane <= sh_.s ? 0xFFFF
                                : key >= sh_.s ? 0
                                : static_cast<__mmask16>((1u << (sh_.s - key)) - 1);
@@ -306,7 +356,7 @@ class Item {
                                                     _mm_set1_epi8(-1));
         __m512 x = _mm512_mask_mul_ps(lowest, allowed, acc[r][c], scale);
         x = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), inside, x);
-        _mm512_storeu_ps(scratch_.scores.data() + (slot + r) * s_pad_ + (key - lo), x);
+        _mm512_storeu_ps(scratch_.scores.data() + (slot + r) * s_pad_ + at, x);
         best_[slot + r] = _mm512_max_ps(best_[slot + r], x);
       }
     }
@@ -359,7 +409,7 @@ class Item {
       for (int c = 0; c < HV; ++c) acc[r][c] = _mm512_setzero_ps();
     const int64_t p_stride = s_pad_ / kU;
     const uint32_t* probs = scratch_.probs.data() + slot * p_stride;
-    const uint32_t* values = scratch_.values.data() + (lo - pack_lo_) / kU * sh_.h;
+    const uint32_t* values = scratch_.values.data() + lo / kU * sh_.h;
     for (int64_t i = 0; i < (hi - lo) / kU; ++i, values += sh_.h) {
       __m512i line[HV];
       for (int c = 0; c < HV; ++c) line[c] = _mm512_loadu_si512(values + c * kLane);
@@ -404,7 +454,7 @@ class Item {
   Scratch& scratch_;
   const int64_t s_pad_, h_units_;
   int64_t batch_ = 0, kv_head_ = 0;
-  int64_t pack_lo_ = 0, pack_hi_ = 0;  // the item's packed keys (multiples of kLane)
+  int64_t packed_ = 0;  // the item's packed keys: live blocks x kLane (find_live_blocks)
   __m512 best_[kBlockRows];  // per block row: the running maximum of its scores, per lane
 };
 
