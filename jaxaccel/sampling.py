@@ -11,6 +11,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from jaxaccel import backends
+
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
@@ -40,7 +42,7 @@ GREEDY = Sampling()
 def choose(logits_bv, key, sampling: Sampling):
     """Next token ids [b] (int32)."""
     if sampling.greedy:
-        return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+        return backends.current().argmax(logits_bv)
     logits_bv = logits_bv.astype(jnp.float32) / sampling.temperature
     if sampling.top_k:
         logits_bv = _keep_top_k(logits_bv, sampling.top_k)

@@ -127,3 +127,22 @@ def test_sharded_generation_equals_single_device(mesh, rules, greedy):
     assert cache_spec[2] == ("model" if layout.mesh.shape["model"] <= CONFIG.num_kv_heads else None)
     assert cache_spec[1] == ("data" if layout.mesh.shape["data"] > 1 else None)
     assert kv_cache.CACHE_AXES[2] == ax.KV_HEADS
+
+
+def test_cpu_greedy_argmax_matches_numpy():
+    """The CPU backend's two-reduction argmax (what greedy decoding calls there) picks what
+    numpy's argmax picks: the first of tied maxima, the first NaN, an all -inf row's 0."""
+    import jax
+    import numpy as np
+
+    from jaxaccel.backends import cpu
+
+    logits = np.random.default_rng(5).standard_normal((6, 50304)).astype(np.float32)
+    logits[1, [10, 700]] = 9.0
+    logits[2, [5, 600]] = np.nan
+    logits[3] = -np.inf
+    logits[4, [3, 50303]] = np.inf
+    logits[5, 50303] = 20.0
+    got = jax.jit(cpu.backend().argmax)(logits)
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(np.asarray(got), np.argmax(logits, axis=-1))

@@ -81,6 +81,11 @@ class Backend:
         return jnp.einsum("btd,vd->btv", x_btd, head_vd.astype(x_btd.dtype),
                           preferred_element_type=jnp.float32)
 
+    def argmax(self, logits_bv) -> jax.Array:
+        """Greedy token ids [b] int32 from logits [b, v]: the index of each row's largest
+        value, the first one on ties, a NaN counting as largest (jnp.argmax's rule)."""
+        return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+
     def scan_layers(self, blocks: nnx.Module, carry, body: Callable, xs=None,
                     runner: Callable | None = None):
         """`body(block, carry, x) -> (carry, y)` over the stacked layers of `blocks`, or

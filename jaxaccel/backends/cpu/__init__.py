@@ -127,6 +127,17 @@ class CpuBackend(Backend):
             return _packed_matmul(x_btd, head_vd)
         return super().head_logits(x_btd, head_vd)
 
+    def argmax(self, logits_bv) -> jax.Array:
+        """As the base class's, by two plain reductions: each row's maximum, then the first
+        index holding it (or a NaN, whose maximum is NaN). XLA:CPU runs jnp.argmax as one
+        variadic (value, index) reduce it does not vectorize: over GPT-2's 50304 logits this
+        is 4x faster (batch 1: 245 -> 55 us, batch 8: 0.90 -> 0.21 ms of a ~13 ms decode
+        step, Zen 4)."""
+        top_b1 = jnp.max(logits_bv, axis=-1, keepdims=True)
+        hit_bv = (logits_bv == top_b1) | jnp.isnan(logits_bv)
+        index_bv = jax.lax.broadcasted_iota(jnp.int32, logits_bv.shape, logits_bv.ndim - 1)
+        return jnp.min(jnp.where(hit_bv, index_bv, logits_bv.shape[-1]), axis=-1)
+
     def scan_layers(self, blocks, carry, body, xs=None, runner=None):
         """Packed weights read in place by layer index (a scanned slice would be copied out,
         layer by layer, step by step); before jax 0.12, bf16 weights sliced as their uint16
