@@ -101,6 +101,24 @@ def test_kernel_matches_numpy(case, dtype, flags):
                                atol=tolerance, rtol=tolerance)
 
 
+def cache_layout(x, cached):
+    """The first `cached` keys or values [b, s, k, h] as a cache holds them, [b, k, s, h]."""
+    return x[:, :cached].transpose(0, 2, 1, 3)
+
+
+def assert_attention_over_cache(q, k, v, mask, cached, dtype, past=None):
+    """The kernel over the first `cached` keys/values as a cache (`past`, by default the
+    plain layer) and the rest as fresh ones equals numpy over all of them."""
+    if past is None:
+        past = (cache_layout(k, cached), cache_layout(v, cached), mask[:, :, :cached])
+    target = kernel_build((), dtype)
+    out = jax.jit(kernel_module.attention, static_argnums=4)(
+        q, k[:, cached:], v[:, cached:], mask[:, :, cached:], target, past)
+    tolerance = 2e-5 if dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(np.asarray(out, np.float64), reference(q, k, v, mask),
+                               atol=tolerance, rtol=tolerance)
+
+
 # (b, t, cached, n, kv heads, h): decode steps (t = 1) and a chunk of 3 over a cache, GQA.
 CACHE_CASES = [(3, 1, 37, 4, 2, 64), (2, 1, 130, 2, 1, 32), (2, 3, 20, 6, 3, 16)]
 
@@ -115,14 +133,7 @@ def test_kernel_over_a_cache_matches_numpy(case, dtype):
     q, k, v, mask = operands((b, t, cached + t, n, kv, h, "random"), dtype, seed=1)
     lengths = np.random.default_rng(2).integers(1, cached + 1, b)
     mask[:, :, :cached] &= np.arange(cached)[None, None] < lengths[:, None, None]
-    past = (k[:, :cached].transpose(0, 2, 1, 3), v[:, :cached].transpose(0, 2, 1, 3),
-            mask[:, :, :cached])
-    target = kernel_build((), dtype)
-    out = jax.jit(kernel_module.attention, static_argnums=4)(
-        q, k[:, cached:], v[:, cached:], mask[:, :, cached:], target, past)
-    tolerance = 2e-5 if dtype == jnp.float32 else 2e-2
-    np.testing.assert_allclose(np.asarray(out, np.float64), reference(q, k, v, mask),
-                               atol=tolerance, rtol=tolerance)
+    assert_attention_over_cache(q, k, v, mask, cached, dtype)
 
 
 STORED = {"fp32": (jnp.float32, np.float32), "bf16": (jnp.bfloat16, ml_dtypes.bfloat16),
@@ -142,19 +153,14 @@ def test_kernel_reads_one_layer_of_a_stacked_cache(stored, layer):
     stacks = []
     for x in (k, v):
         stack = np.full((3, b, kv, cached, h), 300.0, np.float32).astype(x.dtype)
-        stack[layer] = x[:, :cached].transpose(0, 2, 1, 3)
+        stack[layer] = cache_layout(x, cached)
         stacks.append(stack.view(np.uint16) if np_stored == np.uint16 else stack)
     past = tuple(kernel_module.CacheLayer(jnp.asarray(s_), jnp.int32(layer), jnp.dtype(dtype))
                  for s_ in stacks) + (mask[:, :, :cached],)
-    target = kernel_build((), dtype)
-    out = jax.jit(kernel_module.attention, static_argnums=4)(
-        q, k[:, cached:], v[:, cached:], mask[:, :, cached:], target, past)
-    tolerance = 2e-5 if dtype == jnp.float32 else 2e-2
-    np.testing.assert_allclose(np.asarray(out, np.float64), reference(q, k, v, mask),
-                               atol=tolerance, rtol=tolerance)
+    assert_attention_over_cache(q, k, v, mask, cached, dtype, past)
     # What code other than the kernel reads: the same layer, in the compute dtype.
     np.testing.assert_array_equal(np.asarray(past[0].value(), np.float32),
-                                  np.asarray(k[:, :cached].transpose(0, 2, 1, 3), np.float32))
+                                  np.asarray(cache_layout(k, cached), np.float32))
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
@@ -170,14 +176,7 @@ def test_decode_over_a_mostly_unwritten_cache_matches_numpy(dtype):
     mask[:, :, cached:] = True
     k[:, :cached][~mask[:, 0, :cached]] = 1e4
     v[:, :cached][~mask[:, 0, :cached]] = 1e4
-    past = (k[:, :cached].transpose(0, 2, 1, 3), v[:, :cached].transpose(0, 2, 1, 3),
-            mask[:, :, :cached])
-    target = kernel_build((), dtype)
-    out = jax.jit(kernel_module.attention, static_argnums=4)(
-        q, k[:, cached:], v[:, cached:], mask[:, :, cached:], target, past)
-    tolerance = 2e-5 if dtype == jnp.float32 else 2e-2
-    np.testing.assert_allclose(np.asarray(out, np.float64), reference(q, k, v, mask),
-                               atol=tolerance, rtol=tolerance)
+    assert_attention_over_cache(q, k, v, mask, cached, dtype)
 
 
 def test_fully_masked_row_is_the_mean_of_the_values():
