@@ -18,8 +18,10 @@ from collections.abc import Mapping
 
 from jax.sharding import Mesh
 
-from jaxaccel import planner, progress, quantization
-from jaxaccel import sharding as ax
+from jaxaccel.models import quantization
+from jaxaccel.startup import planner
+from jaxaccel.utils import progress
+from jaxaccel.parallel import sharding as ax
 from jaxaccel.checkpoint import storage
 from jaxaccel.checkpoint.integrity import VerifyReport, verify_checkpoint
 from jaxaccel.checkpoint.layout import DEFAULT_CHUNK_BYTES
@@ -29,9 +31,9 @@ from jaxaccel.conversion import hf
 from jaxaccel.conversion.bundled import resolve_source
 from jaxaccel.conversion.quantize import quantize_checkpoint
 from jaxaccel.errors import UsageError
-from jaxaccel.loader import load_model
+from jaxaccel.startup.loader import load_model
 from jaxaccel.model import Model
-from jaxaccel.units import parse_bytes
+from jaxaccel.utils.units import parse_bytes
 
 MeshLike = str | Mapping[str, int] | Mesh | None
 
@@ -89,7 +91,7 @@ def convert(src: str | pathlib.Path, dest: str | pathlib.Path, *, dtype: str | N
     layout="torchvision". `chunk_bytes`: chunk size target (None: one chunk per array);
     `codec`: "none" or "zstd"; `allow_overflow`: store values past the dtype's range.
     `quantize` "int8" | "int4": a weight-only quantized checkpoint (values + scales per weight,
-    see `jaxaccel.quantization`); `src` may then also be a full-precision jaxaccel checkpoint.
+    see `jaxaccel.models.quantization`); `src` may then also be a full-precision jaxaccel checkpoint.
     Raises ConvertError, UsageError."""
     scheme = quantization.Scheme.parse(quantize, group_size, quantize_head)
     if scheme is not None:
@@ -136,7 +138,7 @@ def plan(path: str | pathlib.Path, *, mesh: MeshLike = None, rules: str | Mappin
          quantize: str | None = None, group_size: int | None = None,
          quantize_head: bool | str = False) -> planner.MemoryPlan:
     """Per-device and per-process memory of a run, before reading a byte (`.fits`,
-    `.to_json()`; `jaxaccel.planner.check_fits` raises PlanError when it does not fit).
+    `.to_json()`; `jaxaccel.startup.planner.check_fits` raises PlanError when it does not fit).
     `quantize` etc.: as in `load` (a quantize-on-load run)."""
     return planner.plan(path, layout(mesh, rules), dtype, batch=batch, seq=seq,
                         max_new_tokens=max_new_tokens,

@@ -18,16 +18,16 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from jaxaccel import models
-from jaxaccel.classify import Classification, Classifier
-from jaxaccel.embed import Embedder
+from jaxaccel.runtime.classify import Classification, Classifier
+from jaxaccel.runtime.embed import Embedder
 from jaxaccel.errors import InputError, UsageError
-from jaxaccel.generate import Generator, check_prompts
-from jaxaccel.loader import LoadedModel
+from jaxaccel.runtime.generate import Generator, check_prompts
+from jaxaccel.startup.loader import LoadedModel
 from jaxaccel.models.state import flat_arrays
-from jaxaccel.sampling import Sampling
-from jaxaccel.sharding import format_mesh
-from jaxaccel.tokenizer import TextTokenizer
-from jaxaccel.units import format_bytes
+from jaxaccel.runtime.sampling import Sampling
+from jaxaccel.parallel.sharding import format_mesh
+from jaxaccel.inputs.tokenizer import TextTokenizer
+from jaxaccel.utils.units import format_bytes
 
 _SHOWN_ARRAYS = 6
 
@@ -57,7 +57,7 @@ class Model:
 
     # Facts ----------------------------------------------------------------------------------
 
-    family = property(lambda self: self.loaded.family, doc="Model family, e.g. 'bert'.")
+    family = property(lambda self: self.loaded.family, doc="Model family, as registered in `jaxaccel.models`.")
     config = property(lambda self: self.loaded.config, doc="The family's Config dataclass.")
     mesh = property(lambda self: self.loaded.layout.mesh, doc="The jax.sharding.Mesh.")
     dtype = property(lambda self: self.loaded.dtype, doc="Compute dtype name.")

@@ -22,8 +22,8 @@ import time
 
 from jaxaccel.backends.cpu import isa, tuning
 from jaxaccel.bench.embed_worker import synthetic_batch
-from jaxaccel.embed import Embedder
-from jaxaccel.loader import load_model
+from jaxaccel.runtime.embed import Embedder
+from jaxaccel.startup.loader import load_model
 
 BATCH, LENGTH = 32, 128
 

@@ -182,7 +182,7 @@ def without(workaround: str) -> list[tuple[object, str, object]]:
 
 def case_decode(batch: int, dtype, workaround: str):
     """A GPT-2 124M decode step through jaxaccel's Generator, without vs with `workaround`."""
-    from jaxaccel.generate import Buckets, Generator, default_buckets
+    from jaxaccel.runtime.generate import Buckets, Generator, default_buckets
     from jaxaccel.models import gpt2
     from jaxaccel.models.state import abstract_model, fill_state, param_specs
 

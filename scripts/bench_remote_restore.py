@@ -37,7 +37,7 @@ def main() -> int:
         marker = args.ckpt / "params" / "commit_success.txt"  # orbax's marker on gs://
         if not marker.exists():
             gcs_marker(gcs)
-        command = [sys.executable, "-m", "jaxaccel.cli", "bench", "restore", str(args.ckpt),
+        command = [sys.executable, "-m", "jaxaccel.cli.main", "bench", "restore", str(args.ckpt),
                    "--source", f"s3://{BUCKET}/ckpt", "--orbax-source", f"gs://{BUCKET}/ckpt",
                    "--mesh", args.mesh, "--repeats", str(args.repeats)]
         if args.json:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Start N local processes of a command as one jax.distributed cluster (see jaxaccel.launcher).
+"""Start N local processes of a command as one jax.distributed cluster (see jaxaccel.parallel.launcher).
 
     python scripts/launch_local.py -n 2 --devices-each 4 -- \
         jaxaccel embed ckpt/minilm --mesh model=2,stage=4 --rules dp_tp_pp -t "hello"
@@ -10,7 +10,7 @@ Same as `jaxaccel launch`; exits with the first failing process's exit code.
 import argparse
 import sys
 
-from jaxaccel.launcher import launch_local
+from jaxaccel.parallel.launcher import launch_local
 
 
 def main(argv=None) -> int:

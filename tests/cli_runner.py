@@ -11,7 +11,7 @@ import sys
 
 
 def run_cli(capsys, monkeypatch, *args) -> tuple[int, str, str]:
-    from jaxaccel.cli import app, run_with_clean_errors
+    from jaxaccel.cli.main import app, run_with_clean_errors
 
     capsys.readouterr()  # drop anything printed before
     monkeypatch.setattr(sys, "argv", ["jaxaccel", *map(str, args)])
@@ -21,7 +21,7 @@ def run_cli(capsys, monkeypatch, *args) -> tuple[int, str, str]:
 
 
 def run_subprocess(*args, timeout: int = 120, **kwargs) -> tuple[int, str, str]:
-    proc = subprocess.run([sys.executable, "-m", "jaxaccel.cli", *map(str, args)],
+    proc = subprocess.run([sys.executable, "-m", "jaxaccel.cli.main", *map(str, args)],
                           capture_output=True, text=True, timeout=timeout, **kwargs)
     return proc.returncode, proc.stdout, proc.stderr
 

@@ -14,7 +14,7 @@ import json
 import socket
 import sys
 
-from jaxaccel import distributed
+from jaxaccel.parallel import distributed
 
 SENTENCES = ["A man is eating food.", "Short.", "ünïcödé and emoji 🙂 tokenise too"]
 PROMPTS = [[5, 7, 9, 11, 3], [8], [10, 20, 30, 40, 50, 60, 70, 80, 90, 15, 25, 35]]
@@ -23,10 +23,10 @@ NEW_TOKENS = 6
 
 def main(minilm: str, gpt2: str, mesh: str, rules: str, mode: str, only: str = "") -> None:
     distributed.initialize(distributed.cluster_from())
-    from jaxaccel.embed import Embedder
-    from jaxaccel.generate import Generator
-    from jaxaccel.loader import load_model
-    from jaxaccel.sharding import Layout
+    from jaxaccel.runtime.embed import Embedder
+    from jaxaccel.runtime.generate import Generator
+    from jaxaccel.startup.loader import load_model
+    from jaxaccel.parallel.sharding import Layout
 
     layout = Layout.create(mesh, rules)
     encoder = load_model(minilm, layout, quiet=False, restore_mode=mode)

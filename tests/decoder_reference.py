@@ -58,6 +58,6 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
 def generator(model, config, **kwargs):
-    from jaxaccel.generate import Generator
+    from jaxaccel.runtime.generate import Generator
 
     return Generator(*nnx.split(model), config, compiler_options=FAST_COMPILE, **kwargs)

@@ -9,7 +9,7 @@ object from process 0: embeddings, tokens, and every process's restore bytes.
 import json
 import sys
 
-from jaxaccel import distributed
+from jaxaccel.parallel import distributed
 
 SENTENCES = ["A man is eating food.", "Short.", "ünïcödé and emoji 🙂 tokenise too",
              "The quick brown fox jumps over the lazy dog, twice, and then sleeps for a while."]
@@ -22,7 +22,7 @@ def greedy_tokens(family: str, directory: str, layout) -> list[list[int]]:
     from decoder_reference import load_jax
     from flax import nnx
 
-    from jaxaccel.generate import Generator
+    from jaxaccel.runtime.generate import Generator
 
     model, cfg = load_jax(family, __import__("pathlib").Path(directory))
     return Generator(*nnx.split(model), cfg, layout).generate(PROMPTS, 8)
@@ -30,9 +30,9 @@ def greedy_tokens(family: str, directory: str, layout) -> list[list[int]]:
 
 def main(ckpt: str, mesh: str, rules: str, *decoders: str) -> None:
     distributed.initialize(distributed.cluster_from())
-    from jaxaccel.embed import Embedder
-    from jaxaccel.loader import load_model
-    from jaxaccel.sharding import Layout
+    from jaxaccel.runtime.embed import Embedder
+    from jaxaccel.startup.loader import load_model
+    from jaxaccel.parallel.sharding import Layout
 
     layout = Layout.create(mesh, rules)
     loaded = load_model(ckpt, layout, quiet=False)

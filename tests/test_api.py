@@ -27,7 +27,7 @@ def test_load_on_a_mesh_embeds_as_one_device(minilm_ckpt, minilm):
 
 
 def test_mesh_as_dict_and_as_jax_mesh(minilm_ckpt):
-    from jaxaccel.sharding import make_mesh
+    from jaxaccel.parallel.sharding import make_mesh
 
     by_dict = jaxaccel.load(minilm_ckpt, mesh={"data": 2}, progress=False)
     by_mesh = jaxaccel.load(minilm_ckpt, mesh=make_mesh("data=2"), progress=False)

@@ -17,7 +17,7 @@ from decoder_reference import generator, load_jax, save_hf
 from jaxaccel.backends import cpu
 from jaxaccel.backends.cpu import attention as kernel_module
 from jaxaccel.backends.cpu import build, isa
-from jaxaccel.sampling import GREEDY
+from jaxaccel.runtime.sampling import GREEDY
 
 pytestmark = pytest.mark.cpu_only
 
@@ -212,9 +212,9 @@ def test_backend_uses_the_kernel_only_where_it_applies():
 def test_bert_embed_program_runs_the_kernel(minilm_ckpt):
     """MiniLM (head dim 32): tests/test_bert_parity.py then checks it against transformers."""
     needs_kernel()
-    from jaxaccel.embed import Embedder
-    from jaxaccel.loader import plan_model
-    from jaxaccel.sharding import Layout
+    from jaxaccel.runtime.embed import Embedder
+    from jaxaccel.startup.loader import plan_model
+    from jaxaccel.parallel.sharding import Layout
 
     embedder = Embedder(plan_model(minilm_ckpt, Layout.create("data=1", "replicated"),
                                    "bfloat16"), batch_size=4)

@@ -10,7 +10,7 @@ import pytest
 
 from jaxaccel.bench import embed, pipeline, restore, runner
 from jaxaccel.bench.runner import Worker, WorkerFailed
-from jaxaccel.commands.bench import _clean_errors
+from jaxaccel.cli.bench import _clean_errors
 
 FAKE_WORKER = '''
 import os, sys

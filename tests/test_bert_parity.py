@@ -35,8 +35,8 @@ def reference(minilm_src):
 
 
 def embed(ckpt, dtype, **layout):
-    from jaxaccel.embed import Embedder
-    from jaxaccel.loader import load_model
+    from jaxaccel.runtime.embed import Embedder
+    from jaxaccel.startup.loader import load_model
 
     return Embedder(load_model(ckpt, dtype=dtype, **layout), batch_size=4).embed_texts(SENTENCES)[0]
 
@@ -58,7 +58,7 @@ def test_bfloat16_within_stated_tolerance(minilm_ckpt, reference):
 
 
 def test_token_ids_match_reference_tokenizer(minilm_src, minilm_ckpt):
-    from jaxaccel.tokenizer import TextTokenizer
+    from jaxaccel.inputs.tokenizer import TextTokenizer
 
     ours = TextTokenizer(minilm_ckpt / "tokenizer.json").encode(SENTENCES, 512).ids
     theirs = transformers.AutoTokenizer.from_pretrained(minilm_src)(SENTENCES)["input_ids"]

@@ -27,7 +27,7 @@ _GENERATORS = {}
 
 
 def _generator(kind, loaded):
-    from jaxaccel.generate import Generator
+    from jaxaccel.runtime.generate import Generator
 
     key = (kind, loaded.config.tie_word_embeddings)
     if key not in _GENERATORS:
@@ -41,7 +41,7 @@ def check_example(kind, seed, tie, eos, shards, dtype):
 
     from jaxaccel.conversion.hf import convert
     from jaxaccel.errors import ConvertError
-    from jaxaccel.loader import load_model
+    from jaxaccel.startup.loader import load_model
     from jaxaccel.model import Model
 
     model = build(kind, seed=seed, vocab=64, hidden=16, tie_word_embeddings=tie,

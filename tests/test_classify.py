@@ -11,7 +11,7 @@ from cli_runner import one_error_line, run_cli
 from PIL import Image
 
 from jaxaccel.errors import InputError
-from jaxaccel.input_pipeline import HostBatches, device_steps
+from jaxaccel.inputs.batches import HostBatches, device_steps
 
 skimage_data = pytest.importorskip("skimage.data", reason="test extra (scikit-image) missing")
 
@@ -127,8 +127,8 @@ def reference_logits(resnet, paths) -> np.ndarray:
 
 
 def test_classify_files_matches_transformers_with_and_without_prefetch(resnet, photos):
-    from jaxaccel.classify import Classifier
-    from jaxaccel.loader import load_model
+    from jaxaccel.runtime.classify import Classifier
+    from jaxaccel.startup.loader import load_model
 
     paths = sorted(photos.iterdir())
     want = reference_logits(resnet, paths)
@@ -139,8 +139,8 @@ def test_classify_files_matches_transformers_with_and_without_prefetch(resnet, p
 
 
 def test_ctrl_c_during_classify_stops_the_decode_threads(resnet, photos, monkeypatch):
-    from jaxaccel.classify import Classifier
-    from jaxaccel.loader import load_model
+    from jaxaccel.runtime.classify import Classifier
+    from jaxaccel.startup.loader import load_model
 
     classifier = Classifier(load_model(resnet[1]), batch_size=1)
     fetched = []
@@ -298,10 +298,10 @@ def test_bench_classify_runs_every_contender(resnet, tmp_path, capsys, monkeypat
 def test_start_classifier_compiles_while_restoring(resnet, photos, overlap):
     """The forward compiled from the plan before the weights arrive serves every batch
     without tracing, and classifies as a Classifier on the plainly restored weights does."""
-    from jaxaccel import coldstart
-    from jaxaccel.classify import Classifier
-    from jaxaccel.loader import load_model
-    from jaxaccel.sharding import Layout
+    from jaxaccel.startup import coldstart
+    from jaxaccel.runtime.classify import Classifier
+    from jaxaccel.startup.loader import load_model
+    from jaxaccel.parallel.sharding import Layout
 
     paths = sorted(photos.iterdir())
     layout = Layout.create("data=2,model=4", "dp_tp")
@@ -324,7 +324,7 @@ def test_second_classify_process_hits_the_compile_cache(resnet, photos, tmp_path
 
     count_hits = ("import json, sys, jax; hits = []; jax.monitoring.register_event_listener("
                   "lambda e, **k: hits.append(e) if e.endswith('cache_hits') else None); "
-                  "from jaxaccel.cli import app, run_with_clean_errors; "
+                  "from jaxaccel.cli.main import app, run_with_clean_errors; "
                   "sys.argv = ['jaxaccel', *sys.argv[1:]]; code = run_with_clean_errors(app); "
                   "print(json.dumps({'hits': len(hits)}), file=sys.stderr); sys.exit(code)")
     cache = tmp_path / "xla-cache"

@@ -9,7 +9,7 @@ import pytest
 
 
 def jaxaccel(*args, cwd=None, timeout=300):
-    proc = subprocess.run([sys.executable, "-m", "jaxaccel.cli", *map(str, args)], cwd=cwd,
+    proc = subprocess.run([sys.executable, "-m", "jaxaccel.cli.main", *map(str, args)], cwd=cwd,
                           capture_output=True, text=True, timeout=timeout)
     return proc.returncode, proc.stdout, proc.stderr
 
@@ -17,8 +17,8 @@ def jaxaccel(*args, cwd=None, timeout=300):
 @pytest.fixture(scope="module")
 def reference_vectors(minilm_ckpt):
     """Embeddings through the library API (itself checked against transformers elsewhere)."""
-    from jaxaccel.embed import Embedder
-    from jaxaccel.loader import load_model
+    from jaxaccel.runtime.embed import Embedder
+    from jaxaccel.startup.loader import load_model
 
     return Embedder(load_model(minilm_ckpt)).embed_texts(["first text", "second, longer text"])[0]
 
@@ -82,7 +82,7 @@ def test_host_devices_flag_simulates_devices(minilm_ckpt):
     import os
 
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    args = [sys.executable, "-m", "jaxaccel.cli"]
+    args = [sys.executable, "-m", "jaxaccel.cli.main"]
     embed = ["embed", str(minilm_ckpt), "--text", "hi", "--mesh", "data=4", "--json", "--quiet"]
     refused = subprocess.run(args + embed, env=env, capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "needs 4 devices" in refused.stderr, refused.stderr

@@ -21,7 +21,7 @@ import time
 import numpy as np
 import pytest
 
-from jaxaccel import cluster, distributed, straggler
+from jaxaccel.parallel import cluster, distributed, straggler
 from jaxaccel.checkpoint import restore_mode
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -128,9 +128,9 @@ def gpt2_ckpt(tmp_path_factory):
 def _reference(minilm_ckpt, gpt2_ckpt):
     from cluster_worker import NEW_TOKENS, PROMPTS, SENTENCES
 
-    from jaxaccel.embed import Embedder
-    from jaxaccel.generate import Generator
-    from jaxaccel.loader import load_model
+    from jaxaccel.runtime.embed import Embedder
+    from jaxaccel.runtime.generate import Generator
+    from jaxaccel.startup.loader import load_model
 
     embeddings = Embedder(load_model(minilm_ckpt), batch_size=4).embed_texts(SENTENCES)[0]
     decoder = load_model(gpt2_ckpt)
@@ -244,11 +244,11 @@ def test_slurm_processes_join_without_flags(minilm_ckpt, tmp_path):
     """Two processes with srun's variables and no jaxaccel flags: the first status line names
     SLURM and the process; embeddings equal the single-process run; a mesh that leaves a
     process out is refused with the fix."""
-    from jaxaccel.embed import Embedder
-    from jaxaccel.loader import load_model
+    from jaxaccel.runtime.embed import Embedder
+    from jaxaccel.startup.loader import load_model
 
     text = ["A man is eating food.", "Short."]
-    cli = [sys.executable, "-m", "jaxaccel.cli"]
+    cli = [sys.executable, "-m", "jaxaccel.cli.main"]
     argv = [*cli, "embed", str(minilm_ckpt), "--mesh", "data=2,model=2", "--json",
             *(arg for t in text for arg in ("-t", t))]
     codes, outs, errs = finish(start("slurm", 2, 2, argv, tmp_path), tmp_path)
@@ -318,7 +318,7 @@ def test_killed_process_mid_broadcast_is_named(minilm_ckpt, tmp_path):
     """Kill process 1 while the broadcast restore runs (a small host-memory budget makes many
     chunks): process 0 exits non-zero within the timeout with one error line naming it."""
     timeout = 8
-    argv = [sys.executable, "-m", "jaxaccel.cli", "--restore-mode", "broadcast", "embed",
+    argv = [sys.executable, "-m", "jaxaccel.cli.main", "--restore-mode", "broadcast", "embed",
             str(minilm_ckpt), "--mesh", "data=2,model=2", "--host-memory-budget", "16KiB",
             "-t", "hello"]
     procs = start("slurm", 2, 2, argv, tmp_path, timeout=timeout)
@@ -351,7 +351,7 @@ def test_real_mpirun(minilm_ckpt, tmp_path):
     env = _base_env(2, 60)
     command = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-n", "2",
                "-x", "XLA_FLAGS", "-x", "PYTHONPATH", "-x", "JAXACCEL_DISTRIBUTED_TIMEOUT",
-               sys.executable, "-m", "jaxaccel.cli", "embed", str(minilm_ckpt), "--mesh",
+               sys.executable, "-m", "jaxaccel.cli.main", "embed", str(minilm_ckpt), "--mesh",
                "data=2,model=2", "-t", "hello", "--json"]
     run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT,
                          check=False)
@@ -364,7 +364,7 @@ def test_watchdog_fires_before_jax_aborts():
     """A dead peer is named before jax's coordination service aborts the survivors (its
     heartbeat timeout is max(timeout, 10) s; the abort came 6-8 s after a kill at 10 s), with
     at least 4 beats in the window; large clusters beat less often."""
-    from jaxaccel import watchdog
+    from jaxaccel.parallel import watchdog
 
     for timeout in (1, 8, 120, 600):
         heartbeat = max(timeout, 10)

@@ -9,10 +9,10 @@ import sys
 import numpy as np
 import pytest
 
-from jaxaccel import coldstart
-from jaxaccel.embed import Embedder
-from jaxaccel.loader import load_model
-from jaxaccel.sharding import Layout
+from jaxaccel.startup import coldstart
+from jaxaccel.runtime.embed import Embedder
+from jaxaccel.startup.loader import load_model
+from jaxaccel.parallel.sharding import Layout
 
 # Device checks skip these (`-m "not cpu_only"`): they need meshes of 8 simulated CPU devices
 # (data=2,model=4).
@@ -69,7 +69,7 @@ def test_start_generator_compiles_while_restoring(gpt2_ckpt, dtype, mesh):
     """generate's cold start: programs compiled from the plan before the weights arrive
     (bf16 on one CPU device: for the packed weights) serve the first call without tracing,
     and generate what a Generator built on the restored weights generates."""
-    from jaxaccel.generate import Generator
+    from jaxaccel.runtime.generate import Generator
 
     layout = Layout.create(mesh, "dp_tp")
     prompts = [[1, 2, 3, 4, 5], [7, 8]]

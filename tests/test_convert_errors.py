@@ -9,7 +9,7 @@ import pytest
 
 
 def run_convert(src, dest):
-    proc = subprocess.run([sys.executable, "-m", "jaxaccel.cli", "convert", str(src), str(dest),
+    proc = subprocess.run([sys.executable, "-m", "jaxaccel.cli.main", "convert", str(src), str(dest),
                            "--quiet"], capture_output=True, text=True, timeout=120)
     return proc.returncode, proc.stderr.strip()
 

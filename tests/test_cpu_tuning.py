@@ -59,8 +59,8 @@ def test_runtime_applies_the_chosen_library(minilm_ckpt, monkeypatch, library, d
     """$JAXACCEL_CPU_DOT_LIBRARY reaches the embed program (no YNNPACK fusion left), and its
     embeddings still match sentence-transformers' (the committed fixture of
     scripts/make_reference.py; thresholds as tests/test_reference_fixture.py)."""
-    from jaxaccel.embed import Embedder
-    from jaxaccel.loader import load_model
+    from jaxaccel.runtime.embed import Embedder
+    from jaxaccel.startup.loader import load_model
 
     data = np.load(SAMPLES.parent / "minilm_reference.npz")
     sentences, expected = [str(s) for s in data["sentences"]], data["embeddings"]

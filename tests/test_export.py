@@ -17,13 +17,13 @@ import jax.numpy as jnp
 import pytest
 
 from jaxaccel import models
-from jaxaccel.embed import Embedder
-from jaxaccel.generate import Generator
-from jaxaccel.loader import plan_model
+from jaxaccel.runtime.embed import Embedder
+from jaxaccel.runtime.generate import Generator
+from jaxaccel.startup.loader import plan_model
 from jaxaccel.models.state import abstract_model, fill_state, param_specs
-from jaxaccel.runtime import place_param
-from jaxaccel.sampling import GREEDY
-from jaxaccel.sharding import Layout
+from jaxaccel.runtime.programs import place_param
+from jaxaccel.runtime.sampling import GREEDY
+from jaxaccel.parallel.sharding import Layout
 
 MESH = "data=2,model=4"
 PLATFORMS = ("cuda", "tpu")
@@ -111,10 +111,10 @@ def test_the_cpu_programs_do_carry_the_cpu_workarounds():
 
 
 def quantized_abstract_state(family, config, layout, scheme="int8"):
-    """The sharded abstract state of a quantize-on-load run (`jaxaccel.quantization`);
+    """The sharded abstract state of a quantize-on-load run (`jaxaccel.models.quantization`);
     `scheme` a label ("int8+head": a tied head as its own quantized copy of the table)."""
-    from jaxaccel import quantization
-    from jaxaccel.runtime import quantized_param_spec
+    from jaxaccel.models import quantization
+    from jaxaccel.runtime.programs import quantized_param_spec
 
     module, scheme = models.family_module(family), quantization.Scheme.from_label(scheme)
     copies = quantization.tied_head(module, config, scheme)

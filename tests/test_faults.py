@@ -256,7 +256,7 @@ import resource, signal, sys
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG from write(2), not a signal death
 resource.setrlimit(resource.RLIMIT_FSIZE, (4 << 20, 4 << 20))  # no file may exceed 4 MiB
 sys.argv = ["jaxaccel", "convert", "minilm", sys.argv[1], "--quiet"]
-from jaxaccel.cli import main
+from jaxaccel.cli.main import main
 main()
 """
 
@@ -275,7 +275,7 @@ def test_disk_full_during_convert(tmp_path):
 
 def test_two_converts_racing_to_one_destination(tmp_path):
     dest = tmp_path / "out"
-    args = [sys.executable, "-m", "jaxaccel.cli", "convert", "minilm", str(dest), "--quiet"]
+    args = [sys.executable, "-m", "jaxaccel.cli.main", "convert", "minilm", str(dest), "--quiet"]
     procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
     results = [(p.wait(timeout=120), p.stderr.read()) for p in procs]

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from decoder_reference import generator
 
-from jaxaccel import sharding as ax
+from jaxaccel.parallel import sharding as ax
 from jaxaccel.models import kv_cache, llama
 from jaxaccel.models.state import abstract_model, fill_state, param_specs
-from jaxaccel.sampling import Sampling, choose
+from jaxaccel.runtime.sampling import Sampling, choose
 
 CONFIG = llama.Config(vocab_size=101, hidden_size=48, num_layers=2, num_heads=8, num_kv_heads=2,
                       intermediate_size=72, head_dim=6, max_position_embeddings=128,

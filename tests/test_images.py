@@ -10,7 +10,7 @@ from PIL import Image
 skimage_data = pytest.importorskip("skimage.data", reason="test extra (scikit-image) missing")
 
 from jaxaccel.errors import InputError  # noqa: E402
-from jaxaccel.images import Preprocessor, decode, list_images  # noqa: E402
+from jaxaccel.inputs.images import Preprocessor, decode, list_images  # noqa: E402
 from jaxaccel.models.resnet import Config, preprocessing  # noqa: E402
 
 PHOTOS = {"astronaut": skimage_data.astronaut, "chelsea": skimage_data.chelsea,

@@ -11,6 +11,7 @@
 
 import ast
 import pathlib
+import re
 import subprocess
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "jaxaccel"
@@ -125,9 +126,9 @@ def test_imports_inside_functions_say_why_they_are_deferred():
 def test_no_command_imports_another_command():
     edges = graph()
     for name, targets in edges.items():
-        if name.startswith("jaxaccel.commands.") and name != "jaxaccel.commands.options":
-            others = {t for t in targets if t.startswith("jaxaccel.commands.")
-                      and t not in ("jaxaccel.commands", "jaxaccel.commands.options", name)}
+        if name.startswith("jaxaccel.cli.") and name not in ("jaxaccel.cli.options", "jaxaccel.cli.main"):
+            others = {t for t in targets if t.startswith("jaxaccel.cli.")
+                      and t not in ("jaxaccel.cli", "jaxaccel.cli.options", name)}
             assert not others, f"{name} imports {others}"
 
 
@@ -137,3 +138,111 @@ def test_model_code_and_runtime_name_no_cpu_trick():
         ["git", "grep", "-n", r"PackedWeight\|uint16\|optimization_barrier", "--", "jaxaccel",
          ":!jaxaccel/backends/cpu"], cwd=PACKAGE.parent, capture_output=True, text=True)
     assert found.stdout == "", found.stdout
+
+
+# The layers, lowest first: each package (or top-level module) and the packages it may import.
+# An edge not listed here is a layering fault. `bench` sits outside the library's core graph:
+# only the `bench` command reaches it.
+BASE = {"errors", "utils"}
+ALLOWED = {
+    "errors": set(),
+    "utils": {"errors"},
+    "parallel": BASE,
+    "backends": BASE | {"parallel"},
+    "models": BASE | {"parallel", "backends"},
+    "checkpoint": BASE | {"parallel"},
+    "inputs": BASE,
+    "conversion": BASE | {"checkpoint", "models"},
+    "runtime": BASE | {"parallel", "backends", "models", "inputs"},
+    "startup": BASE | {"parallel", "backends", "models", "inputs", "checkpoint", "runtime"},
+    "model": BASE | {"parallel", "models", "inputs", "runtime", "startup"},
+    "api": BASE | {"parallel", "models", "checkpoint", "conversion", "startup", "model"},
+    "jaxaccel": BASE | {"api", "model"},
+    "cli": BASE | {"parallel", "models", "inputs", "checkpoint", "conversion", "runtime",
+                   "startup", "model", "api", "bench", "jaxaccel"},
+    "bench": BASE | {"parallel", "backends", "models", "inputs", "checkpoint", "conversion",
+                     "runtime", "startup", "model", "api", "cli", "jaxaccel"},
+}
+
+
+def layer_of(module: str) -> str:
+    """jaxaccel.a.b -> "a"; a top-level module jaxaccel.m -> "m"; the package itself ->
+    "jaxaccel"."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "jaxaccel"
+
+
+def layering_faults(edges: dict[str, set[str]]) -> list[str]:
+    faults = []
+    for name, targets in sorted(edges.items()):
+        here = layer_of(name)
+        for target in sorted(targets):
+            there = layer_of(target)
+            if there != here and there not in ALLOWED.get(here, set()):
+                faults.append(f"{name} -> {target}")
+    return faults
+
+
+def test_layers_import_only_downwards():
+    edges = graph()
+    unknown = {layer_of(m) for m in edges} - set(ALLOWED)
+    assert not unknown, f"packages with no place in ALLOWED: {sorted(unknown)}"
+    faults = layering_faults(edges)
+    assert not faults, "imports against the layering: " + ", ".join(faults)
+
+
+def test_layering_check_catches_an_upward_import():
+    assert layering_faults({"jaxaccel.backends.cpu": {"jaxaccel.models.kv_cache"}}) == [
+        "jaxaccel.backends.cpu -> jaxaccel.models.kv_cache"]
+    assert layering_faults({"jaxaccel.models.gpt2": {"jaxaccel.backends"}}) == []
+
+
+def test_at_most_eight_top_level_modules():
+    top = sorted(p.name for p in PACKAGE.glob("*.py"))
+    assert len(top) <= 8, top
+
+
+FAMILY_WORD = re.compile(r"\b(bert|gpt-?2|llama|resnet)\b", re.I)
+
+
+def family_names_in_code(source: str) -> list[tuple[int, str]]:
+    """(line, text) of every identifier or string literal naming a family; docstrings and
+    comments (which may cite a measurement on a model) are not code."""
+    tree = ast.parse(source)
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef,
+                                       ast.AsyncFunctionDef))
+                  and node.body and isinstance(node.body[0], ast.Expr)
+                  and isinstance(node.body[0].value, ast.Constant)}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            text = node.value if id(node) not in docstrings else ""
+        elif isinstance(node, ast.Name):
+            text = node.id
+        elif isinstance(node, ast.Attribute):
+            text = node.attr
+        elif isinstance(node, ast.alias):
+            text = node.name
+        else:
+            continue
+        if FAMILY_WORD.search(text.replace("_", " ")):
+            found.append((getattr(node, "lineno", 0), text))
+    return found
+
+
+def test_no_module_outside_models_names_a_family():
+    """Family names appear in code only under models/: everything else asks the registry
+    (`jaxaccel.models`). bench/ compares against named reference models and is exempt."""
+    faults = []
+    for name, path in MODULES.items():
+        if layer_of(name) in ("models", "bench"):
+            continue
+        for line, text in family_names_in_code(path.read_text()):
+            faults.append(f"{path.relative_to(PACKAGE.parent)}:{line}: {text[:60]!r}")
+    assert not faults, "\n".join(faults)
+
+
+def test_family_name_check_sees_code_not_docstrings():
+    source = '"""Measured on GPT-2."""\nif family == "llama":\n    pass  # bert\n'
+    assert family_names_in_code(source) == [(2, "llama")]

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from jaxaccel import launcher
+from jaxaccel.parallel import launcher
 
 # Device checks skip these (`-m "not cpu_only"`): they need processes of 4 simulated CPU devices
 # each, gloo CPU collectives.
@@ -25,8 +25,8 @@ WORKER = ROOT / "tests" / "multihost_worker.py"
 def _single_process_embeddings(ckpt):
     from multihost_worker import SENTENCES
 
-    from jaxaccel.embed import Embedder
-    from jaxaccel.loader import load_model
+    from jaxaccel.runtime.embed import Embedder
+    from jaxaccel.startup.loader import load_model
 
     return Embedder(load_model(ckpt), batch_size=8).embed_texts(SENTENCES)[0]
 
@@ -49,7 +49,7 @@ def _single_process_tokens(directory):
     from flax import nnx
     from multihost_worker import PROMPTS
 
-    from jaxaccel.generate import Generator
+    from jaxaccel.runtime.generate import Generator
 
     model, cfg = load_jax("gpt2", directory)
     return Generator(*nnx.split(model), cfg).generate(PROMPTS, 8)
@@ -59,7 +59,7 @@ def test_two_processes_match_one_and_each_reads_half(minilm_ckpt, gpt2_dir, tmp_
     """Via `jaxaccel launch`: embeddings and greedy tokens equal the single-process run, and
     under a layout sharded over `model` across the processes (and `stage` within each) every
     process reads 50% +- 5% of the checkpoint's bytes."""
-    command = [sys.executable, "-m", "jaxaccel.cli", "launch", "--processes", "2",
+    command = [sys.executable, "-m", "jaxaccel.cli.main", "launch", "--processes", "2",
                "--devices-each", "4", "--timeout", "60", "--log-dir", str(tmp_path), "--",
                sys.executable, str(WORKER), str(minilm_ckpt), "model=2,stage=4", "dp_tp_pp",
                "gpt2", str(gpt2_dir)]
@@ -86,7 +86,7 @@ def test_killed_process_is_named_within_the_timeout(minilm_ckpt):
     env = launcher.process_env(0, 2, port, host_devices=4)
 
     def start(i):
-        cmd = [sys.executable, "-m", "jaxaccel.cli", "--coordinator", f"127.0.0.1:{port}",
+        cmd = [sys.executable, "-m", "jaxaccel.cli.main", "--coordinator", f"127.0.0.1:{port}",
                "--num-processes", "2", "--process-id", str(i), "--distributed-timeout",
                str(timeout), "embed", str(minilm_ckpt), "--mesh", "model=2,stage=4",
                "--rules", "dp_tp_pp", "--text", "hello"]
@@ -126,7 +126,7 @@ def test_launcher_fails_when_any_process_fails(tmp_path, capsys):
 
 
 def test_cluster_from_flags_and_environment():
-    from jaxaccel import distributed
+    from jaxaccel.parallel import distributed
 
     assert distributed.cluster_from(environ={}) is None
     env = {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "4",
@@ -153,7 +153,7 @@ def test_launch_runs_jaxaccel_without_the_virtualenv_on_path(minilm_ckpt):
     env = {**os.environ, "PATH": "/usr/bin:/bin"}
     env.pop("VIRTUAL_ENV", None)
     proc = subprocess.run(
-        [sys.executable, "-m", "jaxaccel.cli", "launch", "-n", "2", "--devices-each", "4",
+        [sys.executable, "-m", "jaxaccel.cli.main", "launch", "-n", "2", "--devices-each", "4",
          "--timeout", "60", "--", "jaxaccel", "embed", str(minilm_ckpt), "--mesh",
          "data=2,model=4", "-t", "hello", "--json", "-q"],
         capture_output=True, text=True, env=env, timeout=300)

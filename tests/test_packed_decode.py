@@ -17,7 +17,7 @@ from flax import nnx
 from test_generate import CONFIG, PROMPTS
 
 from jaxaccel import backends
-from jaxaccel import sharding as ax
+from jaxaccel.parallel import sharding as ax
 from jaxaccel.backends import cpu
 from jaxaccel.backends.cpu import packing
 from jaxaccel.backends.cpu.packed import PackedWeight

@@ -1,4 +1,4 @@
-"""The GPipe schedule over `stage` (jaxaccel.pipeline): equal to the plain layer scan.
+"""The GPipe schedule over `stage` (jaxaccel.parallel.pipeline): equal to the plain layer scan.
 
 Uses 8 simulated CPU devices (tests/conftest.py). Odd sizes (3 or 5 layers, 7 features) so
 padding and shape bugs show.
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxaccel import pipeline
-from jaxaccel import sharding as ax
+from jaxaccel.parallel import pipeline
+from jaxaccel.parallel import sharding as ax
 from jaxaccel.models import layers
 
 # Device checks skip these (`-m "not cpu_only"`): they need meshes of up to 8 simulated CPU
@@ -122,8 +122,8 @@ SENTENCES = ["A man is eating food.", "Short.", "ünïcödé and emoji 🙂 toke
 
 @pytest.fixture(scope="module")
 def minilm_single(minilm_ckpt):
-    from jaxaccel.embed import Embedder
-    from jaxaccel.loader import load_model
+    from jaxaccel.runtime.embed import Embedder
+    from jaxaccel.startup.loader import load_model
 
     return Embedder(load_model(minilm_ckpt), batch_size=8).embed_texts(SENTENCES)[0]
 
@@ -131,9 +131,9 @@ def minilm_single(minilm_ckpt):
 @pytest.mark.parametrize("mesh,rules,microbatches", MESHES)
 def test_minilm_pipelined_equals_single_device(minilm_ckpt, minilm_single, mesh, rules,
                                                microbatches):
-    from jaxaccel.embed import Embedder
-    from jaxaccel.loader import load_model
-    from jaxaccel.sharding import Layout
+    from jaxaccel.runtime.embed import Embedder
+    from jaxaccel.startup.loader import load_model
+    from jaxaccel.parallel.sharding import Layout
 
     layout = Layout.create(mesh, rules)
     loaded = load_model(minilm_ckpt, layout)
@@ -170,7 +170,7 @@ def decoder(request, tmp_path_factory):
     transformers = pytest.importorskip("transformers")
     from decoder_reference import load_jax, save_hf
 
-    from jaxaccel.generate import Generator
+    from jaxaccel.runtime.generate import Generator
 
     torch.manual_seed(0)
     directory = save_hf(DECODERS[request.param](transformers).eval(),
@@ -183,8 +183,8 @@ def decoder(request, tmp_path_factory):
 @pytest.mark.parametrize("mesh,rules", [m[:2] for m in MESHES[:3]])
 def test_greedy_generation_pipelined_equals_single_device(decoder, mesh, rules):
     """Prefill and every KV-cache decode step run as a pipeline; tokens are identical."""
-    from jaxaccel.generate import Generator
-    from jaxaccel.sharding import Layout
+    from jaxaccel.runtime.generate import Generator
+    from jaxaccel.parallel.sharding import Layout
 
     family, graphdef, state, cfg, want = decoder
     layout = Layout.create(mesh, rules)

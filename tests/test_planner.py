@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from cli_runner import one_error_line, run_cli
 
-from jaxaccel import planner
-from jaxaccel.sharding import Layout
+from jaxaccel.startup import planner
+from jaxaccel.parallel.sharding import Layout
 
 # Device checks skip these (`-m "not cpu_only"`): they need meshes of 8 simulated CPU devices,
 # and 'measured' is defined for the CPU.
@@ -53,8 +53,8 @@ def llama_ckpt(tmp_path_factory) -> pathlib.Path:
     ("model=8", "tp", 2, 512),
 ])
 def test_minilm_plan_matches_measured(minilm_ckpt, mesh, rules, batch, seq):
-    from jaxaccel.embed import Embedder
-    from jaxaccel.loader import load_model
+    from jaxaccel.runtime.embed import Embedder
+    from jaxaccel.startup.loader import load_model
 
     layout = Layout.create(mesh, rules)
     plan = planner.plan(minilm_ckpt, layout, batch=batch, seq=seq)
@@ -70,8 +70,8 @@ def test_minilm_plan_matches_measured(minilm_ckpt, mesh, rules, batch, seq):
 
 
 def test_llama_plan_matches_measured(llama_ckpt):
-    from jaxaccel.generate import Generator
-    from jaxaccel.loader import load_model
+    from jaxaccel.runtime.generate import Generator
+    from jaxaccel.startup.loader import load_model
 
     layout = Layout.create("data=2,model=2")
     plan = planner.plan(llama_ckpt, layout, batch=3, seq=20, max_new_tokens=30)
@@ -107,7 +107,7 @@ def test_llama_formula_fallback_is_within_reach(llama_ckpt):
 
 
 def test_peak_host_memory_bounds_the_restore(minilm_ckpt):
-    from jaxaccel.loader import load_model
+    from jaxaccel.startup.loader import load_model
 
     budget = 4 << 20
     plan = planner.plan(minilm_ckpt, Layout.create("data=2,model=4"), host_budget=budget,
@@ -142,12 +142,12 @@ def test_plan_refuses_and_suggests(capsys, monkeypatch, minilm_ckpt):
 
 
 def test_embed_refuses_before_reading_any_byte(capsys, monkeypatch, minilm_ckpt, tmp_path):
-    import jaxaccel.loader
+    import jaxaccel.startup.loader
 
     def no_reads(*args, **kwargs):
         raise AssertionError("restore started although the plan does not fit")
 
-    monkeypatch.setattr(jaxaccel.loader, "restore_checkpoint", no_reads)
+    monkeypatch.setattr(jaxaccel.startup.loader, "restore_checkpoint", no_reads)
     out = tmp_path / "v.npy"
     code, _, err = run_cli(capsys, monkeypatch, "embed", minilm_ckpt, "--text", "hello",
                            "--device-memory", "90MiB", "--max-length", "512", "--out", out)
@@ -193,8 +193,8 @@ def resnet_ckpt(tmp_path_factory) -> pathlib.Path:
 def test_resnet_plan_matches_measured(resnet_ckpt, mesh, batch):
     """classify: parameter bytes exact (channels split over `model`), total within 20% of the
     shards device 0 holds plus what the classifier's own executable allocates."""
-    from jaxaccel.classify import Classifier
-    from jaxaccel.loader import load_model
+    from jaxaccel.runtime.classify import Classifier
+    from jaxaccel.startup.loader import load_model
 
     layout = Layout.create(mesh, "dp_tp")
     plan = planner.plan(resnet_ckpt, layout, batch=batch)

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from jaxaccel import planner
-from jaxaccel import sharding as ax
+from jaxaccel.startup import planner
+from jaxaccel.parallel import sharding as ax
 from jaxaccel.checkpoint import integrity
 from jaxaccel.checkpoint.manifest import CheckpointError, Manifest, check_member_name
 

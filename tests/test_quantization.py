@@ -1,4 +1,4 @@
-"""Weight-only quantization (qwix QArray, `jaxaccel.quantization`): quality against the fp32
+"""Weight-only quantization (qwix QArray, `jaxaccel.models.quantization`): quality against the fp32
 transformers/sentence-transformers references, quantize-on-load against quantize-then-save,
 device bytes during a quantize-on-load restore, and scales sharded with their weights."""
 
@@ -13,12 +13,13 @@ import qwix
 from decoder_reference import save_hf
 from flax import nnx
 
-from jaxaccel import backends, quantization
+from jaxaccel import backends
+from jaxaccel.models import quantization
 from jaxaccel.conversion.hf import convert
 from jaxaccel.conversion.quantize import quantize_checkpoint
-from jaxaccel.loader import load_model
+from jaxaccel.startup.loader import load_model
 from jaxaccel.models.state import flat_arrays
-from jaxaccel.sharding import Layout
+from jaxaccel.parallel.sharding import Layout
 
 STREAM = np.random.default_rng(0).integers(3, 101, 256).tolist()  # fixed 256-token stream
 # sentence-transformers' own fp32 embeddings of 11 fixture sentences (scripts/make_reference.py)
@@ -145,7 +146,7 @@ def _decoder(kind, tmp_path):
 
 
 def generator_for(loaded):
-    from jaxaccel.generate import Generator
+    from jaxaccel.runtime.generate import Generator
 
     return Generator(loaded.graphdef, loaded.state, loaded.config, loaded.layout,
                      dtype=loaded.dtype)
@@ -276,7 +277,7 @@ def test_scales_shard_with_their_weights(rules, mesh, small, tmp_path):
 @pytest.mark.parametrize("source", ["on load", "checkpoint"])
 @pytest.mark.parametrize("family,label", [("llama", "int4"), ("gpt2", "int4+head")])
 def test_plan_predicts_quantized_bytes_exactly(source, family, label, small, tmp_path):
-    from jaxaccel import planner
+    from jaxaccel.startup import planner
 
     ckpt = small(family)
     scheme = quantization.Scheme.from_label(label, 32)

@@ -22,7 +22,8 @@ from flax import nnx
 from test_generate import CONFIG, PROMPTS
 from test_packed_decode import random_bf16_model
 
-from jaxaccel import backends, quantization
+from jaxaccel import backends
+from jaxaccel.models import quantization
 from jaxaccel.backends import cpu
 from jaxaccel.backends.cpu import build, isa, quantized
 from jaxaccel.backends.cpu.quantized import PackedQuantWeight
@@ -216,7 +217,7 @@ def test_cpu_backend_hook_takes_qarrays_and_packed_weights():
 
 def quantized_model(config, scheme):
     """The random bf16 test Llama with its block weights quantized by jaxaccel's own scheme
-    (`jaxaccel.quantization`, qwix underneath), as a concrete state."""
+    (`jaxaccel.models.quantization`, qwix underneath), as a concrete state."""
     model = random_bf16_model(config)
     graphdef, state = nnx.split(model)
     _, specs = quantization.quantize_abstract(state, llama, quantization.Scheme.parse(scheme, 16))

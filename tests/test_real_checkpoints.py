@@ -66,8 +66,8 @@ def test_eos_list_stops_like_transformers(kind, where, tmp_path, capsys, monkeyp
 
 def test_generator_takes_eos_lists_without_retracing(tmp_path):
     from jaxaccel.conversion.hf import convert
-    from jaxaccel.generate import Generator
-    from jaxaccel.loader import load_model
+    from jaxaccel.runtime.generate import Generator
+    from jaxaccel.startup.loader import load_model
 
     model, stop = model_with_eos_at_step3("llama")
     convert(save(model, tmp_path / "src"), tmp_path / "ckpt")
@@ -198,7 +198,7 @@ def test_position_limit_is_prompt_plus_new_minus_one(tmp_path, capsys, monkeypat
 
 def test_unexpected_exception_is_one_line_and_debug_shows_traceback(tmp_path, capsys,
                                                                      monkeypatch):
-    from jaxaccel.commands import inspect as inspect_command
+    from jaxaccel.cli import inspect as inspect_command
 
     def broken(path):
         raise TypeError("something\nbroke")

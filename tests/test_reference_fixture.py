@@ -19,8 +19,8 @@ def reference():
 @pytest.mark.parametrize("batch_size", [4, 32])
 def test_embeddings_match_sentence_transformers(minilm_ckpt, reference, dtype, threshold,
                                                 batch_size):
-    from jaxaccel.embed import Embedder
-    from jaxaccel.loader import load_model
+    from jaxaccel.runtime.embed import Embedder
+    from jaxaccel.startup.loader import load_model
 
     sentences, expected, max_seq_length = reference
     embedder = Embedder(load_model(minilm_ckpt, dtype=dtype), batch_size=batch_size)

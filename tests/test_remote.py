@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from cli_runner import run_subprocess
 
-from jaxaccel import launcher
+from jaxaccel.parallel import launcher
 from jaxaccel.errors import CheckpointError, StorageError
 
 pytestmark = pytest.mark.cpu_only  # meshes of the 8 simulated host devices
@@ -26,9 +26,9 @@ DATA = "/params/d/"  # OCDBT data files: the chunks' bytes
 
 
 def _embed(ckpt, mesh="data=2,model=4"):
-    from jaxaccel.embed import Embedder
-    from jaxaccel.loader import load_model
-    from jaxaccel.sharding import Layout
+    from jaxaccel.runtime.embed import Embedder
+    from jaxaccel.startup.loader import load_model
+    from jaxaccel.parallel.sharding import Layout
 
     loaded = load_model(ckpt, Layout.create(mesh))
     return Embedder(loaded, batch_size=4).embed_texts(SENTENCES)[0], loaded
@@ -92,7 +92,7 @@ def test_corrupted_cache_entry_is_evicted_and_fetched_again(s3_minilm, s3_proxy,
 
 
 def _restore_process(url: str, env: dict, extra: str = "") -> subprocess.Popen:
-    code = ("import sys; from jaxaccel.loader import load_model; "
+    code = ("import sys; from jaxaccel.startup.loader import load_model; "
             f"m = load_model({url!r}); print('OK', m.stats.bytes_from_network, "
             f"m.stats.bytes_from_cache); {extra}")
     return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
@@ -140,7 +140,7 @@ def test_server_errors_then_success_restore(s3_minilm, s3_proxy, local_embedding
 
 
 def test_permanent_server_error_names_url_and_array(s3_minilm, s3_proxy, monkeypatch):
-    from jaxaccel.loader import load_model
+    from jaxaccel.startup.loader import load_model
 
     monkeypatch.setenv("JAXACCEL_NO_CACHE", "1")
     s3_proxy.fail(-1, 500, match=DATA, after=2)  # the b-tree index reads get through
@@ -171,7 +171,7 @@ def s3_proxy_cache(proxy) -> pathlib.Path:
 
 
 def test_always_corrupted_response_is_a_clear_error(s3_minilm, s3_proxy):
-    from jaxaccel.loader import load_model
+    from jaxaccel.startup.loader import load_model
 
     s3_proxy.corrupt(-1, match=DATA, after=2)
     with pytest.raises(CheckpointError, match=r"array '.*', chunk \(.*crc32c mismatch"):
@@ -181,7 +181,7 @@ def test_always_corrupted_response_is_a_clear_error(s3_minilm, s3_proxy):
 
 def test_server_dying_mid_restore_is_a_clear_error_and_caches_nothing_bad(s3_minilm,
                                                                          s3_proxy, minilm_ckpt):
-    from jaxaccel.loader import load_model
+    from jaxaccel.startup.loader import load_model
 
     s3_proxy.drop(-1, match=DATA, after=10)
     with pytest.raises(StorageError, match=r"^s3://.*read failed"):
@@ -194,7 +194,7 @@ def test_server_dying_mid_restore_is_a_clear_error_and_caches_nothing_bad(s3_min
 
 def test_missing_checkpoint_and_unreachable_endpoint_fail_before_reading(s3_minilm, s3_proxy,
                                                                         monkeypatch):
-    from jaxaccel.loader import load_model
+    from jaxaccel.startup.loader import load_model
 
     with pytest.raises(CheckpointError, match=r"^s3://jaxaccel-test/nothere/jaxaccel.json: "):
         load_model("s3://jaxaccel-test/nothere")
@@ -211,7 +211,7 @@ def test_wrong_credentials_fail_before_reading(monkeypatch):
     and saying the credentials are wrong, raised on the first request (the manifest)."""
     import servers
 
-    from jaxaccel.loader import load_model
+    from jaxaccel.startup.loader import load_model
 
     server = servers.MotoS3(check_credentials=True)
     try:
@@ -258,7 +258,7 @@ def test_two_processes_each_fetch_half(s3_minilm, s3_server, minilm_ckpt, tmp_pa
     from multihost_worker import SENTENCES as WORKER_SENTENCES
 
     want = _embed(minilm_ckpt, "data=1")[1]
-    from jaxaccel.embed import Embedder
+    from jaxaccel.runtime.embed import Embedder
 
     want = Embedder(want, batch_size=8).embed_texts(WORKER_SENTENCES)[0]
     assert (got * want).sum(-1).min() >= 0.99999
@@ -267,7 +267,7 @@ def test_two_processes_each_fetch_half(s3_minilm, s3_server, minilm_ckpt, tmp_pa
 
 
 def _convert_process(src, dest: str, env: dict) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "jaxaccel.cli", "convert", str(src), dest,
+    return subprocess.Popen([sys.executable, "-m", "jaxaccel.cli.main", "convert", str(src), dest,
                              "--quiet"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=ROOT)
 
@@ -288,7 +288,7 @@ def test_convert_to_s3_then_restore(minilm_src, s3_minilm, s3_proxy, local_embed
 
 
 def test_killed_convert_to_bucket_leaves_nothing_that_loads(minilm_src, s3_minilm, s3_proxy):
-    from jaxaccel.loader import load_model
+    from jaxaccel.startup.loader import load_model
 
     url = "s3://jaxaccel-test/killed"
     s3_proxy.stall(60, -1, match="/killed/params/d/", after=2)  # hang mid-write
@@ -315,7 +315,7 @@ def test_cli_inspect_verify_plan_and_cache_commands(s3_minilm, s3_proxy, minilm_
     assert json.loads(out)["arrays"].keys() == local["arrays"].keys()
     code, out, err = run_cli(capsys, monkeypatch, "verify", s3_minilm, "--json")
     assert code == 0 and json.loads(out)["ok"] is True, err
-    from jaxaccel.loader import load_model
+    from jaxaccel.startup.loader import load_model
 
     load_model(s3_minilm)  # fills the cache
     cache_dir = tmp_path / "cache"

@@ -56,9 +56,9 @@ def net(request, tmp_path_factory, pixels):
 
 
 def logits(ckpt, pixels, dtype="float32", mesh=None, rules=None, batch_size=4):
-    from jaxaccel.classify import Classifier
-    from jaxaccel.loader import load_model
-    from jaxaccel.sharding import Layout
+    from jaxaccel.runtime.classify import Classifier
+    from jaxaccel.startup.loader import load_model
+    from jaxaccel.parallel.sharding import Layout
 
     layout = Layout.create(mesh, rules) if mesh else None
     return Classifier(load_model(ckpt, layout, dtype=dtype), batch_size=batch_size).logits(pixels)
@@ -125,8 +125,8 @@ def test_manifest_records_folded_batch_norm_and_labels(net):
 def test_channels_split_over_model_axis(net):
     from jax.sharding import PartitionSpec
 
-    from jaxaccel.loader import load_model
-    from jaxaccel.sharding import Layout
+    from jaxaccel.startup.loader import load_model
+    from jaxaccel.parallel.sharding import Layout
 
     _, _, ckpt, _ = net
     loaded = load_model(ckpt, Layout.create("data=2,model=4", "dp_tp"))
@@ -140,9 +140,9 @@ def test_gpu_and_tpu_programs_are_plain_xla_and_sharded(net, platform):
     `jax.export`, the classify program has no CPU-only op and keeps data/model shardings."""
     from test_export import assert_plain_and_sharded, exported_text
 
-    from jaxaccel.classify import Classifier
-    from jaxaccel.loader import plan_model
-    from jaxaccel.sharding import Layout
+    from jaxaccel.runtime.classify import Classifier
+    from jaxaccel.startup.loader import plan_model
+    from jaxaccel.parallel.sharding import Layout
 
     plan = plan_model(net[2], Layout.create("data=2,model=4", "dp_tp"), "bfloat16")
     classifier = Classifier(plan, batch_size=8, platform=platform)

@@ -17,8 +17,8 @@ from jaxaccel.checkpoint import direct
 from jaxaccel.checkpoint.integrity import IntegrityError
 from jaxaccel.checkpoint.manifest import PARAMS_DIR, CheckpointError, Manifest
 from jaxaccel.checkpoint.restore import RestoreStats, Target, restore_arrays
-from jaxaccel.loader import plan_model
-from jaxaccel.sharding import Layout
+from jaxaccel.startup.loader import plan_model
+from jaxaccel.parallel.sharding import Layout
 
 # Odd sizes (vocab 1001, 3 layers) so partial edge chunks and unaligned shards show up.
 SMALL = dict(vocab=1001, width=64, layers=3, heads=4, mlp=256, max_positions=32)
@@ -218,8 +218,8 @@ BUDGET_SCRIPT = textwrap.dedent("""
     import json, sys
     import numpy as np, jax
     from jaxaccel.checkpoint import direct, integrity, restore
-    from jaxaccel.loader import plan_model
-    from jaxaccel.sharding import Layout
+    from jaxaccel.startup.loader import plan_model
+    from jaxaccel.parallel.sharding import Layout
 
     ckpt, budget, engine = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     plan = plan_model(ckpt, Layout.create("data=2,model=4"))

@@ -134,8 +134,8 @@ def test_legacy_gamma_beta_names(minilm_src, tmp_path, capsys, monkeypatch):
 
 
 def test_bert_for_pretraining_heads_are_ignored(tmp_path, capsys, monkeypatch):
-    from jaxaccel.embed import Embedder
-    from jaxaccel.loader import load_model
+    from jaxaccel.runtime.embed import Embedder
+    from jaxaccel.startup.loader import load_model
 
     torch.manual_seed(0)
     config = transformers.BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2,

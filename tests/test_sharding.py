@@ -4,9 +4,9 @@ restored array carries the sharding asked for, and the jitted forward traces onc
 import numpy as np
 import pytest
 
-from jaxaccel.embed import Embedder
-from jaxaccel.loader import load_model, plan_model
-from jaxaccel.sharding import Layout
+from jaxaccel.runtime.embed import Embedder
+from jaxaccel.startup.loader import load_model, plan_model
+from jaxaccel.parallel.sharding import Layout
 
 # Device checks skip these (`-m "not cpu_only"`): they need meshes of 8 simulated CPU devices
 # (XLA_FLAGS in conftest.py).

@@ -50,7 +50,7 @@ class Backend:
 
     def quantized_matmul(self, x, w: qwix.QArray, contracting: int = 1) -> jax.Array:
         """x[..., *k] . w[*k, *n] -> [..., *n] in x.dtype, float32 accumulation, for a weight-only
-        quantized `w` (`jaxaccel.quantization`): `w.qvalue` int8/int4/float8 [*k, *n],
+        quantized `w` (`jaxaccel.models.quantization`): `w.qvalue` int8/int4/float8 [*k, *n],
         `w.scale` float per output channel (shape 1 along k) or per group along k (qwix's
         tiled layout; as 2-D, [K / group, N]), no zero point.
 

@@ -55,7 +55,7 @@ def image_files(folder: pathlib.Path | None, count: int, scratch: pathlib.Path,
                 side: int = 500) -> list[str]:
     if folder is None:
         return sample_images(scratch, count, side)
-    from jaxaccel.images import (
+    from jaxaccel.inputs.images import (
         list_images,  # deferred: Pillow, only when a folder is given
     )
 

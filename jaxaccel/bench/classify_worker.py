@@ -33,16 +33,16 @@ def random_pixels(batch: int, side: int, seed: int = 0) -> np.ndarray:
 
 def load_classifier(ckpt: str, dtype: str, batch: int):
     # deferred: jax and the runtime load in the worker process only, not in `jaxaccel bench`
-    from jaxaccel.classify import Classifier
-    from jaxaccel.loader import load_model
+    from jaxaccel.runtime.classify import Classifier
+    from jaxaccel.startup.loader import load_model
 
     return Classifier(load_model(ckpt, dtype=dtype), batch_size=batch)
 
 
 def load_preprocessor(ckpt: str):
     # deferred: see load_classifier
-    from jaxaccel.images import Preprocessor
-    from jaxaccel.loader import plan_model
+    from jaxaccel.inputs.images import Preprocessor
+    from jaxaccel.startup.loader import plan_model
 
     return Preprocessor.from_config(plan_model(ckpt).config)
 
@@ -57,7 +57,7 @@ def timed(fn) -> tuple[float, float]:
 def serial_parallel(classifier, files: list[str], workers: int | None) -> None:
     """Each batch decoded by a thread pool, then put, computed and fetched; the next batch
     starts decoding only after that (no overlap between decode and compute)."""
-    from jaxaccel.input_pipeline import HostBatches  # deferred: see load_classifier
+    from jaxaccel.inputs.batches import HostBatches  # deferred: see load_classifier
 
     step = classifier.batch_size
     for start in range(0, len(files), step):
@@ -68,7 +68,7 @@ def serial_parallel(classifier, files: list[str], workers: int | None) -> None:
 
 def main(ckpt: str, dtype: str, batch: int, iters: int, mode: str,
          images: list[str] | None = None, workers: int | None = None) -> dict:
-    from jaxaccel.input_pipeline import HostBatches  # deferred: see load_classifier
+    from jaxaccel.inputs.batches import HostBatches  # deferred: see load_classifier
 
     files = (images or []) * (batch * iters // max(1, len(images or [])) + 1)
     files = files[:batch * iters]

@@ -1,6 +1,6 @@
 """`jaxaccel bench restore CKPT --processes N`: read-all vs broadcast restore across N processes.
 
-Each run launches N fresh local processes (jaxaccel.launcher, gloo on CPU) of
+Each run launches N fresh local processes (jaxaccel.parallel.launcher, gloo on CPU) of
 jaxaccel.bench.cluster_restore_worker restoring onto one global mesh; the two modes alternate
 round by round. Reported per mode: the cluster's restore seconds (its slowest process), the
 bytes all processes read from storage together (and as a multiple of the checkpoint), and
@@ -29,8 +29,8 @@ REMOTE_COLUMNS = (*COLUMNS, "MB over the network", "network x checkpoint")
 
 def run_once(kwargs: dict, processes: int, devices_each: int, timeout_s: float = 600) -> dict:
     """One launch of `processes` workers; process 0's JSON result."""
-    # deferred: the parent's imports stay light (the launcher imports jaxaccel.distributed)
-    from jaxaccel.launcher import launch_local
+    # deferred: the parent's imports stay light (the launcher imports jaxaccel.parallel.distributed)
+    from jaxaccel.parallel.launcher import launch_local
 
     out, err = io.StringIO(), io.StringIO()
     argv = [sys.executable, "-m", WORKER, json.dumps(kwargs)]

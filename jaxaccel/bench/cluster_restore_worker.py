@@ -3,7 +3,7 @@
     python -m jaxaccel.bench.cluster_restore_worker '{"source": CKPT, "mesh": "data=4,model=2",
         "rules": "dp_tp", "mode": "broadcast"}'
 
-Started N times by `jaxaccel.launcher.launch_local` (the JAX_* variables join the processes).
+Started N times by `jaxaccel.parallel.launcher.launch_local` (the JAX_* variables join the processes).
 Plans outside the clock, meets the others at a barrier, restores with `mode` (read-all or
 broadcast), and process 0 prints one JSON line: the slowest process's restore seconds (the
 cluster is ready when its last process is), every process's bytes read from storage, bytes
@@ -38,9 +38,9 @@ def main(source: str, mesh: str, rules: str, mode: str, dtype: str = "default") 
 
 def _measure(source: str, mesh: str, rules: str, mode: str, dtype: str) -> dict:
     # deferred: as in main, jax loads in the worker process only
-    from jaxaccel import distributed
-    from jaxaccel.loader import plan_model, restore_plan
-    from jaxaccel.sharding import Layout
+    from jaxaccel.parallel import distributed
+    from jaxaccel.startup.loader import plan_model, restore_plan
+    from jaxaccel.parallel.sharding import Layout
 
     distributed.initialize(distributed.cluster_from())
     plan = plan_model(source, Layout.create(mesh, rules), None if dtype == "default" else dtype)

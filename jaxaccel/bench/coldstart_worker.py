@@ -33,8 +33,9 @@ def start(ckpt: str, mesh: str, rules: str, cache: str, shape: tuple[int, int],
           overlap: bool):
     """The runtime's cold start (kept apart: its API is the runtime's to change)."""
     # deferred: the cold start's clock counts these imports
-    from jaxaccel import coldstart, compile_cache
-    from jaxaccel.sharding import Layout
+    from jaxaccel.runtime import compile_cache
+    from jaxaccel.startup import coldstart
+    from jaxaccel.parallel.sharding import Layout
 
     compile_cache.configure(None if cache == "none" else cache, enabled=cache != "none")
     layout = Layout.create(mesh, rules)

@@ -23,8 +23,8 @@ def load_embedder(ckpt: str, dtype: str, batch: int, quantize: str | None = None
     """The runtime's embedder for `ckpt` (kept apart: its API is the runtime's to change);
     `quantize` ("int8", "int4") quantizes the matmul weights while they restore."""
     # deferred: jax and the runtime load in the worker process only, not in `jaxaccel bench`
-    from jaxaccel.embed import Embedder
-    from jaxaccel.loader import load_model
+    from jaxaccel.runtime.embed import Embedder
+    from jaxaccel.startup.loader import load_model
 
     return Embedder(load_model(ckpt, dtype=dtype, quantize=quantize), batch_size=batch)
 

@@ -4,7 +4,7 @@
         "prefill_len": 512, "new_tokens": 32, "xla_dots": false}'
 
 `quantize` ("int8", "int4", "int4+head", ...: a `quantization.Scheme.label`; `group_size`)
-quantizes the matmul weights while they restore (weight-only, `jaxaccel.quantization`).
+quantizes the matmul weights while they restore (weight-only, `jaxaccel.models.quantization`).
 `param_bytes` counts what a decode step reads: every parameter whole, except an embedding
 table that a head of its own (untied, or a tied head's quantized copy) leaves to the lookup.
 `xla_dots` keeps XLA's own dots for bfloat16 on the CPU instead of jaxaccel's packed-weight
@@ -36,10 +36,10 @@ def load_generator(ckpt: str, dtype: str, xla_dots: bool, quantize: str | None =
                    group_size: int = 128):
     """The runtime's model and generator (kept apart: their API is the runtime's to change)."""
     # deferred: jax and the runtime load in the worker process only, not in `jaxaccel bench`
-    from jaxaccel.generate import Generator
-    from jaxaccel.loader import load_model
-    from jaxaccel.quantization import Scheme
-    from jaxaccel.runtime import Buckets
+    from jaxaccel.runtime.generate import Generator
+    from jaxaccel.startup.loader import load_model
+    from jaxaccel.models.quantization import Scheme
+    from jaxaccel.runtime.programs import Buckets
 
     loaded = load_model(ckpt, dtype=dtype, quantize=Scheme.from_label(quantize, group_size))
     packed_weights = False if xla_dots else None
@@ -54,7 +54,7 @@ def main(ckpt: str, dtype: str, prefill_len: int, new_tokens: int,
          xla_dots: bool = False, quantize: str | None = None, group_size: int = 128) -> dict:
     # deferred: jax and the runtime load in the worker process only, not in `jaxaccel bench`
     from jaxaccel.models import family_module
-    from jaxaccel.quantization import lookup_only, read_bytes
+    from jaxaccel.models.quantization import lookup_only, read_bytes
 
     loaded, generator = load_generator(ckpt, dtype, xla_dots, quantize, group_size)
     # The model's own bytes as held (packing pads a little; the padding is not counted).

@@ -20,9 +20,9 @@ def build_forward(mesh: str, microbatches: int | None, layers: int, hidden: int)
     from flax import nnx
 
     from jaxaccel.models import bert
-    from jaxaccel.pipeline import pad_stacked
-    from jaxaccel.runtime import Runtime, placed_shardings, state_shardings
-    from jaxaccel.sharding import Layout
+    from jaxaccel.parallel.pipeline import pad_stacked
+    from jaxaccel.runtime.programs import Runtime, placed_shardings, state_shardings
+    from jaxaccel.parallel.sharding import Layout
 
     cfg = bert.Config(vocab_size=1024, hidden_size=hidden, num_layers=layers,
                       num_heads=hidden // 64, intermediate_size=4 * hidden)

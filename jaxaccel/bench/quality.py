@@ -38,8 +38,8 @@ def contender_list(schemes: Sequence[str]) -> list[tuple[str, str, str | None]]:
 
 def _load(ckpt, dtype: str, scheme: str | None, group_size: int):
     # deferred: jax and the runtime load only when the benchmark runs
-    from jaxaccel.loader import load_model
-    from jaxaccel.quantization import Scheme
+    from jaxaccel.startup.loader import load_model
+    from jaxaccel.models.quantization import Scheme
 
     return load_model(ckpt, dtype=dtype, quantize=Scheme.from_label(scheme, group_size))
 
@@ -47,7 +47,7 @@ def _load(ckpt, dtype: str, scheme: str | None, group_size: int):
 def encoder_quality(ckpt, schemes: Sequence[str], reference: pathlib.Path,
                     group_size: int = 128) -> dict[str, dict]:
     """{contender: {"cosine": [per sentence], "cosine_min", "cosine_mean"}}."""
-    from jaxaccel.embed import Embedder  # deferred: as in `_load`
+    from jaxaccel.runtime.embed import Embedder  # deferred: as in `_load`
 
     data = np.load(reference)  # plain arrays; pickles stay refused
     sentences, expected = [str(s) for s in data["sentences"]], data["embeddings"]
@@ -81,7 +81,7 @@ def sequence_logits(loaded, ids: Sequence[int]) -> np.ndarray:
 
 
 def greedy_tokens(loaded, prompt: Sequence[int], new_tokens: int) -> list[int]:
-    from jaxaccel.generate import Generator  # deferred: as in `_load`
+    from jaxaccel.runtime.generate import Generator  # deferred: as in `_load`
 
     generator = Generator(loaded.graphdef, loaded.state, loaded.config,
                           dtype=loaded.dtype, layout=loaded.layout)

@@ -131,8 +131,8 @@ def copy_floor(files: list[pathlib.Path], threads: int | None = None):
 def plan_restore(manifest_dir: pathlib.Path, mesh: str, rules: str, dtype: str | None):
     """The runtime's restore plan (kept apart: its API is the runtime's to change)."""
     # deferred: jax and the runtime load in the worker process only, not in `jaxaccel bench`
-    from jaxaccel.loader import plan_model
-    from jaxaccel.sharding import Layout
+    from jaxaccel.startup.loader import plan_model
+    from jaxaccel.parallel.sharding import Layout
 
     return plan_model(manifest_dir, Layout.create(mesh, rules), dtype)
 

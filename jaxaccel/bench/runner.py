@@ -51,8 +51,8 @@ def worker_env(devices: int | None = None, base: Mapping[str, str] | None = None
     """A worker's environment: `base` (default: this process's) with `devices` simulated CPU
     devices and without the multi-host variables (a worker is one process, not a cluster)."""
     # deferred: the parent's imports stay light (no jax before workers start)
-    from jaxaccel import distributed
-    from jaxaccel.launcher import process_env
+    from jaxaccel.parallel import distributed
+    from jaxaccel.parallel.launcher import process_env
 
     env = process_env(0, 1, 0, host_devices=devices, base=base)
     for name in (distributed.ENV_COORDINATOR, distributed.ENV_NUM_PROCESSES,
@@ -67,7 +67,7 @@ def mesh_devices(mesh: str) -> int:
     import math
 
     # deferred: the parent's imports stay light (no jax before workers start)
-    from jaxaccel.sharding import parse_mesh
+    from jaxaccel.parallel.sharding import parse_mesh
 
     sizes = parse_mesh(mesh).values()
     return 8 if -1 in sizes else math.prod(sizes)

@@ -134,7 +134,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     """Write the checkpoint (and the orbax-default copy) the command line asks for."""
     # deferred: tensorstore, orbax and the models load only to write a checkpoint
-    from jaxaccel.commands.convert import chunk_bytes_from
+    from jaxaccel.cli.convert import chunk_bytes_from
 
     args = parse_args(argv)
     config = bert_config(args.vocab, args.width, args.layers, args.heads, args.mlp)

@@ -34,7 +34,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxaccel import distributed, watchdog
+from jaxaccel.parallel import distributed, watchdog
 from jaxaccel.checkpoint import restore, restore_mode
 from jaxaccel.checkpoint.restore import RestoreStats, Target
 from jaxaccel.errors import DistributedError

@@ -34,7 +34,7 @@ import time
 import urllib.parse
 import uuid
 
-from jaxaccel.units import parse_bytes
+from jaxaccel.utils.units import parse_bytes
 
 DEFAULT_SIZE = "50GiB"
 SOURCE_FILE = "source.json"

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from jaxaccel import sharding as ax
+from jaxaccel.parallel import sharding as ax
 from jaxaccel.checkpoint import storage
 
 # Logical axes some rule table maps to a mesh axis: these are where chunks get cut.

@@ -72,7 +72,7 @@ class Manifest:
     # EOS/BOS/PAD ids and default sampling settings read at convert time from config.json and
     # generation_config.json (`generation.eos_token_ids`: every id); {} in older checkpoints.
     generation: dict = dataclasses.field(default_factory=dict)
-    # A weight-only quantized checkpoint (`jaxaccel.quantization`): {"scheme", "head",
+    # A weight-only quantized checkpoint (`jaxaccel.models.quantization`): {"scheme", "head",
     # ["group_size"], "weights": {NAME: {"qtype", "tiles"}}}; NAME is stored as NAME.values and
     # NAME.scales. {} for a full-precision checkpoint.
     quantization: dict = dataclasses.field(default_factory=dict)

@@ -12,7 +12,7 @@ copy; it serves arrays written uncompressed by jaxaccel. `tensorstore` serves ev
 memory held by slices read but not yet handed to their devices.
 
 Quantize on load (`Target.quant`): a full-precision checkpoint array lands on its devices as
-weight-only quantized values + scales (`jaxaccel.quantization`). Each read is the smallest
+weight-only quantized values + scales (`jaxaccel.models.quantization`). Each read is the smallest
 block that covers a device's slice in whole quantization tiles (for per-channel scales, the
 whole contraction axis of the device's output channels; int4 groups never straddle a shard,
 see `runtime.quantized_param_spec`); it is read as float32 on the host, quantized there with
@@ -43,7 +43,7 @@ import tensorstore as ts
 
 from jaxaccel.checkpoint import chunk_cache, direct, integrity, layout, remote, storage
 from jaxaccel.checkpoint.manifest import PARAMS_DIR, CheckpointError, Manifest
-from jaxaccel.quantization import quantize_block, quantized_names
+from jaxaccel.models.quantization import quantize_block, quantized_names
 
 DEFAULT_HOST_MEMORY_BUDGET = 2 << 30
 ENGINES = ("auto", "direct", "tensorstore")

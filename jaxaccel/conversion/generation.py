@@ -12,7 +12,7 @@ from __future__ import annotations
 import pathlib
 
 from jaxaccel.errors import ConvertError
-from jaxaccel.textfiles import read_json
+from jaxaccel.utils.files import read_json
 
 GENERATION_CONFIG = "generation_config.json"
 ID_KEYS = ("bos_token_id", "pad_token_id")

@@ -1,6 +1,6 @@
 """`convert --quantize`: a full-precision jaxaccel checkpoint -> a weight-only quantized one.
 
-Each weight the scheme covers (`jaxaccel.quantization`) is read whole as float32, quantized
+Each weight the scheme covers (`jaxaccel.models.quantization`) is read whole as float32, quantized
 with the same function quantize-on-load applies per slice, and written as NAME.values and
 NAME.scales; every other array is copied as stored. A tied LM head quantized
 (`--quantize-head`) is written as the head's NAME.values / NAME.scales, quantized from the
@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import tensorstore as ts
 
-from jaxaccel import quantization
+from jaxaccel.models import quantization
 from jaxaccel.checkpoint import layout, writer
 from jaxaccel.checkpoint.manifest import PARAMS_DIR, Manifest
 from jaxaccel.errors import UsageError

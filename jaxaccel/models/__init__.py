@@ -13,7 +13,7 @@ A family is one module (one file) plus one `register` line below. The module exp
   tied_weights(config) -> [(redundant source, canonical source)] (a redundant tied head must
   equal the tensor it is tied to), sentence_transformers_config(src) (encoders),
   QUANTIZED_WEIGHTS / QUANTIZED_HEAD / TIED_HEAD (weight-only quantization, see
-  `jaxaccel.quantization`; a family with TIED_HEAD takes Model(..., head_copy=True))
+  `jaxaccel.models.quantization`; a family with TIED_HEAD takes Model(..., head_copy=True))
 
 Nothing outside a family's module tests which family it is: the runtime asks the registry
 for the family's task, and everything else comes from the config and the parameters' axes.

@@ -15,7 +15,7 @@ import pathlib
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxaccel import sharding as ax
+from jaxaccel.parallel import sharding as ax
 from jaxaccel.errors import ConvertError
 from jaxaccel.models import layers, pooling
 from jaxaccel.models.attention import attention
@@ -25,7 +25,7 @@ from jaxaccel.models.weights import (
     unstack_heads_in,
     unstack_heads_out,
 )
-from jaxaccel.textfiles import read_json
+from jaxaccel.utils.files import read_json
 
 FAMILY = "bert"
 TASK = "embed"
@@ -39,7 +39,7 @@ IGNORED_SOURCE_WEIGHTS = (r"^pooler\.", r"position_ids$", r"^cls\.", r"^classifi
 SOURCE_PREFIXES = ("", "bert.")
 # The original TF-converted checkpoints (bert-base-uncased) name LayerNorm gamma/beta.
 SOURCE_ALIASES = (("LayerNorm.weight", "LayerNorm.gamma"), ("LayerNorm.bias", "LayerNorm.beta"))
-# Weight-only quantization (`jaxaccel.quantization`): matmul weights -> their contraction axes.
+# Weight-only quantization (`jaxaccel.models.quantization`): matmul weights -> their contraction axes.
 QUANTIZED_WEIGHTS = {"blocks.wq_dnh": (0,), "blocks.wk_dnh": (0,), "blocks.wv_dnh": (0,),
                      "blocks.wo_nhd": (0, 1), "blocks.wi_df": (0,), "blocks.wm_fd": (0,)}
 ST_MODULE = "sentence_transformers.models."

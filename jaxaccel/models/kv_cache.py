@@ -18,7 +18,7 @@ from typing import NamedTuple
 import jax
 
 from jaxaccel import backends
-from jaxaccel import sharding as ax
+from jaxaccel.parallel import sharding as ax
 
 # Slots are never sharded: a decode step writes one slot, which would then live on one device.
 CACHE_AXES = (ax.LAYERS, ax.BATCH, ax.KV_HEADS, None, ax.HEAD_DIM)

@@ -28,7 +28,7 @@ import qwix
 from flax import nnx
 
 from jaxaccel import backends
-from jaxaccel import sharding as ax
+from jaxaccel.parallel import sharding as ax
 
 Init = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
 
@@ -76,7 +76,7 @@ def matmul(x, w, contracting: int = 1) -> jax.Array:
     `contracting` counts the k dims of `w`. One 2-D matmul: a 3-D einsum lets XLA fold
     neighbouring head transposes into the matmul by transposing the weight instead (a copy of
     it per layer and step); a [k, n] view cannot be folded. A weight-only quantized `w` (a
-    qwix QArray, see `jaxaccel.quantization`) goes to the backend's `quantized_matmul`.
+    qwix QArray, see `jaxaccel.models.quantization`) goes to the backend's `quantized_matmul`.
     """
     if isinstance(w, qwix.QArray):
         return backends.current().quantized_matmul(x, w, contracting)
@@ -153,7 +153,7 @@ def scan_layers(blocks: nnx.Module, carry, body: Callable, xs=None):
 
     `blocks` holds parameters with a leading layers axis (see `make_param`). One layer is
     traced and compiled once, however deep the model, which keeps compile time flat.
-    To stay pipelinable (see `jaxaccel.pipeline`), keep batch-dependent inputs in `carry`
+    To stay pipelinable (see `jaxaccel.parallel.pipeline`), keep batch-dependent inputs in `carry`
     ([b, ...]) or `xs` ([l, b, ...]), never in the body's closure.
     """
     runner = _LAYER_RUNNER.get()

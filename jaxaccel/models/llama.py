@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxaccel import sharding as ax
+from jaxaccel.parallel import sharding as ax
 from jaxaccel.models import first_token_id, layers
 from jaxaccel.models.attention import attention
 from jaxaccel.models.kv_cache import KVCache
@@ -37,7 +37,7 @@ TASK = "generate"
 HF_MODEL_TYPES = ("llama", "mistral", "qwen2")
 IGNORED_SOURCE_WEIGHTS = (r"rotary_emb\.inv_freq$",)
 SOURCE_ALIASES = ()
-# Weight-only quantization (`jaxaccel.quantization`): matmul weights -> their contraction axes;
+# Weight-only quantization (`jaxaccel.models.quantization`): matmul weights -> their contraction axes;
 # the head [v, d] only with `head=True`. A tied head quantized is a copy of the embedding
 # table (TIED_HEAD: head, table), which the lookup keeps in the compute dtype.
 QUANTIZED_WEIGHTS = {"blocks.wq_dnh": (0,), "blocks.wk_dkh": (0,), "blocks.wv_dkh": (0,),
@@ -228,7 +228,7 @@ class Model(nnx.Module):
     def __init__(self, cfg: Config, *, dtype=jnp.float32, rngs: nnx.Rngs,
                  head_copy: bool = False):
         """`head_copy`: a tied model also holds its head as `lm_head_vd` (a quantized copy of
-        the embedding, `jaxaccel.quantization.tied_head`); the lookup keeps `token_vd`."""
+        the embedding, `jaxaccel.models.quantization.tied_head`); the lookup keeps `token_vd`."""
         d = cfg.hidden_size
         self.config = cfg
         self.token_vd = layers.make_param(rngs, (cfg.vocab_size, d), (ax.VOCAB, ax.EMBED), dtype)
@@ -244,7 +244,7 @@ class Model(nnx.Module):
         cos_btr, sin_btr = rotary_tables(positions_bt, self.config)
 
         # Batch-dependent inputs ride in the carry ([b, ...]) and the cache in xs ([l, b, ...]),
-        # never in the body's closure, so `jaxaccel.pipeline` can split them into microbatches.
+        # never in the body's closure, so `jaxaccel.parallel.pipeline` can split them into microbatches.
         def body(block, carry, cached):
             x_btd, cos_btr, sin_btr, mask_btt, cache_mask_bts = carry
             x_btd, new_kv = block(x_btd, (cos_btr, sin_btr), mask_btt, cached, cache_mask_bts)

@@ -22,10 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxaccel import sharding as ax
+from jaxaccel.parallel import sharding as ax
 from jaxaccel.models import layers
 from jaxaccel.models.weights import SourceLayout, WeightRule, transpose_to
-from jaxaccel.textfiles import read_json
+from jaxaccel.utils.files import read_json
 
 FAMILY = "resnet"
 TASK = "classify"

@@ -2,7 +2,7 @@
 
 Checkpoints, converters and the restore engine all speak in dotted paths
 ("blocks.wq_dnh"); NNX speaks in `State` pytrees. These helpers translate. A weight-only
-quantized parameter (a qwix QArray, `jaxaccel.quantization`) is two arrays, NAME.values and
+quantized parameter (a qwix QArray, `jaxaccel.models.quantization`) is two arrays, NAME.values and
 NAME.scales, both carrying the parameter's logical axes.
 """
 
@@ -50,7 +50,7 @@ def path_name(path) -> str:
 def abstract_model(family: str, config, dtype=jnp.float32, head_copy: bool = False):
     """(graphdef, abstract State) of a family's model: shapes and metadata, no memory.
     `head_copy`: a tied decoder also holds its head as a parameter of its own (to hold it
-    quantized: `jaxaccel.quantization.tied_head`)."""
+    quantized: `jaxaccel.models.quantization.tied_head`)."""
     if isinstance(config, Mapping):
         config = config_from_dict(family, dict(config))
     model_cls = family_module(family).Model

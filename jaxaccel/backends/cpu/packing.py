@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import qwix
 
-from jaxaccel import sharding as ax
+from jaxaccel.parallel import sharding as ax
 from jaxaccel.backends.cpu import huge_pages, packed, quantized
 from jaxaccel.errors import KernelUnavailable
 from jaxaccel.models.state import param_specs, path_name

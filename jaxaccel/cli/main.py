@@ -1,0 +1,240 @@
+"""The `jaxaccel` command line. Thin: parse, call a module, print.
+
+jax is imported only inside commands, after the global `--host-devices` option has had the
+chance to set XLA_FLAGS (XLA reads it once, when its CPU backend starts).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import traceback
+from typing import Optional
+
+import click
+import typer
+
+from jaxaccel import __version__, errors
+from jaxaccel.parallel import distributed
+from jaxaccel.utils import platform
+from jaxaccel.checkpoint import restore_mode as restore_mode_
+
+app = typer.Typer(
+    name="jaxaccel",
+    help="Compiled, sharded, streaming-restore inference for Flax models on JAX/XLA.\n\n"
+         "Convert a Hugging Face safetensors model into a jaxaccel checkpoint (orbax OCDBT + "
+         "zarr3), inspect it, and run it jitted on a device mesh. Try `jaxaccel demo`.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+# Set by the global --debug option: unexpected errors then print their traceback.
+_DEBUG = {"enabled": False}
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"jaxaccel {__version__}")
+        raise typer.Exit()
+
+
+_VERSION = typer.Option(False, "--version", callback=_version, is_eager=True,
+    help="Print jaxaccel's version and exit.")
+_HOST_DEVICES = typer.Option(
+    None, "--host-devices", min=1,
+    help="On CPU, simulate N devices (sets XLA's host device count before jax starts); "
+    "use with --mesh to try data/tensor/pipeline parallel layouts on one machine.")
+_COORDINATOR = typer.Option(
+    None, "--coordinator", metavar="HOST:PORT",
+    help="Multi-host: the coordinator's address (process 0 serves it). Also read from "
+    "$JAX_COORDINATOR_ADDRESS. See `jaxaccel launch` to start local processes.")
+_NUM_PROCESSES = typer.Option(
+    None, "--num-processes", min=1, help="Multi-host: how many processes take part "
+    "($JAX_NUM_PROCESSES).")
+_PROCESS_ID = typer.Option(
+    None, "--process-id", min=0, help="Multi-host: this process's index, 0..N-1 "
+    "($JAX_PROCESS_ID). Only process 0 prints results.")
+_DISTRIBUTED_TIMEOUT = typer.Option(
+    None, "--distributed-timeout", min=1, metavar="SECONDS",
+    help="Multi-host: deadline of every blocking step (connect, barriers); on expiry the "
+    "error names the process that did not arrive. Default 120.")
+_DISTRIBUTED_MODE = typer.Option(
+    "auto", "--distributed", metavar="auto|off",
+    help="Multi-host: auto joins the cluster this process was started in (srun, mpirun, "
+    "a TPU pod slice, a Kubernetes indexed Job/JobSet, the JAX_* variables), as "
+    "jax.distributed detects it; off runs alone even there.")
+_RESTORE_MODE = typer.Option(
+    "auto", "--restore-mode", metavar="auto|read-all|broadcast",
+    help="Multi-host restore: read-all (every process reads the slices its devices "
+    "hold), broadcast (each slice replicated across processes is read once and sent "
+    "to the others over the devices), auto (broadcast when replicas span processes "
+    "and the checkpoint is remote).")
+_DEBUG_OPTION = typer.Option(
+    False, "--debug", help="Print the full traceback of an unexpected error (without it: "
+    "one line and exit code 1).")
+_S3_ENDPOINT = typer.Option(
+    None, "--s3-endpoint", metavar="URL", help="Remote checkpoints: endpoint of an "
+    "S3-compatible store for s3:// paths (sets $AWS_ENDPOINT_URL).")
+_CONCURRENCY = typer.Option(
+    None, "--concurrency", min=1, help="Remote checkpoints: requests in flight per storage "
+    "driver ($JAXACCEL_REMOTE_CONCURRENCY, default 32).")
+_CACHE_DIR = typer.Option(
+    None, "--cache-dir", help="Remote checkpoints: local chunk cache directory "
+    "($JAXACCEL_CACHE_DIR, default ~/.cache/jaxaccel/chunks).")
+_CACHE_SIZE = typer.Option(
+    None, "--cache-size", help="Remote checkpoints: chunk cache limit, least recently used "
+    "chunks are evicted beyond it ($JAXACCEL_CACHE_SIZE, default 50GiB).")
+_NO_CACHE = typer.Option(
+    False, "--no-cache", help="Remote checkpoints: read every chunk from the network, "
+    "neither reading nor filling the chunk cache ($JAXACCEL_NO_CACHE=1).")
+
+
+def _export_remote_settings(s3_endpoint, concurrency, cache_dir, cache_size, no_cache) -> None:
+    """Remote-checkpoint options as environment variables, so that bench and launch
+    subprocesses inherit them."""
+    for name, value in (("AWS_ENDPOINT_URL", s3_endpoint), ("JAXACCEL_CACHE_DIR", cache_dir),
+                        ("JAXACCEL_CACHE_SIZE", cache_size),
+                        ("JAXACCEL_REMOTE_CONCURRENCY", concurrency and str(concurrency)),
+                        ("JAXACCEL_NO_CACHE", "1" if no_cache else None)):
+        if value:
+            os.environ[name] = value
+
+
+@app.callback()
+def _global_options(
+    version: bool = _VERSION,
+    host_devices: Optional[int] = _HOST_DEVICES,
+    coordinator: Optional[str] = _COORDINATOR,
+    num_processes: Optional[int] = _NUM_PROCESSES,
+    process_id: Optional[int] = _PROCESS_ID,
+    distributed_timeout: Optional[float] = _DISTRIBUTED_TIMEOUT,
+    distributed_mode: str = _DISTRIBUTED_MODE,
+    restore_mode: str = _RESTORE_MODE,
+    debug: bool = _DEBUG_OPTION,
+    s3_endpoint: Optional[str] = _S3_ENDPOINT,
+    concurrency: Optional[int] = _CONCURRENCY,
+    cache_dir: Optional[str] = _CACHE_DIR,
+    cache_size: Optional[str] = _CACHE_SIZE,
+    no_cache: bool = _NO_CACHE,
+) -> None:
+    _DEBUG["enabled"] = debug
+    _export_remote_settings(s3_endpoint, concurrency, cache_dir, cache_size, no_cache)
+    platform.configure_host_devices(host_devices)
+    try:
+        cluster = distributed.cluster_from(coordinator, num_processes, process_id,
+                                           distributed_timeout, mode=distributed_mode)
+        restore_mode_.set_default(restore_mode)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+    distributed.initialize(cluster)
+
+
+# Command modules under jaxaccel/cli/, in --help order; each has `register(app)`.
+COMMANDS = ("convert", "inspect", "embed", "generate", "classify", "demo", "plan", "verify", "launch", "bench",
+            "cache")
+
+for _name in COMMANDS:
+    try:
+        _module = importlib.import_module(f"jaxaccel.cli.{_name}")
+    except ModuleNotFoundError as _err:  # a command whose module is not part of this build
+        if _err.name != f"jaxaccel.cli.{_name}":
+            raise
+        continue
+    _module.register(app)
+
+
+# Options of the `jaxaccel` command itself, which click accepts only before the subcommand.
+GLOBAL_OPTIONS = ("--host-devices", "--coordinator", "--num-processes", "--process-id",
+                  "--distributed-timeout", "--distributed", "--restore-mode", "--debug",
+                  "--s3-endpoint", "--concurrency", "--cache-dir", "--cache-size", "--no-cache")
+
+
+def misplaced_global_option(argv: list[str]) -> str | None:
+    """The first global option given after the subcommand (where click would not know it)."""
+    command = next((i for i, arg in enumerate(argv) if arg in COMMANDS), None)
+    if command is None or (len(argv) > 1 and argv[command] == "launch"):
+        return None  # launch passes its own arguments on to the command it starts
+    for arg in argv[command + 1:]:
+        if arg == "--":
+            return None
+        if arg.split("=", 1)[0] in GLOBAL_OPTIONS:
+            return arg.split("=", 1)[0]
+    return None
+
+
+def run_with_clean_errors(typer_app) -> int:
+    """Run the typer app; every error becomes one `error: ...` line on stderr and an exit
+    code (2 usage, 1 anything else); `--debug` adds the traceback of unexpected ones."""
+    _DEBUG["enabled"] = False
+    option = misplaced_global_option(sys.argv[1:])
+    if option:
+        print(f"error: {option} is an option of `jaxaccel` itself: put it before the "
+              f"subcommand, e.g. `jaxaccel {option} ... embed CKPT ...`", file=sys.stderr)
+        return errors.USAGE_EXIT
+    try:
+        typer_app(standalone_mode=False)
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else errors.FAILURE_EXIT
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        return _report(err)
+    return 0
+
+
+def _click_errors() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """(ClickException, Abort) classes of click and of the copy newer typers vendor."""
+    exceptions, aborts = [click.exceptions.ClickException], [click.exceptions.Abort]
+    try:
+        from typer._click import (
+            exceptions as vendored,  # deferred: only newer typers have it
+        )
+    except ImportError:
+        pass
+    else:
+        exceptions.append(vendored.ClickException)
+        aborts += [vendored.Abort] if hasattr(vendored, "Abort") else []
+    return tuple(exceptions), tuple(aborts)
+
+
+def _report(err: Exception) -> int:
+    click_exceptions, aborts = _click_errors()
+    if isinstance(err, click_exceptions):  # bad flags, from typer/click: one line, as ours
+        print(f"error: {_command_name()}: {_one_line(err.format_message())}", file=sys.stderr)
+        return err.exit_code
+    if isinstance(err, aborts):
+        return errors.FAILURE_EXIT
+    code = errors.exit_code(err)
+    if code is not None:
+        print(f"error: {_one_line(str(err))}", file=sys.stderr)
+        return code
+    if _DEBUG["enabled"]:
+        traceback.print_exception(err, file=sys.stderr)
+    print(f"error: {_command_name()}: {type(err).__name__}: {_one_line(str(err))}"
+          + ("" if _DEBUG["enabled"] else " (--debug shows the traceback)"), file=sys.stderr)
+    return errors.FAILURE_EXIT
+
+
+def _one_line(message: str) -> str:
+    """Library messages may span lines; a command's error is one."""
+    return " ".join(message.split()) or "(no message)"
+
+
+def _command_name() -> str:
+    """The command being run, from argv (the first word that names one)."""
+    return next((arg for arg in sys.argv[1:] if arg in COMMANDS), "jaxaccel")
+
+
+def main() -> None:
+    code = run_with_clean_errors(app)
+    if distributed.active() is not None:
+        if code:  # a peer may be gone: skip the exit-time shutdown barrier it would not reach
+            distributed.exit_now(code)
+        distributed.shutdown()
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
