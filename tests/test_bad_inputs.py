@@ -98,11 +98,6 @@ def test_not_a_checkpoint(cli, tmp_path):
 
 # --------------------------------------------------------------- generate (decoder command)
 
-GENERATE = pathlib.Path(__file__).parents[1] / "jaxaccel" / "commands" / "generate.py"
-needs_generate = pytest.mark.skipif(not GENERATE.exists(),
-                                    reason="the generate command is not part of this build yet")
-
-
 @pytest.fixture(scope="module")
 def gpt2_ckpt(tmp_path_factory):
     # The reference extra (torch, transformers) builds the model; without it, skip, not error.
@@ -119,7 +114,6 @@ def gpt2_ckpt(tmp_path_factory):
     return root / "ckpt"
 
 
-@needs_generate
 @pytest.mark.parametrize("flags, needle", [
     (["--prompt-ids", "1,2,97"], "vocab"),
     (["--prompt-ids", "1,-2"], ""),
