@@ -1,6 +1,5 @@
 """Bad inputs get one clear line and exit code 2 (usage) — never a traceback."""
 
-
 import pytest
 from cli_runner import one_error_line, run_cli
 
