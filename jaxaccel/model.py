@@ -176,8 +176,11 @@ class Model:
 
         `greedy=None` follows the checkpoint's generation_config.json as transformers does
         (sampling with its temperature/top_k/top_p when it says `do_sample`, else greedy),
-        unless a temperature is given; `greedy=True` forces argmax. Raises UsageError for bad
-        prompts or settings, before any compute.
+        unless a temperature is given; `greedy=True` forces argmax. top_k/top_p need a
+        temperature > 0 (given or the checkpoint's): without one they are refused, not
+        ignored. The same rules as `jaxaccel generate` (`jaxaccel.runtime.requests`). Raises
+        UsageError for bad prompts or settings (max_new_tokens < 1 included), before any
+        compute.
         """
         ids = self._prompt_ids(prompts)
         request = requests.request(max_new_tokens, greedy=greedy, temperature=temperature,

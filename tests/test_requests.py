@@ -32,8 +32,8 @@ TABLE = [
     (3, {"temperature": -1.0}, "temperature must be >= 0, got -1.0"),
     (3, {"temperature": 1.0, "top_p": 1.5}, "top_p must be in (0, 1], got 1.5"),
     (3, {"temperature": 1.0, "top_k": -1}, "top_k must be >= 0, got -1"),
-    (0, {}, "max_new_tokens must be an integer >= 1, got 0"),
-    (-2, {"greedy": True}, "max_new_tokens must be an integer >= 1, got -2"),
+    (0, {}, "max_new_tokens (--max-new-tokens) must be an integer >= 1, got 0"),
+    (-2, {"greedy": True}, "max_new_tokens (--max-new-tokens) must be an integer >= 1, got -2"),
     (70, {}, "prompt + max_new_tokens - 1 = 72 tokens exceeds the model's maximum length 64"),
 ]
 PROMPT = [2, 3, 4]
@@ -86,7 +86,7 @@ def test_stream_and_stop_strings_share_the_validator(decoder):
     _, model = decoder
     with pytest.raises(jaxaccel.UsageError, match=NEED_TEMPERATURE):
         next(model.stream(PROMPT, max_new_tokens=2, top_k=4))
-    with pytest.raises(jaxaccel.UsageError, match="max_new_tokens must be an integer >= 1"):
+    with pytest.raises(jaxaccel.UsageError, match=r"max_new_tokens \(--max-new-tokens\) must be"):
         next(model.stream(PROMPT, max_new_tokens=0))
     for stop in ("", ["x", ""], [3]):
         with pytest.raises(jaxaccel.UsageError, match="stop must be a non-empty string"):
@@ -107,3 +107,46 @@ def test_a_checkpoint_that_samples_by_default_lets_top_k_alone_through(decoder, 
     assert len(done.token_ids) == 3
     with pytest.raises(jaxaccel.UsageError, match=NEED_TEMPERATURE):
         model.generate([PROMPT], max_new_tokens=3, top_k=2)
+
+
+def test_the_validator_raises_only_usage_errors_for_any_arguments():
+    """Property over argument values of every type: a request is a Request or a UsageError,
+    never another exception (what both front ends then raise)."""
+    from hypothesis import given, settings, strategies as st
+
+    from jaxaccel.runtime import requests
+
+    anything = st.one_of(st.none(), st.booleans(), st.integers(-5, 100),
+                         st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=3),
+                         st.lists(st.text(max_size=3), max_size=3), st.just([1, 2]))
+
+    @settings(max_examples=400, deadline=None)
+    @given(n=anything, greedy=st.one_of(st.none(), st.booleans()), temperature=anything,
+           top_k=anything, top_p=anything, seed=anything, stop=anything,
+           defaults=st.fixed_dictionaries({}, optional={
+               "do_sample": st.booleans(), "temperature": st.floats(0, 2),
+               "top_k": st.integers(0, 50), "top_p": st.floats(0.01, 1)}))
+    def check(n, greedy, temperature, top_k, top_p, seed, stop, defaults):
+        try:
+            request = requests.request(n, greedy=greedy, temperature=temperature, top_k=top_k,
+                                       top_p=top_p, seed=seed, stop=stop, defaults=defaults)
+        except jaxaccel.UsageError:
+            return
+        assert request.max_new_tokens >= 1 and all(request.stop)
+        sampling = request.sampling
+        assert sampling.greedy == (sampling.temperature == 0.0)
+        if sampling.greedy:
+            assert (sampling.top_k, sampling.top_p) == (0, 1.0)
+
+    check()
+
+
+@pytest.mark.parametrize("settings", [{"temperature": float("nan")},
+                                      {"temperature": float("inf")},
+                                      {"temperature": 1.0, "top_p": float("nan")},
+                                      {"temperature": "0.5"}, {"top_k": 2.5}, {"seed": "1"}])
+def test_values_of_the_wrong_kind_are_usage_errors(settings):
+    from jaxaccel.runtime import requests
+
+    with pytest.raises(jaxaccel.UsageError, match="must be a"):
+        requests.request(4, **settings)

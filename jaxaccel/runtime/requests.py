@@ -17,6 +17,7 @@ transformers' where they agree, and strict where they would silently ignore a se
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 from collections.abc import Mapping, Sequence
 
@@ -51,8 +52,9 @@ def sampling(greedy: bool | None = None, temperature: float | None = None,
              defaults: Mapping | None = None) -> Sampling:
     """The `Sampling` these settings ask for (see the module docstring for the rules)."""
     for name, value in (("temperature", temperature), ("top_p", top_p)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
-            raise UsageError(f"{name} must be a number, got {value!r}")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)
+                                  or not math.isfinite(value)):
+            raise UsageError(f"{name} must be a finite number, got {value!r}")
     for name, value in (("top_k", top_k), ("seed", seed)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
             raise UsageError(f"{name} must be an integer, got {value!r}")
@@ -89,7 +91,8 @@ def _checkpoint_defaults(settings: Mapping, top_k, top_p) -> tuple:
 def check_max_new_tokens(value) -> int:
     """max_new_tokens as an int >= 1 (UsageError otherwise)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise UsageError(f"max_new_tokens must be an integer >= 1, got {value!r}")
+        raise UsageError(f"max_new_tokens (--max-new-tokens) must be an integer >= 1, "
+                         f"got {value!r}")
     return int(value)
 
 
