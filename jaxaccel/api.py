@@ -31,7 +31,7 @@ from jaxaccel.conversion import hf
 from jaxaccel.conversion.bundled import resolve_source
 from jaxaccel.conversion.quantize import quantize_checkpoint
 from jaxaccel.errors import UsageError
-from jaxaccel.startup.loader import load_model
+from jaxaccel.startup.start import start
 from jaxaccel.model import Model
 from jaxaccel.utils.units import parse_bytes
 
@@ -69,15 +69,19 @@ def load(path: str | pathlib.Path, *, mesh: MeshLike = None, rules: str | Mappin
     True): check every chunk's crc32c while reading (+0-25% of restore time, measured in
     checkpoint/direct.py); False skips it (missing or short chunks are always refused).
     `progress`: a progress bar on a terminal or in Jupyter. `restore_mode` (multi-host):
-    "read-all", "broadcast" or "auto" (the default; see the README's Clusters section). Raises
-    CheckpointError, UsageError.
+    "read-all", "broadcast" or "auto" (the default; see the README's Clusters section).
+
+    The one start path of every command (`jaxaccel.startup.start`): planned once, refused
+    before reading a byte where a device whose memory the backend reports would overflow
+    (PlanError), and the programs of a first small call compiled while the weights stream in.
+    Raises CheckpointError, PlanError, UsageError.
     """
     budget = _bytes(host_memory_budget, "host_memory_budget") or DEFAULT_HOST_MEMORY_BUDGET
     scheme = quantization.Scheme.parse(quantize, group_size, quantize_head)
-    loaded = load_model(path, layout(mesh, rules), dtype, host_memory_budget=budget,
-                        quiet=not progress, verify_checksums=verify, restore_mode=restore_mode,
-                        quantize=scheme)
-    return Model(loaded, microbatches=microbatches)
+    started = start(path, layout(mesh, rules), dtype, quantize=scheme,
+                    microbatches=microbatches, host_memory_budget=budget, quiet=not progress,
+                    verify_checksums=verify, restore_mode=restore_mode)
+    return Model(started.loaded, microbatches=microbatches, runner=started.runner)
 
 
 def convert(src: str | pathlib.Path, dest: str | pathlib.Path, *, dtype: str | None = None,

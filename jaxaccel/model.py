@@ -18,11 +18,13 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from jaxaccel import models
+from jaxaccel.runtime import requests
 from jaxaccel.runtime.classify import Classification, Classifier
+from jaxaccel.runtime.detokenize import IncrementalDetokenizer, continuation_text
 from jaxaccel.runtime.embed import Embedder
 from jaxaccel.errors import InputError, UsageError
-from jaxaccel.runtime.generate import Generator, check_prompts
-from jaxaccel.startup.loader import LoadedModel
+from jaxaccel.runtime.generate import Generator
+from jaxaccel.runtime.loaded import LoadedModel
 from jaxaccel.models.state import flat_arrays
 from jaxaccel.runtime.sampling import Sampling
 from jaxaccel.parallel.sharding import format_mesh
@@ -34,7 +36,8 @@ _SHOWN_ARRAYS = 6
 
 @dataclasses.dataclass(frozen=True)
 class Completion:
-    text: str  # the new tokens decoded (special tokens skipped), cut before a stop string
+    text: str  # the new tokens' text after the prompt's (special tokens skipped), cut
+    # before a stop string: decode(prompt + new) past decode(prompt) (runtime.detokenize)
     token_ids: list[int]  # new tokens only
     prompt_token_ids: list[int]
     finish_reason: str  # "eos" | "stop" | "length"
@@ -45,15 +48,22 @@ class Model:
     `classify` for image classifiers."""
 
     def __init__(self, loaded: LoadedModel, *, microbatches: int | None = None,
-                 generator: Generator | None = None):
-        """`generator`: one already compiled for this model (e.g. by `coldstart`)."""
+                 runner: Embedder | Generator | Classifier | None = None):
+        """`runner`: one already compiled for this model with its weights attached (what
+        `jaxaccel.startup.start.start` returns); the first call whose shapes it covers runs
+        at once."""
         self.loaded = loaded
         self.task = models.task(loaded.family)
         self._microbatches = microbatches
         self._tokenizer = TextTokenizer(loaded.tokenizer_path) if loaded.tokenizer_path else None
         self._embedders: dict = {}
         self._classifiers: dict = {}
-        self._generator = generator
+        self._generator = runner if isinstance(runner, Generator) else None
+        if isinstance(runner, Embedder):  # keyed as `_embedder` keys its shape policies
+            max_length = None if runner.max_length == self._default_length() else runner.max_length
+            self._embedders[(runner.batch_size, max_length)] = runner
+        elif isinstance(runner, Classifier):
+            self._classifiers[runner.batch_size] = runner
 
     # Facts ----------------------------------------------------------------------------------
 
@@ -166,34 +176,31 @@ class Model:
 
         `greedy=None` follows the checkpoint's generation_config.json as transformers does
         (sampling with its temperature/top_k/top_p when it says `do_sample`, else greedy),
-        unless a temperature is given; `greedy=True` forces argmax. Raises UsageError for bad
-        prompts or settings, before any compute.
+        unless a temperature is given; `greedy=True` forces argmax. top_k/top_p need a
+        temperature > 0 (given or the checkpoint's): without one they are refused, not
+        ignored. The same rules as `jaxaccel generate` (`jaxaccel.runtime.requests`). Raises
+        UsageError for bad prompts or settings (max_new_tokens < 1 included), before any
+        compute.
         """
         ids = self._prompt_ids(prompts)
-        sampling = _sampling(greedy, *self._sampling_defaults(greedy, temperature, top_k, top_p),
-                             seed)
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        return self.complete(ids, max_new_tokens, sampling, ignore_eos=ignore_eos, stop=stops)
+        request = requests.request(max_new_tokens, greedy=greedy, temperature=temperature,
+                                   top_k=top_k, top_p=top_p, seed=seed, stop=stop,
+                                   ignore_eos=ignore_eos,
+                                   defaults=self.loaded.manifest.generation)
+        return self.complete(ids, request.max_new_tokens, request.sampling,
+                             ignore_eos=request.ignore_eos, stop=request.stop)
 
     def complete(self, prompt_ids: list[list[int]], max_new_tokens: int,
                  sampling: Sampling, *, ignore_eos: bool = False, stop: Sequence[str] = (),
                  on_step=None) -> list[Completion]:
-        """`generate` for checked token-id prompts and a `Sampling`, with the Generator's
-        streaming callback `on_step` (what the CLI calls)."""
+        """`generate` for token-id prompts and a `Sampling` (`runtime.requests` makes one),
+        with the Generator's streaming callback `on_step` (what the CLI calls)."""
+        requests.check_prompts(self.config, prompt_ids, max_new_tokens)
+        stop = requests.check_stop(stop)
         eos = [] if ignore_eos else self.eos_token_ids
         new = self._decoder().generate(prompt_ids, max_new_tokens, sampling=sampling,
                                        eos_id=eos or None, on_step=on_step)
         return [self._completion(p, n, eos, stop) for p, n in zip(prompt_ids, new)]
-
-    def _sampling_defaults(self, greedy, temperature, top_k, top_p) -> tuple:
-        """(temperature, top_k, top_p): the checkpoint's sampling settings where the caller
-        left them open (greedy=None and no temperature) and it samples by default."""
-        settings = self.loaded.manifest.generation
-        if greedy is not None or temperature is not None or not settings.get("do_sample"):
-            return temperature, top_k, top_p
-        return (settings.get("temperature", 1.0),
-                top_k if top_k is not None else settings.get("top_k"),
-                top_p if top_p is not None else settings.get("top_p"))
 
     @property
     def eos_token_ids(self) -> list[int]:
@@ -216,41 +223,40 @@ class Model:
         ids = self._prompt_ids([prompt] if isinstance(prompt, str) else [list(prompt)])
         if self._tokenizer is None:
             raise UsageError(f"{self.loaded.path}: stream needs the checkpoint's tokenizer.json")
-        sampling = _sampling(settings.pop("greedy", None), settings.pop("temperature", None),
-                             settings.pop("top_k", None), settings.pop("top_p", None),
-                             settings.pop("seed", None))
-        eos = None if settings.pop("ignore_eos", False) else self.eos_token_ids or None
-        if settings:
-            raise UsageError(f"stream: unknown settings {sorted(settings)}")
-        yield from self._stream_text(ids, max_new_tokens, sampling, eos)
+        unknown = set(settings) - {"greedy", "temperature", "top_k", "top_p", "seed",
+                                   "ignore_eos"}
+        if unknown:
+            raise UsageError(f"stream: unknown settings {sorted(unknown)}")
+        request = requests.request(max_new_tokens, defaults=self.loaded.manifest.generation,
+                                   **settings)
+        requests.check_prompts(self.config, ids, request.max_new_tokens)
+        eos = None if request.ignore_eos else self.eos_token_ids or None
+        yield from self._stream_text(ids[0], request, eos)
 
-    def _stream_text(self, ids, max_new_tokens, sampling, eos) -> Iterator[str]:
+    def _stream_text(self, prompt: list[int], request, eos) -> Iterator[str]:
+        """Generate on a thread; yield the text of each new token as it arrives, in the
+        context of the prompt (`runtime.detokenize`, the rule of every output path)."""
         tokens: queue.Queue = queue.Queue()
         errors: list[BaseException] = []
 
         def run():
             try:
-                self._decoder().generate(ids, max_new_tokens, sampling=sampling, eos_id=eos,
+                self._decoder().generate([prompt], request.max_new_tokens,
+                                         sampling=request.sampling, eos_id=eos,
                                          on_step=lambda step: tokens.put(step[0]))
             except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
                 errors.append(err)
             tokens.put(StopIteration)
 
         threading.Thread(target=run, name="jaxaccel-stream", daemon=True).start()
-        new, printed = [], ""
+        detokenizer = IncrementalDetokenizer(self._tokenizer, prompt)
         while (token := tokens.get()) is not StopIteration:
-            if token is None:
-                continue
-            new.append(token)
-            text = self._tokenizer.decode(new)
-            if text.startswith(printed) and len(text) > len(printed) and not text.endswith("\ufffd"):
-                yield text[len(printed):]
-                printed = text
+            if token is not None and (piece := detokenizer.push(token)):
+                yield piece
         if errors:
             raise errors[0]
-        text = self._tokenizer.decode(new)
-        if text != printed and text.startswith(printed):
-            yield text[len(printed):]
+        if piece := detokenizer.flush():
+            yield piece
 
     def _decoder(self) -> Generator:
         self._require("generate")
@@ -273,23 +279,23 @@ class Model:
             raise UsageError("prompts must be a string, a sequence of strings, or a sequence "
                              "of token-id sequences")
         ids = [[int(t) for t in p] for p in prompts]
-        try:
-            check_prompts(self.config, ids, 1)
-        except ValueError as err:
-            raise UsageError(str(err)) from None
+        requests.check_prompts(self.config, ids, 1)
         return ids
 
     def _completion(self, prompt, new, eos, stops) -> Completion:
         """Generation stops at a stop string as vLLM does: the text is cut before it; the
         token ids run to the token that completed it."""
-        text = self._tokenizer.decode(new) if self._tokenizer else ""
+        text = continuation_text(self._tokenizer, prompt, new) if self._tokenizer else ""
         reason = "eos" if new and new[-1] in eos else "length"
         found = [s for s in stops if s and s in text]
         if found:
             first = min(found, key=text.find)
             text, reason = text[:text.find(first)], "stop"
-            new = _tokens_until(self._tokenizer, new, first)
+            new = _tokens_until(self._tokenizer, prompt, new, first)
         return Completion(text, list(new), list(prompt), reason)
+
+    def _default_length(self) -> int:
+        return min(self.config.default_length, self.config.max_length)
 
     def _require(self, task: str) -> None:
         if self.task != task:
@@ -302,20 +308,9 @@ def _is_id_list(p) -> bool:
         isinstance(t, int | np.integer) and not isinstance(t, bool) for t in p)
 
 
-def _tokens_until(tokenizer, new: list[int], stop: str) -> list[int]:
-    """The shortest prefix of `new` whose text contains `stop`."""
+def _tokens_until(tokenizer, prompt: list[int], new: list[int], stop: str) -> list[int]:
+    """The shortest prefix of `new` whose text (after the prompt's) contains `stop`."""
     for n in range(1, len(new) + 1):
-        if stop in tokenizer.decode(new[:n]):
+        if stop in continuation_text(tokenizer, prompt, new[:n]):
             return new[:n]
     return new
-
-
-def _sampling(greedy, temperature, top_k, top_p, seed) -> Sampling:
-    sampled = temperature is not None and temperature > 0 and not greedy
-    if greedy and (temperature or top_k or (top_p is not None and top_p < 1.0)):
-        raise UsageError("greedy=True cannot be combined with temperature/top_k/top_p")
-    try:
-        return Sampling(temperature=temperature if sampled else 0.0, top_k=top_k or 0,
-                        top_p=1.0 if top_p is None else top_p, seed=seed or 0)
-    except ValueError as err:
-        raise UsageError(str(err)) from None

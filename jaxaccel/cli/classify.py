@@ -65,12 +65,10 @@ def register(app: typer.Typer) -> None:
         from jaxaccel.runtime import compile_cache as xla_cache
 
         paths = image_inputs(image, input_dir, input_list)
-        plan = coldstart.plan_for("classify", ckpt, options.layout_from(mesh, rules, rule),
-                                  dtype, device_memory=options.device_memory_from(device_memory),
-                                  batch=min(batch_size, len(paths)))
         xla_cache.configure(compile_cache, enabled=not no_compile_cache)
         started = coldstart.start_classifier(
-            ckpt, images=len(paths), batch_size=batch_size, plan=plan,
+            ckpt, options.layout_from(mesh, rules, rule), dtype, images=len(paths),
+            batch_size=batch_size, device_memory=options.device_memory_from(device_memory),
             host_memory_budget=parse_bytes(budget, "--host-memory-budget"),
             verify_checksums=verify_checksums, quiet=quiet)
         start = time.perf_counter()

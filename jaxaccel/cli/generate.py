@@ -12,6 +12,7 @@ import typer
 from jaxaccel.utils import progress
 from jaxaccel.cli import options
 from jaxaccel.errors import InputError, UsageError
+from jaxaccel.runtime.detokenize import IncrementalDetokenizer
 from jaxaccel.utils.files import read_lines
 from jaxaccel.utils.units import parse_bytes
 
@@ -33,40 +34,12 @@ def parse_prompt_ids(text: str) -> list[list[int]]:
     return prompts
 
 
-def sampling_from(greedy: bool, temperature: Optional[float], top_k: int, top_p: float,
-                  seed: int):
-    # deferred: jax loads only when a command runs, after --host-devices set XLA's flags
-    from jaxaccel.runtime.sampling import Sampling
-
-    if temperature is not None and temperature < 0:
-        raise UsageError(f"--temperature must be >= 0, got {temperature}")
-    sampled = temperature is not None and temperature > 0
-    if greedy and (sampled or top_k or top_p < 1.0):
-        raise UsageError("--greedy cannot be combined with --temperature/--top-k/--top-p")
-    if not sampled and (top_k or top_p < 1.0):
-        raise UsageError("--top-k/--top-p need --temperature > 0 (sampling)")
-    try:
-        return Sampling(temperature=temperature if sampled else 0.0, top_k=top_k, top_p=top_p,
-                        seed=seed)
-    except ValueError as err:
-        raise UsageError(str(err)) from None
-
-
-class TextStream:
-    """Prints one prompt's text as tokens arrive (decoding the whole suffix each time, so a
-    character split over several tokens appears once complete)."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer, self.ids, self.printed = tokenizer, [], ""
-
-    def __call__(self, tokens: list[int | None]) -> None:
-        if tokens[0] is None:
-            return
-        self.ids.append(tokens[0])
-        text = self.tokenizer.decode(self.ids)
-        if text.startswith(self.printed) and not text.endswith("\ufffd"):
-            print(text[len(self.printed):], end="", flush=True)
-            self.printed = text
+def settings_from(greedy: bool, temperature: Optional[float], top_k: int, top_p: float,
+                  seed: int) -> dict:
+    """The sampling flags as `Model.generate` takes them (an unset flag is None), checked by
+    the same validator (`jaxaccel.runtime.requests`) once the checkpoint's defaults are read."""
+    return {"greedy": True if greedy else None, "temperature": temperature,
+            "top_k": top_k or None, "top_p": None if top_p == 1.0 else top_p, "seed": seed}
 
 
 def register(app: typer.Typer) -> None:
@@ -89,12 +62,16 @@ def register(app: typer.Typer) -> None:
                                             "new tokens per prompt (fewer at EOS). The limit: "
                                             "prompt + N - 1 <= the model's maximum positions "
                                             "(the last new token is never fed back)."),
-        greedy: bool = typer.Option(False, "--greedy", help="Argmax decoding (the default "
-                                    "unless --temperature > 0)."),
+        greedy: bool = typer.Option(False, "--greedy", help="Argmax decoding. Without it and "
+                                    "without --temperature, decoding follows the checkpoint's "
+                                    "generation_config.json as transformers and "
+                                    "`Model.generate` do (greedy unless it says do_sample)."),
         temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling "
-                                                    "temperature; 0 or unset is greedy."),
-        top_k: int = typer.Option(0, "--top-k", help="Sample among the k most likely."),
-        top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling."),
+                                                    "temperature; 0 is greedy."),
+        top_k: int = typer.Option(0, "--top-k", help="Sample among the k most likely (needs "
+                                  "a temperature > 0, given or the checkpoint's)."),
+        top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling (needs a "
+                                    "temperature > 0, given or the checkpoint's)."),
         seed: int = typer.Option(0, "--seed"),
         ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Do not stop at the "
                                         "model's EOS tokens (by default every id of config.json "
@@ -122,7 +99,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Generate continuations: jitted prefill + KV-cache decode, greedy or sampled,
         tensor-parallel on `model` and data-parallel on `data`. Streams text unless --json."""
-        run_generate(ckpt, prompt, prompt_ids, max_new_tokens, sampling_from(
+        run_generate(ckpt, prompt, prompt_ids, max_new_tokens, settings_from(
             greedy, temperature, top_k, top_p, seed), ignore_eos, dtype, mesh, rules, rule,
             budget, microbatches, device_memory, verify_checksums, as_json, quiet, kernels,
             compile_cache=compile_cache, no_compile_cache=no_compile_cache,
@@ -130,61 +107,108 @@ def register(app: typer.Typer) -> None:
             quantize=options.scheme_from(quantize, group_size, quantize_head))
 
 
-def run_generate(ckpt, prompt, prompt_ids, max_new_tokens, sampling, ignore_eos, dtype, mesh,
+def run_generate(ckpt, prompt, prompt_ids, max_new_tokens, settings, ignore_eos, dtype, mesh,
                  rules, rule, budget, microbatches, device_memory, verify_checksums, as_json,
                  quiet, kernels=None, *, compile_cache=None, no_compile_cache=False,
                  input_file=None, output_file=None, quantize=None) -> None:
     """Check the request (before reading a byte of weights), restore while compiling,
-    generate, print: the body of `jaxaccel generate`."""
+    generate, print: the body of `jaxaccel generate`. `settings`: see `settings_from`."""
     # deferred: jax loads only when a command runs, after --host-devices set XLA's flags
-    import jax
-
-    from jaxaccel.parallel import distributed
-    from jaxaccel.startup import coldstart
-    from jaxaccel.runtime import compile_cache as xla_cache
-    from jaxaccel.runtime.generate import check_prompts
     from jaxaccel.model import Model
+    from jaxaccel.parallel import distributed
+    from jaxaccel.runtime import compile_cache as xla_cache
+    from jaxaccel.runtime import requests
+    from jaxaccel.startup.start import start
 
+    requests.check_max_new_tokens(max_new_tokens)  # before the plan sizes a cache with it
     if sum(map(bool, (prompt, prompt_ids is not None, input_file))) != 1:
         raise UsageError("give exactly one of --prompt TEXT (repeatable), --prompt-ids or "
                          "--input FILE")
     prompt = read_prompts(input_file) if input_file else prompt
-    if max_new_tokens < 1:
-        raise UsageError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     given_ids = parse_prompt_ids(prompt_ids) if prompt_ids is not None else None
-    plan = coldstart.plan_for("generate", ckpt, options.layout_from(mesh, rules, rule), dtype,
-                              device_memory=options.device_memory_from(device_memory),
-                              max_new_tokens=max_new_tokens, quantize=quantize)
-    tokenizer = coldstart.tokenizer_for(plan)
-    if prompt and tokenizer is None:
-        raise UsageError(f"{ckpt} has no tokenizer.json; use --prompt-ids")
-    ids = given_ids if given_ids is not None else [tokenizer.encode_one(t) for t in prompt]
-    try:
-        check_prompts(plan.config, ids, max_new_tokens)
-    except ValueError as err:
-        raise UsageError(str(err)) from None
+    job = GenerateJob(prompt, given_ids, max_new_tokens, settings, ignore_eos, as_json,
+                      microbatches, kernels)
     xla_cache.configure(compile_cache, enabled=not no_compile_cache)
-    output = distributed.is_output_process()
-    # Streaming runs the host loop, which is not multi-host safe: stream on one process only.
-    streaming = bool(tokenizer and not as_json and len(ids) == 1 and output
-                     and jax.process_count() == 1)
-    started = coldstart.start_generator(
-        ckpt, plan=plan, prompt_lengths=[len(p) for p in ids],
-        max_new_tokens=max_new_tokens, sampling=sampling, microbatches=microbatches,
-        packed_weights=kernels, loop="host" if streaming else "device",
-        host_memory_budget=parse_bytes(budget, "--host-memory-budget"),
-        verify_checksums=verify_checksums, quiet=quiet)
-    model = Model(started.loaded, generator=started.generator)
-    stream = TextStream(tokenizer) if streaming else None
-    if stream:
-        print(tokenizer.decode(ids[0]), end="", flush=True)
-    completions = model.complete(ids, max_new_tokens, sampling, ignore_eos=ignore_eos,
-                                 on_step=stream)
-    if output:
-        _print_result(completions, tokenizer, as_json, streamed=stream is not None)
+    started = start(ckpt, options.layout_from(mesh, rules, rule), dtype, task="generate",
+                    quantize=quantize, device_memory=options.device_memory_from(device_memory),
+                    batch=len(given_ids or prompt), max_new_tokens=max_new_tokens,
+                    prepare=job.prepare, microbatches=microbatches,
+                    host_memory_budget=parse_bytes(budget, "--host-memory-budget"),
+                    verify_checksums=verify_checksums, quiet=quiet)
+    model = Model(started.loaded, microbatches=microbatches, runner=started.runner)
+    completions = job.run(model)
+    if distributed.is_output_process():
+        _print_result(completions, job.tokenizer, as_json, streamed=job.streaming)
         if output_file:
             write_jsonl(output_file, [_completion_json(c) for c in completions])
-        _status(started.generator.timings, len(ids), quiet)
+        _status(started.generator.timings, len(job.ids), quiet)
+
+
+class GenerateJob:
+    """One `generate` run: checked and tokenised from the plan (before a byte of weights is
+    read), its programs compiled while they stream in, then run and streamed."""
+
+    def __init__(self, prompts, given_ids, max_new_tokens, settings, ignore_eos, as_json,
+                 microbatches, kernels):
+        self.prompts, self.ids = prompts, given_ids
+        self.max_new_tokens, self.settings, self.ignore_eos = max_new_tokens, settings, ignore_eos
+        self.as_json, self.microbatches, self.kernels = as_json, microbatches, kernels
+        self.tokenizer = self.request = None
+        self.streaming = False
+
+    def prepare(self, plan):
+        """`start`'s prepare: the request checked as `Model.generate` checks it (with the
+        checkpoint's sampling defaults), prompts tokenised and checked, a Generator built."""
+        # deferred: jax loads only when a command runs, after --host-devices set XLA's flags
+        import jax
+
+        from jaxaccel.parallel import distributed
+        from jaxaccel.runtime import requests
+        from jaxaccel.runtime.generate import Generator
+        from jaxaccel.startup.coldstart import tokenizer_for
+
+        self.request = requests.request(self.max_new_tokens, **self.settings,
+                                        ignore_eos=self.ignore_eos,
+                                        defaults=plan.manifest.generation)
+        self.tokenizer = tokenizer_for(plan)
+        if self.ids is None:
+            if self.tokenizer is None:
+                raise UsageError(f"{plan.path} has no tokenizer.json; use --prompt-ids")
+            self.ids = [self.tokenizer.encode_one(t) for t in self.prompts]
+        requests.check_prompts(plan.config, self.ids, self.max_new_tokens)
+        # Streaming runs the host loop, which is not multi-host safe: one process only.
+        self.streaming = bool(self.tokenizer and not self.as_json and len(self.ids) == 1
+                              and distributed.is_output_process() and jax.process_count() == 1)
+        generator = Generator.from_plan(plan, microbatches=self.microbatches,
+                                        packed_weights=self.kernels)
+        lengths, loop = [len(p) for p in self.ids], "host" if self.streaming else "device"
+        return generator, lambda: generator.compile(lengths, self.max_new_tokens,
+                                                    self.request.sampling, loop)
+
+    def run(self, model) -> list:
+        """Generate; a streamed run prints the prompt, then each piece as it is final."""
+        stream = None
+        if self.streaming:
+            detokenizer = IncrementalDetokenizer(self.tokenizer, self.ids[0])
+            stream = _Printer(detokenizer)
+            print(detokenizer.prompt_text, end="", flush=True)
+        completions = model.complete(self.ids, self.request.max_new_tokens,
+                                     self.request.sampling, ignore_eos=self.request.ignore_eos,
+                                     on_step=stream)
+        if stream is not None:
+            print(stream.detokenizer.flush(), end="", flush=True)
+        return completions
+
+
+class _Printer:
+    """The Generator's `on_step` callback of a streamed run: prints row 0's final text."""
+
+    def __init__(self, detokenizer):
+        self.detokenizer = detokenizer
+
+    def __call__(self, tokens: list[int | None]) -> None:
+        if tokens[0] is not None and (piece := self.detokenizer.push(tokens[0])):
+            print(piece, end="", flush=True)
 
 
 def _completion_json(completion) -> dict:
@@ -193,17 +217,22 @@ def _completion_json(completion) -> dict:
 
 
 def _print_result(completions, tokenizer, as_json: bool, streamed: bool) -> None:
+    """--json, or the texts (prompt + continuation, the continuation as `Completion.text`
+    gives it: the rule of every output path, `runtime.detokenize`); token ids without a
+    tokenizer."""
     tokens = [c.prompt_token_ids + c.token_ids for c in completions]
+    texts = ([tokenizer.decode(c.prompt_token_ids) + c.text for c in completions]
+             if tokenizer is not None else None)
     if as_json:
         payload = {"tokens": tokens, "finish_reason": [c.finish_reason for c in completions]}
-        if tokenizer is not None:
-            payload["text"] = [tokenizer.decode(t) for t in tokens]
+        if texts is not None:
+            payload["text"] = texts
         print(json.dumps(payload))
     elif streamed:
         print()
     else:
-        for row in tokens:
-            print(tokenizer.decode(row) if tokenizer else " ".join(map(str, row)))
+        for row, text in zip(tokens, texts or [None] * len(tokens)):
+            print(text if text is not None else " ".join(map(str, row)))
 
 
 def _status(timings: dict, prompts: int, quiet: bool) -> None:

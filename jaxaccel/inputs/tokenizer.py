@@ -57,3 +57,7 @@ class TextTokenizer:
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        """The vocabulary's piece of an id, e.g. "▁there" or a byte-fallback "<0xE2>"."""
+        return self._tok.id_to_token(token_id)

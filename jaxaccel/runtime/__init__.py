@@ -5,6 +5,9 @@ Modules:
   embed          `Embedder`: sentence embeddings (tokenise, bucket, run, un-pad)
   generate       `Generator`: prefill + decode over a KV cache
   classify       `Classifier`: image classification
+  loaded         `LoadedModel`: the restored model the runners consume
+  requests       one validator of generation requests (sampling, stop strings, limits)
+  detokenize     `IncrementalDetokenizer`: new tokens' text in the context of the prompt
   sampling       greedy / temperature / top-k / top-p token choice
   compile_cache  XLA's persistent compilation cache
 

@@ -20,7 +20,7 @@ from jaxaccel.parallel import distributed
 from jaxaccel.errors import InputError
 from jaxaccel.inputs.images import Preprocessor, check_inputs, describe
 from jaxaccel.inputs.batches import HostBatches, device_steps
-from jaxaccel.startup.loader import LoadedModel
+from jaxaccel.runtime.loaded import LoadedModel
 from jaxaccel.runtime.programs import Buckets, Runtime, placed_shardings
 
 
@@ -58,7 +58,7 @@ class Classifier:
             raise InputError(f"classify needs an image classifier checkpoint; {model.path} "
                              f"is {model.manifest.family}")
         self.loaded, self.config = model, model.config
-        self.state = model.state if isinstance(model, LoadedModel) else None
+        self.state = getattr(model, "state", None)  # a plan has only abstract_state
         self.batch_size = batch_size
         self.runtime = Runtime(model.graphdef, self.config, model.layout, model.dtype,
                                compiler_options=compiler_options,

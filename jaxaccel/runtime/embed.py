@@ -15,7 +15,6 @@ import numpy as np
 from jaxaccel import backends, models
 from jaxaccel.parallel import distributed
 from jaxaccel.errors import InputError
-from jaxaccel.startup.loader import LoadedModel
 from jaxaccel.runtime.programs import Buckets, Runtime, placed_shardings
 from jaxaccel.inputs.tokenizer import TextTokenizer
 
@@ -36,7 +35,7 @@ class Embedder:
         self.config = model.config
         self.batch_size = batch_size
         self.max_length = min(max_length or self.config.default_length, self.config.max_length)
-        self.state = model.state if isinstance(model, LoadedModel) else None
+        self.state = getattr(model, "state", None)  # a plan has only abstract_state
         self.runtime = Runtime(model.graphdef, self.config, model.layout, model.dtype,
                                microbatches=microbatches, compiler_options=compiler_options,
                                backend=backends.for_platform(platform) if platform else None)

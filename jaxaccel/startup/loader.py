@@ -33,31 +33,11 @@ from jaxaccel.checkpoint.restore import (
 from jaxaccel.errors import UsageError
 from jaxaccel.models import config_from_dict, family_module
 from jaxaccel.models.state import abstract_model, fill_state, param_specs
+from jaxaccel.runtime.loaded import LoadedModel
 from jaxaccel.runtime.programs import place_param, quantized_param_spec
 from jaxaccel.parallel.sharding import Layout
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-@dataclasses.dataclass
-class LoadedModel:
-    manifest: Manifest
-    family: str
-    config: object
-    graphdef: nnx.GraphDef
-    state: nnx.State
-    layout: Layout
-    dtype: str
-    path: pathlib.Path  # or storage.RemotePath
-    stats: RestoreStats | None = None
-    quantization: dict = dataclasses.field(default_factory=dict)  # {"scheme", ...} or {}
-
-    @property
-    def tokenizer_path(self) -> pathlib.Path | None:
-        return _tokenizer_path(self.manifest, self.path)
-
-    def model(self) -> nnx.Module:
-        return nnx.merge(self.graphdef, self.state)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,7 +200,8 @@ def restore_plan(plan: ModelPlan, path: str | pathlib.Path, *,
         progress.say(report, quiet or not distributed.is_output_process())
     state = fill_state(plan.abstract_state, arrays)
     return LoadedModel(plan.manifest, plan.manifest.family, plan.config, plan.graphdef, state,
-                       plan.layout, plan.dtype, path, stats, plan.quantization)
+                       plan.layout, plan.dtype, path, stats, plan.quantization,
+                       plan.tokenizer_path)
 
 
 def load_model(path: str | pathlib.Path, layout: Layout | None = None, dtype: str | None = None,

@@ -173,7 +173,19 @@ def plan(ckpt: str | pathlib.Path, layout=None, dtype: str | None = None, *, bat
          quantize=None) -> MemoryPlan:
     """Memory plan of running `ckpt` on `layout`: reads only the manifest (and tokenizer).
     `quantize`: a quantize-on-load scheme (`quantization.Scheme` or name)."""
-    model_plan = plan_model(ckpt, layout, dtype, quantize)
+    return memory_plan(plan_model(ckpt, layout, dtype, quantize), batch=batch, seq=seq,
+                       max_new_tokens=max_new_tokens, host_budget=host_budget,
+                       device_memory=device_memory, compile_activations=compile_activations,
+                       ckpt=ckpt)
+
+
+def memory_plan(model_plan, *, batch: int = 1, seq: int | None = None,
+                max_new_tokens: int = 0, host_budget: int | None = None,
+                device_memory: int | None = None,
+                compile_activations: bool = True, ckpt=None) -> MemoryPlan:
+    """The memory plan of a run of an already built `ModelPlan` (no second manifest read);
+    `ckpt`: the path as the user gave it (default: the plan's)."""
+    ckpt = model_plan.path if ckpt is None else ckpt
     task = models.task(model_plan.manifest.family)
     if task not in PLANNED_TASKS:
         raise UsageError(f"{ckpt}: plan covers {', '.join(PLANNED_TASKS)} checkpoints; this "
@@ -381,16 +393,17 @@ def check_fits(plan_: MemoryPlan, device_count: int = 1) -> None:
         f"arrays per device: {largest}{hint}")
 
 
-def refuse_if_too_big(ckpt, layout, dtype: str | None, *, batch: int, seq: int | None = None,
-                      max_new_tokens: int = 0, device_memory: int | None = None,
-                      quantize=None) -> MemoryPlan | None:
-    """The pre-flight check `embed`/`generate`/`bench` run before restoring anything.
+def refuse_if_too_big(model_plan, *, batch: int = 1, seq: int | None = None,
+                      max_new_tokens: int = 0,
+                      device_memory: int | None = None) -> MemoryPlan | None:
+    """The pre-flight check every start runs on its `ModelPlan` before restoring anything:
+    PlanError (see `check_fits`) when a device would overflow.
 
     Skipped (None) when no device memory is known: CPU without `--device-memory`.
     """
     if device_memory is None and detected_device_memory() is None:
         return None
-    plan_ = plan(ckpt, layout, dtype, batch=batch, seq=seq, max_new_tokens=max_new_tokens,
-                 device_memory=device_memory, quantize=quantize)
+    plan_ = memory_plan(model_plan, batch=batch, seq=seq, max_new_tokens=max_new_tokens,
+                        device_memory=device_memory)
     check_fits(plan_, len(jax.devices()))
     return plan_
