@@ -145,6 +145,18 @@ def test_activation_estimate_grows_with_the_batch_and_shrinks_when_split(family)
     assert estimate(8, 1) > one and estimate(4, 4) < one
 
 
+@pytest.mark.parametrize("family", sorted(SMALL_HF))
+def test_extra_sources_come_from_the_declared_metadata_files(family, tmp_path):
+    """Without its metadata files a source gives no extra config values or weight files,
+    whatever else lies beside config.json."""
+    spec = models.family_spec(family)
+    (tmp_path / "config.json").write_text(json.dumps(SMALL_HF[family]))
+    for name in ("preprocessor_config.json", "modules.json", "sentence_bert_config.json"):
+        if name not in spec.metadata_files:
+            (tmp_path / name).write_text("{}")
+    assert spec.read_extra_sources(tmp_path) == ({}, {})
+
+
 # ------------------------------------------------------------------ a toy family
 
 
