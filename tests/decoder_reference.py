@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import load_file
 
-from jaxaccel.models import family_module
+from jaxaccel.models import family_spec
 from jaxaccel.models.state import abstract_model, fill_state
 
 
@@ -33,19 +33,19 @@ def _lookup(tensors: dict, name: str, prefixes) -> np.ndarray:
 
 def load_jax(family: str, directory: pathlib.Path, dtype=jnp.float32):
     """(model, config) with weights from a transformers `save_pretrained` directory."""
-    module = family_module(family)
-    config = module.Config.from_hf(json.loads((directory / "config.json").read_text()))
+    spec = family_spec(family)
+    config = spec.config.from_hf(json.loads((directory / "config.json").read_text()))
     tensors = {}
     for path in sorted(directory.glob("*.safetensors")):
         tensors.update(load_file(path))
     arrays = {}
-    for rule in module.weight_rules(config):
+    for rule in spec.weight_rules(config):
         if rule.per_layer:
             names = [rule.source.format(i=i) for i in range(config.num_layers)]
-            parts = [rule.transform(_lookup(tensors, n, module.SOURCE_PREFIXES)) for n in names]
+            parts = [rule.transform(_lookup(tensors, n, spec.source_prefixes)) for n in names]
             value = np.stack(parts)
         else:
-            value = rule.transform(_lookup(tensors, rule.source, module.SOURCE_PREFIXES))
+            value = rule.transform(_lookup(tensors, rule.source, spec.source_prefixes))
         arrays[rule.target] = jnp.asarray(value, dtype)
     graphdef, state = abstract_model(family, config, dtype)  # shapes only: no random init
     state = fill_state(state, arrays)

@@ -29,10 +29,10 @@ MESH = "data=2,model=4"
 PLATFORMS = ("cuda", "tpu")
 CPU_ONLY = ("custom_call", "ui16", "optimization_barrier")
 
-GPT2 = models.family_module("gpt2").Config(
+GPT2 = models.family_spec("gpt2").config(
     vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=256,
     max_position_embeddings=128, eos_token_id=3)
-LLAMA = models.family_module("llama").Config(
+LLAMA = models.family_spec("llama").config(
     vocab_size=256, hidden_size=64, num_layers=2, num_heads=8, num_kv_heads=4,
     intermediate_size=128, head_dim=8, max_position_embeddings=128, eos_token_id=3)
 
@@ -116,10 +116,10 @@ def quantized_abstract_state(family, config, layout, scheme="int8"):
     from jaxaccel.models import quantization
     from jaxaccel.runtime.programs import quantized_param_spec
 
-    module, scheme = models.family_module(family), quantization.Scheme.from_label(scheme)
-    copies = quantization.tied_head(module, config, scheme)
+    family_spec, scheme = models.family_spec(family), quantization.Scheme.from_label(scheme)
+    copies = quantization.tied_head(family_spec, config, scheme)
     graphdef, abstract = abstract_model(family, config, jnp.bfloat16, head_copy=bool(copies))
-    abstract, specs = quantization.quantize_abstract(abstract, module, scheme)
+    abstract, specs = quantization.quantize_abstract(abstract, family_spec, scheme)
     structs = {}
     for name, spec in param_specs(abstract).items():
         weight, _, part = name.rpartition(".")

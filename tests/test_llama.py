@@ -9,7 +9,7 @@ import pytest
 from decoder_reference import generator, load_jax, save_hf
 from safetensors.numpy import load_file
 
-from jaxaccel.models import llama
+from jaxaccel.models import llama, rotary
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -67,9 +67,9 @@ def test_config_flattens_rope_parameters():
 def test_inverse_frequencies_match_transformers():
     for name in ("gqa2_llama3", "gqa4_linear_tied_bias"):
         hf = build_hf(*CASES[name])
-        ours = llama.inverse_frequencies(llama.Config.from_hf(hf.config.to_dict()))
-        rotary = hf.model.rotary_emb
-        ref = rotary.inv_freq.numpy() * rotary.attention_scaling
+        ours = rotary.inverse_frequencies(llama.Config.from_hf(hf.config.to_dict()))
+        reference = hf.model.rotary_emb
+        ref = reference.inv_freq.numpy() * reference.attention_scaling
         np.testing.assert_allclose(ours, ref, rtol=1e-6)
 
 
@@ -80,7 +80,7 @@ def test_weight_rules_cover_every_source_tensor(case):
     for name in load_file(directory / "model.safetensors"):
         bare = name.removeprefix("model.")
         assert name in sources or bare in sources or any(
-            re.search(p, name) for p in llama.IGNORED_SOURCE_WEIGHTS), name
+            re.search(p, name) for p in llama.SPEC.ignored_source_weights), name
 
 
 def test_last_position_logits_match_transformers_fp32(case):

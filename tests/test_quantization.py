@@ -110,13 +110,13 @@ def small(tmp_path_factory):
     import dataclasses
 
     from jaxaccel.bench import synthetic
-    from jaxaccel.models import family_module
+    from jaxaccel.models import family_spec
 
     built = {}
 
     def get(family):
         if family not in built:
-            config = dataclasses.asdict(family_module(family).Config(**SMALL[family]))
+            config = dataclasses.asdict(family_spec(family).config(**SMALL[family]))
             built[family] = tmp_path_factory.mktemp(family) / "ckpt"
             synthetic.write(built[family], config, "float32", family=family)
         return built[family]
@@ -305,11 +305,11 @@ def test_quantized_head_labels_and_rules():
     assert parse("int4+head=int4").head_scheme == "int4" and parse("int8+head").label == "int8+head"
     assert parse("int4+head=int4").label == "int4+head=int4"
     from jaxaccel.errors import UsageError
-    from jaxaccel.models import family_module
+    from jaxaccel.models import family_spec
 
     with pytest.raises(UsageError, match="SCHEME\\+head"):
         parse("int4+tail")
-    rules = parse("int4+head", 64).rules(family_module("gpt2"))
+    rules = parse("int4+head", 64).rules(family_spec("gpt2"))
     assert [(r.weight_qtype, r.tile_size) for r in rules] == [("int4", 64), ("int8", None)]
     assert quantization.matching(rules, "lm_head_vd") is rules[1]
 
@@ -362,11 +362,11 @@ def test_convert_and_inspect_show_the_tied_head_copy(small, tmp_path, capsys, mo
 def test_step_bytes_leave_the_tied_table_to_the_lookup(small):
     """`bench generate`'s bytes/token with a quantized head copy: the int4 values at half a
     byte, the scales, everything else whole, except the table only looked up."""
-    from jaxaccel.models import family_module
+    from jaxaccel.models import family_spec
 
     loaded = load_model(small("gpt2"), dtype="bfloat16",
                         quantize=quantization.Scheme.from_label("int4+head=int4", 32))
-    skip = quantization.lookup_only(loaded.state, family_module("gpt2"))
+    skip = quantization.lookup_only(loaded.state, family_spec("gpt2"))
     assert skip == ("token_vd",)
     expected = 0
     for name, array in flat_arrays(loaded.state).items():
@@ -376,4 +376,4 @@ def test_step_bytes_leave_the_tied_table_to_the_lookup(small):
         expected += size // 2 if array.dtype == ml_dtypes.int4 else size * array.dtype.itemsize
     assert quantization.read_bytes(loaded.state, skip) == expected
     plain = load_model(small("gpt2"), dtype="bfloat16", quantize="int4")
-    assert quantization.lookup_only(plain.state, family_module("gpt2")) == ()
+    assert quantization.lookup_only(plain.state, family_spec("gpt2")) == ()

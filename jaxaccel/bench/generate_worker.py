@@ -53,12 +53,12 @@ def load_generator(ckpt: str, dtype: str, xla_dots: bool, quantize: str | None =
 def main(ckpt: str, dtype: str, prefill_len: int, new_tokens: int,
          xla_dots: bool = False, quantize: str | None = None, group_size: int = 128) -> dict:
     # deferred: jax and the runtime load in the worker process only, not in `jaxaccel bench`
-    from jaxaccel.models import family_module
+    from jaxaccel.models import family_spec
     from jaxaccel.models.quantization import lookup_only, read_bytes
 
     loaded, generator = load_generator(ckpt, dtype, xla_dots, quantize, group_size)
     # The model's own bytes as held (packing pads a little; the padding is not counted).
-    param_bytes = read_bytes(loaded.state, lookup_only(loaded.state, family_module(loaded.family)))
+    param_bytes = read_bytes(loaded.state, lookup_only(loaded.state, family_spec(loaded.family)))
     long_prompt = prompts(1, prefill_len, loaded.config.vocab_size)
     result = {"dtype": dtype, "param_bytes": param_bytes,
               "packed_weights": generator.packed_weights,

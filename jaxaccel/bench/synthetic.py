@@ -46,9 +46,9 @@ def decoder_hf_config(family: str, layers: int | None = None) -> dict:
 def decoder_config(family: str, layers: int | None = None) -> dict:
     """The same decoder as a jaxaccel config dict (as a manifest stores it)."""
     # deferred: the models load only to write a checkpoint
-    from jaxaccel.models import family_module
+    from jaxaccel.models import family_spec
 
-    return dataclasses.asdict(family_module(family).Config.from_hf(decoder_hf_config(family, layers)))
+    return dataclasses.asdict(family_spec(family).config.from_hf(decoder_hf_config(family, layers)))
 
 
 def bert_config(vocab: int = 32000, width: int = 2048, layers: int = 12, heads: int = 16,

@@ -30,15 +30,15 @@ from jaxaccel.conversion.safetensors_source import (
 )
 from jaxaccel.errors import UsageError
 from jaxaccel.models import (
+    FamilySpec,
     UnknownFamilyError,
     family_for_model_type,
-    family_module,
+    family_spec,
     known_families,
 )
 from jaxaccel.models.state import abstract_model, param_specs
 from jaxaccel.models.weights import WeightRule
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 
 
@@ -65,22 +65,22 @@ def resolve_family(hf_config: dict, family: str, config_path: pathlib.Path) -> s
 
 
 def _candidates(name: str, aliases) -> list[str]:
-    """`name` and its legacy spellings (the family's SOURCE_ALIASES: suffix -> old suffix)."""
+    """`name` and its legacy spellings (the family's source_aliases: suffix -> old suffix)."""
     return [name] + [name[:-len(new)] + old for new, old in aliases if name.endswith(new)]
 
 
-def _source_name(name: str, available: set[str], module) -> str | None:
-    for prefix in module.SOURCE_PREFIXES:
-        for candidate in _candidates(name, module.SOURCE_ALIASES):
+def _source_name(name: str, available: set[str], spec: FamilySpec) -> str | None:
+    for prefix in spec.source_prefixes:
+        for candidate in _candidates(name, spec.source_aliases):
             if prefix + candidate in available:
                 return prefix + candidate
     return None
 
 
-def _is_ignored(name: str, module) -> bool:
+def _is_ignored(name: str, spec: FamilySpec) -> bool:
     """Whether a source tensor is one the family ignores, under any of its prefixes."""
-    bare = [name.removeprefix(p) for p in module.SOURCE_PREFIXES if name.startswith(p)]
-    return any(re.search(pattern, n) for pattern in module.IGNORED_SOURCE_WEIGHTS for n in bare)
+    bare = [name.removeprefix(p) for p in spec.source_prefixes if name.startswith(p)]
+    return any(re.search(pattern, n) for pattern in spec.ignored_source_weights for n in bare)
 
 
 def _zero_view(shape, dtype) -> np.ndarray:
@@ -96,35 +96,35 @@ class SourcePlan:
     ignored: list[str]
 
 
-def plan_arrays(module, cfg, source: SafetensorsSource, specs,
+def plan_arrays(spec: FamilySpec, cfg, source: SafetensorsSource, specs,
                 rules: list[WeightRule] | None = None) -> SourcePlan:
     """Match rules (default: the family's Hugging Face rules) to source tensors and check
     every shape, before reading any data."""
     available, layers = source.names(), cfg.num_layers
     plan, missing, used = [], [], set()
-    for rule in module.weight_rules(cfg) if rules is None else rules:
+    for rule in spec.weight_rules(cfg) if rules is None else rules:
         groups = ([rule.source_names(i) for i in range(layers)] if rule.per_layer
                   else [rule.source_names()])
-        resolved = [tuple(_source_name(n, available, module) for n in g) for g in groups]
+        resolved = [tuple(_source_name(n, available, spec) for n in g) for g in groups]
         missing += [n for g, r in zip(groups, resolved) for n, m in zip(g, r) if m is None]
         if any(None in group for group in resolved):
             continue
         used.update(name for group in resolved for name in group)
-        spec = specs[rule.target]
-        _check_shape(rule, resolved, source, spec.shape)
-        plan.append(PlannedArray(rule, tuple(resolved), spec.axes))
-    tied = _check_tied(module, cfg, source)
-    ignored = _check_coverage(plan, missing, available - used - set(tied), specs, module, source)
+        target = specs[rule.target]
+        _check_shape(rule, resolved, source, target.shape)
+        plan.append(PlannedArray(rule, tuple(resolved), target.axes))
+    tied = _check_tied(spec, cfg, source)
+    ignored = _check_coverage(plan, missing, available - used - set(tied), specs, spec, source)
     return SourcePlan(plan, sorted(ignored + tied))
 
 
-def _check_tied(module, cfg, source: SafetensorsSource) -> list[str]:
+def _check_tied(spec: FamilySpec, cfg, source: SafetensorsSource) -> list[str]:
     """Redundant copies of tied tensors present in the source, each checked to be equal to
     the tensor it is tied to; ConvertError naming both when one differs."""
     redundant = []
-    for copy, canonical in module.tied_weights(cfg):
-        copy_name = _source_name(copy, source.names(), module)
-        canonical_name = _source_name(canonical, source.names(), module)
+    for copy, canonical in spec.tied_weights(cfg):
+        copy_name = _source_name(copy, source.names(), spec)
+        canonical_name = _source_name(canonical, source.names(), spec)
         if copy_name is None or canonical_name is None:
             continue
         a, b = source.read(copy_name), source.read(canonical_name)
@@ -152,15 +152,15 @@ def _check_shape(rule: WeightRule, groups, source: SafetensorsSource, target_sha
                 "implied by config.json")
 
 
-def _check_coverage(plan, missing, unused, specs, module, source) -> None:
+def _check_coverage(plan, missing, unused, specs, spec: FamilySpec, source) -> None:
     if missing:
         files = sorted({str(f) for f in source.file_of.values()}) or ["<no files>"]
         raise ConvertError(f"{files[0]}: missing tensors {sorted(missing)[:8]}"
                            + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
-    unexpected = sorted(n for n in unused if not _is_ignored(n, module))
+    unexpected = sorted(n for n in unused if not _is_ignored(n, spec))
     if unexpected:
         path = source.file_of[unexpected[0]]
-        raise ConvertError(f"{path}: tensors that this {module.FAMILY} model does not use: "
+        raise ConvertError(f"{path}: tensors that this {spec.name} model does not use: "
                            f"{unexpected[:8]} (refusing to drop weights silently)")
     uncovered = set(specs) - {p.rule.target for p in plan}
     if uncovered:
@@ -202,36 +202,36 @@ def _check_range(array: np.ndarray, dtype, name: str, path) -> None:
                            "inf); convert to float32 or bfloat16, or pass --allow-overflow")
 
 
-def source_layout(module, layout: str):
+def source_layout(spec: FamilySpec, layout: str):
     """A family's foreign `SourceLayout` by name (None for Hugging Face's own layout)."""
     if layout == "hf":
         return None
-    layouts = getattr(module, "SOURCE_LAYOUTS", {})
+    layouts = spec.source_layouts
     if layout not in layouts:
-        raise UsageError(f"--layout {layout!r}: the {module.FAMILY} family converts from "
+        raise UsageError(f"--layout {layout!r}: the {spec.name} family converts from "
                          f"{', '.join(['hf', *layouts])}")
     return layouts[layout]
 
 
-def source_module(src: pathlib.Path, family: str, layout: str):
-    """The family module converting `src`: from config.json's model_type (Hugging Face's
+def source_family(src: pathlib.Path, family: str, layout: str) -> FamilySpec:
+    """The spec of the family converting `src`: from config.json's model_type (Hugging Face's
     layout) or from --family (required for a foreign `layout`, checked before any read)."""
     if layout == "hf":
-        return family_module(resolve_family(read_hf_config(src), family, src / "config.json"))
+        return family_spec(resolve_family(read_hf_config(src), family, src / "config.json"))
     if family == "auto":
         raise UsageError(f"--layout {layout} needs --family (the source has no model_type)")
-    module = family_module(resolve_family({}, family, src / "config.json"))
-    source_layout(module, layout)  # a bad --layout fails here
-    return module
+    spec = family_spec(resolve_family({}, family, src / "config.json"))
+    source_layout(spec, layout)  # a bad --layout fails here
+    return spec
 
 
-def source_config(src: pathlib.Path, module, layout: str, source: SafetensorsSource):
+def source_config(src: pathlib.Path, spec: FamilySpec, layout: str, source: SafetensorsSource):
     """(HF-style config dict, SourceLayout or None) of a source directory: Hugging Face's
     layout reads config.json; a foreign layout infers the architecture from the tensor
     shapes, taking labels from a config.json if there is one."""
     if layout == "hf":
         return read_hf_config(src), None
-    foreign = source_layout(module, layout)
+    foreign = source_layout(spec, layout)
     shapes = {name: source.shape(name) for name in source.names()}
     try:
         inferred = foreign.config_from_shapes(shapes)
@@ -255,36 +255,37 @@ def convert(src: str | pathlib.Path, dest: str | pathlib.Path, *, dtype: str = "
     src, dest = pathlib.Path(src), storage.checkpoint_path(dest)
     if dtype not in DTYPES:
         raise UsageError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    module = source_module(src, family, layout)
-    extras, extra_files = module.extra_sources(src)
+    spec = source_family(src, family, layout)
+    extras, extra_files = spec.read_extra_sources(src)
     with SafetensorsSource(weight_files(src) + list(extra_files), read_index(src),
                            extra_files) as source:
-        hf_config, foreign = source_config(src, module, layout, source)
-        cfg = _family_config(module, {**hf_config, **extras}, src)
-        _, abstract = abstract_model(module.FAMILY, cfg, DTYPES[dtype])
+        hf_config, foreign = source_config(src, spec, layout, source)
+        cfg = _family_config(spec, {**hf_config, **extras}, src)
+        _, abstract = abstract_model(spec.name, cfg, DTYPES[dtype])
         rules = foreign.weight_rules(cfg) if foreign else None
-        plan = plan_arrays(module, cfg, source, param_specs(abstract), rules)
-        manifest = Manifest(family=module.FAMILY, config=dataclasses.asdict(cfg), dtype=dtype,
+        plan = plan_arrays(spec, cfg, source, param_specs(abstract), rules)
+        manifest = Manifest(family=spec.name, config=dataclasses.asdict(cfg), dtype=dtype,
                             arrays={}, source={"path": str(src.absolute()),
                                                "model_type": hf_config["model_type"],
                                                "layout": layout,
                                                "ignored_tensors": plan.ignored,
-                                               **getattr(module, "CONVERSION_NOTES", {})},
-                            generation=_generation(module, src, hf_config))
-        extras = {name: src / name for name in TOKENIZER_FILES if (src / name).is_file()}
+                                               **spec.conversion_notes},
+                            generation=_generation(spec, src, hf_config))
+        extras = {name: src / name for name in spec.preprocessing_files
+                  if (src / name).is_file()}
         arrays = read_planned(plan.arrays, source, DTYPES[dtype], allow_overflow)
         return writer.write_checkpoint(dest, manifest, arrays, extras, chunk_bytes=chunk_bytes,
                                        codec=codec, overwrite=overwrite, on_array=on_array)
 
 
-def _family_config(module, hf_config: dict, src: pathlib.Path):
+def _family_config(spec: FamilySpec, hf_config: dict, src: pathlib.Path):
     try:
-        return module.Config.from_hf(hf_config)
+        return spec.config.from_hf(hf_config)
     except (KeyError, ValueError, TypeError) as err:
-        raise ConvertError(f"{src / 'config.json'}: cannot build a {module.FAMILY} config "
+        raise ConvertError(f"{src / 'config.json'}: cannot build a {spec.name} config "
                            f"({type(err).__name__}: {err})") from None
 
 
-def _generation(module, src: pathlib.Path, hf_config: dict) -> dict:
+def _generation(spec: FamilySpec, src: pathlib.Path, hf_config: dict) -> dict:
     """EOS/BOS/PAD and sampling defaults for decoders; {} for encoders."""
-    return generation_settings(src, hf_config) if module.TASK == "generate" else {}
+    return generation_settings(src, hf_config) if spec.task == "generate" else {}

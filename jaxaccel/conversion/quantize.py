@@ -22,7 +22,7 @@ from jaxaccel.models import quantization
 from jaxaccel.checkpoint import layout, writer
 from jaxaccel.checkpoint.manifest import PARAMS_DIR, Manifest
 from jaxaccel.errors import UsageError
-from jaxaccel.models import config_from_dict, family_module
+from jaxaccel.models import config_from_dict, family_spec
 from jaxaccel.models.state import abstract_model
 
 
@@ -40,11 +40,11 @@ def quantize_checkpoint(src: str | pathlib.Path, dest: str | pathlib.Path,
         raise UsageError(f"{src}: already quantized "
                          f"({quantization.manifest_scheme(manifest)}); convert it from its "
                          "full-precision checkpoint")
-    module = family_module(manifest.family)
-    copies = quantization.tied_head(module, config_from_dict(manifest.family, manifest.config),
+    family = family_spec(manifest.family)
+    copies = quantization.tied_head(family, config_from_dict(manifest.family, manifest.config),
                                     scheme)
     _, abstract = abstract_model(manifest.family, manifest.config, head_copy=bool(copies))
-    _, specs = quantization.quantize_abstract(abstract, module, scheme)
+    _, specs = quantization.quantize_abstract(abstract, family, scheme)
     info = {**scheme.to_json(), "weights": {n: s.to_json() for n, s in sorted(specs.items())},
             **({"head_copy": copies} if copies else {})}
     out = dataclasses.replace(manifest, quantization=info,

@@ -1,39 +1,37 @@
 """Model families and their registry.
 
-A family is one module (one file) plus one `register` line below. The module exposes:
+A family is one module (one file) that builds its `FamilySpec` once, as `SPEC` (the
+contract: `jaxaccel.models.family`), plus one `register` line below. Shared building blocks
+live beside the families: `layers` (matmuls, norms, activations, the layer scan),
+`attention`, `rotary`, `blocks` (the decoder layer), `kv_cache`, `weights` (weight rules).
 
-  FAMILY, TASK ("embed", "generate" or "classify"), HF_MODEL_TYPES, SOURCE_PREFIXES,
-  IGNORED_SOURCE_WEIGHTS; optionally CONVERSION_NOTES (a dict the converter records in the
-  manifest's "source", e.g. that batch norms were folded away)
-  Config: frozen dataclass with `Config.from_hf(dict)`, `num_layers`, `max_length` (the hard
-      input limit) and `default_length` (where inputs are truncated by default)
-  Model(config, dtype=, rngs=): a Flax NNX module whose parameters carry logical axes
-  weight_rules(config) -> list[WeightRule]
-  Optional: SOURCE_ALIASES (legacy name suffixes, e.g. LayerNorm.gamma for .weight),
-  tied_weights(config) -> [(redundant source, canonical source)] (a redundant tied head must
-  equal the tensor it is tied to), sentence_transformers_config(src) (encoders),
-  QUANTIZED_WEIGHTS / QUANTIZED_HEAD / TIED_HEAD (weight-only quantization, see
-  `jaxaccel.models.quantization`; a family with TIED_HEAD takes Model(..., head_copy=True))
-
-Nothing outside a family's module tests which family it is: the runtime asks the registry
-for the family's task, and everything else comes from the config and the parameters' axes.
+Nothing outside this package tests which family it is: callers ask the registry for a
+family's spec (`family_spec`) and read its fields; everything else comes from the config and
+the parameters' logical axes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
-from types import ModuleType
 
 from jaxaccel.errors import UnknownFamilyError
+from jaxaccel.models.family import TASKS, ActivationShape, FamilySpec  # noqa: F401
 
-TASKS = ("embed", "generate", "classify")
-_FAMILY_MODULES: dict[str, str] = {}
+# family name -> its spec, or the import path of the module that builds it (imported lazily,
+# so that `import jaxaccel.models` stays light)
+_FAMILIES: dict[str, FamilySpec | str] = {}
 
 
 def register(family: str, module: str) -> None:
-    """Make `family` known; `module` is the import path of its one file (imported lazily)."""
-    _FAMILY_MODULES[family] = module
+    """Make `family` known; `module` is the import path of its one file, which defines
+    `SPEC`, a FamilySpec named `family` (imported on first use)."""
+    _FAMILIES[family] = module
+
+
+def register_spec(spec: FamilySpec) -> None:
+    """Make an already built family known (one defined outside this package)."""
+    _FAMILIES[spec.name] = spec
 
 
 register("bert", "jaxaccel.models.bert")
@@ -43,20 +41,28 @@ register("resnet", "jaxaccel.models.resnet")
 
 
 def known_families() -> list[str]:
-    return sorted(_FAMILY_MODULES)
+    return sorted(_FAMILIES)
 
 
-def family_module(family: str) -> ModuleType:
-    if family not in _FAMILY_MODULES:
+def family_spec(family: str) -> FamilySpec:
+    """The registered spec of `family`; UnknownFamilyError naming the known ones."""
+    if family not in _FAMILIES:
         raise UnknownFamilyError(
             f"unknown model family {family!r}; known families: {', '.join(known_families())}")
-    return importlib.import_module(_FAMILY_MODULES[family])
+    entry = _FAMILIES[family]
+    if isinstance(entry, str):
+        spec = importlib.import_module(entry).SPEC
+        if spec.name != family:
+            raise UnknownFamilyError(f"{entry} defines family {spec.name!r}, registered as "
+                                     f"{family!r}")
+        _FAMILIES[family] = entry = spec
+    return entry
 
 
 def task(family: str) -> str:
     """What a family's checkpoints are run for: "embed" (encoders), "generate" (decoders) or
     "classify" (image classifiers)."""
-    return family_module(family).TASK
+    return family_spec(family).task
 
 
 def families_for(task_name: str) -> list[str]:
@@ -66,8 +72,8 @@ def families_for(task_name: str) -> list[str]:
 
 def family_for_model_type(model_type: str) -> str:
     """Map a Hugging Face `model_type` to a family name."""
-    for family in _FAMILY_MODULES:
-        if model_type in family_module(family).HF_MODEL_TYPES:
+    for family in known_families():
+        if model_type in family_spec(family).hf_model_types:
             return family
     raise UnknownFamilyError(f"unsupported model_type {model_type!r}")
 
@@ -82,7 +88,7 @@ def first_token_id(value) -> int | None:
 
 def config_from_dict(family: str, values: dict):
     """Rebuild a family's Config from the manifest's JSON (unknown keys are an error)."""
-    config_cls = family_module(family).Config
+    config_cls = family_spec(family).config
     names = {f.name for f in dataclasses.fields(config_cls)}
     unknown = set(values) - names
     if unknown:

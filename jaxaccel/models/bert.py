@@ -17,8 +17,9 @@ from flax import nnx
 
 from jaxaccel.parallel import sharding as ax
 from jaxaccel.errors import ConvertError
-from jaxaccel.models import layers, pooling
+from jaxaccel.models import activation_memory, layers, pooling
 from jaxaccel.models.attention import attention
+from jaxaccel.models.family import TOKENIZER_FILES, FamilySpec
 from jaxaccel.models.weights import (
     WeightRule,
     transpose_to,
@@ -27,21 +28,6 @@ from jaxaccel.models.weights import (
 )
 from jaxaccel.utils.files import read_json
 
-FAMILY = "bert"
-TASK = "embed"
-HF_MODEL_TYPES = ("bert",)
-# Source tensors a converter may see but that the embedding pipeline does not use.
-# Matched after any SOURCE_PREFIXES prefix is removed (so `bert.pooler.*` is ignored too): the
-# pooler, the MLM/NSP heads of BertForPreTraining, and task heads (classifier, QA).
-IGNORED_SOURCE_WEIGHTS = (r"^pooler\.", r"position_ids$", r"^cls\.", r"^classifier\.",
-                          r"^qa_outputs\.")
-# BertModel checkpoints name tensors bare; BertFor* heads prefix the encoder with `bert.`.
-SOURCE_PREFIXES = ("", "bert.")
-# The original TF-converted checkpoints (bert-base-uncased) name LayerNorm gamma/beta.
-SOURCE_ALIASES = (("LayerNorm.weight", "LayerNorm.gamma"), ("LayerNorm.bias", "LayerNorm.beta"))
-# Weight-only quantization (`jaxaccel.models.quantization`): matmul weights -> their contraction axes.
-QUANTIZED_WEIGHTS = {"blocks.wq_dnh": (0,), "blocks.wk_dnh": (0,), "blocks.wv_dnh": (0,),
-                     "blocks.wo_nhd": (0, 1), "blocks.wi_df": (0,), "blocks.wm_fd": (0,)}
 ST_MODULE = "sentence_transformers.models."
 # A Dense module's weights enter the converter's source under this prefix.
 DENSE_SOURCE_PREFIX = "st_dense."
@@ -168,17 +154,16 @@ class Block(nnx.Module):
         self.act = cfg.hidden_act
 
     def __call__(self, x_btd, mask_bts):
-        dt = x_btd.dtype
-        q = layers.heads_in(x_btd, self.wq_dnh[...]) + self.bq_nh[...].astype(dt)
-        k = layers.heads_in(x_btd, self.wk_dnh[...]) + self.bk_nh[...].astype(dt)
-        v = layers.heads_in(x_btd, self.wv_dnh[...]) + self.bv_nh[...].astype(dt)
+        q = layers.add_bias(layers.heads_in(x_btd, self.wq_dnh[...]), self.bq_nh)
+        k = layers.add_bias(layers.heads_in(x_btd, self.wk_dnh[...]), self.bk_nh)
+        v = layers.add_bias(layers.heads_in(x_btd, self.wv_dnh[...]), self.bv_nh)
         a_btnh, _ = attention(q, k, v, mask_bts)
-        a_btd = layers.heads_out(a_btnh, self.wo_nhd[...]) + self.bo_d[...].astype(dt)
+        a_btd = layers.add_bias(layers.heads_out(a_btnh, self.wo_nhd[...]), self.bo_d)
         x_btd = layers.layer_norm(x_btd + a_btd, self.attn_norm_scale_d[...],
                                   self.attn_norm_bias_d[...], self.eps)
-        m_btf = layers.einsum("btd,df->btf", x_btd, self.wi_df[...]) + self.bi_f[...].astype(dt)
+        m_btf = layers.add_bias(layers.einsum("btd,df->btf", x_btd, self.wi_df[...]), self.bi_f)
         m_btf = layers.activation(self.act)(m_btf)
-        m_btd = layers.einsum("btf,fd->btd", m_btf, self.wm_fd[...]) + self.bm_d[...].astype(dt)
+        m_btd = layers.add_bias(layers.einsum("btf,fd->btd", m_btf, self.wm_fd[...]), self.bm_d)
         return layers.layer_norm(x_btd + m_btd, self.mlp_norm_scale_d[...],
                                  self.mlp_norm_bias_d[...], self.eps)
 
@@ -269,11 +254,6 @@ def weight_rules(cfg: Config) -> list[WeightRule]:
     return rules
 
 
-def tied_weights(cfg: Config) -> list[tuple[str, str]]:
-    """No tied tensors in an encoder."""
-    return []
-
-
 # sentence-transformers metadata ------------------------------------------------------------
 
 def extra_sources(src: pathlib.Path) -> tuple[dict, dict]:
@@ -346,3 +326,20 @@ def _dense(directory: pathlib.Path) -> tuple[dict, dict]:
                            f"({err!r})") from None
     return values, {weights: DENSE_SOURCE_PREFIX}
 
+
+SPEC = FamilySpec(
+    name="bert", task="embed", hf_model_types=("bert",), config=Config, model=Model,
+    weight_rules=weight_rules, activation_bytes=activation_memory.encoder_bytes,
+    # BertModel checkpoints name tensors bare; BertFor* heads prefix the encoder with `bert.`.
+    source_prefixes=("", "bert."),
+    # The original TF-converted checkpoints (bert-base-uncased) name LayerNorm gamma/beta.
+    source_aliases=(("LayerNorm.weight", "LayerNorm.gamma"), ("LayerNorm.bias", "LayerNorm.beta")),
+    # Source tensors a converter may see but that the embedding pipeline does not use, matched
+    # after a prefix is removed (so `bert.pooler.*` is ignored too): the pooler, the MLM/NSP
+    # heads of BertForPreTraining, and task heads (classifier, QA).
+    ignored_source_weights=(r"^pooler\.", r"position_ids$", r"^cls\.", r"^classifier\.",
+                            r"^qa_outputs\."),
+    metadata_files=("sentence_bert_config.json", "modules.json"),
+    preprocessing_files=TOKENIZER_FILES, read_extra_sources=extra_sources,
+    quantized_weights={"blocks.wq_dnh": (0,), "blocks.wk_dnh": (0,), "blocks.wv_dnh": (0,),
+                       "blocks.wo_nhd": (0, 1), "blocks.wi_df": (0,), "blocks.wm_fd": (0,)})

@@ -16,29 +16,11 @@ import dataclasses
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxaccel.parallel import sharding as ax
-from jaxaccel.models import first_token_id, layers
-from jaxaccel.models.attention import attention
+from jaxaccel.models import activation_memory, blocks, first_token_id, layers
+from jaxaccel.models.family import TOKENIZER_FILES, FamilySpec
 from jaxaccel.models.kv_cache import KVCache
 from jaxaccel.models.weights import WeightRule
-
-FAMILY = "gpt2"
-TASK = "generate"
-HF_MODEL_TYPES = ("gpt2",)
-# `attn.bias`/`attn.masked_bias` are old causal-mask buffers. A tied `lm_head.weight` is
-# checked against `wte` (see `tied_weights`), not ignored.
-IGNORED_SOURCE_WEIGHTS = (r"\.attn\.bias$", r"\.attn\.masked_bias$")
-SOURCE_ALIASES = ()
-# Weight-only quantization (`jaxaccel.models.quantization`): matmul weights -> their contraction axes;
-# the head [v, d] only with `head=True`. A tied head quantized is a copy of the embedding
-# table (TIED_HEAD: head, table), which the lookup keeps in the compute dtype.
-QUANTIZED_WEIGHTS = {"blocks.wq_dnh": (0,), "blocks.wk_dkh": (0,), "blocks.wv_dkh": (0,),
-                     "blocks.wo_nhd": (0, 1), "blocks.wi_df": (0,), "blocks.wm_fd": (0,)}
-QUANTIZED_HEAD = {"lm_head_vd": (1,)}
-TIED_HEAD = ("lm_head_vd", "token_vd")
-# GPT2Model names tensors bare; GPT2LMHeadModel prefixes them with `transformer.`.
-SOURCE_PREFIXES = ("", "transformer.")
-
+from jaxaccel.parallel import sharding as ax
 
 @dataclasses.dataclass(frozen=True)
 class Config:
@@ -70,6 +52,13 @@ class Config:
     def max_length(self) -> int:
         return self.max_position_embeddings
 
+    @property
+    def layout(self) -> blocks.DecoderLayout:
+        """Pre-LayerNorm, biases everywhere, a plain MLP, learned positions (no rotary)."""
+        return blocks.DecoderLayout(norm="layer", norm_eps=self.layer_norm_eps,
+                                    activation=self.hidden_act, gated_mlp=False, rotary=False,
+                                    qkv_bias=True, o_bias=True, mlp_bias=True)
+
     @classmethod
     def from_hf(cls, hf: dict) -> "Config":
         if hf.get("scale_attn_by_inverse_layer_idx"):
@@ -91,50 +80,6 @@ class Config:
                    tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)))
 
 
-class Block(nnx.Module):
-    """One pre-norm decoder layer; built stacked over `num_layers` (leading layers axis)."""
-
-    def __init__(self, cfg: Config, *, dtype, rngs: nnx.Rngs, num_layers: int | None = None):
-        d, n, h, f = cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.intermediate_size
-        p = lambda shape, axes, init=layers.normal_init(): layers.make_param(  # noqa: E731
-            rngs, shape, axes, dtype, init, num_layers)
-        qkv, kv = (ax.EMBED, ax.HEADS, ax.HEAD_DIM), (ax.EMBED, ax.KV_HEADS, ax.HEAD_DIM)
-        self.attn_norm_scale_d = p((d,), (ax.EMBED,), layers.ones_init)
-        self.attn_norm_bias_d = p((d,), (ax.EMBED,), layers.zeros_init)
-        self.wq_dnh = p((d, n, h), qkv)
-        self.wk_dkh, self.wv_dkh = p((d, n, h), kv), p((d, n, h), kv)
-        self.bq_nh = p((n, h), (ax.HEADS, ax.HEAD_DIM), layers.zeros_init)
-        self.bk_kh = p((n, h), (ax.KV_HEADS, ax.HEAD_DIM), layers.zeros_init)
-        self.bv_kh = p((n, h), (ax.KV_HEADS, ax.HEAD_DIM), layers.zeros_init)
-        self.wo_nhd = p((n, h, d), (ax.HEADS, ax.HEAD_DIM, ax.EMBED))
-        self.bo_d = p((d,), (ax.EMBED,), layers.zeros_init)
-        self.mlp_norm_scale_d = p((d,), (ax.EMBED,), layers.ones_init)
-        self.mlp_norm_bias_d = p((d,), (ax.EMBED,), layers.zeros_init)
-        self.wi_df = p((d, f), (ax.EMBED, ax.MLP))
-        self.bi_f = p((f,), (ax.MLP,), layers.zeros_init)
-        self.wm_fd = p((f, d), (ax.MLP, ax.EMBED))
-        self.bm_d = p((d,), (ax.EMBED,), layers.zeros_init)
-        self.eps = cfg.layer_norm_eps
-        self.act = cfg.hidden_act
-
-    def __call__(self, x_btd, mask_btt, cached, cached_mask_bts):
-        dt = x_btd.dtype
-        y_btd = layers.layer_norm(x_btd, self.attn_norm_scale_d[...], self.attn_norm_bias_d[...],
-                                  self.eps)
-        q_btnh = layers.heads_in(y_btd, self.wq_dnh[...]) + self.bq_nh[...].astype(dt)
-        k_btkh = layers.heads_in(y_btd, self.wk_dkh[...]) + self.bk_kh[...].astype(dt)
-        v_btkh = layers.heads_in(y_btd, self.wv_dkh[...]) + self.bv_kh[...].astype(dt)
-        a_btnh, new_kv = attention(q_btnh, k_btkh, v_btkh, mask_btt, cached, cached_mask_bts)
-        x_btd = x_btd + layers.heads_out(a_btnh, self.wo_nhd[...]) + self.bo_d[...].astype(dt)
-        y_btd = layers.layer_norm(x_btd, self.mlp_norm_scale_d[...], self.mlp_norm_bias_d[...],
-                                  self.eps)
-        m_btf = layers.matmul(y_btd, self.wi_df[...]) + self.bi_f[...].astype(dt)
-        m_btf = layers.activation(self.act)(m_btf)
-        m_btd = layers.matmul(m_btf, self.wm_fd[...])
-        x_btd = x_btd + m_btd + self.bm_d[...].astype(dt)
-        return x_btd, new_kv
-
-
 class Model(nnx.Module):
     def __init__(self, cfg: Config, *, dtype=jnp.float32, rngs: nnx.Rngs,
                  head_copy: bool = False):
@@ -145,7 +90,8 @@ class Model(nnx.Module):
         self.token_vd = layers.make_param(rngs, (cfg.vocab_size, d), (ax.VOCAB, ax.EMBED), dtype)
         self.position_pd = layers.make_param(rngs, (cfg.max_position_embeddings, d),
                                              (None, ax.EMBED), dtype)
-        self.blocks = Block(cfg, dtype=dtype, rngs=rngs, num_layers=cfg.num_layers)
+        self.blocks = blocks.DecoderBlock(cfg, cfg.layout, dtype=dtype, rngs=rngs,
+                                          num_layers=cfg.num_layers)
         self.norm_scale_d = layers.make_param(rngs, (d,), (ax.EMBED,), dtype, layers.ones_init)
         self.norm_bias_d = layers.make_param(rngs, (d,), (ax.EMBED,), dtype, layers.zeros_init)
         head = lambda: layers.make_param(rngs, (cfg.vocab_size, d), (ax.VOCAB, ax.EMBED), dtype)  # noqa: E731
@@ -156,19 +102,9 @@ class Model(nnx.Module):
         """Final hidden states [b, t, d] and this call's keys/values [l, b, k, t, h]."""
         x_btd = (layers.lookup(self.token_vd[...], ids_bt)
                  + layers.lookup(self.position_pd[...], positions_bt))
-
-        # Batch-dependent inputs ride in the carry ([b, ...]) and the cache in xs ([l, b, ...]),
-        # never in the body's closure, so `jaxaccel.parallel.pipeline` can split them into microbatches.
-        def body(block, carry, cached):
-            x_btd, mask_btt, cache_mask_bts = carry
-            x_btd, new_kv = block(x_btd, mask_btt, cached, cache_mask_bts)
-            return (x_btd, mask_btt, cache_mask_bts), new_kv
-
-        (x_btd, _, _), new_kv = layers.scan_layers(
-            self.blocks, (x_btd, mask_btt, cache_mask_bts), body, cache)
-        x_btd = layers.layer_norm(x_btd, self.norm_scale_d[...], self.norm_bias_d[...],
-                                  self.config.layer_norm_eps)
-        return x_btd, new_kv
+        x_btd, new_kv = blocks.run_layers(self.blocks, x_btd, None, mask_btt, cache,
+                                          cache_mask_bts)
+        return blocks.norm(self.config.layout, x_btd, self.norm_scale_d, self.norm_bias_d), new_kv
 
     def logits(self, x_btd):
         """Float32 logits [b, t, v] from the tied token embedding, or the head (untied, or
@@ -226,6 +162,15 @@ def tied_weights(cfg: Config) -> list[tuple[str, str]]:
     return [("lm_head.weight", "wte.weight")] if cfg.tie_word_embeddings else []
 
 
-def extra_sources(src) -> tuple[dict, dict]:
-    """Config values and weight files beyond config.json and the model's safetensors: none."""
-    return {}, {}
+SPEC = FamilySpec(
+    name="gpt2", task="generate", hf_model_types=("gpt2",), config=Config, model=Model,
+    weight_rules=weight_rules, activation_bytes=activation_memory.decoder_bytes,
+    # GPT2Model names tensors bare; GPT2LMHeadModel prefixes them with `transformer.`.
+    source_prefixes=("", "transformer."),
+    # `attn.bias`/`attn.masked_bias` are old causal-mask buffers. A tied `lm_head.weight` is
+    # checked against `wte` (see `tied_weights`), not ignored.
+    ignored_source_weights=(r"\.attn\.bias$", r"\.attn\.masked_bias$"),
+    tied_weights=tied_weights, preprocessing_files=TOKENIZER_FILES,
+    # A tied head quantized is a copy of the embedding table, which the lookup keeps.
+    quantized_weights=blocks.quantized_weights(gated_mlp=False),
+    quantized_head={"lm_head_vd": (1,)}, tied_head=("lm_head_vd", "token_vd"))

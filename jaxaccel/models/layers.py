@@ -93,6 +93,11 @@ def head_logits(x_btd, head_vd) -> jax.Array:
     return backends.current().head_logits(x_btd, head_vd)
 
 
+def add_bias(x, bias: nnx.Param | None):
+    """x + bias (in x's dtype) for an optional bias parameter."""
+    return x if bias is None else x + bias[...].astype(x.dtype)
+
+
 def layer_norm(x, scale, bias, eps: float):
     x32 = x.astype(jnp.float32)
     mean = x32.mean(-1, keepdims=True)

@@ -6,24 +6,19 @@ Covers Hugging Face `llama` (optionally with `attention_bias`/`mlp_bias` and tie
 Shape legend as in `layers`: b batch, t new tokens, s cache slots, d model, n heads,
 k kv heads, h head dim, f mlp, v vocab, l layers, r rotary frequencies (h / 2).
 
-Rotary layout: Meta's original checkpoints rotate interleaved (even, odd) pairs; Hugging
-Face's conversion permuted the q/k projection rows so that the pairs become (i, i + h/2) and
-applies `rotate_half`. We read the Hugging Face weights unpermuted and rotate halves the same
-way, which is exactly equivalent; the parity tests check it against transformers.
+The layer is `blocks.DecoderBlock` (RMSNorm, rotary, gated MLP); rotary scaling variants
+are `rotary`'s. What the Hugging Face model types change is data (`MODEL_TYPES`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from jaxaccel.parallel import sharding as ax
-from jaxaccel.models import first_token_id, layers
-from jaxaccel.models.attention import attention
+from jaxaccel.models import activation_memory, blocks, first_token_id, layers, rotary
+from jaxaccel.models.family import TOKENIZER_FILES, FamilySpec
 from jaxaccel.models.kv_cache import KVCache
 from jaxaccel.models.weights import (
     WeightRule,
@@ -31,25 +26,25 @@ from jaxaccel.models.weights import (
     unstack_heads_in,
     unstack_heads_out,
 )
+from jaxaccel.parallel import sharding as ax
 
-FAMILY = "llama"
-TASK = "generate"
-HF_MODEL_TYPES = ("llama", "mistral", "qwen2")
-IGNORED_SOURCE_WEIGHTS = (r"rotary_emb\.inv_freq$",)
-SOURCE_ALIASES = ()
-# Weight-only quantization (`jaxaccel.models.quantization`): matmul weights -> their contraction axes;
-# the head [v, d] only with `head=True`. A tied head quantized is a copy of the embedding
-# table (TIED_HEAD: head, table), which the lookup keeps in the compute dtype.
-QUANTIZED_WEIGHTS = {"blocks.wq_dnh": (0,), "blocks.wk_dkh": (0,), "blocks.wv_dkh": (0,),
-                     "blocks.wo_nhd": (0, 1), "blocks.wg_df": (0,), "blocks.wu_df": (0,),
-                     "blocks.wm_fd": (0,)}
-QUANTIZED_HEAD = {"lm_head_vd": (1,)}
-TIED_HEAD = ("lm_head_vd", "token_vd")
-# LlamaModel names tensors bare; LlamaForCausalLM prefixes the body with `model.` (but not
-# `lm_head.weight`, which is looked up bare first).
-SOURCE_PREFIXES = ("", "model.")
-ROPE_TYPES = ("default", "linear", "llama3")
 
+@dataclasses.dataclass(frozen=True)
+class ModelType:
+    """How one Hugging Face `model_type` reads config.json into this family's Config."""
+
+    # q/k/v and output projection biases: None reads config.json's `attention_bias` (both).
+    qkv_bias: bool | None = None
+    o_bias: bool | None = None
+    # A config.json key that must be true for `sliding_window` to apply (None: it applies).
+    sliding_window_switch: str | None = None
+
+
+MODEL_TYPES = {
+    "llama": ModelType(),
+    "mistral": ModelType(),  # no sliding window beyond the generated length
+    "qwen2": ModelType(qkv_bias=True, o_bias=False, sliding_window_switch="use_sliding_window"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,8 +89,9 @@ class Config:
         if n % k:
             raise ValueError(f"num_attention_heads={n} must be a multiple of "
                              f"num_key_value_heads={k}")
-        model_type = hf.get("model_type", "llama")
-        qwen2 = model_type == "qwen2"
+        # A source converted with --family llama may name another model type: read as Llama.
+        kind = MODEL_TYPES.get(hf.get("model_type"), MODEL_TYPES["llama"])
+        attention_bias = bool(hf.get("attention_bias", False))
         return cls(vocab_size=hf["vocab_size"], hidden_size=d, num_layers=hf["num_hidden_layers"],
                    num_heads=n, num_kv_heads=k, intermediate_size=hf["intermediate_size"],
                    head_dim=hf.get("head_dim") or d // n,
@@ -103,125 +99,27 @@ class Config:
                    rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
                    hidden_act=hf.get("hidden_act", "silu"),
                    tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                   qkv_bias=qwen2 or bool(hf.get("attention_bias", False)),
-                   o_bias=not qwen2 and bool(hf.get("attention_bias", False)),
+                   qkv_bias=attention_bias if kind.qkv_bias is None else kind.qkv_bias,
+                   o_bias=attention_bias if kind.o_bias is None else kind.o_bias,
                    mlp_bias=bool(hf.get("mlp_bias", False)),
-                   sliding_window=_sliding_window(hf),
+                   sliding_window=_sliding_window(hf, kind),
                    bos_token_id=first_token_id(hf.get("bos_token_id")),
                    eos_token_id=first_token_id(hf.get("eos_token_id")),
-                   **_rope_fields(hf))
+                   **rotary.rope_fields(hf))
+
+    @property
+    def layout(self) -> blocks.DecoderLayout:
+        """Pre-RMSNorm, rotary, a gated MLP; biases as config.json says."""
+        return blocks.DecoderLayout(norm="rms", norm_eps=self.rms_norm_eps,
+                                    activation=self.hidden_act, gated_mlp=True, rotary=True,
+                                    qkv_bias=self.qkv_bias, o_bias=self.o_bias,
+                                    mlp_bias=self.mlp_bias)
 
 
-def _sliding_window(hf: dict) -> int | None:
-    if hf.get("model_type") == "qwen2" and not hf.get("use_sliding_window", False):
+def _sliding_window(hf: dict, kind: ModelType) -> int | None:
+    if kind.sliding_window_switch and not hf.get(kind.sliding_window_switch, False):
         return None
     return hf.get("sliding_window")
-
-
-def _rope_fields(hf: dict) -> dict:
-    """Flatten transformers' `rope_parameters` (5.x) or `rope_scaling` + `rope_theta` (4.x)."""
-    params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type not in ROPE_TYPES:
-        raise ValueError(f"unsupported rope type {rope_type!r}; supported: {ROPE_TYPES}")
-    fields = {"rope_theta": float(params.get("rope_theta", hf.get("rope_theta", 10000.0))),
-              "rope_type": rope_type, "rope_factor": float(params.get("factor", 1.0))}
-    if rope_type == "llama3":
-        fields.update(rope_low_freq_factor=float(params["low_freq_factor"]),
-                      rope_high_freq_factor=float(params["high_freq_factor"]),
-                      rope_original_max_position_embeddings=int(
-                          params["original_max_position_embeddings"]))
-    return fields
-
-
-def inverse_frequencies(cfg: Config) -> np.ndarray:
-    """Rotary inverse frequencies [r], with the config's scaling applied (float64, static)."""
-    h = cfg.head_dim
-    inv_freq = 1.0 / cfg.rope_theta ** (np.arange(0, h, 2, dtype=np.float64) / h)
-    if cfg.rope_type == "linear":
-        return inv_freq / cfg.rope_factor
-    if cfg.rope_type == "llama3":
-        return _llama3_scaling(inv_freq, cfg)
-    return inv_freq
-
-
-def _llama3_scaling(inv_freq: np.ndarray, cfg: Config) -> np.ndarray:
-    """Llama 3.1: slow long wavelengths by `factor`, keep short ones, blend in between."""
-    old_len = cfg.rope_original_max_position_embeddings
-    low, high = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
-    wavelen = 2 * math.pi / inv_freq
-    scaled = np.where(wavelen > old_len / low, inv_freq / cfg.rope_factor, inv_freq)
-    smooth = (old_len / wavelen - low) / (high - low)
-    blended = (1 - smooth) * scaled / cfg.rope_factor + smooth * scaled
-    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
-    return np.where(medium, blended, scaled)
-
-
-def rotary_tables(positions_bt, cfg: Config):
-    """cos and sin [b, t, r] in float32 for the given absolute positions."""
-    inv_freq_r = jnp.asarray(inverse_frequencies(cfg), jnp.float32)
-    angles_btr = positions_bt.astype(jnp.float32)[..., None] * inv_freq_r
-    return jnp.cos(angles_btr), jnp.sin(angles_btr)
-
-
-def apply_rotary(x_btnh, cos_btr, sin_btr):
-    """Rotate (i, i + h/2) pairs (HF `rotate_half` layout) in float32."""
-    x32 = x_btnh.astype(jnp.float32)
-    r = x32.shape[-1] // 2
-    x1, x2 = x32[..., :r], x32[..., r:]
-    cos, sin = cos_btr[:, :, None], sin_btr[:, :, None]
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x_btnh.dtype)
-
-
-class Block(nnx.Module):
-    """One pre-norm decoder layer; built stacked over `num_layers` (leading layers axis)."""
-
-    def __init__(self, cfg: Config, *, dtype, rngs: nnx.Rngs, num_layers: int | None = None):
-        d, n, k, h, f = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                         cfg.intermediate_size)
-        p = lambda shape, axes, init=layers.normal_init(): layers.make_param(  # noqa: E731
-            rngs, shape, axes, dtype, init, num_layers)
-        zero = layers.zeros_init
-        self.attn_norm_scale_d = p((d,), (ax.EMBED,), layers.ones_init)
-        self.wq_dnh = p((d, n, h), (ax.EMBED, ax.HEADS, ax.HEAD_DIM))
-        self.wk_dkh = p((d, k, h), (ax.EMBED, ax.KV_HEADS, ax.HEAD_DIM))
-        self.wv_dkh = p((d, k, h), (ax.EMBED, ax.KV_HEADS, ax.HEAD_DIM))
-        self.wo_nhd = p((n, h, d), (ax.HEADS, ax.HEAD_DIM, ax.EMBED))
-        self.bq_nh = p((n, h), (ax.HEADS, ax.HEAD_DIM), zero) if cfg.qkv_bias else None
-        self.bk_kh = p((k, h), (ax.KV_HEADS, ax.HEAD_DIM), zero) if cfg.qkv_bias else None
-        self.bv_kh = p((k, h), (ax.KV_HEADS, ax.HEAD_DIM), zero) if cfg.qkv_bias else None
-        self.bo_d = p((d,), (ax.EMBED,), zero) if cfg.o_bias else None
-        self.mlp_norm_scale_d = p((d,), (ax.EMBED,), layers.ones_init)
-        self.wg_df = p((d, f), (ax.EMBED, ax.MLP))
-        self.wu_df = p((d, f), (ax.EMBED, ax.MLP))
-        self.wm_fd = p((f, d), (ax.MLP, ax.EMBED))
-        self.bg_f = p((f,), (ax.MLP,), zero) if cfg.mlp_bias else None
-        self.bu_f = p((f,), (ax.MLP,), zero) if cfg.mlp_bias else None
-        self.bm_d = p((d,), (ax.EMBED,), zero) if cfg.mlp_bias else None
-        self.eps = cfg.rms_norm_eps
-        self.act = cfg.hidden_act
-
-    def __call__(self, x_btd, rotary, mask_btt, cached, cached_mask_bts):
-        y_btd = layers.rms_norm(x_btd, self.attn_norm_scale_d[...], self.eps)
-        q_btnh = _add_bias(layers.heads_in(y_btd, self.wq_dnh[...]), self.bq_nh)
-        k_btkh = _add_bias(layers.heads_in(y_btd, self.wk_dkh[...]), self.bk_kh)
-        v_btkh = _add_bias(layers.heads_in(y_btd, self.wv_dkh[...]), self.bv_kh)
-        q_btnh = apply_rotary(q_btnh, *rotary)
-        k_btkh = apply_rotary(k_btkh, *rotary)
-        a_btnh, new_kv = attention(q_btnh, k_btkh, v_btkh, mask_btt, cached, cached_mask_bts)
-        x_btd = x_btd + _add_bias(layers.heads_out(a_btnh, self.wo_nhd[...]), self.bo_d)
-        y_btd = layers.rms_norm(x_btd, self.mlp_norm_scale_d[...], self.eps)
-        g_btf = _add_bias(layers.matmul(y_btd, self.wg_df[...]), self.bg_f)
-        u_btf = _add_bias(layers.matmul(y_btd, self.wu_df[...]), self.bu_f)
-        m_btf = layers.activation(self.act)(g_btf) * u_btf
-        x_btd = x_btd + _add_bias(layers.matmul(m_btf, self.wm_fd[...]), self.bm_d)
-        return x_btd, new_kv
-
-
-def _add_bias(x, bias: nnx.Param | None):
-    """x + bias for an optional bias."""
-    return x if bias is None else x + bias[...].astype(x.dtype)
 
 
 class Model(nnx.Module):
@@ -232,7 +130,8 @@ class Model(nnx.Module):
         d = cfg.hidden_size
         self.config = cfg
         self.token_vd = layers.make_param(rngs, (cfg.vocab_size, d), (ax.VOCAB, ax.EMBED), dtype)
-        self.blocks = Block(cfg, dtype=dtype, rngs=rngs, num_layers=cfg.num_layers)
+        self.blocks = blocks.DecoderBlock(cfg, cfg.layout, dtype=dtype, rngs=rngs,
+                                          num_layers=cfg.num_layers)
         self.norm_scale_d = layers.make_param(rngs, (d,), (ax.EMBED,), dtype, layers.ones_init)
         head = lambda: layers.make_param(rngs, (cfg.vocab_size, d), (ax.VOCAB, ax.EMBED), dtype)  # noqa: E731
         self.lm_head_vd = head() if head_copy or not cfg.tie_word_embeddings else None
@@ -241,18 +140,10 @@ class Model(nnx.Module):
                  cache_mask_bts=None):
         """Final hidden states [b, t, d] and this call's keys/values [l, b, k, t, h]."""
         x_btd = layers.lookup(self.token_vd[...], ids_bt)
-        cos_btr, sin_btr = rotary_tables(positions_bt, self.config)
-
-        # Batch-dependent inputs ride in the carry ([b, ...]) and the cache in xs ([l, b, ...]),
-        # never in the body's closure, so `jaxaccel.parallel.pipeline` can split them into microbatches.
-        def body(block, carry, cached):
-            x_btd, cos_btr, sin_btr, mask_btt, cache_mask_bts = carry
-            x_btd, new_kv = block(x_btd, (cos_btr, sin_btr), mask_btt, cached, cache_mask_bts)
-            return (x_btd, cos_btr, sin_btr, mask_btt, cache_mask_bts), new_kv
-
-        carry = (x_btd, cos_btr, sin_btr, mask_btt, cache_mask_bts)
-        (x_btd, *_), new_kv = layers.scan_layers(self.blocks, carry, body, cache)
-        return layers.rms_norm(x_btd, self.norm_scale_d[...], self.config.rms_norm_eps), new_kv
+        tables = rotary.tables(positions_bt, self.config)
+        x_btd, new_kv = blocks.run_layers(self.blocks, x_btd, tables, mask_btt, cache,
+                                          cache_mask_bts)
+        return blocks.norm(self.config.layout, x_btd, self.norm_scale_d, None), new_kv
 
     def logits(self, x_btd):
         """Float32 logits [b, t, v]; the head is [v, d], as Hugging Face stores it."""
@@ -297,6 +188,14 @@ def tied_weights(cfg: Config) -> list[tuple[str, str]]:
     return [("lm_head.weight", "embed_tokens.weight")] if cfg.tie_word_embeddings else []
 
 
-def extra_sources(src) -> tuple[dict, dict]:
-    """Config values and weight files beyond config.json and the model's safetensors: none."""
-    return {}, {}
+SPEC = FamilySpec(
+    name="llama", task="generate", hf_model_types=tuple(MODEL_TYPES), config=Config,
+    model=Model, weight_rules=weight_rules, activation_bytes=activation_memory.decoder_bytes,
+    # LlamaModel names tensors bare; LlamaForCausalLM prefixes the body with `model.` (but not
+    # `lm_head.weight`, which is looked up bare first).
+    source_prefixes=("", "model."),
+    ignored_source_weights=(r"rotary_emb\.inv_freq$",),
+    tied_weights=tied_weights, preprocessing_files=TOKENIZER_FILES,
+    # A tied head quantized is a copy of the embedding table, which the lookup keeps.
+    quantized_weights=blocks.quantized_weights(gated_mlp=True),
+    quantized_head={"lm_head_vd": (1,)}, tied_head=("lm_head_vd", "token_vd"))

@@ -4,12 +4,12 @@ The quantized array type is qwix's `QArray` (`qvalue` int8/int4/float8 in the we
 shape, `scale` float32, no zero point: symmetric), made by `qwix.quantize`; model code hands it
 to the backend's `quantized_matmul` hook (`jaxaccel.models.layers.matmul`). Which weights a
 scheme covers is a list of `qwix.QuantizationRule`s whose `module_path` matches dotted
-parameter names: the family's `QUANTIZED_WEIGHTS` (its matmul weights), plus its LM head
-with `head=True`. Embeddings, norms and biases stay in the compute dtype.
+parameter names: the family's `FamilySpec.quantized_weights` (its matmul weights), plus its
+LM head (`quantized_head`) with `head=True`. Embeddings, norms and biases stay in the compute dtype.
 
 A tied LM head (GPT-2; Llama/Qwen with `tie_word_embeddings`) is the token embedding table.
 With `head=True` the model then also holds its head as a parameter of its own (the family's
-`TIED_HEAD`: the head's name and the table it copies; `models.state.abstract_model(...,
+`FamilySpec.tied_head`: the head's name and the table it copies; `models.state.abstract_model(...,
 head_copy=True)`), quantized from the table: the logits matmul reads the quantized copy, the
 embedding lookup keeps the table in the compute dtype. Quantize on load reads the table a
 second time for it (`checkpoint.restore.Target.source`); `convert --quantize-head` stores the
@@ -58,6 +58,7 @@ import qwix
 from flax import nnx
 
 from jaxaccel.errors import UsageError
+from jaxaccel.models.family import FamilySpec
 from jaxaccel.parallel.sharding import LAYERS
 
 SCHEMES = ("int8", "int4", "fp8")
@@ -136,12 +137,11 @@ class Scheme:
     def head_scheme(self) -> str:
         return self.head_name or HEAD_SCHEMES[self.name]
 
-    def rules(self, family_module) -> list[qwix.QuantizationRule]:
+    def rules(self, spec: FamilySpec) -> list[qwix.QuantizationRule]:
         """The qwix rules of this scheme for a family: the matmul weights, then the head."""
-        rules = [self._rule(getattr(family_module, "QUANTIZED_WEIGHTS", {}), self.name)]
+        rules = [self._rule(spec.quantized_weights, self.name)]
         if self.head:
-            rules.append(self._rule(getattr(family_module, "QUANTIZED_HEAD", {}),
-                                    self.head_scheme))
+            rules.append(self._rule(spec.quantized_head, self.head_scheme))
         return [r for r in rules if r is not None]
 
     def _rule(self, names, scheme: str) -> qwix.QuantizationRule | None:
@@ -185,10 +185,10 @@ class QuantSpec:
         return cls(str(raw["qtype"]), tuple(int(t) for t in raw["tiles"]))
 
 
-def tied_head(family_module, config, scheme: Scheme | None) -> dict[str, str]:
+def tied_head(spec: FamilySpec, config, scheme: Scheme | None) -> dict[str, str]:
     """{head: table} when `scheme` quantizes the head of a model whose head is its embedding
-    table (the family's `TIED_HEAD`, config `tie_word_embeddings`); else {}."""
-    tied = getattr(family_module, "TIED_HEAD", None)
+    table (the family's `tied_head`, config `tie_word_embeddings`); else {}."""
+    tied = spec.tied_head
     if scheme is None or not scheme.head or tied is None:
         return {}
     return {tied[0]: tied[1]} if getattr(config, "tie_word_embeddings", False) else {}
@@ -199,11 +199,11 @@ def manifest_head_copy(manifest) -> dict[str, str]:
     return dict((manifest.quantization or {}).get("head_copy", {}))
 
 
-def weight_axes(family_module, name: str, head: bool) -> tuple[int, ...] | None:
+def weight_axes(spec: FamilySpec, name: str, head: bool) -> tuple[int, ...] | None:
     """The contraction axes (in the unstacked shape) of weight `name`, None if not covered."""
-    table = dict(getattr(family_module, "QUANTIZED_WEIGHTS", {}))
+    table = dict(spec.quantized_weights)
     if head:
-        table.update(getattr(family_module, "QUANTIZED_HEAD", {}))
+        table.update(spec.quantized_head)
     return table.get(name)
 
 
@@ -372,9 +372,9 @@ def quantized_names(name: str) -> tuple[str, str]:
     return values_name(name), scales_name(name)
 
 
-def quantize_abstract(state, family_module, scheme: Scheme):
+def quantize_abstract(state, family: FamilySpec, scheme: Scheme):
     """(abstract state with the scheme's weights as abstract QArrays, {name: QuantSpec})."""
-    rules = scheme.rules(family_module)
+    rules = scheme.rules(family)
     specs = {}
     for path, variable in nnx.to_flat_state(state):
         name = ".".join(map(str, path))
@@ -382,7 +382,7 @@ def quantize_abstract(state, family_module, scheme: Scheme):
             continue
         value = variable.get_value()
         stacked = tuple(variable.get_metadata().get("axes", ()))[:1] == (LAYERS,)
-        specs[name] = spec_for(value.shape, weight_axes(family_module, name, scheme.head),
+        specs[name] = spec_for(value.shape, weight_axes(family, name, scheme.head),
                                stacked, matching(rules, name))
     return apply_specs(state, specs), specs
 
@@ -425,10 +425,10 @@ def read_bytes(state, skip: Sequence[str] = ()) -> int:
     return total
 
 
-def lookup_only(state, family_module) -> tuple[str, ...]:
+def lookup_only(state, spec: FamilySpec) -> tuple[str, ...]:
     """The embedding table a decode step only looks rows up in (not read whole): the
     family's tied table when the model has a head of its own (untied, or a quantized copy)."""
-    tied = getattr(family_module, "TIED_HEAD", None)
+    tied = spec.tied_head
     names = {_dotted(path) for path, _ in jax.tree_util.tree_flatten_with_path(
         state, is_leaf=_is_qarray)[0]}
     return (tied[1],) if tied is not None and tied[0] in names else ()

@@ -17,7 +17,7 @@ import numpy as np
 import qwix
 from flax import nnx
 
-from jaxaccel.models import config_from_dict, family_module
+from jaxaccel.models import config_from_dict, family_spec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,8 +53,8 @@ def abstract_model(family: str, config, dtype=jnp.float32, head_copy: bool = Fal
     quantized: `jaxaccel.models.quantization.tied_head`)."""
     if isinstance(config, Mapping):
         config = config_from_dict(family, dict(config))
-    model_cls = family_module(family).Model
-    extra = {"head_copy": True} if head_copy else {}  # only decoders with TIED_HEAD take it
+    model_cls = family_spec(family).model
+    extra = {"head_copy": True} if head_copy else {}  # only families with a tied_head take it
     model = nnx.eval_shape(lambda: model_cls(config, dtype=dtype, rngs=nnx.Rngs(0), **extra))
     return nnx.split(model)
 

@@ -55,7 +55,7 @@ class WeightRule:
 @dataclasses.dataclass(frozen=True)
 class SourceLayout:
     """A foreign checkpoint layout a family converts from besides Hugging Face's (e.g.
-    torchvision's): a family lists them by name in `SOURCE_LAYOUTS`."""
+    torchvision's): a family lists them by name in `FamilySpec.source_layouts`."""
 
     config_from_shapes: Callable[[dict], dict]  # tensor name -> shape  => HF-style config dict
     weight_rules: Callable[[object], list[WeightRule]]

@@ -31,7 +31,7 @@ from jaxaccel.checkpoint.restore import (
     Target,
 )
 from jaxaccel.errors import UsageError
-from jaxaccel.models import config_from_dict, family_module
+from jaxaccel.models import config_from_dict, family_spec
 from jaxaccel.models.state import abstract_model, fill_state, param_specs
 from jaxaccel.runtime.loaded import LoadedModel
 from jaxaccel.runtime.programs import place_param, quantized_param_spec
@@ -98,7 +98,7 @@ def plan_model(path: str | pathlib.Path, layout: Layout | None = None,
     stored, on_load, info = _quantization(manifest, scheme, path)
     # A tied head quantized: the model holds it as its own parameter, a copy of the table.
     copies = (quantization.manifest_head_copy(manifest) if stored
-              else quantization.tied_head(family_module(manifest.family), config, scheme))
+              else quantization.tied_head(family_spec(manifest.family), config, scheme))
     graphdef, abstract = abstract_model(manifest.family, config, COMPUTE_DTYPES[dtype],
                                         head_copy=bool(copies))
     if copies and not stored:
@@ -108,7 +108,7 @@ def plan_model(path: str | pathlib.Path, layout: Layout | None = None,
         abstract = quantization.apply_specs(abstract, stored)
     elif scheme is not None:
         abstract, on_load = quantization.quantize_abstract(
-            abstract, family_module(manifest.family), scheme)
+            abstract, family_spec(manifest.family), scheme)
     targets, held = {}, {}
     for name, spec in param_specs(abstract).items():
         weight = name.rpartition(".")[0]

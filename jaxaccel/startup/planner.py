@@ -3,7 +3,8 @@
 Per device: parameter bytes (exact: the shard each device holds under the layout's rule
 table), KV cache bytes for decoders (exact, same arithmetic), and an activation estimate from
 XLA's own memory analysis of the compiled forward (`compiled.memory_analysis()`: temporaries
-plus outputs), falling back to a stated formula where compiling is not possible.
+plus outputs), falling back to the family's own formula (`FamilySpec.activation_bytes`)
+where compiling is not possible.
 Per process: the bytes its restore reads (only slices its devices hold) and the peak host
 memory held by reads in flight under the restore budget (the restore's own admission rule).
 
@@ -130,38 +131,6 @@ def kv_cache_bytes(config, batch: int, slots: int, itemsize: int, sizes, rules) 
     return 2 * shard_bytes(shape, CACHE_AXES, itemsize, sizes, rules)
 
 
-def activation_formula(config, batch: int, seq: int, itemsize: int, sizes, rules,
-                       decoder: bool = False) -> int:
-    """Rough activation peak when XLA cannot be asked: a few [b, t, d] and [b, t, f] buffers
-    plus one layer's float32 attention scores, split as the rules split batch, heads, mlp."""
-    def split(logical: str) -> int:
-        axis = rules.get(logical)
-        return sizes.get(axis, 1) if axis else 1
-
-    b = math.ceil(batch / split(ax.BATCH))
-    d, f = config.hidden_size, config.intermediate_size
-    n = math.ceil(config.num_heads / split(ax.HEADS))
-    vocab = config.vocab_size if decoder else 0
-    return (b * seq * (6 * d + 2 * math.ceil(f / split(ax.MLP))) * itemsize
-            + b * n * seq * seq * 4 + b * math.ceil(vocab / split(ax.VOCAB)) * 4)
-
-
-def image_activation_formula(config, batch: int, sizes, rules) -> int:
-    """Rough activation peak of an image classifier when XLA cannot be asked, in float32:
-    the input, the stem's output [b, s/2, s/2, embedding] and four maps of the first stage
-    [b, s/4, s/4, hidden] (a block's input, shortcut, main path and sum live at once),
-    split as the rules split the batch and the channels. ResNet-50 at b32, 224 px: 508 MiB
-    (XLA's analysis: 515 MiB); ResNet-18: 214 MiB (XLA: 123 MiB, it fuses more)."""
-    def split(logical: str) -> int:
-        axis = rules.get(logical)
-        return sizes.get(axis, 1) if axis else 1
-
-    b, side = math.ceil(batch / split(ax.BATCH)), config.image_size
-    stem = (side // 2) ** 2 * math.ceil(config.embedding_size / split(ax.CHANNELS))
-    first = (side // 4) ** 2 * math.ceil(config.hidden_sizes[0] / split(ax.CHANNELS))
-    return b * 4 * (side * side * config.num_channels + stem + 4 * first)
-
-
 # ---------------------------------------------------------------- the plan
 
 PLANNED_TASKS = ("embed", "generate", "classify")  # the tasks whose memory plan models
@@ -217,14 +186,15 @@ def memory_plan(model_plan, *, batch: int = 1, seq: int | None = None,
 
 def _sequence(model_plan, task: str, seq: int | None) -> int:
     """Tokens per row (at most the model's limit); classify: the checkpoint's image side,
-    the only input size its program runs (images are resized and cropped to it)."""
+    the only input size its program runs (its `max_length`: images are resized and cropped
+    to that side)."""
     config = model_plan.config
     if task != "classify":
         return min(seq or config.default_length, config.max_length)
-    if seq not in (None, config.image_size):
+    if seq not in (None, config.max_length):
         raise UsageError(f"{model_plan.path}: a classifier runs at its image size "
-                         f"{config.image_size}; --seq {seq} does not apply (leave it out)")
-    return config.image_size
+                         f"{config.max_length}; --seq {seq} does not apply (leave it out)")
+    return config.max_length
 
 
 def _quantized_bytes(abstract_state) -> dict[str, int]:
@@ -276,16 +246,26 @@ def detected_device_memory() -> int | None:
 
 def _activations(model_plan, batch: int, seq: int, slots: int, itemsize: int,
                  compile_: bool) -> tuple[int, str]:
-    sizes, rules = dict(model_plan.layout.mesh.shape), model_plan.layout.rules
     if compile_:
         try:
             return _compiled_activations(model_plan, batch, seq, slots), "xla"
         except Exception:  # noqa: BLE001 - an estimate must not fail the plan; say so instead
             pass
-    if _is_classifier(model_plan):
-        return image_activation_formula(model_plan.config, batch, sizes, rules), "formula"
-    return activation_formula(model_plan.config, batch, seq, itemsize, sizes, rules,
-                              decoder=_is_decoder(model_plan)), "formula"
+    return _formula_activations(model_plan, batch, seq, itemsize), "formula"
+
+
+def _formula_activations(model_plan, batch: int, seq: int, itemsize: int) -> int:
+    """The family's own estimate (`FamilySpec.activation_bytes`), split as the layout's rules
+    split each logical axis."""
+    sizes, rules = dict(model_plan.layout.mesh.shape), model_plan.layout.rules
+
+    def split(logical: str) -> int:
+        axis = rules.get(logical)
+        return sizes.get(axis, 1) if axis else 1
+
+    shape = models.ActivationShape(batch=batch, seq=seq, itemsize=itemsize, split=split)
+    spec = models.family_spec(model_plan.manifest.family)
+    return spec.activation_bytes(model_plan.config, shape)
 
 
 def _compiled_activations(model_plan, batch: int, seq: int, slots: int) -> int:

@@ -1,0 +1,160 @@
+"""The decoder layer every decoder family composes: pre-norm causal self-attention over the
+KV cache, then a pre-norm MLP, each added to the residual stream.
+
+Shape legend as in `layers`: b batch, t new tokens, s cache slots, d model, n heads,
+k kv heads, h head dim, f mlp, l layers, r rotary frequencies.
+
+What tells the families' layers apart is data (`DecoderLayout`), not subclasses: GPT-2 is
+LayerNorm + biases + a plain GELU MLP without rotary; Llama is RMSNorm + rotary + a gated
+MLP with optional biases. A new switch (q/k norms, post-norms, soft-capping) is one more
+field, read in one place below. Parameter names are the checkpoint's: `blocks.wq_dnh`,
+`blocks.attn_norm_scale_d`, ... (the CPU backend packs every stacked `blocks.w*` by its axes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from flax import nnx
+
+from jaxaccel.models import layers
+from jaxaccel.models import rotary as rope
+from jaxaccel.models.attention import attention
+from jaxaccel.models.kv_cache import KVCache
+from jaxaccel.parallel import sharding as ax
+
+NORMS = ("layer", "rms")
+# Weight-only quantization (`FamilySpec.quantized_weights`): the layer's matmul weights ->
+# their contraction axes.
+_QUANTIZED_ATTENTION = {"blocks.wq_dnh": (0,), "blocks.wk_dkh": (0,), "blocks.wv_dkh": (0,),
+                        "blocks.wo_nhd": (0, 1)}
+_QUANTIZED_MLP = {True: {"blocks.wg_df": (0,), "blocks.wu_df": (0,), "blocks.wm_fd": (0,)},
+                  False: {"blocks.wi_df": (0,), "blocks.wm_fd": (0,)}}
+
+
+def quantized_weights(gated_mlp: bool) -> dict[str, tuple[int, ...]]:
+    """The stacked matmul weights of a decoder layer with or without a gated MLP."""
+    return {**_QUANTIZED_ATTENTION, **_QUANTIZED_MLP[gated_mlp]}
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderLayout:
+    """The switches of one decoder layer (hashable: it is static model metadata)."""
+
+    norm: str  # "layer": LayerNorm (scale and bias); "rms": RMSNorm (scale only)
+    norm_eps: float
+    activation: str  # a `layers.ACTIVATIONS` name
+    gated_mlp: bool  # act(y wg) * (y wu) -> wm (SwiGLU); else act(y wi) -> wm
+    rotary: bool  # rotate q and k by position (the model passes cos/sin tables)
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+
+    def __post_init__(self):
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
+
+
+def norm(layout: DecoderLayout, x_btd, scale_d, bias_d):
+    """The layout's norm of x; `bias_d` is None for RMSNorm."""
+    if layout.norm == "rms":
+        return layers.rms_norm(x_btd, scale_d[...], layout.norm_eps)
+    return layers.layer_norm(x_btd, scale_d[...], bias_d[...], layout.norm_eps)
+
+
+class DecoderBlock(nnx.Module):
+    """One pre-norm decoder layer; built stacked over `num_layers` (leading layers axis).
+
+    `cfg` gives the sizes: hidden_size, num_heads, num_kv_heads, head_dim, intermediate_size.
+    """
+
+    def __init__(self, cfg, layout: DecoderLayout, *, dtype, rngs: nnx.Rngs,
+                 num_layers: int | None = None):
+        self.layout = layout
+        p = lambda shape, axes, init=layers.normal_init(): layers.make_param(  # noqa: E731
+            rngs, shape, axes, dtype, init, num_layers)
+        self.attn_norm_scale_d, self.attn_norm_bias_d = self._norm_params(cfg, p)
+        self._attention_params(cfg, p)
+        self.mlp_norm_scale_d, self.mlp_norm_bias_d = self._norm_params(cfg, p)
+        self._mlp_params(cfg, p)
+
+    def _norm_params(self, cfg, p):
+        """(scale, bias or None): LayerNorm has a bias, RMSNorm none."""
+        d = cfg.hidden_size
+        scale = p((d,), (ax.EMBED,), layers.ones_init)
+        bias = p((d,), (ax.EMBED,), layers.zeros_init) if self.layout.norm == "layer" else None
+        return scale, bias
+
+    def _attention_params(self, cfg, p):
+        d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        zero, bias = layers.zeros_init, self.layout.qkv_bias
+        self.wq_dnh = p((d, n, h), (ax.EMBED, ax.HEADS, ax.HEAD_DIM))
+        self.wk_dkh = p((d, k, h), (ax.EMBED, ax.KV_HEADS, ax.HEAD_DIM))
+        self.wv_dkh = p((d, k, h), (ax.EMBED, ax.KV_HEADS, ax.HEAD_DIM))
+        self.wo_nhd = p((n, h, d), (ax.HEADS, ax.HEAD_DIM, ax.EMBED))
+        self.bq_nh = p((n, h), (ax.HEADS, ax.HEAD_DIM), zero) if bias else None
+        self.bk_kh = p((k, h), (ax.KV_HEADS, ax.HEAD_DIM), zero) if bias else None
+        self.bv_kh = p((k, h), (ax.KV_HEADS, ax.HEAD_DIM), zero) if bias else None
+        self.bo_d = p((d,), (ax.EMBED,), zero) if self.layout.o_bias else None
+
+    def _mlp_params(self, cfg, p):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        zero, bias = layers.zeros_init, self.layout.mlp_bias
+        if self.layout.gated_mlp:
+            self.wg_df = p((d, f), (ax.EMBED, ax.MLP))
+            self.wu_df = p((d, f), (ax.EMBED, ax.MLP))
+            self.bg_f = p((f,), (ax.MLP,), zero) if bias else None
+            self.bu_f = p((f,), (ax.MLP,), zero) if bias else None
+        else:
+            self.wi_df = p((d, f), (ax.EMBED, ax.MLP))
+            self.bi_f = p((f,), (ax.MLP,), zero) if bias else None
+        self.wm_fd = p((f, d), (ax.MLP, ax.EMBED))
+        self.bm_d = p((d,), (ax.EMBED,), zero) if bias else None
+
+    def __call__(self, x_btd, rotary, mask_btt, cached, cached_mask_bts):
+        """(x_btd after this layer, its new keys/values [b, k, t, h]); `rotary` is the
+        (cos_btr, sin_btr) tables, or None for a layout without rotary."""
+        y_btd = norm(self.layout, x_btd, self.attn_norm_scale_d, self.attn_norm_bias_d)
+        a_btd, new_kv = self.self_attention(y_btd, rotary, mask_btt, cached, cached_mask_bts)
+        x_btd = x_btd + a_btd
+        y_btd = norm(self.layout, x_btd, self.mlp_norm_scale_d, self.mlp_norm_bias_d)
+        return x_btd + self.mlp(y_btd), new_kv
+
+    def self_attention(self, y_btd, rotary, mask_btt, cached, cached_mask_bts):
+        """Projections -> optional rotary -> attention over the cache -> output projection."""
+        q_btnh = layers.add_bias(layers.heads_in(y_btd, self.wq_dnh[...]), self.bq_nh)
+        k_btkh = layers.add_bias(layers.heads_in(y_btd, self.wk_dkh[...]), self.bk_kh)
+        v_btkh = layers.add_bias(layers.heads_in(y_btd, self.wv_dkh[...]), self.bv_kh)
+        if self.layout.rotary:
+            q_btnh, k_btkh = rope.apply(q_btnh, *rotary), rope.apply(k_btkh, *rotary)
+        a_btnh, new_kv = attention(q_btnh, k_btkh, v_btkh, mask_btt, cached, cached_mask_bts)
+        return layers.add_bias(layers.heads_out(a_btnh, self.wo_nhd[...]), self.bo_d), new_kv
+
+    def mlp(self, y_btd):
+        """The feed-forward: gated (act(y wg) * y wu) or plain (act(y wi)), then wm."""
+        act = layers.activation(self.layout.activation)
+        if self.layout.gated_mlp:
+            g_btf = layers.add_bias(layers.matmul(y_btd, self.wg_df[...]), self.bg_f)
+            u_btf = layers.add_bias(layers.matmul(y_btd, self.wu_df[...]), self.bu_f)
+            m_btf = act(g_btf) * u_btf
+        else:
+            m_btf = act(layers.add_bias(layers.matmul(y_btd, self.wi_df[...]), self.bi_f))
+        return layers.add_bias(layers.matmul(m_btf, self.wm_fd[...]), self.bm_d)
+
+
+def run_layers(blocks: DecoderBlock, x_btd, rotary, mask_btt, cache: KVCache | None,
+               cache_mask_bts):
+    """Every stacked layer of `blocks` over x: (x_btd, new keys/values [l, b, k, t, h]).
+
+    Batch-dependent inputs ride in the carry ([b, ...]) and the cache in xs ([l, b, ...]),
+    never in the body's closure, so `jaxaccel.parallel.pipeline` can split them into
+    microbatches. `rotary` (None without rotary) rides in the carry too.
+    """
+    def body(block, carry, cached):
+        x_btd, rotary, mask_btt, cache_mask_bts = carry
+        x_btd, new_kv = block(x_btd, rotary, mask_btt, cached, cache_mask_bts)
+        return (x_btd, rotary, mask_btt, cache_mask_bts), new_kv
+
+    (x_btd, *_), new_kv = layers.scan_layers(
+        blocks, (x_btd, rotary, mask_btt, cache_mask_bts), body, cache)
+    return x_btd, new_kv
