@@ -89,13 +89,15 @@ def write(dest: pathlib.Path, config: dict, dtype: str = "float32",
     from jaxaccel.checkpoint.layout import DEFAULT_CHUNK_BYTES
     from jaxaccel.checkpoint.manifest import Manifest
     from jaxaccel.checkpoint.writer import write_checkpoint
+    from jaxaccel.conversion.hf import CHUNK_RULE
 
     manifest = Manifest(family=family, config=config, dtype=dtype, arrays={},
                         source={"synthetic": True})
     if chunk_bytes == "auto":
         chunk_bytes = DEFAULT_CHUNK_BYTES
     return write_checkpoint(dest, manifest, synthetic_arrays(config, dtype, family=family), {},
-                            chunk_bytes=chunk_bytes, codec=codec, overwrite=overwrite)
+                            chunk_bytes=chunk_bytes, codec=codec, overwrite=overwrite,
+                            chunk_rule=CHUNK_RULE)
 
 
 def write_orbax_default(dest: pathlib.Path, config: dict, dtype: str) -> None:
