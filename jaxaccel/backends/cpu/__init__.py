@@ -66,7 +66,6 @@ def _jax_version() -> tuple[int, ...]:
 # (it converts the whole array to float32); from 0.12 it has, and uint16 carriers only cost.
 # tests/test_packed_decode.py and tests/test_export.py check the programs both ways.
 CARRIERS = _jax_version() < (0, 12)
-GATHER_CARRIER = CARRIERS
 
 
 def to_carrier(x):
@@ -118,7 +117,7 @@ class CpuBackend(Backend):
     def lookup(self, table_vd, ids) -> jax.Array:
         if _is_packed(table_vd):
             return packed.lookup_rows(table_vd, ids)
-        if GATHER_CARRIER:
+        if CARRIERS:
             return from_carrier(jnp.take(to_carrier(table_vd), ids, axis=0))
         return super().lookup(table_vd, ids)
 
