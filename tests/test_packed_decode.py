@@ -21,7 +21,8 @@ from jaxaccel.parallel import sharding as ax
 from jaxaccel.backends import cpu
 from jaxaccel.backends.cpu import packing
 from jaxaccel.backends.cpu.packed import PackedWeight
-from jaxaccel.models.state import abstract_model, fill_state, param_specs
+from jaxaccel.models.state import abstract_model
+from jaxaccel.parallel.params import fill_state, param_specs
 
 # Device checks skip these (`-m "not cpu_only"`): they need the packed-weight kernel and
 # XLA:CPU's bf16 lowering.

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +28,15 @@ import qwix
 from flax import nnx
 
 from jaxaccel.errors import KernelUnavailable
+
+
+class KVCache(NamedTuple):
+    """A decoder's KV cache: keys and values, each [l, b, k, s, h] in the storage dtype
+    (`Backend.cache_storage_dtype`). `jaxaccel.models.kv_cache` allocates and writes it; it
+    is defined here because the backends take it apart too (a scan over its layers)."""
+
+    k_lbksh: jax.Array
+    v_lbksh: jax.Array
 
 
 class Backend:

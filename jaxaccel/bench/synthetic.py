@@ -67,7 +67,8 @@ def synthetic_arrays(config: dict, dtype: str, seed: int = 0, family: str = "ber
     # deferred: tensorstore, orbax and the models load only to write a checkpoint
     import ml_dtypes
 
-    from jaxaccel.models.state import abstract_model, param_specs
+    from jaxaccel.models.state import abstract_model
+    from jaxaccel.parallel.params import param_specs
 
     _, abstract = abstract_model(family, config)
     rng = np.random.default_rng(seed)

@@ -35,9 +35,10 @@ from jaxaccel.models import (
     family_module,
     known_families,
 )
-from jaxaccel.models.state import abstract_model, param_specs
+from jaxaccel.models.state import abstract_model
 from jaxaccel.models.weights import WeightRule
 from jaxaccel.parallel import sharding as ax
+from jaxaccel.parallel.params import param_specs
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}

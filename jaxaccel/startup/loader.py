@@ -32,7 +32,8 @@ from jaxaccel.checkpoint.restore import (
 )
 from jaxaccel.errors import UsageError
 from jaxaccel.models import config_from_dict, family_module
-from jaxaccel.models.state import abstract_model, fill_state, param_specs
+from jaxaccel.models.state import abstract_model
+from jaxaccel.parallel.params import fill_state, param_specs
 from jaxaccel.runtime.programs import place_param, quantized_param_spec
 from jaxaccel.parallel.sharding import Layout
 

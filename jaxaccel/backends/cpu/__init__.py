@@ -50,12 +50,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxaccel.backends.base import Backend
+from jaxaccel.backends.base import Backend, KVCache
 from jaxaccel.backends.cpu import attention as attention_kernel
 from jaxaccel.backends.cpu import isa, packed, packing, quantized, tuning
 from jaxaccel.backends.cpu.packed import PackedWeight
 from jaxaccel.backends.cpu.quantized import PackedQuantWeight
-from jaxaccel.models.kv_cache import KVCache
 
 
 def _jax_version() -> tuple[int, ...]:
