@@ -94,6 +94,7 @@ def _fresh_venv(path: pathlib.Path) -> pathlib.Path:
     return python
 
 
+@pytest.mark.cpu_only  # builds and runs the C++ XLA:CPU kernels
 def test_installed_wheel_builds_and_runs_the_cpu_kernels(wheel, tmp_path):
     import numpy as np
 

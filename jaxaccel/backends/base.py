@@ -12,6 +12,8 @@ Traced hooks (called inside jit, by `models.layers` and `models.kv_cache`):
   cache_store, cache_load.
 Host-side policies (called by the runtime when it builds a model's programs):
   prepare_decoder, min_batch, compiler_options, for_layout.
+Data the hooks share with the models: `KVCache` (allocated and written by `models.kv_cache`;
+a backend's layer scan may take it apart), so no backend imports the models.
 
 Shape legend as in `jaxaccel.models.layers`.
 """
