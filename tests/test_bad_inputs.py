@@ -98,7 +98,7 @@ def test_not_a_checkpoint(cli, tmp_path):
 
 # --------------------------------------------------------------- generate (decoder command)
 
-GENERATE = pathlib.Path(__file__).parents[1] / "jaxaccel" / "commands" / "generate.py"
+GENERATE = pathlib.Path(__file__).parents[1] / "jaxaccel" / "cli" / "generate.py"
 needs_generate = pytest.mark.skipif(not GENERATE.exists(),
                                     reason="the generate command is not part of this build yet")
 
