@@ -25,7 +25,7 @@ from jaxaccel.runtime.embed import Embedder
 from jaxaccel.errors import InputError, UsageError
 from jaxaccel.runtime.generate import Generator
 from jaxaccel.runtime.loaded import LoadedModel
-from jaxaccel.models.state import flat_arrays
+from jaxaccel.parallel.params import flat_arrays
 from jaxaccel.runtime.sampling import Sampling
 from jaxaccel.parallel.sharding import format_mesh
 from jaxaccel.inputs.tokenizer import TextTokenizer

@@ -184,7 +184,8 @@ def case_decode(batch: int, dtype, workaround: str):
     """A GPT-2 124M decode step through jaxaccel's Generator, without vs with `workaround`."""
     from jaxaccel.runtime.generate import Buckets, Generator, default_buckets
     from jaxaccel.models import gpt2
-    from jaxaccel.models.state import abstract_model, fill_state, param_specs
+    from jaxaccel.models.state import abstract_model
+    from jaxaccel.parallel.params import fill_state, param_specs
 
     config = gpt2.Config(vocab_size=50257, hidden_size=D, num_layers=LAYERS, num_heads=HEADS,
                          intermediate_size=F)

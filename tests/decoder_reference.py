@@ -16,7 +16,8 @@ from flax import nnx
 from safetensors.numpy import load_file
 
 from jaxaccel.models import family_spec
-from jaxaccel.models.state import abstract_model, fill_state
+from jaxaccel.models.state import abstract_model
+from jaxaccel.parallel.params import fill_state
 
 
 def save_hf(model, directory: pathlib.Path) -> pathlib.Path:

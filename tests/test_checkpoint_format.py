@@ -36,7 +36,7 @@ def test_plain_orbax_restores_the_source_tensors(orbax_tree, source_tensors):
 
 def test_plain_orbax_equals_jaxaccel_restore(orbax_tree, minilm_ckpt):
     from jaxaccel.startup.loader import load_model
-    from jaxaccel.models.state import flat_arrays
+    from jaxaccel.parallel.params import flat_arrays
 
     ours = flat_arrays(load_model(minilm_ckpt).state)
     assert len(ours) == 21

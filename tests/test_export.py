@@ -20,7 +20,8 @@ from jaxaccel import models
 from jaxaccel.runtime.embed import Embedder
 from jaxaccel.runtime.generate import Generator
 from jaxaccel.startup.loader import plan_model
-from jaxaccel.models.state import abstract_model, fill_state, param_specs
+from jaxaccel.models.state import abstract_model
+from jaxaccel.parallel.params import fill_state, param_specs
 from jaxaccel.runtime.programs import place_param
 from jaxaccel.runtime.sampling import GREEDY
 from jaxaccel.parallel.sharding import Layout

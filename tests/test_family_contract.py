@@ -27,7 +27,8 @@ from jaxaccel import models
 from jaxaccel.conversion import hf
 from jaxaccel.models import layers
 from jaxaccel.models.family import ActivationShape, FamilySpec
-from jaxaccel.models.state import abstract_model, flat_arrays, param_specs
+from jaxaccel.models.state import abstract_model
+from jaxaccel.parallel.params import flat_arrays, param_specs
 from jaxaccel.models.weights import SourceLayout, WeightRule, transpose_to
 from jaxaccel.parallel import sharding as ax
 

@@ -12,7 +12,8 @@ from decoder_reference import generator
 
 from jaxaccel.parallel import sharding as ax
 from jaxaccel.models import kv_cache, llama
-from jaxaccel.models.state import abstract_model, fill_state, param_specs
+from jaxaccel.models.state import abstract_model
+from jaxaccel.parallel.params import fill_state, param_specs
 from jaxaccel.runtime.sampling import Sampling, choose
 
 CONFIG = llama.Config(vocab_size=101, hidden_size=48, num_layers=2, num_heads=8, num_kv_heads=2,

@@ -152,7 +152,7 @@ ALLOWED = {
     "models": BASE | {"parallel", "backends"},
     "checkpoint": BASE | {"parallel"},
     "inputs": BASE,
-    "conversion": BASE | {"checkpoint", "models"},
+    "conversion": BASE | {"parallel", "checkpoint", "models"},
     "runtime": BASE | {"parallel", "backends", "models", "inputs"},
     "startup": BASE | {"parallel", "backends", "models", "inputs", "checkpoint", "runtime"},
     "model": BASE | {"parallel", "models", "inputs", "runtime", "startup"},

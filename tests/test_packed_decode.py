@@ -21,7 +21,8 @@ from jaxaccel.parallel import sharding as ax
 from jaxaccel.backends import cpu
 from jaxaccel.backends.cpu import packing
 from jaxaccel.backends.cpu.packed import PackedWeight
-from jaxaccel.models.state import abstract_model, fill_state, param_specs
+from jaxaccel.models.state import abstract_model
+from jaxaccel.parallel.params import fill_state, param_specs
 
 # Device checks skip these (`-m "not cpu_only"`): they need the packed-weight kernel and
 # XLA:CPU's bf16 lowering.
@@ -115,6 +116,6 @@ def test_bf16_token_lookup_gathers_the_table_as_stored():
         with backends.use(cpu.backend()):
             return layers.lookup(t, i)
 
-    assert converts_table(lambda t, i: jnp.take(t, i, axis=0)) == cpu.GATHER_CARRIER
+    assert converts_table(lambda t, i: jnp.take(t, i, axis=0)) == cpu.CARRIERS
     assert not converts_table(cpu_lookup)
     np.testing.assert_array_equal(np.asarray(cpu_lookup(table, ids)), np.ones((1, 2, 48)))

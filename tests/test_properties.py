@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from jaxaccel.startup import planner
 from jaxaccel.parallel import sharding as ax
-from jaxaccel.checkpoint import integrity
+from jaxaccel.checkpoint import layout
 from jaxaccel.checkpoint.manifest import CheckpointError, Manifest, check_member_name
 
 FAST = settings(max_examples=150, deadline=None,
@@ -189,8 +189,8 @@ def test_chunk_grid_covers_every_element_once(shape_chunk):
     shape, chunk = shape_chunk
     seen = np.zeros(shape, np.int32)
     count = 0
-    for _, slices in integrity.chunk_grid(shape, chunk):
+    for _, slices in layout.chunk_grid(shape, chunk):
         seen[slices] += 1
         count += 1
     assert (seen == 1).all()
-    assert count == integrity.chunk_count(shape, chunk)
+    assert count == layout.chunk_count(shape, chunk)

@@ -18,7 +18,7 @@ from jaxaccel.models import quantization
 from jaxaccel.conversion.hf import convert
 from jaxaccel.conversion.quantize import quantize_checkpoint
 from jaxaccel.startup.loader import load_model
-from jaxaccel.models.state import flat_arrays
+from jaxaccel.parallel.params import flat_arrays
 from jaxaccel.parallel.sharding import Layout
 
 STREAM = np.random.default_rng(0).integers(3, 101, 256).tolist()  # fixed 256-token stream

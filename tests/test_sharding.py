@@ -47,6 +47,6 @@ def test_sharded_embeddings_equal_single_device(minilm_ckpt, reference, rules, m
 
 
 def _flat(state) -> dict:
-    from jaxaccel.models.state import flat_arrays
+    from jaxaccel.parallel.params import flat_arrays
 
     return flat_arrays(state)

@@ -12,6 +12,8 @@ Traced hooks (called inside jit, by `models.layers` and `models.kv_cache`):
   cache_store, cache_load.
 Host-side policies (called by the runtime when it builds a model's programs):
   prepare_decoder, min_batch, compiler_options, for_layout.
+Data the hooks share with the models: `KVCache` (allocated and written by `models.kv_cache`;
+a backend's layer scan may take it apart), so no backend imports the models.
 
 Shape legend as in `jaxaccel.models.layers`.
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +30,15 @@ import qwix
 from flax import nnx
 
 from jaxaccel.errors import KernelUnavailable
+
+
+class KVCache(NamedTuple):
+    """A decoder's KV cache: keys and values, each [l, b, k, s, h] in the storage dtype
+    (`Backend.cache_storage_dtype`). `jaxaccel.models.kv_cache` allocates and writes it; it
+    is defined here because the backends take it apart too (a scan over its layers)."""
+
+    k_lbksh: jax.Array
+    v_lbksh: jax.Array
 
 
 class Backend:

@@ -26,9 +26,9 @@ from jaxaccel.bench.worker import serve
 
 def main(source: str, mesh: str, rules: str, mode: str, dtype: str = "default") -> dict:
     # deferred: jax and the runtime load in the worker process only, not in `jaxaccel bench`
-    from jaxaccel.checkpoint import restore_mode
+    from jaxaccel.checkpoint import storage
 
-    if restore_mode.is_remote(source):
+    if storage.is_remote(source):
         with tempfile.TemporaryDirectory(prefix="jaxaccel-bench-cache-") as cache:
             os.environ["JAXACCEL_CACHE_DIR"] = cache
             os.environ.pop("JAXACCEL_NO_CACHE", None)

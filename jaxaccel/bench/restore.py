@@ -18,7 +18,7 @@ import typer
 
 from jaxaccel.bench import cluster_restore, runner
 from jaxaccel.bench.runner import Worker
-from jaxaccel.checkpoint import restore_mode
+from jaxaccel.checkpoint import storage
 
 BASELINE = "orbax (same checkpoint)"
 RAW = "raw read (page cache)"
@@ -103,7 +103,7 @@ def register(bench_app: typer.Typer) -> None:
 def _bench_cluster(source: str, mesh: str, rules: str, dtype: str, processes: int,
                    repeats: int, json_out) -> None:
     runs = cluster_restore.measure(source, mesh, rules, dtype, processes, repeats)
-    remote = restore_mode.is_remote(source)
+    remote = storage.is_remote(source)
     rows, summary = cluster_restore.table_rows(runs, remote)
     runner.print_table(f"restore {source} onto {mesh} ({rules}) across {processes} processes; "
                        f"{repeats} launches each, alternated",

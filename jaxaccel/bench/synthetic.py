@@ -67,7 +67,8 @@ def synthetic_arrays(config: dict, dtype: str, seed: int = 0, family: str = "ber
     # deferred: tensorstore, orbax and the models load only to write a checkpoint
     import ml_dtypes
 
-    from jaxaccel.models.state import abstract_model, param_specs
+    from jaxaccel.models.state import abstract_model
+    from jaxaccel.parallel.params import param_specs
 
     _, abstract = abstract_model(family, config)
     rng = np.random.default_rng(seed)
@@ -89,13 +90,15 @@ def write(dest: pathlib.Path, config: dict, dtype: str = "float32",
     from jaxaccel.checkpoint.layout import DEFAULT_CHUNK_BYTES
     from jaxaccel.checkpoint.manifest import Manifest
     from jaxaccel.checkpoint.writer import write_checkpoint
+    from jaxaccel.conversion.hf import CHUNK_RULE
 
     manifest = Manifest(family=family, config=config, dtype=dtype, arrays={},
                         source={"synthetic": True})
     if chunk_bytes == "auto":
         chunk_bytes = DEFAULT_CHUNK_BYTES
     return write_checkpoint(dest, manifest, synthetic_arrays(config, dtype, family=family), {},
-                            chunk_bytes=chunk_bytes, codec=codec, overwrite=overwrite)
+                            chunk_bytes=chunk_bytes, codec=codec, overwrite=overwrite,
+                            chunk_rule=CHUNK_RULE)
 
 
 def write_orbax_default(dest: pathlib.Path, config: dict, dtype: str) -> None:

@@ -2,7 +2,8 @@
 
 Modules:
   manifest      `jaxaccel.json`: families, arrays, dtypes, chunking (`Manifest`)
-  layout        chunk shapes and the OCDBT + zarr3 array layout
+  layout        chunk shapes (along the axes the caller's `ChunkRule` names), chunk grids
+                and counts, and the OCDBT + zarr3 array layout
   storage       local paths and `gs://` / `s3://` / `https://` URLs
   remote        ranged reads from object stores; `chunk_cache` keeps them on local disk
   direct        the direct reader: decode zarr3 chunks without tensorstore's copy

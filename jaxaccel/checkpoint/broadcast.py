@@ -138,8 +138,8 @@ def restore_checkpoint(ckpt_dir, manifest, targets: Mapping[str, Target], *,
                        **options) -> dict[str, jax.Array]:
     """restore.restore_arrays or restore_broadcast, as `--restore-mode` says (restore_mode);
     `options` are restore_arrays' keyword arguments; `status` gets progress lines."""
-    # Quantize on load reads float32 blocks and places quantized pieces: read-all only.
-    if jax.process_count() == 1 or any(t.quant is not None for t in targets.values()):
+    # A host transform (quantize on load) places pieces of what it computes: read-all only.
+    if jax.process_count() == 1 or any(t.transform is not None for t in targets.values()):
         restore_mode.check(mode or restore_mode.default())
         return restore.restore_arrays(ckpt_dir, manifest, targets, **options)
     replicated = any(isinstance(t.sharding, NamedSharding) and spans_processes(t)

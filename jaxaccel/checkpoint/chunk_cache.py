@@ -32,8 +32,8 @@ import pathlib
 import shutil
 import time
 import urllib.parse
-import uuid
 
+from jaxaccel.utils.files import write_atomically
 from jaxaccel.utils.units import parse_bytes
 
 DEFAULT_SIZE = "50GiB"
@@ -174,14 +174,9 @@ class CheckpointCache:
 
 
 def _atomic_write(path: pathlib.Path, data: bytes) -> None:
-    temp = path.parent / f"{TEMP_PREFIX}{uuid.uuid4().hex}"
-    try:
-        with open(temp, "wb") as f:
-            f.write(data)
-        os.replace(temp, path)
-    finally:
-        if temp.exists():
-            temp.unlink()
+    # No fsync: every entry is verified when read, so one torn by a crash is just fetched
+    # again, and an fsync per chunk would stall the restore that fills the cache.
+    write_atomically(path, data, temp_prefix=TEMP_PREFIX, durable=False)
 
 
 def _entries(directory: pathlib.Path):

@@ -66,6 +66,7 @@ import numpy as np
 import tensorstore as ts
 
 from jaxaccel.checkpoint import integrity, storage
+from jaxaccel.checkpoint.layout import format_chunk
 from jaxaccel.errors import ChunkError  # noqa: F401  (re-exported)
 
 PIECE_BYTES = int(os.environ.get("JAXACCEL_PIECE", 1 << 20))  # read granularity
@@ -196,10 +197,6 @@ def chunk_key(name: str, grid_index: tuple[int, ...]) -> bytes:
     return integrity.chunk_key(name, grid_index).encode()
 
 
-def _fmt_chunk(index) -> str:
-    return "(" + ", ".join(map(str, index)) + ("," if len(index) == 1 else "") + ")"
-
-
 def _libc_preadv():
     preadv = ctypes.CDLL(None, use_errno=True).preadv
     preadv.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64)
@@ -325,7 +322,7 @@ class ChunkReader:
         except ChunkError as err:  # a short file: name the array and chunk it cut into
             if str(err).startswith("array "):
                 raise
-            raise ChunkError(f"array {layout.name!r}, chunk {_fmt_chunk(grid_index)}: {err}") from None
+            raise ChunkError(f"array {layout.name!r}, chunk {format_chunk(grid_index)}: {err}") from None
         return ref.length if ref.inline is None else 0
 
     def _read_whole(self, layout: ArrayLayout, ref: ValueRef, out: np.ndarray,
@@ -378,13 +375,13 @@ class ChunkReader:
         expected += _CRC_BYTES if layout.checksummed else 0
         length = len(ref.inline) if ref.inline is not None else ref.length
         if length != expected:
-            raise ChunkError(f"array {layout.name!r}, chunk {_fmt_chunk(grid_index)}: stored data "
+            raise ChunkError(f"array {layout.name!r}, chunk {format_chunk(grid_index)}: stored data "
                              f"is truncated or damaged ({length} bytes, expected {expected})")
 
     @staticmethod
     def _compare(layout: ArrayLayout, grid_index, crc: int, tail: np.ndarray) -> None:
         if crc != int.from_bytes(tail.tobytes(), "little"):
-            raise ChunkError(f"array {layout.name!r}, chunk {_fmt_chunk(grid_index)}: stored "
+            raise ChunkError(f"array {layout.name!r}, chunk {format_chunk(grid_index)}: stored "
                              "bytes are corrupted (crc32c mismatch)")
 
     def _fd(self, path: str) -> int:

@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import itertools
 import math
 import pathlib
 import re
 import time
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import tensorstore as ts
@@ -49,27 +48,14 @@ def crc32(data: np.ndarray) -> str:
     return f"crc32:{zlib.crc32(data) & 0xFFFFFFFF:08x}"
 
 
-def chunk_grid(shape: Sequence[int], chunk: Sequence[int]
-               ) -> Iterator[tuple[tuple[int, ...], tuple[slice, ...]]]:
-    """(chunk index, slices) of every chunk, in C order; a 0-d array is one chunk `()`."""
-    counts = [math.ceil(d / c) if d else 0 for d, c in zip(shape, chunk)]
-    for index in itertools.product(*(range(n) for n in counts)):
-        yield index, tuple(slice(i * c, min((i + 1) * c, d))
-                           for i, c, d in zip(index, chunk, shape))
-
-
-def chunk_count(shape: Sequence[int], chunk: Sequence[int]) -> int:
-    return math.prod(math.ceil(d / c) if d else 0 for d, c in zip(shape, chunk))
-
-
 def chunk_key(name: str, index: Sequence[int]) -> str:
     """The chunk's key in the OCDBT database (zarr3 default key encoding, '/' separator)."""
     return f"{name}/c" + "".join(f"/{i}" for i in index)
 
 
 def chunk_checksums(array: np.ndarray, chunk: Sequence[int]) -> tuple[str, ...]:
-    """crc32 of every chunk of `array`, in `chunk_grid` order (what the writer records)."""
-    return tuple(crc32(array[slices]) for _, slices in chunk_grid(array.shape, chunk))
+    """crc32 of every chunk of `array`, in `layout.chunk_grid` order (what the writer records)."""
+    return tuple(crc32(array[slices]) for _, slices in layout.chunk_grid(array.shape, chunk))
 
 
 def list_keys(params_dir: pathlib.Path) -> set[str]:
@@ -104,11 +90,11 @@ def missing_chunks(params_dir: pathlib.Path, manifest: Manifest,
             continue
         if entry.chunk_shape is None or entry.chunk_checksums is None:
             continue
-        missing = [index for index, _ in chunk_grid(entry.shape, entry.chunk_shape)
+        missing = [index for index, _ in layout.chunk_grid(entry.shape, entry.chunk_shape)
                    if chunk_key(name, index) not in keys]
         if missing:
             problems.append(f"array {name!r}: {len(missing)} chunk(s) missing, first "
-                            f"{_fmt_chunk(missing[0])} (key {chunk_key(name, missing[0])})")
+                            f"{layout.format_chunk(missing[0])} (key {chunk_key(name, missing[0])})")
     return problems
 
 
@@ -118,7 +104,7 @@ def read_error(name: str, err: Exception, where: str = "") -> IntegrityError:
     match = _KEY_IN_ERROR.search(text)
     chunk = ""
     if match and match.group(1) == name:
-        chunk = f", chunk {_fmt_chunk(tuple(int(i) for i in match.group(2).split('/')[1:]))}"
+        chunk = f", chunk {layout.format_chunk(tuple(int(i) for i in match.group(2).split('/')[1:]))}"
     where = f" {where}" if where else ""
     if "Digest mismatch" in text:
         return IntegrityError(f"array {name!r}{chunk}{where}: stored bytes are corrupted "
@@ -220,7 +206,7 @@ def _read_and_compare(manifest: Manifest, stores: Mapping, report: VerifyReport,
         else:
             actual = crc32(data) if read.expected else ""
             if read.expected and actual != read.expected:
-                problems.append(f"array {read.name!r}, chunk {_fmt_chunk(read.index)}: checksum "
+                problems.append(f"array {read.name!r}, chunk {layout.format_chunk(read.index)}: checksum "
                                 f"{actual} does not match the manifest's {read.expected}")
             del data
         in_flight -= read.nbytes
@@ -245,7 +231,7 @@ def _chunks_of(name: str, entry, report: VerifyReport):
     """Chunk reads for one array; a whole-array read checked against the array crc when the
     manifest predates per-chunk checksums."""
     if entry.chunk_shape is not None and entry.chunk_checksums is not None:
-        grid = chunk_grid(entry.shape, entry.chunk_shape)
+        grid = layout.chunk_grid(entry.shape, entry.chunk_shape)
         for (index, slices), expected in zip(grid, entry.chunk_checksums):
             yield index, slices, expected
         return
@@ -264,10 +250,6 @@ def _raise_problems(path, problems: list[str]) -> None:
     shown = "; ".join(problems[:MAX_PROBLEMS_SHOWN])
     more = f" (and {len(problems) - MAX_PROBLEMS_SHOWN} more)" if len(problems) > MAX_PROBLEMS_SHOWN else ""
     raise IntegrityError(f"{path}: {len(problems)} integrity problem(s): {shown}{more}")
-
-
-def _fmt_chunk(index: Sequence[int]) -> str:
-    return "(" + ", ".join(map(str, index)) + ("," if len(index) == 1 else "") + ")"
 
 
 def _first_line(err: Exception) -> str:

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
 import numpy as np
 
-from jaxaccel.checkpoint import storage
+from jaxaccel.checkpoint import layout, storage
 from jaxaccel.errors import CheckpointError  # noqa: F401  (re-exported)
 
 FORMAT_VERSION = 1
@@ -209,7 +209,7 @@ def _array_entry(name, value, path) -> ArrayEntry:
                               f"{shape}")
     if chunk_checksums is not None and (
             chunk_shape is None or not all(isinstance(c, str) for c in chunk_checksums)
-            or len(chunk_checksums) != _chunk_count(shape, chunk_shape)):
+            or len(chunk_checksums) != layout.chunk_count(shape, chunk_shape)):
         raise CheckpointError(f"{path}: array {name!r} has {len(chunk_checksums)} chunk "
                               f"checksums, which does not fit chunk_shape {chunk_shape}")
     checksum = value.get("checksum")
@@ -223,13 +223,6 @@ def _int(value) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{value!r} is not an integer")
     return value
-
-
-def _chunk_count(shape, chunk) -> int:
-    count = 1
-    for d, c in zip(shape, chunk):
-        count *= -(-d // c)
-    return count
 
 
 def _itemsize(dtype: str) -> int:

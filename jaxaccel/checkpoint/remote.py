@@ -25,6 +25,7 @@ import numpy as np
 
 from jaxaccel.checkpoint import direct, storage
 from jaxaccel.checkpoint.direct import ArrayLayout, ValueRef
+from jaxaccel.checkpoint.layout import format_chunk
 from jaxaccel.errors import ChunkError, StorageError
 
 FETCH_ATTEMPTS = 3  # on a crc32c mismatch: the server or network corrupted a response
@@ -227,7 +228,7 @@ class RemoteChunkReader:
                 self.stats.refetches += 1
             if attempt + 1 < FETCH_ATTEMPTS:
                 part = self._start(ref)
-        raise ChunkError(f"{ref.file}: array {layout.name!r}, chunk {_fmt(grid_index)}: "
+        raise ChunkError(f"{ref.file}: array {layout.name!r}, chunk {format_chunk(grid_index)}: "
                          f"corrupted in transfer {FETCH_ATTEMPTS} times (crc32c mismatch)")
 
     def _result(self, part: _Part, layout: ArrayLayout, ref: ValueRef, grid_index) -> bytes:
@@ -235,13 +236,13 @@ class RemoteChunkReader:
         try:
             result = part.future.result()  # several threads may share one grouped read
         except Exception as err:  # tensorstore's status errors, after its own retries
-            raise StorageError(f"{where}: array {layout.name!r}, chunk {_fmt(grid_index)}: "
+            raise StorageError(f"{where}: array {layout.name!r}, chunk {format_chunk(grid_index)}: "
                                f"read failed ({storage.explain(err)})") from None
         value = result.value if result.state == "value" else b""
         whole = part.start == 0 and len(value) == part.length
         data = value if whole else value[part.start:part.start + part.length]
         if len(data) != ref.length:
-            raise ChunkError(f"{where}: array {layout.name!r}, chunk {_fmt(grid_index)}: got "
+            raise ChunkError(f"{where}: array {layout.name!r}, chunk {format_chunk(grid_index)}: got "
                              f"{len(data)} bytes, expected {ref.length} (object missing or "
                              "truncated)")
         with self._stats_lock:
@@ -294,7 +295,3 @@ def _place(layout: ArrayLayout, grid_index, box: tuple[slice, ...], dest: np.nda
     values = body.view(layout.dtype).reshape(layout.chunk)
     out = dest[tuple(slice(i.start - s.start, i.stop - s.start) for i, s in zip(inter, box))]
     out[...] = values[tuple(slice(i.start - o, i.stop - o) for i, o in zip(inter, origin))]
-
-
-def _fmt(index) -> str:
-    return "(" + ", ".join(map(str, index)) + ("," if len(index) == 1 else "") + ")"

@@ -11,15 +11,16 @@ copy; it serves arrays written uncompressed by jaxaccel. `tensorstore` serves ev
 (zstd, foreign layouts). A pool of threads runs the reads; a byte budget bounds the host
 memory held by slices read but not yet handed to their devices.
 
-Quantize on load (`Target.quant`): a full-precision checkpoint array lands on its devices as
-weight-only quantized values + scales (`jaxaccel.models.quantization`). Each read is the smallest
-block that covers a device's slice in whole quantization tiles (for per-channel scales, the
-whole contraction axis of the device's output channels; int4 groups never straddle a shard,
-see `runtime.quantized_param_spec`); it is read as float32 on the host, quantized there with
-qwix, and only each device's quantized part is placed: full-precision weights never reach a
-device. `RestoreStats.bytes_placed_per_device` accounts what each device received. A target
-may read another checkpoint array (`Target.source`): a tied LM head's quantized copy is the
-token embedding read a second time, as float32, and quantized.
+Host transforms (`Target.transform`, a `HostTransform` the caller supplies): an array is read
+in blocks of whole tiles, each block is turned into one or more arrays on the host, and each
+device receives only its part of each. This module knows nothing of what a transform computes;
+the start-up code uses it for quantize on load (a full-precision array lands on its devices as
+weight-only quantized values + scales, full-precision weights never reaching a device; see
+`jaxaccel.startup.loader`). Each read is the smallest block that covers a device's slice in
+whole tiles (a tile as wide as its dim, as per-channel scales span the contraction axis, widens
+the block to the whole dim). `RestoreStats.bytes_placed_per_device` accounts what each device
+received. A target may read another checkpoint array (`Target.source`): a tied LM head's
+quantized copy is the token embedding read a second time.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import os
 import pathlib
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -43,7 +44,6 @@ import tensorstore as ts
 
 from jaxaccel.checkpoint import chunk_cache, direct, integrity, layout, remote, storage
 from jaxaccel.checkpoint.manifest import PARAMS_DIR, CheckpointError, Manifest
-from jaxaccel.models.quantization import quantize_block, quantized_names
 
 DEFAULT_HOST_MEMORY_BUDGET = 2 << 30
 ENGINES = ("auto", "direct", "tensorstore")
@@ -53,6 +53,33 @@ def default_threads() -> int:
     """Reads are memcpy- and page-fault-bound: one thread per core (on 2 cores, 4 threads
     measured 1.5-3x slower than 2, from contention in the page-fault path)."""
     return max(1, min(16, os.cpu_count() or 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class Output:
+    """One array a `HostTransform` makes: its name, global shape, dtype and sharding, and
+    `step`, how many input elements one of its elements stands for along each dim (1: one to
+    one; a tile: one per tile, as a quantization scale)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    sharding: jax.sharding.Sharding
+    step: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class HostTransform:
+    """A per-array transform run on the host between reading and placing (quantize on load).
+
+    The array is read (as its Target's dtype) in blocks of whole `tiles`, chosen from the
+    Target's sharding; `apply(block)` returns one host array per entry of `outputs`, each
+    `step`-times smaller than the block along each dim, and every local device receives its
+    part of each output (by the output's own sharding)."""
+
+    apply: Callable[[np.ndarray], Sequence[np.ndarray]]
+    tiles: tuple[int, ...]
+    outputs: tuple[Output, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,10 +94,8 @@ class Target:
     stored_shape: tuple[int, ...] | None = None
     # Cast on the host to this dtype after reading `dtype` (int4 values stored one per byte).
     held_dtype: np.dtype | None = None
-    # Quantize on load: a `quantization.QuantSpec`; the array is read as float32 (`dtype`) and
-    # restored as NAME.values (on `sharding`) and NAME.scales (on `scale_sharding`).
-    quant: object = None
-    scale_sharding: jax.sharding.Sharding | None = None
+    # Turned on the host into the transform's outputs, which are restored instead of it.
+    transform: HostTransform | None = None
     # The checkpoint array to read when it is not the target's own name (a tied head's copy).
     source: str | None = None
 
@@ -103,7 +128,7 @@ class RestoreStats:
     bytes_per_device: dict = dataclasses.field(default_factory=collections.Counter)
     bytes_per_array: dict = dataclasses.field(default_factory=collections.Counter)
     bytes_per_array_device: dict = dataclasses.field(default_factory=collections.Counter)
-    # Bytes handed to each device (device id -> bytes), after any quantization on the host.
+    # Bytes handed to each device (device id -> bytes), after any host transform.
     bytes_placed_per_device: dict = dataclasses.field(default_factory=collections.Counter)
     largest_read: int = 0  # bytes of the largest single slice read (in the read dtype)
     engines: dict = dataclasses.field(default_factory=dict)  # array name -> engine used
@@ -127,8 +152,8 @@ class _Read:
     padded_shape: tuple[int, ...] | None = None  # zero-fill the read up to this shape
     dtype: np.dtype = np.dtype("float32")  # the compute dtype the slice is held in
     held_dtype: np.dtype | None = None  # cast to this on the host after reading
-    # Quantize on load: (QuantSpec, [(device, values index, scales index) within the block]).
-    quant: tuple | None = None
+    # A host transform: (HostTransform, [(device, (index within each output's block))]).
+    transform: tuple | None = None
     source: str = ""  # the checkpoint array read (`Target.source`; default: `name`)
 
 
@@ -180,8 +205,8 @@ def plan_reads(targets: Mapping[str, Target]) -> list[_Read]:
     """One read per distinct local slice; devices holding the same slice share it."""
     reads = []
     for name, target in targets.items():
-        if target.quant is not None:
-            reads += _quantized_reads(name, target)
+        if target.transform is not None:
+            reads += _transformed_reads(name, target)
             continue
         by_index = collections.defaultdict(list)
         for device, index in target.sharding.addressable_devices_indices_map(target.shape).items():
@@ -193,40 +218,42 @@ def plan_reads(targets: Mapping[str, Target]) -> list[_Read]:
     return sorted(reads, key=lambda r: -r.nbytes)
 
 
-def _make_read(name: str, target: Target, key, devices, quant=None) -> _Read:
+def _make_read(name: str, target: Target, key, devices, transform=None) -> _Read:
     """A read of the global box `key` ((start, stop) per dim), clipped to the stored shape."""
     stored = [(min(a, dim), min(b, dim)) for (a, b), dim in zip(key, target.checkpoint_shape)]
     index = tuple(slice(a, b) for a, b in stored)
     nbytes = int(np.prod([b - a for a, b in stored], dtype=np.int64)) * np.dtype(target.dtype).itemsize
     padded = tuple(b - a for a, b in key) if stored != list(key) else None
     return _Read(name, index, devices, nbytes, padded_shape=padded, dtype=np.dtype(target.dtype),
-                 held_dtype=target.held_dtype, quant=quant, source=source_name(name, target))
+                 held_dtype=target.held_dtype, transform=transform,
+                 source=source_name(name, target))
 
 
-def _quantized_reads(name: str, target: Target) -> list[_Read]:
-    """Quantize on load: one read per distinct block of whole tiles that covers local slices
+def _transformed_reads(name: str, target: Target) -> list[_Read]:
+    """A host transform: one read per distinct block of whole tiles that covers local slices
     (a tile spanning a whole axis, as per-channel scales span k, widens the block to it)."""
-    spec, shape = target.quant, target.shape
-    scale_shape = spec.scale_shape(shape)
-    values_map = target.sharding.addressable_devices_indices_map(shape)
-    scales_map = target.scale_sharding.addressable_devices_indices_map(scale_shape)
+    transform, shape = target.transform, target.shape
+    maps = [out.sharding.addressable_devices_indices_map(out.shape)
+            for out in transform.outputs]
     by_block = collections.defaultdict(list)
-    for device, index in values_map.items():
+    for device, index in target.sharding.addressable_devices_indices_map(shape).items():
         block = tuple((0, dim) if tile == dim else (s.start, s.stop)
-                      for s, dim, tile in zip(_full_index(index, shape), shape, spec.tiles))
+                      for s, dim, tile in zip(_full_index(index, shape), shape, transform.tiles))
         by_block[block].append(device)
     reads = []
     for block, devices in by_block.items():
-        parts = []
-        for device in devices:
-            values = _full_index(values_map[device], shape)
-            scales = _full_index(scales_map[device], scale_shape)
-            parts.append((device,
-                          tuple(slice(v.start - a, v.stop - a) for v, (a, _) in zip(values, block)),
-                          tuple(slice(s.start - a // t, s.stop - a // t)
-                                for s, (a, _), t in zip(scales, block, spec.tiles))))
-        reads.append(_make_read(name, target, block, devices, quant=(spec, parts)))
+        parts = [(device, tuple(_within_block(_full_index(index_map[device], out.shape), block,
+                                              out.step)
+                                for out, index_map in zip(transform.outputs, maps)))
+                 for device in devices]
+        reads.append(_make_read(name, target, block, devices, transform=(transform, parts)))
     return reads
+
+
+def _within_block(index: tuple[slice, ...], block, step) -> tuple[slice, ...]:
+    """An output's global `index` relative to the output of the input `block`."""
+    return tuple(slice(s.start - a // t, s.stop - a // t)
+                 for s, (a, _), t in zip(index, block, step))
 
 
 def _full_index(index, shape) -> tuple[slice, ...]:
@@ -277,18 +304,16 @@ def restore_arrays(ckpt_dir: str | pathlib.Path, manifest: Manifest,
 
 
 def assemble_all(targets: Mapping[str, Target], shards: Mapping[str, dict]) -> dict[str, jax.Array]:
-    """Every target's global array; a quantize-on-load target NAME gives NAME.values and
-    NAME.scales."""
+    """Every target's global array; a target with a host transform gives its outputs
+    (by their names) instead."""
     arrays = {}
     for name, target in targets.items():
-        if target.quant is None:
+        if target.transform is None:
             arrays[name] = assemble(target, shards[name])
             continue
-        values, scales = quantized_names(name)
-        arrays[values] = assemble(target, shards[values])
-        arrays[scales] = assemble(
-            Target(target.quant.scale_shape(target.shape), np.float32, target.scale_sharding),
-            shards[scales])
+        for out in target.transform.outputs:
+            arrays[out.name] = assemble(Target(out.shape, out.dtype, out.sharding),
+                                        shards[out.name])
     return arrays
 
 
@@ -444,18 +469,15 @@ class _Run:
     @staticmethod
     def _pieces(read: _Read, host: np.ndarray) -> list[tuple[str, object, np.ndarray]]:
         """(array name, device, host array) for every device of the read."""
-        if read.quant is None:
+        if read.transform is None:
             if read.held_dtype is not None:
                 host = host.astype(read.held_dtype)
             return [(read.name, device, host) for device in read.devices]
-        spec, parts = read.quant
-        values, scales = quantize_block(host, spec)
-        values_name, scales_name = quantized_names(read.name)
-        pieces = []
-        for device, values_index, scales_index in parts:
-            pieces.append((values_name, device, np.ascontiguousarray(values[values_index])))
-            pieces.append((scales_name, device, np.ascontiguousarray(scales[scales_index])))
-        return pieces
+        transform, parts = read.transform
+        results = transform.apply(host)
+        return [(out.name, device, np.ascontiguousarray(result[index]))
+                for device, indices in parts
+                for out, result, index in zip(transform.outputs, results, indices)]
 
     def _read(self, read: _Read) -> tuple[np.ndarray, int]:
         shape = read.padded_shape or tuple(s.stop - s.start for s in read.index)

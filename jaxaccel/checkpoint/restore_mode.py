@@ -12,13 +12,10 @@ auto       broadcast when some slice is replicated across processes *and* the ch
 
 from __future__ import annotations
 
-import re
-
+from jaxaccel.checkpoint import storage
 from jaxaccel.errors import UsageError
 
 MODES = ("auto", "read-all", "broadcast")
-# A URL scheme, also after pathlib.Path collapsed "s3://bucket" into "s3:/bucket".
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")
 
 _default = {"mode": "auto"}
 
@@ -39,14 +36,9 @@ def default() -> str:
     return _default["mode"]
 
 
-def is_remote(source) -> bool:
-    """Whether a checkpoint location is an object store / URL rather than a file path."""
-    return bool(_URL.match(str(source)))
-
-
 def resolve(mode: str | None, source, replicated_across_processes: bool) -> str:
     """The mode a restore runs: `read-all` or `broadcast` (see the module docstring)."""
     mode = check(mode or default())
     if mode == "auto":
-        return "broadcast" if replicated_across_processes and is_remote(source) else "read-all"
+        return "broadcast" if replicated_across_processes and storage.is_remote(source) else "read-all"
     return mode

@@ -31,12 +31,15 @@ import urllib.parse
 import tensorstore as ts
 
 from jaxaccel.errors import CheckpointError, StorageError, UsageError
+from jaxaccel.utils.files import write_atomically
 
 REMOTE_SCHEMES = ("gs", "s3", "http", "https")
 DEFAULT_CONCURRENCY = 32
 DEFAULT_RETRIES = 8
 _DRIVER = {"gs": "gcs", "s3": "s3", "http": "http", "https": "http"}
 _URL = re.compile(r"^([a-z0-9]+)://(.*)$", re.IGNORECASE)
+# A remote scheme, also after pathlib.Path collapsed "s3://bucket" into "s3:/bucket".
+_REMOTE_PREFIX = re.compile(rf"^({'|'.join(REMOTE_SCHEMES)}):/", re.IGNORECASE)
 
 
 class RemotePath:
@@ -100,8 +103,12 @@ def checkpoint_path(location: str | os.PathLike) -> CheckpointPath:
 
 
 def is_remote(location) -> bool:
-    """True for gs://, s3://, http(s):// locations (strings or RemotePaths)."""
-    return isinstance(checkpoint_path(location), RemotePath)
+    """True for gs://, s3://, http(s):// locations: RemotePaths, URL strings, and pathlib
+    paths into which such a URL collapsed (`Path("s3://b/x")` is `s3:/b/x`). Never raises:
+    an unknown scheme is not remote (checkpoint_path refuses it)."""
+    if isinstance(location, RemotePath):
+        return True
+    return bool(_REMOTE_PREFIX.match(os.fspath(location)))
 
 
 def concurrency() -> int:
@@ -217,9 +224,7 @@ def local_copy(location, dest: pathlib.Path) -> pathlib.Path:
     if data is None:
         raise CheckpointError(f"{location}: listed in the manifest but missing")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    temp = dest.with_name(f".tmp-{os.getpid()}-{dest.name}")
-    temp.write_bytes(data)
-    os.replace(temp, dest)
+    write_atomically(dest, data, temp_prefix=f".tmp-{dest.name}-")
     return dest
 
 

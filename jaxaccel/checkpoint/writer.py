@@ -88,16 +88,18 @@ def _publish(staging: pathlib.Path, dest: pathlib.Path, overwrite: bool) -> None
 def write_arrays(params_dir: pathlib.Path, arrays: Iterable[tuple[str, np.ndarray, tuple]],
                  chunk_bytes: int | None, codec: str,
                  on_array: Callable[[str, int], None] = lambda name, nbytes: None,
+                 chunk_rule: layout.ChunkRule = layout.ChunkRule(),
                  ) -> dict[str, ArrayEntry]:
     """Write (name, array, logical axes) triples into an OCDBT/zarr3 store (a local directory
-    or a remote prefix); return entries."""
+    or a remote prefix), chunked along the axes `chunk_rule` names; return entries."""
     if isinstance(params_dir, pathlib.Path):
         params_dir.mkdir(parents=True, exist_ok=True)
     context = ts.Context({"cache_pool": {"total_bytes_limit": 0}})
     entries = {}
     for name, array, axes in arrays:
         dtype = str(array.dtype)
-        chunk = layout.chunk_shape(array.shape, axes, array.dtype.itemsize, chunk_bytes)
+        chunk = layout.chunk_shape(array.shape, axes, array.dtype.itemsize, chunk_bytes,
+                                   chunk_rule)
         spec = layout.create_spec(str(params_dir), name, array.shape, dtype, chunk, codec)
         # Store all-zero chunks too: then a missing key can only mean damage (see integrity).
         spec["store_data_equal_to_fill_value"] = True
@@ -131,15 +133,19 @@ def write_checkpoint(dest: pathlib.Path, manifest: Manifest,
                      arrays: Iterable[tuple[str, np.ndarray, tuple]],
                      extra_files: dict[str, pathlib.Path], *, chunk_bytes: int | None,
                      codec: str = "none", overwrite: bool = False,
-                     on_array: Callable[[str, int], None] = lambda name, nbytes: None) -> Manifest:
-    """Write arrays, copy `extra_files` (name -> source path), then the manifest; publish.
-    A remote `dest` (storage.RemotePath) is written in place, the manifest last."""
+                     on_array: Callable[[str, int], None] = lambda name, nbytes: None,
+                     chunk_rule: layout.ChunkRule = layout.ChunkRule()) -> Manifest:
+    """Write arrays (chunked as `write_arrays` does), copy `extra_files` (name -> source
+    path), then the manifest; publish. A remote `dest` (storage.RemotePath) is written in
+    place, the manifest last."""
     if isinstance(dest, storage.RemotePath):
         return _write_remote(dest, manifest, arrays, extra_files, chunk_bytes=chunk_bytes,
-                             codec=codec, overwrite=overwrite, on_array=on_array)
+                             codec=codec, overwrite=overwrite, on_array=on_array,
+                             chunk_rule=chunk_rule)
     with staging_directory(dest, overwrite) as staging:
         try:
-            entries = write_arrays(staging / PARAMS_DIR, arrays, chunk_bytes, codec, on_array)
+            entries = write_arrays(staging / PARAMS_DIR, arrays, chunk_bytes, codec, on_array,
+                                   chunk_rule)
         except CheckpointError as err:  # name DEST, not the hidden staging directory
             raise CheckpointError(str(err).replace(str(staging), str(dest))
                                   + "; nothing was published") from None
@@ -156,7 +162,8 @@ def write_checkpoint(dest: pathlib.Path, manifest: Manifest,
 
 
 def _write_remote(dest: storage.RemotePath, manifest: Manifest, arrays, extra_files: dict, *,
-                  chunk_bytes, codec: str, overwrite: bool, on_array) -> Manifest:
+                  chunk_bytes, codec: str, overwrite: bool, on_array,
+                  chunk_rule: layout.ChunkRule) -> Manifest:
     """Write a checkpoint to a bucket. Object stores have no rename, so atomicity comes from
     order: the manifest, which makes a checkpoint loadable, is deleted first (on overwrite)
     and written last; a convert killed in between leaves objects that do not load."""
@@ -172,7 +179,7 @@ def _write_remote(dest: storage.RemotePath, manifest: Manifest, arrays, extra_fi
         storage.delete_keys(dest, [MANIFEST_NAME])
         storage.delete_tree(dest / PARAMS_DIR)
         storage.delete_keys(dest, names)
-    entries = write_arrays(dest / PARAMS_DIR, arrays, chunk_bytes, codec, on_array)
+    entries = write_arrays(dest / PARAMS_DIR, arrays, chunk_bytes, codec, on_array, chunk_rule)
     manifest = dataclasses.replace(manifest, arrays=entries, tokenizer_files=tuple(extra_files))
     for name, source in extra_files.items():
         storage.write_bytes(dest / name, pathlib.Path(source).read_bytes())

@@ -18,7 +18,7 @@ import ml_dtypes
 import numpy as np
 
 from jaxaccel.checkpoint import storage, writer
-from jaxaccel.checkpoint.layout import DEFAULT_CHUNK_BYTES
+from jaxaccel.checkpoint.layout import DEFAULT_CHUNK_BYTES, ChunkRule
 from jaxaccel.checkpoint.manifest import Manifest
 from jaxaccel.conversion.generation import generation_settings
 from jaxaccel.conversion.safetensors_source import (
@@ -36,10 +36,16 @@ from jaxaccel.models import (
     family_spec,
     known_families,
 )
-from jaxaccel.models.state import abstract_model, param_specs
+from jaxaccel.models.state import abstract_model
 from jaxaccel.models.weights import WeightRule
+from jaxaccel.parallel import sharding as ax
+from jaxaccel.parallel.params import param_specs
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+# Chunks follow the rule tables: one per pipeline stage's layer, and dims a table shards over
+# `model` cut in aligned pieces, so each device reads only the chunks it holds.
+CHUNK_RULE = ChunkRule(per_index=ax.axes_sharded_over("stage"),
+                       split=ax.axes_sharded_over("model"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,7 +281,8 @@ def convert(src: str | pathlib.Path, dest: str | pathlib.Path, *, dtype: str = "
                   if (src / name).is_file()}
         arrays = read_planned(plan.arrays, source, DTYPES[dtype], allow_overflow)
         return writer.write_checkpoint(dest, manifest, arrays, extras, chunk_bytes=chunk_bytes,
-                                       codec=codec, overwrite=overwrite, on_array=on_array)
+                                       codec=codec, overwrite=overwrite, on_array=on_array,
+                                       chunk_rule=CHUNK_RULE)
 
 
 def _family_config(spec: FamilySpec, hf_config: dict, src: pathlib.Path):

@@ -21,6 +21,7 @@ import tensorstore as ts
 from jaxaccel.models import quantization
 from jaxaccel.checkpoint import layout, writer
 from jaxaccel.checkpoint.manifest import PARAMS_DIR, Manifest
+from jaxaccel.conversion.hf import CHUNK_RULE
 from jaxaccel.errors import UsageError
 from jaxaccel.models import config_from_dict, family_spec
 from jaxaccel.models.state import abstract_model
@@ -52,7 +53,7 @@ def quantize_checkpoint(src: str | pathlib.Path, dest: str | pathlib.Path,
     extras = {name: src / name for name in manifest.tokenizer_files}
     return writer.write_checkpoint(dest, out, _arrays(src, manifest, specs, copies), extras,
                                    chunk_bytes=chunk_bytes, codec=codec, overwrite=overwrite,
-                                   on_array=on_array)
+                                   on_array=on_array, chunk_rule=CHUNK_RULE)
 
 
 def _arrays(src: pathlib.Path, manifest: Manifest, specs: dict,

@@ -74,13 +74,6 @@ def weight_files(src: pathlib.Path) -> list[pathlib.Path]:
     raise ConvertError(f"{src}: no *.safetensors weights found")
 
 
-def open_source(src: pathlib.Path) -> "SafetensorsSource":
-    """A SafetensorsSource over SRC's weights; with an index, the index decides each
-    tensor's file."""
-    files = weight_files(src)
-    return SafetensorsSource(files, read_index(src))
-
-
 class SafetensorsSource:
     """Tensor name -> memory-mapped tensor, across one or many safetensors files.
 

@@ -211,11 +211,6 @@ class Model(nnx.Module):
         return pooling.normalise(y_bd) if cfg.normalize else y_bd
 
 
-def mean_pool_normalise(x_btd, mask_bt):
-    """Masked mean pooling + L2 normalisation: [b, t, d] -> float32 [b, d]."""
-    return pooling.normalise(pooling.pool(x_btd, mask_bt, ("mean",)))
-
-
 def weight_rules(cfg: Config) -> list[WeightRule]:
     """How Hugging Face BERT tensor names map onto this module's parameters."""
     n, h = cfg.num_heads, cfg.head_dim

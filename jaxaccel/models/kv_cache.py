@@ -13,20 +13,14 @@ attention the compute values.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax
 
 from jaxaccel import backends
+from jaxaccel.backends.base import KVCache  # noqa: F401  (the cache's type: backends scan it)
 from jaxaccel.parallel import sharding as ax
 
 # Slots are never sharded: a decode step writes one slot, which would then live on one device.
 CACHE_AXES = (ax.LAYERS, ax.BATCH, ax.KV_HEADS, None, ax.HEAD_DIM)
-
-
-class KVCache(NamedTuple):
-    k_lbksh: jax.Array
-    v_lbksh: jax.Array
 
 
 def empty(num_layers: int, batch: int, kv_heads: int, slots: int, head_dim: int,

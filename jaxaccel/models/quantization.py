@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import re
 from collections.abc import Mapping, Sequence
 
@@ -341,11 +340,6 @@ def to_stored(values: np.ndarray) -> np.ndarray:
     return values.astype(np.int8) if values.dtype == ml_dtypes.int4 else values
 
 
-def from_stored(values: np.ndarray, spec: QuantSpec) -> np.ndarray:
-    """Checkpoint values -> held dtype (int8 holding -8..7 narrows to int4)."""
-    return values.astype(ml_dtypes.int4) if spec.qtype == "int4" else values
-
-
 def check_platform(scheme: Scheme | None, platform: str) -> None:
     """fp8 needs float8 dots; refuse it, naming the platform, where XLA has none."""
     if scheme is not None and scheme.name == "fp8" and platform not in FP8_PLATFORMS:
@@ -359,12 +353,6 @@ def values_name(name: str) -> str:
 
 def scales_name(name: str) -> str:
     return f"{name}.{SCALES}"
-
-
-def held_nbytes(shape: Sequence[int], spec: QuantSpec) -> int:
-    """Bytes a quantized weight takes on a device: values + float32 scales."""
-    values = math.prod(shape) * np.dtype(jnp.dtype(spec.qtype)).itemsize
-    return values + math.prod(spec.scale_shape(shape)) * SCALE_DTYPE.itemsize
 
 
 def quantized_names(name: str) -> tuple[str, str]:

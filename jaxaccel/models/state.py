@@ -1,50 +1,18 @@
-"""A model's parameters as a flat {dotted.path: array} mapping, and back.
+"""A family's model as an abstract NNX State: shapes, dtypes and logical axes, no memory.
 
-Checkpoints, converters and the restore engine all speak in dotted paths
-("blocks.wq_dnh"); NNX speaks in `State` pytrees. These helpers translate. A weight-only
-quantized parameter (a qwix QArray, `jaxaccel.models.quantization`) is two arrays, NAME.values and
-NAME.scales, both carrying the parameter's logical axes.
+The family-independent translation between States and flat {dotted.path: array} mappings
+(`param_specs`, `fill_state`, `flat_arrays`) lives in `jaxaccel.parallel.params`, below the
+backends that also need it; this module adds what needs the family registry.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 
-import jax
 import jax.numpy as jnp
-import numpy as np
-import qwix
 from flax import nnx
 
 from jaxaccel.models import config_from_dict, family_spec
-
-
-@dataclasses.dataclass(frozen=True)
-class ParamSpec:
-    shape: tuple[int, ...]
-    dtype: np.dtype
-    axes: tuple[str | None, ...]
-
-    @property
-    def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
-
-
-# QArray fields -> jaxaccel's own names for them (qwix's pytree layout is not ours to store).
-_QARRAY_FIELDS = {"qvalue": "values", "scale": "scales"}
-
-
-def path_name(path) -> str:
-    parts = []
-    for key in path:
-        if isinstance(key, jax.tree_util.GetAttrKey) and key.name in ("value", "raw_value"):
-            continue
-        if isinstance(key, jax.tree_util.GetAttrKey) and key.name in _QARRAY_FIELDS:
-            parts.append(_QARRAY_FIELDS[key.name])
-            continue
-        parts.append(str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))))
-    return ".".join(parts)
 
 
 def abstract_model(family: str, config, dtype=jnp.float32, head_copy: bool = False):
@@ -57,31 +25,3 @@ def abstract_model(family: str, config, dtype=jnp.float32, head_copy: bool = Fal
     extra = {"head_copy": True} if head_copy else {}  # only families with a tied_head take it
     model = nnx.eval_shape(lambda: model_cls(config, dtype=dtype, rngs=nnx.Rngs(0), **extra))
     return nnx.split(model)
-
-
-def param_specs(state: nnx.State) -> dict[str, ParamSpec]:
-    """Dotted path -> shape, dtype and logical axes of every parameter in `state`."""
-    specs = {}
-    for path, variable in nnx.to_flat_state(state):
-        value = variable.get_value() if hasattr(variable, "get_value") else variable.value
-        axes = tuple(variable.get_metadata().get("axes", (None,) * len(value.shape)))
-        name = ".".join(map(str, path))
-        if isinstance(value, qwix.QArray):
-            for field, part in (("values", value.qvalue), ("scales", value.scale)):
-                specs[f"{name}.{field}"] = ParamSpec(tuple(part.shape), np.dtype(part.dtype), axes)
-            continue
-        specs[name] = ParamSpec(tuple(value.shape), np.dtype(value.dtype), axes)
-    return specs
-
-
-def fill_state(state: nnx.State, arrays: Mapping[str, jax.Array]) -> nnx.State:
-    """A copy of `state` whose leaves are taken from `arrays` by dotted path."""
-    def pick(path, leaf):
-        return arrays[path_name(path)]
-
-    return jax.tree_util.tree_map_with_path(pick, state)
-
-
-def flat_arrays(state: nnx.State) -> dict[str, jax.Array]:
-    leaves = jax.tree_util.tree_flatten_with_path(state)[0]
-    return {path_name(path): leaf for path, leaf in leaves}

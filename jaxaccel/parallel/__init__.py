@@ -2,6 +2,7 @@
 
 Modules:
   sharding     `Mesh` (`data`, `model`, `stage`), logical-axis rule tables, `Layout`
+  params       NNX State <-> {dotted.name: array}, each parameter's shape, dtype and axes
   pipeline     GPipe-style stages over the `stage` axis
   distributed  `jax.distributed` start-up, process roles, host gathers
   cluster      which scheduler started this process (SLURM, Open MPI, TPU pod, env vars)

@@ -38,19 +38,27 @@ Rules = Mapping[str, str | None]
 
 _TENSOR_PARALLEL = {HEADS: "model", KV_HEADS: "model", MLP: "model", VOCAB: "model",
                     CHANNELS: "model"}
+# Every table shards the batch over `data` (a size-1 axis costs nothing), so tensor
+# parallelism on a `data=2,model=4` mesh still splits the batch: `tp` and `dp_tp` are one table.
+_DATA_TENSOR_PARALLEL = {BATCH: "data", **_TENSOR_PARALLEL}
 
-# Built-in rule tables. Every table shards the batch over `data` (a size-1 axis costs
-# nothing), so `tp` on a `data=2,model=4` mesh still splits the batch.
+# Built-in rule tables, by the names users pass (`--rules`); `tp` is an alias of `dp_tp`.
 RULE_TABLES: dict[str, dict[str, str | None]] = {
     "replicated": {},
     "dp": {BATCH: "data"},
-    "tp": {BATCH: "data", **_TENSOR_PARALLEL},
-    "dp_tp": {BATCH: "data", **_TENSOR_PARALLEL},
+    "tp": _DATA_TENSOR_PARALLEL,
+    "dp_tp": _DATA_TENSOR_PARALLEL,
     "pp": {BATCH: "data", LAYERS: "stage"},
     "dp_tp_pp": {BATCH: "data", LAYERS: "stage", **_TENSOR_PARALLEL},
 }
 
 
+def axes_sharded_over(mesh_axis: str) -> frozenset[str]:
+    """The logical axes some built-in rule table maps to `mesh_axis` (e.g. "model": heads,
+    kv_heads, mlp, vocab, channels): where a checkpoint's chunks are cut, so that a device
+    reads only the chunks it holds under any table."""
+    return frozenset(logical for table in RULE_TABLES.values()
+                     for logical, axis in table.items() if axis == mesh_axis)
 
 
 def parse_mesh(text: str | None) -> dict[str, int]:

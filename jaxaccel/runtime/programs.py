@@ -29,14 +29,11 @@ from jaxaccel import backends
 from jaxaccel.parallel import pipeline
 from jaxaccel.parallel import sharding as ax
 from jaxaccel.models import layers
+from jaxaccel.utils.units import round_up
 
 
 def next_power_of_two(n: int, minimum: int = 1) -> int:
     return max(minimum, 1 << max(0, n - 1).bit_length())
-
-
-def round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,6 +12,7 @@ the host as it streams in (quantize on load), so its weights reach the devices q
 from __future__ import annotations
 
 import dataclasses
+import functools
 import pathlib
 
 import jax
@@ -27,12 +28,15 @@ from jaxaccel.checkpoint.broadcast import restore_checkpoint
 from jaxaccel.checkpoint.manifest import CheckpointError, Manifest, check_member_name
 from jaxaccel.checkpoint.restore import (
     DEFAULT_HOST_MEMORY_BUDGET,
+    HostTransform,
+    Output,
     RestoreStats,
     Target,
 )
 from jaxaccel.errors import UsageError
 from jaxaccel.models import config_from_dict, family_spec
-from jaxaccel.models.state import abstract_model, fill_state, param_specs
+from jaxaccel.models.state import abstract_model
+from jaxaccel.parallel.params import fill_state, param_specs
 from jaxaccel.runtime.loaded import LoadedModel
 from jaxaccel.runtime.programs import place_param, quantized_param_spec
 from jaxaccel.parallel.sharding import Layout
@@ -115,7 +119,7 @@ def plan_model(path: str | pathlib.Path, layout: Layout | None = None,
         if weight in on_load:
             if name.endswith(".values"):
                 targets[weight], held_values, held_scales = _quantized_target(
-                    spec, on_load[weight], layout, copies.get(weight))
+                    weight, spec, on_load[weight], layout, copies.get(weight))
                 held[name], held[quantization.scales_name(weight)] = held_values, held_scales
             continue
         quant = stored.get(weight)
@@ -143,17 +147,26 @@ def _quantization(manifest: Manifest, scheme, path) -> tuple[dict, dict, dict]:
     return {}, {}, {}
 
 
-def _quantized_target(spec, quant, layout: Layout, source: str | None = None):
+def _quantized_target(weight: str, spec, quant, layout: Layout, source: str | None = None):
     """Quantize on load: (Target of the float32 source, held values, held scales); `source`
-    names the checkpoint array it reads when that is not the weight itself (a tied head)."""
+    names the checkpoint array it reads when that is not the weight itself (a tied head).
+    The restore reads blocks of whole quantization tiles and quantizes each on the host
+    (`quantization.quantize_block`), placing each device's part of NAME.values/NAME.scales."""
     shape, values, scales = quantized_param_spec(spec.axes, spec.shape, quant.tiles, layout)
     values_sh = jax.sharding.NamedSharding(layout.mesh, values)
     scales_sh = jax.sharding.NamedSharding(layout.mesh, scales)
+    values_name, scales_name = quantization.quantized_names(weight)
+    held_values = jax.ShapeDtypeStruct(shape, np.dtype(jnp.dtype(quant.qtype)), sharding=values_sh)
+    held_scales = jax.ShapeDtypeStruct(quant.scale_shape(shape), np.float32, sharding=scales_sh)
+    transform = HostTransform(
+        apply=functools.partial(quantization.quantize_block, spec=quant), tiles=quant.tiles,
+        outputs=(Output(values_name, shape, held_values.dtype, values_sh, (1,) * len(shape)),
+                 Output(scales_name, held_scales.shape, held_scales.dtype, scales_sh,
+                        quant.tiles)))
     target = Target(shape, np.dtype("float32"), values_sh,
                     stored_shape=spec.shape if shape != spec.shape else None,
-                    quant=quant, scale_sharding=scales_sh, source=source)
-    return (target, jax.ShapeDtypeStruct(shape, np.dtype(jnp.dtype(quant.qtype)), sharding=values_sh),
-            jax.ShapeDtypeStruct(quant.scale_shape(shape), np.float32, sharding=scales_sh))
+                    transform=transform, source=source)
+    return target, held_values, held_scales
 
 
 def _target(spec, layout: Layout, quant=None, scales: bool = False) -> Target:

@@ -36,7 +36,7 @@ from jaxaccel.errors import PlanError, UsageError  # noqa: F401  (PlanError re-e
 from jaxaccel.runtime.generate import Generator
 from jaxaccel.startup.loader import plan_model
 from jaxaccel.models.kv_cache import CACHE_AXES
-from jaxaccel.models.state import flat_arrays, param_specs
+from jaxaccel.parallel.params import flat_arrays, param_specs
 from jaxaccel.runtime.programs import Buckets, param_spec
 from jaxaccel.utils.units import format_bytes
 
@@ -118,7 +118,7 @@ def shard_bytes(shape, axes, itemsize: int, sizes: Mapping[str, int], rules: Map
 
 
 def param_bytes(specs: Mapping, sizes, rules) -> dict[str, int]:
-    """Per-device bytes of every parameter; `specs` maps names to models.state.ParamSpec."""
+    """Per-device bytes of every parameter; `specs` maps names to parallel.params.ParamSpec."""
     return {name: shard_bytes(s.shape, s.axes, np.dtype(s.dtype).itemsize, sizes, rules)
             for name, s in specs.items()}
 

@@ -7,6 +7,9 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import uuid
+from collections.abc import Callable
+from typing import BinaryIO
 
 import numpy as np
 
@@ -33,12 +36,33 @@ def read_lines(path: pathlib.Path, flag: str = "--input") -> list[str]:
     return lines
 
 
+def write_atomically(path: pathlib.Path, data: bytes | Callable[[BinaryIO], None], *,
+                     temp_prefix: str | None = None, durable: bool = True) -> None:
+    """Write `path` so that a reader sees the old file or the whole new one, never a part.
+
+    `data` is the bytes, or a function that writes them to the open binary file. They go to
+    a temp file in `path`'s directory (the same file system, so the rename is atomic), named
+    `temp_prefix` (default `.NAME.partial-`) + a random suffix, are fsynced when `durable`
+    (else a crash may leave a torn file under `path`: only for data verified on read) and
+    renamed onto `path`. The temp file never outlives a failure. Raises OSError."""
+    path = pathlib.Path(path)
+    prefix = f".{path.name}.partial-" if temp_prefix is None else temp_prefix
+    temp = path.parent / f"{prefix}{uuid.uuid4().hex[:16]}"
+    try:
+        # "x": never truncate a file someone else created; plain open keeps the umask's mode
+        with open(temp, "xb") as handle:
+            data(handle) if callable(data) else handle.write(data)
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
 def save_npy_atomically(path: pathlib.Path, array) -> None:
     """Write `array` to `path` (.npy) so that a reader never sees a partial file."""
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        np.save(handle, array)
-    os.replace(tmp, path)
+    write_atomically(path, lambda handle: np.save(handle, array))
 
 
 def read_json(path: pathlib.Path, kind: type = dict):

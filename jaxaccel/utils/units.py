@@ -1,4 +1,4 @@
-"""Human byte sizes for flags: `2GiB`, `512MiB`, `64MB`, `1000`."""
+"""Human byte sizes for flags (`2GiB`, `512MiB`, `64MB`, `1000`) and integer rounding."""
 
 from __future__ import annotations
 
@@ -24,3 +24,8 @@ def format_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
     return f"{n:.2f} TiB"
+
+
+def round_up(n: int, multiple: int) -> int:
+    """The smallest multiple of `multiple` (> 0) that is >= `n` (ints; 0 stays 0)."""
+    return -(-n // multiple) * multiple

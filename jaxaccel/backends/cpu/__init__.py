@@ -50,12 +50,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxaccel.backends.base import Backend
+from jaxaccel.backends.base import Backend, KVCache
 from jaxaccel.backends.cpu import attention as attention_kernel
 from jaxaccel.backends.cpu import isa, packed, packing, quantized, tuning
 from jaxaccel.backends.cpu.packed import PackedWeight
 from jaxaccel.backends.cpu.quantized import PackedQuantWeight
-from jaxaccel.models.kv_cache import KVCache
 
 
 def _jax_version() -> tuple[int, ...]:
@@ -66,7 +65,6 @@ def _jax_version() -> tuple[int, ...]:
 # (it converts the whole array to float32); from 0.12 it has, and uint16 carriers only cost.
 # tests/test_packed_decode.py and tests/test_export.py check the programs both ways.
 CARRIERS = _jax_version() < (0, 12)
-GATHER_CARRIER = CARRIERS
 
 
 def to_carrier(x):
@@ -118,7 +116,7 @@ class CpuBackend(Backend):
     def lookup(self, table_vd, ids) -> jax.Array:
         if _is_packed(table_vd):
             return packed.lookup_rows(table_vd, ids)
-        if GATHER_CARRIER:
+        if CARRIERS:
             return from_carrier(jnp.take(to_carrier(table_vd), ids, axis=0))
         return super().lookup(table_vd, ids)
 

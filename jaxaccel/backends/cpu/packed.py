@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxaccel.backends.cpu import build
+from jaxaccel.utils.units import round_up
 
 PANEL = 16  # output columns per 64-byte line (16 x 2 bf16)
 PANELS = 4  # lines per pair of k rows in a group
@@ -60,10 +61,6 @@ class PackedWeight(WholeWeight):
 
 
 
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
 def pack(w, contracting: int, stacked: int = 0, transposed: bool = False) -> PackedWeight:
     """Pack `w` [*stacked, *k_shape, *n_shape]; `contracting` = number of k dims.
 
@@ -80,7 +77,7 @@ def pack(w, contracting: int, stacked: int = 0, transposed: bool = False) -> Pac
     w2 = w.astype(jnp.bfloat16).reshape(*lead, *((n, k) if transposed else (k, n)))
     if transposed:
         w2 = jnp.swapaxes(w2, -1, -2)
-    k_pad, n_pad = _round_up(k, 2), _round_up(n, GROUP)
+    k_pad, n_pad = round_up(k, 2), round_up(n, GROUP)
     w2 = jnp.pad(w2, [(0, 0)] * stacked + [(0, k_pad - k), (0, n_pad - n)])
     # [*lead, k/2, 2, n/64, 4, 16] -> [*lead, n/64, k/2, 4, 16, 2]
     w5 = w2.reshape(*lead, k_pad // 2, 2, n_pad // GROUP, PANELS, PANEL)

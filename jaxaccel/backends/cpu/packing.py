@@ -10,7 +10,7 @@ backend's `matmul`, `lookup` and `head_logits` hooks.
 Which weights to pack is read off the parameters' logical axes, so any decoder family is
 covered without declaring anything: every stacked block weight `w*` of rank >= 2, and the
 [vocab, embed] head (`lm_head_vd`, or the tied `token_vd`). A quantized weight appears in
-`param_specs` as NAME.values / NAME.scales (`jaxaccel.models.state`) and is packed whole.
+`param_specs` as NAME.values / NAME.scales (`jaxaccel.parallel.params`) and is packed whole.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ import jax.numpy as jnp
 import qwix
 
 from jaxaccel.parallel import sharding as ax
+from jaxaccel.parallel.params import param_specs, path_name
 from jaxaccel.backends.cpu import huge_pages, packed, quantized
 from jaxaccel.errors import KernelUnavailable
-from jaxaccel.models.state import param_specs, path_name
 
 HEAD_NAMES = ("lm_head_vd", "token_vd")  # the untied head first; tied, the table is the head
 

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxaccel.backends.cpu import build, isa, packed
+from jaxaccel.utils.units import round_up
 
 PANEL, PANELS = 16, 4
 STREAM = PANEL * PANELS  # output columns per contiguous stream
@@ -67,10 +68,6 @@ class PackedQuantWeight(packed.WholeWeight):
     @property
     def n_pad(self) -> int:
         return STREAM * self.lines.shape[-5]
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
 
 
 def group_rows(k_shape, k_scale_shape) -> int:
@@ -140,7 +137,7 @@ def pack(w, contracting: int, stacked: int = 0, transposed: bool = False) -> Pac
     k, n = math.prod(k_shape), math.prod(n_shape)
     scales = _group_scales(s, stacked, k_shape, n_shape)
     step = STEP_ROWS[bits]
-    k_pad, n_pad = _round_up(k, step), _round_up(n, STREAM)
+    k_pad, n_pad = round_up(k, step), round_up(n, STREAM)
     u = q.reshape(*lead, k, n).astype(jnp.int32) + OFFSET[bits]
     u = jnp.pad(u, [(0, 0)] * stacked + [(0, k_pad - k), (0, n_pad - n)],
                 constant_values=OFFSET[bits]).astype(jnp.uint8)  # padding stores q = 0
