@@ -69,7 +69,7 @@ def load(path: str | pathlib.Path, *, mesh: MeshLike = None, rules: str | Mappin
     True): check every chunk's crc32c while reading (+0-25% of restore time, measured in
     checkpoint/direct.py); False skips it (missing or short chunks are always refused).
     `progress`: a progress bar on a terminal or in Jupyter. `restore_mode` (multi-host):
-    "read-all", "broadcast" or "auto" (the default; see the README's Clusters section).
+    "read-all", "broadcast" or "auto" (the default; see docs/parallelism.md, Clusters).
 
     The one start path of every command (`jaxaccel.startup.start`): planned once, refused
     before reading a byte where a device whose memory the backend reports would overflow

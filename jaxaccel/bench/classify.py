@@ -9,7 +9,7 @@ JPEG/PNG/WebP unless --images DIR; --photo-side 3000 makes camera-sized ones): d
 (decode on one thread, serial: what a user gets without the overlap), and without prefetch
 but with the pool decoding each batch (no overlap with the compute); baselines:
 min(decode-only, compute-only) and end to end without prefetch. On a CPU, decode and compute
-share the same cores: see the README for what that allows.
+share the same cores: see docs/performance.md (the input pipeline on a CPU).
 """
 
 from __future__ import annotations

@@ -10,39 +10,10 @@ small scratch buffer that each thread reuses (or, where the destination is conti
 straight into it), its crc32c is checked on the way, and the bytes are written once, into the
 64-byte-aligned shard buffer that jax then adopts without copying on CPU.
 
-The crc32c check is on by default (`--no-verify` turns it off). Its cost, measured on the
-2.68 GB reference tree onto data=2,model=4 (AMD EPYC, 2 cores shared with other jobs,
-`jaxaccel bench restore`, 3 fresh processes each, alternated, medians):
-  checked 0.761 s (3.53 GB/s), --no-verify 0.985 s (2.72 GB/s), copy floor 0.803 s (3.34 GB/s),
-  orbax 12.4 s. Per round, checked / unchecked = 0.97, 0.59, 0.80; checked / floor = 1.14,
-  0.91, 1.04.
-In one process, restoring again and again into fresh buffers (2 threads, 4 rounds
-alternated; memory faulted but already backed): unchecked 0.381 s min / 0.407 s median,
-checked 0.436 / 0.508 s: the check's CPU cost is +14% (min) to +25% (median). The fresh-process
-figures above hide it behind first-touch page faults, which vary from run to run by more than
-that on this VM. Reading pieces through the scratch buffer without checking (0.384 / 0.395 s)
-is no faster than the scatter preadv, so the unchecked path keeps the single scatter call
-(one GIL hand-over per 1024 runs, which matters beside a compile thread). The crc32c package
-computes a hardware crc (~12 GB/s per core on cache-resident pieces) and drops the GIL for
-inputs >= 32 KiB (its default gil_release_mode), so both read threads checksum in parallel.
-
-Where a checked restore's time goes (perf, 2.68 GB onto data=2,model=4, fresh process, warm
-page cache): the kernel's page-cache copy 30%, zeroing the fresh shard pages on first touch
-(transparent huge pages: numpy advises them) 26%, crc32c 8%, the scratch-to-shard memmove of
-strided pieces (chunks of column-split shards: 1.41 of the 2.68 GB) 6.5%, page-cache lookups
-~8%; index walk and planning ~30 ms. jax adopts the shard buffers without a copy (the array's
-buffer pointer is the numpy buffer's, on jax 0.10.2 and 0.12). Measured and not taken, on
-the same tree in alternated fresh processes (2 shared cores, restore CPU seconds): checking
-and copying strided pieces from a read-only mmap of the data file instead of the scratch
-bounce (0.97-1.5 s vs 0.93-1.55 s: its source-page faults cost what the memmove saved; the
-bench's wall medians 0.84 vs 0.81 s), copying every piece from the mapping (1.0-1.8 s),
-MADV_POPULATE_READ first (0.98-1.2 s); writing into a memfd to skip the zeroing (shmem
-allocates 4 KiB pages one by one: 1.2-1.6 s wall for the copy alone, vs 0.45-1.1 s into
-fresh huge pages); 4 KiB destination pages (2-3x slower to fault than huge pages on this VM).
-Adopting a MAP_PRIVATE file mapping directly was rejected: Linux shows later writes to the
-file through private pages not yet copied, a shard spans many chunks not adjacent in the
-file, and chunk offsets are not 64-byte aligned. The zeroing is what no restore into fresh
-memory avoids; the bench's copy floor copies into memory touched before its clock.
+The crc32c check is on by default (`--no-verify` turns it off); it runs on the read threads
+with the GIL released (the crc32c package's hardware crc). Its cost, where a checked restore's
+time goes, and the alternatives measured and not taken (mapped strided reads, memfd, 4 KiB
+pages, adopting a private file mapping): docs/performance.md, "Direct chunk reads".
 
 Only arrays stored the way `layout.create_spec` writes them uncompressed qualify (codecs
 `bytes` little-endian + optional `crc32c`, regular chunk grid, default chunk keys); restore

@@ -18,7 +18,7 @@ copy as the head's NAME.values / NAME.scales and records {head: table} as the ma
 
 The head's scheme: `Scheme.head_name`, by default int8 per output channel under every
 scheme, int4 included (`HEAD_SCHEMES`; llama.cpp's 4-bit mixes also keep `output.weight` at
-higher precision). Measured on GPT-2 124M (README, "The quantized LM head on GPT-2"): with
+higher precision). Measured on GPT-2 124M (docs/performance.md, "The quantized LM head on GPT-2"): with
 int4 blocks, an int8 head adds nothing measurable to the KL divergence from fp32 and decodes at
 2.4-2.9x bf16 (batch 1); an int4 head adds 12% to it (+1.5e-3 nats) for another 1.29x.
 
