@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 from typing import List, Optional
 
@@ -12,7 +11,7 @@ import typer
 from jaxaccel.utils import progress
 from jaxaccel.cli import options
 from jaxaccel.errors import InputError, UsageError
-from jaxaccel.utils.files import read_lines
+from jaxaccel.utils.files import read_lines, write_atomically
 from jaxaccel.utils.units import parse_bytes
 
 
@@ -234,6 +233,5 @@ def read_prompts(path: pathlib.Path) -> list[str]:
 
 def write_jsonl(path: pathlib.Path, rows: list[dict]) -> None:
     """Write JSON Lines atomically: a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    os.replace(tmp, path)
+    text = "".join(json.dumps(row) + "\n" for row in rows)
+    write_atomically(path, lambda handle: handle.write(text.encode("utf-8")))
