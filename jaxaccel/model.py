@@ -26,6 +26,7 @@ from jaxaccel.startup.loader import LoadedModel
 from jaxaccel.models.state import flat_arrays
 from jaxaccel.runtime.sampling import Sampling
 from jaxaccel.parallel.sharding import format_mesh
+from jaxaccel.inputs import prompts
 from jaxaccel.inputs.tokenizer import TextTokenizer
 from jaxaccel.utils.units import format_bytes
 
@@ -110,16 +111,19 @@ class Model:
     # Embedding ------------------------------------------------------------------------------
 
     def embed(self, texts: str | Sequence[str], *, batch_size: int | None = None,
-              max_length: int | None = None) -> np.ndarray:
+              max_length: int | None = None, prompt_name: str | None = None) -> np.ndarray:
         """Sentence embeddings, float32 [n, dim], in input order (one text: [1, dim]).
 
         Inputs longer than `max_length` tokens (default: the model's own limit) are truncated
-        with a warning, as sentence-transformers does. Raises UsageError for a decoder.
+        with a warning, as sentence-transformers does. Each text gets the model's prompt
+        (`prompt_name`, default its `default_prompt_name`; see `jaxaccel.inputs.prompts`).
+        Raises UsageError for a decoder or a prompt name the model lacks.
         """
         self._require("embed")
         texts = [texts] if isinstance(texts, str) else list(texts)
         if not texts or not all(isinstance(t, str) for t in texts):
             raise InputError("embed takes a string or a non-empty sequence of strings")
+        texts = prompts.apply(prompts.settings_of(self.loaded.manifest), texts, prompt_name)
         embedder = self._embedder(batch_size or 32, max_length)
         vectors, truncated = embedder.embed_texts(texts)
         if truncated:

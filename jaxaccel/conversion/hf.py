@@ -21,6 +21,7 @@ import numpy as np
 from jaxaccel.checkpoint import storage, writer
 from jaxaccel.checkpoint.layout import DEFAULT_CHUNK_BYTES
 from jaxaccel.checkpoint.manifest import Manifest
+from jaxaccel.conversion import sentence_transformers
 from jaxaccel.conversion.generation import generation_settings
 from jaxaccel.conversion.safetensors_source import (
     ConvertError,
@@ -295,12 +296,21 @@ def convert(src: str | pathlib.Path, dest: str | pathlib.Path, *, dtype: str = "
                                                "layout": layout,
                                                "ignored_tensors": plan.ignored,
                                                "ignored_files": ignored_files,
+                                               **_sentence_settings(module, src),
                                                **getattr(module, "CONVERSION_NOTES", {})},
                             generation=_generation(module, src, hf_config))
         extras = {name: src / name for name in TOKENIZER_FILES if (src / name).is_file()}
         arrays = read_planned(plan.arrays, source, DTYPES[dtype], allow_overflow)
         return writer.write_checkpoint(dest, manifest, arrays, extras, chunk_bytes=chunk_bytes,
                                        codec=codec, overwrite=overwrite, on_array=on_array)
+
+
+def _sentence_settings(module, src: pathlib.Path) -> dict:
+    """An encoder's sentence-transformers text settings (prompts, lower-casing), if any."""
+    if module.TASK != "embed":
+        return {}
+    settings = sentence_transformers.text_settings(src)
+    return {"sentence_transformers": settings} if settings else {}
 
 
 def _family_config(module, hf_config: dict, src: pathlib.Path):

@@ -27,6 +27,7 @@ from jaxaccel.startup.loader import LoadedModel, ModelPlan, plan_model, restore_
 from jaxaccel.startup.planner import refuse_if_too_big
 from jaxaccel.runtime.sampling import GREEDY, Sampling
 from jaxaccel.parallel.sharding import Layout
+from jaxaccel.inputs import prompts
 from jaxaccel.inputs.tokenizer import Encoded, TextTokenizer
 
 
@@ -174,11 +175,14 @@ def tokenizer_for(plan: ModelPlan) -> TextTokenizer | None:
 def start_for_texts(path, texts: list[str], layout: Layout | None, dtype: str | None, *,
                     batch_size: int = 32, max_length: int | None = None, truncate: bool = True,
                     microbatches: int | None = None, device_memory: int | None = None,
-                    quantize=None, **restore) -> tuple[Started, Encoded]:
+                    quantize=None, prompt_name: str | None = None,
+                    **restore) -> tuple[Started, Encoded]:
     """Tokenise first (bad input fails before a byte is read), then restore the weights while
-    XLA compiles the forward for exactly the buckets these texts need."""
+    XLA compiles the forward for exactly the buckets these texts need. Each text gets the
+    model's sentence-transformers prompt (`prompt_name`, else its default)."""
     plan = plan_for("embed", path, layout, dtype, device_memory=device_memory,
                     batch=min(batch_size, len(texts)), seq=max_length, quantize=quantize)
+    texts = prompts.apply(prompts.settings_of(plan.manifest), texts, prompt_name)
     tokenizer = tokenizer_for(plan)
     if tokenizer is None:
         raise InputError(f"{path}: embed needs a checkpoint with a tokenizer.json")
