@@ -21,6 +21,7 @@ from jax.sharding import Mesh
 from jaxaccel.models import quantization
 from jaxaccel.startup import planner
 from jaxaccel.utils import progress
+from jaxaccel.utils.arguments import checked
 from jaxaccel.parallel import sharding as ax
 from jaxaccel.checkpoint import storage
 from jaxaccel.checkpoint.integrity import VerifyReport, verify_checkpoint
@@ -50,6 +51,7 @@ def layout(mesh: MeshLike = None, rules: str | Mapping | None = None) -> ax.Layo
     return ax.Layout.create(mesh, rules)
 
 
+@checked
 def load(path: str | pathlib.Path, *, mesh: MeshLike = None, rules: str | Mapping | None = None,
          dtype: str | None = None, host_memory_budget: int | str | None = None,
          verify: bool = True, progress: bool = True, microbatches: int | None = None,
@@ -80,6 +82,7 @@ def load(path: str | pathlib.Path, *, mesh: MeshLike = None, rules: str | Mappin
     return Model(loaded, microbatches=microbatches)
 
 
+@checked
 def convert(src: str | pathlib.Path, dest: str | pathlib.Path, *, dtype: str | None = None,
             family: str = "auto", layout: str = "hf", overwrite: bool = False,
             progress: bool = True, chunk_bytes: int | None = DEFAULT_CHUNK_BYTES,
@@ -129,11 +132,13 @@ def _convert_quantized(src, dest, scheme, *, progress: bool, chunk_bytes, codec:
         return quantize(pathlib.Path(tmp) / "fp")
 
 
+@checked
 def inspect(path: str | pathlib.Path) -> Manifest:
     """A checkpoint's manifest: family, config, dtype, every array's shape/dtype/axes/bytes."""
     return Manifest.load(path)
 
 
+@checked
 def plan(path: str | pathlib.Path, *, mesh: MeshLike = None, rules: str | Mapping | None = None,
          dtype: str | None = None, batch: int = 1, seq: int | None = None,
          max_new_tokens: int = 0, device_memory: int | str | None = None,
@@ -148,6 +153,7 @@ def plan(path: str | pathlib.Path, *, mesh: MeshLike = None, rules: str | Mappin
                         quantize=quantization.Scheme.parse(quantize, group_size, quantize_head))
 
 
+@checked
 def verify(path: str | pathlib.Path, *, progress: bool = True) -> VerifyReport:
     """Re-read every chunk and compare it with the manifest's checksums; raises
     IntegrityError naming every damaged array and chunk."""
