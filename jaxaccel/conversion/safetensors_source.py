@@ -27,14 +27,15 @@ from jaxaccel.errors import ConvertError  # noqa: F401  (re-exported)
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 INDEX_NAME = "model.safetensors.index.json"
+# safetensors' integer dtypes (I8 ... U64) -> numpy's.
+_INTEGERS = {f"{kind}{bits}": np.dtype(f"{kind.lower()}{bits // 8}").type
+             for kind in "IU" for bits in (8, 16, 32, 64)}
 # safetensors dtype -> the numpy type holding it (ml_dtypes for what numpy lacks).
 DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
           "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
-          "F8_E8M0": ml_dtypes.float8_e8m0fnu, "I64": np.int64, "I32": np.int32,
-          "I16": np.int16, "I8": np.int8, "U64": np.uint64, "U32": np.uint32,
-          "U16": np.uint16, "U8": np.uint8}
+          "F8_E8M0": ml_dtypes.float8_e8m0fnu, **_INTEGERS}
 # What safetensors' own numpy reader returns without help.
-_NUMPY_NATIVE = {"F64", "F32", "F16", "I64", "I32", "I16", "I8", "U64", "U32", "U16", "U8"}
+_NUMPY_NATIVE = {"F64", "F32", "F16", *_INTEGERS}
 # Suffixes of a weight's scale (multiplied in) and of its layer's activation/cache scales
 # (for fp8 compute; a dequantized weight does not use them).
 WEIGHT_SCALES = ("_scale", "_scale_inv")

@@ -3,7 +3,8 @@
 The module pipeline (Pooling, Dense, Normalize) belongs to the family (`models/bert.py`);
 this module reads what sentence-transformers does to the *text* before tokenising it:
 `config_sentence_transformers.json`'s `prompts` and `default_prompt_name` (a prefix put
-before every input), and `sentence_bert_config.json`'s `do_lower_case`. Settings that would
+before every input), and the Transformer module's `do_lower_case` (in its
+`sentence_*_config.json`, named after the architecture). Settings that would
 change the output and that jaxaccel does not apply are refused, one line naming the file and
 the key, rather than silently giving other embeddings.
 """
@@ -16,11 +17,13 @@ from jaxaccel.errors import ConvertError
 from jaxaccel.utils.files import read_json
 
 ST_CONFIG = "config_sentence_transformers.json"
-BERT_CONFIG = "sentence_bert_config.json"
+# The Transformer module's settings: sentence-transformers names the file after the
+# architecture ("sentence_<arch>_config.json").
+MODULE_CONFIG_GLOB = "sentence_*_config.json"
 # Keys that do not change the embeddings (bookkeeping, and the similarity function a caller
 # may use afterwards) or that this module applies.
 _ST_KEYS = {"__version__", "similarity_fn_name", "model_type", "prompts", "default_prompt_name"}
-_BERT_KEYS = {"max_seq_length", "do_lower_case"}
+_MODULE_KEYS = {"max_seq_length", "do_lower_case"}
 
 
 def text_settings(src: pathlib.Path) -> dict:
@@ -28,9 +31,11 @@ def text_settings(src: pathlib.Path) -> dict:
     of a sentence-transformers export ({} for a plain transformers directory). ConvertError
     naming the file and key for a malformed or unsupported setting."""
     config = read_json(src / ST_CONFIG) or {}
-    bert = read_json(src / BERT_CONFIG) or {}
     _refuse_unknown(src / ST_CONFIG, config, _ST_KEYS)
-    _refuse_unknown(src / BERT_CONFIG, bert, _BERT_KEYS)
+    module_config = {}
+    for path in sorted(src.glob(MODULE_CONFIG_GLOB)):
+        module_config = read_json(path) or {}
+        _refuse_unknown(path, module_config, _MODULE_KEYS)
     prompts = config.get("prompts") or {}
     if not isinstance(prompts, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in prompts.items()):
@@ -41,7 +46,7 @@ def text_settings(src: pathlib.Path) -> dict:
                            f"its prompts {sorted(prompts)}")
     _check_pooling_includes_prompt(src)
     settings = {"prompts": prompts, "default_prompt_name": default,
-                "do_lower_case": bool(bert.get("do_lower_case", False))}
+                "do_lower_case": bool(module_config.get("do_lower_case", False))}
     return settings if (prompts or settings["do_lower_case"]) else {}
 
 

@@ -2,7 +2,7 @@
 
 `checked` wraps a public function so that an argument whose type its annotation does not
 allow (None where a path is needed, bytes for a string, a float for a count, an object for a
-mesh) is a `UsageError` naming the argument, the expected type and what was given, rather
+mesh) is an `InputError` (a `UsageError`) naming the argument, the expected type and what was given, rather
 than whatever TypeError or AttributeError it would cause deep inside. Only the types are
 checked here; each function still checks values (ranges, names) with its own UsageErrors.
 """
@@ -16,7 +16,7 @@ import numbers
 import types
 import typing
 
-from jaxaccel.errors import UsageError
+from jaxaccel.errors import InputError, UsageError
 
 
 def checked(function):
@@ -33,7 +33,7 @@ def checked(function):
         for name, value in bound.arguments.items():
             hint = hints.get(name)
             if hint is not None and not matches(value, hint):
-                raise UsageError(f"{function.__qualname__}: {name} must be {describe(hint)}, "
+                raise InputError(f"{function.__qualname__}: {name} must be {describe(hint)}, "
                                  f"got {type(value).__name__} {_short(value)}")
         return function(*args, **kwargs)
     return call
