@@ -21,6 +21,7 @@ from jax.sharding import Mesh
 from jaxaccel.models import quantization
 from jaxaccel.startup import planner
 from jaxaccel.utils import progress
+from jaxaccel.utils.arguments import checked
 from jaxaccel.parallel import sharding as ax
 from jaxaccel.checkpoint import storage
 from jaxaccel.checkpoint.integrity import VerifyReport, verify_checkpoint
@@ -50,6 +51,7 @@ def layout(mesh: MeshLike = None, rules: str | Mapping | None = None) -> ax.Layo
     return ax.Layout.create(mesh, rules)
 
 
+@checked
 def load(path: str | pathlib.Path, *, mesh: MeshLike = None, rules: str | Mapping | None = None,
          dtype: str | None = None, host_memory_budget: int | str | None = None,
          verify: bool = True, progress: bool = True, microbatches: int | None = None,
@@ -84,11 +86,13 @@ def load(path: str | pathlib.Path, *, mesh: MeshLike = None, rules: str | Mappin
     return Model(started.loaded, microbatches=microbatches, runner=started.runner)
 
 
+@checked
 def convert(src: str | pathlib.Path, dest: str | pathlib.Path, *, dtype: str | None = None,
             family: str = "auto", layout: str = "hf", overwrite: bool = False,
             progress: bool = True, chunk_bytes: int | None = DEFAULT_CHUNK_BYTES,
             codec: str = "none", allow_overflow: bool = False, quantize: str | None = None,
-            group_size: int | None = None, quantize_head: bool | str = False) -> Manifest:
+            group_size: int | None = None, quantize_head: bool | str = False,
+            force_family: bool = False) -> Manifest:
     """Convert a Hugging Face directory (config.json + safetensors; "minilm" for the bundled
     all-MiniLM-L6-v2) into a jaxaccel checkpoint at `dest` (written atomically, as `dtype`:
     float32, bfloat16 or float16); another `layout` of a family, e.g. family="resnet",
@@ -96,20 +100,21 @@ def convert(src: str | pathlib.Path, dest: str | pathlib.Path, *, dtype: str | N
     `codec`: "none" or "zstd"; `allow_overflow`: store values past the dtype's range.
     `quantize` "int8" | "int4": a weight-only quantized checkpoint (values + scales per weight,
     see `jaxaccel.models.quantization`); `src` may then also be a full-precision jaxaccel checkpoint.
-    Raises ConvertError, UsageError."""
+    A `family` that config.json's model_type contradicts is a ConvertError naming both, unless
+    `force_family` (then a warning). Raises ConvertError, UsageError."""
     scheme = quantization.Scheme.parse(quantize, group_size, quantize_head)
     if scheme is not None:
         return _convert_quantized(src, dest, scheme, dtype=dtype, family=family, layout=layout,
                                   overwrite=overwrite, progress=progress,
                                   chunk_bytes=chunk_bytes, codec=codec,
-                                  allow_overflow=allow_overflow)
+                                  allow_overflow=allow_overflow, force_family=force_family)
     source = resolve_source(str(src))
     total = sum(p.stat().st_size for p in source.glob("*.safetensors")) if source.is_dir() else 0
     with _bar(total, f"convert {source.name}", progress) as advance:
         return hf.convert(source, dest, dtype=dtype or "float32", family=family,
                           layout=layout, chunk_bytes=chunk_bytes, codec=codec,
                           overwrite=overwrite, allow_overflow=allow_overflow,
-                          on_array=lambda name, n: advance(n))
+                          force_family=force_family, on_array=lambda name, n: advance(n))
 
 
 def _convert_quantized(src, dest, scheme, *, progress: bool, chunk_bytes, codec: str,
@@ -131,11 +136,13 @@ def _convert_quantized(src, dest, scheme, *, progress: bool, chunk_bytes, codec:
         return quantize(pathlib.Path(tmp) / "fp")
 
 
+@checked
 def inspect(path: str | pathlib.Path) -> Manifest:
     """A checkpoint's manifest: family, config, dtype, every array's shape/dtype/axes/bytes."""
     return Manifest.load(path)
 
 
+@checked
 def plan(path: str | pathlib.Path, *, mesh: MeshLike = None, rules: str | Mapping | None = None,
          dtype: str | None = None, batch: int = 1, seq: int | None = None,
          max_new_tokens: int = 0, device_memory: int | str | None = None,
@@ -150,6 +157,7 @@ def plan(path: str | pathlib.Path, *, mesh: MeshLike = None, rules: str | Mappin
                         quantize=quantization.Scheme.parse(quantize, group_size, quantize_head))
 
 
+@checked
 def verify(path: str | pathlib.Path, *, progress: bool = True) -> VerifyReport:
     """Re-read every chunk and compare it with the manifest's checksums; raises
     IntegrityError naming every damaged array and chunk."""

@@ -28,7 +28,9 @@ from jaxaccel.runtime.loaded import LoadedModel
 from jaxaccel.parallel.params import flat_arrays
 from jaxaccel.runtime.sampling import Sampling
 from jaxaccel.parallel.sharding import format_mesh
+from jaxaccel.inputs import prompts
 from jaxaccel.inputs.tokenizer import TextTokenizer
+from jaxaccel.utils.arguments import at_least, checked
 from jaxaccel.utils.units import format_bytes
 
 _SHOWN_ARRAYS = 6
@@ -119,17 +121,23 @@ class Model:
 
     # Embedding ------------------------------------------------------------------------------
 
+    @checked
     def embed(self, texts: str | Sequence[str], *, batch_size: int | None = None,
-              max_length: int | None = None) -> np.ndarray:
+              max_length: int | None = None, prompt_name: str | None = None) -> np.ndarray:
         """Sentence embeddings, float32 [n, dim], in input order (one text: [1, dim]).
 
         Inputs longer than `max_length` tokens (default: the model's own limit) are truncated
-        with a warning, as sentence-transformers does. Raises UsageError for a decoder.
+        with a warning, as sentence-transformers does. Each text gets the model's prompt
+        (`prompt_name`, default its `default_prompt_name`; see `jaxaccel.inputs.prompts`).
+        Raises UsageError for a decoder or a prompt name the model lacks.
         """
         self._require("embed")
         texts = [texts] if isinstance(texts, str) else list(texts)
         if not texts or not all(isinstance(t, str) for t in texts):
             raise InputError("embed takes a string or a non-empty sequence of strings")
+        texts = prompts.apply(prompts.settings_of(self.loaded.manifest), texts, prompt_name)
+        at_least(batch_size, 1, "batch_size")
+        at_least(max_length, 2, "max_length")  # [CLS] and [SEP] at least
         embedder = self._embedder(batch_size or 32, max_length)
         vectors, truncated = embedder.embed_texts(texts)
         if truncated:
@@ -146,6 +154,7 @@ class Model:
 
     # Classification -------------------------------------------------------------------------
 
+    @checked
     def classify(self, images, *, batch_size: int | None = None,
                  skip_bad: bool = False) -> Classification:
         """Classify images: paths, PIL images, or uint8 arrays [h, w, 3] / [n, h, w, 3].
@@ -154,6 +163,7 @@ class Model:
         with the checkpoint's labels). Raises UsageError for a text model.
         """
         self._require("classify")
+        at_least(batch_size, 1, "batch_size")
         if isinstance(images, np.ndarray) and images.ndim == 4:
             images = list(images)
         elif isinstance(images, (str, np.ndarray)) or not isinstance(images, Sequence):
@@ -165,6 +175,7 @@ class Model:
 
     # Generation -----------------------------------------------------------------------------
 
+    @checked
     def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]], *,
                  max_new_tokens: int, greedy: bool | None = None,
                  temperature: float | None = None, top_k: int | None = None,
@@ -216,6 +227,7 @@ class Model:
         """The checkpoint's tokenizer (None if it ships none)."""
         return self._tokenizer
 
+    @checked
     def stream(self, prompt: str | Sequence[int], *, max_new_tokens: int,
                **settings) -> Iterator[str]:
         """Yield the text of one prompt's continuation as it is generated (pieces joined

@@ -18,9 +18,12 @@ import os, sys
 from jaxaccel.bench.worker import serve
 
 
-def main(name, log, value=1.0, fail=False, no_json=False):
+def main(name, log, value=1.0, fail=False, no_json=False, sleep=0.0):
+    import time
+
     with open(log, "a") as handle:
         handle.write(name + "\\n")
+    time.sleep(sleep)
     if fail:
         print("boom: the fake worker was told to fail", file=sys.stderr)
         raise SystemExit(3)
@@ -170,7 +173,7 @@ def test_benchmarks_give_each_worker_the_devices_its_mesh_needs(tmp_path):
 def test_a_failing_worker_names_the_contender_and_its_stderr(fake):
     make, _ = fake
     with pytest.raises(WorkerFailed) as info:
-        runner.alternate({"ok": make("ok"), "broken one": make("broken one", fail=True)}, 1)
+        runner.run_worker("broken one", make("broken one", fail=True))
     message = str(info.value)
     assert "'broken one'" in message and "exit code 3" in message
     assert "boom: the fake worker was told to fail" in message
@@ -206,3 +209,102 @@ def test_copy_floor_copies_every_byte(tmp_path):
         files.append(path)
     copied = restore_worker.copy_floor(files, threads=2)()
     assert [bytes(buf) for buf in copied] == [p.read_bytes() for p in files]
+
+
+# A contender that fails or times out keeps the others' results (issue 29) ------------------
+
+@pytest.fixture
+def fresh_run():
+    runner.reset()
+    runner.set_timeout(None)
+    yield
+    runner.reset()
+    runner.set_timeout(None)
+
+
+def test_a_failed_contender_is_skipped_and_the_others_keep_their_runs(fake, fresh_run, capsys):
+    make, log = fake
+    runs = runner.alternate({"a": make("a", value=1.0), "broken": make("broken", fail=True),
+                             "c": make("c", value=3.0)}, repeats=3)
+    assert log.read_text().split() == ["a", "broken", "c", "a", "c", "a", "c"]
+    assert {n: [r["value"] for r in rs] for n, rs in runs.items()} == {"a": [1.0] * 3,
+                                                                     "c": [3.0] * 3}
+    [(name, why)] = runner.failures().items()
+    assert name == "broken" and "exit code 3" in why and "boom" in why
+    assert "warning: contender 'broken' failed" in capsys.readouterr().err
+
+
+def test_a_contender_past_the_timeout_is_a_timed_out_row(fake, fresh_run, tmp_path, capsys):
+    make, _ = fake
+    runner.set_timeout(2)
+    runs = runner.alternate({"slow": make("slow", sleep=30), "quick": make("quick")}, 1)
+    assert list(runs) == ["quick"] and "no result after 2 s" in runner.failures()["slow"]
+    runner.print_table("t", ("contender", "value", "x"), [("quick", 1.0, "n/a")])
+    out = capsys.readouterr().out
+    assert "slow" in out and "TIMED OUT" in out and "quick" in out
+    runner.write_json(tmp_path / "r.json", {"results": {"quick": 1.0}})
+    import json
+    payload = json.loads((tmp_path / "r.json").read_text())
+    assert payload["results"] == {"quick": 1.0} and list(payload["failed"]) == ["slow"]
+
+
+def test_the_limit_scales_with_the_slowest_finished_run(fake, fresh_run):
+    make, _ = fake
+    assert runner.timeout_s() == runner.DEFAULT_TIMEOUT_S
+    runner._RUN["longest_s"] = 200.0  # as if a contender had taken 200 s
+    assert runner.timeout_s() == runner.TIMEOUT_FACTOR * 200.0
+    runner.set_timeout(5)
+    assert runner.timeout_s() == 5
+
+
+def test_every_contender_failing_is_one_error(fake, fresh_run):
+    make, _ = fake
+    with pytest.raises(runner.BenchError, match="every contender failed.*'x'.*'y'"):
+        runner.alternate({"x": make("x", fail=True), "y": make("y", fail=True)}, 2)
+
+
+def test_a_benchmark_with_a_failed_contender_prints_the_rest_and_exits_1(fake, fresh_run,
+                                                                         capsys):
+    make, _ = fake
+
+    def command():
+        runs = runner.alternate({"ok": make("ok", value=2.0), "bad": make("bad", fail=True)}, 1)
+        runner.print_table("values", ("contender", "value"),
+                           [(n, r[0]["value"]) for n, r in runs.items()])
+
+    with pytest.raises(SystemExit) as info:
+        _clean_errors(command)()
+    assert info.value.code == 1
+    out, err = capsys.readouterr()
+    assert "ok" in out and "2" in out and "bad" in out and "FAILED" in out
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "1 contender(s) failed: bad" in errors[0]
+
+
+def test_bench_embed_with_a_broken_baseline_still_reports_jaxaccel(minilm_src, tmp_path,
+                                                                  capsys, monkeypatch):
+    """A real benchmark: the PyTorch contenders' source loses its weights after the convert,
+    so they fail; the jaxaccel rows print and go into the JSON, and the exit status is 1."""
+    import json
+    import shutil
+
+    from cli_runner import run_cli
+
+    if not runner.reference_available():
+        pytest.skip("needs the reference extra (torch, transformers)")
+    src = tmp_path / "src"
+    shutil.copytree(minilm_src, src)
+    code, _, err = run_cli(capsys, monkeypatch, "convert", src, tmp_path / "ckpt", "-q")
+    assert code == 0, err
+    (src / "model.safetensors").unlink()
+    code, out, err = run_cli(capsys, monkeypatch, "bench", "--timeout", "300", "embed",
+                             tmp_path / "ckpt", "--batch", "2", "--length", "8", "--iters",
+                             "1", "--repeats", "1", "--no-roofline", "--json",
+                             tmp_path / "b.json")
+    assert code == 1, err
+    payload = json.loads((tmp_path / "b.json").read_text())
+    assert set(payload["results"]) == {"jaxaccel float32", "jaxaccel bfloat16"}
+    assert set(payload["failed"]) == {"pytorch eager float32", "pytorch eager bfloat16"}
+    assert "jaxaccel float32" in out and "FAILED" in out
+    assert [line for line in err.splitlines() if line.startswith("error: ")] == [
+        line for line in err.splitlines() if "contender(s) failed" in line]

@@ -25,6 +25,7 @@ import typer
 
 from jaxaccel.bench import runner
 from jaxaccel.bench.runner import Worker
+from jaxaccel.utils.files import user_cache_dir, writable_cache_dir
 
 DTYPES = ("float32", "bfloat16")
 XLA_WORKER = "jaxaccel.bench.roofline_worker"
@@ -138,8 +139,7 @@ def cache_path() -> pathlib.Path:
 
     cpu = isa.detect()
     key = hashlib.sha256(" ".join([cpu.model, *sorted(cpu.flags), _jax_version()]).encode())
-    base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
-    return pathlib.Path(base) / "jaxaccel" / f"roofline-{key.hexdigest()[:16]}.json"
+    return user_cache_dir("") / f"roofline-{key.hexdigest()[:16]}.json"
 
 
 def cached() -> dict | None:
@@ -222,6 +222,6 @@ def register(bench_app: typer.Typer) -> None:
                                        for d, p in payload["peaks"].items() if d in DTYPES),
                            COLUMNS, table_rows(payload))
         runner.write_json(json_out, payload)
-        if not shape and bandwidth:
-            cache_path().parent.mkdir(parents=True, exist_ok=True)
+        if not shape and bandwidth and writable_cache_dir(
+                cache_path().parent, "roofline cache", "$XDG_CACHE_HOME", fallback=False):
             runner.write_json(cache_path(), payload)

@@ -6,6 +6,12 @@ a `Worker` names a module and its keyword arguments (`python -m MODULE JSON`, se
 place a worker's environment is built. Contenders alternate round by round (`alternate`, so
 drift hits all of them alike), and results are reported as min/median/max (`summarize`) with
 ratios against a baseline each benchmark names (`ratio`).
+
+A contender that fails or runs past its limit does not throw the others' results away: it is
+left out of the results (its later rounds are skipped), recorded in `failures()`, shown as a
+marked row of every table and listed under "failed" in the JSON; `jaxaccel bench` then exits
+1. A run's limit is `--timeout` (`set_timeout`), else it scales with the work: at least
+`DEFAULT_TIMEOUT_S`, and `TIMEOUT_FACTOR` times the slowest run that finished so far.
 """
 
 from __future__ import annotations
@@ -18,12 +24,18 @@ import shlex
 import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 
 from rich.console import Console
 from rich.table import Table
 
 STDERR_TAIL = 2000  # characters of a failed worker's stderr quoted in the error
+DEFAULT_TIMEOUT_S = 900.0
+TIMEOUT_FACTOR = 10.0
+# This benchmark run's state: contenders that failed (name -> why), the longest finished
+# run (seconds), and the --timeout override. One benchmark per process (the CLI).
+_RUN = {"failed": {}, "longest_s": 0.0, "timeout_s": None}
 
 
 class BenchError(RuntimeError):
@@ -73,15 +85,42 @@ def mesh_devices(mesh: str) -> int:
     return 8 if -1 in sizes else math.prod(sizes)
 
 
-def run_worker(name: str, worker: Worker, timeout: float = 900) -> dict:
-    """Run contender `name`'s worker in a fresh process; return the JSON object it printed."""
+def set_timeout(seconds: float | None) -> None:
+    """`jaxaccel bench --timeout S`: every worker run's limit (None: scaled, see module)."""
+    _RUN["timeout_s"] = seconds
+
+
+def timeout_s() -> float:
+    """The limit of the next worker run."""
+    if _RUN["timeout_s"] is not None:
+        return _RUN["timeout_s"]
+    return max(DEFAULT_TIMEOUT_S, TIMEOUT_FACTOR * _RUN["longest_s"])
+
+
+def failures() -> dict[str, str]:
+    """Contenders that failed or timed out in this run: name -> one-line reason."""
+    return dict(_RUN["failed"])
+
+
+def reset() -> None:
+    _RUN.update(failed={}, longest_s=0.0)
+
+
+def run_worker(name: str, worker: Worker, timeout: float | None = None) -> dict:
+    """Run contender `name`'s worker in a fresh process; return the JSON object it printed.
+    WorkerFailed when it exits non-zero, prints no JSON, or runs past `timeout` (default:
+    `timeout_s()`)."""
     argv = worker.argv()
+    timeout = timeout_s() if timeout is None else timeout
+    start = time.monotonic()
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
                               env=worker_env(worker.devices))
     except subprocess.TimeoutExpired:
         raise WorkerFailed(f"contender {name!r}: no result after {timeout:.0f} s "
-                           f"({_command(argv)})") from None
+                           f"({_command(argv)}); `jaxaccel bench --timeout SECONDS` sets "
+                           "the limit") from None
+    _RUN["longest_s"] = max(_RUN["longest_s"], time.monotonic() - start)
     if proc.returncode != 0:
         raise WorkerFailed(f"contender {name!r} failed, exit code {proc.returncode} "
                            f"({_command(argv)}); stderr ends:\n{proc.stderr[-STDERR_TAIL:]}")
@@ -101,14 +140,32 @@ def _command(argv: Sequence[str]) -> str:
 def alternate(contenders: Mapping[str, Worker], repeats: int,
               before_run: Callable[[str], None] | None = None) -> dict[str, list[dict]]:
     """Run every contender `repeats` times, round-robin (A B C A B C ...), each run in a fresh
-    process; `before_run(name)` runs before each (e.g. to drop the page cache)."""
+    process; `before_run(name)` runs before each (e.g. to drop the page cache). A contender
+    that fails is recorded (`failures()`), skipped from then on and left out of the result;
+    BenchError only when every contender failed."""
     results = {name: [] for name in contenders}
     for _ in range(repeats):
         for name, worker in contenders.items():
+            if name in _RUN["failed"]:
+                continue
             if before_run is not None:
                 before_run(name)
-            results[name].append(run_worker(name, worker))
-    return results
+            try:
+                results[name].append(run_worker(name, worker))
+            except WorkerFailed as err:
+                _RUN["failed"][name] = _first_line(str(err))
+                print(f"warning: {_first_line(str(err))}", file=sys.stderr, flush=True)
+    done = {name: runs for name, runs in results.items() if name not in _RUN["failed"]}
+    if contenders and not done:
+        raise BenchError(f"every contender failed: {'; '.join(_RUN['failed'].values())}")
+    return done
+
+
+def _first_line(message: str) -> str:
+    """A worker failure's summary (its stderr tail follows on later lines), plus the last
+    line of that tail: usually the exception."""
+    lines = [line for line in message.splitlines() if line.strip()]
+    return lines[0] + (f" ... {lines[-1].strip()}" if len(lines) > 1 else "")
 
 
 def summarize(values: Sequence[float]) -> dict:
@@ -154,7 +211,10 @@ def quantized_labels(quantize: Sequence[str], quantize_head: bool) -> list[str]:
 
 
 def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence]) -> None:
+    """The table, plus one marked row per contender that failed in this run."""
     table = Table(*columns, title=title)
+    rows = list(rows) + [(name, "FAILED" if "no result" not in why else "TIMED OUT",
+                          *[""] * (len(columns) - 2)) for name, why in _RUN["failed"].items()]
     for row in rows:
         table.add_row(*[f"{v:.3g}" if isinstance(v, float) else str(v) for v in row])
     console = Console()
@@ -164,5 +224,7 @@ def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence]) ->
 
 
 def write_json(path: pathlib.Path | None, payload: dict) -> None:
+    """The results, with the contenders that failed in this run under "failed"."""
     if path is not None:
+        payload = {**payload, "failed": failures()}
         pathlib.Path(path).write_text(json.dumps(payload, indent=1) + "\n")

@@ -33,7 +33,7 @@ import shutil
 import time
 import urllib.parse
 
-from jaxaccel.utils.files import write_atomically
+from jaxaccel.utils.files import user_cache_dir, writable_cache_dir, write_atomically
 from jaxaccel.utils.units import parse_bytes
 
 DEFAULT_SIZE = "50GiB"
@@ -46,8 +46,7 @@ def default_dir() -> pathlib.Path:
     """$JAXACCEL_CACHE_DIR, else $XDG_CACHE_HOME/jaxaccel/chunks (~/.cache/... by default)."""
     if os.environ.get("JAXACCEL_CACHE_DIR"):
         return pathlib.Path(os.environ["JAXACCEL_CACHE_DIR"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
-    return pathlib.Path(base) / "jaxaccel" / "chunks"
+    return user_cache_dir("chunks")
 
 
 def default_size() -> int:
@@ -56,7 +55,12 @@ def default_size() -> int:
 
 
 def enabled() -> bool:
-    return os.environ.get("JAXACCEL_NO_CACHE", "").lower() not in ("1", "true", "yes")
+    """Whether remote reads use the cache: not with $JAXACCEL_NO_CACHE, nor (one warning)
+    where its directory cannot be written; the cache is optional, the restore goes on."""
+    if os.environ.get("JAXACCEL_NO_CACHE", "").lower() in ("1", "true", "yes"):
+        return False
+    return writable_cache_dir(default_dir(), "chunk cache",
+                              "--cache-dir (or $JAXACCEL_CACHE_DIR)", fallback=False) is not None
 
 
 @dataclasses.dataclass

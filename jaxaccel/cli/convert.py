@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
+import warnings
 from typing import Optional
 
 import typer
@@ -33,6 +35,9 @@ _DTYPE = typer.Option("float32", "--dtype", help="Stored dtype: float32, bfloat1
     "(halves the bytes) or float16.")
 _FAMILY = typer.Option("auto", "--family", help="Model family: auto (from "
     f"config.json's model_type), {', '.join(models.known_families())}.")
+_FORCE_FAMILY = typer.Option(False, "--force-family", help="Convert with --family even "
+    "where config.json's model_type says another architecture (refused by default, naming "
+    "both: the weights would run with the wrong equations); warns.")
 _LAYOUT = typer.Option("hf", "--layout", help="Source layout: hf (Hugging Face), "
     "or another layout the family reads, e.g. `--layout torchvision` for an image "
     "classifier (a torchvision state dict as safetensors; config.json optional, for labels).")
@@ -61,6 +66,7 @@ def register(app: typer.Typer) -> None:
         dest: str = _DEST,
         dtype: str = _DTYPE,
         family: str = _FAMILY,
+        force_family: bool = _FORCE_FAMILY,
         layout: str = _LAYOUT,
         chunking: str = _CHUNKING,
         codec: str = _CODEC,
@@ -82,11 +88,16 @@ def register(app: typer.Typer) -> None:
         from jaxaccel import api
 
         start = time.perf_counter()
-        manifest = api.convert(src, dest, dtype=dtype, family=family, layout=layout,
-                               overwrite=overwrite, progress=not quiet,
-                               chunk_bytes=chunk_bytes_from(chunking), codec=codec,
-                               allow_overflow=allow_overflow, quantize=quantize,
-                               group_size=group_size, quantize_head=quantize_head)
+        with warnings.catch_warnings(record=True) as caught:  # one `warning:` line each
+            warnings.simplefilter("always")
+            manifest = api.convert(src, dest, dtype=dtype, family=family, layout=layout,
+                                   overwrite=overwrite, progress=not quiet,
+                                   chunk_bytes=chunk_bytes_from(chunking), codec=codec,
+                                   allow_overflow=allow_overflow, quantize=quantize,
+                                   group_size=group_size, quantize_head=quantize_head,
+                                   force_family=force_family)
+        for warning in caught:
+            print(f"warning: {warning.message}", file=sys.stderr)
         seconds = time.perf_counter() - start
         _report(dest, manifest, seconds, as_json, quiet)
 
@@ -97,12 +108,17 @@ def _report(dest, manifest, seconds: float, as_json: bool, quiet: bool) -> None:
     from jaxaccel.utils import progress
 
     ignored = manifest.source.get("ignored_tensors", [])
+    ignored_files = manifest.source.get("ignored_files", [])
     if as_json:
         print(json.dumps({"dest": str(dest), "family": manifest.family, "dtype": manifest.dtype,
                           "quantization": manifest.quantization.get("scheme"),
                           "arrays": len(manifest.arrays), "total_bytes": manifest.total_bytes,
-                          "ignored_tensors": ignored, "seconds": round(seconds, 3)}))
+                          "ignored_tensors": ignored, "ignored_files": ignored_files,
+                          "seconds": round(seconds, 3)}))
     else:
+        if ignored_files:
+            progress.say(f"ignored {len(ignored_files)} file(s) transformers does not load: "
+                         + ", ".join(ignored_files), quiet)
         if ignored:
             progress.say(f"ignored {len(ignored)} source tensor(s) the model does not use: "
                          + ", ".join(ignored[:6]) + (" ..." if len(ignored) > 6 else ""),

@@ -33,6 +33,10 @@ def register(app: typer.Typer) -> None:
         batch_size: int = typer.Option(32, "--batch-size", min=1, help="Rows per jitted call."),
         max_length: Optional[int] = typer.Option(None, "--max-length", min=2, help="Token limit "
                                                  "per text (default: the model's maximum)."),
+        prompt_name: Optional[str] = typer.Option(
+            None, "--prompt-name", help="Put this prompt of the model's "
+            "config_sentence_transformers.json before every text (default: its "
+            "default_prompt_name, if any), as sentence-transformers' encode(prompt_name=)."),
         no_truncate: bool = typer.Option(False, "--no-truncate", help="Refuse texts longer than "
                                          "--max-length instead of truncating with a warning."),
         out: Optional[pathlib.Path] = typer.Option(None, "--out", help="Save a float32 [n, dim] "
@@ -51,8 +55,9 @@ def register(app: typer.Typer) -> None:
         as_json: bool = options.JSON,
         quiet: bool = options.QUIET,
     ) -> None:
-        """Embed texts: mean-pooled, L2-normalised sentence embeddings (sentence-transformers
-        semantics), computed by a jitted, sharded forward pass."""
+        """Embed texts: sentence embeddings with the model's sentence-transformers pipeline
+        (prompt, pooling, Dense, Normalize as converted; without one, mean-pooled and
+        L2-normalised), computed by a jitted, sharded forward pass."""
         # deferred: jax loads only when a command runs, after --host-devices set XLA's flags
         from jaxaccel.parallel import distributed
         from jaxaccel.startup import coldstart
@@ -66,6 +71,7 @@ def register(app: typer.Typer) -> None:
             ckpt, texts, options.layout_from(mesh, rules, rule), dtype,
             device_memory=options.device_memory_from(device_memory), batch_size=batch_size,
             max_length=max_length, truncate=not no_truncate, microbatches=microbatches,
+            prompt_name=prompt_name,
             quantize=options.scheme_from(quantize, group_size),
             host_memory_budget=parse_bytes(budget, "--host-memory-budget"),
             verify_checksums=verify_checksums, quiet=quiet)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import pathlib
+import sys
 from typing import List, Optional
 
 import typer
 
-from jaxaccel.parallel.launcher import launch_local
+from jaxaccel.parallel.launcher import describe_status, launch_local
 
 
 def register(app: typer.Typer) -> None:
@@ -39,5 +40,8 @@ def register(app: typer.Typer) -> None:
             result = launch_local(command, processes, host_devices=devices_each, port=port,
                                   timeout_s=timeout, log_dir=log_dir, verbose=verbose,
                                   stderr=devnull if quiet else None)
-        if not result.ok:
+        if not result.ok:  # the first failure, even with --quiet; its status is the exit code
+            first = next(i for i, code in enumerate(result.codes) if code)
+            print(f"error: launch: process {first} {describe_status(result.codes[first])} "
+                  f"(log: {result.log_dir}/process-{first}.log)", file=sys.stderr, flush=True)
             raise typer.Exit(result.exit_code)

@@ -6,19 +6,32 @@ chance to set XLA_FLAGS (XLA reads it once, when its CPU backend starts).
 
 from __future__ import annotations
 
-import importlib
 import os
+import signal
 import sys
-import traceback
-from typing import Optional
 
-import click
-import typer
 
-from jaxaccel import __version__, errors
-from jaxaccel.parallel import distributed
-from jaxaccel.utils import platform
-from jaxaccel.checkpoint import restore_mode as restore_mode_
+def _interrupted_at_start(signum, frame) -> None:
+    """Ctrl-C before any command runs (the imports take a second) has nothing to clean up."""
+    print("error: interrupted", file=sys.stderr, flush=True)
+    os._exit(130)
+
+
+if __name__ == "__main__":  # `python -m jaxaccel.cli.main`: guard the imports below
+    signal.signal(signal.SIGINT, _interrupted_at_start)
+
+import importlib  # noqa: E402
+import threading  # noqa: E402
+import traceback  # noqa: E402
+from typing import Optional  # noqa: E402
+
+import click  # noqa: E402
+import typer  # noqa: E402
+
+from jaxaccel import __version__, errors  # noqa: E402
+from jaxaccel.checkpoint import restore_mode as restore_mode_  # noqa: E402
+from jaxaccel.parallel import distributed  # noqa: E402
+from jaxaccel.utils import platform  # noqa: E402
 
 app = typer.Typer(
     name="jaxaccel",
@@ -29,6 +42,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+# Ctrl-C: the shell's convention for a process ended by SIGINT (128 + 2).
+INTERRUPTED_EXIT = 130
+# Set when Ctrl-C (SIGINT) arrives while a command runs.
+_INTERRUPTED = {"seen": False}
 # Set by the global --debug option: unexpected errors then print their traceback.
 _DEBUG = {"enabled": False}
 
@@ -167,21 +184,37 @@ def run_with_clean_errors(typer_app) -> int:
     """Run the typer app; every error becomes one `error: ...` line on stderr and an exit
     code (2 usage, 1 anything else); `--debug` adds the traceback of unexpected ones."""
     _DEBUG["enabled"] = False
+    _INTERRUPTED["seen"] = False
     option = misplaced_global_option(sys.argv[1:])
     if option:
         print(f"error: {option} is an option of `jaxaccel` itself: put it before the "
               f"subcommand, e.g. `jaxaccel {option} ... embed CKPT ...`", file=sys.stderr)
         return errors.USAGE_EXIT
+    code = _run(typer_app)
+    if _INTERRUPTED["seen"] and code in (0, INTERRUPTED_EXIT):
+        # typer turns Ctrl-C into a silent exit 130, and an interrupt that landed in a
+        # callback (jax's gc hook) is swallowed while the command goes on: either way the
+        # user pressed Ctrl-C, and hears so once.
+        print("error: interrupted", file=sys.stderr)
+        return INTERRUPTED_EXIT
+    return code
+
+
+def _run(typer_app) -> int:
     try:
-        typer_app(standalone_mode=False)
+        # Without standalone mode click *returns* the code of a `typer.Exit(code)`: keep it,
+        # or a command that failed that way (launch, bench) would exit 0.
+        code = typer_app(standalone_mode=False)
     except SystemExit as exit_:
         return exit_.code if isinstance(exit_.code, int) else errors.FAILURE_EXIT
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        _INTERRUPTED["seen"] = True
+        return INTERRUPTED_EXIT
     except Exception as err:
+        if _INTERRUPTED["seen"]:  # a library's error about the interrupt it was given
+            return INTERRUPTED_EXIT
         return _report(err)
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 def _click_errors() -> tuple[tuple[type, ...], tuple[type, ...]]:
@@ -204,7 +237,10 @@ def _report(err: Exception) -> int:
     if isinstance(err, click_exceptions):  # bad flags, from typer/click: one line, as ours
         print(f"error: {_command_name()}: {_one_line(err.format_message())}", file=sys.stderr)
         return err.exit_code
-    if isinstance(err, aborts):
+    if isinstance(err, aborts):  # click turns Ctrl-C into Abort
+        if isinstance(err.__context__, KeyboardInterrupt):
+            _INTERRUPTED["seen"] = True
+            return INTERRUPTED_EXIT
         return errors.FAILURE_EXIT
     code = errors.exit_code(err)
     if code is not None:
@@ -227,8 +263,51 @@ def _command_name() -> str:
     return next((arg for arg in sys.argv[1:] if arg in COMMANDS), "jaxaccel")
 
 
+def _on_interrupt(signum, frame) -> None:
+    """The first Ctrl-C interrupts the command; a second while it cleans up is ignored."""
+    if _INTERRUPTED["seen"]:
+        return
+    if _inside_import(frame):
+        # An exception escaping a native module's initialisation (jaxlib's) aborts the
+        # process: ask again in 50 ms, when the import has finished.
+        timer = threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT))
+        timer.daemon = True
+        timer.start()
+        return
+    _INTERRUPTED["seen"] = True
+    raise KeyboardInterrupt
+
+
+def _inside_import(frame) -> bool:
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _quiet_interrupts(hook):
+    """An unraisable-exception hook without the "Exception ignored ... KeyboardInterrupt"
+    traceback of an interrupt that landed in a callback (`_INTERRUPTED` still exits 130)."""
+    def quiet(unraisable) -> None:
+        if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+            hook(unraisable)
+    return quiet
+
+
 def main() -> None:
+    # From here Ctrl-C raises KeyboardInterrupt, so that commands clean up (staging
+    # directories, partial files, child processes) before the exit with 130.
+    signal.signal(signal.SIGINT, _on_interrupt)
+    sys.unraisablehook = _quiet_interrupts(sys.unraisablehook)
     code = run_with_clean_errors(app)
+    # The command's work is done (or cleaned up): a Ctrl-C during the interpreter's shutdown
+    # would only kill it with a traceback-free SIGINT status that hides `code`.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if _INTERRUPTED["seen"]:
+        # Cleanup ran in the command's `finally` blocks; interpreter shutdown with an
+        # interrupted XLA runtime can crash or re-raise the interrupt, so skip it.
+        distributed.exit_now(code)
     if distributed.active() is not None:
         if code:  # a peer may be gone: skip the exit-time shutdown barrier it would not reach
             distributed.exit_now(code)

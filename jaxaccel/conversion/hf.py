@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import re
+import warnings
 from collections.abc import Callable, Iterator
 
 import ml_dtypes
@@ -20,13 +21,14 @@ import numpy as np
 from jaxaccel.checkpoint import storage, writer
 from jaxaccel.checkpoint.layout import DEFAULT_CHUNK_BYTES, ChunkRule
 from jaxaccel.checkpoint.manifest import Manifest
+from jaxaccel.conversion import sentence_transformers
 from jaxaccel.conversion.generation import generation_settings
 from jaxaccel.conversion.safetensors_source import (
     ConvertError,
     SafetensorsSource,
     read_hf_config,
+    choose_weight_files,
     read_index,
-    weight_files,
 )
 from jaxaccel.errors import UsageError
 from jaxaccel.models import (
@@ -57,17 +59,35 @@ class PlannedArray:
     axes: tuple
 
 
-def resolve_family(hf_config: dict, family: str, config_path: pathlib.Path) -> str:
+def resolve_family(hf_config: dict, family: str, config_path: pathlib.Path,
+                   force: bool = False) -> str:
+    """The family converting a source: config.json's model_type decides (`auto`); a --family
+    must agree with it (its model's weights would load into the wrong architecture and run
+    with wrong numbers, silently). ConvertError naming both, unless `force` (then a warning)."""
     if family != "auto":
         if family not in known_families():  # a flag value: a usage error
             raise UsageError(f"--family must be auto or one of {', '.join(known_families())}, "
                              f"got {family!r}")
+        _check_family_agrees(hf_config, family, config_path, force)
         return family
     try:
         return family_for_model_type(hf_config["model_type"])
     except UnknownFamilyError as err:
         raise ConvertError(f"{config_path}: {err}; supported families: "
                            f"{', '.join(known_families())}") from None
+
+
+def _check_family_agrees(hf_config: dict, family: str, config_path: pathlib.Path,
+                         force: bool) -> None:
+    model_type = hf_config.get("model_type")
+    if model_type is None or model_type in family_spec(family).hf_model_types:
+        return
+    message = (f"{config_path}: model_type {model_type!r} is not a {family} model (the {family} "
+               f"family converts model_type {', '.join(family_spec(family).hf_model_types)})")
+    if not force:
+        raise ConvertError(f"{message}; --force-family converts it as {family} anyway")
+    warnings.warn(f"{message}; converting as {family} because of --force-family: check its "
+                  "outputs against the original", stacklevel=3)
 
 
 def _candidates(name: str, aliases) -> list[str]:
@@ -116,12 +136,14 @@ def plan_arrays(spec: FamilySpec, cfg, source: SafetensorsSource, specs,
         if any(None in group for group in resolved):
             continue
         used.update(name for group in resolved for name in group)
+        for name in (n for group in resolved for n in group):
+            source.check_dtype(name)  # an unreadable dtype stops here, before any write
         target = specs[rule.target]
         _check_shape(rule, resolved, source, target.shape)
         plan.append(PlannedArray(rule, tuple(resolved), target.axes))
     tied = _check_tied(spec, cfg, source)
     ignored = _check_coverage(plan, missing, available - used - set(tied), specs, spec, source)
-    return SourcePlan(plan, sorted(ignored + tied))
+    return SourcePlan(plan, sorted(ignored + tied + source.dropped))
 
 
 def _check_tied(spec: FamilySpec, cfg, source: SafetensorsSource) -> list[str]:
@@ -194,7 +216,8 @@ def read_planned(plan: list[PlannedArray], source: SafetensorsSource, dtype,
 
 def _check_range(array: np.ndarray, dtype, name: str, path) -> None:
     """Refuse NaN/inf in the source and finite values the stored dtype turns into inf."""
-    if not np.issubdtype(array.dtype, np.floating) and array.dtype != ml_dtypes.bfloat16:
+    if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)
+            or array.dtype == ml_dtypes.bfloat16):
         return
     wide = array.astype(np.float32, copy=False)
     if not np.isfinite(wide).all():
@@ -219,11 +242,14 @@ def source_layout(spec: FamilySpec, layout: str):
     return layouts[layout]
 
 
-def source_family(src: pathlib.Path, family: str, layout: str) -> FamilySpec:
+def source_family(src: pathlib.Path, family: str, layout: str,
+                  force_family: bool = False) -> FamilySpec:
     """The spec of the family converting `src`: from config.json's model_type (Hugging Face's
-    layout) or from --family (required for a foreign `layout`, checked before any read)."""
+    layout; a --family must agree unless `force_family`) or from --family (required for a
+    foreign `layout`, checked before any read)."""
     if layout == "hf":
-        return family_spec(resolve_family(read_hf_config(src), family, src / "config.json"))
+        return family_spec(resolve_family(read_hf_config(src), family, src / "config.json",
+                                          force_family))
     if family == "auto":
         raise UsageError(f"--layout {layout} needs --family (the source has no model_type)")
     spec = family_spec(resolve_family({}, family, src / "config.json"))
@@ -250,21 +276,22 @@ def source_config(src: pathlib.Path, spec: FamilySpec, layout: str, source: Safe
 def convert(src: str | pathlib.Path, dest: str | pathlib.Path, *, dtype: str = "float32",
             family: str = "auto", layout: str = "hf",
             chunk_bytes: int | None = DEFAULT_CHUNK_BYTES, codec: str = "none",
-            overwrite: bool = False, allow_overflow: bool = False,
+            overwrite: bool = False, allow_overflow: bool = False, force_family: bool = False,
             on_array: Callable[[str, int], None] = lambda name, nbytes: None) -> Manifest:
     """Convert SRC (config.json + safetensors, or a family's foreign `layout` of safetensors)
     into a jaxaccel checkpoint at DEST.
 
     Raises ConvertError (naming the file, tensor or config key) for anything it cannot
-    convert faithfully, before DEST exists; the manifest's `source.ignored_tensors` lists the
+    convert faithfully, before DEST exists (a `family` other than config.json's model_type
+    is one, unless `force_family`: then a warning); the manifest's `source.ignored_tensors` lists the
     source tensors deliberately left out (pooler/MLM heads, redundant tied heads, ...)."""
     src, dest = pathlib.Path(src), storage.checkpoint_path(dest)
     if dtype not in DTYPES:
         raise UsageError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    spec = source_family(src, family, layout)
+    spec = source_family(src, family, layout, force_family)
     extras, extra_files = spec.read_extra_sources(src)
-    with SafetensorsSource(weight_files(src) + list(extra_files), read_index(src),
-                           extra_files) as source:
+    files, ignored_files = choose_weight_files(src)
+    with SafetensorsSource(files + list(extra_files), read_index(src), extra_files) as source:
         hf_config, foreign = source_config(src, spec, layout, source)
         cfg = _family_config(spec, {**hf_config, **extras}, src)
         _, abstract = abstract_model(spec.name, cfg, DTYPES[dtype])
@@ -275,6 +302,8 @@ def convert(src: str | pathlib.Path, dest: str | pathlib.Path, *, dtype: str = "
                                                "model_type": hf_config["model_type"],
                                                "layout": layout,
                                                "ignored_tensors": plan.ignored,
+                                               "ignored_files": ignored_files,
+                                               **_sentence_settings(spec, src),
                                                **spec.conversion_notes},
                             generation=_generation(spec, src, hf_config))
         extras = {name: src / name for name in spec.preprocessing_files
@@ -283,6 +312,14 @@ def convert(src: str | pathlib.Path, dest: str | pathlib.Path, *, dtype: str = "
         return writer.write_checkpoint(dest, manifest, arrays, extras, chunk_bytes=chunk_bytes,
                                        codec=codec, overwrite=overwrite, on_array=on_array,
                                        chunk_rule=CHUNK_RULE)
+
+
+def _sentence_settings(spec: FamilySpec, src: pathlib.Path) -> dict:
+    """An encoder's sentence-transformers text settings (prompts, lower-casing), if any."""
+    if spec.task != "embed":
+        return {}
+    settings = sentence_transformers.text_settings(src)
+    return {"sentence_transformers": settings} if settings else {}
 
 
 def _family_config(spec: FamilySpec, hf_config: dict, src: pathlib.Path):

@@ -15,6 +15,7 @@ import dataclasses
 import os
 import pathlib
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -59,7 +60,20 @@ class Result:
 
     @property
     def exit_code(self) -> int:
-        return next((c for c in self.codes if c), 0)
+        """The first failing process's status; a process killed by signal N gives 128 + N,
+        as a shell reports it (so a child's SIGINT still exits 130)."""
+        code = next((c for c in self.codes if c), 0)
+        return 128 - code if code < 0 else code
+
+
+def describe_status(code: int) -> str:
+    """`exited with status 3` or `was killed by SIGKILL` (Popen's negative codes)."""
+    if code >= 0:
+        return f"exited with status {code}"
+    try:
+        return f"was killed by {signal.Signals(-code).name}"
+    except ValueError:
+        return f"was killed by signal {-code}"
 
 
 # Lines gloo's CPU collectives print while connecting ("[Gloo] Rank 0 is connected to 1 peer
@@ -106,7 +120,14 @@ def launch_local(command: list[str], processes: int, *, host_devices: int | None
         out_sink = stdout if i == 0 else stderr
         pumps += [_pump(proc.stdout, log, out_sink, f"[p{i}] " if i else "", lock, verbose),
                   _pump(proc.stderr, log, stderr, f"[p{i}] ", lock, verbose)]
-    codes = _wait(procs, grace_s, stderr, lock)
+    try:
+        codes = _wait(procs, grace_s, stderr, lock)
+    except KeyboardInterrupt:  # Ctrl-C: no process outlives the launch
+        _stop(procs)
+        raise
+    finally:
+        for log in logs:
+            log.flush()
     for pump in pumps:
         pump.join()
     for log in logs:
@@ -114,8 +135,8 @@ def launch_local(command: list[str], processes: int, *, host_devices: int | None
     for i, code in enumerate(codes):
         if code:
             with lock:
-                print(f"launch: process {i} exited with {code} (log: {log_dir}/process-{i}.log)",
-                      file=stderr, flush=True)
+                print(f"launch: process {i} {describe_status(code)} "
+                      f"(log: {log_dir}/process-{i}.log)", file=stderr, flush=True)
     return Result(codes, log_dir, time.monotonic() - start)
 
 
@@ -152,3 +173,18 @@ def _wait(procs, grace_s: float, stderr, lock) -> list[int]:
                     proc.terminate()
             return [p.wait() for p in procs]
         time.sleep(0.05)
+
+
+def _stop(procs, grace_s: float = 5.0) -> None:
+    """Interrupt every live process as a terminal's Ctrl-C would, then kill what is left
+    after `grace_s`."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + grace_s
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(deadline - time.monotonic(), 0.01))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -34,6 +34,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from jaxaccel import backends
+from jaxaccel.errors import InputError
 from jaxaccel.parallel import distributed, pipeline
 from jaxaccel.parallel import sharding as ax
 from jaxaccel.models import kv_cache
@@ -82,21 +83,21 @@ def eos_ids(eos_id: int | Sequence[int] | None) -> list[int]:
 
 
 def check_prompts(config, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int) -> None:
-    """Raise ValueError, naming the problem, for prompts this decoder cannot run: empty,
+    """Raise InputError (a ValueError and a jaxaccel.UsageError), naming the problem, for prompts this decoder cannot run: empty,
     ids outside the vocabulary, or too long. The last new token is never fed back, so the
     rule is prompt + max_new_tokens - 1 <= the model's maximum length (as transformers).
     Needs only the config, so commands check before reading a byte of weights."""
     if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
-        raise ValueError("every prompt needs at least one token")
+        raise InputError("every prompt needs at least one token")
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     vocab = config.vocab_size
     bad = [tok for p in prompt_ids for tok in p if not 0 <= tok < vocab]
     if bad:
-        raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        raise InputError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
     longest = max(map(len, prompt_ids)) + max_new_tokens - 1
     if longest > config.max_length:
-        raise ValueError(f"prompt + max_new_tokens - 1 = {longest} tokens exceeds the model's "
+        raise InputError(f"prompt + max_new_tokens - 1 = {longest} tokens exceeds the model's "
                          f"maximum length {config.max_length}")
 
 

@@ -11,6 +11,7 @@ import pathlib
 from collections.abc import Sequence
 
 from jaxaccel.errors import InputError
+from jaxaccel.inputs import prompts
 from jaxaccel.inputs.tokenizer import Encoded, TextTokenizer
 from jaxaccel.parallel.sharding import Layout
 from jaxaccel.runtime.classify import Classifier
@@ -87,9 +88,11 @@ def tokenizer_for(plan: ModelPlan) -> TextTokenizer | None:
 
 def start_for_texts(path, texts: list[str], layout: Layout | None, dtype: str | None, *,
                     batch_size: int = 32, max_length: int | None = None, truncate: bool = True,
-                    microbatches: int | None = None, **start_args) -> tuple[Started, Encoded]:
+                    microbatches: int | None = None, prompt_name: str | None = None,
+                    **start_args) -> tuple[Started, Encoded]:
     """Tokenise first (bad input fails before a byte is read), then restore the weights while
-    XLA compiles the forward for exactly the buckets these texts need."""
+    XLA compiles the forward for exactly the buckets these texts need. Each text gets the
+    model's sentence-transformers prompt (`prompt_name`, else its default)."""
     encoded: list[Encoded] = []
 
     def prepare(plan: ModelPlan):
@@ -98,7 +101,8 @@ def start_for_texts(path, texts: list[str], layout: Layout | None, dtype: str | 
             raise InputError(f"{path}: embed needs a checkpoint with a tokenizer.json")
         embedder = Embedder(plan, batch_size=batch_size, max_length=max_length,
                             microbatches=microbatches)
-        encoded.append(tokenizer.encode(texts, embedder.max_length, truncate=truncate))
+        prompted = prompts.apply(prompts.settings_of(plan.manifest), texts, prompt_name)
+        encoded.append(tokenizer.encode(prompted, embedder.max_length, truncate=truncate))
         shapes = embedder.shapes([len(ids) for ids in encoded[0].ids])
         return embedder, lambda: embedder.compile(shapes)
 

@@ -25,6 +25,7 @@ import warnings
 import jax
 
 from jaxaccel.errors import KernelBuildError  # noqa: F401  (re-exported)
+from jaxaccel.utils.files import user_cache_dir, writable_cache_dir
 
 SOURCE_DIR = pathlib.Path(__file__).parent
 CXX_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
@@ -34,8 +35,9 @@ _COMPILE_TIMEOUT_S = 300
 
 
 def cache_dir() -> pathlib.Path:
-    base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
-    return pathlib.Path(base) / "jaxaccel" / "kernels"
+    """The kernel build cache; where it cannot be written, a temporary directory for this run
+    (one warning): the kernels are rebuilt next time, never lost."""
+    return writable_cache_dir(user_cache_dir("kernels"), "kernel build cache", "$XDG_CACHE_HOME")
 
 
 def _compiler() -> str | None:
