@@ -89,12 +89,14 @@ class LLMEngine:
         """Queue a request; InputError (naming the request) if it cannot run on this model
         and pool: ids outside the vocabulary, too long, stop strings without `detokenize`,
         or an id already in flight."""
-        self._check(request)
+        self.check(request)
         self.scheduler.add(request)
         self.outputs[request.request_id] = RequestOutput(
             request.request_id, request.prompt_token_ids, [], arrival_s=time.perf_counter())
 
-    def _check(self, request: Request) -> None:
+    def check(self, request: Request) -> None:
+        """InputError, naming the request, if it cannot run on this model and pool (see
+        `add_request`)."""
         name, cfg = f"request {request.request_id!r}", self.config
         if request.request_id in self.outputs:
             raise InputError(f"{name}: this request_id is already in the engine")

@@ -90,7 +90,8 @@ class Scheduler:
         budget, rows = self.max_num_batched_tokens, []
         preempted = False
         for seq in list(self.running):
-            if budget == 0 or seq not in self.running:  # (preempted by an older one)
+            # (preempted by an older one, or waiting for its sampled token)
+            if budget == 0 or seq not in self.running or seq.remaining == 0:
                 continue
             count = min(seq.remaining, budget)
             while not self._grow(seq, seq.computed + count):
