@@ -6,6 +6,8 @@ across batch compositions; stop conditions end requests as asked."""
 
 import random
 
+import jax
+
 import numpy as np
 import pytest
 from decoder_reference import generator, load_jax, save_hf
@@ -13,6 +15,7 @@ from decoder_reference import generator, load_jax, save_hf
 from jaxaccel.engine.engine import LLMEngine
 from jaxaccel.engine.requests import Request, SamplingParams
 from jaxaccel.errors import InputError
+from jaxaccel.parallel import sharding as ax
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -57,7 +60,7 @@ def case(request, tmp_path_factory):
     family = "llama" if request.param.startswith("llama") else "gpt2"
     model, cfg = load_jax(family, save_hf(hf, tmp_path_factory.mktemp(request.param)))
     expected = [torch_greedy(hf, p, n) for p, n in zip(PROMPTS, NEW)]
-    return generator(model, cfg), expected
+    return generator(model, cfg), expected, (model, cfg)
 
 
 def greedy_requests(order):
@@ -74,7 +77,7 @@ def run(gen, order, **engine_args):
 
 
 def test_all_at_once_in_shuffled_orders(case):
-    gen, expected = case
+    gen, expected, _ = case
     for seed in (0, 1):
         order = list(range(len(PROMPTS)))
         random.Random(seed).shuffle(order)
@@ -83,7 +86,7 @@ def test_all_at_once_in_shuffled_orders(case):
 
 
 def test_chunked_prefill_splits_prompts_inside(case):
-    gen, expected = case
+    gen, expected, _ = case
     # A budget of 7 tokens puts chunk boundaries inside every longer prompt, off page edges.
     tokens, _ = run(gen, range(len(PROMPTS)), num_pages=200, max_num_batched_tokens=7,
                     enable_prefix_caching=False)
@@ -91,7 +94,7 @@ def test_chunked_prefill_splits_prompts_inside(case):
 
 
 def test_a_tiny_page_pool_preempts_and_recomputes_exactly(case):
-    gen, expected = case
+    gen, expected, _ = case
     for prefix in (False, True):
         tokens, stats = run(gen, range(len(PROMPTS)), num_pages=14, max_num_seqs=4,
                             enable_prefix_caching=prefix)
@@ -100,7 +103,7 @@ def test_a_tiny_page_pool_preempts_and_recomputes_exactly(case):
 
 
 def test_prefix_cache_hits_give_the_same_tokens(case):
-    gen, expected = case
+    gen, expected, _ = case
     shared = PROMPTS[3][:24]  # six full pages
     prompts = [shared + PROMPTS[i][:5] for i in (0, 2, 4)] + [PROMPTS[3]]
     hf_expected = {}
@@ -120,17 +123,18 @@ def test_prefix_cache_hits_give_the_same_tokens(case):
 
 
 def test_seeded_sampling_does_not_depend_on_the_batch(case):
-    gen, _ = case
+    gen, _, _ = case
     params = [SamplingParams(max_tokens=NEW[i], temperature=0.9, top_k=30 if i % 2 else 0,
                              top_p=0.9 if i % 3 else 1.0, seed=100 + i, ignore_eos=True)
               for i in range(len(PROMPTS))]
     requests = [Request(i, p, s) for i, (p, s) in enumerate(zip(PROMPTS, params))]
     alone = [LLMEngine(gen, page_size=4, num_pages=200).generate([r])[0].token_ids
              for r in requests[:3]]
-    for pages, seqs in ((200, 8), (11, 6)):  # the second preempts
-        engine = LLMEngine(gen, page_size=4, num_pages=pages, max_num_seqs=seqs)
-        batched = {o.request_id: o.token_ids for o in engine.generate(requests[::-1])}
+    for pages, order in ((200, requests[::-1]), (14, requests)):  # the second preempts
+        engine = LLMEngine(gen, page_size=4, num_pages=pages, max_num_seqs=6)
+        batched = {o.request_id: o.token_ids for o in engine.generate(order)}
         assert [batched[i] for i in range(3)] == alone
+    assert engine.stats()["preemptions"] > 0
     # Greedy rows in the same batch stay greedy.
     mixed = LLMEngine(gen, page_size=4, num_pages=200).generate(
         requests[:2] + [Request("g", PROMPTS[3], SamplingParams(max_tokens=NEW[3],
@@ -139,7 +143,7 @@ def test_seeded_sampling_does_not_depend_on_the_batch(case):
 
 
 def test_stop_conditions_and_finish_reasons(case):
-    gen, expected = case
+    gen, expected, _ = case
     tokens = expected[4]
     engine = LLMEngine(gen, page_size=4, num_pages=200, eos_token_ids=[tokens[3]])
     out = engine.generate([
@@ -156,7 +160,7 @@ def test_stop_conditions_and_finish_reasons(case):
 
 
 def test_stop_strings_cut_the_text(case):
-    gen, expected = case
+    gen, expected, _ = case
     tokens = expected[4]
     detok = lambda ids: " ".join(f"t{i}" for i in ids)  # noqa: E731 - a stand-in tokenizer
     engine = LLMEngine(gen, page_size=4, num_pages=200, detokenize=detok)
@@ -170,7 +174,7 @@ def test_stop_strings_cut_the_text(case):
 
 
 def test_bad_requests_are_refused_naming_them(case):
-    gen, _ = case
+    gen, _, _ = case
     engine = LLMEngine(gen, page_size=4, num_pages=8)
     with pytest.raises(InputError, match="request 'v'.*vocabulary"):
         engine.add_request(Request("v", [VOCAB], SamplingParams()))
@@ -187,8 +191,24 @@ def test_bad_requests_are_refused_naming_them(case):
 
 
 def test_compiled_programs_are_bucketed(case):
-    gen, _ = case
+    gen, _, _ = case
     before = gen.traces.get("engine_step", 0)
     run(gen, range(len(PROMPTS)), num_pages=200, max_num_batched_tokens=7,
         enable_prefix_caching=False)
     assert gen.traces.get("engine_step", 0) == before  # same buckets as the chunked test
+
+
+@pytest.mark.parametrize("mesh", ["data=2,model=4", "data=4,model=2"])
+@pytest.mark.cpu_only  # meshes of 8 simulated CPU devices (XLA_FLAGS in conftest.py)
+def test_sharded_engine_equals_transformers(case, mesh):
+    _, expected, (model, cfg) = case
+    assert jax.device_count() >= 8, "tests/conftest.py should simulate 8 devices"
+    layout = ax.Layout.create(mesh, "dp_tp")
+    sharded = generator(model, cfg, layout=layout)
+    engine = LLMEngine(sharded, page_size=4, num_pages=14, max_num_seqs=4)
+    outputs = engine.generate(greedy_requests(range(len(PROMPTS))))
+    assert [o.token_ids for o in outputs] == expected
+    # Pages split their kv heads over `model` where the heads divide it.
+    spec = tuple(engine.pages.k_lpkch.sharding.spec) + (None,) * 5
+    divides = cfg.num_kv_heads % layout.mesh.shape["model"] == 0
+    assert spec[2] == ("model" if divides else None)

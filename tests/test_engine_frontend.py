@@ -62,7 +62,8 @@ def test_synthetic_workload_is_seeded_and_within_bounds():
 
 def test_workload_file_errors_name_the_line(tmp_path):
     path = tmp_path / "w.jsonl"
-    path.write_text(json.dumps({"prompt_len": 4, "max_new_tokens": 2}) + "\n{\"prompt_ids\": [1]}\n")
+    good = json.dumps({"prompt_len": 4, "max_new_tokens": 2})
+    path.write_text(good + "\n" + json.dumps({"prompt_ids": [1]}) + "\n")
     with pytest.raises(InputError, match=r"w.jsonl:2: expected a JSON object"):
         throughput_workload.from_file(path, 100)
     path.write_text(json.dumps({"prompt_len": 4, "max_new_tokens": 2}) + "\n")

@@ -48,7 +48,8 @@ def run_engine(loaded, generator, work: list[dict], engine_args: dict) -> dict:
             "kv_pages_peak": stats["peak_pages_used"], "kv_pages": stats["num_pages"],
             "preemptions": stats["preemptions"], "prefix_hit_pages": stats["prefix_hit_pages"],
             "prefill_tokens": stats["prefill_tokens"],
-            "programs": generator.traces.get("engine_step", 0)}
+            "programs": generator.traces.get("engine_step", 0), "steps": stats["steps"],
+            "step_s": stats["step_s"], "device_wait_s": stats["device_wait_s"]}
 
 
 def run_static(loaded, generator, work: list[dict], engine_args: dict) -> dict:

@@ -63,6 +63,9 @@ class LLMEngine:
         self.pages = self._empty_pages()
         self.outputs: dict[object, RequestOutput] = {}
         self.peak_pages_used = 0
+        # Where a step's time goes: all of it, and the part spent waiting for the device (the
+        # rest is the host: scheduling, input arrays, dispatch, stop checks).
+        self.timings = {"steps": 0, "step_s": 0.0, "device_wait_s": 0.0}
 
     def _pages_for(self, budget: int | None) -> int:
         cfg = self.config
@@ -122,6 +125,7 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduled batch; the outputs of requests that got a token (or finished)."""
+        start = time.perf_counter()
         rows = self.scheduler.schedule()
         if not rows:
             return []
@@ -130,12 +134,16 @@ class LLMEngine:
         prefill = [r for r in rows if r.count > 1]
         launched = [(group, self._run(group)) for group in (decode, prefill) if group]
         self.scheduler.advance(rows)
+        waited = time.perf_counter()
+        results = [np.asarray(distributed.host_array(tokens_b)) for _, tokens_b in launched]
+        self.timings["device_wait_s"] += time.perf_counter() - waited
         reported = []
-        for group, tokens_b in launched:
-            tokens = np.asarray(distributed.host_array(tokens_b))
+        for (group, _), tokens in zip(launched, results):
             for row, token in zip(group, tokens.tolist()):
                 if row.samples:
                     reported.append(self._accept(row, int(token)))
+        self.timings["step_s"] += time.perf_counter() - start
+        self.timings["steps"] += 1
         return reported
 
     def _run(self, rows: list[Scheduled]):
@@ -220,9 +228,10 @@ class LLMEngine:
 
     def stats(self) -> dict:
         """Counters over the engine's life: preemptions, prefix-cache hit pages, prefill
-        tokens computed, peak pages used and the pool size."""
+        tokens computed, peak pages used, the pool size, and steps with their seconds (all,
+        and waiting for the device)."""
         return {"preemptions": self.scheduler.preemptions,
                 "prefix_hit_pages": self.prefix.hit_pages,
                 "prefill_tokens": self.scheduler.prefill_tokens,
                 "peak_pages_used": self.peak_pages_used, "num_pages": self.pool.num_pages,
-                "page_size": self.page_size}
+                "page_size": self.page_size, **self.timings}

@@ -93,8 +93,8 @@ class RequestOutput:
     finish_s: float | None = None
 
 
-def requests_from(prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
-                  ) -> list[Request]:
+def requests_from(prompts: Sequence[Sequence[int]],
+                  params: SamplingParams | Sequence[SamplingParams]) -> list[Request]:
     """Requests numbered 0..n-1 from prompts and one params or one per prompt."""
     if isinstance(params, SamplingParams):
         params = [params] * len(prompts)
