@@ -13,6 +13,7 @@ import pytest
 from decoder_reference import generator, load_jax, save_hf
 
 from jaxaccel.engine.engine import LLMEngine
+from jaxaccel.engine.frontend import run_requests
 from jaxaccel.engine.requests import Request, SamplingParams
 from jaxaccel.errors import InputError
 from jaxaccel.parallel import sharding as ax
@@ -188,6 +189,15 @@ def test_bad_requests_are_refused_naming_them(case):
         SamplingParams(max_tokens=0)
     with pytest.raises(InputError, match="prompt_token_ids"):
         Request("e", [], SamplingParams())
+
+
+def test_run_requests_refuses_a_bad_request_before_any_compute(case):
+    gen, _, _ = case
+    before = gen.traces.get("engine_step", 0)
+    bad = Request("bad", [VOCAB + 5], SamplingParams())
+    with pytest.raises(InputError, match="request 'bad'"):
+        run_requests(gen, greedy_requests([0]) + [bad], page_size=4, num_pages=50)
+    assert gen.traces.get("engine_step", 0) == before
 
 
 def test_compiled_programs_are_bucketed(case):
