@@ -7,9 +7,13 @@ A step's rows each bring `count` new tokens from position `start` (a decode row 
 chunk up to the token budget). The batch is padded to a bucket (b, t, p): b and p powers of
 two, t 1 (a decode step) or a power of two >= `MIN_CHUNK`; padding rows and tokens write to
 the null page and are masked out. Per step, the plain-XLA path
-  1. gathers each row's pages into a dense [l, b, k, s, h] view (memory bounded by the
-     running batch, not by the pool),
-  2. runs the decoder unchanged: the view is its cache, masked per row to the slots before
+  1. hands the decoder the pool with the block tables as its cache (`kv_cache.PagedCache`):
+     inside the layer scan, each layer gathers its rows' pages into a dense [b, k, s, h]
+     view that attention reads (one layer's copy at a time, bounded by the running batch;
+     gathering the whole [l, b, k, s, h] stack up front measured 2.5x slower per decode
+     step: GPT-2 124M shape, 16 rows x 1024 slots, float32, 3.3 s vs 1.35 s on the shared
+     2-core host),
+  2. runs the decoder unchanged otherwise: the view is masked per row to the slots before
      `start`; new tokens attend causally among themselves,
   3. scatters the new keys/values into their pages (the pool is donated: updated in place),
   4. chooses each row's next token from its last real token's logits with the row's own
@@ -27,7 +31,7 @@ import numpy as np
 from jaxaccel import backends
 from jaxaccel.engine.page_pool import NULL_PAGE, KVPages
 from jaxaccel.engine.sampling import choose_rows
-from jaxaccel.models.kv_cache import KVCache
+from jaxaccel.models.kv_cache import KVCache, PagedCache, PagedLayer
 from jaxaccel.parallel import sharding as ax
 from jaxaccel.runtime.programs import next_power_of_two
 
@@ -58,15 +62,11 @@ def bucket(rows: int, tokens: int, pages: int, max_rows: int, max_pages: int
     return b, t, min(next_power_of_two(pages), next_power_of_two(max_pages))
 
 
-def gather_pages(pages: KVPages, table_bp) -> KVCache:
-    """Each row's pages as a dense cache [l, b, k, p * c, h] (storage dtype)."""
-    def dense(x_lpkch):
-        l, _, k, c, h = x_lpkch.shape
-        b, p = table_bp.shape
-        x_lbpkch = x_lpkch[:, table_bp]
-        return x_lbpkch.transpose(0, 1, 3, 2, 4, 5).reshape(l, b, k, p * c, h)
-
-    return KVCache(*(dense(x) for x in pages))
+def paged_view(pages: KVPages, table_bp) -> PagedCache:
+    """The pool as the decoder's cache: each layer gathers its rows' pages when attention
+    reads it (`kv_cache.PagedLayer`), inside the layer scan."""
+    table_lbp = jnp.broadcast_to(table_bp[None], (pages.k_lpkch.shape[0], *table_bp.shape))
+    return PagedCache(PagedLayer(pages.k_lpkch, table_lbp), PagedLayer(pages.v_lpkch, table_lbp))
 
 
 def scatter_tokens(pages: KVPages, new: KVCache, table_bp, positions_bt, valid_bt) -> KVPages:
@@ -94,8 +94,8 @@ def step_body(model, pages: KVPages, inputs: StepInputs):
     # Causal among the new tokens; a padding query sees itself, so no row is empty.
     mask_btt = (index_t[None, :, None] >= index_t[None, None, :]) & (
         valid_bt[:, None, :] | jnp.eye(t, dtype=bool)[None])
-    cache = gather_pages(pages, inputs.table_bp)
-    s = cache.k_lbksh.shape[3]
+    cache = paged_view(pages, inputs.table_bp)
+    s = inputs.table_bp.shape[1] * pages.k_lpkch.shape[3]
     cache_mask_bts = jnp.broadcast_to(
         (jnp.arange(s)[None, :] < inputs.start_b[:, None])[:, None, :], (b, t, s))
     x_btd, new_kv = model(inputs.ids_bt, positions_bt, mask_btt, cache, cache_mask_bts)
