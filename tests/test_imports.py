@@ -154,14 +154,16 @@ ALLOWED = {
     "inputs": BASE,
     "conversion": BASE | {"parallel", "checkpoint", "models"},
     "runtime": BASE | {"parallel", "backends", "models", "inputs"},
-    "startup": BASE | {"parallel", "backends", "models", "inputs", "checkpoint", "runtime"},
-    "model": BASE | {"parallel", "models", "inputs", "runtime", "startup"},
+    "engine": BASE | {"parallel", "backends", "models", "inputs", "runtime"},
+    "startup": BASE | {"parallel", "backends", "models", "inputs", "checkpoint", "runtime",
+                       "engine"},
+    "model": BASE | {"parallel", "models", "inputs", "runtime", "startup", "engine"},
     "api": BASE | {"parallel", "models", "checkpoint", "conversion", "startup", "model"},
     "jaxaccel": BASE | {"api", "model"},
     "cli": BASE | {"parallel", "models", "inputs", "checkpoint", "conversion", "runtime",
-                   "startup", "model", "api", "bench", "jaxaccel"},
+                   "engine", "startup", "model", "api", "bench", "jaxaccel"},
     "bench": BASE | {"parallel", "backends", "models", "inputs", "checkpoint", "conversion",
-                     "runtime", "startup", "model", "api", "cli", "jaxaccel"},
+                     "runtime", "engine", "startup", "model", "api", "cli", "jaxaccel"},
 }
 
 

@@ -42,6 +42,32 @@ def write(cache: KVCache, new: KVCache, slot) -> KVCache:
                      for old, x in zip(cache, new)))
 
 
+class PagedLayer(NamedTuple):
+    """One layer's keys or values held in pages [p, k, c, h] (c slots per page; a scan
+    slice of the generation engine's pool [l, p, k, c, h]) with the block tables [b, w] that
+    list each row's pages in order. `load` reads it as a dense [b, k, w * c, h], one layer
+    at a time, so the dense copy never spans the layer stack."""
+
+    pages_pkch: jax.Array
+    table_bw: jax.Array
+
+    def dense(self) -> jax.Array:
+        b, w = self.table_bw.shape
+        _, k, c, h = self.pages_pkch.shape
+        return self.pages_pkch[self.table_bw].transpose(0, 2, 1, 3, 4).reshape(b, k, w * c, h)
+
+
+class PagedCache(NamedTuple):
+    """A cache whose layers are `PagedLayer`s (same field names as KVCache; a type of its
+    own, so backends that read a dense KVCache in place leave it alone)."""
+
+    k_lbksh: PagedLayer
+    v_lbksh: PagedLayer
+
+
 def load(x, dtype) -> jax.Array:
-    """One layer's cached keys or values [b, k, s, h] as compute values in `dtype`."""
+    """One layer's cached keys or values [b, k, s, h] as compute values in `dtype` (a
+    `PagedLayer` is gathered into that dense layout first)."""
+    if isinstance(x, PagedLayer):
+        x = x.dense()
     return backends.current().cache_load(x, dtype)

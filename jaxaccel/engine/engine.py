@@ -1,0 +1,237 @@
+"""`LLMEngine`: requests in, tokens out, continuous batching over a paged KV cache.
+
+`add_request` queues a request; each `step` asks the scheduler for the next rows, runs them
+(decode rows, one token each, and prefill chunks as two padded programs: a decode row padded
+to a prefill chunk's length would cost that whole length), applies each sampled token's stop
+conditions and frees finished sequences' pages. `generate` runs a list of requests to the end
+and returns their outputs in request order, streaming each step's outputs to `on_output`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+
+import jax
+import numpy as np
+
+from jaxaccel.engine import page_pool
+from jaxaccel.engine.page_pool import NULL_PAGE, KVPages, PagePool
+from jaxaccel.engine.prefix_cache import PrefixCache
+from jaxaccel.engine.requests import (
+    FINISH_EOS,
+    FINISH_LENGTH,
+    FINISH_STOP,
+    Request,
+    RequestOutput,
+)
+from jaxaccel.engine.scheduler import Scheduled, Scheduler
+from jaxaccel.engine.step import StepInputs, StepPrograms, bucket
+from jaxaccel.errors import InputError, UsageError
+from jaxaccel.parallel import distributed
+
+DEFAULT_KV_CACHE_BYTES = 1 << 30
+
+
+class LLMEngine:
+    """The engine over one decoder: a `Generator`'s runtime and placed weights (its layout,
+    dtype, backend and jit cache), plus a page pool and a scheduler.
+
+    page_size: tokens per page. num_pages (null page included) or kv_cache_bytes sizes the
+    pool (default: 1 GiB, or less when max_num_seqs sequences of the model's maximum length
+    need less). eos_token_ids: the model's EOS ids (a request stops at them unless it
+    ignores EOS). detokenize: ids -> text, for stop strings and output text. seed: the
+    random stream of requests without their own seed.
+    """
+
+    def __init__(self, generator, *, page_size: int = 16, num_pages: int | None = None,
+                 kv_cache_bytes: int | None = None, max_num_seqs: int = 64,
+                 max_num_batched_tokens: int = 512, enable_prefix_caching: bool = True,
+                 eos_token_ids: Sequence[int] = (), detokenize: Callable | None = None,
+                 seed: int = 0):
+        if page_size < 1 or max_num_seqs < 1 or max_num_batched_tokens < 1:
+            raise UsageError("page_size, max_num_seqs and max_num_batched_tokens must be >= 1")
+        self.generator, self.config = generator, generator.config
+        self.page_size, self.max_num_seqs = page_size, max_num_seqs
+        self.eos_token_ids, self.detokenize, self.seed = set(eos_token_ids), detokenize, seed
+        self.max_pages_per_seq = page_pool.pages_needed(self.config.max_length, page_size)
+        self.pool = PagePool(num_pages or self._pages_for(kv_cache_bytes))
+        self.prefix = PrefixCache(self.pool, page_size, enable_prefix_caching)
+        self.scheduler = Scheduler(self.pool, self.prefix, page_size, max_num_seqs,
+                                   max_num_batched_tokens)
+        self.programs = StepPrograms(generator.runtime, generator.state_shardings)
+        self.pages = self._empty_pages()
+        self.outputs: dict[object, RequestOutput] = {}
+        self.peak_pages_used = 0
+        # Where a step's time goes: all of it, and the part spent waiting for the device (the
+        # rest is the host: scheduling, input arrays, dispatch, stop checks).
+        self.timings = {"steps": 0, "step_s": 0.0, "device_wait_s": 0.0}
+
+    def _pages_for(self, budget: int | None) -> int:
+        cfg = self.config
+        storage = self.generator.runtime.backend.cache_storage_dtype(self.generator.dtype)
+        one = page_pool.page_bytes(cfg.num_layers, cfg.num_kv_heads, self.page_size,
+                                   cfg.head_dim, np.dtype(storage).itemsize)
+        if budget is None:
+            enough = self.max_num_seqs * self.max_pages_per_seq + 1
+            return min(enough, page_pool.pages_for_budget(DEFAULT_KV_CACHE_BYTES, one))
+        return page_pool.pages_for_budget(budget, one)
+
+    def _empty_pages(self) -> KVPages:
+        cfg, gen = self.config, self.generator
+        shape = (cfg.num_layers, self.pool.num_pages, cfg.num_kv_heads, self.page_size,
+                 cfg.head_dim)
+        storage = gen.runtime.backend.cache_storage_dtype(gen.dtype)
+        zeros = jax.jit(lambda: jax.numpy.zeros(shape, storage),
+                        out_shardings=self.programs.page_sharding(shape))
+        return KVPages(zeros(), zeros())
+
+    # Requests -------------------------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        """Queue a request; InputError (naming the request) if it cannot run on this model
+        and pool: ids outside the vocabulary, too long, stop strings without `detokenize`,
+        or an id already in flight."""
+        self.check(request)
+        self.scheduler.add(request)
+        self.outputs[request.request_id] = RequestOutput(
+            request.request_id, request.prompt_token_ids, [], arrival_s=time.perf_counter())
+
+    def check(self, request: Request) -> None:
+        """InputError, naming the request, if it cannot run on this model and pool (see
+        `add_request`)."""
+        name, cfg = f"request {request.request_id!r}", self.config
+        if request.request_id in self.outputs:
+            raise InputError(f"{name}: this request_id is already in the engine")
+        bad = [t for t in request.prompt_token_ids if not 0 <= t < cfg.vocab_size]
+        if bad:
+            raise InputError(f"{name}: token ids {bad[:5]} are outside the vocabulary "
+                             f"[0, {cfg.vocab_size})")
+        tokens = len(request.prompt_token_ids) + request.params.max_tokens - 1
+        if tokens > cfg.max_length:
+            raise InputError(f"{name}: prompt + max_tokens - 1 = {tokens} tokens exceeds the "
+                             f"model's maximum length {cfg.max_length}")
+        if page_pool.pages_needed(tokens, self.page_size) > self.pool.num_pages - 1:
+            raise InputError(f"{name}: needs {tokens} tokens of KV cache; the pool holds "
+                             f"{(self.pool.num_pages - 1) * self.page_size}")
+        if request.params.stop and self.detokenize is None:
+            raise InputError(f"{name}: stop strings need a tokenizer")
+
+    @property
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work
+
+    # Steps ----------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduled batch; the outputs of requests that got a token (or finished)."""
+        start = time.perf_counter()
+        rows = self.scheduler.schedule()
+        if not rows:
+            return []
+        self.peak_pages_used = max(self.peak_pages_used, self.pool.used_count)
+        decode = [r for r in rows if r.count == 1]
+        prefill = [r for r in rows if r.count > 1]
+        launched = [(group, self._run(group)) for group in (decode, prefill) if group]
+        self.scheduler.advance(rows)
+        waited = time.perf_counter()
+        results = [np.asarray(distributed.host_array(tokens_b)) for _, tokens_b in launched]
+        self.timings["device_wait_s"] += time.perf_counter() - waited
+        reported = []
+        for (group, _), tokens in zip(launched, results):
+            for row, token in zip(group, tokens.tolist()):
+                if row.samples:
+                    reported.append(self._accept(row, int(token)))
+        self.timings["step_s"] += time.perf_counter() - start
+        self.timings["steps"] += 1
+        return reported
+
+    def _run(self, rows: list[Scheduled]):
+        """Launch one padded program over `rows`; returns its tokens [b] (on the device)."""
+        inputs = self._inputs(rows)
+        self.pages, tokens_b = self.programs.run(self.generator.state, self.pages, inputs)
+        return tokens_b
+
+    def _inputs(self, rows: list[Scheduled]) -> StepInputs:
+        b, t, p = bucket(len(rows), max(r.count for r in rows),
+                         max(len(r.seq.pages) for r in rows), self.max_num_seqs,
+                         self.max_pages_per_seq)
+        arrays = StepInputs(
+            np.zeros((b, t), np.int32), np.zeros(b, np.int32), np.zeros(b, np.int32),
+            np.full((b, p), NULL_PAGE, np.int32), np.zeros(b, np.float32),
+            np.zeros(b, np.int32), np.ones(b, np.float32), np.zeros(b, np.uint32),
+            np.zeros(b, np.int32))
+        for i, row in enumerate(rows):
+            seq, params = row.seq, row.seq.request.params
+            arrays.ids_bt[i, :row.count] = seq.tokens[row.start:row.start + row.count]
+            arrays.start_b[i], arrays.count_b[i] = row.start, row.count
+            arrays.table_bp[i, :len(seq.pages)] = seq.pages
+            arrays.temperature_b[i], arrays.top_k_b[i] = params.temperature, params.top_k
+            arrays.top_p_b[i], arrays.nth_b[i] = params.top_p, len(seq.generated)
+            arrays.seed_b[i] = params.seed if params.seed is not None else (
+                (self.seed * 1_000_003 + seq.number) % 2**32)
+        return arrays
+
+    def _accept(self, row: Scheduled, token: int) -> RequestOutput:
+        """Append a sampled token; finish the request if it stops here."""
+        seq = row.seq
+        params = seq.request.params
+        out = self.outputs[seq.request.request_id]
+        seq.tokens.append(token)
+        out.token_ids.append(token)
+        now = time.perf_counter()
+        out.first_token_s = out.first_token_s or now
+        reason, cut = None, False
+        if token in params.stop_token_ids:
+            reason = FINISH_STOP
+        elif not params.ignore_eos and token in self.eos_token_ids:
+            reason = FINISH_EOS
+        elif params.stop and self._cut_at_stop(out, params.stop):
+            reason, cut = FINISH_STOP, True
+        elif len(out.token_ids) >= params.max_tokens:
+            reason = FINISH_LENGTH
+        if reason is not None:
+            self.scheduler.finish(seq)
+            out.finished, out.finish_reason, out.finish_s = True, reason, now
+            if self.detokenize is not None and not cut:
+                out.text = self.detokenize(out.token_ids)
+            del self.outputs[seq.request.request_id]  # the caller holds it from here
+        return out
+
+    def _cut_at_stop(self, out: RequestOutput, stops: Sequence[str]) -> bool:
+        """Whether the text now holds a stop string; if so `out.text` is cut before it."""
+        text = self.detokenize(out.token_ids)
+        found = [s for s in stops if s and s in text]
+        if not found:
+            return False
+        out.text = text[:min(text.find(s) for s in found)]
+        return True
+
+    # Whole runs -----------------------------------------------------------------------------
+
+    def generate(self, requests: Iterable[Request],
+                 on_output: Callable[[RequestOutput], None] | None = None
+                 ) -> list[RequestOutput]:
+        """Run `requests` to the end; their outputs in the order given. `on_output` sees
+        each request's output every step it gets a token (finished=True the last time)."""
+        requests = list(requests)
+        for request in requests:
+            self.add_request(request)
+        done: dict[object, RequestOutput] = {}
+        while self.has_unfinished:
+            for out in self.step():
+                if out.finished:
+                    done[out.request_id] = out
+                if on_output is not None:
+                    on_output(out)
+        return [done[r.request_id] for r in requests]
+
+    def stats(self) -> dict:
+        """Counters over the engine's life: preemptions, prefix-cache hit pages, prefill
+        tokens computed, peak pages used, the pool size, and steps with their seconds (all,
+        and waiting for the device)."""
+        return {"preemptions": self.scheduler.preemptions,
+                "prefix_hit_pages": self.prefix.hit_pages,
+                "prefill_tokens": self.scheduler.prefill_tokens,
+                "peak_pages_used": self.peak_pages_used, "num_pages": self.pool.num_pages,
+                "page_size": self.page_size, **self.timings}
