@@ -43,6 +43,12 @@ namespace ffi = xla::ffi;
 
 namespace {
 
+struct Shape {
+  int64_t b, t, n, kv_heads, h, groups;
+  int64_t cached, fresh, s;  // keys: cached ones first, then fresh ones; s = cached + fresh
+  float scale;
+};
+
 #if defined(JAXACCEL_SIMD16_AVX512) || defined(JAXACCEL_SIMD16_AVX2)
 #define JAXACCEL_ATTENTION_KERNEL 1
 namespace v16 = jaxaccel::v16;
@@ -74,12 +80,6 @@ struct F32 {
     return v16::fmadd(v16::as_float(a), v16::as_float(b), acc);
   }
   static void store(Elem* out, v16::f32 x) { v16::store(out, x); }
-};
-
-struct Shape {
-  int64_t b, t, n, kv_heads, h, groups;
-  int64_t cached, fresh, s;  // keys: cached ones first, then fresh ones; s = cached + fresh
-  float scale;
 };
 
 // One thread's scratch, reused across items and calls (grown, never shrunk).

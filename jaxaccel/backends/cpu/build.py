@@ -97,14 +97,6 @@ def compile_library(source: pathlib.Path, extra_flags: tuple[str, ...] = (),
     return library
 
 
-def running_build() -> str | None:
-    """The kernel build this process uses (`isa.kernel_build` of the masked ISA record), or
-    None when kernels are off here (JAXACCEL_KERNELS=0, or no build for this CPU)."""
-    if os.environ.get("JAXACCEL_KERNELS", "1") == "0":
-        return None
-    return isa.kernel_build(isa.detect())
-
-
 @functools.cache
 def _warn_no_build() -> None:
     """One line, once per process, saying why no kernel runs on this CPU."""
@@ -118,11 +110,12 @@ def target(source_name: str, symbol: str, extra_flags: tuple[str, ...] = (),
     """Register `symbol` from kernel `source_name` as an XLA:CPU FFI target; its name, or
     None when kernels are switched off or cannot be built (a warning says why).
 
-    `kernel_build` (a key of isa.KERNEL_BUILDS) picks the build; by default `running_build()`.
+    `kernel_build` (a key of isa.KERNEL_BUILDS) picks the build; by default
+    `isa.running_build()`.
     """
     if os.environ.get("JAXACCEL_KERNELS", "1") == "0":
         return None
-    kernel_build = kernel_build or running_build()
+    kernel_build = kernel_build or isa.running_build()
     if kernel_build is None:
         _warn_no_build()
         return None

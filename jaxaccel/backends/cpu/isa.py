@@ -121,6 +121,24 @@ def no_kernel_reason(cpu: CpuInfo, machine: str) -> str:
     return "this CPU has neither AVX2 + FMA nor AVX-512 (cpuinfo flags)"
 
 
+def running_build(environ=os.environ) -> str | None:
+    """The kernel build this process uses (`kernel_build` of `detect()`'s masked record), or
+    None when kernels are off here (JAXACCEL_KERNELS=0, or no build for this CPU)."""
+    if environ.get("JAXACCEL_KERNELS", "1") == "0":
+        return None
+    return kernel_build(detect())
+
+
+def describe_build(environ=os.environ) -> str:
+    """One line for benchmark tables: the CPU model, the kernel build and its -march, and the
+    ISA mask and PyTorch ISA caps when set (so a table says what ran)."""
+    build = running_build(environ)
+    kernels = f"{build} build ({KERNEL_BUILDS[build]})" if build else "off (plain XLA)"
+    caps = [f"{name}={environ[name]}" for name in (ENV_ISA, "ATEN_CPU_CAPABILITY",
+                                                   "ONEDNN_MAX_CPU_ISA") if environ.get(name)]
+    return f"CPU {detect().model}; kernels {kernels}" + (f" [{', '.join(caps)}]" if caps else "")
+
+
 @functools.cache
 def detect() -> CpuInfo:
     """This machine's CpuInfo (read once per process), masked by $JAXACCEL_CPU_ISA (default
