@@ -27,6 +27,11 @@
 //   then softmaxed in float32 and multiplied with the values; the 1/sum is applied at the end.
 //
 // Work items are spread over XLA's intra-op thread pool (parallel_chunks.h).
+//
+// Two builds (jaxaccel/backends/cpu/isa.py picks one): AVX-512 (F, BW, VL; -march=native) and
+// AVX2 + FMA (-march=x86-64-v3: AMD Zen 2/3, Intel client parts). Both run this code on the
+// 16-lane vectors of simd16.h (one zmm, or two ymm with bf16 widened to float32 in registers);
+// the AVX2 build uses smaller register tiles. Other CPUs get no kernel (plain XLA).
 
 #include <algorithm>
 #include <cfloat>
