@@ -3,8 +3,9 @@ models with it in place against transformers.
 
 The reference is float64 numpy softmax attention on the same (bf16-rounded) inputs, masked
 the way the plain jnp code masks (finfo(float32).min; a row with nothing to attend to is
-uniform). Builds: the native one (AVX512-BF16 on this machine) and one without AVX512-BF16
-instructions (its emulated dot and rounding).
+uniform). Builds: the native one (AVX512-BF16 on this machine), one without AVX512-BF16
+instructions (its emulated dot and rounding) and the AVX2 + FMA one (`-march=x86-64-v3`,
+what an AVX2-only CPU such as Zen 3 runs: 16-lane vectors as pairs of ymm registers).
 """
 
 import jax
@@ -21,7 +22,9 @@ from jaxaccel.runtime.sampling import GREEDY
 
 pytestmark = pytest.mark.cpu_only
 
-BUILDS = {"native": (), "no-avx512bf16": ("-mno-avx512bf16",)}
+# name -> (extra compiler flags, kernel build)
+BUILDS = {"native": ((), "avx512"), "no-avx512bf16": (("-mno-avx512bf16",), "avx512"),
+          "avx2": ((), "avx2")}
 # (b, t, s, n, kv heads, h, mask): odd lengths, s != t, GQA 3:1 and 4:1, head dims 16-128.
 CASES = [
     (2, 7, 7, 4, 4, 32, "padding"),
@@ -38,10 +41,10 @@ def needs_kernel():
         pytest.fail("these tests need AVX-512 (F, BW, VL); run them on such a CPU")
 
 
-def kernel_build(flags, dtype):
+def kernel_build(flags, dtype, isa_build="avx512"):
     needs_kernel()
     name = build.target(kernel_module.KERNEL_SOURCE, kernel_module.SYMBOLS[jnp.dtype(dtype)],
-                        flags)
+                        flags, isa_build)
     assert name is not None, "the kernel must build wherever the tests run (gcc is present)"
     return name
 
@@ -86,13 +89,13 @@ def operands(case, dtype, seed=0):
     return q, k, v, make_mask(rng, b, t, s, kind)
 
 
-@pytest.mark.parametrize("flags", list(BUILDS.values()), ids=list(BUILDS))
+@pytest.mark.parametrize("variant", list(BUILDS.values()), ids=list(BUILDS))
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", CASES, ids=[f"{c[6]}-t{c[1]}-s{c[2]}-n{c[3]}k{c[4]}-h{c[5]}"
                                               for c in CASES])
-def test_kernel_matches_numpy(case, dtype, flags):
+def test_kernel_matches_numpy(case, dtype, variant):
     q, k, v, mask = operands(case, dtype)
-    target = kernel_build(flags, dtype)
+    target = kernel_build(*variant[:1], dtype, variant[1])
     out = jax.jit(kernel_module.attention, static_argnums=4)(q, k, v, mask, target)
     assert out.dtype == dtype and out.shape == q.shape
     # float32: accumulation order only; bf16: probabilities and output rounded to 8 bits.
@@ -106,12 +109,12 @@ def cache_layout(x, cached):
     return x[:, :cached].transpose(0, 2, 1, 3)
 
 
-def assert_attention_over_cache(q, k, v, mask, cached, dtype, past=None):
-    """The kernel over the first `cached` keys/values as a cache (`past`, by default the
-    plain layer) and the rest as fresh ones equals numpy over all of them."""
+def assert_attention_over_cache(q, k, v, mask, cached, dtype, past=None, isa_build="avx512"):
+    """The kernel (build `isa_build`) over the first `cached` keys/values as a cache (`past`,
+    by default the plain layer) and the rest as fresh ones equals numpy over all of them."""
     if past is None:
         past = (cache_layout(k, cached), cache_layout(v, cached), mask[:, :, :cached])
-    target = kernel_build((), dtype)
+    target = kernel_build((), dtype, isa_build)
     out = jax.jit(kernel_module.attention, static_argnums=4)(
         q, k[:, cached:], v[:, cached:], mask[:, :, cached:], target, past)
     tolerance = 2e-5 if dtype == jnp.float32 else 2e-2
@@ -123,26 +126,31 @@ def assert_attention_over_cache(q, k, v, mask, cached, dtype, past=None):
 CACHE_CASES = [(3, 1, 37, 4, 2, 64), (2, 1, 130, 2, 1, 32), (2, 3, 20, 6, 3, 16)]
 
 
+ISA_BUILDS = pytest.mark.parametrize("isa_build", ["avx512", "avx2"])
+
+
+@ISA_BUILDS
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", CACHE_CASES, ids=[f"t{c[1]}-cache{c[2]}-n{c[3]}k{c[4]}-h{c[5]}"
                                                     for c in CACHE_CASES])
-def test_kernel_over_a_cache_matches_numpy(case, dtype):
+def test_kernel_over_a_cache_matches_numpy(case, dtype, isa_build):
     """Cached keys/values in cache layout [b, k, s, h] before the fresh ones; the cache's
     unwritten slots (past each row's length) and left padding masked, as in decoding."""
     b, t, cached, n, kv, h = case
     q, k, v, mask = operands((b, t, cached + t, n, kv, h, "random"), dtype, seed=1)
     lengths = np.random.default_rng(2).integers(1, cached + 1, b)
     mask[:, :, :cached] &= np.arange(cached)[None, None] < lengths[:, None, None]
-    assert_attention_over_cache(q, k, v, mask, cached, dtype)
+    assert_attention_over_cache(q, k, v, mask, cached, dtype, isa_build=isa_build)
 
 
 STORED = {"fp32": (jnp.float32, np.float32), "bf16": (jnp.bfloat16, ml_dtypes.bfloat16),
           "bf16-bits": (jnp.bfloat16, np.uint16)}
 
 
+@ISA_BUILDS
 @pytest.mark.parametrize("stored", list(STORED))
 @pytest.mark.parametrize("layer", [0, 2])
-def test_kernel_reads_one_layer_of_a_stacked_cache(stored, layer):
+def test_kernel_reads_one_layer_of_a_stacked_cache(stored, layer, isa_build):
     """A whole cache stack [l, b, k, s, h] and a layer index (`CacheLayer`, what decode steps
     hand over): the other layers hold large values, so reading any of them is caught; bf16
     also stored as its uint16 bits (the carrier before jax 0.12)."""
@@ -157,14 +165,15 @@ def test_kernel_reads_one_layer_of_a_stacked_cache(stored, layer):
         stacks.append(stack.view(np.uint16) if np_stored == np.uint16 else stack)
     past = tuple(kernel_module.CacheLayer(jnp.asarray(s_), jnp.int32(layer), jnp.dtype(dtype))
                  for s_ in stacks) + (mask[:, :, :cached],)
-    assert_attention_over_cache(q, k, v, mask, cached, dtype, past)
+    assert_attention_over_cache(q, k, v, mask, cached, dtype, past, isa_build)
     # What code other than the kernel reads: the same layer, in the compute dtype.
     np.testing.assert_array_equal(np.asarray(past[0].value(), np.float32),
                                   np.asarray(cache_layout(k, cached), np.float32))
 
 
+@ISA_BUILDS
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
-def test_decode_over_a_mostly_unwritten_cache_matches_numpy(dtype):
+def test_decode_over_a_mostly_unwritten_cache_matches_numpy(dtype, isa_build):
     """A decode step in a 256-slot bucket: row 0 sees slots 0-19, row 1 (left padded) slots
     40-60, both their fresh key; the kernel skips the unseen 16-key blocks between them, and
     large values there must not leak in."""
@@ -176,12 +185,13 @@ def test_decode_over_a_mostly_unwritten_cache_matches_numpy(dtype):
     mask[:, :, cached:] = True
     k[:, :cached][~mask[:, 0, :cached]] = 1e4
     v[:, :cached][~mask[:, 0, :cached]] = 1e4
-    assert_attention_over_cache(q, k, v, mask, cached, dtype)
+    assert_attention_over_cache(q, k, v, mask, cached, dtype, isa_build=isa_build)
 
 
-def test_fully_masked_row_is_the_mean_of_the_values():
+@ISA_BUILDS
+def test_fully_masked_row_is_the_mean_of_the_values(isa_build):
     q, k, v, mask = operands(CASES[0], jnp.float32)
-    out = kernel_module.attention(q, k, v, mask, kernel_build((), jnp.float32))
+    out = kernel_module.attention(q, k, v, mask, kernel_build((), jnp.float32, isa_build))
     np.testing.assert_allclose(np.asarray(out)[0, 0], v[0].mean(0), atol=1e-5)
 
 

@@ -1,7 +1,8 @@
 """The packed bf16 matmul kernel against numpy, in every build the CPU can run.
 
 Builds: the native one (AVX512-BF16 `vdpbf16ps` on this machine), an AVX-512F one without
-BF16 instructions, and the portable C++ loop (no AVX-512 at all). The reference is float64
+BF16 instructions, the AVX2 + FMA build (`-march=x86-64-v3`, bf16 widened in registers) and
+the portable C++ loop (no AVX-512, no AVX2). The reference is float64
 numpy on the same bfloat16 inputs, so only float32 accumulation error is allowed.
 """
 
@@ -20,12 +21,16 @@ from jaxaccel.backends.cpu import build, packed
 pytestmark = pytest.mark.cpu_only
 
 # Odd k, n not a multiple of 16, row counts on both sides of the 8-row register tile.
-SHAPES = [(1, 7, 5), (1, 768, 3072), (2, 97, 50), (8, 64, 33), (9, 130, 100), (17, 31, 161)]
-BUILDS = {"native": (), "avx512f": ("-mno-avx512bf16",), "portable": ("-mno-avx512f",)}
+# (AVX2 tiles: 4 rows, the rest 1-3 rows: 7 = 4 + 3, 6 = 4 + 2.)
+SHAPES = [(1, 7, 5), (1, 768, 3072), (2, 97, 50), (8, 64, 33), (9, 130, 100), (17, 31, 161),
+          (7, 65, 40), (6, 33, 129)]
+# name -> (extra compiler flags, kernel build)
+BUILDS = {"native": ((), "avx512"), "avx512f": (("-mno-avx512bf16",), "avx512"),
+          "avx2": ((), "avx2"), "portable": (("-mno-avx512f", "-mno-avx2"), "avx512")}
 
 
-def kernel_build(flags):
-    name = build.target(packed.KERNEL_SOURCE, packed.KERNEL_SYMBOL, flags)
+def kernel_build(variant):
+    name = build.target(packed.KERNEL_SOURCE, packed.KERNEL_SYMBOL, *variant)
     assert name is not None, "the kernel must build wherever the tests run (gcc is present)"
     return name
 

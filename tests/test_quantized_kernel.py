@@ -32,15 +32,17 @@ from jaxaccel.models import llama
 # Device checks skip these (`-m "not cpu_only"`): the kernel is an XLA:CPU custom call.
 pytestmark = pytest.mark.cpu_only
 
-BUILDS = {"native": (), "portable": ("-mno-avx512f",)}
+# name -> (extra compiler flags, kernel build)
+BUILDS = {"native": ((), "avx512"), "avx2": ((), "avx2"),
+          "portable": (("-mno-avx512f", "-mno-avx2"), "avx512")}
 # (m, k, n, group): odd k and n, n not a multiple of 16, rows on both sides of the 2-row tile;
 # group None = int8 per channel (int4 then uses one group over all of k).
 SHAPES = [(1, 7, 5, None), (1, 768, 2304, None), (2, 97, 50, None), (3, 64, 33, 32),
           (5, 256, 100, 128), (8, 768, 130, 128), (7, 40, 161, 8), (37, 64, 70, 16)]
 
 
-def kernel_build(flags):
-    name = build.target(quantized.KERNEL_SOURCE, quantized.KERNEL_SYMBOL, flags)
+def kernel_build(variant):
+    name = build.target(quantized.KERNEL_SOURCE, quantized.KERNEL_SYMBOL, *variant)
     assert name is not None, "the kernel must build wherever the tests run (gcc is present)"
     return name
 
@@ -89,8 +91,8 @@ PANEL_SHAPES = [(1, 7, 5, None), (16, 97, 50, None), (37, 64, 70, 16), (130, 768
                 (512, 768, 200, 128), (20, 3072, 70, 128)]
 
 
-def panels_build(flags):
-    name = build.target(quantized.KERNEL_SOURCE, quantized.PANELS_SYMBOL, flags)
+def panels_build(variant):
+    name = build.target(quantized.KERNEL_SOURCE, quantized.PANELS_SYMBOL, *variant)
     assert name is not None, "the kernel must build wherever the tests run (gcc is present)"
     return name
 

@@ -82,10 +82,12 @@ def register(bench_app: typer.Typer) -> None:
         rows, best_torch = table_rows(summary, flops, peaks)
         columns = COLUMNS if with_roofline else COLUMNS[:-1]
         runner.print_table(f"sentences/s, batch {batch} x {length} tokens ({repeats} fresh "
-                           f"processes each); peaks: {source}", columns,
+                           f"processes each); peaks: {source}; {runner.kernel_build_note()}",
+                           columns,
                            [r[:len(columns)] for r in rows])
         runner.write_json(json_out, {"benchmark": "embed", "batch": batch, "length": length,
                                      "iters": iters, "results": summary,
+                                     "kernels": runner.kernel_build_note(),
                                      "best_pytorch_median": best_torch,
                                      "flops_per_sentence": flops,
                                      "roofline": {"peaks": peaks, "source": source,

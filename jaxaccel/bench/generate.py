@@ -176,13 +176,15 @@ def register(bench_app: typer.Typer) -> None:
         runner.print_table(
             f"{prefill_len}-token prefill and decode ({repeats} fresh process(es) each); memory "
             f"read bandwidth {bandwidth / 1e9:.1f} GB/s (median; "
-            f"{bandwidths['min'] / 1e9:.1f}-{bandwidths['max'] / 1e9:.1f}); peaks: {source}",
+            f"{bandwidths['min'] / 1e9:.1f}-{bandwidths['max'] / 1e9:.1f}); peaks: {source}; "
+            f"{runner.kernel_build_note()}",
             COLUMNS, table_rows(summary))
         if quantize:
             runner.print_table("weight-only quantized vs jaxaccel bfloat16 (same run)",
                                QUANT_COLUMNS, quantized_rows(summary))
         runner.write_json(json_out, {"benchmark": "generate", "prefill_len": prefill_len,
                                      "new_tokens": new_tokens, "repeats": repeats,
+                                     "kernels": runner.kernel_build_note(),
                                      "read_bytes_per_s": bandwidth,
                                      "read_bytes_per_s_runs": bandwidths, "results": summary,
                                      "roofline": {"peaks": peaks, "source": source}})

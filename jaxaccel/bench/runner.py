@@ -210,6 +210,15 @@ def quantized_labels(quantize: Sequence[str], quantize_head: bool) -> list[str]:
     return labels
 
 
+def kernel_build_note() -> str:
+    """The CPU and the build of jaxaccel's CPU kernels the workers run (`isa.describe_build`:
+    workers inherit this environment, $JAXACCEL_CPU_ISA included)."""
+    # deferred: the parent's imports stay light (isa itself needs no jax)
+    from jaxaccel.backends.cpu import isa
+
+    return isa.describe_build()
+
+
 def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence]) -> None:
     """The table, plus one marked row per contender that failed in this run."""
     table = Table(*columns, title=title)

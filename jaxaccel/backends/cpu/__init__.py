@@ -26,6 +26,10 @@ nor traced on any other platform (`jaxaccel.backends.for_platform`):
 * A lone bf16 prompt decodes as a batch of two when the packed kernel is not in use: XLA:CPU's
   fast bf16 dot (YNNPACK) takes no matrix-vector products (x1.34 on jax 0.10, x1.3-1.7 on 0.12).
 * Which library runs the dots, per CPU kind (`tuning`, from the ISA record of `isa`).
+* Each C++ kernel in two builds, from the same ISA record (`isa.kernel_build`): AVX-512
+  (`-march=native`) and AVX2 + FMA (`-march=x86-64-v3`, e.g. AMD Zen 3); none elsewhere
+  (aarch64: one warning line, XLA's dots). $JAXACCEL_CPU_ISA=avx2 runs the AVX2 build and
+  every AVX2 choice on an AVX-512 machine, to measure it.
 
 MiniLM embed (b32x128, jax 0.10.2, Zen 4, in-process A/B, 5 alternated rounds) gained nothing
 from dropping the carriers or from unrolling the 6-layer scan (best of rounds within 2%), so the

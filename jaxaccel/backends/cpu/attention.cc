@@ -27,89 +27,64 @@
 //   then softmaxed in float32 and multiplied with the values; the 1/sum is applied at the end.
 //
 // Work items are spread over XLA's intra-op thread pool (parallel_chunks.h).
+//
+// Two builds (jaxaccel/backends/cpu/isa.py picks one): AVX-512 (F, BW, VL; -march=native) and
+// AVX2 + FMA (-march=x86-64-v3: AMD Zen 2/3, Intel client parts). Both run this code on the
+// 16-lane vectors of simd16.h (one zmm, or two ymm with bf16 widened to float32 in registers);
+// the AVX2 build uses smaller register tiles. Other CPUs get no kernel (plain XLA).
 
 #include <algorithm>
 #include <cfloat>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
 
-#include <immintrin.h>
-
-#include "bf16_dot.h"
 #include "parallel_chunks.h"
+#include "simd16.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+struct Shape {
+  int64_t b, t, n, kv_heads, h, groups;
+  int64_t cached, fresh, s;  // keys: cached ones first, then fresh ones; s = cached + fresh
+  float scale;
+};
+
+#if defined(JAXACCEL_SIMD16_AVX512) || defined(JAXACCEL_SIMD16_AVX2)
 #define JAXACCEL_ATTENTION_KERNEL 1
+namespace v16 = jaxaccel::v16;
 
 constexpr int64_t kLane = 16;      // float32 lanes per vector = keys per score vector
 constexpr int kBlockRows = 12;     // query rows softmaxed together
-constexpr int kScoreRows = 6;      // rows x 4 vectors of scores in registers
-constexpr int kScoreVectors = 4;
-constexpr int kAccumulators = 24;  // value accumulators in registers (of 32 vector registers)
 constexpr int64_t kItemRows = 256; // most query rows per work item
+// Score tiles (rows x vectors) and value accumulators sized to the register file: with 32
+// zmm, 6 x 4 scores or 24 accumulators; with 16 ymm (two per 16-lane vector, and bf16 lines
+// widened into two more), 4 x 1 scores or 4 accumulators.
+constexpr bool kWide = v16::kRegisters == 32;
+constexpr int kScoreRows = kWide ? 6 : 4;
+constexpr int kScoreVectors = kWide ? 4 : 1;
+constexpr int kAccumulators = kWide ? 24 : 4;
 
 struct Bf16 {
   using Elem = uint16_t;
   static constexpr int kPerUnit = 2;
-  static __m512 dot(__m512 acc, __m512i a, __m512i b) {
-    return jaxaccel::bf16_dot_pairs(acc, a, b);
+  static v16::f32 dot(v16::f32 acc, v16::u32 a, v16::u32 b) {
+    return v16::dot_bf16_pairs(acc, a, b);
   }
-  // 16 floats -> 16 bf16, rounded to nearest even (as XLA's convert).
-  static __m256i narrow(__m512 x) {
-#if defined(__AVX512BF16__)
-    return (__m256i)_mm512_cvtneps_pbh(x);
-#else
-    __m512i bits = _mm512_castps_si512(x);
-    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-    __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
-    __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-    rounded = _mm512_mask_or_epi32(rounded, nan, bits, _mm512_set1_epi32(0x00400000));
-    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
-#endif
-  }
-  static void store(Elem* out, __m512 x) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), narrow(x));
-  }
+  static void store(Elem* out, v16::f32 x) { v16::store_bf16(out, x); }
 };
 
 struct F32 {
   using Elem = float;
   static constexpr int kPerUnit = 1;
-  static __m512 dot(__m512 acc, __m512i a, __m512i b) {
-    return _mm512_fmadd_ps(_mm512_castsi512_ps(a), _mm512_castsi512_ps(b), acc);
+  static v16::f32 dot(v16::f32 acc, v16::u32 a, v16::u32 b) {
+    return v16::fmadd(v16::as_float(a), v16::as_float(b), acc);
   }
-  static void store(Elem* out, __m512 x) { _mm512_storeu_ps(out, x); }
-};
-
-// exp(x) for x <= 0 (Cephes' expf polynomial, ~1 ulp); exactly 0 below -87.3, as float32's
-// exp underflows, so masked keys weigh exactly nothing.
-inline __m512 exp_nonpositive(__m512 x) {
-  __mmask16 alive = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.33654f), _CMP_GE_OQ);
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.33654f));
-  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500E-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
-  __m512 y = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_maskz_mov_ps(alive, _mm512_scalef_ps(y, n));
-}
-
-struct Shape {
-  int64_t b, t, n, kv_heads, h, groups;
-  int64_t cached, fresh, s;  // keys: cached ones first, then fresh ones; s = cached + fresh
-  float scale;
+  static void store(Elem* out, v16::f32 x) { v16::store(out, x); }
 };
 
 // One thread's scratch, reused across items and calls (grown, never shrunk).
@@ -173,45 +148,18 @@ class Item {
       const int64_t j0 = key_at(c0);
       for (int64_t u0 = 0; u0 < h_units_; u0 += kLane) {
         const int64_t units = std::min<int64_t>(kLane, h_units_ - u0);
-        const __mmask16 valid = static_cast<__mmask16>((1u << units) - 1);
-        __m512i rows[kLane];
+        v16::u32 rows[kLane];
         for (int64_t r = 0; r < kLane; ++r) {
           rows[r] = j0 + r < sh_.s
-                        ? _mm512_maskz_loadu_epi32(
-                              valid, reinterpret_cast<const uint32_t*>(key_row(j0 + r)) + u0)
-                        : _mm512_setzero_si512();
+                        ? v16::load_first(
+                              reinterpret_cast<const uint32_t*>(key_row(j0 + r)) + u0, units)
+                        : v16::zero_bits();
         }
-        transpose16(rows);
+        v16::transpose(rows);
         for (int64_t u = 0; u < units; ++u) {
-          _mm512_storeu_si512(keys.data() + (u0 + u) * stride + c0, rows[u]);
+          v16::store_bits(keys.data() + (u0 + u) * stride + c0, rows[u]);
         }
       }
-    }
-  }
-
-  // A 16 x 16 matrix of 32-bit units, one row per register, transposed in place.
-  static void transpose16(__m512i r[16]) {
-    __m512i t[16];
-    for (int i = 0; i < 8; ++i) {  // lane L: rows 2i, 2i+1 of columns 4L..4L+3, interleaved
-      t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-      t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-    }
-    __m512i u[16];  // u[4i + k], lane L: rows 4i..4i+3 of column 4L + k
-    for (int i = 0; i < 4; ++i) {
-      u[4 * i + 0] = _mm512_unpacklo_epi64(t[4 * i + 0], t[4 * i + 2]);
-      u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i + 0], t[4 * i + 2]);
-      u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
-      u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
-    }
-    for (int k = 0; k < 4; ++k) {  // column 4L + k gathers lane L of u[k], u[4+k], u[8+k], u[12+k]
-      __m512i x01 = _mm512_shuffle_i32x4(u[k], u[4 + k], 0x44);
-      __m512i y01 = _mm512_shuffle_i32x4(u[8 + k], u[12 + k], 0x44);
-      __m512i x23 = _mm512_shuffle_i32x4(u[k], u[4 + k], 0xEE);
-      __m512i y23 = _mm512_shuffle_i32x4(u[8 + k], u[12 + k], 0xEE);
-      r[k] = _mm512_shuffle_i32x4(x01, y01, 0x88);
-      r[4 + k] = _mm512_shuffle_i32x4(x01, y01, 0xDD);
-      r[8 + k] = _mm512_shuffle_i32x4(x23, y23, 0x88);
-      r[12 + k] = _mm512_shuffle_i32x4(x23, y23, 0xDD);
     }
   }
 
@@ -226,10 +174,9 @@ class Item {
       const int64_t j = key_at(i * kU);  // a unit's rows are in one block
       if constexpr (kU == 2) {
         for (int64_t c = 0; c < h; c += kLane) {  // bf16 pairs (even row, odd row)
-          __m512i even = j < sh_.s ? load_widened(value_row(j) + c) : _mm512_setzero_si512();
-          __m512i odd = j + 1 < sh_.s ? load_widened(value_row(j + 1) + c)
-                                      : _mm512_setzero_si512();
-          _mm512_storeu_si512(dst + c, _mm512_or_si512(even, _mm512_slli_epi32(odd, 16)));
+          v16::u32 even = j < sh_.s ? v16::widen16(value_row(j) + c) : v16::zero_bits();
+          v16::u32 odd = j + 1 < sh_.s ? v16::widen16(value_row(j + 1) + c) : v16::zero_bits();
+          v16::store_bits(dst + c, v16::pair_up(even, odd));
         }
       } else if (j < sh_.s) {
         std::memcpy(dst, value_row(j), h * sizeof(float));
@@ -237,10 +184,6 @@ class Item {
         std::memset(dst, 0, h * sizeof(float));
       }
     }
-  }
-
-  static __m512i load_widened(const uint16_t* x) {  // 16 x 16 bits -> 16 x 32 bits
-    return _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
   }
 
   // The 16-key blocks any of rows [r0, r1) may attend to (all of them if a row attends to
@@ -255,16 +198,7 @@ class Item {
     for (int64_t r = r0; r < r1; ++r) {
       const bool* m = mask_row(r);
       if (r > r0 && m == mask_row(r - 1)) continue;  // the query heads of a group share it
-      __mmask64 row_any = 0;
-      for (int64_t j = 0; j < sh_.s; j += 64) {
-        const int64_t n = std::min<int64_t>(64, sh_.s - j);
-        const __mmask64 in = n == 64 ? ~__mmask64{0} : (__mmask64{1} << n) - 1;
-        __m512i bits = _mm512_maskz_loadu_epi8(in, m + j);
-        row_any |= _mm512_test_epi8_mask(bits, bits);
-        _mm512_mask_storeu_epi8(seen.data() + j, in,
-                                _mm512_or_si512(bits, _mm512_maskz_loadu_epi8(in, seen.data() + j)));
-      }
-      attends_none = attends_none || row_any == 0;
+      attends_none = !v16::or_into(seen.data(), m, sh_.s) || attends_none;
     }
     std::vector<int64_t>& live = scratch_.live;
     live.clear();
@@ -310,7 +244,7 @@ class Item {
     key_range(r0, r1, &first, &last);
     const int64_t lo = compact_at_or_after(first), hi = compact_at_or_after(last);
     int64_t rows = r1 - r0;
-    for (int64_t r = 0; r < rows; ++r) best_[r] = _mm512_set1_ps(-INFINITY);
+    for (int64_t r = 0; r < rows; ++r) best_[r] = v16::splat(-INFINITY);
     for (int64_t r = 0; r < rows; r += kScoreRows) {
       int64_t count = std::min<int64_t>(kScoreRows, rows - r);
       for (int64_t j = lo; j < hi; j += kLane * kScoreVectors) {
@@ -326,38 +260,36 @@ class Item {
   // scores[row, j - lo] for ROWS query rows x VECTORS*16 keys from compact position j.
   template <int ROWS, int VECTORS>
   void score_tile(int64_t row, int64_t slot, int64_t j, int64_t lo) {
-    __m512 acc[ROWS][VECTORS];
+    v16::f32 acc[ROWS][VECTORS];
     for (int r = 0; r < ROWS; ++r)
-      for (int c = 0; c < VECTORS; ++c) acc[r][c] = _mm512_setzero_ps();
+      for (int c = 0; c < VECTORS; ++c) acc[r][c] = v16::zero();
     const uint32_t* q[ROWS];
     for (int r = 0; r < ROWS; ++r) q[r] = reinterpret_cast<const uint32_t*>(query_row(row + r));
     const int64_t stride = packed_;
     const uint32_t* keys = scratch_.keys.data() + j;
     for (int64_t u = 0; u < h_units_; ++u, keys += stride) {
-      __m512i line[VECTORS];
-      for (int c = 0; c < VECTORS; ++c) line[c] = _mm512_loadu_si512(keys + c * kLane);
+      v16::u32 line[VECTORS];
+      for (int c = 0; c < VECTORS; ++c) line[c] = v16::load_bits(keys + c * kLane);
       for (int r = 0; r < ROWS; ++r) {
-        __m512i qu = _mm512_set1_epi32(static_cast<int>(q[r][u]));
+        v16::u32 qu = v16::splat_bits(q[r][u]);
         for (int c = 0; c < VECTORS; ++c) acc[r][c] = T::dot(acc[r][c], line[c], qu);
       }
     }
     // Scaled and masked as they are stored, the row maxima kept: the softmax then needs one
     // pass. Masked keys score finfo(float32).min (exactly the plain code's constant), keys
     // past s -inf (they weigh 0 even in a row with nothing to attend to).
-    const __m512 scale = _mm512_set1_ps(sh_.scale), lowest = _mm512_set1_ps(-FLT_MAX);
+    const v16::f32 scale = v16::splat(sh_.scale), lowest = v16::splat(-FLT_MAX);
+    const v16::f32 past = v16::splat(-INFINITY);
     for (int c = 0; c < VECTORS; ++c) {
       const int64_t key = key_at(j + c * kLane), at = j + c * kLane - lo;
-      const __mmask16 inside = key + kLane <= sh_.s ? 0xFFFF
-                               : key >= sh_.s ? 0
-                               : static_cast<__mmask16>((1u << (sh_.s - key)) - 1);
+      const int64_t keys_in = std::clamp<int64_t>(sh_.s - key, 0, kLane);
+      const v16::mask inside = v16::first_lanes(keys_in);
       for (int r = 0; r < ROWS; ++r) {
-        const bool* mask = mask_row(row + r) + key;
-        __mmask16 allowed = _mm_mask_test_epi8_mask(inside, _mm_maskz_loadu_epi8(inside, mask),
-                                                    _mm_set1_epi8(-1));
-        __m512 x = _mm512_mask_mul_ps(lowest, allowed, acc[r][c], scale);
-        x = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), inside, x);
-        _mm512_storeu_ps(scratch_.scores.data() + (slot + r) * s_pad_ + at, x);
-        best_[slot + r] = _mm512_max_ps(best_[slot + r], x);
+        const v16::mask allowed = v16::true_bytes(mask_row(row + r) + key, keys_in);
+        v16::f32 x = v16::select(allowed, v16::mul(acc[r][c], scale), lowest);
+        x = v16::select(inside, x, past);
+        v16::store(scratch_.scores.data() + (slot + r) * s_pad_ + at, x);
+        best_[slot + r] = v16::max(best_[slot + r], x);
       }
     }
   }
@@ -388,40 +320,40 @@ class Item {
   // weights into the probability row (as units), 1/sum returned.
   float softmax(int64_t slot, int64_t lo, int64_t hi) {
     const float* scores = scratch_.scores.data() + slot * s_pad_;
-    const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(best_[slot]));
-    __m512 total = _mm512_setzero_ps();
+    const v16::f32 top = v16::splat(v16::reduce_max(best_[slot]));
+    v16::f32 total = v16::zero();
     typename T::Elem* probs = reinterpret_cast<typename T::Elem*>(
         scratch_.probs.data() + slot * s_pad_ / kU);
     for (int64_t j = lo; j < hi; j += kLane) {
       // Keys past s score -inf: exp_nonpositive gives them exactly 0.
-      __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(scores + j - lo), top));
-      total = _mm512_add_ps(total, e);
+      v16::f32 e = v16::exp_nonpositive(v16::sub(v16::load(scores + j - lo), top));
+      total = v16::add(total, e);
       T::store(probs + (j - lo), e);
     }
-    return 1.0f / _mm512_reduce_add_ps(total);
+    return 1.0f / v16::reduce_add(total);
   }
 
   // out rows = probs . values * 1/sum, ROWS rows x HV*16 columns in registers.
   template <int ROWS, int HV>
   void value_tile(int64_t row, int64_t slot, int64_t lo, int64_t hi, const float* inverse) {
-    __m512 acc[ROWS][HV];
+    v16::f32 acc[ROWS][HV];
     for (int r = 0; r < ROWS; ++r)
-      for (int c = 0; c < HV; ++c) acc[r][c] = _mm512_setzero_ps();
+      for (int c = 0; c < HV; ++c) acc[r][c] = v16::zero();
     const int64_t p_stride = s_pad_ / kU;
     const uint32_t* probs = scratch_.probs.data() + slot * p_stride;
     const uint32_t* values = scratch_.values.data() + lo / kU * sh_.h;
     for (int64_t i = 0; i < (hi - lo) / kU; ++i, values += sh_.h) {
-      __m512i line[HV];
-      for (int c = 0; c < HV; ++c) line[c] = _mm512_loadu_si512(values + c * kLane);
+      v16::u32 line[HV];
+      for (int c = 0; c < HV; ++c) line[c] = v16::load_bits(values + c * kLane);
       for (int r = 0; r < ROWS; ++r) {
-        __m512i p = _mm512_set1_epi32(static_cast<int>(probs[r * p_stride + i]));
+        v16::u32 p = v16::splat_bits(probs[r * p_stride + i]);
         for (int c = 0; c < HV; ++c) acc[r][c] = T::dot(acc[r][c], line[c], p);
       }
     }
     for (int r = 0; r < ROWS; ++r) {
-      __m512 inv = _mm512_set1_ps(inverse[slot + r]);
+      v16::f32 inv = v16::splat(inverse[slot + r]);
       Elem* out = out_row(row + r);
-      for (int c = 0; c < HV; ++c) T::store(out + c * kLane, _mm512_mul_ps(acc[r][c], inv));
+      for (int c = 0; c < HV; ++c) T::store(out + c * kLane, v16::mul(acc[r][c], inv));
     }
   }
 
@@ -455,7 +387,7 @@ class Item {
   const int64_t s_pad_, h_units_;
   int64_t batch_ = 0, kv_head_ = 0;
   int64_t packed_ = 0;  // the item's packed keys: live blocks x kLane (find_live_blocks)
-  __m512 best_[kBlockRows];  // per block row: the running maximum of its scores, per lane
+  v16::f32 best_[kBlockRows];  // per block row: the running maximum of its scores, per lane
 };
 
 template <typename T>
@@ -542,7 +474,7 @@ ffi::Error AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<D> q, ffi::Buffer<D> 
   }
   return ffi::Error::Success();
 #else
-  return ffi::Error::Internal("attention: built without AVX-512 (F, BW, VL)");
+  return ffi::Error::Internal("attention: built without AVX-512 (F, BW, VL) or AVX2 + FMA");
 #endif
 }
 

@@ -24,9 +24,8 @@ from jaxaccel.backends.cpu import build, isa
 KERNEL_SOURCE = "attention.cc"
 SYMBOLS = {jnp.dtype(jnp.bfloat16): "JaxaccelAttentionBf16",
            jnp.dtype(jnp.float32): "JaxaccelAttentionF32"}
-# What the kernel is written for: AVX-512 with byte/word and 128/256-bit forms (it emulates
-# AVX512-BF16 where that is missing); head dims of whole 16-float vectors, up to 8 of them.
-REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl")
+# Head dims of whole 16-float vectors, up to 8 of them. The kernel has an AVX-512 (F, BW, VL;
+# AVX512-BF16 emulated where missing) and an AVX2 + FMA build (`isa.kernel_build`).
 MAX_HEAD_DIM = 128
 
 
@@ -62,8 +61,8 @@ class CacheLayer:
 
 
 def cpu_supported(cpu: isa.CpuInfo) -> bool:
-    """Whether this CPU has the instructions the kernel is written with."""
-    return all(cpu.has(flag) for flag in REQUIRED_FLAGS)
+    """Whether this CPU has the instructions of one of the kernel's builds."""
+    return isa.kernel_build(cpu) is not None
 
 
 def supported(q_btnh, k_btkh, v_btkh, mask_btt, past=None) -> bool:
@@ -89,8 +88,8 @@ def supported(q_btnh, k_btkh, v_btkh, mask_btt, past=None) -> bool:
 
 
 def kernel(dtype) -> str | None:
-    """The registered FFI target for `dtype` on this CPU, or None (no AVX-512, no compiler,
-    JAXACCEL_KERNELS=0)."""
+    """The registered FFI target for `dtype` on this CPU, or None (neither AVX-512 nor AVX2,
+    no compiler, JAXACCEL_KERNELS=0)."""
     symbol = SYMBOLS.get(jnp.dtype(dtype))
     if symbol is None or not cpu_supported(isa.detect()):
         return None

@@ -3,7 +3,9 @@
 
 #pragma once
 
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
+#endif
 
 namespace jaxaccel {
 

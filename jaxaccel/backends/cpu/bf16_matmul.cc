@@ -18,7 +18,7 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(__AVX512F__)
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #endif
 
@@ -91,6 +91,52 @@ void group_tile(const Problem& p, int64_t row0, int64_t group) {
     for (int q = 0; q < kPanels; ++q)
       _mm512_storeu_ps(p.y + (row0 + r) * p.n + (group * kPanels + q) * kPanel, acc[r][q]);
 }
+constexpr int kTileRows = 6;
+#elif defined(__AVX2__) && defined(__FMA__)
+// AVX2 + FMA (x86-64-v3): each 64-byte line is two ymm of 8 (even k, odd k) pairs, widened to
+// float32 in registers (a bf16 is the top half of a float32) for two FMAs per half. With 16
+// ymm registers a tile keeps ROWS x LINES x 2 <= 8 accumulators: one row against all 4 lines
+// (decode: the group stream is read once), or up to 4 rows against fewer lines, the stream
+// read again per pass (it stays in L2: k/2 x 256 bytes).
+template <int ROWS, int LINES>
+void panel_tile(const Problem& p, int64_t row0, int64_t group, int q0) {
+  __m256 acc[ROWS][LINES][2];
+  for (int r = 0; r < ROWS; ++r)
+    for (int l = 0; l < LINES; ++l) acc[r][l][0] = acc[r][l][1] = _mm256_setzero_ps();
+  const uint32_t* w = p.w_lines + group * p.half_k * kGroupWords + q0 * kPanel;
+  const uint32_t* x = p.x_pairs + row0 * p.half_k;
+  const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+  for (int64_t i = 0; i < p.half_k; ++i, w += kGroupWords) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetchPairs * kGroupWords), _MM_HINT_T0);
+    __m256 w_lo[LINES][2], w_hi[LINES][2];
+    for (int l = 0; l < LINES; ++l)
+      for (int h = 0; h < 2; ++h) {
+        __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + l * kPanel + h * 8));
+        w_lo[l][h] = _mm256_castsi256_ps(_mm256_slli_epi32(bits, 16));
+        w_hi[l][h] = _mm256_castsi256_ps(_mm256_and_si256(bits, high));
+      }
+    for (int r = 0; r < ROWS; ++r) {
+      uint32_t pair = x[r * p.half_k + i];
+      __m256 x_lo = _mm256_set1_ps(bf16_low(pair)), x_hi = _mm256_set1_ps(bf16_high(pair));
+      for (int l = 0; l < LINES; ++l)
+        for (int h = 0; h < 2; ++h)
+          acc[r][l][h] = _mm256_fmadd_ps(w_hi[l][h], x_hi,
+                                         _mm256_fmadd_ps(w_lo[l][h], x_lo, acc[r][l][h]));
+    }
+  }
+  for (int r = 0; r < ROWS; ++r)
+    for (int l = 0; l < LINES; ++l)
+      for (int h = 0; h < 2; ++h)
+        _mm256_storeu_ps(p.y + (row0 + r) * p.n + (group * kPanels + q0 + l) * kPanel + h * 8,
+                         acc[r][l][h]);
+}
+
+template <int ROWS>
+void group_tile(const Problem& p, int64_t row0, int64_t group) {
+  constexpr int kLines = ROWS == 1 ? 4 : ROWS == 2 ? 2 : 1;
+  for (int q = 0; q < kPanels; q += kLines) panel_tile<ROWS, kLines>(p, row0, group, q);
+}
+constexpr int kTileRows = 4;
 #else
 template <int ROWS>
 void group_tile(const Problem& p, int64_t row0, int64_t group) {
@@ -110,12 +156,13 @@ void group_tile(const Problem& p, int64_t row0, int64_t group) {
     std::memcpy(p.y + (row0 + r) * p.n + group * kColumns, acc[r], sizeof(acc[r]));
   }
 }
+constexpr int kTileRows = 6;
 #endif
 
-// Every row of x against one group, in tiles of up to 6 rows.
+// Every row of x against one group, in tiles of up to kTileRows rows.
 void group_all_rows(const Problem& p, int64_t group) {
   int64_t row = 0;
-  for (; row + 6 <= p.m; row += 6) group_tile<6>(p, row, group);
+  for (; row + kTileRows <= p.m; row += kTileRows) group_tile<kTileRows>(p, row, group);
   switch (p.m - row) {
     case 5: group_tile<5>(p, row, group); break;
     case 4: group_tile<4>(p, row, group); break;

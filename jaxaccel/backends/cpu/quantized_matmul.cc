@@ -22,7 +22,9 @@
 // c's 4 bytes are k rows 4i..4i+3 (int8), or nibbles: rows 8i..8i+3 low, 8i+4..8i+7 high (int4).
 // Each 32-bit lane is then exactly one `vpdpbusd` operand.
 //
-// Without AVX512-VNNI a portable loop computes the same integer sums (int64) per group.
+// With AVX2 + FMA only (x86-64-v3 build), weights are widened to float32 and multiplied with
+// x unquantized (see stream_row). Elsewhere a portable loop computes the same integer sums
+// (int64) per group.
 //
 // Many rows (prefill): `vpdpbusd` on the two bytes of x16 does 64 multiplies in two
 // instructions, as many per instruction as AVX512-BF16's `vdpbf16ps`, and adds x's
@@ -42,9 +44,13 @@
 #include <string>
 #include <vector>
 
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
+#endif
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #define JAXACCEL_VNNI 1
+#elif defined(__AVX2__) && defined(__FMA__)
+#define JAXACCEL_AVX2_FLOAT 1
 #endif
 
 #include "parallel_chunks.h"
@@ -112,6 +118,7 @@ void quantize_x(const float* x, int64_t m, int64_t k, int64_t groups, QuantizedX
 
 struct Problem {
   const QuantizedX* x;
+  const float* x_f32;   // [m, k], as given (the AVX2 path multiplies it unquantized)
   const uint8_t* w;     // one layer's lines [n/64, k/step, 4, 16, 4]
   const float* scale;   // [groups, n]
   float* y;             // [m, n]
@@ -244,6 +251,83 @@ void stream_columns(const Problem& p, int64_t stream, int64_t next) {
     stream_all_rows<8>(p, stream, next);
   }
 }
+#elif defined(JAXACCEL_AVX2_FLOAT)
+// AVX2 + FMA: there is no u8 x s8 dot product into int32 (`vpmaddubsw` saturates its int16
+// pair sums at 255 x 127 x 2), so each line's bytes are widened to float32 and multiplied by
+// x as given, in float32: sum_k x u - offset sum_k x = sum_k x q per group.
+//
+// A line (16 columns x 4 k rows, column-major bytes) is read as two ymm of 8 columns; a byte
+// shuffle puts each 128-bit lane's 4 columns row by row, a permute gathers one k row's 8
+// columns into the low 8 bytes, and those widen to 8 floats.
+inline __m256i rows_first(__m256i v) {
+  const __m256i order = _mm256_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15,
+                                         0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  return _mm256_shuffle_epi8(v, order);
+}
+inline __m256 row_floats(__m256i rows, int i) {
+  const __m256i pick = _mm256_setr_epi32(i, i + 4, i, i + 4, i, i + 4, i, i + 4);
+  __m256i gathered = _mm256_permutevar8x32_epi32(rows, pick);
+  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm256_castsi256_si128(gathered)));
+}
+
+// One x row against one stream of 64 columns, group by group: 4 panels x 2 halves of float32
+// accumulators in registers, flushed into y at the end of every group.
+template <int BITS>
+void stream_row(const Problem& p, int64_t row, int64_t stream) {
+  constexpr int64_t kRows = BITS == 4 ? 8 : 4;
+  const int64_t group = p.k / p.groups, steps = group / kRows;
+  const uint8_t* w = p.w + stream * (p.k / kRows) * kStepBytes;
+  const float* x = p.x_f32 + row * p.k;
+  const __m256i low_nibbles = _mm256_set1_epi8(0x0F);
+  for (int64_t g = 0; g < p.groups; ++g, x += group) {
+    __m256 acc[kPanels][2];
+    for (int q = 0; q < kPanels; ++q) acc[q][0] = acc[q][1] = _mm256_setzero_ps();
+    float x_sum = 0.0f;
+    for (int64_t i = 0; i < group; ++i) x_sum += x[i];
+    for (int64_t s = 0; s < steps; ++s, w += kStepBytes) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetchSteps * kStepBytes), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetchSteps * kStepBytes + 128),
+                   _MM_HINT_T0);
+      const float* xs = x + s * kRows;
+      for (int q = 0; q < kPanels; ++q) {
+        for (int h = 0; h < 2; ++h) {
+          __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + q * 64 + h * 32));
+          // int8: rows 0-3 of the step; int4: low nibbles rows 0-3, high nibbles rows 4-7.
+          for (int half = 0; half < (BITS == 4 ? 2 : 1); ++half) {
+            __m256i u = BITS == 8 ? v
+                        : _mm256_and_si256(half ? _mm256_srli_epi16(v, 4) : v, low_nibbles);
+            __m256i rows = rows_first(u);
+            for (int i = 0; i < 4; ++i) {
+              acc[q][h] = _mm256_fmadd_ps(row_floats(rows, i),
+                                          _mm256_set1_ps(xs[4 * half + i]), acc[q][h]);
+            }
+          }
+        }
+      }
+    }
+    const __m256 offset = _mm256_set1_ps(static_cast<float>(p.offset()) * x_sum);
+    for (int q = 0; q < kPanels; ++q) {
+      for (int h = 0; h < 2; ++h) {
+        const int64_t col = stream * kStream + q * kPanel + h * 8;
+        float* out = p.y + row * p.n + col;
+        __m256 dot = _mm256_sub_ps(acc[q][h], offset);
+        __m256 prev = g == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(out);
+        _mm256_storeu_ps(out, _mm256_fmadd_ps(dot, _mm256_loadu_ps(p.scale + g * p.n + col),
+                                              prev));
+      }
+    }
+  }
+}
+
+void stream_columns(const Problem& p, int64_t stream, int64_t /*next*/) {
+  for (int64_t row = 0; row < p.m; ++row) {
+    if (p.bits == 4) {
+      stream_row<4>(p, row, stream);
+    } else {
+      stream_row<8>(p, row, stream);
+    }
+  }
+}
 #else
 // The stored value (q + offset) of column c, k row i (within the stream's step layout).
 inline int32_t stored(const Problem& p, const uint8_t* stream_w, int64_t i, int64_t c) {
@@ -330,8 +414,10 @@ ffi::Error QuantizedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const int64_t m = op.m, k = op.k, n = op.n, groups = op.groups;
   const int64_t streams = op.streams, steps = op.steps, index = op.index;
   thread_local QuantizedX qx;
+#if !defined(JAXACCEL_AVX2_FLOAT)
   quantize_x(x.typed_data(), m, k, groups, qx);
-  Problem problem{&qx,
+#endif
+  Problem problem{&qx, x.typed_data(),
                   w_packed.typed_data() + index * streams * steps * kStepBytes,
                   scales.typed_data() + index * groups * n,
                   y->typed_data(), m, k, n, groups, bits};
