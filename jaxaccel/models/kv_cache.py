@@ -13,6 +13,8 @@ attention the compute values.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 
 from jaxaccel import backends
