@@ -31,18 +31,8 @@ nor traced on any other platform (`jaxaccel.backends.for_platform`):
   (aarch64: one warning line, XLA's dots). $JAXACCEL_CPU_ISA=avx2 runs the AVX2 build and
   every AVX2 choice on an AVX-512 machine, to measure it.
 
-MiniLM embed (b32x128, jax 0.10.2, Zen 4, in-process A/B, 5 alternated rounds) gained nothing
-from dropping the carriers or from unrolling the 6-layer scan (best of rounds within 2%), so the
-encoder shares the decoder's path. Its bf16 time goes (XLA's per-thunk profile) ~75% to the
-YNNPACK dots, of which the attention's batched [128x32]x[32x128] dots run at a quarter of the
-dense ones' GFLOP/s (`bench roofline`), ~5% to the exact-erf GELU in float32, the rest to
-transposes, layer norms and the carriers' copies. With the attention kernel (perf, bf16):
-~62% in YNNPACK's dense dots, ~9% in the kernel, ~15% in XLA's elementwise fusions (the GELU
-writes two float32 [4096, 1536] arrays per layer) and converts.
-
-Fences (`optimization_barrier`) around attention, which an earlier layout needed, measured no
-gain in prefill or decode on either jax version once the projections became 2-D matmuls, and
-are gone.
+Where MiniLM's time goes with and without these, and the fences that measured no gain and are
+gone: docs/performance.md, "The CPU backend's choices".
 """
 
 from __future__ import annotations

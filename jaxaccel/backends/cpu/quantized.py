@@ -14,15 +14,10 @@ are half (a quarter) of bfloat16's; the kernel reads them at about the bf16 kern
 packed weights; the kernel is used at every row count, since it measured faster than that at
 32 and 128 rows too (14 of 16 GPT-2 shape/row cases, 1.1-3.4x).
 
-Many rows (prefill) take the kernel's second entry point (`matmul_panels`): its VNNI path
-multiplies the two bytes of an int16 x, so at 512 rows it ran at 0.61-0.84x the packed bf16
-kernel's time on the GPT-2 shapes (compute-bound: both do 32 multiplies per instruction,
-and VNNI adds x's quantization and nibble unpacking); the panels dequantize each 64-column
-stream to bfloat16 once per call and run the bf16 kernel's tiles on it: 0.97-1.03x bf16 at
-512 rows (int8 and int4 g128, Zen 4, shared machine). Crossover (`PANEL_ROWS`, same bench,
-rows 4/8/16/32, medians of 2 alternated processes): VNNI wins every shape at 4 and 8 rows
-(1.1-1.9x), the panels 3 of 4 int8 shapes and 2 of 4 int4 shapes at 16 (less time summed over
-the four), and most at 32; so from 16 rows on, where the CPU has AVX512-BF16 (`panel_rows`).
+Many rows (prefill) take the kernel's second entry point (`matmul_panels`): each 64-column
+stream is dequantized to bfloat16 once per call and run through the bf16 kernel's tiles, from
+`PANEL_ROWS` rows on where the CPU has AVX512-BF16 (`panel_rows`); below that the VNNI path
+wins. The crossover measurements: docs/performance.md, "The CPU backend's choices".
 
 `PackedQuantWeight` is a pytree like `packed.PackedWeight`: read whole with `[...]`, and its
 stacked arrays (`STACKED`) are indexed in place by layer inside a layer scan.
