@@ -17,6 +17,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "bf16_dot.h"
+
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define JAXACCEL_SIMD16_AVX512 1
 #elif defined(__AVX2__) && defined(__FMA__)
@@ -62,17 +64,7 @@ inline u32 pair_up(u32 even, u32 odd) {
 }
 
 // acc + a.lo * b.lo + a.hi * b.hi per lane, each lane holding two bf16 values.
-inline f32 dot_bf16_pairs(f32 acc, u32 a, u32 b) {
-#if defined(__AVX512BF16__)
-  return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b);
-#else
-  __m512 a_lo = _mm512_castsi512_ps(_mm512_slli_epi32(a, 16));
-  __m512 a_hi = _mm512_castsi512_ps(_mm512_and_si512(a, _mm512_set1_epi32(0xFFFF0000)));
-  __m512 b_lo = _mm512_castsi512_ps(_mm512_slli_epi32(b, 16));
-  __m512 b_hi = _mm512_castsi512_ps(_mm512_and_si512(b, _mm512_set1_epi32(0xFFFF0000)));
-  return _mm512_fmadd_ps(a_hi, b_hi, _mm512_fmadd_ps(a_lo, b_lo, acc));
-#endif
-}
+inline f32 dot_bf16_pairs(f32 acc, u32 a, u32 b) { return bf16_dot_pairs(acc, a, b); }
 
 // 16 floats -> 16 bf16 at out, rounded to nearest even (as XLA's convert), NaN kept NaN.
 inline void store_bf16(uint16_t* out, f32 x) {
