@@ -83,11 +83,7 @@ def register(app: typer.Typer) -> None:
         microbatches: Optional[int] = options.MICROBATCHES,
         device_memory: Optional[str] = options.DEVICE_MEMORY,
         verify_checksums: bool = options.VERIFY_CHECKSUMS,
-        kernels: Optional[bool] = typer.Option(
-            None, "--kernels/--no-kernels", help="bfloat16 on one CPU device: read the matmul "
-            "weights packed, through jaxaccel's compiled kernel (built with the system C++ "
-            "compiler on first use, then cached). Default: wherever it applies; --kernels "
-            "insists (an error where it cannot), --no-kernels keeps XLA's own dots."),
+        kernels: Optional[bool] = options.KERNELS,
         quantize: Optional[str] = options.QUANTIZE,
         group_size: int = options.GROUP_SIZE,
         quantize_head: bool = options.QUANTIZE_HEAD,

@@ -70,3 +70,9 @@ def scheme_from(quantize: Optional[str], group_size: int = 128, head: bool = Fal
 def device_memory_from(text: Optional[str]) -> Optional[int]:
     """--device-memory as bytes (None when not given)."""
     return parse_bytes(text, "--device-memory") if text else None
+
+KERNELS = typer.Option(
+    None, "--kernels/--no-kernels", help="bfloat16 on one CPU device: read the matmul "
+    "weights packed, through jaxaccel's compiled kernel (built with the system C++ "
+    "compiler on first use, then cached). Default: wherever it applies; --kernels "
+    "insists (an error where it cannot), --no-kernels keeps XLA's own dots.")
