@@ -60,6 +60,22 @@ def test_restore_from_s3_gcs_and_http_equals_local(s3_minilm, gcs_minilm, http_s
     assert s3_proxy.count(DATA)[1] > 0  # the s3 restore went through the proxy
 
 
+def test_unwritable_cache_directory_still_restores_and_tokenizes(
+        s3_minilm, s3_proxy, local_embeddings, tmp_path, monkeypatch, capfd):
+    """Every cache is optional (chunks, and the remote tokenizer.json's local copy): under a
+    directory that cannot be created, one warning each, and the embeddings are the local ones."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("JAXACCEL_CACHE_DIR", str(blocker / "chunks"))
+    monkeypatch.delenv("JAXACCEL_NO_CACHE", raising=False)
+    got, _ = _embed(s3_minilm)
+    np.testing.assert_array_equal(got, local_embeddings)
+    warnings = [line for line in capfd.readouterr().err.splitlines()
+                if line.startswith("warning: cannot write")]
+    assert any("file cache" in line for line in warnings), warnings
+    assert all("JAXACCEL_CACHE_DIR" in line for line in warnings), warnings
+
+
 def test_second_restore_asks_the_server_for_no_chunk(s3_minilm, s3_proxy, local_embeddings,
                                                      tmp_path):
     first, loaded = _embed(s3_minilm)

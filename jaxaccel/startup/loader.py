@@ -23,6 +23,7 @@ from flax import nnx
 from jaxaccel.models import quantization
 from jaxaccel.parallel import distributed
 from jaxaccel.utils import progress
+from jaxaccel.utils.files import writable_cache_dir
 from jaxaccel.checkpoint import chunk_cache, storage
 from jaxaccel.checkpoint.broadcast import restore_checkpoint
 from jaxaccel.checkpoint.manifest import CheckpointError, Manifest, check_member_name
@@ -71,8 +72,11 @@ def _tokenizer_path(manifest: Manifest, path) -> pathlib.Path | None:
         return None
     if not isinstance(path, storage.RemotePath):
         return path / "tokenizer.json"
-    local = chunk_cache.default_dir().parent / "files" / manifest.identity / "tokenizer.json"
-    return storage.local_copy(path / "tokenizer.json", local)
+    # Optional like every cache: an unwritable directory falls back to a temporary one, warned.
+    files = writable_cache_dir(chunk_cache.default_dir().parent / "files", "file cache",
+                               "$JAXACCEL_CACHE_DIR (or $XDG_CACHE_HOME)")
+    return storage.local_copy(path / "tokenizer.json",
+                              files / manifest.identity / "tokenizer.json")
 
 
 def compute_dtype_name(manifest: Manifest, dtype: str | None) -> str:
