@@ -31,7 +31,8 @@ from jaxaccel.checkpoint.restore import DEFAULT_HOST_MEMORY_BUDGET
 from jaxaccel.conversion import hf
 from jaxaccel.conversion.bundled import resolve_source
 from jaxaccel.conversion.quantize import quantize_checkpoint
-from jaxaccel.errors import UsageError
+from jaxaccel.conversion.safetensors_source import choose_weight_files
+from jaxaccel.errors import ConvertError, UsageError
 from jaxaccel.startup.start import start
 from jaxaccel.model import Model
 from jaxaccel.utils.units import parse_bytes
@@ -109,7 +110,7 @@ def convert(src: str | pathlib.Path, dest: str | pathlib.Path, *, dtype: str | N
                                   chunk_bytes=chunk_bytes, codec=codec,
                                   allow_overflow=allow_overflow, force_family=force_family)
     source = resolve_source(str(src))
-    total = sum(p.stat().st_size for p in source.glob("*.safetensors")) if source.is_dir() else 0
+    total = _source_bytes(source)
     with _bar(total, f"convert {source.name}", progress) as advance:
         return hf.convert(source, dest, dtype=dtype or "float32", family=family,
                           layout=layout, chunk_bytes=chunk_bytes, codec=codec,
@@ -164,6 +165,15 @@ def verify(path: str | pathlib.Path, *, progress: bool = True) -> VerifyReport:
     total = Manifest.load(path).total_bytes
     with _bar(total, f"verify {storage.checkpoint_path(path).name}", progress) as advance:
         return verify_checkpoint(path, on_bytes=advance)
+
+
+def _source_bytes(source: pathlib.Path) -> int:
+    """Bytes of the safetensors files convert will read (the progress bar's total); 0 where
+    there are none to count (convert itself then says what is wrong)."""
+    try:
+        return sum(p.stat().st_size for p in choose_weight_files(source)[0])
+    except (ConvertError, OSError):
+        return 0
 
 
 def _bar(total: int, description: str, enabled: bool):

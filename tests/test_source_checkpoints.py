@@ -219,3 +219,14 @@ def test_force_family_on_the_python_api_warns(tmp_path):
     with pytest.warns(UserWarning, match="'gemma'.*force"):
         jaxaccel.convert(src, tmp_path / "b", family="llama", force_family=True, progress=False)
     assert (tmp_path / "b" / "jaxaccel.json").is_file()
+
+
+def test_convert_progress_counts_only_the_files_it_reads(tmp_path):
+    """The bar's total is the bytes of the files transformers would load, not every
+    *.safetensors file in the directory (a consolidated copy is never read)."""
+    from jaxaccel import api
+
+    (tmp_path / "model.safetensors").write_bytes(b"x" * 1000)
+    (tmp_path / "consolidated.safetensors").write_bytes(b"x" * 5000)
+    assert api._source_bytes(tmp_path) == 1000
+    assert api._source_bytes(tmp_path / "missing") == 0
