@@ -121,7 +121,7 @@ def test_launcher_fails_when_any_process_fails(tmp_path, capsys):
     assert result.codes == [0, 3, 0] and result.exit_code == 3 and not result.ok
     out, err = capsys.readouterr()
     assert out.startswith("pid 0 of 3 127.0.0.1:")  # process 0's stdout passes through
-    assert "[p2] pid 2 of 3" in err and "process 1 exited with 3" in err
+    assert "[p2] pid 2 of 3" in err and "process 1 exited with status 3" in err
     assert "pid 1 of 3" in (tmp_path / "process-1.log").read_text()
 
 

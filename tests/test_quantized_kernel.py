@@ -27,7 +27,7 @@ from jaxaccel.models import quantization
 from jaxaccel.backends import cpu
 from jaxaccel.backends.cpu import build, isa, quantized
 from jaxaccel.backends.cpu.quantized import PackedQuantWeight
-from jaxaccel.models import llama
+from jaxaccel.models import family_spec
 
 # Device checks skip these (`-m "not cpu_only"`): the kernel is an XLA:CPU custom call.
 pytestmark = pytest.mark.cpu_only
@@ -222,7 +222,8 @@ def quantized_model(config, scheme):
     (`jaxaccel.models.quantization`, qwix underneath), as a concrete state."""
     model = random_bf16_model(config)
     graphdef, state = nnx.split(model)
-    _, specs = quantization.quantize_abstract(state, llama, quantization.Scheme.parse(scheme, 16))
+    _, specs = quantization.quantize_abstract(state, family_spec("llama"),
+                                              quantization.Scheme.parse(scheme, 16))
     flat = []
     for path, variable in nnx.to_flat_state(state):
         spec = specs.get(".".join(map(str, path)))
