@@ -26,8 +26,10 @@ def tiny_config(kind: str, vocab: int = 128, hidden: int = 16, layers: int = 1,
 
 def build(kind: str, seed: int = 0, **overrides):
     """A transformers causal LM with random, non-trivial weights (eval mode)."""
-    import torch  # deferred: tests that need it skip without torch
-    import transformers
+    import pytest  # deferred: only here, where a missing reference extra means skip
+
+    torch = pytest.importorskip("torch", reason="reference extra (torch) not installed")
+    transformers = pytest.importorskip("transformers", reason="reference extra not installed")
 
     config_cls, model_cls = (getattr(transformers, n) for n in FAMILIES[kind])
     torch.manual_seed(seed)
