@@ -78,8 +78,13 @@ def test_int4_clip_search_matches_numpy_and_qwix():
     plain = qwix.quantize(jnp.asarray(block), jnp.int4, channelwise_axes=[0, 2],
                           tiled_axes={1: 128})
     kept = np.repeat(np.isclose(scales, absmax_scale, rtol=1e-6), 128, axis=1)
-    np.testing.assert_array_equal(values.astype(np.int8)[kept],
-                                  np.asarray(plain.qvalue).astype(np.int8)[kept])
+    ours, theirs = values.astype(np.int8)[kept], np.asarray(plain.qvalue).astype(np.int8)[kept]
+    # x / scale landing within float rounding of a .5 tie (a group's absmax is 7.5 scales
+    # exactly) may round either way: qwix on jax 0.12.1 multiplies by 1/scale instead.
+    ratio = (groups / scales[:, :, None]).reshape(block.shape)[kept]
+    tie = np.abs(np.abs(ratio - np.floor(ratio)) - 0.5) < 1e-5
+    np.testing.assert_array_equal(ours[~tie], theirs[~tie])
+    assert np.abs(ours[tie].astype(int) - theirs[tie]).max(initial=0) <= 1
 
 
 @pytest.fixture(scope="module")
