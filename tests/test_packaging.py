@@ -101,8 +101,7 @@ def test_installed_wheel_builds_and_runs_the_cpu_kernels(wheel, tmp_path):
     python = _fresh_venv(tmp_path / "venv")
     subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install",
                     "--no-deps", "--no-index", "--ignore-installed", "--quiet", str(wheel)],
-                   check=True,
-                   capture_output=True, timeout=300)
+                   check=True, capture_output=True, timeout=300)
     cache, workdir = tmp_path / "cache", tmp_path / "run"
     workdir.mkdir()  # not the repository: `python -c` puts the working directory on sys.path
     env = {k: v for k, v in os.environ.items()
