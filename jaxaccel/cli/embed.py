@@ -33,10 +33,7 @@ def register(app: typer.Typer) -> None:
         batch_size: int = typer.Option(32, "--batch-size", min=1, help="Rows per jitted call."),
         max_length: Optional[int] = typer.Option(None, "--max-length", min=2, help="Token limit "
                                                  "per text (default: the model's maximum)."),
-        prompt_name: Optional[str] = typer.Option(
-            None, "--prompt-name", help="Put this prompt of the model's "
-            "config_sentence_transformers.json before every text (default: its "
-            "default_prompt_name, if any), as sentence-transformers' encode(prompt_name=)."),
+        prompt_name: Optional[str] = options.PROMPT_NAME,
         no_truncate: bool = typer.Option(False, "--no-truncate", help="Refuse texts longer than "
                                          "--max-length instead of truncating with a warning."),
         out: Optional[pathlib.Path] = typer.Option(None, "--out", help="Save a float32 [n, dim] "

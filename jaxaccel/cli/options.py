@@ -76,3 +76,8 @@ KERNELS = typer.Option(
     "weights packed, through jaxaccel's compiled kernel (built with the system C++ "
     "compiler on first use, then cached). Default: wherever it applies; --kernels "
     "insists (an error where it cannot), --no-kernels keeps XLA's own dots.")
+
+PROMPT_NAME = typer.Option(
+    None, "--prompt-name", help="Put this prompt of the model's "
+    "config_sentence_transformers.json before every text (default: its "
+    "default_prompt_name, if any), as sentence-transformers' encode(prompt_name=).")
