@@ -139,8 +139,9 @@ def _convert_quantized(src, dest, scheme, *, progress: bool, chunk_bytes, codec:
 
 @checked
 def inspect(path: str | pathlib.Path) -> Manifest:
-    """A checkpoint's manifest: family, config, dtype, every array's shape/dtype/axes/bytes."""
-    return Manifest.load(path)
+    """A checkpoint's manifest: family, config, dtype, every array's shape/dtype/axes/bytes
+    (of a Hugging Face directory: the manifest it is read with, `source.format` "huggingface")."""
+    return open_checkpoint(path)
 
 
 @checked

@@ -76,6 +76,10 @@ class Manifest:
     # ["group_size"], "weights": {NAME: {"qtype", "tiles"}}}; NAME is stored as NAME.values and
     # NAME.scales. {} for a full-precision checkpoint.
     quantization: dict = dataclasses.field(default_factory=dict)
+    # Reads the arrays of a checkpoint in another format (a Hugging Face directory:
+    # `conversion.hf_checkpoint`) instead of params/: `read_into(name, index, dest) -> bytes
+    # read`. None for a jaxaccel checkpoint; never written.
+    reader: object = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
     def total_bytes(self) -> int:
@@ -117,6 +121,11 @@ class Manifest:
         if not directory.is_dir():
             raise CheckpointError(f"{directory}: not a directory (expected a jaxaccel checkpoint)")
         if not path.is_file():
+            if (directory / "config.json").is_file():
+                raise CheckpointError(
+                    f"{directory}: a Hugging Face model directory (config.json, no "
+                    f"{MANIFEST_NAME}), not a converted checkpoint: load, generate, embed, "
+                    "inspect and plan read it as it is; this needs `jaxaccel convert` first")
             raise CheckpointError(f"{path}: missing; {directory} is not a complete jaxaccel "
                                   "checkpoint (was the convert interrupted?)")
         try:

@@ -333,6 +333,9 @@ def read_slices(ckpt_dir: str | pathlib.Path, manifest: Manifest,
     ckpt_dir = storage.checkpoint_path(ckpt_dir)
     params_dir = ckpt_dir / PARAMS_DIR
     stats = stats if stats is not None else RestoreStats()
+    if manifest.reader is not None:  # another format (a Hugging Face directory)
+        return _read_foreign(manifest.reader, reads, host_memory_budget, on_bytes, stats,
+                             threads)
     # One walk of the OCDBT b-tree serves both the presence check and the direct reader.
     index = direct.ocdbt_index(params_dir) if engine != "tensorstore" else None
     # A missing array or chunk would read as zeros: refuse it (milliseconds).
@@ -362,6 +365,21 @@ def read_slices(ckpt_dir: str | pathlib.Path, manifest: Manifest,
             prefetch.join()
             run.reader.close()
             _network_stats(run.reader, stats)
+    stats.peak_bytes_in_flight = max(stats.peak_bytes_in_flight, run.budget.peak)
+    stats.largest_read = max([stats.largest_read] + [r.nbytes for r in reads])
+    return run.shards
+
+
+def _read_foreign(reader, reads: list[_Read], host_memory_budget: int, on_bytes,
+                  stats: RestoreStats, threads: int | None) -> dict[str, dict]:
+    """`read_slices` through a manifest's own reader: each slice read by
+    `reader.read_into`, with the same threads, byte budget and placement."""
+    run = _Run({}, {}, stats, on_bytes, ByteBudget(host_memory_budget), None, source=reader)
+    stats.engines.update({read.name: "foreign" for read in reads})
+    network = getattr(reader, "network_bytes", 0), getattr(reader, "network_requests", 0)
+    run.all(reads, threads or default_threads())
+    stats.bytes_from_network += getattr(reader, "network_bytes", 0) - network[0]
+    stats.network_requests += getattr(reader, "network_requests", 0) - network[1]
     stats.peak_bytes_in_flight = max(stats.peak_bytes_in_flight, run.budget.peak)
     stats.largest_read = max([stats.largest_read] + [r.nbytes for r in reads])
     return run.shards
@@ -423,9 +441,10 @@ def _direct_layouts(params_dir, manifest: Manifest, targets, engine: str,
 class _Run:
     """One restore in progress: a thread pool reading slices, admitted under the budget."""
 
-    def __init__(self, layouts, stores, stats: RestoreStats, on_bytes, budget: ByteBudget, reader):
+    def __init__(self, layouts, stores, stats: RestoreStats, on_bytes, budget: ByteBudget, reader,
+                 source=None):
         self.layouts, self.stores, self.stats, self.on_bytes = layouts, stores, stats, on_bytes
-        self.budget, self.reader = budget, reader
+        self.budget, self.reader, self.source = budget, reader, source
         self.shards = collections.defaultdict(dict)
         self._lock = threading.Lock()
 
@@ -481,6 +500,8 @@ class _Run:
 
     def _read(self, read: _Read) -> tuple[np.ndarray, int]:
         shape = read.padded_shape or tuple(s.stop - s.start for s in read.index)
+        if self.source is not None:
+            return self._read_source(read, shape)
         if read.name not in self.layouts:
             return self._read_tensorstore(read, shape)
         dest = direct.aligned_empty(shape, read.dtype)
@@ -491,6 +512,13 @@ class _Run:
         from_storage = sum(self.reader.read_chunk(layout_, grid, read.index, inner)
                            for grid in direct.chunks_in(read.index, layout_.chunk))
         return dest, from_storage
+
+    def _read_source(self, read: _Read, shape) -> tuple[np.ndarray, int]:
+        dest = direct.aligned_empty(shape, read.dtype)
+        if read.padded_shape is not None:
+            dest[...] = 0
+        inner = dest[tuple(slice(0, s.stop - s.start) for s in read.index)]
+        return dest, self.source.read_into(read.source, read.index, inner)
 
     def _read_tensorstore(self, read: _Read, shape) -> tuple[np.ndarray, int]:
         try:

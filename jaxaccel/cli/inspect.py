@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from jaxaccel.checkpoint.manifest import Manifest
+from jaxaccel.checkpoint.manifest import CheckpointError, Manifest
 from jaxaccel.cli.options import CKPT_HELP, JSON, QUIET
 from jaxaccel.utils.units import format_bytes
 
@@ -19,11 +19,23 @@ def register(app: typer.Typer) -> None:
                     as_json: bool = JSON, quiet: bool = QUIET) -> None:
         """Show a checkpoint's family, config, and every array's shape, dtype and bytes
         (--quiet: the array table alone)."""
-        manifest = Manifest.load(ckpt)  # what jaxaccel.inspect returns, without loading jax
+        manifest = _manifest(ckpt)
         if as_json:
             print(json.dumps(manifest.to_json()))
             return
         _print_table(ckpt, manifest, quiet)
+
+
+def _manifest(ckpt: str) -> Manifest:
+    """What jaxaccel.inspect returns: a jaxaccel checkpoint's manifest without loading jax,
+    or the manifest a Hugging Face directory is read with."""
+    try:
+        return Manifest.load(ckpt)
+    except CheckpointError:
+        from jaxaccel.conversion.hf_checkpoint import is_hf_directory, open_checkpoint
+        if not is_hf_directory(ckpt):
+            raise
+        return open_checkpoint(ckpt)
 
 
 def _print_table(ckpt, manifest, quiet: bool = False) -> None:

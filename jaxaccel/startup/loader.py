@@ -34,6 +34,7 @@ from jaxaccel.checkpoint.restore import (
     RestoreStats,
     Target,
 )
+from jaxaccel.conversion.hf_checkpoint import open_checkpoint
 from jaxaccel.errors import UsageError
 from jaxaccel.models import config_from_dict, family_spec
 from jaxaccel.models.state import abstract_model
@@ -93,7 +94,7 @@ def plan_model(path: str | pathlib.Path, layout: Layout | None = None,
     quantize-on-load restore of a full-precision checkpoint (UsageError on a quantized one
     with another scheme, or fp8 off GPU/TPU)."""
     path = storage.checkpoint_path(path)
-    manifest = Manifest.load(path)
+    manifest = open_checkpoint(path)  # a jaxaccel checkpoint or a Hugging Face directory
     for name in manifest.tokenizer_files:
         check_member_name(name, path / "jaxaccel.json")
     dtype = compute_dtype_name(manifest, dtype)
