@@ -30,6 +30,7 @@ from jaxaccel.checkpoint.manifest import MANIFEST_NAME, Manifest
 from jaxaccel.checkpoint.restore import DEFAULT_HOST_MEMORY_BUDGET
 from jaxaccel.conversion import hf
 from jaxaccel.conversion.bundled import resolve_source
+from jaxaccel.conversion.hf_checkpoint import open_checkpoint
 from jaxaccel.conversion.quantize import quantize_checkpoint
 from jaxaccel.conversion.safetensors_source import choose_weight_files
 from jaxaccel.errors import ConvertError, UsageError
