@@ -28,6 +28,40 @@ NO_VERIFY = "jaxaccel --no-verify"
 WORKER = "jaxaccel.bench.restore_worker"
 
 
+HF = "jaxaccel (Hugging Face directory)"
+ORBAX_SAFETENSORS = "orbax v1 safetensors (Hugging Face directory)"
+
+
+def hf_contenders(ckpt: pathlib.Path, hf_dir: pathlib.Path, mesh: str, rules: str,
+                  dtype: str) -> dict[str, Worker]:
+    """--hf: jaxaccel from the Hugging Face directory (no convert), orbax v1 loading its
+    safetensors, and jaxaccel from CKPT, its converted checkpoint."""
+    devices = runner.mesh_devices(mesh)
+
+    def worker(contender: str, path: pathlib.Path) -> Worker:
+        return Worker(WORKER, {"contender": contender, "ckpt": str(path), "mesh": mesh,
+                               "rules": rules, "dtype": dtype, "manifest_from": str(path)},
+                      devices)
+    return {HF: worker("jaxaccel", hf_dir), ORBAX_SAFETENSORS: worker("orbax-safetensors", hf_dir),
+            CONVERTED: worker("jaxaccel", ckpt)}
+
+
+CONVERTED = "jaxaccel (converted checkpoint)"
+
+
+def hf_ratios(summary: dict) -> dict:
+    """The Hugging Face directory's goals: orbax v1 / it (>= 2.5) and it / converted (<= 1.3),
+    of the medians and per round."""
+    def runs(name):
+        return summary[name]["seconds"]["runs"]
+    median = {name: summary[name]["seconds"]["median"] for name in summary}
+    return {"orbax_safetensors_over_hf": runner.ratio(median[ORBAX_SAFETENSORS], median[HF]),
+            "hf_over_converted": runner.ratio(median[HF], median[CONVERTED]),
+            "orbax_safetensors_over_hf_per_round": [
+                a / b for a, b in zip(runs(ORBAX_SAFETENSORS), runs(HF))],
+            "hf_over_converted_per_round": [a / b for a, b in zip(runs(HF), runs(CONVERTED))]}
+
+
 def contenders(ckpt: pathlib.Path, mesh: str, rules: str, dtype: str,
                orbax_default: Optional[pathlib.Path], engines: bool) -> dict[str, Worker]:
     devices = runner.mesh_devices(mesh)
@@ -80,13 +114,21 @@ def register(bench_app: typer.Typer) -> None:
             None, "--orbax-source", help="With --source: the same checkpoint at a gs:// URL "
             "(e.g. on an emulator, STORAGE_EMULATOR_HOST + TENSORSTORE_GCS_HTTP_URL) for orbax "
             "to restore."),
+        hf_dir: Optional[pathlib.Path] = typer.Option(
+            None, "--hf", help="The Hugging Face directory CKPT was converted from: time "
+            "jaxaccel restoring it as it is vs orbax v1 loading its safetensors vs jaxaccel "
+            "restoring CKPT."),
     ) -> None:
         """Restore time, GB/s and peak host-memory overhead of jaxaccel (crc32c checked, and
-        --no-verify) vs orbax vs raw read vs the copy floor;
+        --no-verify) vs orbax vs raw read vs the copy floor; with --hf, from a Hugging Face
+        directory;
         with --source, from a bucket; with --processes N, read-all vs broadcast restore across
         N processes."""
         if processes > 1:
             _bench_cluster(str(source or ckpt), mesh, rules, dtype, processes, repeats, json_out)
+            return
+        if hf_dir is not None:
+            _bench_hf(ckpt, hf_dir, mesh, rules, dtype, repeats, json_out)
             return
         found = (remote_contenders(ckpt, source, orbax_source, mesh, rules, dtype) if source
                  else contenders(ckpt, mesh, rules, dtype, orbax_default, engines))
@@ -98,6 +140,22 @@ def register(bench_app: typer.Typer) -> None:
         runner.write_json(json_out, {"benchmark": "restore", "ckpt": str(ckpt), "mesh": mesh,
                                      "rules": rules, "dtype": dtype, "cold": cold,
                                      "results": summary, "ratios": ratios(summary)})
+
+
+def _bench_hf(ckpt: pathlib.Path, hf_dir: pathlib.Path, mesh: str, rules: str, dtype: str,
+              repeats: int, json_out) -> None:
+    runs = runner.alternate(hf_contenders(ckpt, hf_dir, mesh, rules, dtype), repeats)
+    rows, summary = table_rows(runs)
+    runner.print_table(f"restore {hf_dir.name} (Hugging Face directory) onto {mesh} ({rules}, "
+                       f"dtype {dtype}); page cache warm, memory pre-touched; {repeats} fresh "
+                       "processes each, alternated", COLUMNS, rows)
+    found = hf_ratios(summary)
+    print(f"orbax v1 safetensors / jaxaccel HF: {found['orbax_safetensors_over_hf']:.2f}x "
+          f"(goal >= 2.5);  jaxaccel HF / converted: {found['hf_over_converted']:.2f}x "
+          "(goal <= 1.3)")
+    runner.write_json(json_out, {"benchmark": "restore-hf", "ckpt": str(ckpt),
+                                 "hf": str(hf_dir), "mesh": mesh, "rules": rules,
+                                 "dtype": dtype, "results": summary, "ratios": found})
 
 
 def _bench_cluster(source: str, mesh: str, rules: str, dtype: str, processes: int,

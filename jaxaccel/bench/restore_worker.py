@@ -47,6 +47,8 @@ def pretouch(nbytes: int) -> None:
 
 
 def data_files(ckpt: pathlib.Path) -> list[pathlib.Path]:
+    if (ckpt / "config.json").is_file() and not (ckpt / "jaxaccel.json").is_file():
+        return sorted(ckpt.glob("*.safetensors"))  # a Hugging Face directory's weights
     return [p for p in (ckpt / "params").rglob("*") if p.is_file()] if (
         ckpt / "params").is_dir() else [p for p in ckpt.rglob("*") if p.is_file()]
 
@@ -79,6 +81,8 @@ def prepare(contender: str, ckpt: pathlib.Path, mesh: str, rules: str, dtype: st
         return jaxaccel_restore(ckpt, plan, engine, verify=contender != "jaxaccel-noverify")
     if contender == "orbax":
         return orbax_restore(ckpt, plan)
+    if contender == "orbax-safetensors":
+        return orbax_safetensors_restore(ckpt, plan)
     raise SystemExit(f"unknown contender {contender!r}")
 
 
@@ -163,6 +167,41 @@ def orbax_restore(ckpt: pathlib.Path, plan):
     checkpointer = ocp.StandardCheckpointer()
     where = str(directory) if remote else directory.absolute()
     return lambda: checkpointer.restore(where, abstract)
+
+
+def orbax_safetensors_restore(hf_dir: pathlib.Path, plan):
+    """orbax v1 loading a Hugging Face directory's safetensors (CheckpointLayout.SAFETENSORS)
+    onto the plan's mesh: each tensor in the plan's compute dtype, its first dim divisible by
+    the `model` axis cut over it (else its second, else replicated): the same bytes per
+    device as jaxaccel's slices of the same weights (orbax cannot transpose or stack)."""
+    # deferred: jax and the runtime load in the worker process only, not in `jaxaccel bench`
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    try:
+        from orbax.checkpoint import v1 as ocp
+    except ImportError:  # orbax 0.12: the v1 API is still under experimental
+        from orbax.checkpoint.experimental import v1 as ocp
+    mesh = plan.layout.mesh
+    width = mesh.shape.get("model", 1)
+    files = plan.manifest.reader.files
+    dtype = next(iter(plan.targets.values())).dtype
+    abstract = {}
+    for name in files.names():
+        shape = files.shape(name)
+        axis = next((i for i, d in enumerate(shape[:2]) if d % width == 0), None)
+        spec = [None] * len(shape)
+        if axis is not None and width > 1:
+            spec[axis] = "model"
+        abstract[name] = jax.ShapeDtypeStruct(shape, dtype,
+                                              sharding=NamedSharding(mesh, PartitionSpec(*spec)))
+
+    def load():
+        ctx = ocp.Context()
+        ctx.checkpoint_layout = "safetensors"
+        with ctx:
+            return ocp.load(hf_dir.absolute(), abstract)
+    return load
 
 
 def main(contender: str, ckpt: str, mesh: str, rules: str, dtype: str = "default",
