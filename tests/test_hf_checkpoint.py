@@ -161,7 +161,7 @@ def test_wrong_inputs_say_what_was_found(llama_dirs, tmp_path):
     assert "interrupted" not in str(err.value) and "Hugging Face" in str(err.value)
     nothing = tmp_path / "nothing"
     nothing.mkdir()
-    with pytest.raises(CheckpointError, match="neither a jaxaccel checkpoint"):
+    with pytest.raises(CheckpointError, match="jaxaccel.json: missing; .* neither a jaxaccel checkpoint nor a Hugging Face"):
         jaxaccel.load(nothing, progress=False)
     interrupted = _copy(ckpt, tmp_path / "interrupted")
     (interrupted / "jaxaccel.json").unlink()
