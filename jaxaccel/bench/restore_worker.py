@@ -178,10 +178,10 @@ def orbax_safetensors_restore(hf_dir: pathlib.Path, plan):
     import jax
     from jax.sharding import NamedSharding, PartitionSpec
 
-    try:
-        from orbax.checkpoint import v1 as ocp
+    try:  # deferred: orbax loads in the worker process only
+        from orbax.checkpoint import v1 as ocp  # deferred: as above
     except ImportError:  # orbax 0.12: the v1 API is still under experimental
-        from orbax.checkpoint.experimental import v1 as ocp
+        from orbax.checkpoint.experimental import v1 as ocp  # deferred: as above
     mesh = plan.layout.mesh
     width = mesh.shape.get("model", 1)
     files = plan.manifest.reader.files

@@ -32,6 +32,7 @@ def _manifest(ckpt: str) -> Manifest:
     try:
         return Manifest.load(ckpt)
     except CheckpointError:
+        # deferred: a Hugging Face directory's plan needs jax; a jaxaccel manifest does not
         from jaxaccel.conversion.hf_checkpoint import is_hf_directory, open_checkpoint
         if not is_hf_directory(ckpt):
             raise
