@@ -50,7 +50,7 @@ from jaxaccel.conversion.safetensors_source import (
     read_hf_config,
     read_index,
 )
-from jaxaccel.models import family_spec
+from jaxaccel.models import family_spec, known_families
 from jaxaccel.models.state import abstract_model
 from jaxaccel.models.weights import identity
 from jaxaccel.parallel.params import param_specs
@@ -62,8 +62,7 @@ _STORED = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 # Small files a remote directory is mirrored with (https has no listing to find them).
 _METADATA = ("config.json", "generation_config.json", INDEX_NAME, "tokenizer.json",
              "tokenizer_config.json", "special_tokens_map.json", "modules.json",
-             "config_sentence_transformers.json", "sentence_bert_config.json",
-             "1_Pooling/config.json")
+             "config_sentence_transformers.json", "1_Pooling/config.json")
 _SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 
 
@@ -155,7 +154,8 @@ def _mirror_metadata(path: storage.RemotePath) -> pathlib.Path:
     key = hashlib.sha256(str(path).encode() + b"\0" + config).hexdigest()[:32]
     root = writable_cache_dir(chunk_cache.default_dir().parent / "files", "file cache",
                               "$JAXACCEL_CACHE_DIR (or $XDG_CACHE_HOME)") / "hf" / key
-    names = list(_METADATA)
+    names = [*_METADATA, *(n for family in known_families()
+                           for n in family_spec(family).metadata_files)]
     if not path.scheme.startswith("http"):
         names = [n for n in storage.list_keys(path)
                  if n.endswith((".json", ".txt", ".model"))
@@ -560,9 +560,9 @@ def copy_tiled(dest: np.ndarray, value: np.ndarray) -> None:
 def _finite(array: np.ndarray) -> bool:
     """No NaN/inf, from the exponent bits (ml_dtypes' isfinite is slow), in cache-sized
     pieces."""
-    bits = {np.dtype(np.float32): (np.uint32, 0x7F800000),
-            np.dtype(ml_dtypes.bfloat16): (np.uint16, 0x7F80),
-            np.dtype(np.float16): (np.uint16, 0x7C00)}.get(array.dtype)
+    bits = {np.dtype(np.float32): (np.dtype("u4").type, 0x7F800000),
+            np.dtype(ml_dtypes.bfloat16): (np.dtype("u2").type, 0x7F80),
+            np.dtype(np.float16): (np.dtype("u2").type, 0x7C00)}.get(array.dtype)
     if bits is None:
         return bool(np.isfinite(array.astype(np.float32)).all()) if array.dtype.kind == "f" \
             else True
