@@ -125,6 +125,10 @@ def test_s3_hf_directories_equal_local(llama_dirs, converted_tokens, bert_dirs, 
     got, model = _tokens(f"s3://{BUCKET}/hf-llama", mesh)
     assert got == converted_tokens(mesh)
     assert model.loaded.stats.bytes_from_network > 0
+    # A second restore reads every range from the chunk cache, none from the server.
+    again, model = _tokens(f"s3://{BUCKET}/hf-llama", mesh)
+    assert again == got and model.loaded.stats.bytes_from_network == 0
+    assert model.loaded.stats.bytes_from_cache > 0
     bert_hf, bert_ckpt = bert_dirs
     s3_server.upload_dir(bert_hf, BUCKET, "hf-bert")
     embedded = jaxaccel.load(f"s3://{BUCKET}/hf-bert", mesh=mesh, progress=False)

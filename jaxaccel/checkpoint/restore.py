@@ -376,10 +376,15 @@ def _read_foreign(reader, reads: list[_Read], host_memory_budget: int, on_bytes,
     `reader.read_into`, with the same threads, byte budget and placement."""
     run = _Run({}, {}, stats, on_bytes, ByteBudget(host_memory_budget), None, source=reader)
     stats.engines.update({read.name: "foreign" for read in reads})
-    network = getattr(reader, "network_bytes", 0), getattr(reader, "network_requests", 0)
+    counters = ("network_bytes", "network_requests", "cache_bytes")
+    before = [getattr(reader, name, 0) for name in counters]
     run.all(reads, threads or default_threads())
-    stats.bytes_from_network += getattr(reader, "network_bytes", 0) - network[0]
-    stats.network_requests += getattr(reader, "network_requests", 0) - network[1]
+    after = [getattr(reader, name, 0) for name in counters]
+    stats.bytes_from_network += after[0] - before[0]
+    stats.network_requests += after[1] - before[1]
+    stats.bytes_from_cache += after[2] - before[2]
+    if hasattr(reader, "prune_cache"):
+        reader.prune_cache()
     stats.peak_bytes_in_flight = max(stats.peak_bytes_in_flight, run.budget.peak)
     stats.largest_read = max([stats.largest_read] + [r.nbytes for r in reads])
     return run.shards

@@ -35,6 +35,7 @@ import re
 import struct
 import threading
 
+import crc32c
 import ml_dtypes
 import numpy as np
 
@@ -180,6 +181,7 @@ class _Tensor:
     shape: tuple[int, ...]
     start: int  # byte offset in the file
     stop: int
+    generation: bytes = b""  # a remote file's storage generation (ETag), as read
 
 
 class TensorFiles:
@@ -198,6 +200,8 @@ class TensorFiles:
         self._local = threading.local()
         self.network_bytes = 0
         self.network_requests = 0
+        self.cache_bytes = 0
+        self.cache = _cache_for(tensors) if remote else None
 
     @classmethod
     def open(cls, path, local: pathlib.Path, extra_files: dict) -> TensorFiles:
@@ -330,6 +334,28 @@ class TensorFiles:
             pass
 
     def _fetch(self, tensor: _Tensor, start: int, stop: int) -> np.ndarray:
+        """Bytes [start, stop) of a remote file: from the chunk cache (each entry checked
+        against its crc32c; a bad one is dropped and fetched again), else one ranged read,
+        then cached."""
+        key = f"{tensor.file.name}@{start}-{stop}"
+        if self.cache is not None and (path := self.cache.path(key)) is not None:
+            try:
+                entry = path.read_bytes()
+            except OSError:  # pruned meanwhile by another process
+                entry = b""
+            if len(entry) == stop - start + 4 and crc32c.crc32c(
+                    entry[:-4]) == int.from_bytes(entry[-4:], "little"):
+                self.cache.touch(key)
+                with self._lock:
+                    self.cache_bytes += stop - start
+                return np.frombuffer(entry, np.uint8, stop - start)
+            self.cache.evict(key)
+        data = self._fetch_network(tensor, start, stop)
+        if self.cache is not None:
+            self.cache.put(key, data.tobytes() + crc32c.crc32c(data).to_bytes(4, "little"))
+        return data
+
+    def _fetch_network(self, tensor: _Tensor, start: int, stop: int) -> np.ndarray:
         file = tensor.file
         with self._lock:
             if file.parent not in self._stores:
@@ -347,6 +373,20 @@ class TensorFiles:
         with self._lock:
             self.network_bytes += stop - start
         return np.frombuffer(data, np.uint8)
+
+
+def _cache_for(tensors: dict[str, _Tensor]):
+    """The chunk cache's view for a remote directory, keyed by its files' URLs and storage
+    generations (a re-uploaded file is another checkpoint); None when caching is off."""
+    if not chunk_cache.enabled():
+        return None
+    files = sorted({(str(t.file), t.generation) for t in tensors.values()
+                    if not isinstance(t.file, pathlib.Path)})
+    if not files:
+        return None
+    identity = hashlib.sha256(json.dumps([[u, g.hex()] for u, g in files]).encode()).hexdigest()
+    return chunk_cache.ChunkCache().for_checkpoint(identity, str(pathlib.PurePosixPath(
+        files[0][0]).parent))
 
 
 def collections_counter(pairs) -> dict:
@@ -369,9 +409,10 @@ def _header(file) -> dict[str, _Tensor]:
         except OSError as err:
             raise ConvertError(f"{file}: cannot be read ({err.strerror})") from None
     else:
-        head = _remote_range(file, 0, 8)
+        head, generation = _remote_range(file, 0, 8)
         length = struct.unpack("<Q", head)[0] if len(head) == 8 else None
-        raw = _remote_range(file, 8, 8 + length) if length and length < 100 << 20 else b""
+        raw = (_remote_range(file, 8, 8 + length)[0] if length and length < 100 << 20
+               else b"")
         size = None
     try:
         header = json.loads(raw)
@@ -393,16 +434,21 @@ def _header(file) -> dict[str, _Tensor]:
         if size is not None and base + stop > size:
             raise ConvertError(f"{file}: tensor {name!r} ends at byte {base + stop}, past the "
                                f"file's end ({size} bytes; a truncated download?)")
-        tensors[name] = _Tensor(file, dtype, shape, base + start, base + stop)
+        tensors[name] = _Tensor(file, dtype, shape, base + start, base + stop,
+                                generation if size is None else b"")
     return tensors
 
 
-def _remote_range(file: storage.RemotePath, start: int, stop: int) -> bytes:
+def _remote_range(file: storage.RemotePath, start: int, stop: int) -> tuple[bytes, bytes]:
+    """(bytes [start, stop) of a remote file, the file's storage generation)."""
     store = storage.open_kvstore(file.parent)
     try:
-        return bytes(store.read(file.name, byte_range=slice(start, stop)).result().value)
+        result = store.read(file.name, byte_range=slice(start, stop)).result()
     except Exception as err:  # tensorstore's status errors
         raise ConvertError(f"{file}: cannot be read ({storage.explain(err)})") from None
+    if result.state != "value":
+        raise ConvertError(f"{file}: missing (named by the index or listed, but not there)")
+    return bytes(result.value), bytes(result.stamp.generation)
 
 
 def _local_weight_files(src: pathlib.Path):
@@ -466,6 +512,15 @@ class HfSliceReader:
     @property
     def network_requests(self) -> int:
         return self.files.network_requests
+
+    @property
+    def cache_bytes(self) -> int:
+        return self.files.cache_bytes
+
+    def prune_cache(self) -> None:
+        """Keep the chunk cache under its size after a restore (least recently used go)."""
+        if self.files.cache is not None:
+            chunk_cache.ChunkCache().prune()
 
     def read_into(self, name: str, index: tuple[slice, ...], dest: np.ndarray) -> int:
         """Fill `dest` (shape of `index`, any float dtype) with parameter `name`'s slice
