@@ -207,3 +207,13 @@ def test_nan_in_a_tensor_fails_naming_it(tmp_path):
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match="o_proj.weight' holds NaN or inf"):
         jaxaccel.load(tmp_path, progress=False)
+
+
+def test_prequantized_checkpoint_is_named(llama_dirs, tmp_path):
+    hf_dir = _copy(llama_dirs[0], tmp_path / "gptq")
+    config = json.loads((hf_dir / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 128}
+    (hf_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="pre-quantized checkpoint .quant_method 'gptq', "
+                                              "bits 4, group_size 128"):
+        jaxaccel.load(hf_dir, progress=False)

@@ -123,6 +123,7 @@ def hf_manifest(path) -> Manifest:
 
 def _build(path, local: pathlib.Path) -> Manifest:
     hf_config = read_hf_config(local)
+    _refuse_prequantized(hf_config, local / CONFIG_NAME)
     spec = family_spec(hf.resolve_family(hf_config, "auto", local / CONFIG_NAME))
     extras, extra_files = spec.read_extra_sources(local)
     files = TensorFiles.open(path, local, extra_files)
@@ -143,6 +144,24 @@ def _build(path, local: pathlib.Path) -> Manifest:
     return Manifest(family=spec.name, config=dataclasses.asdict(cfg), dtype=dtype,
                     arrays=arrays, tokenizer_files=tokenizer, source=source,
                     generation=hf._generation(spec, local, hf_config), reader=reader)
+
+
+def _refuse_prequantized(hf_config: dict, config_path: pathlib.Path) -> None:
+    """A checkpoint published quantized (GPTQ, AWQ, compressed-tensors, ...) is not read
+    as it is yet: say which it is and what loads instead."""
+    quant = hf_config.get("quantization_config")
+    if not isinstance(quant, dict):
+        return
+    method = quant.get("quant_method", "unknown")
+    details = ", ".join(f"{k} {quant[k]}" for k in ("bits", "group_size", "format")
+                        if k in quant)
+    hint = ("`jaxaccel convert` reads FP8 weights with their scales (dequantized), "
+            if method in ("fp8", "compressed-tensors") else "")
+    raise ConvertError(
+        f"{config_path}: a pre-quantized checkpoint (quant_method {method!r}"
+        f"{', ' + details if details else ''}), which jaxaccel does not load as stored; "
+        f"{hint}or load the full-precision original, with --quantize int8/int4 to quantize "
+        "it while restoring")
 
 
 def _mirror_metadata(path: storage.RemotePath) -> pathlib.Path:
