@@ -145,7 +145,7 @@ def register(bench_app: typer.Typer) -> None:
 def _bench_hf(ckpt: pathlib.Path, hf_dir: pathlib.Path, mesh: str, rules: str, dtype: str,
               repeats: int, json_out) -> None:
     runs = runner.alternate(hf_contenders(ckpt, hf_dir, mesh, rules, dtype), repeats)
-    rows, summary = table_rows(runs)
+    rows, summary = table_rows(runs, baseline=ORBAX_SAFETENSORS)
     runner.print_table(f"restore {hf_dir.name} (Hugging Face directory) onto {mesh} ({rules}, "
                        f"dtype {dtype}); page cache warm, memory pre-touched; {repeats} fresh "
                        "processes each, alternated", COLUMNS, rows)
@@ -198,13 +198,14 @@ def remote_contenders(ckpt: pathlib.Path, source: str, orbax_source: Optional[st
 REMOTE_RAW = "raw parallel download"
 
 
-def table_rows(runs: dict[str, list[dict]], raw_name: str = RAW) -> tuple[list, dict]:
+def table_rows(runs: dict[str, list[dict]], raw_name: str = RAW,
+               baseline: str = BASELINE) -> tuple[list, dict]:
     seconds = runner.summarize_each(runs, "seconds")
     overhead = runner.summarize_each(runs, "overhead")
     summary = {name: {"seconds": seconds[name], "overhead_bytes": overhead[name],
                       "bytes": results[0]["bytes"]} for name, results in runs.items()}
     orbax, raw, floor = (seconds[n]["median"] if n in seconds else None
-                         for n in (BASELINE, raw_name, FLOOR))
+                         for n in (baseline, raw_name, FLOOR))
     rows = []
     for name, s in summary.items():
         t = s["seconds"]
