@@ -308,3 +308,27 @@ def test_bench_embed_with_a_broken_baseline_still_reports_jaxaccel(minilm_src, t
     assert "jaxaccel float32" in out and "FAILED" in out
     assert [line for line in err.splitlines() if line.startswith("error: ")] == [
         line for line in err.splitlines() if "contender(s) failed" in line]
+
+
+def test_restore_from_a_hugging_face_directory_ratios(tmp_path):
+    """`bench restore CKPT --hf DIR`: three contenders, each in its own worker; the goals'
+    ratios from the medians and per round."""
+    found = restore.hf_contenders(tmp_path / "ckpt", tmp_path / "hf", "data=2,model=2",
+                                  "dp_tp", "default")
+    assert [w.kwargs["contender"] for w in found.values()] == [
+        "jaxaccel", "orbax-safetensors", "jaxaccel"]
+    assert found[restore.HF].kwargs["ckpt"] == str(tmp_path / "hf")
+    assert found[restore.CONVERTED].kwargs["ckpt"] == str(tmp_path / "ckpt")
+
+    def run(seconds):
+        return {"seconds": seconds, "overhead": 1e6, "bytes": 4e9}
+
+    runs = {restore.HF: [run(2.0), run(4.0)], restore.ORBAX_SAFETENSORS: [run(6.0), run(8.0)],
+            restore.CONVERTED: [run(1.0), run(4.0)]}
+    rows, summary = restore.table_rows(runs, baseline=restore.ORBAX_SAFETENSORS)
+    assert rows[0][6] == 7.0 / 3.0  # orbax / this, medians
+    ratios = restore.hf_ratios(summary)
+    assert ratios["orbax_safetensors_over_hf"] == 7.0 / 3.0
+    assert ratios["hf_over_converted"] == 3.0 / 2.5
+    assert ratios["orbax_safetensors_over_hf_per_round"] == [3.0, 2.0]
+    assert ratios["hf_over_converted_per_round"] == [2.0, 1.0]
