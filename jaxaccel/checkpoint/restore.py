@@ -9,7 +9,9 @@ Two engines read a slice. `direct` (checkpoint.direct) preads the chunks' raw by
 OCDBT data files into the slice's final, aligned buffer, which jax on CPU adopts without a
 copy; it serves arrays written uncompressed by jaxaccel. `tensorstore` serves everything else
 (zstd, foreign layouts). A pool of threads runs the reads; a byte budget bounds the host
-memory held by slices read but not yet handed to their devices.
+memory held by slices read but not yet handed to their devices. A checkpoint in another
+format (a Hugging Face directory) brings its own reader on its manifest (`Manifest.reader`,
+see `jaxaccel.conversion.hf_checkpoint`), which fills each slice's buffer instead of params/.
 
 Host transforms (`Target.transform`, a `HostTransform` the caller supplies): an array is read
 in blocks of whole tiles, each block is turned into one or more arrays on the host, and each
@@ -378,13 +380,15 @@ def _read_foreign(reader, reads: list[_Read], host_memory_budget: int, on_bytes,
     stats.engines.update({read.name: "foreign" for read in reads})
     counters = ("network_bytes", "network_requests", "cache_bytes")
     before = [getattr(reader, name, 0) for name in counters]
-    run.all(reads, threads or default_threads())
+    try:
+        run.all(reads, threads or default_threads())
+    finally:
+        if hasattr(reader, "finish"):  # close its files, prune its cache
+            reader.finish()
     after = [getattr(reader, name, 0) for name in counters]
     stats.bytes_from_network += after[0] - before[0]
     stats.network_requests += after[1] - before[1]
     stats.bytes_from_cache += after[2] - before[2]
-    if hasattr(reader, "prune_cache"):
-        reader.prune_cache()
     stats.peak_bytes_in_flight = max(stats.peak_bytes_in_flight, run.budget.peak)
     stats.largest_read = max([stats.largest_read] + [r.nbytes for r in reads])
     return run.shards

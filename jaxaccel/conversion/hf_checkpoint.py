@@ -536,8 +536,10 @@ class HfSliceReader:
     def cache_bytes(self) -> int:
         return self.files.cache_bytes
 
-    def prune_cache(self) -> None:
-        """Keep the chunk cache under its size after a restore (least recently used go)."""
+    def finish(self) -> None:
+        """After a restore: close the files (a later restore opens them again) and keep the
+        chunk cache under its size (least recently used go)."""
+        self.files.close()
         if self.files.cache is not None:
             chunk_cache.ChunkCache().prune()
 
