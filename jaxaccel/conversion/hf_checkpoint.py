@@ -614,7 +614,7 @@ def copy_tiled(dest: np.ndarray, value: np.ndarray) -> None:
     transposed view: dest's last (written contiguously) and the one `value` reads
     contiguously. numpy's element-wise walk of a transposed bf16 view ran at ~0.08 GB/s
     here, tiles at ~0.4-0.6 (cache lines of both sides reused); the same tiles in C++ and
-    XLA's own transpose measured no faster (0.3-0.4 GB/s, a loaded 2-core Zen 4 VM), so the
+    XLA's own transpose measured no faster (0.3-0.4 GB/s, a loaded 2-core VM), so the
     transposes bound this path: `convert` writes them once."""
     if dest.ndim < 2 or value.ndim != dest.ndim or value.flags.c_contiguous:
         dest[...] = value
