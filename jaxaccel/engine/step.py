@@ -62,11 +62,14 @@ def bucket(rows: int, tokens: int, pages: int, max_rows: int, max_pages: int
     return b, t, min(next_power_of_two(pages), next_power_of_two(max_pages))
 
 
-def paged_view(pages: KVPages, table_bp) -> PagedCache:
-    """The pool as the decoder's cache: each layer gathers its rows' pages when attention
-    reads it (`kv_cache.PagedLayer`), inside the layer scan."""
-    table_lbp = jnp.broadcast_to(table_bp[None], (pages.k_lpkch.shape[0], *table_bp.shape))
-    return PagedCache(PagedLayer(pages.k_lpkch, table_lbp), PagedLayer(pages.v_lpkch, table_lbp))
+def paged_view(pages: KVPages, table_bp, start_b) -> PagedCache:
+    """The pool as the decoder's cache: each layer's attention reads its rows' pages through
+    the backend's paged attention (`kv_cache.PagedLayer`), inside the layer scan."""
+    layers = pages.k_lpkch.shape[0]
+    table_lbp = jnp.broadcast_to(table_bp[None], (layers, *table_bp.shape))
+    start_lb = jnp.broadcast_to(start_b[None], (layers, *start_b.shape))
+    return PagedCache(PagedLayer(pages.k_lpkch, table_lbp, start_lb),
+                      PagedLayer(pages.v_lpkch, table_lbp, start_lb))
 
 
 def scatter_tokens(pages: KVPages, new: KVCache, table_bp, positions_bt, valid_bt) -> KVPages:
@@ -94,7 +97,7 @@ def step_body(model, pages: KVPages, inputs: StepInputs):
     # Causal among the new tokens; a padding query sees itself, so no row is empty.
     mask_btt = (index_t[None, :, None] >= index_t[None, None, :]) & (
         valid_bt[:, None, :] | jnp.eye(t, dtype=bool)[None])
-    cache = paged_view(pages, inputs.table_bp)
+    cache = paged_view(pages, inputs.table_bp, inputs.start_b)
     s = inputs.table_bp.shape[1] * pages.k_lpkch.shape[3]
     cache_mask_bts = jnp.broadcast_to(
         (jnp.arange(s)[None, :] < inputs.start_b[:, None])[:, None, :], (b, t, s))
