@@ -6,7 +6,9 @@ That kernel is for decode: one query per sequence, every key read from pages
 [k, P, c, h] with per-sequence lengths, no softmax scale (queries are pre-scaled) and no
 sliding window. A step whose `max_q_len` is 1 and has no window uses it: the layer's pools
 go to the kernel's layout with the step's fresh keys scattered in (one pass over the layer's
-pool, as on TPU); prefill chunks and windows stay on plain XLA.
+pool, as on TPU); prefill chunks and windows stay on plain XLA, as does everything on jax
+releases without the kernel (0.12 removed jax's Triton ops) and programs over several devices
+(XLA's partitioner would gather a custom call's operands whole).
 """
 
 from __future__ import annotations
@@ -15,7 +17,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.experimental.pallas.ops.gpu import paged_attention as gpu_paged
+
+try:  # jax 0.12 dropped its Triton ops, this kernel among them: plain XLA there
+    from jax.experimental.pallas.ops.gpu import paged_attention as gpu_paged
+except ImportError:
+    gpu_paged = None
 
 from jaxaccel.backends import paged
 from jaxaccel.backends.base import Backend
@@ -42,7 +48,7 @@ class GpuBackend(Backend):
         """The Pallas decode kernel on one device for decode-only steps (one token per
         sequence: max_q_len 1 and T == S) without a window, else plain XLA."""
         tokens, seqs = q_tnh.shape[0], page_indices.shape[0]
-        if not self.kernels or max_q_len != 1 or tokens != seqs or sliding_window is not None:
+        if gpu_paged is None or not self.kernels or max_q_len != 1 or tokens != seqs or sliding_window is not None:
             return super().paged_attention(
                 q_tnh, k_tkh, v_tkh, k_pages_pkch, v_pages_pkch, kv_lens, page_indices,
                 cu_q_lens, num_seqs, sm_scale=sm_scale, sliding_window=sliding_window,

@@ -9,6 +9,9 @@ with the step's fresh keys scattered in: one pass over the layer's pool, in the 
 copies the layer out of the scanned stack for the custom call anyway. A pool kept in the
 kernel's layout (and written by the kernel, as tpu-inference's RPA v3 does) is the next step.
 
+Programs over several devices stay plain XLA: Mosaic kernels cannot be partitioned
+automatically (a `shard_map` over kv heads is the next step).
+
 Head dims below a multiple of 128 (GPT-2's 64) are zero-padded to it, as tpu-inference does:
 the kernel tiles the head dim by TPU lanes.
 

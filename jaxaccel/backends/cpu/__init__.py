@@ -17,7 +17,9 @@ nor traced on any other platform (`jaxaccel.backends.for_platform`):
   (`attention.CacheLayer`), read in place: XLA converted each layer's cache to float32 for its
   dots every step (GPT-2 124M bf16, batch 8, 128 slots: 6.4 ms of thread time per step in
   those converts and dots, 4.1 in the kernel; decode b8 509/519 -> 545/531 tok/s, fresh
-  processes alternated, Zen 4).
+  processes alternated, Zen 4). The engine's paged pool is read the same way: the kernel
+  follows each row's page table inside the layer's pool, where plain XLA gathers the pages
+  (`attention.paged_attention`; scripts/bench_paged_decode.py).
 * jax < 0.12 only: bf16 carried as its uint16 bits where that XLA:CPU lacks a bf16 op and
   converts a whole array to float32 instead: dynamic slices of the stacked layer weights
   inside the layer scan (x1.55 faster with), the KV cache's dynamic-update-slice (x10), and

@@ -10,6 +10,12 @@
 // may be a whole stack of layers read in place at a layer index (decode steps). A row
 // whose mask is all false gets uniform weights, as the plain jnp code gives it.
 //
+// The same work items also serve the generation engine's ragged batches over a paged pool
+// (JaxaccelPagedAttention*, the contract of jaxaccel/backends/paged.py): a sequence's cached
+// key j is read in place at slot j % c of page table[j / c] of the layer's pool
+// [pages, kv_heads, c, h] (no gather copy), its fresh keys follow, and its causal (and
+// sliding-window) mask is made per item from the lengths instead of read from memory.
+//
 // Why: XLA:CPU runs attention as two batched dots with a float32 softmax between them, each
 // a separate pass over [b, n, t, s] in memory plus transposes; its batched dots run at a
 // quarter of its dense dots' speed (`jaxaccel bench roofline`). Here one work item, a (batch,
