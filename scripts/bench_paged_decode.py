@@ -3,6 +3,7 @@ plain-XLA version that gathers each row's pages (the default on every platform).
 
     python scripts/bench_paged_decode.py                    # GPT-2 124M shape, 16 and 64 rows
     python scripts/bench_paged_decode.py --rows 16 --context 512 --dtype bfloat16
+    python scripts/bench_paged_decode.py --rows 4 --chunk 64      # prefill chunks instead
 
 A random-weight GPT-2 124M-shaped decoder (12 layers, 12 heads of 64, vocab 50257); a pool of
 pages (16 slots each) in which every row has `--context` cached tokens on its own pages; the
@@ -41,11 +42,11 @@ def gpt2_124m(dtype):
     return model, config
 
 
-def step_inputs(rows: int, context: int, pages_per_row: int) -> StepInputs:
+def step_inputs(rows: int, context: int, pages_per_row: int, chunk: int) -> StepInputs:
     table = 1 + np.arange(rows * pages_per_row, dtype=np.int32).reshape(rows, pages_per_row)
     return StepInputs(
-        ids_bt=np.full((rows, 1), 11, np.int32), start_b=np.full(rows, context, np.int32),
-        count_b=np.ones(rows, np.int32), table_bp=table, temperature_b=np.zeros(rows, np.float32),
+        ids_bt=np.full((rows, chunk), 11, np.int32), start_b=np.full(rows, context, np.int32),
+        count_b=np.full(rows, chunk, np.int32), table_bp=table, temperature_b=np.zeros(rows, np.float32),
         top_k_b=np.zeros(rows, np.int32), top_p_b=np.ones(rows, np.float32),
         seed_b=np.zeros(rows, np.uint32), nth_b=np.zeros(rows, np.int32))
 
@@ -55,20 +56,23 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--context", type=int, default=256, help="cached tokens per row")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--chunk", type=int, default=1,
+                        help="new tokens per row (1: decode; e.g. 16: a prefill chunk)")
     parser.add_argument("--reps", type=int, default=20)
     args = parser.parse_args()
     dtype = jnp.dtype(args.dtype)
     model, config = gpt2_124m(dtype)
     graphdef, state = nnx.split(model)
     print(isa.describe_build())
-    print(f"GPT-2 124M shape, {args.dtype}, {args.context} cached tokens per row, pages of {PAGE}")
+    print(f"GPT-2 124M shape, {args.dtype}, {args.context} cached tokens per row, "
+          f"{args.chunk} new per row, pages of {PAGE}")
     print("| rows | gather (XLA) median ms (best) | kernel median ms (best) | speed-up |")
     print("|---|---|---|---|")
     for rows in args.rows:
-        pages_per_row = -(-(args.context + 1) // PAGE)
+        pages_per_row = -(-(args.context + args.chunk) // PAGE)
         shape = (config.num_layers, 1 + rows * pages_per_row, config.num_kv_heads, PAGE,
                  config.head_dim)
-        inputs = step_inputs(rows, args.context, pages_per_row)
+        inputs = step_inputs(rows, args.context, pages_per_row, args.chunk)
         runs = {}
         for label, backend in (("gather", cpu.CpuBackend(fused_attention=False)),
                                ("kernel", cpu.backend())):
