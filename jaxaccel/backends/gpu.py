@@ -14,6 +14,7 @@ releases without the kernel (0.12 removed jax's Triton ops) and programs over se
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -64,14 +65,15 @@ class GpuBackend(Backend):
             return x_pkch.transpose(1, 0, 2, 3)
 
         width = page_indices.shape[1]
-        k_splits = min(_K_SPLITS, width)
+        # The kernel wants the table split evenly, and each split into whole blocks.
+        k_splits = math.gcd(width, _K_SPLITS)
         per_split = width // k_splits
         # Sequence s's query is token cu_q_lens[s] (tokens == seqs, one each).
         q_snh = q_tnh[jnp.clip(cu_q_lens[:-1], 0, tokens - 1)] * jnp.asarray(sm_scale, dt)
         out_snh = gpu_paged.paged_attention(
             q_snh, with_fresh(k_pages, k_tkh), with_fresh(v_pages, v_tkh),
             page_indices, kv_lens.astype(jnp.int32), k_splits=k_splits,
-            pages_per_compute_block=min(_PAGES_PER_BLOCK, per_split),
+            pages_per_compute_block=math.gcd(per_split, _PAGES_PER_BLOCK),
             attn_logits_soft_cap=soft_cap)
         live_s = jnp.arange(seqs) < num_seqs[0]
         target_s = jnp.where(live_s, cu_q_lens[:-1], tokens)
