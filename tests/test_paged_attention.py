@@ -249,8 +249,9 @@ KERNEL_CALL = {"tpu": "tpu_custom_call", "cuda": "__gpu$xla.gpu.triton"}
 CPU_ONLY = ("ui16", "optimization_barrier", "jaxaccel_")
 
 
-def exported_step(platform: str, bucket):
-    """The StableHLO of the engine's step for `platform` on one device (bf16 Llama, GQA)."""
+def exported_step(platform: str, bucket, config=LLAMA):
+    """The StableHLO of the engine's step for `platform` on one device (bf16 Llama, GQA);
+    for "cpu" the lowered (not exported) text, whose kernel target has no export guarantee."""
     from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
 
     from jaxaccel.engine.page_pool import KVPages
@@ -260,10 +261,11 @@ def exported_step(platform: str, bucket):
     from test_export import sharded_abstract_state
 
     layout = Layout.create("data=1", "dp_tp")
-    graphdef, state = sharded_abstract_state("llama", LLAMA, layout)
-    generator = Generator(graphdef, state, LLAMA, layout, dtype=jnp.bfloat16, platform=platform)
+    graphdef, state = sharded_abstract_state("llama", config, layout)
+    generator = Generator(graphdef, state, config, layout, dtype=jnp.bfloat16, platform=platform,
+                          packed_weights=False)
     programs = StepPrograms(generator.runtime, generator.state_shardings)
-    pages_shape = (LLAMA.num_layers, 32, LLAMA.num_kv_heads, 16, LLAMA.head_dim)
+    pages_shape = (config.num_layers, 32, config.num_kv_heads, 16, config.head_dim)
     page = jax.ShapeDtypeStruct(pages_shape, jnp.bfloat16,
                                 sharding=programs.page_sharding(pages_shape))
     b, t, p = bucket
@@ -271,6 +273,9 @@ def exported_step(platform: str, bucket):
     inputs = StepInputs(*(jax.ShapeDtypeStruct(ints.get(name, (b,)), dtype) for name, dtype in zip(
         StepInputs._fields, (jnp.int32, jnp.int32, jnp.int32, jnp.int32, jnp.float32, jnp.int32,
                              jnp.float32, jnp.uint32, jnp.int32))))
+    if platform == "cpu":
+        return programs.program(bucket, pages_shape).lower(
+            state, KVPages(page, page), inputs).as_text()
     # Pallas's TPU lowering asks which chip; without a TPU, an abstract mesh names one.
     # (jax 0.12 wants it to be the program's mesh, axis types included.)
     mesh = layout.mesh.abstract_mesh
@@ -295,6 +300,18 @@ def test_engine_step_lowers_to_the_platform_kernel(platform, bucket, kernel):
     assert calls == ({KERNEL_CALL[platform]} if kernel else set()), calls
     for op in CPU_ONLY:
         assert op not in text, f"{op} in a {platform} program"
+
+
+@pytest.mark.cpu_only
+def test_engine_step_on_cpu_reads_pages_with_the_kernel():
+    """The engine's step routes attention to the CPU kernel over pages (head dim 16: the
+    kernel's; LLAMA's 8 stays on the gather path)."""
+    import dataclasses
+
+    config = dataclasses.replace(LLAMA, head_dim=16)
+    for bucket in ((4, 1, 4), (2, 16, 4)):
+        assert "JaxaccelPagedAttentionBf16" in exported_step("cpu", bucket, config)
+    assert "JaxaccelPagedAttention" not in exported_step("cpu", (4, 1, 4))
 
 
 def test_sharded_programs_keep_plain_xla():
