@@ -1,7 +1,9 @@
 """Platform backends: the one place where platform-specific speed-ups live.
 
 `for_platform("cpu")` imports `jaxaccel.backends.cpu` (XLA:CPU kernels, bitcasts, fences);
-every other platform gets `Backend`, plain XLA, and never imports or traces CPU code. The
+"tpu" and "cuda"/"gpu" get `Backend` with jax's own Pallas paged attention kernels
+(`jaxaccel.backends.tpu`, `jaxaccel.backends.gpu`); every other platform gets `Backend`, plain
+XLA. No platform imports or traces another's code. The
 runtime installs a model's backend while tracing with `use(backend)`; model code reads it
 with `current()` (default: plain XLA, so a model called outside the runtime is plain too).
 """
@@ -15,7 +17,8 @@ import importlib
 from jaxaccel.backends.base import Backend
 
 # Platforms (jax's names) whose backend lives in its own module; all others get `Backend`.
-_PLATFORM_MODULES = {"cpu": "jaxaccel.backends.cpu"}
+_PLATFORM_MODULES = {"cpu": "jaxaccel.backends.cpu", "tpu": "jaxaccel.backends.tpu",
+                     "cuda": "jaxaccel.backends.gpu", "gpu": "jaxaccel.backends.gpu"}
 _PLAIN = Backend()
 _CURRENT: contextvars.ContextVar[Backend] = contextvars.ContextVar("jaxaccel_backend",
                                                                    default=_PLAIN)
@@ -26,7 +29,7 @@ def for_platform(platform: str) -> Backend:
     module = _PLATFORM_MODULES.get(platform)
     if module is None:
         return _PLAIN
-    return importlib.import_module(module).backend()  # deferred: CPU code only on the CPU
+    return importlib.import_module(module).backend()  # deferred: each platform's code on it
 
 
 def for_mesh(mesh) -> Backend:

@@ -8,12 +8,13 @@ mesh's platform (`jaxaccel.backends.for_mesh`) and installs it while tracing
 exactly what a GPU/TPU engineer would write, with nothing platform-specific in the program.
 
 Traced hooks (called inside jit, by `models.layers` and `models.kv_cache`):
-  matmul, quantized_matmul, lookup, head_logits, scan_layers, attention, cache_storage_dtype,
-  cache_store, cache_load.
+  matmul, quantized_matmul, lookup, head_logits, scan_layers, attention, paged_attention,
+  cache_storage_dtype, cache_store, cache_load.
 Host-side policies (called by the runtime when it builds a model's programs):
   prepare_decoder, min_batch, compiler_options, for_layout.
 Data the hooks share with the models: `KVCache` (allocated and written by `models.kv_cache`;
-a backend's layer scan may take it apart), so no backend imports the models.
+a backend's layer scan may take it apart) and the engine's `PagedCache`, so no backend imports
+the models.
 
 Shape legend as in `jaxaccel.models.layers`.
 """
@@ -29,6 +30,7 @@ import jax.numpy as jnp
 import qwix
 from flax import nnx
 
+from jaxaccel.backends import paged
 from jaxaccel.errors import KernelUnavailable
 
 
@@ -39,6 +41,31 @@ class KVCache(NamedTuple):
 
     k_lbksh: jax.Array
     v_lbksh: jax.Array
+
+
+class PagedLayer(NamedTuple):
+    """One layer's keys or values held in pages [p, k, c, h] (c slots per page; a scan
+    slice of the generation engine's pool [l, p, k, c, h]) with the block tables [b, w] that
+    list each row's pages in order and each row's cached slots [b] (its keys before this
+    step's tokens). Attention reads it through `Backend.paged_attention` (`jaxaccel.models.kv_cache.attend_paged`);
+    `dense` is the [b, k, w * c, h] view of all its slots."""
+
+    pages_pkch: jax.Array
+    table_bw: jax.Array
+    start_b: jax.Array
+
+    def dense(self) -> jax.Array:
+        b, w = self.table_bw.shape
+        _, k, c, h = self.pages_pkch.shape
+        return self.pages_pkch[self.table_bw].transpose(0, 2, 1, 3, 4).reshape(b, k, w * c, h)
+
+
+class PagedCache(NamedTuple):
+    """A cache whose layers are `PagedLayer`s (same field names as KVCache; a type of its
+    own, so backends that read a dense KVCache in place leave it alone)."""
+
+    k_lbksh: PagedLayer
+    v_lbksh: PagedLayer
 
 
 class Backend:
@@ -150,6 +177,26 @@ class Backend:
             start += s
         out_btkgh = out_bkrh.reshape(b, kv_heads, t, groups, h).transpose(0, 2, 1, 3, 4)
         return out_btkgh.reshape(b, t, n, h).astype(dt)
+
+    def paged_attention(self, q_tnh, k_tkh, v_tkh, k_pages_pkch, v_pages_pkch, kv_lens,
+                        page_indices, cu_q_lens, num_seqs, *, sm_scale: float,
+                        sliding_window: int | None = None, soft_cap: float | None = None,
+                        max_q_len: int | None = None) -> jax.Array:
+        """Ragged paged attention -> [T, n, h] in q's dtype (the contract, close to jax's TPU
+        `ragged_paged_attention`, is `jaxaccel.backends.paged`'s docstring).
+
+        q [T, n, h] (all sequences' query tokens back to back); k, v [T, k, h] the same
+        tokens' fresh keys/values; pages [P, k, c, h] each, in the cache's storage dtype;
+        kv_lens [S], page_indices [S, W], cu_q_lens [S + 1], num_seqs [1], all int32.
+        `max_q_len` (static) bounds every sequence's query count: 1 marks a decode-only
+        step, where decode kernels apply. Plain XLA: each sequence's pages gathered
+        (`paged.reference`)."""
+        dt = q_tnh.dtype
+        return paged.reference(q_tnh, k_tkh, v_tkh, self.cache_load(k_pages_pkch, dt),
+                               self.cache_load(v_pages_pkch, dt), kv_lens, page_indices,
+                               cu_q_lens, num_seqs, sm_scale=sm_scale,
+                               sliding_window=sliding_window, soft_cap=soft_cap,
+                               max_q_len=max_q_len)
 
     def cache_storage_dtype(self, dtype) -> jnp.dtype:
         """The dtype a KV cache of compute dtype `dtype` is stored in."""

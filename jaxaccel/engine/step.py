@@ -6,15 +6,16 @@ p pages per row (block table width), c slots per page, s = p * c gathered slots.
 A step's rows each bring `count` new tokens from position `start` (a decode row 1, a prefill
 chunk up to the token budget). The batch is padded to a bucket (b, t, p): b and p powers of
 two, t 1 (a decode step) or a power of two >= `MIN_CHUNK`; padding rows and tokens write to
-the null page and are masked out. Per step, the plain-XLA path
-  1. hands the decoder the pool with the block tables as its cache (`kv_cache.PagedCache`):
-     inside the layer scan, each layer gathers its rows' pages into a dense [b, k, s, h]
-     view that attention reads (one layer's copy at a time, bounded by the running batch;
-     gathering the whole [l, b, k, s, h] stack up front measured 2.5x slower per decode
-     step: GPT-2 124M shape, 16 rows x 1024 slots, float32, 3.3 s vs 1.35 s on the shared
-     2-core host),
-  2. runs the decoder unchanged otherwise: the view is masked per row to the slots before
-     `start`; new tokens attend causally among themselves,
+the null page and are masked out. Per step, the step
+  1. hands the decoder the pool with the block tables and each row's `start` as its cache
+     (`kv_cache.PagedCache`): inside the layer scan, each layer's attention is the backend's
+     ragged paged attention (`Backend.paged_attention`, rows as sequences of t tokens over
+     their `start` cached slots): jax's Pallas kernels on TPU/GPU, the C++ kernel reading
+     pages in place on the CPU, and by default a gather of the rows' pages into a dense
+     [b, k, s, h] view, one layer at a time (gathering the whole [l, b, k, s, h] stack up
+     front measured 2.5x slower per decode step: GPT-2 124M shape, 16 rows x 1024 slots,
+     float32, 3.3 s vs 1.35 s on the shared 2-core host),
+  2. runs the decoder unchanged otherwise: new tokens attend causally among themselves,
   3. scatters the new keys/values into their pages (the pool is donated: updated in place),
   4. chooses each row's next token from its last real token's logits with the row's own
      sampling settings (`jaxaccel.engine.sampling`).
@@ -62,11 +63,14 @@ def bucket(rows: int, tokens: int, pages: int, max_rows: int, max_pages: int
     return b, t, min(next_power_of_two(pages), next_power_of_two(max_pages))
 
 
-def paged_view(pages: KVPages, table_bp) -> PagedCache:
-    """The pool as the decoder's cache: each layer gathers its rows' pages when attention
-    reads it (`kv_cache.PagedLayer`), inside the layer scan."""
-    table_lbp = jnp.broadcast_to(table_bp[None], (pages.k_lpkch.shape[0], *table_bp.shape))
-    return PagedCache(PagedLayer(pages.k_lpkch, table_lbp), PagedLayer(pages.v_lpkch, table_lbp))
+def paged_view(pages: KVPages, table_bp, start_b) -> PagedCache:
+    """The pool as the decoder's cache: each layer's attention reads its rows' pages through
+    the backend's paged attention (`kv_cache.PagedLayer`), inside the layer scan."""
+    layers = pages.k_lpkch.shape[0]
+    table_lbp = jnp.broadcast_to(table_bp[None], (layers, *table_bp.shape))
+    start_lb = jnp.broadcast_to(start_b[None], (layers, *start_b.shape))
+    return PagedCache(PagedLayer(pages.k_lpkch, table_lbp, start_lb),
+                      PagedLayer(pages.v_lpkch, table_lbp, start_lb))
 
 
 def scatter_tokens(pages: KVPages, new: KVCache, table_bp, positions_bt, valid_bt) -> KVPages:
@@ -94,7 +98,7 @@ def step_body(model, pages: KVPages, inputs: StepInputs):
     # Causal among the new tokens; a padding query sees itself, so no row is empty.
     mask_btt = (index_t[None, :, None] >= index_t[None, None, :]) & (
         valid_bt[:, None, :] | jnp.eye(t, dtype=bool)[None])
-    cache = paged_view(pages, inputs.table_bp)
+    cache = paged_view(pages, inputs.table_bp, inputs.start_b)
     s = inputs.table_bp.shape[1] * pages.k_lpkch.shape[3]
     cache_mask_bts = jnp.broadcast_to(
         (jnp.arange(s)[None, :] < inputs.start_b[:, None])[:, None, :], (b, t, s))

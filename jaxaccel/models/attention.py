@@ -22,10 +22,14 @@ def attention(q_btnh, k_btkh, v_btkh, mask_btt, cached: KVCache | None = None,
     Takes the projections as their matmuls produce them ([b, t, heads, h]) and returns the
     output [b, t, n, h] in q's dtype plus the new keys/values in cache layout [b, k, t, h]
     (callers without a cache ignore them, and XLA drops their transposes). `cached` holds
-    one layer's cache ([b, k, s, h] each). Masks are boolean, True where a query may attend.
+    one layer's cache ([b, k, s, h] each), or a `PagedCache` layer (the engine's pages: the
+    masks are then implied, causal over each row's cached slots and new tokens). Masks are
+    boolean, True where a query may attend.
     The math is the backend's (`Backend.attention`: plain jnp, or a CPU kernel).
     """
     new = KVCache(k_btkh.transpose(0, 2, 1, 3), v_btkh.transpose(0, 2, 1, 3))
+    if isinstance(cached, kv_cache.PagedCache):  # the engine's pool: ragged paged attention
+        return kv_cache.attend_paged(q_btnh, k_btkh, v_btkh, cached), new
     past = None
     if cached is not None:
         dt = q_btnh.dtype

@@ -13,12 +13,12 @@ attention the compute values.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax
+import jax.numpy as jnp
 
 from jaxaccel import backends
-from jaxaccel.backends.base import KVCache  # noqa: F401  (the cache's type: backends scan it)
+# The caches' types live with the backends, which scan them.
+from jaxaccel.backends.base import KVCache, PagedCache, PagedLayer  # noqa: F401
 from jaxaccel.parallel import sharding as ax
 
 # Slots are never sharded: a decode step writes one slot, which would then live on one device.
@@ -44,27 +44,24 @@ def write(cache: KVCache, new: KVCache, slot) -> KVCache:
                      for old, x in zip(cache, new)))
 
 
-class PagedLayer(NamedTuple):
-    """One layer's keys or values held in pages [p, k, c, h] (c slots per page; a scan
-    slice of the generation engine's pool [l, p, k, c, h]) with the block tables [b, w] that
-    list each row's pages in order. `load` reads it as a dense [b, k, w * c, h], one layer
-    at a time, so the dense copy never spans the layer stack."""
-
-    pages_pkch: jax.Array
-    table_bw: jax.Array
-
-    def dense(self) -> jax.Array:
-        b, w = self.table_bw.shape
-        _, k, c, h = self.pages_pkch.shape
-        return self.pages_pkch[self.table_bw].transpose(0, 2, 1, 3, 4).reshape(b, k, w * c, h)
-
-
-class PagedCache(NamedTuple):
-    """A cache whose layers are `PagedLayer`s (same field names as KVCache; a type of its
-    own, so backends that read a dense KVCache in place leave it alone)."""
-
-    k_lbksh: PagedLayer
-    v_lbksh: PagedLayer
+def attend_paged(q_btnh, k_btkh, v_btkh, cached: PagedCache, *,
+                 sliding_window: int | None = None, soft_cap: float | None = None) -> jax.Array:
+    """Attention [b, t, n, h] of each row's t new tokens over its cached slots in pages and,
+    causally, over its own new keys, through the backend's ragged paged attention: row i is
+    sequence i with all t tokens as queries (cu_q_lens = i * t, kv_lens = start + t; a
+    padding token is a query too, and its output is ignored by the caller). `sliding_window`
+    and `soft_cap` as in `jaxaccel.backends.paged`."""
+    b, t, n, h = q_btnh.shape
+    kv_heads = k_btkh.shape[2]
+    keys, values = cached
+    cu_q_lens = jnp.arange(b + 1, dtype=jnp.int32) * t
+    kv_lens = (keys.start_b + t).astype(jnp.int32)
+    out_tnh = backends.current().paged_attention(
+        q_btnh.reshape(b * t, n, h), k_btkh.reshape(b * t, kv_heads, h),
+        v_btkh.reshape(b * t, kv_heads, h), keys.pages_pkch, values.pages_pkch, kv_lens,
+        keys.table_bw.astype(jnp.int32), cu_q_lens, jnp.full((1,), b, jnp.int32),
+        sm_scale=h ** -0.5, sliding_window=sliding_window, soft_cap=soft_cap, max_q_len=t)
+    return out_tnh.reshape(b, t, n, h)
 
 
 def load(x, dtype) -> jax.Array:

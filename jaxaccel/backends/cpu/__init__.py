@@ -17,7 +17,9 @@ nor traced on any other platform (`jaxaccel.backends.for_platform`):
   (`attention.CacheLayer`), read in place: XLA converted each layer's cache to float32 for its
   dots every step (GPT-2 124M bf16, batch 8, 128 slots: 6.4 ms of thread time per step in
   those converts and dots, 4.1 in the kernel; decode b8 509/519 -> 545/531 tok/s, fresh
-  processes alternated, Zen 4).
+  processes alternated, Zen 4). The engine's paged pool is read the same way: the kernel
+  follows each row's page table inside the layer's pool, where plain XLA gathers the pages
+  (`attention.paged_attention`; scripts/bench_paged_decode.py).
 * jax < 0.12 only: bf16 carried as its uint16 bits where that XLA:CPU lacks a bf16 op and
   converts a whole array to float32 instead: dynamic slices of the stacked layer weights
   inside the layer scan (x1.55 faster with), the KV cache's dynamic-update-slice (x10), and
@@ -44,7 +46,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxaccel.backends.base import Backend, KVCache
+from jaxaccel.backends.base import Backend, KVCache, PagedCache
 from jaxaccel.backends.cpu import attention as attention_kernel
 from jaxaccel.backends.cpu import isa, packed, packing, quantized, tuning
 from jaxaccel.backends.cpu.packed import PackedWeight
@@ -161,6 +163,30 @@ class CpuBackend(Backend):
                          for x in past)
         return super().attention(q_btnh, k_btkh, v_btkh, mask_btt, past)
 
+    def paged_attention(self, q_tnh, k_tkh, v_tkh, k_pages_pkch, v_pages_pkch, kv_lens,
+                        page_indices, cu_q_lens, num_seqs, *, sm_scale: float,
+                        sliding_window: int | None = None, soft_cap: float | None = None,
+                        max_q_len: int | None = None) -> jax.Array:
+        """The fused kernel reading keys/values through the page table in place
+        (`attention.paged_attention`; pages as `CacheLayer`s from `scan_layers`) on one
+        device, where the CPU and operands suit it and there is no soft cap; else plain XLA
+        over gathered pages."""
+        if (self.fused_attention and soft_cap is None and attention_kernel.paged_supported(
+                q_tnh, k_tkh, v_tkh, k_pages_pkch, v_pages_pkch)):
+            target = attention_kernel.kernel(q_tnh.dtype, attention_kernel.PAGED_SYMBOLS)
+            if target is not None:
+                return attention_kernel.paged_attention(
+                    q_tnh, k_tkh, v_tkh, k_pages_pkch, v_pages_pkch, kv_lens, page_indices,
+                    cu_q_lens, num_seqs, sm_scale=sm_scale, sliding_window=sliding_window,
+                    target=target)
+        k_pages_pkch, v_pages_pkch = (
+            x.value() if isinstance(x, attention_kernel.CacheLayer) else x
+            for x in (k_pages_pkch, v_pages_pkch))
+        return super().paged_attention(
+            q_tnh, k_tkh, v_tkh, k_pages_pkch, v_pages_pkch, kv_lens, page_indices, cu_q_lens,
+            num_seqs, sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
+            max_q_len=max_q_len)
+
     def cache_storage_dtype(self, dtype) -> jnp.dtype:
         # No bf16 dynamic-update-slice on XLA:CPU before jax 0.12: it would convert the whole
         # cache to float32 and back every step; the same bits as uint16 update in place.
@@ -211,11 +237,17 @@ def _scan_packed(blocks, carry, body, xs, cache_views: bool = False):
     """A plain layer scan in which each packed weight leaves the scanned state: it becomes a
     layer index to scan over, and its whole stacks are handed to the kernel, which picks the
     layer. With `cache_views`, a KV cache scanned as `xs` likewise reaches the body as
-    `CacheLayer`s (the whole stacks and the layer) for the attention kernel."""
+    `CacheLayer`s (the whole stacks and the layer) for the attention kernel, and the pools of
+    an engine's `PagedCache` reach it as `CacheLayer`s in its `PagedLayer`s."""
     views = cache_views and isinstance(xs, KVCache)
+    paged = cache_views and isinstance(xs, PagedCache)
     stacked_cache = xs if views else None
     if views:
         xs = jnp.arange(xs.k_lbksh.shape[0], dtype=jnp.int32)
+    if paged:  # the pools stay whole; the layer index is scanned in their place
+        stacked_cache = (xs.k_lbksh.pages_pkch, xs.v_lbksh.pages_pkch)
+        layers = jnp.arange(stacked_cache[0].shape[0], dtype=jnp.int32)
+        xs = PagedCache(*(x._replace(pages_pkch=layers) for x in xs))
     graphdef, state = nnx.split(blocks)
     stacks = []
 
@@ -240,6 +272,11 @@ def _scan_packed(blocks, carry, body, xs, cache_views: bool = False):
         if views:
             x = KVCache(*(attention_kernel.CacheLayer(stack, x, _compute_dtype(stack))
                           for stack in stacked_cache))
+        if paged:
+            x = PagedCache(*(
+                part._replace(pages_pkch=attention_kernel.CacheLayer(
+                    stack, part.pages_pkch, _compute_dtype(stack)))
+                for stack, part in zip(stacked_cache, x)))
         return body(nnx.merge(graphdef, attach(layer_state)), carry, x)
 
     return jax.lax.scan(step, carry, (state, xs))

@@ -10,6 +10,12 @@
 // may be a whole stack of layers read in place at a layer index (decode steps). A row
 // whose mask is all false gets uniform weights, as the plain jnp code gives it.
 //
+// The same work items also serve the generation engine's ragged batches over a paged pool
+// (JaxaccelPagedAttention*, the contract of jaxaccel/backends/paged.py): a sequence's cached
+// key j is read in place at slot j % c of page table[j / c] of the layer's pool
+// [pages, kv_heads, c, h] (no gather copy), its fresh keys follow, and its causal (and
+// sliding-window) mask is made per item from the lengths instead of read from memory.
+//
 // Why: XLA:CPU runs attention as two batched dots with a float32 softmax between them, each
 // a separate pass over [b, n, t, s] in memory plus transposes; its batched dots run at a
 // quarter of its dense dots' speed (`jaxaccel bench roofline`). Here one work item, a (batch,
@@ -38,6 +44,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "parallel_chunks.h"
@@ -52,6 +59,21 @@ struct Shape {
   int64_t b, t, n, kv_heads, h, groups;
   int64_t cached, fresh, s;  // keys: cached ones first, then fresh ones; s = cached + fresh
   float scale;
+  int64_t page_size = 0;  // paged: slots per page
+  int64_t window = 0;     // paged: a query at position p sees keys above p - window (0: all)
+};
+
+// What one work item reads: one sequence (a batch row, or a ragged sequence over pages).
+template <typename Elem>
+struct SeqView {
+  const Elem *q, *k, *v;  // its first query / fresh key / fresh value token [tokens, heads, h]
+  Elem* out;              // its first output token [tokens, n, h]
+  // Dense: the row's cached keys/values [kv_heads, s_c, h]; paged: the layer's pages
+  // [pages, kv_heads, page_size, h], of which `table` lists the sequence's in order.
+  const Elem *kc, *vc;
+  const int32_t* table;
+  const bool* mask;  // dense: [t, s] by query position; paged: null (causal, made per item)
+  int64_t t, cached, s;  // queries, cached keys, all keys (cached + fresh)
 };
 
 #if defined(JAXACCEL_SIMD16_AVX512) || defined(JAXACCEL_SIMD16_AVX2)
@@ -93,6 +115,7 @@ struct Scratch {
   std::vector<float> scores;
   std::vector<int64_t> live;  // first keys of the item's live 16-key blocks, ascending
   std::vector<uint8_t> seen;  // [s]: some row of the item may attend to the key
+  std::vector<uint8_t> mask;  // paged: the item's causal mask rows [positions, s]
 };
 
 template <typename T>
@@ -101,17 +124,16 @@ class Item {
   using Elem = typename T::Elem;
   static constexpr int kU = T::kPerUnit;
 
-  Item(const Shape& shape, const Elem* q, const Elem* k, const Elem* v, const Elem* k_cached,
-       const Elem* v_cached, const bool* mask, Elem* out, Scratch& scratch)
-      : sh_(shape), q_(q), k_(k), v_(v), kc_(k_cached), vc_(v_cached), mask_(mask), out_(out),
-        scratch_(scratch),
-        s_pad_((shape.s + kLane - 1) / kLane * kLane), h_units_(shape.h / kU) {}
+  Item(const Shape& shape, Scratch& scratch)
+      : sh_(shape), scratch_(scratch), h_units_(shape.h / kU) {}
 
-  // Query rows [row0, row1) of the (batch, kv head) pair; row r is query position r / g of
-  // query head kv_head * g + r % g.
-  void run(int64_t batch, int64_t kv_head, int64_t row0, int64_t row1) {
-    batch_ = batch;
+  // Query rows [row0, row1) of the (sequence, kv head) pair; row r is query position r / g
+  // of query head kv_head * g + r % g.
+  void run(const SeqView<Elem>& seq, int64_t kv_head, int64_t row0, int64_t row1) {
+    seq_ = seq;
     kv_head_ = kv_head;
+    s_pad_ = (seq.s + kLane - 1) / kLane * kLane;
+    if (seq_.mask == nullptr) causal_mask(row0, row1);
     find_live_blocks(row0, row1);  // only these keys are ever read
     pack_keys();
     pack_values();
@@ -121,22 +143,48 @@ class Item {
   }
 
  private:
-  // Key j: cached ([b, kv_heads, cached, h]) below `cached`, else fresh ([b, fresh, kv_heads, h]).
-  int64_t offset(int64_t j) const {
-    if (j < sh_.cached) return ((batch_ * sh_.kv_heads + kv_head_) * sh_.cached + j) * sh_.h;
-    return ((batch_ * sh_.fresh + j - sh_.cached) * sh_.kv_heads + kv_head_) * sh_.h;
+  // Key j: cached below `cached` (a row of the dense [kv_heads, s_c, h] block, or slot
+  // j % c of page table[j / c]), else fresh ([tokens, kv_heads, h]).
+  int64_t cached_offset(int64_t j) const {
+    if (seq_.table == nullptr) return (kv_head_ * seq_.cached + j) * sh_.h;
+    const int64_t c = sh_.page_size;
+    return ((seq_.table[j / c] * sh_.kv_heads + kv_head_) * c + j % c) * sh_.h;
   }
-  const Elem* key_row(int64_t j) const { return (j < sh_.cached ? kc_ : k_) + offset(j); }
-  const Elem* value_row(int64_t j) const { return (j < sh_.cached ? vc_ : v_) + offset(j); }
+  int64_t fresh_offset(int64_t j) const {
+    return ((j - seq_.cached) * sh_.kv_heads + kv_head_) * sh_.h;
+  }
+  const Elem* key_row(int64_t j) const {
+    return j < seq_.cached ? seq_.kc + cached_offset(j) : seq_.k + fresh_offset(j);
+  }
+  const Elem* value_row(int64_t j) const {
+    return j < seq_.cached ? seq_.vc + cached_offset(j) : seq_.v + fresh_offset(j);
+  }
   int64_t head(int64_t r) const { return kv_head_ * sh_.groups + r % sh_.groups; }
   int64_t position(int64_t r) const { return r / sh_.groups; }
   const Elem* query_row(int64_t r) const {
-    return q_ + ((batch_ * sh_.t + position(r)) * sh_.n + head(r)) * sh_.h;
+    return seq_.q + (position(r) * sh_.n + head(r)) * sh_.h;
   }
-  Elem* out_row(int64_t r) const {
-    return out_ + ((batch_ * sh_.t + position(r)) * sh_.n + head(r)) * sh_.h;
+  Elem* out_row(int64_t r) const { return seq_.out + (position(r) * sh_.n + head(r)) * sh_.h; }
+  const bool* mask_row(int64_t r) const {
+    if (seq_.mask != nullptr) return seq_.mask + position(r) * seq_.s;
+    return reinterpret_cast<const bool*>(scratch_.mask.data()) +
+           (position(r) - mask_first_) * seq_.s;
   }
-  const bool* mask_row(int64_t r) const { return mask_ + (batch_ * sh_.t + position(r)) * sh_.s; }
+
+  // Paged sequences: the mask rows of query positions [row0 / g, (row1 - 1) / g]. Query
+  // position p is key cached + p (its own fresh key); it sees keys up to itself and, with a
+  // window w, above cached + p - w.
+  void causal_mask(int64_t row0, int64_t row1) {
+    mask_first_ = position(row0);
+    const int64_t positions = position(row1 - 1) - mask_first_ + 1, s = seq_.s;
+    std::vector<uint8_t>& mask = scratch_.mask;
+    mask.assign(positions * s, 0);
+    for (int64_t p = 0; p < positions; ++p) {
+      const int64_t self = seq_.cached + mask_first_ + p;
+      const int64_t first = sh_.window > 0 ? std::max<int64_t>(0, self - sh_.window + 1) : 0;
+      std::memset(mask.data() + p * s + first, 1, std::min(self, s - 1) - first + 1);
+    }
+  }
 
   // keys[u, c] = unit u of the key at compact position c (see find_live_blocks; zero past s):
   // 16 keys x 16 units at a time, transposed in registers.
@@ -150,7 +198,7 @@ class Item {
         const int64_t units = std::min<int64_t>(kLane, h_units_ - u0);
         v16::u32 rows[kLane];
         for (int64_t r = 0; r < kLane; ++r) {
-          rows[r] = j0 + r < sh_.s
+          rows[r] = j0 + r < seq_.s
                         ? v16::load_first(
                               reinterpret_cast<const uint32_t*>(key_row(j0 + r)) + u0, units)
                         : v16::zero_bits();
@@ -174,11 +222,11 @@ class Item {
       const int64_t j = key_at(i * kU);  // a unit's rows are in one block
       if constexpr (kU == 2) {
         for (int64_t c = 0; c < h; c += kLane) {  // bf16 pairs (even row, odd row)
-          v16::u32 even = j < sh_.s ? v16::widen16(value_row(j) + c) : v16::zero_bits();
-          v16::u32 odd = j + 1 < sh_.s ? v16::widen16(value_row(j + 1) + c) : v16::zero_bits();
+          v16::u32 even = j < seq_.s ? v16::widen16(value_row(j) + c) : v16::zero_bits();
+          v16::u32 odd = j + 1 < seq_.s ? v16::widen16(value_row(j + 1) + c) : v16::zero_bits();
           v16::store_bits(dst + c, v16::pair_up(even, odd));
         }
-      } else if (j < sh_.s) {
+      } else if (j < seq_.s) {
         std::memcpy(dst, value_row(j), h * sizeof(float));
       } else {
         std::memset(dst, 0, h * sizeof(float));
@@ -193,17 +241,17 @@ class Item {
   void find_live_blocks(int64_t r0, int64_t r1) {
     // seen[j]: some row may attend to key j (the rows' masks OR-ed, 64 keys at a time).
     std::vector<uint8_t>& seen = scratch_.seen;
-    seen.assign(sh_.s, 0);
+    seen.assign(seq_.s, 0);
     bool attends_none = false;
     for (int64_t r = r0; r < r1; ++r) {
       const bool* m = mask_row(r);
       if (r > r0 && m == mask_row(r - 1)) continue;  // the query heads of a group share it
-      attends_none = !v16::or_into(seen.data(), m, sh_.s) || attends_none;
+      attends_none = !v16::or_into(seen.data(), m, seq_.s) || attends_none;
     }
     std::vector<int64_t>& live = scratch_.live;
     live.clear();
-    for (int64_t j = 0; j < sh_.s; j += kLane) {
-      const int64_t n = std::min<int64_t>(kLane, sh_.s - j);
+    for (int64_t j = 0; j < seq_.s; j += kLane) {
+      const int64_t n = std::min<int64_t>(kLane, seq_.s - j);
       if (attends_none || std::memchr(seen.data() + j, 1, n) != nullptr) live.push_back(j);
     }
     packed_ = static_cast<int64_t>(live.size()) * kLane;
@@ -220,17 +268,17 @@ class Item {
   // Keys [lo, hi) (multiples of kLane) that rows [r0, r1) may attend to; all keys if any
   // row attends to none (its weights are then uniform over all of them).
   void key_range(int64_t r0, int64_t r1, int64_t* lo, int64_t* hi) const {
-    int64_t first = sh_.s, last = 0;
+    int64_t first = seq_.s, last = 0;
     for (int64_t r = r0; r < r1; ++r) {
       const bool* m = mask_row(r);
-      const void* f = std::memchr(m, 1, sh_.s);
+      const void* f = std::memchr(m, 1, seq_.s);
       if (f == nullptr) {
         *lo = 0;
         *hi = s_pad_;
         return;
       }
       first = std::min<int64_t>(first, static_cast<const bool*>(f) - m);
-      const void* l = memrchr(m, 1, sh_.s);
+      const void* l = memrchr(m, 1, seq_.s);
       last = std::max<int64_t>(last, static_cast<const bool*>(l) - m + 1);
     }
     *lo = first / kLane * kLane;
@@ -282,7 +330,7 @@ class Item {
     const v16::f32 past = v16::splat(-INFINITY);
     for (int c = 0; c < VECTORS; ++c) {
       const int64_t key = key_at(j + c * kLane), at = j + c * kLane - lo;
-      const int64_t keys_in = std::clamp<int64_t>(sh_.s - key, 0, kLane);
+      const int64_t keys_in = std::clamp<int64_t>(seq_.s - key, 0, kLane);
       const v16::mask inside = v16::first_lanes(keys_in);
       for (int r = 0; r < ROWS; ++r) {
         const v16::mask allowed = v16::true_bytes(mask_row(row + r) + key, keys_in);
@@ -380,12 +428,11 @@ class Item {
   }
 
   const Shape& sh_;
-  const Elem *q_, *k_, *v_, *kc_, *vc_;
-  const bool* mask_;
-  Elem* out_;
   Scratch& scratch_;
-  const int64_t s_pad_, h_units_;
-  int64_t batch_ = 0, kv_head_ = 0;
+  const int64_t h_units_;
+  SeqView<Elem> seq_{};
+  int64_t s_pad_ = 0, kv_head_ = 0;
+  int64_t mask_first_ = 0;  // paged: the query position of scratch_.mask's first row
   int64_t packed_ = 0;  // the item's packed keys: live blocks x kLane (find_live_blocks)
   v16::f32 best_[kBlockRows];  // per block row: the running maximum of its scores, per lane
 };
@@ -402,11 +449,56 @@ void run_all(ffi::ThreadPool& pool, const Shape& sh, const typename T::Elem* q,
   const int64_t items = sh.b * sh.kv_heads * chunks;
   jaxaccel::parallel_chunks(pool, items, items, [&](int64_t first, int64_t end) {
     thread_local Scratch scratch;
-    Item<T> item(sh, q, k, v, k_cached, v_cached, mask, out, scratch);
+    Item<T> item(sh, scratch);
     for (int64_t i = first; i < end; ++i) {
       int64_t chunk = i % chunks, pair = i / chunks;
-      int64_t row0 = chunk * per_item;
-      item.run(pair / sh.kv_heads, pair % sh.kv_heads, row0, std::min(rows, row0 + per_item));
+      int64_t row0 = chunk * per_item, b = pair / sh.kv_heads;
+      const int64_t cached = b * sh.kv_heads * sh.cached * sh.h;
+      SeqView<typename T::Elem> seq{q + b * sh.t * sh.n * sh.h, k + b * sh.fresh * sh.kv_heads * sh.h,
+                                    v + b * sh.fresh * sh.kv_heads * sh.h,
+                                    out + b * sh.t * sh.n * sh.h, k_cached + cached,
+                                    v_cached + cached, nullptr, mask + b * sh.t * sh.s,
+                                    sh.t, sh.cached, sh.s};
+      item.run(seq, pair % sh.kv_heads, row0, std::min(rows, row0 + per_item));
+    }
+  });
+}
+
+// One work item of a ragged batch: query rows [row0, row1) of a sequence and kv head.
+struct RaggedItem {
+  int64_t seq, kv_head, row0, row1;
+};
+
+// The ragged batch over pages: sequence i's queries are tokens [cu[i], cu[i + 1]), its
+// kv_lens[i] keys the first kv_lens[i] - q_len in its pages, then its own fresh tokens.
+template <typename T>
+void run_paged(ffi::ThreadPool& pool, const Shape& sh, const typename T::Elem* q,
+               const typename T::Elem* k, const typename T::Elem* v,
+               const typename T::Elem* k_pages, const typename T::Elem* v_pages,
+               const int32_t* kv_lens, const int32_t* table, int64_t table_width,
+               const int32_t* cu, int64_t num_seqs, typename T::Elem* out) {
+  std::vector<RaggedItem> items;
+  for (int64_t i = 0; i < num_seqs; ++i) {
+    const int64_t rows = (cu[i + 1] - cu[i]) * sh.groups;
+    const int64_t per_item = std::min<int64_t>(kItemRows, (rows + kBlockRows - 1) /
+                                                              kBlockRows * kBlockRows);
+    for (int64_t kv_head = 0; kv_head < sh.kv_heads; ++kv_head)
+      for (int64_t r = 0; r < rows; r += per_item)
+        items.push_back({i, kv_head, r, std::min(rows, r + per_item)});
+  }
+  const int64_t count = static_cast<int64_t>(items.size());
+  jaxaccel::parallel_chunks(pool, count, count, [&](int64_t first, int64_t end) {
+    thread_local Scratch scratch;
+    Item<T> item(sh, scratch);
+    for (int64_t i = first; i < end; ++i) {
+      const RaggedItem& it = items[i];
+      const int64_t token = cu[it.seq], q_len = cu[it.seq + 1] - token;
+      const int64_t s = kv_lens[it.seq];
+      SeqView<typename T::Elem> seq{q + token * sh.n * sh.h, k + token * sh.kv_heads * sh.h,
+                                    v + token * sh.kv_heads * sh.h, out + token * sh.n * sh.h,
+                                    k_pages, v_pages, table + it.seq * table_width, nullptr,
+                                    q_len, s - q_len, s};
+      item.run(seq, it.kv_head, it.row0, it.row1);
     }
   });
 }
@@ -478,6 +570,88 @@ ffi::Error AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<D> q, ffi::Buffer<D> 
 #endif
 }
 
+// Checks a ragged batch's metadata before any page is read: every sequence below num_seqs
+// has 0 <= q_len <= kv_len, its tokens inside q, its cached keys inside its page table and
+// its pages inside the pool. An empty string when it holds, else what is wrong.
+std::string check_ragged(const int32_t* kv_lens, const int32_t* table, int64_t seqs,
+                         int64_t width, const int32_t* cu, int64_t num_seqs, int64_t tokens,
+                         int64_t pages, int64_t page_size) {
+  if (num_seqs < 0 || num_seqs > seqs) return "num_seqs outside [0, max_num_seqs]";
+  if (cu[0] < 0) return "cu_q_lens[0] < 0";
+  for (int64_t i = 0; i < num_seqs; ++i) {
+    const int64_t q_len = cu[i + 1] - cu[i], cached = int64_t{kv_lens[i]} - q_len;
+    if (q_len < 0 || cu[i + 1] > tokens) return "cu_q_lens not ascending within the tokens";
+    if (cached < 0) return "a kv_lens entry is below its sequence's query count";
+    if (cached > width * page_size) return "a sequence's cached keys overrun its page table";
+    for (int64_t p = 0; p < (cached + page_size - 1) / page_size; ++p) {
+      if (table[i * width + p] < 0 || table[i * width + p] >= pages)
+        return "a page index outside the pool";
+    }
+  }
+  return "";
+}
+
+// Ragged paged attention (the contract of jaxaccel/backends/paged.py): q [T, n, h]; fresh
+// keys/values k, v [T, kv_heads, h]; pages [(layers,) P, kv_heads, c, h] read in place at
+// `layer`; kv_lens [S]; page_indices [S, W]; cu_q_lens [S + 1]; num_seqs [1]. Output rows of
+// tokens past cu_q_lens[num_seqs] are zero.
+template <ffi::DataType D>
+ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<D> q, ffi::Buffer<D> k,
+                              ffi::Buffer<D> v, ffi::AnyBuffer kp, ffi::AnyBuffer vp,
+                              ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> kv_lens,
+                              ffi::Buffer<ffi::S32> page_indices, ffi::Buffer<ffi::S32> cu_q_lens,
+                              ffi::Buffer<ffi::S32> num_seqs, float scale, int64_t window,
+                              ffi::ResultBuffer<D> out) {
+  auto qd = q.dimensions(), kd = k.dimensions(), pd = page_indices.dimensions();
+  ffi::Span<const int64_t> cd, cvd;
+  const int64_t index = layer.element_count() == 1 ? layer.typed_data()[0] : -1;
+  const void* kp_data = cached_layer<D>(kp, index, cd);
+  const void* vp_data = cached_layer<D>(vp, index, cvd);
+  if (qd.size() != 3 || kd.size() != 3 || kp_data == nullptr || vp_data == nullptr ||
+      kp.element_type() != vp.element_type() || pd.size() != 2 ||
+      !std::equal(kd.begin(), kd.end(), v.dimensions().begin()) ||
+      !std::equal(cd.begin(), cd.end(), cvd.begin()) || num_seqs.element_count() != 1 ||
+      kv_lens.element_count() != pd[0] || cu_q_lens.element_count() != pd[0] + 1) {
+    return ffi::Error::InvalidArgument(
+        "paged attention: expected q [T, n, h], k and v [T, kv_heads, h], pages "
+        "[(layers,) P, kv_heads, c, h] of q's dtype (bf16: or uint16 bits) and a layer index "
+        "in range, kv_lens [S], page_indices [S, W], cu_q_lens [S + 1], num_seqs [1]");
+  }
+  Shape sh{1, 0, qd[1], kd[1], qd[2], 0, 0, 0, 0, scale, cd[2], window};
+  if (kd[0] != qd[0] || cd[1] != sh.kv_heads || cd[3] != sh.h || sh.kv_heads == 0 ||
+      sh.n % sh.kv_heads || sh.h % 16 || sh.h > 128 || sh.page_size == 0) {
+    return ffi::Error::InvalidArgument(
+        "paged attention: shapes disagree (need n % kv_heads == 0, h % 16 == 0, h <= 128)");
+  }
+  sh.groups = sh.n / sh.kv_heads;
+  const int32_t* cu = cu_q_lens.typed_data();
+  const int64_t seqs = num_seqs.typed_data()[0];
+  std::string bad = check_ragged(kv_lens.typed_data(), page_indices.typed_data(), pd[0], pd[1],
+                                 cu, seqs, qd[0], cd[0], sh.page_size);
+  if (!bad.empty()) return ffi::Error::InvalidArgument("paged attention: " + bad);
+#if defined(JAXACCEL_ATTENTION_KERNEL)
+  // Tokens no sequence owns (padding past cu_q_lens[num_seqs]) get zeros.
+  const int64_t row = sh.n * sh.h, used = seqs > 0 ? cu[seqs] : 0;
+  auto* o = out->typed_data();
+  std::memset(o + used * row, 0, (qd[0] - used) * row * ffi::ByteWidth(D));
+  if (seqs > 0 && cu[0] > 0) std::memset(o, 0, cu[0] * row * ffi::ByteWidth(D));
+  if constexpr (D == ffi::DataType::BF16) {
+    using E = uint16_t;
+    auto data = [](auto& buffer) { return reinterpret_cast<const E*>(buffer.typed_data()); };
+    run_paged<Bf16>(pool, sh, data(q), data(k), data(v), static_cast<const E*>(kp_data),
+                    static_cast<const E*>(vp_data), kv_lens.typed_data(),
+                    page_indices.typed_data(), pd[1], cu, seqs, reinterpret_cast<E*>(o));
+  } else {
+    run_paged<F32>(pool, sh, q.typed_data(), k.typed_data(), v.typed_data(),
+                   static_cast<const float*>(kp_data), static_cast<const float*>(vp_data),
+                   kv_lens.typed_data(), page_indices.typed_data(), pd[1], cu, seqs, o);
+  }
+  return ffi::Error::Success();
+#else
+  return ffi::Error::Internal("paged attention: built without AVX-512 (F, BW, VL) or AVX2 + FMA");
+#endif
+}
+
 }  // namespace
 
 #define JAXACCEL_ATTENTION_BINDING(D)         \
@@ -497,3 +671,25 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxaccelAttentionBf16, AttentionImpl<ffi::DataType
                               JAXACCEL_ATTENTION_BINDING(ffi::DataType::BF16));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxaccelAttentionF32, AttentionImpl<ffi::DataType::F32>,
                               JAXACCEL_ATTENTION_BINDING(ffi::DataType::F32));
+
+#define JAXACCEL_PAGED_ATTENTION_BINDING(D)   \
+  ffi::Ffi::Bind()                            \
+      .Ctx<ffi::ThreadPool>()                 \
+      .Arg<ffi::Buffer<D>>()                  \
+      .Arg<ffi::Buffer<D>>()                  \
+      .Arg<ffi::Buffer<D>>()                  \
+      .Arg<ffi::AnyBuffer>()                  \
+      .Arg<ffi::AnyBuffer>()                  \
+      .Arg<ffi::Buffer<ffi::S32>>()           \
+      .Arg<ffi::Buffer<ffi::S32>>()           \
+      .Arg<ffi::Buffer<ffi::S32>>()           \
+      .Arg<ffi::Buffer<ffi::S32>>()           \
+      .Arg<ffi::Buffer<ffi::S32>>()           \
+      .Attr<float>("scale")                   \
+      .Attr<int64_t>("sliding_window")        \
+      .Ret<ffi::Buffer<D>>()
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxaccelPagedAttentionBf16, PagedAttentionImpl<ffi::DataType::BF16>,
+                              JAXACCEL_PAGED_ATTENTION_BINDING(ffi::DataType::BF16));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxaccelPagedAttentionF32, PagedAttentionImpl<ffi::DataType::F32>,
+                              JAXACCEL_PAGED_ATTENTION_BINDING(ffi::DataType::F32));

@@ -24,6 +24,9 @@ from jaxaccel.backends.cpu import build, isa
 KERNEL_SOURCE = "attention.cc"
 SYMBOLS = {jnp.dtype(jnp.bfloat16): "JaxaccelAttentionBf16",
            jnp.dtype(jnp.float32): "JaxaccelAttentionF32"}
+# The same kernel over a paged pool (`jaxaccel.backends.paged`'s ragged contract).
+PAGED_SYMBOLS = {jnp.dtype(jnp.bfloat16): "JaxaccelPagedAttentionBf16",
+                 jnp.dtype(jnp.float32): "JaxaccelPagedAttentionF32"}
 # Head dims of whole 16-float vectors, up to 8 of them. The kernel has an AVX-512 (F, BW, VL;
 # AVX512-BF16 emulated where missing) and an AVX2 + FMA build (`isa.kernel_build`).
 MAX_HEAD_DIM = 128
@@ -87,10 +90,10 @@ def supported(q_btnh, k_btkh, v_btkh, mask_btt, past=None) -> bool:
             and tuple(mask_bts.shape) == (b, t, cached))
 
 
-def kernel(dtype) -> str | None:
+def kernel(dtype, symbols=None) -> str | None:
     """The registered FFI target for `dtype` on this CPU, or None (neither AVX-512 nor AVX2,
-    no compiler, JAXACCEL_KERNELS=0)."""
-    symbol = SYMBOLS.get(jnp.dtype(dtype))
+    no compiler, JAXACCEL_KERNELS=0). `symbols`: SYMBOLS (default) or PAGED_SYMBOLS."""
+    symbol = (symbols or SYMBOLS).get(jnp.dtype(dtype))
     if symbol is None or not cpu_supported(isa.detect()):
         return None
     return build.target(KERNEL_SOURCE, symbol)
@@ -129,3 +132,45 @@ def attention(q_btnh, k_btkh, v_btkh, mask_btt, target: str | None = None,
     call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(q_btnh.shape, q_btnh.dtype))
     return call(q_btnh, k_btkh, v_btkh, k_bksh, v_bksh, layer, mask_bts,
                 scale=np.float32(h ** -0.5))
+
+
+def paged_supported(q_tnh, k_tkh, v_tkh, k_pages, v_pages) -> bool:
+    """Whether the paged kernel takes these operands: q's dtype everywhere (pages: also as
+    readable `CacheLayer`s), head dims as for `supported`, matching key/value shapes."""
+    dt = q_tnh.dtype
+    tokens, n, h = q_tnh.shape
+    kv_heads = k_tkh.shape[1]
+    readable = all(x.readable_as(dt) if isinstance(x, CacheLayer) else x.dtype == dt
+                   for x in (k_pages, v_pages))
+    return (jnp.dtype(dt) in PAGED_SYMBOLS and readable and type(k_pages) is type(v_pages)
+            and k_tkh.dtype == dt and v_tkh.dtype == dt and k_tkh.shape == v_tkh.shape
+            and tuple(k_tkh.shape) == (tokens, kv_heads, h) and n % kv_heads == 0
+            and h % 16 == 0 and h <= MAX_HEAD_DIM and tuple(k_pages.shape) == tuple(v_pages.shape)
+            and k_pages.shape[1] == kv_heads and k_pages.shape[3] == h)
+
+
+def paged_attention(q_tnh, k_tkh, v_tkh, k_pages, v_pages, kv_lens, page_indices, cu_q_lens,
+                    num_seqs, *, sm_scale: float, sliding_window: int | None = None,
+                    target: str | None = None) -> jax.Array:
+    """Ragged paged attention (`jaxaccel.backends.paged`'s contract, without soft capping)
+    -> [T, n, h] in q's dtype, keys and values read through the page table in place.
+
+    Pages are [P, k, c, h] arrays or `CacheLayer`s of a stacked pool [l, P, k, c, h] (read at
+    their layer, never sliced out). Output rows of tokens no sequence owns are zero. Bad
+    metadata (a page index outside the pool, kv_lens below q_len, cached keys past the page
+    table) fails the call with an XLA error naming it, before any page is read. `target`
+    names a registered build (tests pass portable ones); by default this CPU's.
+
+    Raises RuntimeError when the kernel is unavailable (check `kernel(dtype, PAGED_SYMBOLS)`).
+    """
+    target = target or kernel(q_tnh.dtype, PAGED_SYMBOLS)
+    if target is None:
+        raise RuntimeError("the paged attention kernel is not available on this CPU/build")
+    layer = jnp.int32(0)
+    if isinstance(k_pages, CacheLayer):
+        layer = k_pages.layer.astype(jnp.int32)
+        k_pages, v_pages = k_pages.stack, v_pages.stack
+    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(q_tnh.shape, q_tnh.dtype))
+    ints = [jnp.asarray(x, jnp.int32) for x in (kv_lens, page_indices, cu_q_lens, num_seqs)]
+    return call(q_tnh, k_tkh, v_tkh, k_pages, v_pages, layer, *ints,
+                scale=np.float32(sm_scale), sliding_window=np.int64(sliding_window or 0))
