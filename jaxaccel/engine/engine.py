@@ -9,6 +9,7 @@ and returns their outputs in request order, streaming each step's outputs to `on
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 
@@ -33,19 +34,30 @@ from jaxaccel.parallel import distributed
 DEFAULT_KV_CACHE_BYTES = 1 << 30
 
 
+def free_memory_bytes(layout) -> int:
+    """Bytes free on the layout's first device (its allocator's limit less what is in use);
+    on a device without memory stats (CPU), the host memory available."""
+    device = layout.mesh.devices.flat[0]
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 class LLMEngine:
     """The engine over one decoder: a `Generator`'s runtime and placed weights (its layout,
     dtype, backend and jit cache), plus a page pool and a scheduler.
 
     page_size: tokens per page. num_pages (null page included) or kv_cache_bytes sizes the
-    pool (default: 1 GiB, or less when max_num_seqs sequences of the model's maximum length
-    need less). eos_token_ids: the model's EOS ids (a request stops at them unless it
+    pool: bytes (int), or a float in (0, 1], that fraction of the memory free on the first
+    device once the weights are placed (host memory available on CPU). Default: 1 GiB, or
+    less when max_num_seqs sequences of the model's maximum length need less. eos_token_ids: the model's EOS ids (a request stops at them unless it
     ignores EOS). detokenize: ids -> text, for stop strings and output text. seed: the
     random stream of requests without their own seed.
     """
 
     def __init__(self, generator, *, page_size: int = 16, num_pages: int | None = None,
-                 kv_cache_bytes: int | None = None, max_num_seqs: int = 64,
+                 kv_cache_bytes: int | float | None = None, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 512, enable_prefix_caching: bool = True,
                  eos_token_ids: Sequence[int] = (), detokenize: Callable | None = None,
                  seed: int = 0):
@@ -67,8 +79,12 @@ class LLMEngine:
         # rest is the host: scheduling, input arrays, dispatch, stop checks).
         self.timings = {"steps": 0, "step_s": 0.0, "device_wait_s": 0.0}
 
-    def _pages_for(self, budget: int | None) -> int:
+    def _pages_for(self, budget: int | float | None) -> int:
         cfg = self.config
+        if isinstance(budget, float):
+            if not 0.0 < budget <= 1.0:
+                raise UsageError(f"KV cache memory fraction must be in (0, 1], got {budget}")
+            budget = int(budget * free_memory_bytes(self.generator.runtime.layout))
         storage = self.generator.runtime.backend.cache_storage_dtype(self.generator.dtype)
         one = page_pool.page_bytes(cfg.num_layers, cfg.num_kv_heads, self.page_size,
                                    cfg.head_dim, np.dtype(storage).itemsize)
