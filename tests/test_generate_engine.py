@@ -116,3 +116,17 @@ def test_a_bad_input_line_is_one_error_naming_it_before_any_weights_are_read(
     line = one_error_line(err)
     assert code == 2 and needle in line and str(source) in line, err
     assert not out.exists()
+
+
+def test_plan_reports_the_engine_page_pool(tiny, capsys, monkeypatch):
+    page = 2 * 2 * 2 * 16 * 16 * 4  # keys+values, 2 layers, 2 kv heads, 16 slots, dim 16, f32
+    code, out, err = run_cli(capsys, monkeypatch, "plan", tiny[1], "--json",
+                             "--max-num-seqs", "3")
+    assert code == 0, err
+    assert json.loads(out)["kv_page_pool"] == {
+        "pages": 3 * 4 + 1, "page_size": 16, "page_bytes": page, "bytes": 13 * page,
+        "tokens": 12 * 16}
+    code, out, _ = run_cli(capsys, monkeypatch, "plan", tiny[1], "--json",
+                           "--kv-cache-memory", f"{10 * page}")
+    assert json.loads(out)["kv_page_pool"]["pages"] == 10
+
