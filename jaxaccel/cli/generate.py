@@ -142,7 +142,7 @@ def run_generate(ckpt, prompt, prompt_ids, max_new_tokens, settings, ignore_eos,
     else:
         records = [{"prompt": text} for text in prompt]
     job = GenerateJob(records, input_file, max_new_tokens, settings, ignore_eos, as_json,
-                      microbatches, kernels)
+                      microbatches, kernels, engine_args)
     xla_cache.configure(compile_cache, enabled=not no_compile_cache)
     started = start(ckpt, options.layout_from(mesh, rules, rule), dtype, task="generate",
                     quantize=quantize, device_memory=options.device_memory_from(device_memory),
@@ -155,6 +155,7 @@ def run_generate(ckpt, prompt, prompt_ids, max_new_tokens, settings, ignore_eos,
     model = Model(started.loaded, microbatches=microbatches, runner=started.runner)
     model.engine(**engine_args)
     job.run(model, output_file, quiet)
+    _compile_status(job.compiled, started.generator.traces.get("engine_step", 0), quiet)
 
 
 class GenerateJob:
@@ -162,7 +163,7 @@ class GenerateJob:
     of weights is read), then run through the engine with outputs in input order."""
 
     def __init__(self, records, input_file, max_new_tokens, settings, ignore_eos, as_json,
-                 microbatches, kernels):
+                 microbatches, kernels, engine_args=None):
         self.records, self.input_file = records, input_file
         self.max_new_tokens, self.settings, self.ignore_eos = max_new_tokens, settings, ignore_eos
         self.as_json, self.microbatches, self.kernels = as_json, microbatches, kernels
@@ -170,13 +171,15 @@ class GenerateJob:
         self.ids: list[list[int]] = []
         self.requests: list = []  # runtime.requests.Request, one per prompt
         self.stop_token_ids: list[tuple[int, ...]] = []
+        self.engine_args = engine_args or {}
+        self.compiled = {"programs": 0, "seconds": 0.0}  # step programs compiled at start-up
         self.streaming = False
 
     def prepare(self, plan):
         """`start`'s prepare: every request checked as `Model.generate` checks it (with the
         checkpoint's sampling defaults; an --input line's own fields over the flags),
-        prompts tokenised and checked, a Generator built (the engine compiles its step
-        programs on first use)."""
+        prompts tokenised and checked, a Generator built; the engine's step programs that
+        these requests will meet compile while the weights restore (`engine.warmup`)."""
         # deferred: jax loads only when a command runs, after --host-devices set XLA's flags
         import jax
 
@@ -195,7 +198,15 @@ class GenerateJob:
                               and distributed.is_output_process() and jax.process_count() == 1)
         generator = Generator.from_plan(plan, microbatches=self.microbatches,
                                         packed_weights=self.kernels)
-        return generator, lambda: None
+        return generator, lambda: self._precompile(generator)
+
+    def _precompile(self, generator) -> None:
+        from jaxaccel.engine.requests import Request, SamplingParams
+        from jaxaccel.engine.warmup import precompile
+
+        lengths_only = [Request(i, ids, SamplingParams(max_tokens=r.max_new_tokens))
+                        for i, (ids, r) in enumerate(zip(self.ids, self.requests))]
+        self.compiled = precompile(generator, lengths_only, **self.engine_args)
 
     def _request(self, plan, number: int, record: dict):
         """(prompt ids, checked request) of one record; errors name the --input line."""
@@ -342,6 +353,15 @@ def _print_result(completions, tokenizer, as_json: bool, streamed: bool) -> None
         print(json.dumps(payload))
     elif streamed:
         print()
+
+
+def _compile_status(compiled: dict, traced: int, quiet: bool) -> None:
+    """How many step programs compiled at start-up (beside the restore), and how many the
+    run still had to compile (requests that stopped early can reach other buckets)."""
+    later = max(0, traced - compiled["programs"])
+    progress.say(f"engine: {compiled['programs']} step program(s) compiled at start-up in "
+                 f"{compiled['seconds']:.1f} s (beside the restore), {later} during the run",
+                 quiet)
 
 
 def _status(tokens: int, prompts: int, seconds: float, stats: dict | None,
