@@ -20,7 +20,7 @@ import numpy as np
 from jaxaccel import models
 from jaxaccel.engine.engine import LLMEngine
 from jaxaccel.engine.frontend import engine_for, run_requests
-from jaxaccel.engine.requests import Request, SamplingParams
+from jaxaccel.engine.requests import Request, RequestOutput, SamplingParams
 from jaxaccel.runtime import requests
 from jaxaccel.runtime.classify import Classification, Classifier
 from jaxaccel.runtime.detokenize import IncrementalDetokenizer, continuation_text
@@ -250,7 +250,7 @@ class Model:
         for ids, request in zip(prompt_ids, checked):
             requests.check_prompts(self.config, [ids], request.max_new_tokens)
         if self._decoder().runtime.pipeline is not None:
-            return self._run_static(prompt_ids, checked, on_completion)
+            return self._run_static(prompt_ids, checked, on_output, on_completion)
         stop_ids = stop_token_ids or [()] * len(prompt_ids)
         engine_requests = [Request(i, tuple(ids), _engine_params(r, stops))
                            for i, (ids, r, stops) in enumerate(zip(prompt_ids, checked,
@@ -295,8 +295,9 @@ class Model:
                                       detokenize=detokenize, **self._engine_args)
         return self._engine
 
-    def _run_static(self, prompt_ids, checked, on_completion) -> list[Completion]:
-        """A `stage` layout: one left-padded batch per distinct setting (the static path)."""
+    def _run_static(self, prompt_ids, checked, on_output, on_completion) -> list[Completion]:
+        """A `stage` layout: one left-padded batch per distinct setting (the static path);
+        `on_output` sees each prompt's tokens once its batch is done."""
         out: dict[int, Completion] = {}
         groups: dict = {}
         for i, r in enumerate(checked):
@@ -309,6 +310,9 @@ class Model:
             for i, tokens in zip(rows, new):
                 out[i] = self._completion(prompt_ids[i], tokens[:checked[i].max_new_tokens],
                                           eos, checked[i].stop)
+                for n in range(1, len(out[i].token_ids) + 1) if on_output else ():
+                    on_output(RequestOutput(i, tuple(prompt_ids[i]), out[i].token_ids[:n],
+                                            finished=n == len(out[i].token_ids)))
                 if on_completion is not None:
                     on_completion(i, out[i])
         return [out[i] for i in range(len(prompt_ids))]

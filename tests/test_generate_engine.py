@@ -130,3 +130,12 @@ def test_plan_reports_the_engine_page_pool(tiny, capsys, monkeypatch):
                            "--kv-cache-memory", f"{10 * page}")
     assert json.loads(out)["kv_page_pool"]["pages"] == 10
 
+
+
+def test_a_stage_mesh_keeps_the_static_path_with_per_prompt_settings(tiny):
+    """Pipeline (`stage`) layouts decode in static batches: per-prompt limits still hold."""
+    hf, ckpt = tiny
+    staged = jaxaccel.load(ckpt, mesh="stage=2", rules="pp", progress=False)
+    done = staged.generate(PROMPTS[:2], max_new_tokens=NEW[:2], greedy=True, ignore_eos=True)
+    assert [c.token_ids for c in done] == [reference(hf, p, n)
+                                           for p, n in zip(PROMPTS[:2], NEW[:2])]

@@ -13,6 +13,7 @@ JSON object, the last line of stdout.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 import time
@@ -44,14 +45,20 @@ def latencies(outputs) -> tuple[list[float], list[float]]:
     return ttft, tpot
 
 
-def main(hf_source: str, workload: str, dtype: str = "float32") -> dict:
+def main(hf_source: str, workload: str, dtype: str = "float32", kv_cache_gib: int = 1,
+         memory_fraction: float = 0.2) -> dict:
+    """`kv_cache_gib`: vLLM CPU's KV cache (VLLM_CPU_KVCACHE_SPACE; 1 GiB, the engine's
+    default pool); `memory_fraction`: its gpu_memory_utilization, which on CPU is the share
+    of host memory it requires free at start (its 0.92 default refuses a shared host)."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
     with open(workload) as f:
         work = json.load(f)
     clock = time.perf_counter()
-    llm = LLM(model=hf_source, dtype=dtype, skip_tokenizer_init=True, seed=0)  # its defaults
+    llm = LLM(model=hf_source, dtype=dtype, skip_tokenizer_init=True, seed=0,
+              gpu_memory_utilization=memory_fraction)  # otherwise its defaults
     cold = time.perf_counter() - clock
     prompts = [TokensPrompt(prompt_token_ids=w["prompt_ids"]) for w in work]
     params = [SamplingParams(max_tokens=w["max_new_tokens"], ignore_eos=True, temperature=0.0,
