@@ -244,7 +244,7 @@ def write_json(path: pathlib.Path | None, payload: dict) -> None:
 
 def cpu_model() -> str:
     """The host CPU's model name (/proc/cpuinfo; else `platform.processor()`) and core count."""
-    import os
+    import os  # deferred: only the tables that name the CPU need these
     import platform
 
     name = platform.processor() or "unknown CPU"

@@ -51,6 +51,7 @@ def main(hf_source: str, workload: str, dtype: str = "float32", kv_cache_gib: in
     default pool); `memory_fraction`: its gpu_memory_utilization, which on CPU is the share
     of host memory it requires free at start (its 0.92 default refuses a shared host)."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
+    # deferred: vLLM reads VLLM_CPU_KVCACHE_SPACE when it loads
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 

@@ -103,6 +103,7 @@ def prefix_scenario(generator, requests: int = 32, prefix_len: int = 384,
     all arriving together (prefill tokens computed, against one prefix plus every suffix),
     then one at a time on a fresh engine (time to first token of the first, which computes
     the prefix, and of the later ones, which find it cached)."""
+    # deferred: jax and the engine load in the worker process only
     from jaxaccel.engine.frontend import engine_for
     from jaxaccel.engine.requests import Request, SamplingParams
 

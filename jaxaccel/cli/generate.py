@@ -201,6 +201,7 @@ class GenerateJob:
         return generator, lambda: self._precompile(generator)
 
     def _precompile(self, generator) -> None:
+        # deferred: jax loads only when a command runs, after --host-devices set XLA's flags
         from jaxaccel.engine.requests import Request, SamplingParams
         from jaxaccel.engine.warmup import precompile
 
@@ -210,7 +211,7 @@ class GenerateJob:
 
     def _request(self, plan, number: int, record: dict):
         """(prompt ids, checked request) of one record; errors name the --input line."""
-        from jaxaccel.runtime import requests
+        from jaxaccel.runtime import requests  # deferred: as above, jax
 
         where = f"--input {self.input_file}: line {number}: " if self.input_file else ""
         try:
@@ -242,7 +243,7 @@ class GenerateJob:
     def run(self, model, output_file, quiet: bool) -> None:
         """Generate; print and write each completion in input order as soon as it and all
         before it are done (a streamed single prompt prints its pieces as they come)."""
-        from jaxaccel.parallel import distributed
+        from jaxaccel.parallel import distributed  # deferred: imports jax
 
         printing = distributed.is_output_process()
         stream = None
