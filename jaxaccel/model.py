@@ -18,6 +18,9 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from jaxaccel import models
+from jaxaccel.engine.engine import LLMEngine
+from jaxaccel.engine.frontend import engine_for, run_requests
+from jaxaccel.engine.requests import Request, RequestOutput, SamplingParams
 from jaxaccel.runtime import requests
 from jaxaccel.runtime.classify import Classification, Classifier
 from jaxaccel.runtime.detokenize import IncrementalDetokenizer, continuation_text
@@ -61,6 +64,9 @@ class Model:
         self._embedders: dict = {}
         self._classifiers: dict = {}
         self._generator = runner if isinstance(runner, Generator) else None
+        self._engine: LLMEngine | None = None
+        self._engine_args: dict = {}
+        self._engine_lock = threading.Lock()  # one run at a time on the engine
         if isinstance(runner, Embedder):  # keyed as `_embedder` keys its shape policies
             max_length = None if runner.max_length == self._default_length() else runner.max_length
             self._embedders[(runner.batch_size, max_length)] = runner
@@ -177,41 +183,139 @@ class Model:
 
     @checked
     def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]], *,
-                 max_new_tokens: int, greedy: bool | None = None,
-                 temperature: float | None = None, top_k: int | None = None,
-                 top_p: float | None = None, seed: int | None = None,
+                 max_new_tokens: int | Sequence[int], greedy: bool | None = None,
+                 temperature: float | Sequence[float] | None = None,
+                 top_k: int | Sequence[int] | None = None,
+                 top_p: float | Sequence[float] | None = None,
+                 seed: int | Sequence[int] | None = None,
                  stop: str | Sequence[str] | None = None,
                  ignore_eos: bool = False) -> list[Completion]:
-        """One Completion per prompt (text, or token ids). Stops at the checkpoint's EOS
-        token(s) unless `ignore_eos`, and at the first of the `stop` strings (cut before it).
+        """One Completion per prompt (text, or token ids), in prompt order. Stops at the
+        checkpoint's EOS token(s) unless `ignore_eos`, and at the first of the `stop` strings
+        (cut before it).
 
-        `greedy=None` follows the checkpoint's generation_config.json as transformers does
-        (sampling with its temperature/top_k/top_p when it says `do_sample`, else greedy),
-        unless a temperature is given; `greedy=True` forces argmax. top_k/top_p need a
-        temperature > 0 (given or the checkpoint's): without one they are refused, not
-        ignored. The same rules as `jaxaccel generate` (`jaxaccel.runtime.requests`). Raises
-        UsageError for bad prompts or settings (max_new_tokens < 1 included), before any
-        compute.
+        Any number of prompts: they run through the generation engine (continuous batching
+        over a paged KV cache, `jaxaccel.engine`), each with its own settings:
+        `max_new_tokens`, `temperature`, `top_k`, `top_p` and `seed` may each be one value
+        for every prompt or a list with one entry per prompt. A single `seed` s gives prompt
+        i the seed s + i (a request's tokens depend on its own seed only, not on the prompts
+        batched with it). `greedy=None` follows the checkpoint's generation_config.json as
+        transformers does (sampling with its temperature/top_k/top_p when it says
+        `do_sample`, else greedy), unless a temperature is given; `greedy=True` forces
+        argmax. top_k/top_p need a temperature > 0 (given or the checkpoint's): without one
+        they are refused, not ignored. The same rules as `jaxaccel generate`
+        (`jaxaccel.runtime.requests`). Raises UsageError for bad prompts or settings
+        (max_new_tokens < 1 included, a list of the wrong length), before any compute.
         """
         ids = self._prompt_ids(prompts)
-        request = requests.request(max_new_tokens, greedy=greedy, temperature=temperature,
-                                   top_k=top_k, top_p=top_p, seed=seed, stop=stop,
-                                   ignore_eos=ignore_eos,
-                                   defaults=self.loaded.manifest.generation)
-        return self.complete(ids, request.max_new_tokens, request.sampling,
-                             ignore_eos=request.ignore_eos, stop=request.stop)
+        per_prompt = _per_prompt(len(ids), max_new_tokens=max_new_tokens,
+                                 temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        checked_ = [requests.request(settings.pop("max_new_tokens"), greedy=greedy,
+                                     stop=stop, ignore_eos=ignore_eos,
+                                     defaults=self.loaded.manifest.generation, **settings)
+                    for settings in per_prompt]
+        if not isinstance(seed, (list, tuple, np.ndarray)):  # one seed for the call: s + i for prompt i
+            checked_ = [dataclasses.replace(r, sampling=dataclasses.replace(
+                r.sampling, seed=(r.sampling.seed + i) % 2**32)) for i, r in enumerate(checked_)]
+        return self.run(ids, checked_)
 
     def complete(self, prompt_ids: list[list[int]], max_new_tokens: int,
                  sampling: Sampling, *, ignore_eos: bool = False, stop: Sequence[str] = (),
                  on_step=None) -> list[Completion]:
-        """`generate` for token-id prompts and a `Sampling` (`runtime.requests` makes one),
-        with the Generator's streaming callback `on_step` (what the CLI calls)."""
-        requests.check_prompts(self.config, prompt_ids, max_new_tokens)
-        stop = requests.check_stop(stop)
-        eos = [] if ignore_eos else self.eos_token_ids
-        new = self._decoder().generate(prompt_ids, max_new_tokens, sampling=sampling,
-                                       eos_id=eos or None, on_step=on_step)
-        return [self._completion(p, n, eos, stop) for p, n in zip(prompt_ids, new)]
+        """`generate` for token-id prompts and one `Sampling` (`runtime.requests` makes one)
+        shared by every prompt (prompt i seeded with sampling.seed + i). `on_step(tokens)`:
+        called with one entry per prompt (its new token, or None) whenever tokens arrive."""
+        request = requests.Request(requests.check_max_new_tokens(max_new_tokens), sampling,
+                                   requests.check_stop(stop), bool(ignore_eos))
+        per = [dataclasses.replace(request, sampling=dataclasses.replace(
+            sampling, seed=(sampling.seed + i) % 2**32)) for i in range(len(prompt_ids))]
+        on_output = None
+        if on_step is not None:
+            def on_output(out):
+                tokens = [None] * len(prompt_ids)
+                tokens[out.request_id] = out.token_ids[-1]
+                on_step(tokens)
+        return self.run(prompt_ids, per, on_output=on_output)
+
+    def run(self, prompt_ids: Sequence[Sequence[int]], checked: Sequence[requests.Request],
+            on_output=None, on_completion=None,
+            stop_token_ids: Sequence[Sequence[int]] | None = None) -> list[Completion]:
+        """Run prompts (token ids) with one checked `runtime.requests.Request` each through
+        the engine; Completions in prompt order. `on_output(RequestOutput)` sees every new
+        token (request_id = the prompt's index); `on_completion(index, Completion)` each
+        prompt as it finishes; `stop_token_ids`: per prompt, ids that end it (kept in the
+        output, finish_reason "stop"). A pipeline-parallel (`stage`) layout decodes in one static
+        batch instead (the engine does not run stage meshes yet). UsageError before any
+        compute for a prompt the model cannot run."""
+        for ids, request in zip(prompt_ids, checked):
+            requests.check_prompts(self.config, [ids], request.max_new_tokens)
+        if self._decoder().runtime.pipeline is not None:
+            return self._run_static(prompt_ids, checked, on_output, on_completion)
+        stop_ids = stop_token_ids or [()] * len(prompt_ids)
+        engine_requests = [Request(i, tuple(ids), _engine_params(r, stops))
+                           for i, (ids, r, stops) in enumerate(zip(prompt_ids, checked,
+                                                                   stop_ids))]
+
+        def finished(out):
+            if on_output is not None:
+                on_output(out)
+            if out.finished and on_completion is not None:
+                on_completion(out.request_id, self._engine_completion(out, checked))
+
+        with self._engine_lock:
+            engine = self.engine()
+            try:
+                outputs = run_requests(None, engine_requests, engine=engine, on_output=finished)
+            except BaseException:
+                self._engine = None  # requests may be left in it: the next call starts afresh
+                raise
+        return [self._engine_completion(out, checked) for out in outputs]
+
+    def _engine_completion(self, out, checked) -> Completion:
+        """A finished RequestOutput as a Completion: its text by the rule of every output
+        path (`_completion`), the engine's finish reason unless a stop string cut it."""
+        i = out.request_id
+        eos = [] if checked[i].ignore_eos else self.eos_token_ids
+        done = self._completion(list(out.prompt_token_ids), out.token_ids, eos,
+                                checked[i].stop)
+        if done.finish_reason == "stop" or out.finish_reason is None:
+            return done
+        return dataclasses.replace(done, finish_reason=out.finish_reason)
+
+    def engine(self, **engine_args) -> LLMEngine:
+        """The generation engine on this model (built on first use and kept; `engine_args`
+        such as max_num_seqs, max_num_batched_tokens, kv_cache_bytes, enable_prefix_caching
+        and page_size rebuild it: see `jaxaccel.engine.LLMEngine`). Its compiled step
+        programs are cached on the model's runtime."""
+        if self._engine is None or (engine_args and engine_args != self._engine_args):
+            self._engine_args = engine_args or self._engine_args
+            self._engine = None  # the old pool's memory goes before the new one is made
+            detokenize = self._tokenizer.decode if self._tokenizer is not None else None
+            self._engine = engine_for(self._decoder(), eos_token_ids=self.eos_token_ids,
+                                      detokenize=detokenize, **self._engine_args)
+        return self._engine
+
+    def _run_static(self, prompt_ids, checked, on_output, on_completion) -> list[Completion]:
+        """A `stage` layout: one left-padded batch per distinct setting (the static path);
+        `on_output` sees each prompt's tokens once its batch is done."""
+        out: dict[int, Completion] = {}
+        groups: dict = {}
+        for i, r in enumerate(checked):
+            groups.setdefault((r.sampling, r.ignore_eos), []).append(i)
+        for (sampling, ignore_eos), rows in groups.items():
+            longest = max(checked[i].max_new_tokens for i in rows)
+            eos = [] if ignore_eos else self.eos_token_ids
+            new = self._decoder().generate([prompt_ids[i] for i in rows], longest,
+                                           sampling=sampling, eos_id=eos or None)
+            for i, tokens in zip(rows, new):
+                out[i] = self._completion(prompt_ids[i], tokens[:checked[i].max_new_tokens],
+                                          eos, checked[i].stop)
+                for n in range(1, len(out[i].token_ids) + 1) if on_output else ():
+                    on_output(RequestOutput(i, tuple(prompt_ids[i]), out[i].token_ids[:n],
+                                            finished=n == len(out[i].token_ids)))
+                if on_completion is not None:
+                    on_completion(i, out[i])
+        return [out[i] for i in range(len(prompt_ids))]
 
     @property
     def eos_token_ids(self) -> list[int]:
@@ -242,20 +346,19 @@ class Model:
         request = requests.request(max_new_tokens, defaults=self.loaded.manifest.generation,
                                    **settings)
         requests.check_prompts(self.config, ids, request.max_new_tokens)
-        eos = None if request.ignore_eos else self.eos_token_ids or None
-        yield from self._stream_text(ids[0], request, eos)
+        yield from self._stream_text(ids[0], request, None)
 
     def _stream_text(self, prompt: list[int], request, eos) -> Iterator[str]:
-        """Generate on a thread; yield the text of each new token as it arrives, in the
-        context of the prompt (`runtime.detokenize`, the rule of every output path)."""
+        """Generate on a thread (through the engine); yield the text of each new token as it
+        arrives, in the context of the prompt (`runtime.detokenize`, the rule of every
+        output path)."""
         tokens: queue.Queue = queue.Queue()
         errors: list[BaseException] = []
 
         def run():
             try:
-                self._decoder().generate([prompt], request.max_new_tokens,
-                                         sampling=request.sampling, eos_id=eos,
-                                         on_step=lambda step: tokens.put(step[0]))
+                self.run([prompt], [request],
+                         on_output=lambda out: tokens.put(out.token_ids[-1]))
             except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
                 errors.append(err)
             tokens.put(StopIteration)
@@ -313,6 +416,32 @@ class Model:
         if self.task != task:
             raise UsageError(f"{self.loaded.path} holds a {self.family!r} model ({self.task}); "
                              f"{task} needs one of {', '.join(models.families_for(task))}")
+
+
+def _per_prompt(n: int, **settings) -> list[dict]:
+    """One dict of settings per prompt: a list (or tuple) value gives each prompt its own
+    entry; any other value is shared. UsageError for a list of the wrong length."""
+    rows = [{} for _ in range(n)]
+    for name, value in settings.items():
+        if isinstance(value, (list, tuple, np.ndarray)):
+            if len(value) != n:
+                raise UsageError(f"{name}: {len(value)} values for {n} prompt(s); give one "
+                                 f"value, or one per prompt")
+            for row, v in zip(rows, value):
+                row[name] = v.item() if isinstance(v, np.generic) else v
+        else:
+            for row in rows:
+                row[name] = value
+    return rows
+
+
+def _engine_params(request: requests.Request, stop_token_ids=()) -> SamplingParams:
+    """The engine's per-request settings of a checked request."""
+    s = request.sampling
+    return SamplingParams(max_tokens=request.max_new_tokens, temperature=s.temperature,
+                          top_k=s.top_k, top_p=s.top_p, seed=s.seed % 2**32,
+                          stop=request.stop, stop_token_ids=tuple(stop_token_ids),
+                          ignore_eos=request.ignore_eos)
 
 
 def _is_id_list(p) -> bool:

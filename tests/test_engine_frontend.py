@@ -78,7 +78,14 @@ def test_throughput_table_ratios_and_missing_contenders():
             "static": [{"output_tok_s": 10.0, "ttft_s": {"p50": 2.0, "p99": 2.0},
                         "tpot_s": {"p50": 0.05, "p99": 0.05}}]}
     rows = throughput.table_rows(throughput.summarize(runs), ["vllm (not installed)"])
-    assert rows[0][:5] == ("engine", 30.0, 3.0, "0.5 / 1", "10 / 20")
-    assert rows[0][6:] == ("10 / 100", 0, 2, 50)
-    assert rows[1][2] == 1.0 and rows[1][6] == "n/a"
+    assert rows[0][:6] == ("engine", 30.0, 3.0, "n/a", "0.5 / 1", "10 / 20")
+    assert rows[0][7:] == ("10 / 100", 0, 2, 50, "n/a")
+    assert rows[1][2] == 1.0 and rows[1][7] == "n/a"
     assert rows[2][:2] == ("vllm (not installed)", "missing")
+    assert len(rows[2]) == len(throughput.COLUMNS)
+
+
+def test_token_agreement_with_vllm_counts_equal_requests():
+    summary = {"engine": {"token_ids": [[1, 2], [3]]}, "vllm": {"token_ids": [[1, 2], [4]]}}
+    assert throughput.agreement(summary) == {"engine": "1/2"}
+    assert "token_ids" not in summary["engine"]

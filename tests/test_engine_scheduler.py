@@ -65,7 +65,7 @@ def req(i, n, new=4):
 
 
 def test_budget_chunks_prompts_and_limits_sequences():
-    sched = make(budget=10, seqs=2)
+    sched = make(budget=10, seqs=2, prefix=False)  # equal prompt heads: no waiting for them
     for i, n in enumerate((7, 6, 3)):
         sched.add(req(i, n))
     rows = sched.schedule()
@@ -106,3 +106,19 @@ def test_a_cached_prefix_is_not_recomputed():
     [row] = sched.schedule()  # the first waits for its sampled token: not scheduled
     assert (row.seq.request.request_id, row.start, row.count) == (1, 8, 2)
     assert row.seq.pages[:2] == first.pages[:2] and row.seq.pages[2] != first.pages[2]
+
+
+def test_requests_arriving_together_compute_a_shared_prefix_once():
+    sched = make(pages=40, page_size=4, seqs=8, budget=64)
+    prefix = list(range(1, 13))  # three full pages
+    for i in range(4):
+        sched.add(Request(i, prefix + [50 + i, 60 + i], SamplingParams(max_tokens=2)))
+    rows = sched.schedule()  # the others wait while the first computes the shared pages
+    assert [(r.seq.request.request_id, r.start, r.count) for r in rows] == [(0, 0, 14)]
+    sched.advance(rows)
+    rows[0].seq.tokens.append(7)
+    rows = sched.schedule()
+    assert [(r.seq.request.request_id, r.start, r.count) for r in rows] == [
+        (0, 14, 1), (1, 12, 2), (2, 12, 2), (3, 12, 2)]
+    sched.advance(rows)
+    assert sched.prefill_tokens == 14 + 3 * 2

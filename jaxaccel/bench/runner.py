@@ -54,9 +54,12 @@ class Worker:
     module: str
     kwargs: Mapping = dataclasses.field(default_factory=dict)
     devices: int | None = None
+    python: str | None = None  # another interpreter (one with vLLM, say); default: this one
+    script: str | None = None  # run this file instead of `-m module` (imports no jaxaccel)
 
     def argv(self) -> list[str]:
-        return [sys.executable, "-m", self.module, json.dumps(dict(self.kwargs))]
+        target = [self.script] if self.script else ["-m", self.module]
+        return [self.python or sys.executable, *target, json.dumps(dict(self.kwargs))]
 
 
 def worker_env(devices: int | None = None, base: Mapping[str, str] | None = None) -> dict:
@@ -237,3 +240,19 @@ def write_json(path: pathlib.Path | None, payload: dict) -> None:
     if path is not None:
         payload = {**payload, "failed": failures()}
         pathlib.Path(path).write_text(json.dumps(payload, indent=1) + "\n")
+
+
+def cpu_model() -> str:
+    """The host CPU's model name (/proc/cpuinfo; else `platform.processor()`) and core count."""
+    import os  # deferred: only the tables that name the CPU need these
+    import platform
+
+    name = platform.processor() or "unknown CPU"
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} logical core(s)"

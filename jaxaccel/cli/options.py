@@ -6,6 +6,7 @@ from typing import Optional
 
 import typer
 
+from jaxaccel.errors import UsageError
 from jaxaccel.utils.units import parse_bytes
 
 CKPT_HELP = ("Checkpoint directory, or a remote one: gs://BUCKET/PATH, s3://BUCKET/PATH, "
@@ -81,3 +82,42 @@ PROMPT_NAME = typer.Option(
     None, "--prompt-name", help="Put this prompt of the model's "
     "config_sentence_transformers.json before every text (default: its "
     "default_prompt_name, if any), as sentence-transformers' encode(prompt_name=).")
+
+# The generation engine's settings (`generate`; `serve` declares the same) -----------------
+
+MAX_NUM_SEQS = typer.Option(64, "--max-num-seqs", min=1, help="Sequences in flight at once "
+                            "(rows of one engine step), as vLLM's max_num_seqs.")
+MAX_NUM_BATCHED_TOKENS = typer.Option(512, "--max-num-batched-tokens", min=1, help="Tokens "
+                                      "per engine step (decode tokens plus prefill chunks), "
+                                      "as vLLM's max_num_batched_tokens.")
+KV_CACHE_MEMORY = typer.Option(None, "--kv-cache-memory", help="Memory of the paged KV "
+                               "cache: bytes with units (e.g. 2GiB), or a fraction in (0, 1] of "
+                               "the memory free once the weights are placed (host memory on "
+                               "CPU). Default: 1GiB, or less when --max-num-seqs sequences of "
+                               "the model's maximum length fit in less.")
+NO_PREFIX_CACHE = typer.Option(False, "--no-prefix-cache", help="Do not reuse the KV pages "
+                               "of prompt prefixes shared between requests (on by default).")
+
+
+def kv_cache_memory_from(text: Optional[str]) -> int | float | None:
+    """--kv-cache-memory as bytes (int) or a fraction of free memory (float in (0, 1])."""
+    if text is None:
+        return None
+    try:
+        fraction = float(text)
+    except ValueError:
+        fraction = None
+    if fraction is not None and "." in text:  # "0.5": a fraction; "1000": bytes
+        if not 0.0 < fraction <= 1.0:
+            raise UsageError(f"--kv-cache-memory: a fraction must be in (0, 1], got {text!r}; "
+                             f"give bytes with units (e.g. 2GiB) for an absolute size")
+        return fraction
+    return parse_bytes(text, "--kv-cache-memory")
+
+
+def engine_args_from(max_num_seqs: int, max_num_batched_tokens: int,
+                     kv_cache_memory: Optional[str], no_prefix_cache: bool) -> dict:
+    """The engine flags as `LLMEngine` keyword arguments."""
+    return {"max_num_seqs": max_num_seqs, "max_num_batched_tokens": max_num_batched_tokens,
+            "kv_cache_bytes": kv_cache_memory_from(kv_cache_memory),
+            "enable_prefix_caching": not no_prefix_cache}

@@ -33,12 +33,15 @@ def register(app: typer.Typer) -> None:
         quantize: Optional[str] = options.QUANTIZE,
         group_size: int = options.GROUP_SIZE,
         quantize_head: bool = options.QUANTIZE_HEAD,
+        max_num_seqs: int = options.MAX_NUM_SEQS,
+        kv_cache_memory: Optional[str] = options.KV_CACHE_MEMORY,
         as_json: bool = options.JSON,
         quiet: bool = options.QUIET,
     ) -> None:
         """Print, per device, the bytes for parameters, KV cache and activations (XLA's
         compiled memory analysis) and, per process, the bytes restore reads and its peak host
-        memory. Exits 1, naming the largest arrays and a mesh that fits, when a device with
+        memory; for decoders, the generation engine's KV page pool (pages, page size, bytes;
+        --max-num-seqs and --kv-cache-memory as `generate` takes them). Exits 1, naming the largest arrays and a mesh that fits, when a device with
         known memory (--device-memory) would overflow."""
         # deferred: jax loads only when a command runs, after --host-devices set XLA's flags
         import jax
@@ -52,11 +55,33 @@ def register(app: typer.Typer) -> None:
                               host_budget=parse_bytes(budget, "--host-memory-budget"),
                               device_memory=memory,
                               quantize=options.scheme_from(quantize, group_size, quantize_head))
+        pool = _page_pool(result, max_num_seqs, kv_cache_memory)
         if as_json:
-            print(json.dumps(result.to_json()))
+            print(json.dumps({**result.to_json(), **({"kv_page_pool": pool} if pool else {})}))
         else:
             _print_plan(result, quiet)
+            if pool:
+                Console().print(f"engine KV page pool: {pool['pages'] - 1} pages of "
+                                f"{pool['page_size']} tokens ({fb(pool['page_bytes'])} each, "
+                                f"{pool['tokens']} tokens), {fb(pool['bytes'])} in all, kv "
+                                f"heads split over model")
         planner.check_fits(result, len(jax.devices()))
+
+
+def _page_pool(result, max_num_seqs: int, kv_cache_memory: Optional[str]) -> dict | None:
+    """The engine's page pool for a decoder plan (None for other tasks)."""
+    if result.task != "generate":
+        return None
+    import jax  # deferred: as above
+
+    from jaxaccel.engine.engine import pool_plan
+
+    free = (result.device_memory - result.param_bytes - result.activation_bytes
+            if result.device_memory else None)
+    return pool_plan(result.config, result.dtype, jax.devices()[0].platform,
+                     max_num_seqs=max_num_seqs,
+                     kv_cache_bytes=options.kv_cache_memory_from(kv_cache_memory),
+                     free_bytes=free)
 
 
 def _scheme(info: dict) -> str:

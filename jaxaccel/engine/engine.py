@@ -9,6 +9,7 @@ and returns their outputs in request order, streaming each step's outputs to `on
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 
@@ -33,19 +34,70 @@ from jaxaccel.parallel import distributed
 DEFAULT_KV_CACHE_BYTES = 1 << 30
 
 
+def free_memory_bytes(layout) -> int:
+    """Bytes free on the layout's first device (its allocator's limit less what is in use);
+    on a device without memory stats (CPU), the host memory available."""
+    device = layout.mesh.devices.flat[0]
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def fraction_of(fraction: float, free_bytes: int) -> int:
+    """`fraction` (in (0, 1]) of `free_bytes`; UsageError outside that range."""
+    if not 0.0 < fraction <= 1.0:
+        raise UsageError(f"KV cache memory fraction must be in (0, 1], got {fraction}")
+    return int(fraction * free_bytes)
+
+
+def pool_size(config, itemsize: int, page_size: int, max_num_seqs: int,
+              budget: int | None) -> tuple[int, int]:
+    """(pages, null page included; bytes of one page over all layers) of the KV page pool:
+    `budget` bytes' worth, or by default DEFAULT_KV_CACHE_BYTES' worth capped at what
+    `max_num_seqs` sequences of the model's maximum length can use. UsageError below 2."""
+    one = page_pool.page_bytes(config.num_layers, config.num_kv_heads, page_size,
+                               config.head_dim, itemsize)
+    if budget is not None:
+        return page_pool.pages_for_budget(budget, one), one
+    enough = max_num_seqs * page_pool.pages_needed(config.max_length, page_size) + 1
+    return min(enough, page_pool.pages_for_budget(DEFAULT_KV_CACHE_BYTES, one)), one
+
+
+def pool_plan(config, dtype, platform: str, *, page_size: int = 16, max_num_seqs: int = 64,
+              kv_cache_bytes: int | float | None = None, free_bytes: int | None = None
+              ) -> dict:
+    """What `LLMEngine` would allocate, from the config alone (for `jaxaccel plan`): pages
+    (null page included), page_size (tokens), page_bytes, total bytes (global; kv heads are
+    split over `model`) and tokens the pool holds. A fractional `kv_cache_bytes` takes that
+    share of `free_bytes` (default: host memory available)."""
+    from jaxaccel import backends  # deferred: only the plan needs a platform's backend
+
+    if isinstance(kv_cache_bytes, float):
+        free = free_bytes if free_bytes is not None else (
+            os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        kv_cache_bytes = fraction_of(kv_cache_bytes, free)
+    storage = backends.for_platform(platform).cache_storage_dtype(dtype)
+    pages, one = pool_size(config, np.dtype(storage).itemsize, page_size, max_num_seqs,
+                           kv_cache_bytes)
+    return {"pages": pages, "page_size": page_size, "page_bytes": one,
+            "bytes": pages * one, "tokens": (pages - 1) * page_size}
+
+
 class LLMEngine:
     """The engine over one decoder: a `Generator`'s runtime and placed weights (its layout,
     dtype, backend and jit cache), plus a page pool and a scheduler.
 
     page_size: tokens per page. num_pages (null page included) or kv_cache_bytes sizes the
-    pool (default: 1 GiB, or less when max_num_seqs sequences of the model's maximum length
-    need less). eos_token_ids: the model's EOS ids (a request stops at them unless it
+    pool: bytes (int), or a float in (0, 1], that fraction of the memory free on the first
+    device once the weights are placed (host memory available on CPU). Default: 1 GiB, or
+    less when max_num_seqs sequences of the model's maximum length need less. eos_token_ids: the model's EOS ids (a request stops at them unless it
     ignores EOS). detokenize: ids -> text, for stop strings and output text. seed: the
     random stream of requests without their own seed.
     """
 
     def __init__(self, generator, *, page_size: int = 16, num_pages: int | None = None,
-                 kv_cache_bytes: int | None = None, max_num_seqs: int = 64,
+                 kv_cache_bytes: int | float | None = None, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 512, enable_prefix_caching: bool = True,
                  eos_token_ids: Sequence[int] = (), detokenize: Callable | None = None,
                  seed: int = 0):
@@ -67,15 +119,13 @@ class LLMEngine:
         # rest is the host: scheduling, input arrays, dispatch, stop checks).
         self.timings = {"steps": 0, "step_s": 0.0, "device_wait_s": 0.0}
 
-    def _pages_for(self, budget: int | None) -> int:
-        cfg = self.config
-        storage = self.generator.runtime.backend.cache_storage_dtype(self.generator.dtype)
-        one = page_pool.page_bytes(cfg.num_layers, cfg.num_kv_heads, self.page_size,
-                                   cfg.head_dim, np.dtype(storage).itemsize)
-        if budget is None:
-            enough = self.max_num_seqs * self.max_pages_per_seq + 1
-            return min(enough, page_pool.pages_for_budget(DEFAULT_KV_CACHE_BYTES, one))
-        return page_pool.pages_for_budget(budget, one)
+    def _pages_for(self, budget: int | float | None) -> int:
+        gen = self.generator
+        if isinstance(budget, float):
+            budget = fraction_of(budget, free_memory_bytes(gen.runtime.layout))
+        storage = gen.runtime.backend.cache_storage_dtype(gen.dtype)
+        return pool_size(self.config, np.dtype(storage).itemsize, self.page_size,
+                         self.max_num_seqs, budget)[0]
 
     def _empty_pages(self) -> KVPages:
         cfg, gen = self.config, self.generator

@@ -56,6 +56,15 @@ class PrefixCache:
         self.hit_pages += len(pages)
         return pages
 
+    def cached_run(self, keys: Sequence[int]) -> int:
+        """How many of `keys` (a chain, in order) are cached, from the first; takes nothing."""
+        if not self.enabled:
+            return 0
+        for i, key in enumerate(keys):
+            if key not in self._page_of:
+                return i
+        return len(keys)
+
     def register(self, keys: list[int], tokens: Sequence[int], pages: Sequence[int],
                  first: int, full: int) -> None:
         """Record pages[first:full] (full pages of `tokens`, computed) under their keys

@@ -5,7 +5,9 @@ Policy (vLLM v1's, in plain Python on the host, no jax): a step has a token budg
 oldest first: one token each when decoding, or the next chunk of a prompt still being
 prefilled (chunked prefill: a long prompt spreads over steps, within the budget). Then
 waiting requests join in arrival order while budget, sequence slots and pages last; each
-first takes the longest cached prefix of its tokens. A sequence that needs a page when none
+first takes the longest cached prefix of its tokens; one whose next prompt page a running
+sequence is computing right now waits a step for it (a shared system prompt is computed
+once, not once per request arriving together). A sequence that needs a page when none
 is free preempts the newest running sequence (its pages are freed, it goes back to the front
 of the queue and is recomputed later from its prompt and the tokens it already has: the
 same tokens come out, since greedy and seeded sampling depend only on the sequence), and
@@ -18,7 +20,7 @@ import collections
 import dataclasses
 
 from jaxaccel.engine.page_pool import PagePool, pages_needed
-from jaxaccel.engine.prefix_cache import PrefixCache
+from jaxaccel.engine.prefix_cache import PrefixCache, extend_keys
 from jaxaccel.engine.requests import Request
 
 
@@ -103,14 +105,41 @@ class Scheduler:
             if seq in self.running:
                 rows.append(Scheduled(seq, seq.computed, count))
                 budget -= count
+        pending = self._pending_keys()
         while self.waiting and not preempted and budget and len(self.running) < self.max_num_seqs:
+            if self._computing_its_prefix(self.waiting[0], pending):
+                break  # next step it finds those pages cached instead of computing them again
             row = self._admit(self.waiting[0], budget)
             if row is None:
                 break
+            pending.update(self._uncached_prompt_keys(self.waiting[0]))
             self.running.append(self.waiting.popleft())
             rows.append(row)
             budget -= row.count
         return rows
+
+    def _uncached_prompt_keys(self, seq: Sequence) -> list[int]:
+        """Keys of `seq`'s full prompt pages not yet offered to the prefix cache."""
+        full = (seq.prompt_len - 1) // self.page_size  # the pages a lookup may take
+        extend_keys(seq.keys, seq.tokens, self.page_size, full)
+        return seq.keys[seq.registered:full]
+
+    def _pending_keys(self) -> set[int]:
+        """Keys of the prompt pages running sequences are still computing."""
+        if not self.prefix.enabled:
+            return set()
+        return {key for seq in self.running if seq.computed < seq.prompt_len
+                for key in self._uncached_prompt_keys(seq)}
+
+    def _computing_its_prefix(self, seq: Sequence, pending: set[int]) -> bool:
+        """Whether the first prompt page of `seq` that is not cached yet is one a running
+        sequence is computing now: admitting `seq` would compute it twice (pages register
+        once computed, after the step), waiting a step gets it from the cache."""
+        if not pending or not self.prefix.enabled:
+            return False
+        keys = self._uncached_prompt_keys(seq)  # seq waits: nothing registered yet
+        cached = self.prefix.cached_run(keys)
+        return cached < len(keys) and keys[cached] in pending
 
     def _admit(self, seq: Sequence, budget: int) -> Scheduled | None:
         """Start a waiting sequence from its longest cached prefix, if pages allow."""

@@ -26,6 +26,8 @@ from collections.abc import Callable
 
 from jaxaccel import models
 from jaxaccel.checkpoint.restore import DEFAULT_HOST_MEMORY_BUDGET
+from jaxaccel.engine import warmup
+from jaxaccel.engine.requests import Request, SamplingParams
 from jaxaccel.errors import UsageError
 from jaxaccel.parallel.sharding import Layout
 from jaxaccel.runtime import requests
@@ -41,8 +43,10 @@ Runner = Embedder | Generator | Classifier
 Prepare = Callable[[ModelPlan], tuple[Runner, Callable[[], object]]]
 
 # What `jaxaccel.load` compiles while restoring, knowing no input yet: the programs of a
-# first small call (one short text or image; a short prompt and this many new tokens).
+# first small call (one short text or image; a short prompt and this many new tokens,
+# through the generation engine with its default settings).
 DEFAULT_NEW_TOKENS = 32
+DEFAULT_PROMPT_TOKENS = 8
 
 
 @dataclasses.dataclass
@@ -101,7 +105,8 @@ def check_task(plan: ModelPlan, task: str | None) -> None:
 def default_prepare(microbatches: int | None = None) -> Prepare:
     """The runner `Model` uses first, compiled for a first small call: embed one short text
     (batches of 32), classify one image (batches of 32), or generate from one short prompt
-    with the checkpoint's default sampling (greedy unless its generation_config samples)."""
+    (the engine's step programs; a pipeline layout's static programs with the checkpoint's
+    default sampling)."""
     def prepare(plan: ModelPlan):
         task = models.task(plan.manifest.family)
         if task == "embed":
@@ -111,8 +116,12 @@ def default_prepare(microbatches: int | None = None) -> Prepare:
             classifier = Classifier(plan, batch_size=32)
             return classifier, lambda: classifier.compile(1)
         generator = Generator.from_plan(plan, microbatches=microbatches)
-        sampling = requests.sampling(defaults=plan.manifest.generation)
-        return generator, lambda: generator.compile([1], DEFAULT_NEW_TOKENS, sampling)
+        if generator.runtime.pipeline is not None:  # static decode: the engine runs no stages
+            sampling = requests.sampling(defaults=plan.manifest.generation)
+            return generator, lambda: generator.compile([1], DEFAULT_NEW_TOKENS, sampling)
+        first = Request(0, [0] * DEFAULT_PROMPT_TOKENS,
+                        SamplingParams(max_tokens=DEFAULT_NEW_TOKENS))
+        return generator, lambda: warmup.precompile(generator, [first])
     return prepare
 
 
