@@ -106,3 +106,14 @@ def test_a_cached_prefix_is_not_recomputed():
     [row] = sched.schedule()  # the first waits for its sampled token: not scheduled
     assert (row.seq.request.request_id, row.start, row.count) == (1, 8, 2)
     assert row.seq.pages[:2] == first.pages[:2] and row.seq.pages[2] != first.pages[2]
+
+
+def test_abort_frees_a_running_or_waiting_request_at_once():
+    sched = make(pages=9, page_size=4, budget=64, seqs=1, prefix=False)
+    sched.add(req(0, 9))
+    sched.add(req(1, 5))
+    sched.advance(sched.schedule())
+    assert sched.pool.used_count == 3 and len(sched.waiting) == 1
+    assert sched.abort(0) and sched.pool.used_count == 0 and not sched.running
+    assert sched.abort(1) and not sched.has_work
+    assert not sched.abort(1)  # gone already

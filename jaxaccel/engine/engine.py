@@ -117,6 +117,22 @@ class LLMEngine:
         if request.params.stop and self.detokenize is None:
             raise InputError(f"{name}: stop strings need a tokenizer")
 
+    def abort_request(self, request_id) -> bool:
+        """Stop the request `request_id` (a client that went away): its sequence leaves the
+        scheduler and its pages are freed now, before the next step. False if it is not in
+        flight (finished already, or never added)."""
+        found = self.scheduler.abort(request_id)
+        self.outputs.pop(request_id, None)
+        return found
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
     @property
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work
