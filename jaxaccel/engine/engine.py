@@ -198,7 +198,9 @@ class LLMEngine:
         now = time.perf_counter()
         out.first_token_s = out.first_token_s or now
         reason, cut = None, False
-        if token in params.stop_token_ids:
+        if len(out.token_ids) < params.min_tokens:
+            pass  # too early for any stop condition
+        elif token in params.stop_token_ids:
             reason = FINISH_STOP
         elif not params.ignore_eos and token in self.eos_token_ids:
             reason = FINISH_EOS
