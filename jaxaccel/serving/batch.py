@@ -44,7 +44,8 @@ async def one_line(server, number: int, line: str) -> dict:
     custom_id = None
     try:
         record = _parse(number, line)
-        custom_id = record["custom_id"]
+        custom_id = record.get("custom_id")
+        _check(number, record)
         method, model_type = ENDPOINTS[record["url"]]
         body = _body(number, model_type, record["body"])
         result = await getattr(server, method)(body)
@@ -63,6 +64,10 @@ def _parse(number: int, line: str) -> dict:
         raise LineError(f"line {number}: not valid JSON ({err})") from None
     if not isinstance(record, dict):
         raise LineError(f"line {number}: expected a JSON object")
+    return record
+
+
+def _check(number: int, record: dict) -> None:
     missing = [k for k in ("custom_id", "url", "body") if k not in record]
     if missing:
         raise LineError(f"line {number}: missing field(s) {missing}")
@@ -71,7 +76,6 @@ def _parse(number: int, line: str) -> dict:
     if record["url"] not in ENDPOINTS:
         raise LineError(f"line {number}: url must be one of {sorted(ENDPOINTS)}, got "
                         f"{record['url']!r}")
-    return record
 
 
 def _body(number: int, model_type, body):
