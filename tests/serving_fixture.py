@@ -11,10 +11,10 @@ import socket
 import threading
 import time
 
-CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant:{% endif %}")
 CORPUS = ["The quick brown fox jumps over the lazy dog.", "héllo wörld, ça va? 日本語 €",
-          "Compiled inference with JAX runs on many devices."] * 20
+          "Compiled inference with JAX runs on many devices.", "user: hi\nassistant:"] * 20
 EOS = "<|endoftext|>"
 
 

@@ -47,6 +47,10 @@ def client(url, api_key="none"):
     return openai.OpenAI(base_url=f"{url}/v1", api_key=api_key, timeout=300, max_retries=0)
 
 
+def state_url(served):
+    return served[1]
+
+
 def wait_idle(state, seconds=60):
     """Until the engine has nothing in flight (its pages are then all free)."""
     deadline = time.time() + seconds
@@ -81,13 +85,15 @@ def test_chat_renders_the_checkpoint_template(served):
     import jinja2
 
     state, url = served
-    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    messages = [{"role": "user", "content": "hi"}]  # short: prompt + reply fit one KV page
     reply = client(url).chat.completions.create(model=NAME, messages=messages, max_tokens=5,
                                                 temperature=0, extra_body={"ignore_eos": True})
     text = jinja2.Template(CHAT_TEMPLATE).render(messages=messages, add_generation_prompt=True)
     tok = state.server.tokenizer
     ids = tok.encode([text], 1000, add_special_tokens=False).ids[0]
-    want = state.server.model.generate([ids], max_new_tokens=5, greedy=True, ignore_eos=True)
+    # the rendered prompt as token ids through /v1/completions (which equals Model.generate)
+    want = client(url).completions.create(model=NAME, prompt=ids, max_tokens=5, temperature=0,
+                                          extra_body={"ignore_eos": True}).choices
     assert reply.choices[0].message.content == want[0].text
     assert reply.choices[0].message.role == "assistant"
     assert reply.usage.prompt_tokens == len(ids) and reply.usage.completion_tokens == 5
@@ -238,8 +244,9 @@ def test_run_batch_lines_in_order_with_error_lines(served):
                                   "max_tokens": 2}})]
     out = asyncio.run(run_lines(state.server, lines))
     assert [o["custom_id"] for o in out] == ["a", None, "c", "d", "e"]
-    want = state.server.model.generate(["JAX runs"], max_new_tokens=3, greedy=True,
-                                       ignore_eos=True)[0].text
+    want = client(state_url(served)).completions.create(
+        model=NAME, prompt="JAX runs", max_tokens=3, temperature=0,
+        extra_body={"ignore_eos": True}).choices[0].text
     assert out[0]["response"]["status_code"] == 200
     assert out[0]["response"]["body"]["choices"][0]["text"] == want
     assert out[1]["response"] is None and "line 2" in out[1]["error"]["message"]
@@ -283,8 +290,8 @@ def test_sigterm_drains_running_requests_and_exits_0(decoder_ckpt):
                 pass
             assert proc.poll() is None, proc.stderr.read()
             time.sleep(0.2)
-        body = {"prompt": [1, 2, 3], "max_tokens": 40, "stream": True, "ignore_eos": True,
-                "return_token_ids": True}
+        body = {"prompt": [1, 2, 3], "max_tokens": 28, "stream": True, "ignore_eos": True,
+                "return_token_ids": True}  # 31 tokens: two KV pages, few compiled shapes
         ids = []
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as r:
             for line in r.iter_lines():
@@ -292,7 +299,7 @@ def test_sigterm_drains_running_requests_and_exits_0(decoder_ckpt):
                     if not ids:
                         proc.send_signal(signal.SIGTERM)  # mid-stream
                     ids += json.loads(line[6:])["choices"][0]["token_ids"]
-        assert len(ids) == 40  # the running request finished
+        assert len(ids) == 28  # the running request finished
         assert proc.wait(120) == 0
     finally:
         if proc.poll() is None:

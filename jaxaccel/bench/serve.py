@@ -121,7 +121,7 @@ def register(bench_app: typer.Typer) -> None:
     ) -> None:
         """Load OpenAI-compatible servers over HTTP (Poisson --request-rate or
         --max-concurrency): request throughput, output tok/s, TTFT/TPOT p50/p90/p99."""
-        from jaxaccel.bench.throughput import vocab_of
+        from jaxaccel.bench.throughput import vocab_of  # deferred: reads a manifest (orbax)
 
         if ckpt is None and not base_url:
             raise UsageError("give CKPT (served here) and/or --base-url URL")

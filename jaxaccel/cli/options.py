@@ -81,3 +81,23 @@ PROMPT_NAME = typer.Option(
     None, "--prompt-name", help="Put this prompt of the model's "
     "config_sentence_transformers.json before every text (default: its "
     "default_prompt_name, if any), as sentence-transformers' encode(prompt_name=).")
+
+# The engine's settings (vLLM's names): serve, run-batch.
+MAX_NUM_SEQS = typer.Option(64, "--max-num-seqs", min=1, help="Sequences in a step at most.")
+MAX_NUM_BATCHED_TOKENS = typer.Option(512, "--max-num-batched-tokens", min=1,
+                                      help="Tokens in a step at most (chunked prefill).")
+KV_CACHE_MEMORY = typer.Option(None, "--kv-cache-memory", help="KV cache pool size, e.g. "
+                               "2GiB (default: enough for --max-num-seqs full-length "
+                               "sequences, at most 1GiB).")
+NO_PREFIX_CACHE = typer.Option(False, "--no-prefix-cache", help="Do not share the KV pages "
+                               "of equal prompt prefixes between requests.")
+
+
+def engine_args_from(max_num_seqs: int, max_num_batched_tokens: int,
+                     kv_cache_memory: Optional[str], no_prefix_cache: bool) -> dict:
+    """The engine flags as LLMEngine's keyword arguments."""
+    args = {"max_num_seqs": max_num_seqs, "max_num_batched_tokens": max_num_batched_tokens,
+            "enable_prefix_caching": not no_prefix_cache}
+    if kv_cache_memory:
+        args["kv_cache_bytes"] = parse_bytes(kv_cache_memory, "--kv-cache-memory")
+    return args

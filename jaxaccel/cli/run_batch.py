@@ -11,13 +11,6 @@ from typing import Optional
 import typer
 
 from jaxaccel.cli import options
-from jaxaccel.cli.serve import (
-    KV_CACHE_MEMORY,
-    MAX_NUM_BATCHED_TOKENS,
-    MAX_NUM_SEQS,
-    NO_PREFIX_CACHE,
-    engine_args_from,
-)
 from jaxaccel.utils.files import read_lines, write_atomically
 
 
@@ -33,10 +26,10 @@ def register(app: typer.Typer) -> None:
         rules: str = options.RULES,
         dtype: Optional[str] = options.DTYPE,
         quantize: Optional[str] = options.QUANTIZE,
-        max_num_seqs: int = MAX_NUM_SEQS,
-        max_num_batched_tokens: int = MAX_NUM_BATCHED_TOKENS,
-        kv_cache_memory: Optional[str] = KV_CACHE_MEMORY,
-        no_prefix_cache: bool = NO_PREFIX_CACHE,
+        max_num_seqs: int = options.MAX_NUM_SEQS,
+        max_num_batched_tokens: int = options.MAX_NUM_BATCHED_TOKENS,
+        kv_cache_memory: Optional[str] = options.KV_CACHE_MEMORY,
+        no_prefix_cache: bool = options.NO_PREFIX_CACHE,
         served_model_name: Optional[str] = typer.Option(None, "--served-model-name"),
         chat_template: Optional[pathlib.Path] = typer.Option(None, "--chat-template"),
         quiet: bool = options.QUIET,
@@ -54,7 +47,7 @@ def register(app: typer.Typer) -> None:
                              quantize=options.scheme_from(quantize),
                              served_model_name=served_model_name,
                              chat_template_file=chat_template,
-                             engine_args=engine_args_from(max_num_seqs, max_num_batched_tokens,
+                             engine_args=options.engine_args_from(max_num_seqs, max_num_batched_tokens,
                                                           kv_cache_memory, no_prefix_cache),
                              quiet=quiet)
         server.start()

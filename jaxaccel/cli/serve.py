@@ -10,28 +10,6 @@ from typing import Optional
 import typer
 
 from jaxaccel.cli import options
-from jaxaccel.utils.units import parse_bytes
-
-# The engine's settings, as `generate` declares them (vLLM's names).
-MAX_NUM_SEQS = typer.Option(64, "--max-num-seqs", min=1, help="Sequences in a step at most.")
-MAX_NUM_BATCHED_TOKENS = typer.Option(512, "--max-num-batched-tokens", min=1,
-                                      help="Tokens in a step at most (chunked prefill).")
-KV_CACHE_MEMORY = typer.Option(None, "--kv-cache-memory", help="KV cache pool size, e.g. "
-                               "2GiB (default: enough for --max-num-seqs full-length "
-                               "sequences, at most 1GiB).")
-NO_PREFIX_CACHE = typer.Option(False, "--no-prefix-cache", help="Do not share the KV pages "
-                               "of equal prompt prefixes between requests.")
-
-
-def engine_args_from(max_num_seqs: int, max_num_batched_tokens: int,
-                     kv_cache_memory: Optional[str], no_prefix_cache: bool) -> dict:
-    """The engine flags as LLMEngine's keyword arguments."""
-    args = {"max_num_seqs": max_num_seqs, "max_num_batched_tokens": max_num_batched_tokens,
-            "enable_prefix_caching": not no_prefix_cache}
-    if kv_cache_memory:
-        args["kv_cache_bytes"] = parse_bytes(kv_cache_memory, "--kv-cache-memory")
-    return args
-
 
 def register(app: typer.Typer) -> None:
     @app.command("serve")
@@ -43,10 +21,10 @@ def register(app: typer.Typer) -> None:
         rules: str = options.RULES,
         dtype: Optional[str] = options.DTYPE,
         quantize: Optional[str] = options.QUANTIZE,
-        max_num_seqs: int = MAX_NUM_SEQS,
-        max_num_batched_tokens: int = MAX_NUM_BATCHED_TOKENS,
-        kv_cache_memory: Optional[str] = KV_CACHE_MEMORY,
-        no_prefix_cache: bool = NO_PREFIX_CACHE,
+        max_num_seqs: int = options.MAX_NUM_SEQS,
+        max_num_batched_tokens: int = options.MAX_NUM_BATCHED_TOKENS,
+        kv_cache_memory: Optional[str] = options.KV_CACHE_MEMORY,
+        no_prefix_cache: bool = options.NO_PREFIX_CACHE,
         api_key: Optional[str] = typer.Option(None, "--api-key", envvar="JAXACCEL_API_KEY",
                                               help="Require 'Authorization: Bearer KEY' on "
                                               "/v1 routes ($JAXACCEL_API_KEY)."),
@@ -71,7 +49,7 @@ def register(app: typer.Typer) -> None:
 
         layout = options.layout_from(mesh, rules)
         scheme = options.scheme_from(quantize)
-        engine_args = engine_args_from(max_num_seqs, max_num_batched_tokens, kv_cache_memory,
+        engine_args = options.engine_args_from(max_num_seqs, max_num_batched_tokens, kv_cache_memory,
                                        no_prefix_cache)
 
         def load():
