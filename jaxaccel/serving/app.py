@@ -25,6 +25,7 @@ from jaxaccel.serving.protocol import (
     CompletionRequest,
     EmbeddingRequest,
 )
+from jaxaccel.serving.server import ClientGone
 
 
 class ServerState:
@@ -35,6 +36,7 @@ class ServerState:
         self.server = None
         self.error: BaseException | None = None
         self.ready = threading.Event()
+        self.on_failure: Callable[[], None] = lambda: None  # `serve` stops uvicorn
 
     def load_now(self) -> None:
         try:
@@ -43,6 +45,7 @@ class ServerState:
             self.server = server
         except BaseException as err:  # noqa: BLE001 - /health and the command report it
             self.error = err
+            self.on_failure()
         self.ready.set()
 
     def require(self):
@@ -73,6 +76,10 @@ def _errors(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request, err: ApiError):
         return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(ClientGone)
+    async def gone(request, err):
+        return Response(status_code=499)  # nginx's "client closed request": no one reads it
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request, err: RequestValidationError):
@@ -149,9 +156,12 @@ def _respond(result):
 
 def serve(state: ServerState, host: str, port: int, drain_timeout: float = 30.0,
           log_level: str = "warning") -> None:
-    """Run the app until SIGTERM/SIGINT; running requests get `drain_timeout` seconds."""
+    """Run the app until SIGTERM/SIGINT, or until the model fails to load (then
+    `state.error` says why); running requests get `drain_timeout` seconds."""
     import uvicorn  # deferred: only the serve command needs the server itself
 
     config = uvicorn.Config(create_app(state), host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=drain_timeout, access_log=False)
-    uvicorn.Server(config).run()
+    server = uvicorn.Server(config)
+    state.on_failure = lambda: setattr(server, "should_exit", True)
+    server.run()

@@ -35,6 +35,10 @@ from jaxaccel.serving.text import ChoiceStream
 Disconnected = Callable[[], Awaitable[bool]]
 
 
+class ClientGone(Exception):
+    """The client disconnected: its requests are aborted and nothing more is sent."""
+
+
 class OpenAIServer:
     """`model`: a `jaxaccel.Model`; `generator`: its compiled Generator (decoders) or None.
     `engine_args`: LLMEngine settings (max_num_seqs, max_num_batched_tokens, ...)."""
@@ -162,6 +166,9 @@ class OpenAIServer:
         unsupported(body)
 
     def _params(self, body, prompt_len: int, max_tokens: int, field: str) -> SamplingParams:
+        if body.stop and self.tokenizer is None:
+            raise ApiError(400, "stop strings need the checkpoint's tokenizer.json; use "
+                           "stop_token_ids", "stop")
         if max_tokens < 1:
             raise ApiError(400, f"{field} must be >= 1, got {max_tokens}", field)
         if prompt_len + max_tokens - 1 > self.max_length:
@@ -270,7 +277,7 @@ class _Job:
                 return await asyncio.wait_for(self.queue.get(), 0.25)
             except asyncio.TimeoutError:
                 if disconnected is not None and await disconnected():
-                    raise asyncio.CancelledError("the client went away") from None
+                    raise ClientGone from None
 
     def usage(self) -> dict:
         prompt = sum(len(p) for p in self.prompts)
@@ -327,6 +334,8 @@ class _Job:
             yield self._sse({"id": self.id, "object": self._object(chat),
                              "created": self.created, "model": self.server.name,
                              "choices": [], "usage": self.usage()})
+        except ClientGone:
+            return  # `updates` aborted them: no one reads the rest
         except ApiError as err:
             yield self._sse(err.body())
         yield "data: [DONE]\n\n"
