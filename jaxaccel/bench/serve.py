@@ -6,7 +6,7 @@ Servers: `jaxaccel serve CKPT` started here on a free port, any `--base-url` alr
 running (`vllm serve`, SGLang, ...), and with `--vllm` also `vllm serve` on the
 checkpoint's Hugging Face source, started here when vllm is installed (this benchmark
 installs nothing: a missing contender is a `missing` row). Workload: the throughput
-benchmark's (`throughput_workload`).
+benchmark's (`throughput_workload`), run once untimed per server first (compiles).
 """
 
 from __future__ import annotations
@@ -85,7 +85,9 @@ def run_all(targets: dict, work, rates, max_concurrency, seed, api_key) -> dict:
     results = {}
     for name, (context, model) in targets.items():
         with context as url:
-            serve_load.measure(url, model, work[:4], math.inf, None, seed, api_key)  # warm-up
+            # Cold run: the whole workload at once compiles the shapes the timed runs meet
+            # (a rate's smaller batches may still meet a new one: report rates high to low).
+            serve_load.measure(url, model, work, math.inf, max_concurrency, seed, api_key)
             results[name] = [serve_load.measure(url, model, work, rate, max_concurrency, seed,
                                                 api_key) for rate in rates]
     return results
