@@ -281,15 +281,17 @@ def test_sigterm_drains_running_requests_and_exits_0(decoder_ckpt):
                              "--quiet"], env=env, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 300
+        deadline, seen = time.time() + 300, []
         while time.time() < deadline:
             try:
-                if httpx.get(f"{url}/health").status_code == 200:
+                seen.append(httpx.get(f"{url}/health").status_code)
+                if seen[-1] == 200:
                     break
             except httpx.TransportError:
                 pass
             assert proc.poll() is None, proc.stderr.read()
             time.sleep(0.2)
+        assert seen[0] == 503 and seen[-1] == 200  # listening while the model loads
         body = {"prompt": [1, 2, 3], "max_tokens": 28, "stream": True, "ignore_eos": True,
                 "return_token_ids": True}  # 31 tokens: two KV pages, few compiled shapes
         ids = []
@@ -304,3 +306,23 @@ def test_sigterm_drains_running_requests_and_exits_0(decoder_ckpt):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_stop_token_ids_min_tokens_and_stop_strings(served):
+    _, url = served
+    base = dict(model=NAME, prompt=PROMPTS[0], max_tokens=6, temperature=0)
+    first = client(url).completions.create(**base, extra_body={
+        "ignore_eos": True, "return_token_ids": True}).choices[0]
+    token = first.model_extra["token_ids"][0]
+    stopped = client(url).completions.create(**base, extra_body={
+        "stop_token_ids": [token], "return_token_ids": True}).choices[0]
+    assert stopped.model_extra["token_ids"] == [token] and stopped.finish_reason == "stop"
+    later = client(url).completions.create(**base, extra_body={
+        "stop_token_ids": [token], "min_tokens": 3, "ignore_eos": True,
+        "return_token_ids": True}).choices[0]
+    assert len(later.model_extra["token_ids"]) >= 3
+    if len(first.text) > 2:  # a stop string cuts the text before it
+        stop = first.text[2:]
+        cut = client(url).completions.create(**base, stop=[stop],
+                                             extra_body={"ignore_eos": True}).choices[0]
+        assert cut.text == first.text[:first.text.find(stop)] and cut.finish_reason == "stop"

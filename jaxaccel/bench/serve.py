@@ -93,6 +93,31 @@ def run_all(targets: dict, work, rates, max_concurrency, seed, api_key) -> dict:
     return results
 
 
+def _has_vllm(python: pathlib.Path | None) -> bool:
+    if python is None:
+        return importlib.util.find_spec("vllm") is not None
+    found = subprocess.run([str(python), "-c", "import importlib.util, sys; "
+                            "sys.exit(importlib.util.find_spec('vllm') is None)"],
+                           capture_output=True)
+    return found.returncode == 0
+
+
+def _vllm_target(ckpt, python, max_num_seqs: int, missing: list) -> dict:
+    """`vllm serve` on CKPT's Hugging Face source, or a reason in `missing`."""
+    source = runner.hf_source(ckpt) if ckpt else None
+    if not _has_vllm(python):
+        missing.append("vllm serve (not installed)")
+        return {}
+    if source is None:
+        missing.append("vllm serve (no Hugging Face source)")
+        return {}
+    port = _free_port()
+    command = [str(python or sys.executable), "-m", "vllm.entrypoints.cli.main", "serve",
+               str(source), "--port", str(port), "--served-model-name", "bench",
+               "--max-num-seqs", str(max_num_seqs)]
+    return {"vllm serve": (started(command, f"http://127.0.0.1:{port}"), "bench")}
+
+
 def register(bench_app: typer.Typer) -> None:
     @bench_app.command("serve")
     def bench_serve(
@@ -105,6 +130,9 @@ def register(bench_app: typer.Typer) -> None:
                                   "servers."),
         vllm: bool = typer.Option(False, "--vllm", help="Also start `vllm serve` on CKPT's "
                                   "Hugging Face source (a missing row when not installed)."),
+        vllm_python: Optional[pathlib.Path] = typer.Option(
+            None, "--vllm-python", help="With --vllm: the Python of an environment that has "
+            "vllm (default: this one), e.g. a separate venv with vLLM's CPU build."),
         request_rate: Optional[List[float]] = typer.Option(
             None, "--request-rate", help="Poisson arrivals, requests/s (repeatable: a "
             "curve); default inf (all at once)."),
@@ -140,17 +168,7 @@ def register(bench_app: typer.Typer) -> None:
             name, _, url = entry.rpartition("=") if "=" in entry else ("", "", entry)
             targets[name or url] = (contextlib.nullcontext(url), model)
         if vllm:
-            source = runner.hf_source(ckpt) if ckpt else None
-            if importlib.util.find_spec("vllm") is None:
-                missing.append("vllm serve (not installed)")
-            elif source is None:
-                missing.append("vllm serve (no Hugging Face source)")
-            else:
-                port = _free_port()
-                command = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve",
-                           str(source), "--port", str(port), "--served-model-name", "bench",
-                           "--max-num-seqs", str(max_num_seqs)]
-                targets["vllm serve"] = (started(command, f"http://127.0.0.1:{port}"), "bench")
+            targets.update(_vllm_target(ckpt, vllm_python, max_num_seqs, missing))
         rates = request_rate or [math.inf]
         results = run_all(targets, work, rates, max_concurrency, seed, api_key)
         base = results.get("jaxaccel", [None] * len(rates))
