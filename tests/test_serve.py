@@ -140,7 +140,8 @@ def test_64_concurrent_streams_equal_their_non_streamed_answers(served):
     ({"prompt": [5, 999]}, "prompt"),
     ({"prompt": "x", "temperature": -1}, "temperature"),
     ({"prompt": "x", "n": 2}, "n"),
-    ({"prompt": "x", "logprobs": 1}, "logprobs"),
+    ({"prompt": "x", "logprobs": 9}, "logprobs"),
+    ({"prompt": "x", "logprobs": 1, "echo": True}, "echo"),
     ({"max_tokens": 2}, "prompt"),
 ])
 def test_bad_requests_are_400_naming_the_field(served, body, param):
@@ -326,3 +327,24 @@ def test_stop_token_ids_min_tokens_and_stop_strings(served):
         cut = client(url).completions.create(**base, stop=[stop],
                                              extra_body={"ignore_eos": True}).choices[0]
         assert cut.text == first.text[:first.text.find(stop)] and cut.finish_reason == "stop"
+
+
+def test_logprobs_in_completions_chat_and_streams(served):
+    """The engine's logprobs (checked against torch in test_engine.py) in OpenAI's shapes:
+    greedy tokens are their own best, streamed entries equal the whole answer's."""
+    _, url = served
+    args = dict(model=NAME, prompt=PROMPTS[1], max_tokens=4, temperature=0, logprobs=2,
+                extra_body={"ignore_eos": True})
+    lp = client(url).completions.create(**args).choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4
+    for token, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert len(top) <= 2 and value <= 0 and max(top.values()) == pytest.approx(value)
+    streamed = [c.choices[0].logprobs for c in client(url).completions.create(
+        stream=True, **args) if c.choices and c.choices[0].logprobs]
+    assert sum((s.token_logprobs for s in streamed), []) == pytest.approx(lp.token_logprobs)
+    chat = client(url).chat.completions.create(
+        model=NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+        temperature=0, logprobs=True, top_logprobs=1, extra_body={"ignore_eos": True})
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 3 and all(len(c.top_logprobs) == 1 for c in content)
+    assert all(c.top_logprobs[0].logprob == pytest.approx(c.logprob) for c in content)

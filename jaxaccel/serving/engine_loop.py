@@ -28,6 +28,7 @@ class Update:
     finished: bool = False
     finish_reason: str | None = None
     error: Exception | None = None
+    logprobs: tuple = ()  # per token so far, as RequestOutput.logprobs (when asked)
 
 
 Sink = Callable[[Update], None]
@@ -142,7 +143,8 @@ class EngineLoop:
                 self._sinks.pop(out.request_id, None)
                 self.metrics.requests.labels(out.finish_reason).inc()
             if sink is not None:
-                sink(Update(tuple(out.token_ids), out.finished, out.finish_reason))
+                sink(Update(tuple(out.token_ids), out.finished, out.finish_reason,
+                            logprobs=tuple(out.logprobs or ())))
 
     def _timing(self, out, now: float) -> None:
         arrival, first = self._started.get(out.request_id, (now, now))

@@ -2,8 +2,8 @@
 error object every failure answers with.
 
 Validation is pydantic's: a wrong type names its field (`loc`), which `ApiError` carries as
-OpenAI's `param`. Fields that are accepted for compatibility but not served (n > 1, logprobs,
-penalties, suffix, best_of) are refused by `unsupported` with a 400 naming them, never
+OpenAI's `param`. Fields that are accepted for compatibility but not served (n > 1,
+penalties, suffix, best_of, the prompt's logprobs with echo) are refused by `unsupported` with a 400 naming them, never
 silently ignored; unknown extra fields are ignored, as OpenAI's server does.
 """
 
@@ -108,13 +108,18 @@ def unsupported(body: _Sampling) -> None:
         raise ApiError(400, "repetition_penalty is not supported; leave it at 1",
                        "repetition_penalty")
     if isinstance(body, CompletionRequest):
-        if body.logprobs is not None:
-            raise ApiError(400, "logprobs is not supported by this server yet (the engine "
-                           "returns token ids only); omit it", "logprobs")
+        if body.logprobs is not None and not 0 <= body.logprobs <= 5:
+            raise ApiError(400, f"logprobs must be in [0, 5], got {body.logprobs}", "logprobs")
+        if body.logprobs is not None and body.echo:
+            raise ApiError(400, "echo with logprobs (the prompt's log-probabilities) is not "
+                           "supported; drop one", "echo")
         if body.suffix:
             raise ApiError(400, "suffix is not supported", "suffix")
         if body.best_of not in (None, 1):
             raise ApiError(400, "best_of must be 1", "best_of")
-    if isinstance(body, ChatCompletionRequest) and (body.logprobs or body.top_logprobs):
-        raise ApiError(400, "logprobs is not supported by this server yet (the engine "
-                       "returns token ids only); omit it", "logprobs")
+    if isinstance(body, ChatCompletionRequest) and body.top_logprobs is not None:
+        if not body.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+        if not 0 <= body.top_logprobs <= 5:
+            raise ApiError(400, f"top_logprobs must be in [0, 5], got {body.top_logprobs}",
+                           "top_logprobs")

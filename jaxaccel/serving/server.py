@@ -181,7 +181,8 @@ class OpenAIServer:
                 temperature=1.0 if body.temperature is None else body.temperature,
                 top_k=max(body.top_k or 0, 0), top_p=1.0 if body.top_p is None else body.top_p,
                 seed=body.seed, stop=body.stop or (), stop_token_ids=body.stop_token_ids or (),
-                ignore_eos=body.ignore_eos, min_tokens=body.min_tokens)
+                ignore_eos=body.ignore_eos, min_tokens=body.min_tokens,
+                logprobs=_logprobs_asked(body))
         except InputError as err:
             message = str(err)
             raise ApiError(400, message, message.split(" ", 1)[0]) from None
@@ -209,6 +210,22 @@ class OpenAIServer:
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
 
+def _logprobs_asked(body) -> int | None:
+    """How many best tokens' logprobs a request asks for (None: no logprobs at all)."""
+    if isinstance(body, ChatCompletionRequest):
+        return (body.top_logprobs or 0) if body.logprobs else None
+    return body.logprobs
+
+
+def _first_by_text(pairs) -> dict:
+    """{token text: logprob}, best first; ids that decode alike (partial bytes all show as
+    U+FFFD) keep the best one's."""
+    found: dict = {}
+    for text, value in pairs:
+        found.setdefault(text, value)
+    return found
+
+
 def _encode(vector: np.ndarray, encoding: str):
     if encoding == "base64":  # little-endian float32, as OpenAI's client decodes it
         return base64.b64encode(np.asarray(vector, "<f4").tobytes()).decode()
@@ -232,6 +249,7 @@ class _Job:
         tokenizer = server.tokenizer
         self.choices = [ChoiceStream(tokenizer, p, s.stop) for p, s in zip(prompts, params)]
         self.reasons: list[str | None] = [None] * len(prompts)
+        self.logprobs: list[list] = [[] for _ in prompts]  # per choice, per token
         self.queue: asyncio.Queue = asyncio.Queue()
         self._submit()
 
@@ -257,7 +275,8 @@ class _Job:
                 self.server.loop.abort(f"{self.id}-{i}")
 
     async def updates(self, disconnected: Disconnected | None) -> AsyncIterator[tuple]:
-        """(choice index, new text, new ids, finish reason) until every choice finished;
+        """(choice index, new text, new ids, finish reason, new logprobs) until every choice
+        finished;
         aborts the rest when the client goes away or the consumer stops early."""
         try:
             while any(r is None for r in self.reasons):
@@ -265,9 +284,11 @@ class _Job:
                 if update.error is not None:
                     raise update.error
                 text, ids = self.choices[i].update(update.token_ids, update.finished)
+                lps = list(update.logprobs[len(self.logprobs[i]):])
+                self.logprobs[i] += lps
                 if update.finished:
                     self.reasons[i] = update.finish_reason or "abort"
-                yield i, text, ids, _finish_reason(self.reasons[i])
+                yield i, text, ids, _finish_reason(self.reasons[i]), lps
         finally:
             self.abort()
 
@@ -293,17 +314,18 @@ class _Job:
 
     async def response(self, disconnected, chat: bool) -> dict:
         texts = [""] * len(self.prompts)
-        async for i, text, _, _ in self.updates(disconnected):
+        async for i, text, _, _, _ in self.updates(disconnected):
             texts[i] += text
         choices = []
         for i, text in enumerate(texts):
             reason = _finish_reason(self.reasons[i])
+            lps = self._logprobs(self.choices[i].token_ids, self.logprobs[i], 0, chat)
             if chat:
                 choice = {"index": i, "message": {"role": "assistant", "content": text},
-                          "logprobs": None, "finish_reason": reason}
+                          "logprobs": lps, "finish_reason": reason}
             else:
                 echo = self._prompt_text(i) if self.body.echo else ""
-                choice = {"index": i, "text": echo + text, "logprobs": None,
+                choice = {"index": i, "text": echo + text, "logprobs": lps,
                           "finish_reason": reason}
             if self.body.return_token_ids:
                 choice["prompt_token_ids"] = list(self.prompts[i])
@@ -326,11 +348,15 @@ class _Job:
                 for i in range(len(self.prompts)):
                     yield self._sse(self._chunk(i, self._prompt_text(i), None, [], chat, True))
                     first[i] = False
-            async for i, text, ids, reason in self.updates(disconnected):
-                if text or reason or self.body.return_token_ids:
+            sent = [0] * len(self.prompts)
+            async for i, text, ids, reason, lps in self.updates(disconnected):
+                if text or reason or self.body.return_token_ids or lps:
                     content = {"content": text} if chat and text else {} if chat else text
-                    yield self._sse(self._chunk(i, content, reason, ids, chat, first[i]))
+                    chunk = self._chunk(i, content, reason, ids, chat, first[i])
+                    chunk["choices"][0]["logprobs"] = self._logprobs(ids, lps, sent[i], chat)
+                    yield self._sse(chunk)
                     first[i] = False
+                sent[i] += len(text)
             yield self._sse({"id": self.id, "object": self._object(chat),
                              "created": self.created, "model": self.server.name,
                              "choices": [], "usage": self.usage()})
@@ -349,6 +375,29 @@ class _Job:
             choice["token_ids"] = list(ids)
         return {"id": self.id, "object": self._object(chat), "created": self.created,
                 "model": self.server.name, "choices": [choice]}
+
+    def _logprobs(self, ids, entries, offset: int, chat: bool) -> dict | None:
+        """OpenAI's logprobs object of tokens `ids` (completions: tokens, token_logprobs,
+        top_logprobs, text_offset from `offset`; chat: content)."""
+        if _logprobs_asked(self.body) is None:
+            return None
+        name = self._token_text
+        if chat:
+            return {"content": [
+                {"token": name(t), "logprob": lp, "bytes": list(name(t).encode()),
+                 "top_logprobs": [{"token": name(j), "logprob": v,
+                                   "bytes": list(name(j).encode())} for j, v in top]}
+                for t, (lp, top) in zip(ids, entries)]}
+        tokens = [name(t) for t in ids]
+        offsets = np.cumsum([offset] + [len(t) for t in tokens])[:-1].tolist()
+        return {"tokens": tokens, "token_logprobs": [lp for lp, _ in entries],
+                "top_logprobs": [_first_by_text((name(j), v) for j, v in top)
+                                 for _, top in entries],
+                "text_offset": offsets}
+
+    def _token_text(self, token: int) -> str:
+        tok = self.server.tokenizer
+        return tok.decode([token]) if tok is not None else f"token_id:{token}"
 
     @staticmethod
     def _object(chat: bool) -> str:
