@@ -43,7 +43,7 @@ def started(command: list[str], url: str, timeout: float = 900):
     """A server subprocess, until its /health answers 200; SIGTERM at the end."""
     import httpx  # deferred: only this benchmark needs it
 
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(command, stdout=sys.stderr)  # its log, for a failed start
     try:
         deadline = time.time() + timeout
         while True:

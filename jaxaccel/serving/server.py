@@ -350,7 +350,10 @@ class _Job:
                     first[i] = False
             sent = [0] * len(self.prompts)
             async for i, text, ids, reason, lps in self.updates(disconnected):
-                if text or reason or self.body.return_token_ids or lps:
+                # Without a tokenizer every token is a (text-less) chunk, so clients still
+                # see tokens arrive.
+                if text or reason or self.body.return_token_ids or lps or not \
+                        self.server.tokenizer:
                     content = {"content": text} if chat and text else {} if chat else text
                     chunk = self._chunk(i, content, reason, ids, chat, first[i])
                     chunk["choices"][0]["logprobs"] = self._logprobs(ids, lps, sent[i], chat)
