@@ -222,3 +222,24 @@ def test_sharded_engine_equals_transformers(case, mesh):
     spec = tuple(engine.pages.k_lpkch.sharding.spec) + (None,) * 5
     divides = cfg.num_kv_heads % layout.mesh.shape["model"] == 0
     assert spec[2] == ("model" if divides else None)
+
+
+def test_logprobs_equal_torch_log_softmax(case, request):
+    """Each new token's log-probability and the best 3, from the model's distribution
+    (before temperature), against torch's log_softmax of the same weights' logits."""
+    hf = build_hf(request.node.callspec.params["case"])
+    engine = LLMEngine(case[0], page_size=4)
+    asked = [Request(0, PROMPTS[3], SamplingParams(max_tokens=4, ignore_eos=True, logprobs=3,
+                                                   temperature=0.7, seed=1)),
+             Request(1, PROMPTS[0], SamplingParams(max_tokens=3, ignore_eos=True))]
+    outputs = engine.generate(asked)
+    assert outputs[1].logprobs is None  # only those who ask pay for them
+    ids = list(PROMPTS[3])
+    with torch.no_grad():
+        for token, (chosen, top) in zip(outputs[0].token_ids, outputs[0].logprobs):
+            lp = torch.log_softmax(hf(torch.tensor([ids])).logits[0, -1].double(), -1)
+            want = torch.topk(lp, 3)
+            assert chosen == pytest.approx(float(lp[token]), abs=1e-4)
+            assert [t for t, _ in top] == want.indices.tolist()
+            np.testing.assert_allclose([v for _, v in top], want.values.numpy(), atol=1e-4)
+            ids.append(token)

@@ -122,3 +122,14 @@ def test_requests_arriving_together_compute_a_shared_prefix_once():
         (0, 14, 1), (1, 12, 2), (2, 12, 2), (3, 12, 2)]
     sched.advance(rows)
     assert sched.prefill_tokens == 14 + 3 * 2
+
+
+def test_abort_frees_a_running_or_waiting_request_at_once():
+    sched = make(pages=9, page_size=4, budget=64, seqs=1, prefix=False)
+    sched.add(req(0, 9))
+    sched.add(req(1, 5))
+    sched.advance(sched.schedule())
+    assert sched.pool.used_count == 3 and len(sched.waiting) == 1
+    assert sched.abort(0) and sched.pool.used_count == 0 and not sched.running
+    assert sched.abort(1) and not sched.has_work
+    assert not sched.abort(1)  # gone already

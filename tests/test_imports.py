@@ -159,9 +159,10 @@ ALLOWED = {
                        "runtime", "engine"},
     "model": BASE | {"parallel", "models", "inputs", "runtime", "startup", "engine"},
     "api": BASE | {"parallel", "models", "checkpoint", "conversion", "startup", "model"},
+    "serving": BASE | {"parallel", "models", "inputs", "runtime", "engine", "startup", "model"},
     "jaxaccel": BASE | {"api", "model"},
     "cli": BASE | {"parallel", "models", "inputs", "checkpoint", "conversion", "runtime",
-                   "engine", "startup", "model", "api", "bench", "jaxaccel"},
+                   "engine", "startup", "model", "api", "bench", "serving", "jaxaccel"},
     "bench": BASE | {"parallel", "backends", "models", "inputs", "checkpoint", "conversion",
                      "runtime", "engine", "startup", "model", "api", "cli", "jaxaccel"},
 }

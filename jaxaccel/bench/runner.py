@@ -105,6 +105,11 @@ def failures() -> dict[str, str]:
     return dict(_RUN["failed"])
 
 
+def record_failure(name: str, why: str) -> None:
+    """A contender that failed outside `run_worker` (e.g. a server that did not start)."""
+    _RUN["failed"][name] = _first_line(why)
+
+
 def reset() -> None:
     _RUN.update(failed={}, longest_s=0.0)
 

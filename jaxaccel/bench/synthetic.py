@@ -62,8 +62,10 @@ def bert_config(vocab: int = 32000, width: int = 2048, layers: int = 12, heads: 
                                      max_position_embeddings=max_positions))
 
 
-def synthetic_arrays(config: dict, dtype: str, seed: int = 0, family: str = "bert"):
-    """Yield (name, array, axes) for every parameter of the `family` model `config` describes."""
+def synthetic_arrays(config: dict, dtype: str, seed: int = 0, family: str = "bert",
+                     std: float = 0.02):
+    """Yield (name, array, axes) for every parameter of the `family` model `config` describes
+    (weights ~N(0, std), norm scales ~1 + that)."""
     # deferred: tensorstore, orbax and the models load only to write a checkpoint
     import ml_dtypes
 
@@ -75,7 +77,7 @@ def synthetic_arrays(config: dict, dtype: str, seed: int = 0, family: str = "ber
     np_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
     for name, spec in sorted(param_specs(abstract).items()):
         # Small random weights, like a trained model: norms ~1, everything else ~N(0, 0.02).
-        values = rng.standard_normal(spec.shape, dtype=np.float32) * np.float32(0.02)
+        values = rng.standard_normal(spec.shape, dtype=np.float32) * np.float32(std)
         if "norm_scale" in name:
             values += 1
         yield name, values.astype(np_dtype, copy=False), spec.axes
@@ -83,9 +85,11 @@ def synthetic_arrays(config: dict, dtype: str, seed: int = 0, family: str = "ber
 
 def write(dest: pathlib.Path, config: dict, dtype: str = "float32",
           chunk_bytes: int | None | str = "auto", codec: str = "none", overwrite: bool = False,
-          family: str = "bert"):
+          family: str = "bert", extra_files: dict | None = None, std: float = 0.02):
     """Write the synthetic checkpoint; `chunk_bytes` as the writer's (None: one chunk per
-    array), or "auto" for the default layout. Decoders: `family` and `decoder_config`."""
+    array), or "auto" for the default layout. Decoders: `family` and `decoder_config`.
+    `extra_files`: tokenizer files to ship with it (name -> source path); `std`: the
+    weights' spread (larger than a trained model's makes a tiny model's tokens vary)."""
     # deferred: tensorstore, orbax and the models load only to write a checkpoint
     from jaxaccel.checkpoint.layout import DEFAULT_CHUNK_BYTES
     from jaxaccel.checkpoint.manifest import Manifest
@@ -96,7 +100,8 @@ def write(dest: pathlib.Path, config: dict, dtype: str = "float32",
                         source={"synthetic": True})
     if chunk_bytes == "auto":
         chunk_bytes = DEFAULT_CHUNK_BYTES
-    return write_checkpoint(dest, manifest, synthetic_arrays(config, dtype, family=family), {},
+    return write_checkpoint(dest, manifest, synthetic_arrays(config, dtype, family=family, std=std),
+                            extra_files or {},
                             chunk_bytes=chunk_bytes, codec=codec, overwrite=overwrite,
                             chunk_rule=CHUNK_RULE)
 

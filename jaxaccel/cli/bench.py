@@ -11,7 +11,7 @@ import typer
 
 # Benchmark modules under jaxaccel/bench/ that add a sub-command via `register(bench_app)`.
 BENCH_MODULES = ("embed", "restore", "coldstart", "generate", "pipeline", "classify",
-                 "roofline", "quality", "throughput")
+                 "roofline", "quality", "throughput", "serve")
 
 
 def register(app: typer.Typer) -> None:

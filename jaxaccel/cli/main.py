@@ -149,13 +149,13 @@ def _global_options(
 
 # Command modules under jaxaccel/cli/, in --help order; each has `register(app)`.
 COMMANDS = ("convert", "inspect", "embed", "generate", "classify", "demo", "plan", "verify", "launch", "bench",
-            "cache")
+            "cache", "serve", "run-batch")
 
 for _name in COMMANDS:
     try:
-        _module = importlib.import_module(f"jaxaccel.cli.{_name}")
+        _module = importlib.import_module(f"jaxaccel.cli.{_name.replace('-', '_')}")
     except ModuleNotFoundError as _err:  # a command whose module is not part of this build
-        if _err.name != f"jaxaccel.cli.{_name}":
+        if _err.name != f"jaxaccel.cli.{_name.replace('-', '_')}":
             raise
         continue
     _module.register(app)

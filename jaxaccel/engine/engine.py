@@ -27,7 +27,7 @@ from jaxaccel.engine.requests import (
     RequestOutput,
 )
 from jaxaccel.engine.scheduler import Scheduled, Scheduler
-from jaxaccel.engine.step import StepInputs, StepPrograms, bucket
+from jaxaccel.engine.step import StepInputs, StepPrograms, StepTokens, bucket
 from jaxaccel.errors import InputError, UsageError
 from jaxaccel.parallel import distributed
 
@@ -167,6 +167,22 @@ class LLMEngine:
         if request.params.stop and self.detokenize is None:
             raise InputError(f"{name}: stop strings need a tokenizer")
 
+    def abort_request(self, request_id) -> bool:
+        """Stop the request `request_id` (a client that went away): its sequence leaves the
+        scheduler and its pages are freed now, before the next step. False if it is not in
+        flight (finished already, or never added)."""
+        found = self.scheduler.abort(request_id)
+        self.outputs.pop(request_id, None)
+        return found
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
     @property
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work
@@ -185,22 +201,32 @@ class LLMEngine:
         launched = [(group, self._run(group)) for group in (decode, prefill) if group]
         self.scheduler.advance(rows)
         waited = time.perf_counter()
-        results = [np.asarray(distributed.host_array(tokens_b)) for _, tokens_b in launched]
+        results = [self._fetch(group, out) for group, out in launched]
         self.timings["device_wait_s"] += time.perf_counter() - waited
         reported = []
-        for (group, _), tokens in zip(launched, results):
-            for row, token in zip(group, tokens.tolist()):
+        for (group, _), (tokens, logprobs) in zip(launched, results):
+            for i, (row, token) in enumerate(zip(group, tokens.tolist())):
                 if row.samples:
-                    reported.append(self._accept(row, int(token)))
+                    reported.append(self._accept(row, int(token), logprobs and (
+                        logprobs[0][i], logprobs[1][i], logprobs[2][i])))
         self.timings["step_s"] += time.perf_counter() - start
         self.timings["steps"] += 1
         return reported
 
-    def _run(self, rows: list[Scheduled]):
-        """Launch one padded program over `rows`; returns its tokens [b] (on the device)."""
+    def _run(self, rows: list[Scheduled]) -> StepTokens:
+        """Launch one padded program over `rows`; returns its StepTokens (on the device)."""
         inputs = self._inputs(rows)
-        self.pages, tokens_b = self.programs.run(self.generator.state, self.pages, inputs)
-        return tokens_b
+        self.pages, out = self.programs.run(self.generator.state, self.pages, inputs)
+        return out
+
+    @staticmethod
+    def _fetch(rows: list[Scheduled], out: StepTokens):
+        """(tokens [b], and when a row asked for them (logprob [b], top ids [b, k], top
+        logprobs [b, k]) else None) on the host."""
+        host = lambda x: np.asarray(distributed.host_array(x))  # noqa: E731
+        wanted = any(r.seq.request.params.logprobs is not None for r in rows)
+        logprobs = tuple(host(x).tolist() for x in out[1:]) if wanted else None
+        return host(out.tokens_b), logprobs
 
     def _inputs(self, rows: list[Scheduled]) -> StepInputs:
         b, t, p = bucket(len(rows), max(r.count for r in rows),
@@ -210,7 +236,7 @@ class LLMEngine:
             np.zeros((b, t), np.int32), np.zeros(b, np.int32), np.zeros(b, np.int32),
             np.full((b, p), NULL_PAGE, np.int32), np.zeros(b, np.float32),
             np.zeros(b, np.int32), np.ones(b, np.float32), np.zeros(b, np.uint32),
-            np.zeros(b, np.int32))
+            np.zeros(b, np.int32), np.zeros(b, bool))
         for i, row in enumerate(rows):
             seq, params = row.seq, row.seq.request.params
             arrays.ids_bt[i, :row.count] = seq.tokens[row.start:row.start + row.count]
@@ -220,19 +246,29 @@ class LLMEngine:
             arrays.top_p_b[i], arrays.nth_b[i] = params.top_p, len(seq.generated)
             arrays.seed_b[i] = params.seed if params.seed is not None else (
                 (self.seed * 1_000_003 + seq.number) % 2**32)
+            arrays.logprobs_b[i] = params.logprobs is not None
         return arrays
 
-    def _accept(self, row: Scheduled, token: int) -> RequestOutput:
-        """Append a sampled token; finish the request if it stops here."""
+    def _accept(self, row: Scheduled, token: int, logprobs=None) -> RequestOutput:
+        """Append a sampled token (and its log-probabilities, when asked: (logprob, top ids,
+        top logprobs)); finish the request if it stops here."""
         seq = row.seq
         params = seq.request.params
         out = self.outputs[seq.request.request_id]
         seq.tokens.append(token)
         out.token_ids.append(token)
+        if params.logprobs is not None and logprobs:
+            chosen, ids, values = logprobs
+            top = list(zip(ids, values))[:params.logprobs]
+            if out.logprobs is None:
+                out.logprobs = []
+            out.logprobs.append((float(chosen), top))
         now = time.perf_counter()
         out.first_token_s = out.first_token_s or now
         reason, cut = None, False
-        if token in params.stop_token_ids:
+        if len(out.token_ids) < params.min_tokens:
+            pass  # too early for any stop condition
+        elif token in params.stop_token_ids:
             reason = FINISH_STOP
         elif not params.ignore_eos and token in self.eos_token_ids:
             reason = FINISH_EOS

@@ -25,7 +25,10 @@ class SamplingParams:
     depend on what else is batched with it); None: drawn from the engine's seed and the
     request's arrival number. stop: strings that end the request (the text is cut before
     the first; needs the engine's `detokenize`). stop_token_ids: ids that end it (kept in
-    the output). ignore_eos: do not stop at the model's EOS ids.
+    the output). ignore_eos: do not stop at the model's EOS ids. min_tokens: no stop
+    condition (EOS, stop ids or strings) ends the request before it has this many tokens.
+    logprobs: report each new token's log-probability and this many of the best (0-5;
+    None: none).
     """
 
     max_tokens: int = 16
@@ -36,6 +39,8 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    min_tokens: int = 0
+    logprobs: int | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "stop", _as_tuple(self.stop, str, "stop"))
@@ -43,6 +48,12 @@ class SamplingParams:
                            _as_tuple(self.stop_token_ids, int, "stop_token_ids"))
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise InputError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise InputError(f"min_tokens must be an integer in [0, max_tokens], got "
+                             f"{self.min_tokens!r}")
+        if self.logprobs is not None and not (isinstance(self.logprobs, int)
+                                              and 0 <= self.logprobs <= 5):
+            raise InputError(f"logprobs must be an integer in [0, 5], got {self.logprobs!r}")
         if not self.temperature >= 0:
             raise InputError(f"temperature must be >= 0, got {self.temperature!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
@@ -87,6 +98,9 @@ class RequestOutput:
     text: str = ""
     finished: bool = False
     finish_reason: str | None = None
+    # With SamplingParams.logprobs: per new token, (its log-probability, [(id, log-probability)
+    # of the best `logprobs` tokens, best first]).
+    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
     # Timestamps (time.perf_counter seconds) for the benchmark: arrival, first token, finish.
     arrival_s: float = 0.0
     first_token_s: float | None = None

@@ -186,6 +186,20 @@ class Scheduler:
             self.prefix.register(seq.keys, seq.tokens, seq.pages, seq.registered, full)
             seq.registered = max(seq.registered, full)
 
+    def abort(self, request_id) -> bool:
+        """Drop the request `request_id` wherever it is (waiting or running) and free its
+        pages at once; False if no such request is in flight."""
+        for seq in self.running:
+            if seq.request.request_id == request_id:
+                self.finish(seq)
+                return True
+        for seq in self.waiting:
+            if seq.request.request_id == request_id:
+                self.waiting.remove(seq)
+                self._release(seq)  # a preempted sequence holds none, but be exact
+                return True
+        return False
+
     def finish(self, seq: Sequence) -> None:
         """A finished sequence leaves and frees its pages at once."""
         self.running.remove(seq)

@@ -38,6 +38,7 @@ from jaxaccel.runtime.programs import next_power_of_two
 
 PAGE_AXES = (ax.LAYERS, None, ax.KV_HEADS, None, ax.HEAD_DIM)
 MIN_CHUNK = 16  # smallest prefill bucket: fewer programs, little padding
+MAX_LOGPROBS = 5  # OpenAI's completions limit
 
 
 class StepInputs(NamedTuple):
@@ -52,6 +53,18 @@ class StepInputs(NamedTuple):
     top_p_b: np.ndarray  # float32
     seed_b: np.ndarray  # uint32
     nth_b: np.ndarray  # int32 tokens the row's request has generated so far
+    logprobs_b: np.ndarray  # bool: the row's request asks for log-probabilities
+
+
+class StepTokens(NamedTuple):
+    """What a step chooses per row (on the device): the next token, and when any row asked
+    for them, log-probabilities of the model's distribution (before temperature and
+    truncation, as vLLM reports them): the chosen token's and the `MAX_LOGPROBS` best."""
+
+    tokens_b: object  # int32
+    logprob_b: object  # float32
+    top_ids_bk: object  # int32, best first
+    top_logprobs_bk: object  # float32
 
 
 def bucket(rows: int, tokens: int, pages: int, max_rows: int, max_pages: int
@@ -90,7 +103,7 @@ def scatter_tokens(pages: KVPages, new: KVCache, table_bp, positions_bt, valid_b
 
 
 def step_body(model, pages: KVPages, inputs: StepInputs):
-    """(pages, next tokens [b]) of one padded step (traced; see the module docstring)."""
+    """(pages, StepTokens) of one padded step (traced; see the module docstring)."""
     b, t = inputs.ids_bt.shape
     index_t = jnp.arange(t)
     valid_bt = index_t[None] < inputs.count_b[:, None]
@@ -109,7 +122,26 @@ def step_body(model, pages: KVPages, inputs: StepInputs):
     logits_bv = model.logits(x_b1d)[:, 0]
     tokens_b = choose_rows(logits_bv, inputs.temperature_b, inputs.top_k_b, inputs.top_p_b,
                            inputs.seed_b, inputs.nth_b)
-    return pages, tokens_b
+    return pages, token_logprobs(logits_bv, tokens_b, inputs.logprobs_b)
+
+
+def token_logprobs(logits_bv, tokens_b, want_b) -> StepTokens:
+    """`tokens_b` with their log-probabilities and the best ones (zeros when no row wants
+    them: a softmax and top-k over the vocabulary is skipped then)."""
+    b, v = logits_bv.shape
+    k = min(MAX_LOGPROBS, v)
+
+    def compute(logits_bv):
+        logprobs_bv = jax.nn.log_softmax(logits_bv.astype(jnp.float32), axis=-1)
+        chosen_b = jnp.take_along_axis(logprobs_bv, tokens_b[:, None], axis=1)[:, 0]
+        top_bk, ids_bk = jax.lax.top_k(logprobs_bv, k)
+        return chosen_b, ids_bk.astype(jnp.int32), top_bk
+
+    def skip(logits_bv):
+        return (jnp.zeros(b, jnp.float32), jnp.zeros((b, k), jnp.int32),
+                jnp.zeros((b, k), jnp.float32))
+
+    return StepTokens(tokens_b, *jax.lax.cond(jnp.any(want_b), compute, skip, logits_bv))
 
 
 class StepPrograms:
@@ -138,7 +170,7 @@ class StepPrograms:
         return step_body(self.runtime.model(state), pages, inputs)
 
     def run(self, state, pages: KVPages, inputs: StepInputs):
-        """(new pages, tokens [b] on the device) for one padded step."""
+        """(new pages, StepTokens on the device) for one padded step."""
         b, t = inputs.ids_bt.shape
         p = inputs.table_bp.shape[1]
         return self.program((b, t, p), tuple(pages.k_lpkch.shape))(state, pages, inputs)
