@@ -18,6 +18,7 @@ import dataclasses
 from flax import nnx
 
 from jaxaccel.models import layers
+from jaxaccel.models import moe as moe_layer
 from jaxaccel.models import rotary as rope
 from jaxaccel.models.attention import attention
 from jaxaccel.models.kv_cache import KVCache
@@ -49,6 +50,8 @@ class DecoderLayout:
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
+    # A mixture of experts in place of the MLP (`moe.MoELayout`); None: the dense MLP above.
+    moe: moe_layer.MoELayout | None = None
 
     def __post_init__(self):
         if self.norm not in NORMS:
@@ -76,7 +79,11 @@ class DecoderBlock(nnx.Module):
         self.attn_norm_scale_d, self.attn_norm_bias_d = self._norm_params(cfg, p)
         self._attention_params(cfg, p)
         self.mlp_norm_scale_d, self.mlp_norm_bias_d = self._norm_params(cfg, p)
-        self._mlp_params(cfg, p)
+        if layout.moe is not None:
+            self.moe = moe_layer.MoE(cfg.hidden_size, layout.moe, dtype=dtype, rngs=rngs,
+                                     num_layers=num_layers)
+        else:
+            self._mlp_params(cfg, p)
 
     def _norm_params(self, cfg, p):
         """(scale, bias or None): LayerNorm has a bias, RMSNorm none."""
@@ -131,7 +138,10 @@ class DecoderBlock(nnx.Module):
         return layers.add_bias(layers.heads_out(a_btnh, self.wo_nhd[...]), self.bo_d), new_kv
 
     def mlp(self, y_btd):
-        """The feed-forward: gated (act(y wg) * y wu) or plain (act(y wi)), then wm."""
+        """The feed-forward: gated (act(y wg) * y wu) or plain (act(y wi)), then wm; or the
+        layout's mixture of experts."""
+        if self.layout.moe is not None:
+            return self.moe(y_btd)
         act = layers.activation(self.layout.activation)
         if self.layout.gated_mlp:
             g_btf = layers.add_bias(layers.matmul(y_btd, self.wg_df[...]), self.bg_f)
