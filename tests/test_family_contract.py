@@ -42,6 +42,9 @@ SMALL_HF = {
     "llama": {"model_type": "qwen2", "vocab_size": 31, "hidden_size": 12,
               "num_hidden_layers": 2, "num_attention_heads": 6, "num_key_value_heads": 2,
               "intermediate_size": 17, "tie_word_embeddings": True},
+    "qwen3": {"model_type": "qwen3", "vocab_size": 31, "hidden_size": 12, "head_dim": 5,
+              "num_hidden_layers": 2, "num_attention_heads": 6, "num_key_value_heads": 2,
+              "intermediate_size": 17},
     "resnet": {"model_type": "resnet", "hidden_sizes": [8, 12], "depths": [1, 2],
                "layer_type": "bottleneck", "embedding_size": 4, "num_labels": 3},
 }

@@ -37,6 +37,7 @@ def register_spec(spec: FamilySpec) -> None:
 register("bert", "jaxaccel.models.bert")
 register("gpt2", "jaxaccel.models.gpt2")
 register("llama", "jaxaccel.models.llama")
+register("qwen3", "jaxaccel.models.qwen3")
 register("resnet", "jaxaccel.models.resnet")
 
 

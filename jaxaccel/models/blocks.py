@@ -50,12 +50,17 @@ class DecoderLayout:
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
+    # Per-head norms (the layout's norm over h, scale [h]) of queries and keys before rotary
+    # (Qwen3, Gemma 3).
+    qk_norm: bool = False
     # A mixture of experts in place of the MLP (`moe.MoELayout`); None: the dense MLP above.
     moe: moe_layer.MoELayout | None = None
 
     def __post_init__(self):
         if self.norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
+        if self.qk_norm and self.norm != "rms":
+            raise ValueError("qk_norm needs norm='rms' (the per-head norms have no bias)")
 
 
 def norm(layout: DecoderLayout, x_btd, scale_d, bias_d):
@@ -103,6 +108,9 @@ class DecoderBlock(nnx.Module):
         self.bk_kh = p((k, h), (ax.KV_HEADS, ax.HEAD_DIM), zero) if bias else None
         self.bv_kh = p((k, h), (ax.KV_HEADS, ax.HEAD_DIM), zero) if bias else None
         self.bo_d = p((d,), (ax.EMBED,), zero) if self.layout.o_bias else None
+        qk_norm = self.layout.qk_norm
+        self.q_norm_scale_h = p((h,), (ax.HEAD_DIM,), layers.ones_init) if qk_norm else None
+        self.k_norm_scale_h = p((h,), (ax.HEAD_DIM,), layers.ones_init) if qk_norm else None
 
     def _mlp_params(self, cfg, p):
         d, f = cfg.hidden_size, cfg.intermediate_size
@@ -132,6 +140,9 @@ class DecoderBlock(nnx.Module):
         q_btnh = layers.add_bias(layers.heads_in(y_btd, self.wq_dnh[...]), self.bq_nh)
         k_btkh = layers.add_bias(layers.heads_in(y_btd, self.wk_dkh[...]), self.bk_kh)
         v_btkh = layers.add_bias(layers.heads_in(y_btd, self.wv_dkh[...]), self.bv_kh)
+        if self.layout.qk_norm:
+            q_btnh = norm(self.layout, q_btnh, self.q_norm_scale_h, None)
+            k_btkh = norm(self.layout, k_btkh, self.k_norm_scale_h, None)
         if self.layout.rotary:
             q_btnh, k_btkh = rope.apply(q_btnh, *rotary), rope.apply(k_btkh, *rotary)
         a_btnh, new_kv = attention(q_btnh, k_btkh, v_btkh, mask_btt, cached, cached_mask_bts)
