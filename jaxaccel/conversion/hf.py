@@ -44,9 +44,10 @@ from jaxaccel.parallel import sharding as ax
 from jaxaccel.parallel.params import param_specs
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
-# Chunks follow the rule tables: one per pipeline stage's layer, and dims a table shards over
-# `model` cut in aligned pieces, so each device reads only the chunks it holds.
-CHUNK_RULE = ChunkRule(per_index=ax.axes_sharded_over("stage"),
+# Chunks follow the rule tables: one per pipeline stage's layer and one per expert, and dims
+# a table shards over `model` cut in aligned pieces, so each device reads only the chunks it
+# holds.
+CHUNK_RULE = ChunkRule(per_index=ax.axes_sharded_over("stage") | ax.axes_sharded_over("expert"),
                        split=ax.axes_sharded_over("model"))
 
 
@@ -129,7 +130,7 @@ def plan_arrays(spec: FamilySpec, cfg, source: SafetensorsSource, specs,
     available, layers = source.names(), cfg.num_layers
     plan, missing, used = [], [], set()
     for rule in spec.weight_rules(cfg) if rules is None else rules:
-        groups = ([rule.source_names(i) for i in range(layers)] if rule.per_layer
+        groups = ([rule.source_names(i) for i in rule.layer_indices(layers)] if rule.per_layer
                   else [rule.source_names()])
         resolved = [tuple(_source_name(n, available, spec) for n in g) for g in groups]
         missing += [n for g, r in zip(groups, resolved) for n, m in zip(g, r) if m is None]
