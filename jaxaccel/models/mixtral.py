@@ -39,5 +39,5 @@ SPEC = FamilySpec(
     activation_bytes=moe_decoder.activation_bytes, source_prefixes=llama.SPEC.source_prefixes,
     ignored_source_weights=llama.SPEC.ignored_source_weights,
     tied_weights=llama.tied_weights, preprocessing_files=TOKENIZER_FILES,
-    quantized_weights=moe_decoder.quantized_weights(shared_expert=False),
+    quantized_weights=moe_decoder.quantized_weights(shared_expert=False, dense_layers=False),
     quantized_head=llama.SPEC.quantized_head, tied_head=llama.SPEC.tied_head)

@@ -205,12 +205,13 @@ def weight_rules(cfg: Config, names: SourceNames) -> list[WeightRule]:
     return rules + (moe_rules(cfg, names) if cfg.sparse_layers else [])
 
 
-def quantized_weights(shared_expert: bool) -> dict[str, tuple[int, ...]]:
-    """Both stacks' attention weights, the dense MLP and every expert's matmul weights."""
+def quantized_weights(shared_expert: bool, dense_layers: bool) -> dict[str, tuple[int, ...]]:
+    """The MoE stack's attention weights and every expert's matmul weights; with
+    `dense_layers`, the dense stack's attention and MLP weights too."""
     dense = blocks.quantized_weights(gated_mlp=True)
     attention = {k: v for k, v in dense.items() if k not in _DENSE_MLP}
-    return {**attention, **{DENSE + k[len(MOE):]: v for k, v in dense.items()},
-            **moe.quantized_weights(f"{MOE}.moe", shared_expert)}
+    stack = {DENSE + k[len(MOE):]: v for k, v in dense.items()} if dense_layers else {}
+    return {**attention, **stack, **moe.quantized_weights(f"{MOE}.moe", shared_expert)}
 
 
 def activation_bytes(config: Config, shape: ActivationShape) -> int:

@@ -49,5 +49,5 @@ def spec(name: str, names: moe_decoder.SourceNames, shared_expert: bool) -> Fami
         source_prefixes=llama.SPEC.source_prefixes,
         ignored_source_weights=llama.SPEC.ignored_source_weights,
         tied_weights=llama.tied_weights, preprocessing_files=TOKENIZER_FILES,
-        quantized_weights=moe_decoder.quantized_weights(shared_expert),
+        quantized_weights=moe_decoder.quantized_weights(shared_expert, dense_layers=True),
         quantized_head=llama.SPEC.quantized_head, tied_head=llama.SPEC.tied_head)
