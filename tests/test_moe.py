@@ -209,3 +209,26 @@ def test_decode_step_for_gpu_and_tpu_runs_grouped_experts(platform):
         for line in function.splitlines():
             if "dot_general" in line:
                 assert not re.search(r"tensor<(\d+x)?[28]x(64x96|96x64)x", line), line
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe"])
+def test_transformers_5_fused_experts_convert_to_the_same_arrays(name, tmp_path):
+    """transformers 5's own layout (one [e, 2f, d] gate_up tensor per layer, Mixtral's router
+    under `mlp.`) converts to exactly the arrays of the published per-expert layout."""
+    from safetensors.numpy import load_file
+
+    from jaxaccel.parallel.params import flat_arrays
+
+    hf = build_hf(name)
+    hf.save_pretrained(tmp_path / "fused", save_original_format=False)
+    assert any(k.endswith("experts.gate_up_proj")
+               for k in load_file(tmp_path / "fused" / "model.safetensors"))
+    arrays = []
+    for layout in ("fused", "published"):
+        if layout == "published":
+            save_hf(hf, tmp_path / layout)
+        convert(tmp_path / layout, tmp_path / f"{layout}.ckpt")
+        arrays.append(flat_arrays(load_model(tmp_path / f"{layout}.ckpt").state))
+    assert arrays[0].keys() == arrays[1].keys()
+    for key in arrays[0]:
+        np.testing.assert_array_equal(arrays[0][key], arrays[1][key], err_msg=key)

@@ -160,20 +160,39 @@ def _stack_transposed(*per_expert: np.ndarray) -> np.ndarray:
     return np.stack([w.T for w in per_expert])
 
 
-def _expert_rule(target: str, pattern: str, cfg: Config) -> WeightRule:
+def _expert_rule(target: str, pattern: str, cfg: Config, fused: WeightRule) -> WeightRule:
     names = [f"layers.{{i}}.{pattern.replace('{e}', str(e))}" for e in range(cfg.num_experts)]
     return WeightRule(target, names[0], _stack_transposed, extra=tuple(names[1:]),
-                      layers=cfg.sparse_layers)
+                      layers=cfg.sparse_layers, fallback=fused)
+
+
+def _fused_rules(cfg: Config, prefix: str) -> dict[str, WeightRule]:
+    """transformers 5's own layout (`save_pretrained(save_original_format=False)`): the
+    router as `mlp.gate`, every expert in one tensor, gate and up fused [e, 2f, d] (gate
+    first), down [e, d, f]."""
+    f, sparse, fused = cfg.moe_intermediate_size, cfg.sparse_layers, "layers.{i}.mlp.experts."
+    return {
+        "router_de": WeightRule(prefix + "router_de", "layers.{i}.mlp.gate.weight",
+                                transpose_to, layers=sparse),
+        "wg_edf": WeightRule(prefix + "wg_edf", fused + "gate_up_proj",
+                             lambda w: w[:, :f].transpose(0, 2, 1), layers=sparse),
+        "wu_edf": WeightRule(prefix + "wu_edf", fused + "gate_up_proj",
+                             lambda w: w[:, f:].transpose(0, 2, 1), layers=sparse),
+        "wm_efd": WeightRule(prefix + "wm_efd", fused + "down_proj",
+                             lambda w: w.transpose(0, 2, 1), layers=sparse)}
 
 
 def moe_rules(cfg: Config, names: SourceNames) -> list[WeightRule]:
     """Rules for the MoE layers' router, experts and shared expert."""
     prefix, sparse = f"{MOE}.moe.", cfg.sparse_layers
-    rules = [WeightRule(prefix + "router_de", f"layers.{{i}}.{names.router}", transpose_to,
-                        layers=sparse),
-             _expert_rule(prefix + "wg_edf", names.gate, cfg),
-             _expert_rule(prefix + "wu_edf", names.up, cfg),
-             _expert_rule(prefix + "wm_efd", names.down, cfg)]
+    fused = _fused_rules(cfg, prefix)
+    router = f"layers.{{i}}.{names.router}"
+    rules = [WeightRule(prefix + "router_de", router, transpose_to, layers=sparse,
+                        fallback=None if fused["router_de"].source == router
+                        else fused["router_de"]),
+             _expert_rule(prefix + "wg_edf", names.gate, cfg, fused["wg_edf"]),
+             _expert_rule(prefix + "wu_edf", names.up, cfg, fused["wu_edf"]),
+             _expert_rule(prefix + "wm_efd", names.down, cfg, fused["wm_efd"])]
     if cfg.shared_expert_intermediate_size:
         shared = f"layers.{{i}}.{names.shared}."
         rules += [WeightRule(prefix + f"shared_{target}", shared + f"{hf}.weight", transpose_to,

@@ -45,6 +45,9 @@ class WeightRule:
     # The source layers a per-layer rule stacks, in order (None: all of them): a model whose
     # layers differ in kind (dense and mixture-of-experts MLPs) holds one stack per kind.
     layers: tuple[int, ...] | None = None
+    # The same parameter as another layout names it (transformers 5's fused experts), read
+    # when the source has all of the fallback's tensors and not all of this rule's.
+    fallback: WeightRule | None = None
 
     @property
     def per_layer(self) -> bool:
