@@ -232,3 +232,30 @@ def test_transformers_5_fused_experts_convert_to_the_same_arrays(name, tmp_path)
     assert arrays[0].keys() == arrays[1].keys()
     for key in arrays[0]:
         np.testing.assert_array_equal(arrays[0][key], arrays[1][key], err_msg=key)
+
+
+def test_plan_counts_each_devices_experts_and_its_dispatch_buffers():
+    """The planner's per-device bytes: a quarter of every expert weight on `expert=4` (the
+    router and attention whole), and activation estimates that grow with top-k."""
+    import dataclasses
+
+    from jaxaccel import models
+    from jaxaccel.models.family import ActivationShape
+    from jaxaccel.models.state import abstract_model
+    from jaxaccel.parallel import sharding as ax
+    from jaxaccel.parallel.params import param_specs
+    from jaxaccel.startup.planner import param_bytes
+
+    spec = models.family_spec("mixtral")
+    config = spec.config.from_hf({**BASE, "model_type": "mixtral", "num_hidden_layers": 2,
+                                  "intermediate_size": 27, "num_local_experts": 8,
+                                  "num_experts_per_tok": 2})
+    specs = param_specs(abstract_model("mixtral", config)[1])
+    sizes = {**{a: 1 for a in ax.MESH_AXES}, "expert": 4}
+    held = param_bytes(specs, sizes, ax.resolve_rules("ep"))
+    for name, s in specs.items():
+        whole = int(np.prod(s.shape)) * 4
+        assert held[name] == (whole // 4 if ".moe.w" in name else whole), name
+    shape = ActivationShape(batch=8, seq=64, itemsize=2, split=lambda axis: 1)
+    top3 = dataclasses.replace(config, num_experts_per_tok=3)
+    assert spec.activation_bytes(top3, shape) > spec.activation_bytes(config, shape)
