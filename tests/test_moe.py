@@ -30,7 +30,7 @@ BASE = dict(vocab_size=101, hidden_size=44, head_dim=10, num_attention_heads=4,
 # case -> (config class, model class, family, overrides)
 CASES = {
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", "mixtral",
-                dict(num_hidden_layers=2, intermediate_size=27, num_local_experts=4,
+                dict(num_hidden_layers=2, intermediate_size=26, num_local_experts=4,
                      num_experts_per_tok=2)),
     "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", "qwen2_moe",
                   dict(num_hidden_layers=3, intermediate_size=37, moe_intermediate_size=19,
@@ -92,9 +92,12 @@ def generator(ckpt, mesh=None, rules=None, quantize=None):
                      dtype=loaded.dtype, compiler_options=FAST_COMPILE), loaded
 
 
-# Each case on one device and on one expert mesh; every other pairing is opt-in (slow).
-FAST = {("mixtral", "1"), ("mixtral", "expert=4"), ("qwen2_moe", "data=2,expert=4"),
-        ("qwen3_moe", "1"), ("qwen3_moe", "model=2,expert=2")}
+# By default: Mixtral on one device, with its experts split 4 ways (`expert=4`) and split 2
+# ways with each expert's mlp (26) split over `model` (`tp_ep`: a psum over both axes);
+# Qwen2-MoE's 6 experts on `data=2,expert=4` (not divisible: replicated); Qwen3-MoE on one
+# device. Every other pairing is opt-in (JAXACCEL_SLOW=1).
+FAST = {("mixtral", "1"), ("mixtral", "expert=4"), ("mixtral", "model=2,expert=2"),
+        ("qwen2_moe", "data=2,expert=4"), ("qwen3_moe", "1")}
 
 
 @pytest.mark.parametrize("mesh", sorted(MESHES))
