@@ -134,24 +134,6 @@ def test_grouped_experts_equal_a_dense_all_experts_reference():
         np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_restore_on_an_expert_mesh_reads_each_device_only_its_experts(case):
-    """Every device of `expert=4` is handed a quarter of each expert weight (4 experts:
-    Mixtral) and its reads request exactly that; chunks are cut one per expert."""
-    name, ckpt, _, _ = case
-    if name != "mixtral":
-        pytest.skip("the case whose experts the mesh divides")
-    _, loaded = generator(ckpt, "expert=4", "ep")
-    manifest = json.loads((ckpt / "jaxaccel.json").read_text())
-    for weight in ("blocks.moe.wg_edf", "blocks.moe.wu_edf", "blocks.moe.wm_efd"):
-        shape = manifest["arrays"][weight]["shape"]
-        total = int(np.prod(shape)) * 4
-        per_device = {dev: n for (array, dev), n in loaded.stats.bytes_per_array_device.items()
-                      if array == weight}
-        assert len(per_device) == 4 and set(per_device.values()) == {total // 4}, per_device
-        held = loaded.state["blocks"]["moe"][weight.split(".")[-1]].get_value()
-        assert {s.data.shape[1] for s in held.addressable_shards} == {1}
-
-
 def test_int8_quantize_on_load_scales_each_expert_per_channel(case):
     """Weight-only int8 of the experts: one scale per expert and output channel; the logits
     stay close to the float32 reference, on one device and on `expert=4`."""
@@ -279,3 +261,27 @@ def test_cpu_grouped_matmul_equals_ragged_dot(m, groups):
     ref = jax.lax.ragged_dot(x, w, jnp.asarray(sizes), preferred_element_type=jnp.float32)
     ours = CpuBackend().grouped_matmul(x, w, jnp.asarray(sizes))
     np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_expert_weights_are_stored_one_chunk_per_expert(tmp_path):
+    """Chunks never span two experts, so a device (a process) reading its experts' slices
+    reads only their chunks: each device of `expert=4` requests, and is handed, exactly one
+    quarter of every expert weight, made of whole chunks."""
+    import dataclasses
+
+    from jaxaccel import models
+    from jaxaccel.bench import synthetic
+    from jaxaccel.checkpoint.manifest import Manifest
+
+    config = models.family_spec("mixtral").config.from_hf({
+        **BASE, "model_type": "mixtral", "num_hidden_layers": 2, "hidden_size": 64,
+        "intermediate_size": 256, "num_local_experts": 8, "num_experts_per_tok": 2})
+    synthetic.write(tmp_path / "ckpt", dataclasses.asdict(config), family="mixtral")
+    arrays = Manifest.load(tmp_path / "ckpt").arrays
+    _, loaded = generator(tmp_path / "ckpt", "expert=4", "ep")
+    for weight in ("blocks.moe.wg_edf", "blocks.moe.wu_edf", "blocks.moe.wm_efd"):
+        entry = arrays[weight].to_json()
+        assert entry["axes"][1] == "experts" and entry["chunk_shape"][1] == 1, entry
+        per_device = [n for (array, _), n in loaded.stats.bytes_per_array_device.items()
+                      if array == weight]
+        assert sorted(per_device) == [entry["nbytes"] // 4] * 4
