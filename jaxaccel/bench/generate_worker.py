@@ -57,6 +57,7 @@ def load_generator(ckpt: str, dtype: str, xla_dots: bool, quantize: str | None =
 def grouped_matmul_ms(loaded, generator) -> float | None:
     """Milliseconds of the expert grouped matmuls of a batch-1 decode step (None: no experts):
     each MoE layer's gate, up and down matmuls of top-k rows, one row per chosen expert."""
+    # deferred: jax and the runtime load in the worker process only, not in `jaxaccel bench`
     import jax
     import jax.numpy as jnp
 

@@ -109,6 +109,11 @@ class Model(nnx.Module):
             x_btd, new_kv = blocks.run_layers(getattr(self, parts[0][0]), x_btd, tables,
                                               mask_btt, cache, cache_mask_bts)
         else:
+            if layers.layer_runner() is not None:  # a pipeline splits one stack of them all
+                raise ValueError(f"layers {list(self.config.dense_layers)} of this model have a "
+                                 "dense MLP and the others experts: pipeline stages (a `stage` "
+                                 "mesh axis) need layers of one kind; use data, model or "
+                                 "expert parallelism")
             kvs = []
             for stack, start, count, first in parts:
                 part = _slice(getattr(self, stack), start, count)
