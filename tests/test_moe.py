@@ -149,6 +149,19 @@ def test_int8_quantize_on_load_scales_each_expert_per_channel(case):
             assert np.abs(logits - ref).max() <= 0.03 * np.abs(ref).max()
 
 
+def test_bf16_logits_close_to_the_fp32_reference(case):
+    """bfloat16 on one CPU device (the packed-weight decode path for the attention, the CPU
+    grouped matmul for the experts): logits within 3% of their range."""
+    name, ckpt, ref_logits, _ = case
+    if name != "qwen3_moe":
+        pytest.skip("one family suffices")
+    loaded = load_model(ckpt, None, "bfloat16")
+    gen = Generator(loaded.graphdef, loaded.state, loaded.config, loaded.layout,
+                    dtype=loaded.dtype, compiler_options=FAST_COMPILE)
+    for logits, ref in zip(gen.last_logits(PROMPTS), ref_logits):
+        assert np.abs(logits - ref).max() <= 0.03 * np.abs(ref).max()
+
+
 def test_engine_serves_a_moe_model(case):
     """One greedy request through the continuous-batching engine (paged KV cache)."""
     from jaxaccel.engine.engine import LLMEngine
