@@ -10,9 +10,8 @@ table that a head of its own (untied, or a tied head's quantized copy) leaves to
 `xla_dots` keeps XLA's own dots for bfloat16 on the CPU instead of jaxaccel's packed-weight
 kernel (`jaxaccel.backends.cpu`), to show what the kernel buys.
 
-A mixture-of-experts model also reports `grouped_matmul_b1_ms`: its experts' grouped
-matmuls of one batch-1 decode step (every MoE layer, the top-k rows of one token, through the
-generator's backend hook), timed alone, for their share of the step.
+A mixture-of-experts model also reports `grouped_matmul_share_b1`: the share of a batch-1
+decode step its experts' grouped matmuls take (`grouped_matmul_share`, by ablation).
 
 Prints one JSON line. Decode speed is the slope between a short and a long generation of the
 same batch (prefill and compile excluded): tokens/s = batch x extra tokens / extra seconds.
@@ -54,34 +53,29 @@ def load_generator(ckpt: str, dtype: str, xla_dots: bool, quantize: str | None =
     return loaded, generator
 
 
-def grouped_matmul_ms(loaded, generator) -> float | None:
-    """Milliseconds of the expert grouped matmuls of a batch-1 decode step (None: no experts):
-    each MoE layer's gate, up and down matmuls of top-k rows, one row per chosen expert."""
+def grouped_matmul_share(loaded, generator, b1_tok_s: float, new_tokens: int) -> float | None:
+    """The share of a batch-1 decode step spent in the expert grouped matmuls (None: no
+    experts), by ablation: the same model and backend, except that the grouped matmul returns
+    zeros of its shape (routing, sorting and everything else still run), decodes this much
+    faster: 1 - (its step time / the full step time)."""
     # deferred: jax and the runtime load in the worker process only, not in `jaxaccel bench`
-    import jax
+    import copy
+
     import jax.numpy as jnp
 
-    from jaxaccel.parallel.params import flat_arrays
+    from jaxaccel.runtime.generate import Generator
 
-    arrays = flat_arrays(loaded.state)
-    names = ("blocks.moe.wg_edf", "blocks.moe.wu_edf", "blocks.moe.wm_efd")
-    if not all(n in arrays for n in names):
+    if not hasattr(loaded.config, "num_experts"):
         return None
-    weights = tuple(arrays[n] for n in names)  # [l, e, ...]
-    rows, experts = loaded.config.num_experts_per_tok, weights[0].shape[1]
-    sizes = jnp.zeros((experts,), jnp.int32).at[jnp.arange(rows) % experts].add(1)
-    x = jnp.ones((rows, weights[0].shape[2]), generator.runtime.dtype)
-    backend = generator.runtime.backend
-
-    def step(x, weights):
-        def layer(total, w):
-            wg, wu, wm = w
-            h = backend.grouped_matmul(x, wg, sizes) * backend.grouped_matmul(x, wu, sizes)
-            return total + backend.grouped_matmul(h, wm, sizes).astype(jnp.float32).sum(), None
-        return jax.lax.scan(layer, jnp.float32(0), weights)[0]
-
-    jitted = jax.jit(step)
-    return 1e3 * best_seconds(lambda: jitted(x, weights).block_until_ready())
+    ablated = Generator(loaded.graphdef, loaded.state, loaded.config,
+                        dtype=generator.runtime.dtype)
+    backend = copy.copy(ablated.runtime.backend)
+    backend.grouped_matmul = lambda x, w, sizes: jnp.zeros((x.shape[0], w.shape[-1]), x.dtype)
+    ablated.runtime.backend = backend  # before any program is traced
+    ablated.buckets = generator.buckets
+    without = decode_tokens_per_s(lambda rows, n: ablated.generate(rows, n, loop="device"), 1,
+                                  new_tokens, loaded.config.vocab_size)
+    return 1.0 - b1_tok_s / without
 
 
 def main(ckpt: str, dtype: str, prefill_len: int, new_tokens: int,
@@ -103,9 +97,9 @@ def main(ckpt: str, dtype: str, prefill_len: int, new_tokens: int,
             lambda rows, n: generator.generate(rows, n, loop="device"), batch, new_tokens, vocab)
     result["decode_b1_host_loop_tok_s"] = decode_tokens_per_s(
         lambda rows, n: generator.generate(rows, n, loop="host"), 1, new_tokens, vocab)
-    moe_ms = grouped_matmul_ms(loaded, generator)
-    if moe_ms is not None:
-        result["grouped_matmul_b1_ms"] = moe_ms
+    share = grouped_matmul_share(loaded, generator, result["decode_b1_tok_s"], new_tokens)
+    if share is not None:
+        result["grouped_matmul_share_b1"] = share
     return result
 
 

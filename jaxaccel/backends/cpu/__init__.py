@@ -112,7 +112,7 @@ class CpuBackend(Backend):
         """XLA:CPU runs ragged_dot as the dense all-groups product: `grouped` instead."""
         if isinstance(w_gkn, qwix.QArray):
             w_gkn = qwix.dequantize(w_gkn)
-        return grouped.grouped_matmul(x_mk, w_gkn, group_sizes_g)
+        return grouped.grouped_matmul(x_mk, w_gkn, group_sizes_g, CARRIERS)
 
     def lookup(self, table_vd, ids) -> jax.Array:
         if _is_packed(table_vd):

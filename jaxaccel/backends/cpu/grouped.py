@@ -13,7 +13,10 @@ with ragged_dot, 6.3 ms gathering the 2 rows' expert weights. So:
   plus the tiles a group boundary splits (the scheme of the TPU megablox kernel).
 
 Same contract as the base hook: x [m, k], w [g, k, n], group_sizes int32 [g] -> [m, n] in
-x.dtype with float32 accumulation; rows past the last group are zero.
+x.dtype with float32 accumulation; rows past the last group are zero. With `carriers`
+(jax < 0.12, see `jaxaccel.backends.cpu`), bf16 weights are gathered and sliced as their
+uint16 bits: that XLA:CPU converted the whole [g, k, n] stack to float32 first (a batch-1
+decode step of a 1B 8-expert model: 962 ms of grouped matmuls without, shared Zen 4).
 """
 
 from __future__ import annotations
@@ -24,11 +27,18 @@ import jax.numpy as jnp
 TILE = 128
 
 
-def grouped_matmul(x_mk, w_gkn, sizes_g) -> jax.Array:
+def grouped_matmul(x_mk, w_gkn, sizes_g, carriers: bool = False) -> jax.Array:
     m, groups = x_mk.shape[0], w_gkn.shape[0]
+    bits = carriers and w_gkn.dtype == jnp.bfloat16
+    w_gkn = jax.lax.bitcast_convert_type(w_gkn, jnp.uint16) if bits else w_gkn
     if 2 * m <= groups:
         return _gathered(x_mk, w_gkn, sizes_g)
     return _tiled(x_mk, w_gkn, sizes_g, min(TILE, m))
+
+
+def _weights(w):
+    """A slice of the weights in their own dtype (bf16 back from its uint16 bits)."""
+    return jax.lax.bitcast_convert_type(w, jnp.bfloat16) if w.dtype == jnp.uint16 else w
 
 
 def _row_groups(sizes_g, m: int):
@@ -40,9 +50,15 @@ def _row_groups(sizes_g, m: int):
 
 
 def _gathered(x_mk, w_gkn, sizes_g):
+    """Row by row (few rows): a float32 vector-matrix product with the row's group's weight,
+    indexed in place. XLA:CPU's batched bf16 [m, k] x [m, k, n] einsum was 2.8x slower (2
+    rows, 8 x 1024 x 2816 weights: 13.8 vs 5.0 ms, shared Zen 4)."""
     group_m, inside_m = _row_groups(sizes_g, x_mk.shape[0])
-    w_mkn = w_gkn[group_m].astype(x_mk.dtype)
-    out = jnp.einsum("mk,mkn->mn", x_mk, w_mkn, preferred_element_type=jnp.float32)
+    rows = []
+    for r in range(x_mk.shape[0]):
+        w_kn = _weights(jax.lax.dynamic_index_in_dim(w_gkn, group_m[r], keepdims=False))
+        rows.append(jnp.dot(x_mk[r:r + 1].astype(jnp.float32), w_kn.astype(jnp.float32)))
+    out = jnp.concatenate(rows)
     return jnp.where(inside_m[:, None], out, 0.0).astype(x_mk.dtype)
 
 
@@ -60,7 +76,8 @@ def _tiled(x_mk, w_gkn, sizes_g, tile: int):
 
         def compute(out_pn):
             x_tk = jax.lax.dynamic_slice_in_dim(x_pk, t * tile, tile)
-            w_kn = jax.lax.dynamic_index_in_dim(w_gkn, g, keepdims=False).astype(x_mk.dtype)
+            w_kn = _weights(jax.lax.dynamic_index_in_dim(w_gkn, g, keepdims=False))
+            w_kn = w_kn.astype(x_mk.dtype)
             y_tn = jnp.dot(x_tk, w_kn, preferred_element_type=jnp.float32)
             row_t = t * tile + jnp.arange(tile)
             y_tn = jnp.where(((row_t >= lo) & (row_t < hi))[:, None], y_tn, 0.0)
