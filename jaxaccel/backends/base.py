@@ -7,8 +7,9 @@ mesh's platform (`jaxaccel.backends.for_mesh`) and installs it while tracing
 `jaxaccel.backends.current()`. This class is the contract and the default: plain jnp/lax,
 exactly what a GPU/TPU engineer would write, with nothing platform-specific in the program.
 
-Traced hooks (called inside jit, by `models.layers` and `models.kv_cache`):
-  matmul, quantized_matmul, lookup, head_logits, scan_layers, attention, paged_attention,
+Traced hooks (called inside jit, by `models.layers`, `models.moe` and `models.kv_cache`):
+  matmul, quantized_matmul, grouped_matmul, lookup, head_logits, scan_layers, attention,
+  paged_attention,
   cache_storage_dtype, cache_store, cache_load.
 Host-side policies (called by the runtime when it builds a model's programs):
   prepare_decoder, min_batch, compiler_options, for_layout.
@@ -106,6 +107,22 @@ class Backend:
                                (((len(lead),), (0,)), ((), ())),
                                preferred_element_type=jnp.float32)
         return out.astype(x.dtype).reshape(*lead, *n_shape)
+
+    def grouped_matmul(self, x_mk, w_gkn, group_sizes_g) -> jax.Array:
+        """A mixture-of-experts layer's matmul: rows of x sorted into consecutive groups,
+        group g's rows times w[g]. x [m, k], w [g, k, n] (or a weight-only quantized QArray
+        with one scale per group and output channel), group_sizes int32 [g] summing to at
+        most m -> [m, n] in x.dtype, float32 accumulation; rows past the last group are
+        zero.
+
+        `jax.lax.ragged_dot`: XLA's grouped matmul, which GPU and TPU lower to their own
+        grouped kernels and which computes each row against its own group's weight only
+        (never all groups)."""
+        if isinstance(w_gkn, qwix.QArray):
+            w_gkn = qwix.dequantize(w_gkn)
+        out = jax.lax.ragged_dot(x_mk, w_gkn.astype(x_mk.dtype), group_sizes_g,
+                                 preferred_element_type=jnp.float32)
+        return out.astype(x_mk.dtype)
 
     def lookup(self, table_vd, ids) -> jax.Array:
         """Rows `ids` of an embedding table [v, ...]: [*ids.shape, ...]."""

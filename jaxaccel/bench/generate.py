@@ -98,8 +98,19 @@ def summarize(runs: dict[str, list[dict]], bandwidth: float, peak_bandwidth: flo
         # measured bandwidth moves between rounds.
         entry["bandwidth_utilisation_b1_vs_max"] = (
             entry["param_bytes"] * entry["decode_b1_tok_s"]["median"] / peak_bandwidth)
+        if "grouped_matmul_share_b1" in results[0]:  # a mixture of experts
+            entry["grouped_matmul_share_b1"] = runner.summarize(
+                [r["grouped_matmul_share_b1"] for r in results])
         summary[name] = entry
     return summary
+
+
+def grouped_matmul_note(summary: dict) -> str | None:
+    """A mixture of experts: its grouped matmuls' time and share of a batch-1 decode step."""
+    parts = [f"{name}: {100 * e['grouped_matmul_share_b1']['median']:.0f}%"
+             for name, e in summary.items() if "grouped_matmul_share_b1" in e]
+    return ("expert grouped matmuls' share of a batch-1 decode step (by ablation): "
+            + "; ".join(parts)) if parts else None
 
 
 def ratio(summary: dict, name: str, metric: str) -> float | str:
@@ -179,6 +190,9 @@ def register(bench_app: typer.Typer) -> None:
             f"{bandwidths['min'] / 1e9:.1f}-{bandwidths['max'] / 1e9:.1f}); peaks: {source}; "
             f"{runner.kernel_build_note()}",
             COLUMNS, table_rows(summary))
+        note = grouped_matmul_note(summary)
+        if note:
+            typer.echo(note)
         if quantize:
             runner.print_table("weight-only quantized vs jaxaccel bfloat16 (same run)",
                                QUANT_COLUMNS, quantized_rows(summary))

@@ -10,6 +10,9 @@ table that a head of its own (untied, or a tied head's quantized copy) leaves to
 `xla_dots` keeps XLA's own dots for bfloat16 on the CPU instead of jaxaccel's packed-weight
 kernel (`jaxaccel.backends.cpu`), to show what the kernel buys.
 
+A mixture-of-experts model also reports `grouped_matmul_share_b1`: the share of a batch-1
+decode step its experts' grouped matmuls take (`grouped_matmul_share`, by ablation).
+
 Prints one JSON line. Decode speed is the slope between a short and a long generation of the
 same batch (prefill and compile excluded): tokens/s = batch x extra tokens / extra seconds.
 """
@@ -50,6 +53,31 @@ def load_generator(ckpt: str, dtype: str, xla_dots: bool, quantize: str | None =
     return loaded, generator
 
 
+def grouped_matmul_share(loaded, generator, b1_tok_s: float, new_tokens: int) -> float | None:
+    """The share of a batch-1 decode step spent in the expert grouped matmuls (None: no
+    experts), by ablation: the same model and backend, except that the grouped matmul returns
+    zeros of its shape (routing, sorting and everything else still run), decodes this much
+    faster: 1 - (its step time / the full step time)."""
+    # deferred: jax and the runtime load in the worker process only, not in `jaxaccel bench`
+    import copy
+
+    import jax.numpy as jnp
+
+    from jaxaccel.runtime.generate import Generator
+
+    if not hasattr(loaded.config, "num_experts"):
+        return None
+    ablated = Generator(loaded.graphdef, loaded.state, loaded.config,
+                        dtype=generator.runtime.dtype)
+    backend = copy.copy(ablated.runtime.backend)
+    backend.grouped_matmul = lambda x, w, sizes: jnp.zeros((x.shape[0], w.shape[-1]), x.dtype)
+    ablated.runtime.backend = backend  # before any program is traced
+    ablated.buckets = generator.buckets
+    without = decode_tokens_per_s(lambda rows, n: ablated.generate(rows, n, loop="device"), 1,
+                                  new_tokens, loaded.config.vocab_size)
+    return 1.0 - b1_tok_s / without
+
+
 def main(ckpt: str, dtype: str, prefill_len: int, new_tokens: int,
          xla_dots: bool = False, quantize: str | None = None, group_size: int = 128) -> dict:
     # deferred: jax and the runtime load in the worker process only, not in `jaxaccel bench`
@@ -69,6 +97,9 @@ def main(ckpt: str, dtype: str, prefill_len: int, new_tokens: int,
             lambda rows, n: generator.generate(rows, n, loop="device"), batch, new_tokens, vocab)
     result["decode_b1_host_loop_tok_s"] = decode_tokens_per_s(
         lambda rows, n: generator.generate(rows, n, loop="host"), 1, new_tokens, vocab)
+    share = grouped_matmul_share(loaded, generator, result["decode_b1_tok_s"], new_tokens)
+    if share is not None:
+        result["grouped_matmul_share_b1"] = share
     return result
 
 

@@ -15,9 +15,10 @@ DTYPE = typer.Option(None, "--dtype", help="Compute dtype: float32 or bfloat16 (
                      "checkpoint's). bfloat16 keeps norms, softmax and matmul accumulation in "
                      "float32.")
 MESH = typer.Option(None, "--mesh", help="Device mesh, e.g. data=2,model=4 (axes data, model, "
-                    "stage; -1 = the rest of the devices). Default: one device.")
+                    "stage, expert; -1 = the rest of the devices). Default: one device.")
 RULES = typer.Option("dp_tp", "--rules", help="Logical-axis rule table: replicated, dp, tp, "
-                     "dp_tp, pp, dp_tp_pp.")
+                     "dp_tp, pp, dp_tp_pp; mixture-of-experts models: ep, dp_ep, "
+                     "tp_ep.")
 RULE_OVERRIDES = typer.Option(None, "--rule", help="Override single rules, e.g. "
                               "'heads=None,mlp=model'.")
 MICROBATCHES = typer.Option(None, "--microbatches", min=1, help="Pipeline microbatches on a "

@@ -44,9 +44,10 @@ from jaxaccel.parallel import sharding as ax
 from jaxaccel.parallel.params import param_specs
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
-# Chunks follow the rule tables: one per pipeline stage's layer, and dims a table shards over
-# `model` cut in aligned pieces, so each device reads only the chunks it holds.
-CHUNK_RULE = ChunkRule(per_index=ax.axes_sharded_over("stage"),
+# Chunks follow the rule tables: one per pipeline stage's layer and one per expert, and dims
+# a table shards over `model` cut in aligned pieces, so each device reads only the chunks it
+# holds.
+CHUNK_RULE = ChunkRule(per_index=ax.axes_sharded_over("stage") | ax.axes_sharded_over("expert"),
                        split=ax.axes_sharded_over("model"))
 
 
@@ -129,8 +130,8 @@ def plan_arrays(spec: FamilySpec, cfg, source: SafetensorsSource, specs,
     available, layers = source.names(), cfg.num_layers
     plan, missing, used = [], [], set()
     for rule in spec.weight_rules(cfg) if rules is None else rules:
-        groups = ([rule.source_names(i) for i in range(layers)] if rule.per_layer
-                  else [rule.source_names()])
+        rule = _spelling(rule, available, spec, layers)
+        groups = _groups(rule, layers)
         resolved = [tuple(_source_name(n, available, spec) for n in g) for g in groups]
         missing += [n for g, r in zip(groups, resolved) for n, m in zip(g, r) if m is None]
         if any(None in group for group in resolved):
@@ -144,6 +145,25 @@ def plan_arrays(spec: FamilySpec, cfg, source: SafetensorsSource, specs,
     tied = _check_tied(spec, cfg, source)
     ignored = _check_coverage(plan, missing, available - used - set(tied), specs, spec, source)
     return SourcePlan(plan, sorted(ignored + tied + source.dropped))
+
+
+def _groups(rule: WeightRule, layers: int) -> list[tuple[str, ...]]:
+    """The source name groups a rule reads: one per stacked layer, or one."""
+    if rule.per_layer:
+        return [rule.source_names(i) for i in rule.layer_indices(layers)]
+    return [rule.source_names()]
+
+
+def _spelling(rule: WeightRule, available: set[str], spec: FamilySpec,
+              layers: int) -> WeightRule:
+    """`rule`, or its fallback spelling where the source has only the fallback's tensors
+    (a missing tensor is then reported under the rule's own, published name)."""
+    def complete(r: WeightRule) -> bool:
+        return all(_source_name(n, available, spec) for g in _groups(r, layers) for n in g)
+
+    if rule.fallback is None or complete(rule) or not complete(rule.fallback):
+        return rule
+    return rule.fallback
 
 
 def _check_tied(spec: FamilySpec, cfg, source: SafetensorsSource) -> list[str]:

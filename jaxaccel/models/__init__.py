@@ -37,6 +37,10 @@ def register_spec(spec: FamilySpec) -> None:
 register("bert", "jaxaccel.models.bert")
 register("gpt2", "jaxaccel.models.gpt2")
 register("llama", "jaxaccel.models.llama")
+register("mixtral", "jaxaccel.models.mixtral")
+register("qwen2_moe", "jaxaccel.models.qwen2_moe")
+register("qwen3_moe", "jaxaccel.models.qwen3_moe")
+register("qwen3", "jaxaccel.models.qwen3")
 register("resnet", "jaxaccel.models.resnet")
 
 

@@ -18,6 +18,7 @@ import dataclasses
 from flax import nnx
 
 from jaxaccel.models import layers
+from jaxaccel.models import moe as moe_layer
 from jaxaccel.models import rotary as rope
 from jaxaccel.models.attention import attention
 from jaxaccel.models.kv_cache import KVCache
@@ -49,10 +50,17 @@ class DecoderLayout:
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
+    # Per-head norms (the layout's norm over h, scale [h]) of queries and keys before rotary
+    # (Qwen3, Gemma 3).
+    qk_norm: bool = False
+    # A mixture of experts in place of the MLP (`moe.MoELayout`); None: the dense MLP above.
+    moe: moe_layer.MoELayout | None = None
 
     def __post_init__(self):
         if self.norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
+        if self.qk_norm and self.norm != "rms":
+            raise ValueError("qk_norm needs norm='rms' (the per-head norms have no bias)")
 
 
 def norm(layout: DecoderLayout, x_btd, scale_d, bias_d):
@@ -76,7 +84,11 @@ class DecoderBlock(nnx.Module):
         self.attn_norm_scale_d, self.attn_norm_bias_d = self._norm_params(cfg, p)
         self._attention_params(cfg, p)
         self.mlp_norm_scale_d, self.mlp_norm_bias_d = self._norm_params(cfg, p)
-        self._mlp_params(cfg, p)
+        if layout.moe is not None:
+            self.moe = moe_layer.MoE(cfg.hidden_size, layout.moe, dtype=dtype, rngs=rngs,
+                                     num_layers=num_layers)
+        else:
+            self._mlp_params(cfg, p)
 
     def _norm_params(self, cfg, p):
         """(scale, bias or None): LayerNorm has a bias, RMSNorm none."""
@@ -96,6 +108,9 @@ class DecoderBlock(nnx.Module):
         self.bk_kh = p((k, h), (ax.KV_HEADS, ax.HEAD_DIM), zero) if bias else None
         self.bv_kh = p((k, h), (ax.KV_HEADS, ax.HEAD_DIM), zero) if bias else None
         self.bo_d = p((d,), (ax.EMBED,), zero) if self.layout.o_bias else None
+        qk_norm = self.layout.qk_norm
+        self.q_norm_scale_h = p((h,), (ax.HEAD_DIM,), layers.ones_init) if qk_norm else None
+        self.k_norm_scale_h = p((h,), (ax.HEAD_DIM,), layers.ones_init) if qk_norm else None
 
     def _mlp_params(self, cfg, p):
         d, f = cfg.hidden_size, cfg.intermediate_size
@@ -125,13 +140,19 @@ class DecoderBlock(nnx.Module):
         q_btnh = layers.add_bias(layers.heads_in(y_btd, self.wq_dnh[...]), self.bq_nh)
         k_btkh = layers.add_bias(layers.heads_in(y_btd, self.wk_dkh[...]), self.bk_kh)
         v_btkh = layers.add_bias(layers.heads_in(y_btd, self.wv_dkh[...]), self.bv_kh)
+        if self.layout.qk_norm:
+            q_btnh = norm(self.layout, q_btnh, self.q_norm_scale_h, None)
+            k_btkh = norm(self.layout, k_btkh, self.k_norm_scale_h, None)
         if self.layout.rotary:
             q_btnh, k_btkh = rope.apply(q_btnh, *rotary), rope.apply(k_btkh, *rotary)
         a_btnh, new_kv = attention(q_btnh, k_btkh, v_btkh, mask_btt, cached, cached_mask_bts)
         return layers.add_bias(layers.heads_out(a_btnh, self.wo_nhd[...]), self.bo_d), new_kv
 
     def mlp(self, y_btd):
-        """The feed-forward: gated (act(y wg) * y wu) or plain (act(y wi)), then wm."""
+        """The feed-forward: gated (act(y wg) * y wu) or plain (act(y wi)), then wm; or the
+        layout's mixture of experts."""
+        if self.layout.moe is not None:
+            return self.moe(y_btd)
         act = layers.activation(self.layout.activation)
         if self.layout.gated_mlp:
             g_btf = layers.add_bias(layers.matmul(y_btd, self.wg_df[...]), self.bg_f)

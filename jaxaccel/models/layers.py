@@ -153,6 +153,11 @@ def use_layer_runner(runner: Callable | None):
         _LAYER_RUNNER.reset(token)
 
 
+def layer_runner() -> Callable | None:
+    """The runner `use_layer_runner` installed (None: the plain scan)."""
+    return _LAYER_RUNNER.get()
+
+
 def scan_layers(blocks: nnx.Module, carry, body: Callable, xs=None):
     """Run `body(block, carry, x) -> (carry, y)` over the stacked layers of `blocks`.
 

@@ -45,6 +45,10 @@ MODEL_TYPES = {
     "mistral": ModelType(),  # no sliding window beyond the generated length
     "qwen2": ModelType(qkv_bias=True, o_bias=False, sliding_window_switch="use_sliding_window"),
 }
+# Model types other families read through `Config.from_hf` (their own files register them).
+BORROWED_MODEL_TYPES = {
+    "qwen3": ModelType(sliding_window_switch="use_sliding_window"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +67,7 @@ class Config:
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
+    qk_norm: bool = False  # per-head RMSNorm of queries and keys before rotary (Qwen3)
     rope_theta: float = 10000.0
     rope_type: str = "default"
     rope_factor: float = 1.0
@@ -90,7 +95,8 @@ class Config:
             raise ValueError(f"num_attention_heads={n} must be a multiple of "
                              f"num_key_value_heads={k}")
         # A source converted with --family llama may name another model type: read as Llama.
-        kind = MODEL_TYPES.get(hf.get("model_type"), MODEL_TYPES["llama"])
+        model_type = hf.get("model_type")
+        kind = {**MODEL_TYPES, **BORROWED_MODEL_TYPES}.get(model_type, MODEL_TYPES["llama"])
         attention_bias = bool(hf.get("attention_bias", False))
         return cls(vocab_size=hf["vocab_size"], hidden_size=d, num_layers=hf["num_hidden_layers"],
                    num_heads=n, num_kv_heads=k, intermediate_size=hf["intermediate_size"],
@@ -113,7 +119,7 @@ class Config:
         return blocks.DecoderLayout(norm="rms", norm_eps=self.rms_norm_eps,
                                     activation=self.hidden_act, gated_mlp=True, rotary=True,
                                     qkv_bias=self.qkv_bias, o_bias=self.o_bias,
-                                    mlp_bias=self.mlp_bias)
+                                    mlp_bias=self.mlp_bias, qk_norm=self.qk_norm)
 
 
 def _sliding_window(hf: dict, kind: ModelType) -> int | None:
@@ -176,6 +182,9 @@ def weight_rules(cfg: Config) -> list[WeightRule]:
                   WeightRule("blocks.bv_kh", attn + "v_proj.bias", lambda b: b.reshape(k, h))]
     if cfg.o_bias:
         rules.append(WeightRule("blocks.bo_d", attn + "o_proj.bias"))
+    if cfg.qk_norm:
+        rules += [WeightRule("blocks.q_norm_scale_h", attn + "q_norm.weight"),
+                  WeightRule("blocks.k_norm_scale_h", attn + "k_norm.weight")]
     if cfg.mlp_bias:
         rules += [WeightRule("blocks.bg_f", mlp + "gate_proj.bias"),
                   WeightRule("blocks.bu_f", mlp + "up_proj.bias"),

@@ -42,10 +42,20 @@ class WeightRule:
     source: str  # source tensor name; "{i}" marks a per-layer tensor
     transform: Transform = identity
     extra: tuple[str, ...] = ()  # further source tensors, passed to `transform` after `source`
+    # The source layers a per-layer rule stacks, in order (None: all of them): a model whose
+    # layers differ in kind (dense and mixture-of-experts MLPs) holds one stack per kind.
+    layers: tuple[int, ...] | None = None
+    # The same parameter as another layout names it (transformers 5's fused experts), read
+    # when the source has all of the fallback's tensors and not all of this rule's.
+    fallback: WeightRule | None = None
 
     @property
     def per_layer(self) -> bool:
         return "{i}" in self.source
+
+    def layer_indices(self, num_layers: int) -> tuple[int, ...]:
+        """The source layers this per-layer rule reads, in stacking order."""
+        return tuple(range(num_layers)) if self.layers is None else self.layers
 
     def source_names(self, layer: int | None = None) -> tuple[str, ...]:
         """(source, *extra), with `{i}` filled in for a per-layer rule."""

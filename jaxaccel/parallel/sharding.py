@@ -7,6 +7,8 @@ mesh axes, so the same model runs data-, tensor- or pipeline-parallel by swappin
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
 from collections.abc import Mapping, Sequence
@@ -29,10 +31,13 @@ VOCAB = "vocab"
 LAYERS = "layers"
 CHANNELS_IN = "channels_in"
 CHANNELS = "channels"
+EXPERTS = "experts"  # a mixture-of-experts layer's experts (`jaxaccel.models.moe`)
 LOGICAL_AXES = (BATCH, SEQUENCE, EMBED, HEADS, KV_HEADS, HEAD_DIM, MLP, VOCAB, LAYERS,
-                CHANNELS_IN, CHANNELS)
+                CHANNELS_IN, CHANNELS, EXPERTS)
 
-MESH_AXES = ("data", "model", "stage")
+MESH_AXES = ("data", "model", "stage", "expert")
+# Axes a mesh description leaves out at size 1 (`format_mesh`): only MoE runs name them.
+_QUIET_AXES = ("expert",)
 
 Rules = Mapping[str, str | None]
 
@@ -50,6 +55,11 @@ RULE_TABLES: dict[str, dict[str, str | None]] = {
     "dp_tp": _DATA_TENSOR_PARALLEL,
     "pp": {BATCH: "data", LAYERS: "stage"},
     "dp_tp_pp": {BATCH: "data", LAYERS: "stage", **_TENSOR_PARALLEL},
+    # Expert parallelism: each device of `expert` holds a share of every MoE layer's experts
+    # (a model without experts runs as under `dp` / `dp_tp`); `ep` is an alias of `dp_ep`.
+    "ep": {BATCH: "data", EXPERTS: "expert"},
+    "dp_ep": {BATCH: "data", EXPERTS: "expert"},
+    "tp_ep": {**_DATA_TENSOR_PARALLEL, EXPERTS: "expert"},
 }
 
 
@@ -110,12 +120,13 @@ def resolve_mesh_sizes(sizes: Mapping[str, int], device_count: int) -> dict[str,
 
 
 def format_mesh(sizes: Mapping[str, int]) -> str:
-    return ",".join(f"{axis}={sizes[axis]}" for axis in MESH_AXES)
+    return ",".join(f"{axis}={sizes.get(axis, 1)}" for axis in MESH_AXES
+                    if axis not in _QUIET_AXES or sizes.get(axis, 1) != 1)
 
 
 def make_mesh(text_or_sizes: str | Mapping[str, int] | None = None,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """Build a (data, model, stage) mesh over the first prod(sizes) devices."""
+    """Build a (data, model, stage, expert) mesh over the first prod(sizes) devices."""
     sizes = parse_mesh(text_or_sizes) if not isinstance(text_or_sizes, Mapping) else {
         **{axis: 1 for axis in MESH_AXES}, **text_or_sizes}
     everything = devices is None
@@ -221,3 +232,22 @@ class Layout:
 
     def describe(self) -> str:
         return format_mesh(dict(self.mesh.shape))
+
+
+# The layout of the program being traced (`use_layout`): what a layer that maps its own
+# devices (a mixture-of-experts dispatch, `jaxaccel.models.moe`) reads; None outside a runtime.
+_CURRENT_LAYOUT: contextvars.ContextVar = contextvars.ContextVar("layout", default=None)
+
+
+@contextlib.contextmanager
+def use_layout(layout: Layout | None):
+    """Within the block, `current_layout()` is `layout` (the runtime sets it while tracing)."""
+    token = _CURRENT_LAYOUT.set(layout)
+    try:
+        yield
+    finally:
+        _CURRENT_LAYOUT.reset(token)
+
+
+def current_layout() -> Layout | None:
+    return _CURRENT_LAYOUT.get()

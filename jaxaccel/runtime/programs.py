@@ -256,7 +256,8 @@ class Runtime:
         if key not in self.programs:
             def traced(*args):
                 self.traces[key[0]] += 1
-                with backends.use(self.backend), layers.use_layer_runner(self.pipeline):
+                with (backends.use(self.backend), layers.use_layer_runner(self.pipeline),
+                      ax.use_layout(self.layout)):
                     return fn(*args)
 
             jitted = jax.jit(traced, in_shardings=in_shardings, out_shardings=out_shardings,

@@ -44,11 +44,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import qwix
 from flax import nnx
 
 from jaxaccel.backends.base import Backend, KVCache, PagedCache
 from jaxaccel.backends.cpu import attention as attention_kernel
-from jaxaccel.backends.cpu import isa, packed, packing, quantized, tuning
+from jaxaccel.backends.cpu import grouped, isa, packed, packing, quantized, tuning
 from jaxaccel.backends.cpu.packed import PackedWeight
 from jaxaccel.backends.cpu.quantized import PackedQuantWeight
 
@@ -108,6 +109,12 @@ class CpuBackend(Backend):
         if _is_packed(w):
             return _packed_matmul(x, w).astype(x.dtype)
         return super().quantized_matmul(x, w, contracting)
+
+    def grouped_matmul(self, x_mk, w_gkn, group_sizes_g) -> jax.Array:
+        """XLA:CPU runs ragged_dot as the dense all-groups product: `grouped` instead."""
+        if isinstance(w_gkn, qwix.QArray):
+            w_gkn = qwix.dequantize(w_gkn)
+        return grouped.grouped_matmul(x_mk, w_gkn, group_sizes_g, CARRIERS)
 
     def lookup(self, table_vd, ids) -> jax.Array:
         if _is_packed(table_vd):

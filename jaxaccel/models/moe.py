@@ -1,0 +1,210 @@
+"""A mixture-of-experts feed-forward: a softmax router picks each token's top-k experts, and
+each expert (a gated MLP) runs only on the tokens routed to it.
+
+Shape legend as in `layers`, plus e experts, m routed tokens (b * t), k the top-k slots, g
+the experts one device holds.
+
+Dropless and exact: every token reaches all of its k experts (no capacity, no dropped
+tokens), so the layer computes what transformers computes. The (token, slot) pairs are
+sorted by expert and the experts run as grouped matmuls over those sorted rows
+(`Backend.grouped_matmul`, `jax.lax.ragged_dot` by default): no token is multiplied by an
+expert it was not routed to.
+
+Expert parallelism: under a layout whose rules map the `experts` logical axis onto a mesh
+axis (`ep`, `dp_ep`, `tp_ep`), each device holds e / size experts and the layer runs in a
+`shard_map`. Every device of an `expert` group already holds the same tokens (the batch is
+split over `data` only), routes them, and computes just the (token, slot) pairs of its own
+experts; one `psum` over the expert (and `model`, where the experts' mlp dim is split) axes
+adds the partial outputs back, in token order. That is one all-reduce of [m, d] per layer, the
+cost of a tensor-parallel MLP, and no capacity-bound all-to-all buffers. An expert count the
+mesh axis does not divide leaves the experts replicated (the rule tables' usual fallback).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import qwix
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from jaxaccel import backends
+from jaxaccel.models import layers
+from jaxaccel.parallel import sharding as ax
+
+# Logical axes of one layer's expert weights (the stacked parameter adds `layers` first).
+EXPERT_IN_AXES = (ax.EXPERTS, ax.EMBED, ax.MLP)  # wg_edf, wu_edf: [e, d, f]
+EXPERT_OUT_AXES = (ax.EXPERTS, ax.MLP, ax.EMBED)  # wm_efd: [e, f, d]
+# Weight-only quantization (`FamilySpec.quantized_weights`): contraction axes per expert, so
+# each expert gets its own per-channel scales ([e, 1, f] and [e, 1, d]).
+QUANTIZED = {"wg_edf": (1,), "wu_edf": (1,), "wm_efd": (1,)}
+QUANTIZED_SHARED = {"shared_wg_df": (0,), "shared_wu_df": (0,), "shared_wm_fd": (0,)}
+
+
+@dataclasses.dataclass(frozen=True)
+class MoELayout:
+    """The switches of a mixture-of-experts MLP (hashable: static model metadata)."""
+
+    num_experts: int
+    top_k: int
+    intermediate_size: int  # per expert
+    norm_topk_prob: bool  # renormalize the k chosen probabilities to sum to 1 (Mixtral: yes)
+    activation: str = "silu"
+    # A shared expert every token runs through, scaled by sigmoid(y . gate) (Qwen2-MoE); 0: none
+    shared_intermediate_size: int = 0
+
+    def __post_init__(self):
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"num_experts_per_tok={self.top_k} must be between 1 and "
+                             f"num_experts={self.num_experts}")
+
+
+def quantized_weights(prefix: str, layout_has_shared: bool) -> dict[str, tuple[int, ...]]:
+    """The quantized expert weights of a stack named `prefix` (e.g. "blocks.moe")."""
+    table = {**QUANTIZED, **(QUANTIZED_SHARED if layout_has_shared else {})}
+    return {f"{prefix}.{name}": axes for name, axes in table.items()}
+
+
+class MoE(nnx.Module):
+    """The router and the experts of one MoE layer (built stacked over `num_layers`)."""
+
+    def __init__(self, hidden_size: int, layout: MoELayout, *, dtype, rngs: nnx.Rngs,
+                 num_layers: int | None = None):
+        self.layout = layout
+        d, e, f = hidden_size, layout.num_experts, layout.intermediate_size
+        p = lambda shape, axes: layers.make_param(  # noqa: E731
+            rngs, shape, axes, dtype, layers.normal_init(), num_layers)
+        # The router stays whole on every device: each routes its own tokens.
+        self.router_de = p((d, e), (ax.EMBED, None))
+        self.wg_edf = p((e, d, f), EXPERT_IN_AXES)
+        self.wu_edf = p((e, d, f), EXPERT_IN_AXES)
+        self.wm_efd = p((e, f, d), EXPERT_OUT_AXES)
+        s = layout.shared_intermediate_size
+        self.shared_wg_df = p((d, s), (ax.EMBED, ax.MLP)) if s else None
+        self.shared_wu_df = p((d, s), (ax.EMBED, ax.MLP)) if s else None
+        self.shared_wm_fd = p((s, d), (ax.MLP, ax.EMBED)) if s else None
+        self.shared_gate_d1 = p((d, 1), (ax.EMBED, None)) if s else None
+
+    def __call__(self, y_btd):
+        """The layer's output [b, t, d] in y's dtype."""
+        b, t, d = y_btd.shape
+        weights_mk, experts_mk = route(y_btd.reshape(b * t, d), self.router_de[...],
+                                       self.layout)
+        expert_weights = (self.wg_edf[...], self.wu_edf[...], self.wm_efd[...])
+        out_btd = dispatch(y_btd, weights_mk.reshape(b, t, -1), experts_mk.reshape(b, t, -1),
+                           expert_weights, self.layout.activation)
+        if self.shared_wg_df is not None:
+            out_btd = out_btd + self._shared(y_btd)
+        return out_btd
+
+    def _shared(self, y_btd):
+        """The shared expert's gated MLP, scaled by its sigmoid gate."""
+        act = layers.activation(self.layout.activation)
+        g_btf = layers.matmul(y_btd, self.shared_wg_df[...])
+        u_btf = layers.matmul(y_btd, self.shared_wu_df[...])
+        out_btd = layers.matmul(act(g_btf) * u_btf, self.shared_wm_fd[...])
+        gate_bt1 = jax.nn.sigmoid(layers.matmul(y_btd, self.shared_gate_d1[...]))
+        return gate_bt1 * out_btd
+
+
+def route(y_md, router_de, layout: MoELayout):
+    """(weights [m, k] float32, expert ids [m, k] int32): softmax over all experts in float32,
+    the k largest probabilities, renormalized to sum to 1 when the layout says so."""
+    logits_me = layers.matmul(y_md, router_de).astype(jnp.float32)
+    probs_me = jax.nn.softmax(logits_me, axis=-1)
+    weights_mk, experts_mk = jax.lax.top_k(probs_me, layout.top_k)
+    if layout.norm_topk_prob:
+        weights_mk = weights_mk / weights_mk.sum(-1, keepdims=True)
+    return weights_mk, experts_mk.astype(jnp.int32)
+
+
+def local_experts(y_md, weights_mk, experts_mk, expert_weights, activation: str,
+                  first_expert=0):
+    """The summed output [m, d] (float32) of the (token, slot) pairs whose expert is one of
+    the g experts held here (ids first_expert .. first_expert + g - 1); other pairs add 0.
+
+    Pairs are sorted by expert (pairs of other experts last), each expert's rows run through
+    its gated MLP as grouped matmuls, and the results are put back in (token, slot) order.
+    """
+    wg_gdf, wu_gdf, wm_gfd = expert_weights
+    m, k = experts_mk.shape
+    held = wg_gdf.shape[0]
+    local_mk = experts_mk - first_expert
+    mine_mk = (local_mk >= 0) & (local_mk < held)
+    key_p = jnp.where(mine_mk, local_mk, held).reshape(m * k)  # p: (token, slot) pairs
+    order_p = jnp.argsort(key_p, stable=True)
+    sizes_g = jnp.sum(key_p[None, :] == jnp.arange(held)[:, None], axis=1, dtype=jnp.int32)
+    x_pd = y_md[order_p // k]
+    backend, act = backends.current(), layers.activation(activation)
+    h_pf = (act(backend.grouped_matmul(x_pd, wg_gdf, sizes_g))
+            * backend.grouped_matmul(x_pd, wu_gdf, sizes_g))
+    out_pd = backend.grouped_matmul(h_pf, wm_gfd, sizes_g).astype(jnp.float32)
+    # Back to (token, slot) order: the inverse permutation of the sort.
+    inverse_p = jnp.zeros_like(order_p).at[order_p].set(jnp.arange(m * k, dtype=order_p.dtype))
+    out_mkd = out_pd[inverse_p].reshape(m, k, -1)
+    # Rows of other experts were never computed (zero, or whatever a kernel leaves there).
+    scale_mk = jnp.where(mine_mk, weights_mk, 0.0)
+    return jnp.sum(jnp.where(mine_mk[..., None], out_mkd, 0.0) * scale_mk[..., None], axis=1)
+
+
+def dispatch(y_btd, weights_btk, experts_btk, expert_weights, activation: str):
+    """Every token's weighted expert outputs [b, t, d] in y's dtype, on the current layout's
+    devices (`jaxaccel.parallel.sharding.current_layout`): on one device (or a layout that
+    does not split the experts) a plain call of `local_experts`, else a shard_map in which
+    each device computes its experts' share and a psum adds the shares."""
+    layout = ax.current_layout()
+    specs = _expert_specs(layout, expert_weights)
+    reduce_axes = tuple(sorted({a for spec in specs for a in spec if a is not None}))
+    if not reduce_axes:
+        return _local(y_btd, weights_btk, experts_btk, expert_weights, activation, 0)
+    mesh, rules = layout.mesh, layout.rules
+    experts_axis = specs[0][0] if specs[0] else None
+    row_spec = ax.logical_to_spec((ax.BATCH,), y_btd.shape[:1], mesh, rules)
+
+    def shard(y_btd, weights_btk, experts_btk, expert_weights):
+        held = expert_weights[0].shape[0]
+        first = jax.lax.axis_index(experts_axis) * held if experts_axis else 0
+        out_btd = _local(y_btd, weights_btk, experts_btk, expert_weights, activation, first,
+                         float32=True)
+        return jax.lax.psum(out_btd, reduce_axes).astype(y_btd.dtype)
+
+    weight_specs = tuple(_tree_spec(w, s) for w, s in zip(expert_weights, specs))
+    return jax.shard_map(shard, mesh=mesh, in_specs=(row_spec, row_spec, row_spec, weight_specs),
+                         out_specs=row_spec, check_vma=False)(
+        y_btd, weights_btk, experts_btk, expert_weights)
+
+
+def _local(y_btd, weights_btk, experts_btk, expert_weights, activation, first,
+           float32: bool = False):
+    b, t, d = y_btd.shape
+    k = experts_btk.shape[-1]
+    out_md = local_experts(y_btd.reshape(b * t, d), weights_btk.reshape(b * t, k),
+                           experts_btk.reshape(b * t, k), expert_weights, activation, first)
+    return out_md.reshape(b, t, d).astype(jnp.float32 if float32 else y_btd.dtype)
+
+
+def _expert_specs(layout, expert_weights) -> tuple[P, ...]:
+    """PartitionSpecs of (wg, wu, wm) on `layout` (all empty without a layout or inside a
+    pipeline stage, where the layer runs as traced and XLA places it)."""
+    empty = (P(),) * len(expert_weights)
+    if layout is None or layout.mesh.shape.get("stage", 1) > 1:
+        return empty
+    return tuple(ax.logical_to_spec(axes, _shape(w), layout.mesh, layout.rules)
+                 for w, axes in zip(expert_weights,
+                                    (EXPERT_IN_AXES, EXPERT_IN_AXES, EXPERT_OUT_AXES)))
+
+
+def _shape(w) -> tuple[int, ...]:
+    return tuple(w.shape)
+
+
+def _tree_spec(w, spec: P):
+    """The in_spec of one weight: a quantized QArray's scales split with its values, except
+    along a dim one scale spans (size 1: the contraction of per-channel scales)."""
+    if not isinstance(w, qwix.QArray):
+        return spec
+    entries = list(spec) + [None] * (w.qvalue.ndim - len(spec))
+    scale = [None if dim == 1 else entry for entry, dim in zip(entries, w.scale.shape)]
+    return dataclasses.replace(w, qvalue=spec, scale=P(*scale))
