@@ -11,6 +11,17 @@ import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
 
+# The newest-jax line (scripts/test_newest_jax.sh) runs the API error properties with this share
+# of their examples: what they check is jaxaccel's own argument handling, the same Python code
+# on every jax, and the main line runs all of them; on the newest jax a quarter still sends
+# valid settings through load, plan and convert (each valid load costs a restore and a compile).
+EXAMPLES_SCALE = float(os.environ.get("JAXACCEL_TEST_EXAMPLES_SCALE", "1"))
+
+
+def examples(n: int) -> int:
+    """`n` hypothesis examples, scaled by $JAXACCEL_TEST_EXAMPLES_SCALE (at least 5)."""
+    return max(5, round(n * EXAMPLES_SCALE))
+
 
 @pytest.fixture(scope="session")
 def minilm_src() -> pathlib.Path:

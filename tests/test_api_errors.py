@@ -15,9 +15,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import jaxaccel
+from conftest import examples
 from jaxaccel.errors import JaxaccelError
 
-SETTINGS = settings(max_examples=40, deadline=None, derandomize=True,
+SETTINGS = settings(max_examples=examples(40), deadline=None, derandomize=True,
                     suppress_health_check=list(HealthCheck))
 
 # Values a caller may pass by mistake: wrong types, empty, negative, huge, NaN, nested.

@@ -17,6 +17,7 @@ import warnings
 import jax
 import pytest
 
+from cli_runner import run_cli
 from jaxaccel.backends.cpu import attention, build, isa, packed, quantized, tuning
 from jaxaccel.errors import UsageError
 
@@ -152,3 +153,11 @@ def test_sources_cross_compile_for_aarch64(source, tmp_path):
                            "-o", str(tmp_path / "kernel.so")], capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("command", ["embed", "generate"])
+def test_bench_help_says_how_to_pick_the_kernel_build(capsys, monkeypatch, command):
+    code, out, _ = run_cli(capsys, monkeypatch, "bench", command, "--help")
+    text = " ".join(out.replace("│", " ").split())  # rich wraps and boxes the help
+    assert code == 0
+    assert "JAXACCEL_CPU_ISA=avx2" in text and "ONEDNN_MAX_CPU_ISA=AVX2" in text, text

@@ -57,7 +57,7 @@ def table_rows(summary: dict[str, dict], flops_per_sentence: float | None = None
 
 
 def register(bench_app: typer.Typer) -> None:
-    @bench_app.command("embed")
+    @bench_app.command("embed", epilog=runner.KERNEL_BUILD_HELP)
     def bench_embed(
         ckpt: pathlib.Path = typer.Argument(..., help="Encoder checkpoint (e.g. checkpoints/minilm)."),
         batch: int = typer.Option(32, "--batch", help="Sentences per batch."),

@@ -151,7 +151,7 @@ def table_rows(summary: dict) -> list[tuple]:
 
 
 def register(bench_app: typer.Typer) -> None:
-    @bench_app.command("generate")
+    @bench_app.command("generate", epilog=runner.KERNEL_BUILD_HELP)
     def bench_generate(
         ckpt: pathlib.Path = typer.Argument(..., help="Decoder checkpoint (e.g. DEST/ckpt of "
                                             "`python -m jaxaccel_reference.random_decoder "

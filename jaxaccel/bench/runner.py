@@ -218,6 +218,16 @@ def quantized_labels(quantize: Sequence[str], quantize_head: bool) -> list[str]:
     return labels
 
 
+# `bench embed` / `bench generate --help`: how to measure each build of the CPU kernels.
+KERNEL_BUILD_HELP = (
+    "Kernel build: the CPU's own by default (avx512 on a CPU with AVX-512 F/BW/VL, else avx2). "
+    "JAXACCEL_CPU_ISA=avx2 runs the AVX2 build on an AVX-512 machine (=none: XLA's dots "
+    "only); restrict PyTorch the same way with ATEN_CPU_CAPABILITY=avx2 "
+    "ONEDNN_MAX_CPU_ISA=AVX2, e.g. `JAXACCEL_CPU_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 "
+    "ONEDNN_MAX_CPU_ISA=AVX2 jaxaccel bench embed CKPT`. The table's title names the build "
+    "that ran.")
+
+
 def kernel_build_note() -> str:
     """The CPU and the build of jaxaccel's CPU kernels the workers run (`isa.describe_build`:
     workers inherit this environment, $JAXACCEL_CPU_ISA included)."""

@@ -97,20 +97,25 @@ def _replica_axes(sharding: NamedSharding) -> tuple[str, ...]:
                  if axis not in used and sharding.mesh.shape[axis] > 1)
 
 
-def _local_bytes(target: Target) -> int:
-    """Bytes of the (1, *slice) source blocks this process's devices hold for the target."""
+def _most_bytes_per_process(target: Target) -> int:
+    """Bytes of the (1, *slice) source blocks held by the process that holds the most of the
+    target: computed from the global device map, so every process gets the same number."""
     itemsize = np.dtype(target.dtype).itemsize
-    return sum(int(np.prod([b - a for a, b in _key(index, target.shape)], dtype=np.int64))
-               * itemsize for index in
-               target.sharding.addressable_devices_indices_map(target.shape).values())
+    held = collections.Counter()
+    for device, index in target.sharding.devices_indices_map(target.shape).items():
+        held[device.process_index] += int(np.prod([b - a for a, b in _key(index, target.shape)],
+                                                  dtype=np.int64)) * itemsize
+    return max(held.values(), default=0)
 
 
 def chunks(targets: Mapping[str, Target], budget: int) -> list[dict[str, Target]]:
-    """Arrays in groups whose source blocks on this process fit `budget` bytes (a larger
-    array forms its own group). Same order on every process: sorted by name."""
+    """Arrays in groups whose source blocks on any one process fit `budget` bytes (a larger
+    array forms its own group). Identical on every process (sorted by name, sizes from the
+    global device map): each group is one collective program that all processes must run in
+    the same order, so a process that cut its groups by its own share would wait forever."""
     groups, current, size = [], {}, 0
     for name in sorted(targets):
-        nbytes = _local_bytes(targets[name])
+        nbytes = _most_bytes_per_process(targets[name])
         if current and size + nbytes > budget:
             groups.append(current)
             current, size = {}, 0
