@@ -28,13 +28,37 @@ BASE = dict(vocab_size=101, hidden_size=44, head_dim=10, intermediate_size=67,
             num_hidden_layers=2, max_position_embeddings=160, bos_token_id=1, eos_token_id=2,
             pad_token_id=0)
 # case -> (transformers config class name, model class name, family, config overrides)
+WINDOW = 7
 CASES = {
     # GQA 3 (6 query heads : 2 kv heads), untied head.
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", "qwen3",
               dict(num_attention_heads=6, num_key_value_heads=2, rope_theta=1000.0,
                    tie_word_embeddings=False)),
+    # Every layer windowed; GQA 4, untied.
+    "mistral_window": ("MistralConfig", "MistralForCausalLM", "llama",
+                       dict(num_attention_heads=4, num_key_value_heads=1,
+                            sliding_window=WINDOW, tie_word_embeddings=False)),
+    # Windows from layer 1 on (max_window_layers); GQA 1, tied, q/k/v biases.
+    "qwen2_window": ("Qwen2Config", "Qwen2ForCausalLM", "llama",
+                     dict(num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
+                          use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1,
+                          tie_word_embeddings=True)),
+    # Alternating windowed/global layers (2 periods), both soft caps small enough to bite.
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", "gemma2",
+               dict(num_hidden_layers=4, hidden_size=42, num_attention_heads=6, num_key_value_heads=2,
+                    sliding_window=WINDOW, query_pre_attn_scalar=12,
+                    attn_logit_softcapping=1.5, final_logit_softcapping=3.0)),
+    # 5 windowed : 1 global (7 layers), local rotary base, linear scaling on global; untied.
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", "gemma3",
+               dict(num_hidden_layers=7, num_attention_heads=4, num_key_value_heads=1,
+                    sliding_window=WINDOW, query_pre_attn_scalar=12, rope_theta=5000.0,
+                    rope_local_base_freq=100.0, rope_scaling=dict(rope_type="linear", factor=4.0),
+                    tie_word_embeddings=False)),
+    # Fused qkv/gate_up, partial rotary (6 of 10 head dims), tied (Phi-4-mini style).
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", "phi3",
+             dict(num_attention_heads=4, num_key_value_heads=2, partial_rotary_factor=0.6,
+                  tie_word_embeddings=True)),
 }
-WINDOW = 7
 PROMPTS = [[5, 7, 9, 11, 3], [8], list(range(10, 100, 4))]  # lengths 5, 1, 23 (> 3 windows)
 STEPS = 64
 
@@ -42,7 +66,7 @@ STEPS = 64
 def build_hf(case: str):
     config_cls, model_cls, _, overrides = CASES[case]
     torch.manual_seed(0)
-    config = getattr(transformers, config_cls)(**BASE, **overrides)
+    config = getattr(transformers, config_cls)(**{**BASE, **overrides})
     hf = getattr(transformers, model_cls)(config).eval()
     with torch.no_grad():  # non-trivial norms and biases, peaked distributions
         for p in hf.parameters():

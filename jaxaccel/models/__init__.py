@@ -35,8 +35,11 @@ def register_spec(spec: FamilySpec) -> None:
 
 
 register("bert", "jaxaccel.models.bert")
+register("gemma2", "jaxaccel.models.gemma2")
+register("gemma3", "jaxaccel.models.gemma3")
 register("gpt2", "jaxaccel.models.gpt2")
 register("llama", "jaxaccel.models.llama")
+register("phi3", "jaxaccel.models.phi3")
 register("qwen3", "jaxaccel.models.qwen3")
 register("resnet", "jaxaccel.models.resnet")
 

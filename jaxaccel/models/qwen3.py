@@ -20,7 +20,7 @@ class Config(llama.Config):
 
     @classmethod
     def from_hf(cls, hf: dict) -> "Config":
-        return cls(**{**dataclasses.asdict(llama.Config.from_hf(hf)), "qk_norm": True})
+        return super().from_hf(hf, qk_norm=True)
 
 
 SPEC = FamilySpec(

@@ -141,7 +141,8 @@ class CpuBackend(Backend):
         cache_views = self.fused_attention and attention_kernel.cpu_supported(isa.detect())
         return _scan_packed(blocks, carry, body, xs, cache_views)
 
-    def attention(self, q_btnh, k_btkh, v_btkh, mask_btt, past=None) -> jax.Array:
+    def attention(self, q_btnh, k_btkh, v_btkh, mask_btt, past=None, *,
+                  scale: float | None = None, soft_cap: float | None = None) -> jax.Array:
         """The fused kernel (`attention.cc`) on one device, where the CPU and the operands
         suit it: without a cache (encoder, prefill) or over a cache read in place
         (`CacheLayer`s from `scan_layers`: decode steps); else plain XLA.
@@ -150,16 +151,18 @@ class CpuBackend(Backend):
         stack for the kernel on every step (GPT-2 124M bf16 decoded 0.93x as fast at batch 1
         and 0.98x at batch 8 that way, in-process A/B, Zen 4)."""
         in_place = past is None or isinstance(past[0], attention_kernel.CacheLayer)
-        if in_place and self.fused_attention and attention_kernel.supported(
+        # The kernel has no soft cap (Gemma 2): plain XLA then.
+        if in_place and soft_cap is None and self.fused_attention and attention_kernel.supported(
                 q_btnh, k_btkh, v_btkh, mask_btt, past):
             target = attention_kernel.kernel(q_btnh.dtype)
             if target is not None:
                 return attention_kernel.attention(q_btnh, k_btkh, v_btkh, mask_btt, target,
-                                                  past)
+                                                  past, scale=scale)
         if past is not None:
             past = tuple(x.value() if isinstance(x, attention_kernel.CacheLayer) else x
                          for x in past)
-        return super().attention(q_btnh, k_btkh, v_btkh, mask_btt, past)
+        return super().attention(q_btnh, k_btkh, v_btkh, mask_btt, past, scale=scale,
+                                 soft_cap=soft_cap)
 
     def cache_storage_dtype(self, dtype) -> jnp.dtype:
         # No bf16 dynamic-update-slice on XLA:CPU before jax 0.12: it would convert the whole
