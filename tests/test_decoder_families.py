@@ -11,6 +11,7 @@ decoding runs 64 steps, well past the window.
 
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -19,8 +20,9 @@ import pytest
 from decoder_reference import FAST_COMPILE, save_hf
 from flax import nnx
 
-from jaxaccel import backends
+from jaxaccel import backends, models
 from jaxaccel.conversion.hf import convert
+from jaxaccel.conversion.safetensors_source import ConvertError
 from jaxaccel.engine.engine import LLMEngine
 from jaxaccel.engine.requests import Request, SamplingParams
 from jaxaccel.parallel.sharding import Layout
@@ -52,7 +54,8 @@ CASES = {
                           tie_word_embeddings=True)),
     # Alternating windowed/global layers (2 periods), both soft caps small enough to bite.
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", "gemma2",
-               dict(num_hidden_layers=4, hidden_size=42, num_attention_heads=6, num_key_value_heads=2,
+               dict(num_hidden_layers=4, hidden_size=42, num_attention_heads=6,
+                    num_key_value_heads=2,
                     sliding_window=WINDOW, query_pre_attn_scalar=12,
                     attn_logit_softcapping=1.5, final_logit_softcapping=3.0)),
     # 5 windowed : 1 global (7 layers), local rotary base, linear scaling on global; untied.
@@ -198,3 +201,84 @@ def test_int8_quantize_on_load_top1_agrees_with_fp32(case):
     with backends.use(backends.for_mesh(loaded.layout.mesh)):
         int8 = np.asarray(jax.jit(forward)(loaded.state, jnp.asarray(STREAM, jnp.int32)))
     assert (int8.argmax(-1) == reference.argmax(-1)).mean() >= 0.95
+
+
+# ------------------------------------------------------------------ converters
+
+
+def transformers4_keys(v5: dict) -> dict:
+    """A transformers-5 config.json rewritten the way 4.x wrote it: no `layer_types`,
+    `rope_theta` + `rope_scaling` (+ Gemma 3's `rope_local_base_freq`) instead of
+    `rope_parameters`, a top-level `partial_rotary_factor`, `torch_dtype` for `dtype`."""
+    old = {k: v for k, v in v5.items() if k not in ("layer_types", "rope_parameters", "dtype")}
+    old["torch_dtype"] = v5.get("dtype")
+    params = v5["rope_parameters"]
+    if "full_attention" in params:
+        old["rope_local_base_freq"] = params["sliding_attention"]["rope_theta"]
+        params = params["full_attention"]
+    params = dict(params)
+    old["rope_theta"] = params.pop("rope_theta")
+    if "partial_rotary_factor" in params:
+        old["partial_rotary_factor"] = params.pop("partial_rotary_factor")
+    if params.get("rope_type", "default") != "default":
+        old["rope_scaling"] = params
+    return old
+
+
+@pytest.mark.parametrize("name", ["qwen2_window", "gemma2", "gemma3", "phi3"])
+def test_transformers4_config_keys_read_as_transformers5(name):
+    config_cls, _, family, overrides = CASES[name]
+    v5 = getattr(transformers, config_cls)(**{**BASE, **overrides}).to_dict()
+    spec = models.family_spec(family)
+    new, old = spec.config.from_hf(v5), spec.config.from_hf(transformers4_keys(v5))
+    assert old == new
+    assert any(new.windowed_layers) == (name != "phi3")
+    if name == "gemma3":  # 5 local : 1 global, two rotary bases, linear scaling on global
+        assert new.windowed_layers == (True,) * 5 + (False, True)
+        assert (new.local_rope_theta, new.rope_theta, new.rope_type) == (100.0, 5000.0, "linear")
+
+
+@pytest.fixture(scope="module")
+def phi3_source(tmp_path_factory):
+    return save_hf(build_hf("phi3"), tmp_path_factory.mktemp("phi3_source"))
+
+
+def _edited_source(src, tmp_path, **changes):
+    """A copy of `src` with config.json's keys changed (None removes one)."""
+    dest = tmp_path / "src"
+    shutil.copytree(src, dest)
+    config = json.loads((dest / "config.json").read_text())
+    config.update(changes)
+    (dest / "config.json").write_text(json.dumps({k: v for k, v in config.items()
+                                                  if v is not None}))
+    return dest
+
+
+@pytest.mark.parametrize("changes, named", [
+    (dict(rope_parameters={"rope_type": "longrope", "rope_theta": 1e4,
+                           "short_factor": [1.0] * 3, "long_factor": [1.0] * 3}), "'longrope'"),
+    (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}), "'yarn'"),
+    (dict(model_type="gemma3", vision_config={"model_type": "siglip_vision_model"}),
+     "vision tower"),
+    (dict(num_key_value_heads=1), "qkv_proj"),  # the fused tensor no longer fits the config
+    (dict(layer_types=["sliding_attention", "chunked_attention"], sliding_window=4),
+     "chunked_attention"),
+])
+def test_unsupported_variants_are_refused_in_one_line(phi3_source, tmp_path, changes, named):
+    src = _edited_source(phi3_source, tmp_path, **changes)
+    with pytest.raises(ConvertError) as err:
+        convert(src, tmp_path / "ckpt")
+    assert named in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_chat_template_and_generation_config_are_kept(phi3_source, tmp_path):
+    src = _edited_source(phi3_source, tmp_path)
+    (src / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
+    (src / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7],
+                                                            "temperature": 0.6}))
+    convert(src, tmp_path / "ckpt")
+    assert ((tmp_path / "ckpt" / "chat_template.jinja").read_text()
+            == (src / "chat_template.jinja").read_text())
+    generation = json.loads((tmp_path / "ckpt" / "jaxaccel.json").read_text())["generation"]
+    assert generation["eos_token_ids"] == [2, 7] and generation["temperature"] == 0.6

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 
 from jaxaccel.models import llama
-from jaxaccel.models.family import TOKENIZER_FILES, FamilySpec
 
 
 def gemma_fields(hf: dict) -> dict:
@@ -48,16 +47,4 @@ class Config(llama.Config):
         return super().from_hf(with_layer_types(hf, 2), **gemma_fields(hf))
 
 
-def spec(name: str, model_types: tuple[str, ...], config: type) -> FamilySpec:
-    """A family on `llama.Model` and its weight rules (Gemma 2 and 3 differ in config only)."""
-    base = llama.SPEC
-    return FamilySpec(
-        name=name, task="generate", hf_model_types=model_types, config=config,
-        model=llama.Model, weight_rules=llama.weight_rules,
-        activation_bytes=base.activation_bytes, source_prefixes=base.source_prefixes,
-        ignored_source_weights=base.ignored_source_weights, tied_weights=llama.tied_weights,
-        preprocessing_files=TOKENIZER_FILES, quantized_weights=base.quantized_weights,
-        quantized_head=base.quantized_head, tied_head=base.tied_head)
-
-
-SPEC = spec("gemma2", ("gemma2",), Config)
+SPEC = llama.derived_spec("gemma2", ("gemma2",), Config)

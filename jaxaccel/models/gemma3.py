@@ -41,4 +41,4 @@ class Config(llama.Config):
                                local_rope_theta=local_theta)
 
 
-SPEC = gemma2.spec("gemma3", ("gemma3_text", "gemma3"), Config)
+SPEC = llama.derived_spec("gemma3", ("gemma3_text", "gemma3"), Config)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxaccel.models import activation_memory, attention, blocks, first_token_id, layers, rotary
-from jaxaccel.models.family import TOKENIZER_FILES, FamilySpec
+from jaxaccel.models.family import DECODER_FILES, FamilySpec
 from jaxaccel.models.kv_cache import KVCache
 from jaxaccel.models.weights import (
     WeightRule,
@@ -140,21 +140,22 @@ class Config:
         kind = {**MODEL_TYPES, **BORROWED_MODEL_TYPES}.get(model_type, MODEL_TYPES["llama"])
         attention_bias = bool(hf.get("attention_bias", False))
         window = _sliding_window(hf, kind)
-        values = dict(vocab_size=hf["vocab_size"], hidden_size=d, num_layers=hf["num_hidden_layers"],
+        values = dict(vocab_size=hf["vocab_size"], hidden_size=d,
+                      num_layers=hf["num_hidden_layers"],
                       num_heads=n, num_kv_heads=k, intermediate_size=hf["intermediate_size"],
-                   head_dim=hf.get("head_dim") or d // n,
-                   max_position_embeddings=hf.get("max_position_embeddings", 2048),
-                   rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-                   hidden_act=hf.get("hidden_act", "silu"),
-                   tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                   qkv_bias=attention_bias if kind.qkv_bias is None else kind.qkv_bias,
-                   o_bias=attention_bias if kind.o_bias is None else kind.o_bias,
-                   mlp_bias=bool(hf.get("mlp_bias", False)),
-                   sliding_window=window, layer_types=_layer_types(hf, kind, window),
-                   partial_rotary_factor=rotary.partial_factor(hf),
-                   bos_token_id=first_token_id(hf.get("bos_token_id")),
-                   eos_token_id=first_token_id(hf.get("eos_token_id")),
-                   **rotary.rope_fields(hf, "full_attention"))
+                      head_dim=hf.get("head_dim") or d // n,
+                      max_position_embeddings=hf.get("max_position_embeddings", 2048),
+                      rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+                      hidden_act=hf.get("hidden_act", "silu"),
+                      tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                      qkv_bias=attention_bias if kind.qkv_bias is None else kind.qkv_bias,
+                      o_bias=attention_bias if kind.o_bias is None else kind.o_bias,
+                      mlp_bias=bool(hf.get("mlp_bias", False)),
+                      sliding_window=window, layer_types=_layer_types(hf, kind, window),
+                      partial_rotary_factor=rotary.partial_factor(hf),
+                      bos_token_id=first_token_id(hf.get("bos_token_id")),
+                      eos_token_id=first_token_id(hf.get("eos_token_id")),
+                      **rotary.rope_fields(hf, "full_attention"))
         return cls(**{**values, **fields})
 
     @property
@@ -290,10 +291,10 @@ def _mlp_norm_rules(cfg: Config) -> list[WeightRule]:
     is the post-attention norm, and `pre_/post_feedforward_layernorm` wrap the MLP."""
     if not cfg.sandwich_norms:
         return [WeightRule("blocks.mlp_norm_scale_d", "layers.{i}.post_attention_layernorm.weight")]
-    return [WeightRule("blocks.attn_post_norm_scale_d", "layers.{i}.post_attention_layernorm.weight"),
-            WeightRule("blocks.mlp_norm_scale_d", "layers.{i}.pre_feedforward_layernorm.weight"),
-            WeightRule("blocks.mlp_post_norm_scale_d",
-                       "layers.{i}.post_feedforward_layernorm.weight")]
+    layer = "layers.{i}."
+    return [WeightRule("blocks.attn_post_norm_scale_d", layer + "post_attention_layernorm.weight"),
+            WeightRule("blocks.mlp_norm_scale_d", layer + "pre_feedforward_layernorm.weight"),
+            WeightRule("blocks.mlp_post_norm_scale_d", layer + "post_feedforward_layernorm.weight")]
 
 
 def tied_weights(cfg: Config) -> list[tuple[str, str]]:
@@ -308,7 +309,14 @@ SPEC = FamilySpec(
     # `lm_head.weight`, which is looked up bare first).
     source_prefixes=("", "model."),
     ignored_source_weights=(r"rotary_emb\.inv_freq$",),
-    tied_weights=tied_weights, preprocessing_files=TOKENIZER_FILES,
+    tied_weights=tied_weights, preprocessing_files=DECODER_FILES,
     # A tied head quantized is a copy of the embedding table, which the lookup keeps.
     quantized_weights=blocks.quantized_weights(gated_mlp=True),
     quantized_head={"lm_head_vd": (1,)}, tied_head=("lm_head_vd", "token_vd"))
+
+
+def derived_spec(name: str, model_types: tuple[str, ...], config: type, **changes) -> FamilySpec:
+    """The spec of a family built on this model, its weight rules and its switches (Qwen3,
+    Gemma 2 and 3, Phi-3): its own name, model types and Config; `changes` replace fields."""
+    return dataclasses.replace(SPEC, name=name, hf_model_types=model_types, config=config,
+                               **changes)

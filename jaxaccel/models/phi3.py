@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from jaxaccel.models import gemma2, llama
+from jaxaccel.models import llama
 from jaxaccel.models.weights import WeightRule, transpose_to, unstack_heads_out
 
 
@@ -48,4 +48,4 @@ def _rows(start: int, stop: int, total: int, then):
     return transform
 
 
-SPEC = dataclasses.replace(gemma2.spec("phi3", ("phi3",), Config), weight_rules=weight_rules)
+SPEC = llama.derived_spec("phi3", ("phi3",), Config, weight_rules=weight_rules)
