@@ -213,12 +213,17 @@ def _stacked_fields(leaf) -> tuple[str, ...]:
 def _scan_packed(blocks, carry, body, xs, cache_views: bool = False):
     """A plain layer scan in which each packed weight leaves the scanned state: it becomes a
     layer index to scan over, and its whole stacks are handed to the kernel, which picks the
-    layer. With `cache_views`, a KV cache scanned as `xs` likewise reaches the body as
+    layer. With `cache_views`, a KV cache scanned as `xs` (or as the first of a pair, the
+    other being per-layer data such as sliding-window flags) likewise reaches the body as
     `CacheLayer`s (the whole stacks and the layer) for the attention kernel."""
-    views = cache_views and isinstance(xs, KVCache)
-    stacked_cache = xs if views else None
+    # (cache, per-layer data); a KVCache is a tuple itself, hence the exact type test
+    paired = type(xs) is tuple and len(xs) == 2 and isinstance(xs[0], KVCache)
+    cache, extra = xs if paired else (xs, None)
+    views = cache_views and isinstance(cache, KVCache)
+    stacked_cache = cache if views else None
     if views:
-        xs = jnp.arange(xs.k_lbksh.shape[0], dtype=jnp.int32)
+        layers = jnp.arange(cache.k_lbksh.shape[0], dtype=jnp.int32)
+        xs = (layers, extra) if paired else layers
     graphdef, state = nnx.split(blocks)
     stacks = []
 
@@ -241,8 +246,10 @@ def _scan_packed(blocks, carry, body, xs, cache_views: bool = False):
     def step(carry, layer_and_x):
         layer_state, x = layer_and_x
         if views:
-            x = KVCache(*(attention_kernel.CacheLayer(stack, x, _compute_dtype(stack))
+            layer, per_layer = x if paired else (x, None)
+            x = KVCache(*(attention_kernel.CacheLayer(stack, layer, _compute_dtype(stack))
                           for stack in stacked_cache))
+            x = (x, per_layer) if paired else x
         return body(nnx.merge(graphdef, attach(layer_state)), carry, x)
 
     return jax.lax.scan(step, carry, (state, xs))
