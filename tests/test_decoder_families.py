@@ -162,7 +162,7 @@ def test_engine_pages_and_chunked_prefill_match_transformers(case, fp32):
     name, _, _, expected = case
     if name != "gemma2":
         pytest.skip("one windowed, soft-capped case is enough for the engine's masks")
-    engine = LLMEngine(fp32, page_size=8, num_pages=40, max_num_batched_tokens=16,
+    engine = LLMEngine(fp32, page_size=32, num_pages=16, max_num_batched_tokens=16,
                        enable_prefix_caching=False)
     requests = [Request(i, p, SamplingParams(max_tokens=STEPS, ignore_eos=True))
                 for i, p in enumerate(PROMPTS)]
