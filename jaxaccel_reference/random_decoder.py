@@ -2,6 +2,8 @@
 
     python -m jaxaccel_reference.random_decoder /tmp/gpt2-124m       # GPT-2 124M shape
     python -m jaxaccel_reference.random_decoder /tmp/llama --family llama --layers 4
+    python -m jaxaccel_reference.random_decoder /tmp/qwen3 --family qwen3     # Qwen3-0.6B shape
+    python -m jaxaccel_reference.random_decoder /tmp/gemma2 --family gemma2   # ~0.45B Gemma 2
     python -m jaxaccel_reference.random_decoder /tmp/gpt2 --without-torch   # DEST/ckpt only
 
 No pretrained decoder weights can be downloaded here; `jaxaccel bench generate` needs only
@@ -25,17 +27,17 @@ def hf_model(family: str, layers: int | None):
     from jaxaccel.bench.synthetic import decoder_hf_config
 
     torch.manual_seed(0)
-    fields = {k: v for k, v in decoder_hf_config(family, layers).items() if k != "model_type"}
-    if family == "gpt2":
-        return transformers.GPT2LMHeadModel(transformers.GPT2Config(**fields))
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**fields))
+    config = transformers.AutoConfig.for_model(**decoder_hf_config(family, layers))
+    return transformers.AutoModelForCausalLM.from_config(config)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m jaxaccel_reference.random_decoder",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("dest", type=pathlib.Path)
-    parser.add_argument("--family", choices=("gpt2", "llama"), default="gpt2")
+    from jaxaccel.bench.synthetic import DECODER_HF_CONFIGS
+
+    parser.add_argument("--family", choices=tuple(DECODER_HF_CONFIGS), default="gpt2")
     parser.add_argument("--layers", type=int, default=None)
     parser.add_argument("--dtype", default="float32", help="stored dtype of the checkpoint")
     parser.add_argument("--without-torch", action="store_true",

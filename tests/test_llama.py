@@ -59,7 +59,8 @@ def test_config_flattens_rope_parameters():
     assert (cfg.rope_type, cfg.rope_factor) == ("llama3", 8.0)
     assert cfg.rope_original_max_position_embeddings == 16
     assert (cfg.num_kv_heads, cfg.head_dim, cfg.rope_theta) == (2, 10, 500.0)
-    assert all(isinstance(v, int | float | str | bool | type(None)) for v in vars(cfg).values())
+    assert all(isinstance(v, int | float | str | bool | tuple | type(None))
+               for v in vars(cfg).values())
     with pytest.raises(ValueError, match="rope type"):
         llama.Config.from_hf({**hf.config.to_dict(), "rope_parameters": {"rope_type": "yarn"}})
 

@@ -156,13 +156,16 @@ class Backend:
 
         return jax.lax.scan(step, carry, (state, xs))
 
-    def attention(self, q_btnh, k_btkh, v_btkh, mask_btt, past=None) -> jax.Array:
+    def attention(self, q_btnh, k_btkh, v_btkh, mask_btt, past=None, *,
+                  scale: float | None = None, soft_cap: float | None = None) -> jax.Array:
         """Softmax attention of t new queries over t new keys/values (and a cache) -> [b, t, n, h]
         in q's dtype. q [b, t, n, h]; k, v [b, t, k, h] (n % k == 0: query head i reads kv
         head i // (n / k)); mask bool [b, t, t], True where a query may attend; `past`, when
         given, is (keys [b, k, s, h], values [b, k, s, h], mask [b, t, s]) from the cache in
         compute dtype. Scores and softmax in float32, masked scores at finfo(float32).min (a
-        row with nothing to attend to gets uniform weights).
+        row with nothing to attend to gets uniform weights). Scores are q.k times `scale`
+        (default h ** -0.5), then, with `soft_cap`, soft_cap * tanh(score / soft_cap)
+        (Gemma 2's attention-logit capping), before the mask.
 
         Rows r enumerate (t, g), so each kv head's queries form one [t*g, h] matrix; scores over
         the cache and over the new keys are concatenated before one softmax, so the cache is
@@ -181,7 +184,9 @@ class Backend:
             masks.insert(0, past[2])
         scores = [jnp.einsum("bkrh,bksh->bkrs", q_bkrh, k.astype(dt),
                              preferred_element_type=jnp.float32) for k in keys]
-        scores_bkrs = jnp.concatenate(scores, axis=-1) * (h ** -0.5)
+        scores_bkrs = jnp.concatenate(scores, axis=-1) * (h ** -0.5 if scale is None else scale)
+        if soft_cap is not None:
+            scores_bkrs = soft_cap * jnp.tanh(scores_bkrs / soft_cap)
         mask_bts = jnp.concatenate(masks, axis=-1)
         mask_b1rs = jnp.repeat(mask_bts[:, None], groups, axis=2)
         scores_bkrs = jnp.where(mask_b1rs, scores_bkrs, jnp.finfo(jnp.float32).min)

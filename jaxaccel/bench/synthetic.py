@@ -24,22 +24,35 @@ import numpy as np
 REFERENCE = {"vocab": 32000, "width": 2048, "layers": 12, "heads": 16}
 
 # Hugging Face config fields of the decoder shapes the generate benchmark uses (GPT-2 small:
-# 124M parameters; a ~150M Llama-shaped model with GQA). `decoder_config` sets the layers.
+# 124M parameters; a ~150M Llama-shaped model with GQA; ~0.5B Qwen3 and Gemma 2 shapes).
+# `decoder_config` sets the layers.
 DECODER_HF_CONFIGS = {
     "gpt2": dict(model_type="gpt2", vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12,
                  n_head=12, bos_token_id=50256, eos_token_id=50256),
     "llama": dict(model_type="llama", vocab_size=32000, hidden_size=768, intermediate_size=2048,
                   num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4,
                   max_position_embeddings=2048),
+    # Qwen3-0.6B's shape (0.6B parameters, tied): q/k norms, head_dim 128 != 1024 / 16.
+    "qwen3": dict(model_type="qwen3", vocab_size=151936, hidden_size=1024,
+                  intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                  num_key_value_heads=8, head_dim=128, max_position_embeddings=4096,
+                  tie_word_embeddings=True, rope_theta=1000000.0),
+    # A ~0.45B Gemma 2 (Gemma 2 2B's vocabulary, head_dim and caps, 12 narrower layers):
+    # alternating windowed/global layers, soft caps, sandwich norms.
+    "gemma2": dict(model_type="gemma2", vocab_size=256000, hidden_size=1024,
+                   intermediate_size=4096, num_hidden_layers=12, num_attention_heads=8,
+                   num_key_value_heads=4, head_dim=128, max_position_embeddings=8192,
+                   sliding_window=4096, query_pre_attn_scalar=128,
+                   attn_logit_softcapping=50.0, final_logit_softcapping=30.0),
 }
-_LAYERS_KEY = {"gpt2": "n_layer", "llama": "num_hidden_layers"}
+_LAYERS_KEY = {"gpt2": "n_layer"}  # the others: num_hidden_layers
 
 
 def decoder_hf_config(family: str, layers: int | None = None) -> dict:
     """The Hugging Face config.json fields of a benchmark decoder shape."""
     config = dict(DECODER_HF_CONFIGS[family])
     if layers:
-        config[_LAYERS_KEY[family]] = layers
+        config[_LAYERS_KEY.get(family, "num_hidden_layers")] = layers
     return config
 
 

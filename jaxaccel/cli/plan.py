@@ -114,5 +114,10 @@ def _print_plan(plan, quiet: bool = False) -> None:
                   f"{fb(plan.peak_host_bytes)} (budget {fb(plan.host_budget)})")
     console.print("largest arrays per device: " + ", ".join(
         f"{name} {fb(n)}" for name, n in plan.largest_arrays()))
+    if plan.sliding_window:
+        window = plan.sliding_window
+        console.print(f"sliding window {window['window']} on {window['windowed_layers']} of "
+                      f"{window['layers']} layers; KV cache not bounded by it (one cache "
+                      "stack for all layers)")
     for warning in [] if quiet else plan.warnings:
         console.print(f"[yellow]warning:[/] {warning}")

@@ -115,7 +115,9 @@ def step_body(model, pages: KVPages, inputs: StepInputs):
     s = inputs.table_bp.shape[1] * pages.k_lpkch.shape[3]
     cache_mask_bts = jnp.broadcast_to(
         (jnp.arange(s)[None, :] < inputs.start_b[:, None])[:, None, :], (b, t, s))
-    x_btd, new_kv = model(inputs.ids_bt, positions_bt, mask_btt, cache, cache_mask_bts)
+    # The gathered view's slot j holds position j (what sliding-window layers compare).
+    x_btd, new_kv = model(inputs.ids_bt, positions_bt, mask_btt, cache, cache_mask_bts,
+                          cache_positions_bs=jnp.broadcast_to(jnp.arange(s)[None], (b, s)))
     pages = scatter_tokens(pages, new_kv, inputs.table_bp, positions_bt, valid_bt)
     last_b = jnp.maximum(inputs.count_b - 1, 0)
     x_b1d = jnp.take_along_axis(x_btd, last_b[:, None, None], axis=1)

@@ -35,9 +35,12 @@ def register_spec(spec: FamilySpec) -> None:
 
 
 register("bert", "jaxaccel.models.bert")
+register("gemma2", "jaxaccel.models.gemma2")
+register("gemma3", "jaxaccel.models.gemma3")
 register("gpt2", "jaxaccel.models.gpt2")
 register("llama", "jaxaccel.models.llama")
 register("mixtral", "jaxaccel.models.mixtral")
+register("phi3", "jaxaccel.models.phi3")
 register("qwen2_moe", "jaxaccel.models.qwen2_moe")
 register("qwen3_moe", "jaxaccel.models.qwen3_moe")
 register("qwen3", "jaxaccel.models.qwen3")

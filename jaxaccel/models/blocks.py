@@ -14,14 +14,17 @@ field, read in one place below. Parameter names are the checkpoint's: `blocks.wq
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
+import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from jaxaccel.models import layers
 from jaxaccel.models import moe as moe_layer
 from jaxaccel.models import rotary as rope
 from jaxaccel.models.attention import attention
-from jaxaccel.models.kv_cache import KVCache
+from jaxaccel.models.kv_cache import KVCache, PagedCache
 from jaxaccel.parallel import sharding as ax
 
 NORMS = ("layer", "rms")
@@ -55,6 +58,15 @@ class DecoderLayout:
     qk_norm: bool = False
     # A mixture of experts in place of the MLP (`moe.MoELayout`); None: the dense MLP above.
     moe: moe_layer.MoELayout | None = None
+    # RMSNorm scale (norm_offset + w): Gemma stores w around 0 and scales by (1 + w).
+    norm_offset: float = 0.0
+    # Norms after attention and after the MLP too, before each is added to the residual
+    # (Gemma 2 and 3: pre- and post-norms around both).
+    sandwich_norms: bool = False
+    # Attention score scale (None: h ** -0.5; Gemma: query_pre_attn_scalar ** -0.5) and the
+    # tanh soft cap of the scores (None: none; Gemma 2).
+    attn_scale: float | None = None
+    attn_soft_cap: float | None = None
 
     def __post_init__(self):
         if self.norm not in NORMS:
@@ -66,7 +78,10 @@ class DecoderLayout:
 def norm(layout: DecoderLayout, x_btd, scale_d, bias_d):
     """The layout's norm of x; `bias_d` is None for RMSNorm."""
     if layout.norm == "rms":
-        return layers.rms_norm(x_btd, scale_d[...], layout.norm_eps)
+        scale = scale_d[...]
+        if layout.norm_offset:  # in float32, as Gemma's reference computes (1 + w)
+            scale = scale.astype(jnp.float32) + layout.norm_offset
+        return layers.rms_norm(x_btd, scale, layout.norm_eps)
     return layers.layer_norm(x_btd, scale_d[...], bias_d[...], layout.norm_eps)
 
 
@@ -89,6 +104,9 @@ class DecoderBlock(nnx.Module):
                                      num_layers=num_layers)
         else:
             self._mlp_params(cfg, p)
+        if layout.sandwich_norms:
+            self.attn_post_norm_scale_d, self.attn_post_norm_bias_d = self._norm_params(cfg, p)
+            self.mlp_post_norm_scale_d, self.mlp_post_norm_bias_d = self._norm_params(cfg, p)
 
     def _norm_params(self, cfg, p):
         """(scale, bias or None): LayerNorm has a bias, RMSNorm none."""
@@ -131,9 +149,15 @@ class DecoderBlock(nnx.Module):
         (cos_btr, sin_btr) tables, or None for a layout without rotary."""
         y_btd = norm(self.layout, x_btd, self.attn_norm_scale_d, self.attn_norm_bias_d)
         a_btd, new_kv = self.self_attention(y_btd, rotary, mask_btt, cached, cached_mask_bts)
+        if self.layout.sandwich_norms:
+            a_btd = norm(self.layout, a_btd, self.attn_post_norm_scale_d,
+                         self.attn_post_norm_bias_d)
         x_btd = x_btd + a_btd
         y_btd = norm(self.layout, x_btd, self.mlp_norm_scale_d, self.mlp_norm_bias_d)
-        return x_btd + self.mlp(y_btd), new_kv
+        m_btd = self.mlp(y_btd)
+        if self.layout.sandwich_norms:
+            m_btd = norm(self.layout, m_btd, self.mlp_post_norm_scale_d, self.mlp_post_norm_bias_d)
+        return x_btd + m_btd, new_kv
 
     def self_attention(self, y_btd, rotary, mask_btt, cached, cached_mask_bts):
         """Projections -> optional rotary -> attention over the cache -> output projection."""
@@ -145,7 +169,9 @@ class DecoderBlock(nnx.Module):
             k_btkh = norm(self.layout, k_btkh, self.k_norm_scale_h, None)
         if self.layout.rotary:
             q_btnh, k_btkh = rope.apply(q_btnh, *rotary), rope.apply(k_btkh, *rotary)
-        a_btnh, new_kv = attention(q_btnh, k_btkh, v_btkh, mask_btt, cached, cached_mask_bts)
+        a_btnh, new_kv = attention(q_btnh, k_btkh, v_btkh, mask_btt, cached, cached_mask_bts,
+                                   scale=self.layout.attn_scale,
+                                   soft_cap=self.layout.attn_soft_cap)
         return layers.add_bias(layers.heads_out(a_btnh, self.wo_nhd[...]), self.bo_d), new_kv
 
     def mlp(self, y_btd):
@@ -163,19 +189,55 @@ class DecoderBlock(nnx.Module):
         return layers.add_bias(layers.matmul(m_btf, self.wm_fd[...]), self.bm_d)
 
 
+class LocalLayers(NamedTuple):
+    """What sliding-window ("local") layers use instead of the global layers' inputs.
+
+    `windowed_lb` [l, b] bool says which layers are local; it rides in the layer scan's xs
+    (broadcast over the batch, so a pipeline can split it like the cache), so the stack of
+    mixed local and global layers stays one scan. The masks are the global ones narrowed to
+    the window; `rotary` is the local layers' own (cos, sin) tables (Gemma 3's separate
+    base), or None for the global tables.
+    """
+
+    windowed_lb: jax.Array
+    mask_btt: jax.Array
+    cache_mask_bts: jax.Array | None
+    rotary: tuple | None
+
+
 def run_layers(blocks: DecoderBlock, x_btd, rotary, mask_btt, cache: KVCache | None,
-               cache_mask_bts):
+               cache_mask_bts, local: LocalLayers | None = None):
     """Every stacked layer of `blocks` over x: (x_btd, new keys/values [l, b, k, t, h]).
 
     Batch-dependent inputs ride in the carry ([b, ...]) and the cache in xs ([l, b, ...]),
     never in the body's closure, so `jaxaccel.parallel.pipeline` can split them into
-    microbatches. `rotary` (None without rotary) rides in the carry too.
+    microbatches. `rotary` (None without rotary) rides in the carry too. With `local`, each
+    layer picks its masks (and rotary tables) by its `windowed_lb` flag.
     """
-    def body(block, carry, cached):
-        x_btd, rotary, mask_btt, cache_mask_bts = carry
-        x_btd, new_kv = block(x_btd, rotary, mask_btt, cached, cache_mask_bts)
-        return (x_btd, rotary, mask_btt, cache_mask_bts), new_kv
+    if local is None:
+        def body(block, carry, cached):
+            x_btd, rotary, mask_btt, cache_mask_bts = carry
+            x_btd, new_kv = block(x_btd, rotary, mask_btt, cached, cache_mask_bts)
+            return (x_btd, rotary, mask_btt, cache_mask_bts), new_kv
 
-    (x_btd, *_), new_kv = layers.scan_layers(
-        blocks, (x_btd, rotary, mask_btt, cache_mask_bts), body, cache)
+        (x_btd, *_), new_kv = layers.scan_layers(
+            blocks, (x_btd, rotary, mask_btt, cache_mask_bts), body, cache)
+        return x_btd, new_kv
+
+    def local_body(block, carry, xs):
+        x_btd, rotary, mask_btt, cache_mask_bts, local = carry
+        cached, windowed_b = xs
+        if isinstance(cached, PagedCache):
+            # The window lives in the masks: read the engine's pages gathered, under them.
+            cached = KVCache(*cached)
+        pick = lambda near, far: jnp.where(windowed_b[0], near, far)  # noqa: E731
+        x_btd, new_kv = block(
+            x_btd, rotary if local.rotary is None else jax.tree.map(pick, local.rotary, rotary),
+            pick(local.mask_btt, mask_btt), cached,
+            None if cache_mask_bts is None else pick(local.cache_mask_bts, cache_mask_bts))
+        return (x_btd, rotary, mask_btt, cache_mask_bts, local), new_kv
+
+    carry = (x_btd, rotary, mask_btt, cache_mask_bts, local._replace(windowed_lb=None))
+    (x_btd, *_), new_kv = layers.scan_layers(blocks, carry, local_body,
+                                             (cache, local.windowed_lb))
     return x_btd, new_kv

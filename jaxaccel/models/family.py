@@ -20,6 +20,10 @@ from jaxaccel.models.weights import SourceLayout, WeightRule
 TASKS = ("embed", "generate", "classify")
 # What the text families' preprocessing reads: copied into the checkpoint when the source has it.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# A chat model's template, kept beside its tokenizer: transformers 5 writes it as its own file
+# (older checkpoints keep it inside tokenizer_config.json).
+CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
+DECODER_FILES = TOKENIZER_FILES + CHAT_TEMPLATE_FILES
 
 
 @dataclasses.dataclass(frozen=True)

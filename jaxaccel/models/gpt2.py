@@ -98,8 +98,9 @@ class Model(nnx.Module):
         self.lm_head_vd = head() if head_copy or not cfg.tie_word_embeddings else None
 
     def __call__(self, ids_bt, positions_bt, mask_btt, cache: KVCache | None = None,
-                 cache_mask_bts=None):
-        """Final hidden states [b, t, d] and this call's keys/values [l, b, k, t, h]."""
+                 cache_mask_bts=None, cache_positions_bs=None):
+        """Final hidden states [b, t, d] and this call's keys/values [l, b, k, t, h]
+        (`cache_positions_bs`, for sliding windows, is unused: GPT-2 has none)."""
         x_btd = (layers.lookup(self.token_vd[...], ids_bt)
                  + layers.lookup(self.position_pd[...], positions_bt))
         x_btd, new_kv = blocks.run_layers(self.blocks, x_btd, None, mask_btt, cache,

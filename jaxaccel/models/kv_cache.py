@@ -44,13 +44,13 @@ def write(cache: KVCache, new: KVCache, slot) -> KVCache:
                      for old, x in zip(cache, new)))
 
 
-def attend_paged(q_btnh, k_btkh, v_btkh, cached: PagedCache, *,
+def attend_paged(q_btnh, k_btkh, v_btkh, cached: PagedCache, *, scale: float | None = None,
                  sliding_window: int | None = None, soft_cap: float | None = None) -> jax.Array:
     """Attention [b, t, n, h] of each row's t new tokens over its cached slots in pages and,
     causally, over its own new keys, through the backend's ragged paged attention: row i is
     sequence i with all t tokens as queries (cu_q_lens = i * t, kv_lens = start + t; a
     padding token is a query too, and its output is ignored by the caller). `sliding_window`
-    and `soft_cap` as in `jaxaccel.backends.paged`."""
+    and `soft_cap` as in `jaxaccel.backends.paged`; `scale` defaults to h ** -0.5."""
     b, t, n, h = q_btnh.shape
     kv_heads = k_btkh.shape[2]
     keys, values = cached
@@ -60,7 +60,7 @@ def attend_paged(q_btnh, k_btkh, v_btkh, cached: PagedCache, *,
         q_btnh.reshape(b * t, n, h), k_btkh.reshape(b * t, kv_heads, h),
         v_btkh.reshape(b * t, kv_heads, h), keys.pages_pkch, values.pages_pkch, kv_lens,
         keys.table_bw.astype(jnp.int32), cu_q_lens, jnp.full((1,), b, jnp.int32),
-        sm_scale=h ** -0.5, sliding_window=sliding_window, soft_cap=soft_cap, max_q_len=t)
+        sm_scale=h ** -0.5 if scale is None else scale, sliding_window=sliding_window, soft_cap=soft_cap, max_q_len=t)
     return out_tnh.reshape(b, t, n, h)
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 
 from jaxaccel.models import llama
-from jaxaccel.models.family import TOKENIZER_FILES, FamilySpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,14 +19,7 @@ class Config(llama.Config):
 
     @classmethod
     def from_hf(cls, hf: dict) -> "Config":
-        return cls(**{**dataclasses.asdict(llama.Config.from_hf(hf)), "qk_norm": True})
+        return super().from_hf(hf, qk_norm=True)
 
 
-SPEC = FamilySpec(
-    name="qwen3", task="generate", hf_model_types=("qwen3",), config=Config,
-    model=llama.Model, weight_rules=llama.weight_rules,
-    activation_bytes=llama.SPEC.activation_bytes, source_prefixes=llama.SPEC.source_prefixes,
-    ignored_source_weights=llama.SPEC.ignored_source_weights,
-    tied_weights=llama.tied_weights, preprocessing_files=TOKENIZER_FILES,
-    quantized_weights=llama.SPEC.quantized_weights, quantized_head=llama.SPEC.quantized_head,
-    tied_head=llama.SPEC.tied_head)
+SPEC = llama.derived_spec("qwen3", ("qwen3",), Config)

@@ -24,10 +24,14 @@ import numpy as np
 ROPE_TYPES = ("default", "linear", "llama3")
 
 
-def rope_fields(hf: dict) -> dict:
+def rope_fields(hf: dict, layer_type: str | None = None) -> dict:
     """Flatten transformers' `rope_parameters` (5.x) or `rope_scaling` + `rope_theta` (4.x)
-    into config fields; ValueError for a scaling variant not in ROPE_TYPES."""
+    into config fields; ValueError for a scaling variant not in ROPE_TYPES. `layer_type`
+    picks one entry of a per-layer-type `rope_parameters` ({"full_attention": {...},
+    "sliding_attention": {...}}, Gemma 3)."""
     params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    if layer_type is not None and isinstance(params.get(layer_type), dict):
+        params = dict(params[layer_type])
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in ROPE_TYPES:
         raise ValueError(f"unsupported rope type {rope_type!r}; supported: {ROPE_TYPES}")
@@ -41,9 +45,22 @@ def rope_fields(hf: dict) -> dict:
     return fields
 
 
+def partial_factor(hf: dict) -> float:
+    """The fraction of each head's dims that rotate (`partial_rotary_factor`, top-level in
+    4.x configs, inside `rope_parameters` in 5.x; 1.0 when absent)."""
+    params = hf.get("rope_parameters") or {}
+    return float(hf.get("partial_rotary_factor") or params.get("partial_rotary_factor") or 1.0)
+
+
+def rotary_dim(cfg) -> int:
+    """How many leading dims of each head rotate: head_dim * partial_rotary_factor (Phi-3's
+    and Phi-4-mini's partial rotary), as transformers rounds it."""
+    return int(cfg.head_dim * getattr(cfg, "partial_rotary_factor", 1.0))
+
+
 def inverse_frequencies(cfg) -> np.ndarray:
     """Rotary inverse frequencies [r], with the config's scaling applied (float64, static)."""
-    h = cfg.head_dim
+    h = rotary_dim(cfg)
     inv_freq = 1.0 / cfg.rope_theta ** (np.arange(0, h, 2, dtype=np.float64) / h)
     if cfg.rope_type == "linear":
         return inv_freq / cfg.rope_factor
@@ -72,10 +89,11 @@ def tables(positions_bt, cfg):
 
 
 def apply(x_btnh, cos_btr, sin_btr):
-    """Rotate (i, i + h/2) pairs (HF `rotate_half` layout) in float32."""
+    """Rotate (i, i + r) pairs (HF `rotate_half` layout) of the first 2r dims in float32;
+    dims past 2r (partial rotary) pass through."""
     x32 = x_btnh.astype(jnp.float32)
-    r = x32.shape[-1] // 2
-    x1, x2 = x32[..., :r], x32[..., r:]
+    r = cos_btr.shape[-1]
+    x1, x2, rest = x32[..., :r], x32[..., r:2 * r], x32[..., 2 * r:]
     cos, sin = cos_btr[:, :, None], sin_btr[:, :, None]
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], axis=-1)
     return out.astype(x_btnh.dtype)

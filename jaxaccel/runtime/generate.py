@@ -344,7 +344,7 @@ def _step(model, sampling: Sampling, cache: kv_cache.KVCache, ds: DecodeState):
     positions_b1 = (ds.slot - ds.pad_b)[:, None]
     cache_mask_b1s = ((slots_s[None] >= ds.pad_b[:, None]) & (slots_s[None] < ds.slot))[:, None]
     x_b1d, new_kv = model(ds.token_b[:, None], positions_b1, jnp.ones((b, 1, 1), bool), cache,
-                          cache_mask_b1s)
+                          cache_mask_b1s, cache_positions_bs=slots_s[None] - ds.pad_b[:, None])
     cache = kv_cache.write(cache, new_kv, ds.slot)
     logits_bv = model.logits(x_b1d)[:, 0]
     token_b = choose(logits_bv, jax.random.fold_in(ds.key, ds.step), sampling)

@@ -69,6 +69,9 @@ class MemoryPlan:
     config: object = dataclasses.field(default=None, repr=False)
     task: str = "embed"  # "embed", "generate" or "classify"
     quantization: dict = dataclasses.field(default_factory=dict)  # scheme in effect, or {}
+    # A decoder with sliding-window layers: the window, how many layers use it, and whether
+    # the KV cache is bounded by it ({} without windows; see `sliding_window_report`).
+    sliding_window: dict = dataclasses.field(default_factory=dict)
 
     @property
     def total_bytes(self) -> int:
@@ -97,7 +100,26 @@ class MemoryPlan:
             "largest_arrays": dict(self.largest_arrays(8)),
             "warnings": self.warnings,
             **({"quantization": self.quantization} if self.quantization else {}),
+            **({"sliding_window": self.sliding_window} if self.sliding_window else {}),
         }
+
+
+def sliding_window_report(config) -> dict:
+    """{window, windowed_layers, layers, kv_cache_bounded, note} of a decoder config with
+    sliding-window layers (its `sliding_window` and `windowed_layers`), else {}.
+
+    The KV cache is one [layers, batch, kv heads, slots, head dim] stack that the layer scan
+    slices, so a windowed layer keeps as many slots as a global one: attention reads only
+    the window, but the cache is not bounded by it (a per-layer ring buffer would need a
+    stack per layer type)."""
+    window = getattr(config, "sliding_window", None)
+    windowed = sum(getattr(config, "windowed_layers", ()))
+    if not window or not windowed:
+        return {}
+    return {"window": int(window), "windowed_layers": int(windowed),
+            "layers": int(config.num_layers), "kv_cache_bounded": False,
+            "note": "windowed layers attend over the last window tokens; their KV cache "
+                    "slots are not bounded by the window (one cache stack for all layers)"}
 
 
 # ---------------------------------------------------------------- arithmetic on mesh sizes
@@ -180,7 +202,7 @@ def memory_plan(model_plan, *, batch: int = 1, seq: int | None = None,
         device_memory=device_memory if device_memory is not None else detected_device_memory(),
         param_bytes_by_array=by_array, warnings=divisibility_warnings(specs, sizes, rules),
         specs=specs, config=config, task=task,
-        quantization=model_plan.quantization)
+        quantization=model_plan.quantization, sliding_window=sliding_window_report(config))
     return result
 
 

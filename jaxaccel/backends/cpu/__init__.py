@@ -150,7 +150,8 @@ class CpuBackend(Backend):
         cache_views = self.fused_attention and attention_kernel.cpu_supported(isa.detect())
         return _scan_packed(blocks, carry, body, xs, cache_views)
 
-    def attention(self, q_btnh, k_btkh, v_btkh, mask_btt, past=None) -> jax.Array:
+    def attention(self, q_btnh, k_btkh, v_btkh, mask_btt, past=None, *,
+                  scale: float | None = None, soft_cap: float | None = None) -> jax.Array:
         """The fused kernel (`attention.cc`) on one device, where the CPU and the operands
         suit it: without a cache (encoder, prefill) or over a cache read in place
         (`CacheLayer`s from `scan_layers`: decode steps); else plain XLA.
@@ -159,16 +160,18 @@ class CpuBackend(Backend):
         stack for the kernel on every step (GPT-2 124M bf16 decoded 0.93x as fast at batch 1
         and 0.98x at batch 8 that way, in-process A/B, Zen 4)."""
         in_place = past is None or isinstance(past[0], attention_kernel.CacheLayer)
-        if in_place and self.fused_attention and attention_kernel.supported(
+        # The kernel has no soft cap (Gemma 2): plain XLA then.
+        if in_place and soft_cap is None and self.fused_attention and attention_kernel.supported(
                 q_btnh, k_btkh, v_btkh, mask_btt, past):
             target = attention_kernel.kernel(q_btnh.dtype)
             if target is not None:
                 return attention_kernel.attention(q_btnh, k_btkh, v_btkh, mask_btt, target,
-                                                  past)
+                                                  past, scale=scale)
         if past is not None:
             past = tuple(x.value() if isinstance(x, attention_kernel.CacheLayer) else x
                          for x in past)
-        return super().attention(q_btnh, k_btkh, v_btkh, mask_btt, past)
+        return super().attention(q_btnh, k_btkh, v_btkh, mask_btt, past, scale=scale,
+                                 soft_cap=soft_cap)
 
     def paged_attention(self, q_tnh, k_tkh, v_tkh, k_pages_pkch, v_pages_pkch, kv_lens,
                         page_indices, cu_q_lens, num_seqs, *, sm_scale: float,
@@ -243,18 +246,24 @@ def _stacked_fields(leaf) -> tuple[str, ...]:
 def _scan_packed(blocks, carry, body, xs, cache_views: bool = False):
     """A plain layer scan in which each packed weight leaves the scanned state: it becomes a
     layer index to scan over, and its whole stacks are handed to the kernel, which picks the
-    layer. With `cache_views`, a KV cache scanned as `xs` likewise reaches the body as
+    layer. With `cache_views`, a KV cache scanned as `xs` (or as the first of a pair, the
+    other being per-layer data such as sliding-window flags) likewise reaches the body as
     `CacheLayer`s (the whole stacks and the layer) for the attention kernel, and the pools of
-    an engine's `PagedCache` reach it as `CacheLayer`s in its `PagedLayer`s."""
-    views = cache_views and isinstance(xs, KVCache)
-    paged = cache_views and isinstance(xs, PagedCache)
-    stacked_cache = xs if views else None
+    an engine's `PagedCache` (scanned alone) reach it as `CacheLayer`s in its `PagedLayer`s."""
+    # (cache, per-layer data); a KVCache is a tuple itself, hence the exact type test
+    paired = type(xs) is tuple and len(xs) == 2 and isinstance(xs[0], (KVCache, PagedCache))
+    cache, extra = xs if paired else (xs, None)
+    views = cache_views and isinstance(cache, KVCache)
+    # Windowed layers read pages through their masks (gathered), so only a lone pool is viewed.
+    paged = cache_views and isinstance(cache, PagedCache) and not paired
+    stacked_cache = cache if views else None
     if views:
-        xs = jnp.arange(xs.k_lbksh.shape[0], dtype=jnp.int32)
+        cache = jnp.arange(cache.k_lbksh.shape[0], dtype=jnp.int32)
     if paged:  # the pools stay whole; the layer index is scanned in their place
-        stacked_cache = (xs.k_lbksh.pages_pkch, xs.v_lbksh.pages_pkch)
+        stacked_cache = (cache.k_lbksh.pages_pkch, cache.v_lbksh.pages_pkch)
         layers = jnp.arange(stacked_cache[0].shape[0], dtype=jnp.int32)
-        xs = PagedCache(*(x._replace(pages_pkch=layers) for x in xs))
+        cache = PagedCache(*(x._replace(pages_pkch=layers) for x in cache))
+    xs = (cache, extra) if paired else cache
     graphdef, state = nnx.split(blocks)
     stacks = []
 
@@ -276,6 +285,7 @@ def _scan_packed(blocks, carry, body, xs, cache_views: bool = False):
 
     def step(carry, layer_and_x):
         layer_state, x = layer_and_x
+        x, per_layer = x if paired else (x, None)
         if views:
             x = KVCache(*(attention_kernel.CacheLayer(stack, x, _compute_dtype(stack))
                           for stack in stacked_cache))
@@ -284,6 +294,7 @@ def _scan_packed(blocks, carry, body, xs, cache_views: bool = False):
                 part._replace(pages_pkch=attention_kernel.CacheLayer(
                     stack, part.pages_pkch, _compute_dtype(stack)))
                 for stack, part in zip(stacked_cache, x)))
+        x = (x, per_layer) if paired else x
         return body(nnx.merge(graphdef, attach(layer_state)), carry, x)
 
     return jax.lax.scan(step, carry, (state, xs))

@@ -100,8 +100,9 @@ def kernel(dtype, symbols=None) -> str | None:
 
 
 def attention(q_btnh, k_btkh, v_btkh, mask_btt, target: str | None = None,
-              past=None) -> jax.Array:
-    """softmax(q k^T / sqrt(h), masked) v -> [b, t, n, h] in q's dtype.
+              past=None, scale: float | None = None) -> jax.Array:
+    """softmax(q k^T * scale, masked) v -> [b, t, n, h] in q's dtype (`scale` default
+    1 / sqrt(h)).
 
     q [b, t, n, h]; k, v [b, t', k, h] (the projections' layout); mask bool [b, t, t'], True
     where a query may attend; `past`, when given, is (keys [b, k, s, h], values [b, k, s, h],
@@ -131,7 +132,7 @@ def attention(q_btnh, k_btkh, v_btkh, mask_btt, target: str | None = None,
             k_bksh, v_bksh = k_bksh.stack, v_bksh.stack
     call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(q_btnh.shape, q_btnh.dtype))
     return call(q_btnh, k_btkh, v_btkh, k_bksh, v_bksh, layer, mask_bts,
-                scale=np.float32(h ** -0.5))
+                scale=np.float32(h ** -0.5 if scale is None else scale))
 
 
 def paged_supported(q_tnh, k_tkh, v_tkh, k_pages, v_pages) -> bool:
