@@ -270,9 +270,10 @@ def exported_step(platform: str, bucket, config=LLAMA):
                                 sharding=programs.page_sharding(pages_shape))
     b, t, p = bucket
     ints = {"ids_bt": (b, t), "table_bp": (b, p)}
-    inputs = StepInputs(*(jax.ShapeDtypeStruct(ints.get(name, (b,)), dtype) for name, dtype in zip(
-        StepInputs._fields, (jnp.int32, jnp.int32, jnp.int32, jnp.int32, jnp.float32, jnp.int32,
-                             jnp.float32, jnp.uint32, jnp.int32))))
+    dtypes = {"temperature_b": jnp.float32, "top_p_b": jnp.float32, "seed_b": jnp.uint32,
+              "logprobs_b": jnp.bool_}  # the others: int32
+    inputs = StepInputs(*(jax.ShapeDtypeStruct(ints.get(name, (b,)), dtypes.get(name, jnp.int32))
+                          for name in StepInputs._fields))
     if platform == "cpu":
         return programs.program(bucket, pages_shape).lower(
             state, KVPages(page, page), inputs).as_text()
