@@ -172,6 +172,27 @@ class Config:
                                     attn_soft_cap=self.attn_logit_softcap)
 
 
+def local_layers(cfg: Config, positions_bt, mask_btt, cache_mask_bts, cache_positions_bs):
+    """The sliding-window layers' masks (and rotary tables) of a decoder with `cfg`, or None
+    without any (`blocks.LocalLayers`; every llama-layout decoder, MoE ones too)."""
+    windowed = cfg.windowed_layers
+    if not any(windowed):
+        return None
+    if cache_mask_bts is not None and cache_positions_bs is None:
+        raise ValueError("sliding-window layers over a cache need cache_positions_bs")
+    local_mask_btt, local_cache_mask_bts = attention.window_masks(
+        cfg.sliding_window, positions_bt, mask_btt, cache_positions_bs, cache_mask_bts)
+    local_rotary = None
+    if cfg.local_rope_theta is not None:
+        local_cfg = dataclasses.replace(cfg, rope_theta=cfg.local_rope_theta,
+                                        rope_type="default", rope_factor=1.0)
+        local_rotary = rotary.tables(positions_bt, local_cfg)
+    windowed_lb = jnp.broadcast_to(jnp.asarray(windowed)[:, None],
+                                   (len(windowed), positions_bt.shape[0]))
+    return blocks.LocalLayers(windowed_lb, local_mask_btt, local_cache_mask_bts,
+                              local_rotary)
+
+
 def _sliding_window(hf: dict, kind: ModelType) -> int | None:
     if kind.sliding_window_switch and not hf.get(kind.sliding_window_switch, False):
         return None
@@ -217,30 +238,10 @@ class Model(nnx.Module):
         if cfg.embed_scale:  # the reference rounds sqrt(d) to the compute dtype first
             x_btd = x_btd * jnp.asarray(cfg.hidden_size ** 0.5, x_btd.dtype)
         tables = rotary.tables(positions_bt, cfg)
-        local = self._local_layers(positions_bt, mask_btt, cache_mask_bts, cache_positions_bs)
+        local = local_layers(cfg, positions_bt, mask_btt, cache_mask_bts, cache_positions_bs)
         x_btd, new_kv = blocks.run_layers(self.blocks, x_btd, tables, mask_btt, cache,
                                           cache_mask_bts, local)
         return blocks.norm(cfg.layout, x_btd, self.norm_scale_d, None), new_kv
-
-    def _local_layers(self, positions_bt, mask_btt, cache_mask_bts, cache_positions_bs):
-        """The sliding-window layers' masks (and rotary tables), or None without any."""
-        cfg = self.config
-        windowed = cfg.windowed_layers
-        if not any(windowed):
-            return None
-        if cache_mask_bts is not None and cache_positions_bs is None:
-            raise ValueError("sliding-window layers over a cache need cache_positions_bs")
-        local_mask_btt, local_cache_mask_bts = attention.window_masks(
-            cfg.sliding_window, positions_bt, mask_btt, cache_positions_bs, cache_mask_bts)
-        local_rotary = None
-        if cfg.local_rope_theta is not None:
-            local_cfg = dataclasses.replace(cfg, rope_theta=cfg.local_rope_theta,
-                                            rope_type="default", rope_factor=1.0)
-            local_rotary = rotary.tables(positions_bt, local_cfg)
-        windowed_lb = jnp.broadcast_to(jnp.asarray(windowed)[:, None],
-                                       (len(windowed), positions_bt.shape[0]))
-        return blocks.LocalLayers(windowed_lb, local_mask_btt, local_cache_mask_bts,
-                                  local_rotary)
 
     def logits(self, x_btd):
         """Float32 logits [b, t, v]; the head is [v, d], as Hugging Face stores it. With

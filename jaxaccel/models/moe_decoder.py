@@ -100,14 +100,17 @@ class Model(nnx.Module):
         self.lm_head_vd = head() if head_copy or not cfg.tie_word_embeddings else None
 
     def __call__(self, ids_bt, positions_bt, mask_btt, cache: KVCache | None = None,
-                 cache_mask_bts=None):
-        """Final hidden states [b, t, d] and this call's keys/values [l, b, k, t, h]."""
+                 cache_mask_bts=None, cache_positions_bs=None):
+        """Final hidden states [b, t, d] and this call's keys/values [l, b, k, t, h];
+        `cache_positions_bs` as in `llama.Model` (sliding-window layers, e.g. Mixtral's)."""
         x_btd = layers.lookup(self.token_vd[...], ids_bt)
         tables = rotary.tables(positions_bt, self.config)
+        local = llama.local_layers(self.config, positions_bt, mask_btt, cache_mask_bts,
+                                   cache_positions_bs)
         parts = runs(self.config)
         if len(parts) == 1:  # one kind of layer: one scan, as every dense decoder runs
             x_btd, new_kv = blocks.run_layers(getattr(self, parts[0][0]), x_btd, tables,
-                                              mask_btt, cache, cache_mask_bts)
+                                              mask_btt, cache, cache_mask_bts, local)
         else:
             if layers.layer_runner() is not None:  # a pipeline splits one stack of them all
                 raise ValueError(f"layers {list(self.config.dense_layers)} of this model have a "
@@ -118,8 +121,10 @@ class Model(nnx.Module):
             for stack, start, count, first in parts:
                 part = _slice(getattr(self, stack), start, count)
                 cached = None if cache is None else _slice_tree(cache, first, count)
+                part_local = None if local is None else local._replace(
+                    windowed_lb=local.windowed_lb[first:first + count])
                 x_btd, kv = blocks.run_layers(part, x_btd, tables, mask_btt, cached,
-                                              cache_mask_bts)
+                                              cache_mask_bts, part_local)
                 kvs.append(kv)
             new_kv = jax.tree.map(lambda *a: jnp.concatenate(a, axis=0), *kvs)
         return blocks.norm(self.config.layout, x_btd, self.norm_scale_d, None), new_kv
