@@ -31,7 +31,7 @@ BASE = dict(vocab_size=101, hidden_size=44, head_dim=10, num_attention_heads=4,
 CASES = {
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", "mixtral",
                 dict(num_hidden_layers=2, intermediate_size=26, num_local_experts=4,
-                     num_experts_per_tok=2)),
+                     num_experts_per_tok=2, sliding_window=7)),  # prompts + 64 steps pass it
     "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", "qwen2_moe",
                   dict(num_hidden_layers=3, intermediate_size=37, moe_intermediate_size=19,
                        shared_expert_intermediate_size=23, num_experts=6,
