@@ -269,11 +269,7 @@ def exported_step(platform: str, bucket, config=LLAMA):
     page = jax.ShapeDtypeStruct(pages_shape, jnp.bfloat16,
                                 sharding=programs.page_sharding(pages_shape))
     b, t, p = bucket
-    ints = {"ids_bt": (b, t), "table_bp": (b, p)}
-    dtypes = {"temperature_b": jnp.float32, "top_p_b": jnp.float32, "seed_b": jnp.uint32,
-              "logprobs_b": jnp.bool_}  # the others: int32
-    inputs = StepInputs(*(jax.ShapeDtypeStruct(ints.get(name, (b,)), dtypes.get(name, jnp.int32))
-                          for name in StepInputs._fields))
+    inputs = StepInputs.specs(b, t, p)
     if platform == "cpu":
         return programs.program(bucket, pages_shape).lower(
             state, KVPages(page, page), inputs).as_text()

@@ -55,6 +55,16 @@ class StepInputs(NamedTuple):
     nth_b: np.ndarray  # int32 tokens the row's request has generated so far
     logprobs_b: np.ndarray  # bool: the row's request asks for log-probabilities
 
+    @classmethod
+    def specs(cls, b: int, t: int, p: int) -> "StepInputs":
+        """Shapes and dtypes of a (b, t, p) bucket's inputs (jax.ShapeDtypeStruct), for
+        compiling its program before any request arrives."""
+        shapes = {"ids_bt": (b, t), "table_bp": (b, p)}
+        dtypes = {"temperature_b": np.float32, "top_p_b": np.float32, "seed_b": np.uint32,
+                  "logprobs_b": np.bool_}
+        return cls(*(jax.ShapeDtypeStruct(shapes.get(name, (b,)), dtypes.get(name, np.int32))
+                     for name in cls._fields))
+
 
 class StepTokens(NamedTuple):
     """What a step chooses per row (on the device): the next token, and when any row asked

@@ -25,11 +25,6 @@ from jaxaccel.engine.requests import Request
 from jaxaccel.engine.scheduler import Scheduler
 from jaxaccel.engine.step import StepInputs, StepPrograms, bucket
 
-# dtype of each StepInputs field, in order
-_INPUT_DTYPES = (np.int32, np.int32, np.int32, np.int32, np.float32, np.int32, np.float32,
-                 np.uint32, np.int32)
-
-
 def step_buckets(requests: Iterable[Request], *, num_pages: int, page_size: int,
                  max_num_seqs: int, max_num_batched_tokens: int, max_length: int,
                  enable_prefix_caching: bool = True) -> list[tuple[int, int, int]]:
@@ -70,8 +65,7 @@ def compile_buckets(programs: StepPrograms, state, pages_shape: tuple[int, ...],
     sharding = programs.page_sharding(pages_shape)
     page = jax.ShapeDtypeStruct(pages_shape, storage_dtype, sharding=sharding)
     for b, t, p in buckets:
-        shapes = ((b, t), (b,), (b,), (b, p), (b,), (b,), (b,), (b,), (b,))
-        inputs = StepInputs(*[jax.ShapeDtypeStruct(s, d) for s, d in zip(shapes, _INPUT_DTYPES)])
+        inputs = StepInputs.specs(b, t, p)
         programs.program((b, t, p), pages_shape).compile(state, KVPages(page, page), inputs)
         count += 1
     return {"programs": count, "seconds": time.perf_counter() - clock}
