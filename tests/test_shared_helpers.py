@@ -46,7 +46,7 @@ def test_chunk_shape_cuts_only_the_axes_the_caller_names():
 def test_the_converter_chunks_along_the_axes_rule_tables_shard():
     from jaxaccel.conversion.hf import CHUNK_RULE
 
-    assert CHUNK_RULE.per_index == {"layers"}
+    assert CHUNK_RULE.per_index == {"layers", "experts"}  # one chunk per layer and expert
     assert CHUNK_RULE.split == {"heads", "kv_heads", "mlp", "vocab", "channels"}
 
 
