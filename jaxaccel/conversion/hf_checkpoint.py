@@ -141,7 +141,9 @@ def _build(path, local: pathlib.Path) -> Manifest:
               "ignored_tensors": plan.ignored, **hf._sentence_settings(spec, local),
               **spec.conversion_notes}
     reader = HfSliceReader(files, {item.rule.target: item for item in plan.arrays})
-    return Manifest(family=spec.name, config=dataclasses.asdict(cfg), dtype=dtype,
+    # As a converted manifest holds it after its JSON round trip (tuples become lists).
+    config = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    return Manifest(family=spec.name, config=config, dtype=dtype,
                     arrays=arrays, tokenizer_files=tokenizer, source=source,
                     generation=hf._generation(spec, local, hf_config), reader=reader)
 
