@@ -65,7 +65,12 @@ class SamplingParams:
 
 
 def _as_tuple(value, kind, name: str) -> tuple:
-    values = (value,) if isinstance(value, str) and kind is str else tuple(value or ())
+    if isinstance(value, str) and kind is str:
+        values = (value,)
+    elif value is None or isinstance(value, (list, tuple)):
+        values = tuple(value or ())
+    else:  # a bare number, a mapping, a set, bytes: not a list of `kind`s
+        raise InputError(f"{name} must be a list of {kind.__name__}s, got {value!r}")
     if not all(isinstance(v, kind) and not isinstance(v, bool) for v in values):
         raise InputError(f"{name} must be a list of {kind.__name__}s, got {value!r}")
     return values

@@ -98,7 +98,12 @@ def check_max_new_tokens(value) -> int:
 
 def check_stop(stop: str | Sequence[str] | None) -> tuple[str, ...]:
     """Stop strings as a tuple: one string or a sequence of non-empty strings."""
-    stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+    if isinstance(stop, str):
+        stops = (stop,)
+    elif stop is None or isinstance(stop, Sequence):
+        stops = tuple(stop or ())
+    else:  # a number, a mapping, a set: not an ordered list of strings
+        stops = (stop,)
     if not all(isinstance(s, str) and s for s in stops):
         raise UsageError(f"stop must be a non-empty string or a sequence of them, got {stop!r}")
     return stops
