@@ -43,43 +43,56 @@ def settings_from(greedy: bool, temperature: Optional[float], top_k: int, top_p:
             "top_k": top_k or None, "top_p": None if top_p == 1.0 else top_p, "seed": seed}
 
 
+# The command's own options (the shared ones are in cli/options.py).
+PROMPT_OPTION = typer.Option(None, "--prompt", "-p", help="Prompt text "
+    "(repeatable; needs the checkpoint's "
+    "tokenizer).")
+PROMPT_IDS_OPTION = typer.Option(None, "--prompt-ids", help="Token ids, e.g. "
+    "'1,2,3;4,5' for two prompts.")
+INPUT_FILE_OPTION = typer.Option(
+    None, "--input", "-i", help="Prompts from a file: one per line, or JSON Lines with "
+    'a "prompt" (text) or "prompt_ids" (list of ints) per line, plus optional '
+    '"max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", '
+    '"stop_token_ids", "ignore_eos" over the flags (line i without a "seed" gets '
+    '--seed + i - 1). The whole file is checked before any compute.')
+OUTPUT_FILE_OPTION = typer.Option(
+    None, "--output", "-o", help="Also write JSON Lines: one completion per prompt "
+    "(prompt_token_ids, token_ids, text, finish_reason: eos, stop or length).")
+MAX_NEW_TOKENS_OPTION = typer.Option(32, "--max-new-tokens", "-n", help="At most this many "
+    "new tokens per prompt (fewer at EOS). The limit: "
+    "prompt + N - 1 <= the model's maximum positions "
+    "(the last new token is never fed back).")
+GREEDY_OPTION = typer.Option(False, "--greedy", help="Argmax decoding. Without it and "
+    "without --temperature, decoding follows the checkpoint's "
+    "generation_config.json as transformers and "
+    "`Model.generate` do (greedy unless it says do_sample).")
+TEMPERATURE_OPTION = typer.Option(None, "--temperature", help="Sampling "
+    "temperature; 0 is greedy.")
+TOP_K_OPTION = typer.Option(0, "--top-k", help="Sample among the k most likely (needs "
+    "a temperature > 0, given or the checkpoint's).")
+TOP_P_OPTION = typer.Option(1.0, "--top-p", help="Nucleus sampling (needs a "
+    "temperature > 0, given or the checkpoint's).")
+IGNORE_EOS_OPTION = typer.Option(False, "--ignore-eos", help="Do not stop at the "
+    "model's EOS tokens (by default every id of config.json "
+    "/ generation_config.json, as recorded at convert).")
+
+
 def register(app: typer.Typer) -> None:
     @app.command("generate")
     def generate_cmd(
         ckpt: str = typer.Argument(..., help="Decoder checkpoint directory (a text "
                                             "generation family, local or a bucket URL)."),
-        prompt: Optional[List[str]] = typer.Option(None, "--prompt", "-p", help="Prompt text "
-                                                   "(repeatable; needs the checkpoint's "
-                                                   "tokenizer)."),
-        prompt_ids: Optional[str] = typer.Option(None, "--prompt-ids", help="Token ids, e.g. "
-                                                 "'1,2,3;4,5' for two prompts."),
-        input_file: Optional[pathlib.Path] = typer.Option(
-            None, "--input", "-i", help="Prompts from a file: one per line, or JSON Lines with "
-            'a "prompt" (text) or "prompt_ids" (list of ints) per line, plus optional '
-            '"max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", '
-            '"stop_token_ids", "ignore_eos" over the flags (line i without a "seed" gets '
-            '--seed + i - 1). The whole file is checked before any compute.'),
-        output_file: Optional[pathlib.Path] = typer.Option(
-            None, "--output", "-o", help="Also write JSON Lines: one completion per prompt "
-            "(prompt_token_ids, token_ids, text, finish_reason: eos, stop or length)."),
-        max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n", help="At most this many "
-                                            "new tokens per prompt (fewer at EOS). The limit: "
-                                            "prompt + N - 1 <= the model's maximum positions "
-                                            "(the last new token is never fed back)."),
-        greedy: bool = typer.Option(False, "--greedy", help="Argmax decoding. Without it and "
-                                    "without --temperature, decoding follows the checkpoint's "
-                                    "generation_config.json as transformers and "
-                                    "`Model.generate` do (greedy unless it says do_sample)."),
-        temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling "
-                                                    "temperature; 0 is greedy."),
-        top_k: int = typer.Option(0, "--top-k", help="Sample among the k most likely (needs "
-                                  "a temperature > 0, given or the checkpoint's)."),
-        top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling (needs a "
-                                    "temperature > 0, given or the checkpoint's)."),
+        prompt: Optional[List[str]] = PROMPT_OPTION,
+        prompt_ids: Optional[str] = PROMPT_IDS_OPTION,
+        input_file: Optional[pathlib.Path] = INPUT_FILE_OPTION,
+        output_file: Optional[pathlib.Path] = OUTPUT_FILE_OPTION,
+        max_new_tokens: int = MAX_NEW_TOKENS_OPTION,
+        greedy: bool = GREEDY_OPTION,
+        temperature: Optional[float] = TEMPERATURE_OPTION,
+        top_k: int = TOP_K_OPTION,
+        top_p: float = TOP_P_OPTION,
         seed: int = typer.Option(0, "--seed"),
-        ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Do not stop at the "
-                                        "model's EOS tokens (by default every id of config.json "
-                                        "/ generation_config.json, as recorded at convert)."),
+        ignore_eos: bool = IGNORE_EOS_OPTION,
         dtype: Optional[str] = options.DTYPE,
         mesh: Optional[str] = options.MESH,
         rules: str = options.RULES,
