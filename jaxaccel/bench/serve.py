@@ -123,6 +123,23 @@ def _vllm_target(ckpt, python, max_num_seqs: int, missing: list) -> dict:
     return {"vllm serve": (started(command, f"http://127.0.0.1:{port}"), "bench")}
 
 
+def _targets(ckpt, base_urls, model: str, max_num_seqs: int,
+             max_num_batched_tokens: int) -> dict:
+    """name -> (context manager yielding the server's URL, model name): `jaxaccel serve CKPT`
+    started here (when CKPT is given) and each --base-url (NAME=URL names its row)."""
+    targets = {}
+    if ckpt is not None:
+        port = _free_port()
+        flags = ["--max-num-seqs", str(max_num_seqs), "--max-num-batched-tokens",
+                 str(max_num_batched_tokens)]
+        targets["jaxaccel"] = (started(_jaxaccel(ckpt, port, flags),
+                                       f"http://127.0.0.1:{port}"), "bench")
+    for entry in base_urls or []:
+        name, _, url = entry.rpartition("=") if "=" in entry else ("", "", entry)
+        targets[name or url] = (contextlib.nullcontext(url), model)
+    return targets
+
+
 def register(bench_app: typer.Typer) -> None:
     @bench_app.command("serve")
     def bench_serve(
@@ -162,16 +179,8 @@ def register(bench_app: typer.Typer) -> None:
             raise UsageError("give CKPT (served here) and/or --base-url URL")
         vocab = vocab or (vocab_of(ckpt) if ckpt else 1000)
         work = workloads.synthetic(requests, prompt_len, output_len, vocab, seed)
-        targets, missing = {}, []
-        if ckpt is not None:
-            port = _free_port()
-            flags = ["--max-num-seqs", str(max_num_seqs), "--max-num-batched-tokens",
-                     str(max_num_batched_tokens)]
-            targets["jaxaccel"] = (started(_jaxaccel(ckpt, port, flags),
-                                           f"http://127.0.0.1:{port}"), "bench")
-        for entry in base_url or []:
-            name, _, url = entry.rpartition("=") if "=" in entry else ("", "", entry)
-            targets[name or url] = (contextlib.nullcontext(url), model)
+        missing = []
+        targets = _targets(ckpt, base_url, model, max_num_seqs, max_num_batched_tokens)
         if vllm:
             targets.update(_vllm_target(ckpt, vllm_python, max_num_seqs, missing))
         rates = request_rate or [math.inf]
