@@ -122,3 +122,11 @@ def engine_args_from(max_num_seqs: int, max_num_batched_tokens: int,
     return {"max_num_seqs": max_num_seqs, "max_num_batched_tokens": max_num_batched_tokens,
             "kv_cache_bytes": kv_cache_memory_from(kv_cache_memory),
             "enable_prefix_caching": not no_prefix_cache}
+
+
+# The OpenAI-compatible front ends (`serve`, `run-batch`) -----------------------------------
+
+SERVED_MODEL_NAME = typer.Option(None, "--served-model-name", help="The model name clients "
+                                 "send (default: CKPT as given).")
+CHAT_TEMPLATE = typer.Option(None, "--chat-template", help="A jinja2 chat template file "
+                             "(default: the checkpoint's tokenizer_config.json chat_template).")

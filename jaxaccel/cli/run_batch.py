@@ -30,8 +30,8 @@ def register(app: typer.Typer) -> None:
         max_num_batched_tokens: int = options.MAX_NUM_BATCHED_TOKENS,
         kv_cache_memory: Optional[str] = options.KV_CACHE_MEMORY,
         no_prefix_cache: bool = options.NO_PREFIX_CACHE,
-        served_model_name: Optional[str] = typer.Option(None, "--served-model-name"),
-        chat_template: Optional[pathlib.Path] = typer.Option(None, "--chat-template"),
+        served_model_name: Optional[str] = options.SERVED_MODEL_NAME,
+        chat_template: Optional[pathlib.Path] = options.CHAT_TEMPLATE,
         quiet: bool = options.QUIET,
     ) -> None:
         """Run every request of a batch file (/v1/completions, /v1/chat/completions,

@@ -28,12 +28,8 @@ def register(app: typer.Typer) -> None:
         api_key: Optional[str] = typer.Option(None, "--api-key", envvar="JAXACCEL_API_KEY",
                                               help="Require 'Authorization: Bearer KEY' on "
                                               "/v1 routes ($JAXACCEL_API_KEY)."),
-        served_model_name: Optional[str] = typer.Option(
-            None, "--served-model-name", help="The model name clients send (default: CKPT "
-            "as given)."),
-        chat_template: Optional[pathlib.Path] = typer.Option(
-            None, "--chat-template", help="A jinja2 chat template file (default: the "
-            "checkpoint's tokenizer_config.json chat_template)."),
+        served_model_name: Optional[str] = options.SERVED_MODEL_NAME,
+        chat_template: Optional[pathlib.Path] = options.CHAT_TEMPLATE,
         max_waiting: Optional[int] = typer.Option(
             None, "--max-waiting", min=0, help="Requests queued beyond this are answered "
             "429 (default: no limit)."),
