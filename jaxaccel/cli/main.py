@@ -310,7 +310,7 @@ def main() -> None:
         distributed.exit_now(code)
     if distributed.active() is not None:
         if code:  # a peer may be gone: skip the exit-time shutdown barrier it would not reach
-            distributed.exit_now(code)
+            distributed.exit_after_error(code)
         distributed.shutdown()
     sys.exit(code)
 

@@ -27,7 +27,7 @@ import numpy as np
 from jaxaccel.parallel import cluster as environments
 from jaxaccel.parallel import straggler
 from jaxaccel.utils import progress
-from jaxaccel.errors import DistributedError  # noqa: F401  (re-exported)
+from jaxaccel.errors import USAGE_EXIT, DistributedError  # noqa: F401  (re-exported)
 
 DEFAULT_TIMEOUT_S = 120.0
 _POLL_S = 0.05
@@ -249,6 +249,33 @@ def shutdown() -> None:
         jax.distributed.shutdown()
     finally:
         _cluster = None
+
+
+# How long a process that fails with a usage error waits for its peers before exiting
+# (`exit_after_error`): a usage error (a refused --mesh) fails on every process at once, and
+# they leave together in well under a second; a peer that did not fail costs this much, once.
+ERROR_EXIT_WAIT_S = 3.0
+# How long process 0, which hosts the coordination service, stays after that barrier: a peer
+# whose service vanishes before its own exit is aborted by jax's client (SIGABRT, not `code`).
+_SERVICE_GRACE_S = 0.5
+
+
+def exit_after_error(code: int) -> None:
+    """Exit with `code` after a failed command, without killing peers that fail the same way.
+
+    After a usage error (exit code 2: the same bad flags on every process), the processes that
+    reach this within `ERROR_EXIT_WAIT_S` leave together, process 0 last; any other failure
+    (often a dead peer, already waited for) exits at once (jax's own shutdown barrier would
+    wait its full timeout, or forever)."""
+    if _cluster is not None and code == USAGE_EXIT:
+        try:
+            gather("error-exit", code, ERROR_EXIT_WAIT_S)
+        except DistributedError:
+            pass
+        else:
+            if _cluster.process_id == 0:
+                time.sleep(_SERVICE_GRACE_S)
+    exit_now(code)
 
 
 def exit_now(code: int) -> None:
