@@ -13,13 +13,13 @@ DTYPES = (ml_dtypes.bfloat16, np.float16, np.float32)
 
 @pytest.fixture(params=["kernel", "numpy"])
 def copier(request, monkeypatch):
-    transpose._kernel.cache_clear()
+    transpose._build.cache_clear()
     if request.param == "numpy":
         monkeypatch.setenv("JAXACCEL_KERNELS", "0")
     elif transpose._kernel() is None:
         pytest.skip("no C++ compiler: the kernel is not built here")
     yield request.param
-    transpose._kernel.cache_clear()
+    transpose._build.cache_clear()
 
 
 def _views(dtype) -> dict[str, np.ndarray]:

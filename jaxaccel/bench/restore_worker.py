@@ -1,4 +1,5 @@
-"""One timed restore in a fresh process. Prints one JSON line: seconds, bytes, peak RSS overhead.
+"""One timed restore in a fresh process. Prints one JSON line: seconds (wall and
+process CPU), bytes, peak RSS overhead.
 
     python -m jaxaccel.bench.restore_worker '{"contender": "jaxaccel", "ckpt": CKPT,
         "mesh": "data=2,model=4", "rules": "dp_tp", "dtype": "default"}'
@@ -218,15 +219,16 @@ def main(contender: str, ckpt: str, mesh: str, rules: str, dtype: str = "default
     with open("/proc/self/clear_refs", "w") as handle:  # VmHWM := VmRSS now
         handle.write("5")
     before = status_bytes("VmRSS")
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     out = restore()
     jax.block_until_ready(out)
     seconds = time.perf_counter() - start
+    cpu = time.process_time() - cpu  # every thread's: steadier than wall on a shared machine
     peak = status_bytes("VmHWM")
     # lists of numpy buffers, not jax arrays
     raw = contender in ("raw", "remote-raw", "copy-floor")
     resident = sum(b.nbytes for b in out) if raw else resident_bytes(out)
-    return {"contender": contender, "seconds": seconds, "bytes": nbytes,
+    return {"contender": contender, "seconds": seconds, "cpu_seconds": cpu, "bytes": nbytes,
             "peak_rss_growth": peak - before, "resident": resident,
             "overhead": peak - before - resident}
 

@@ -23,6 +23,7 @@ import math
 import os
 import pathlib
 import platform
+import threading
 import warnings
 
 import ml_dtypes
@@ -38,10 +39,18 @@ EXPONENT = {np.dtype(np.float32): 0x7F800000, np.dtype(ml_dtypes.bfloat16): 0x7F
 TILE = 128
 
 
-@functools.cache
+_BUILD_LOCK = threading.Lock()
+
+
 def _kernel():
     """The compiled `jaxaccel_transpose`, or None (kernels switched off, or no build: one
-    warning says why)."""
+    warning says why). Built once: the restore's read threads ask at the same time."""
+    with _BUILD_LOCK:
+        return _build()
+
+
+@functools.cache
+def _build():
     if os.environ.get("JAXACCEL_KERNELS", "1") == "0":
         return None
     flags = ("-O3", "-std=c++17") + (

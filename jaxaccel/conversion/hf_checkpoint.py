@@ -13,12 +13,16 @@ split, layers stacked) applied to views of the source tensors and cut to the sli
 the bytes under the slice are touched: locally through a memory map of each file; remotely
 by ranged reads of the rows of each tensor that the slice covers (a weight cut over its
 output rows reads those rows; a cut that runs across every row reads the whole tensor).
+A linear weight's slice is a transposed view ([out, in] stored, [in, out] held): it is copied
+into the slice's buffer by `checkpoint.transpose` (a C++ kernel, finite check included).
 
 What is verified: safetensors carries no checksums, so nothing can detect a flipped byte that
 stays a finite number. Each file's header is checked (offsets inside the file, shapes and
-dtypes consistent), and every slice read is checked finite after the cast to the dtype it is
+dtypes consistent), and every value read is checked finite after the cast to the dtype it is
 held in (the range check of `convert`: NaN/inf in the source, or a value the held dtype turns
-into inf, fails the restore naming the tensor). `convert` stays the way to make a verified
+into inf, fails the restore naming the tensor). No per-file sha256 is checked: a directory
+carries none of its own (a hub cache names blobs by theirs, but a hash needs every byte of a
+file, and each process reads only its slices). `convert` stays the way to make a verified
 (per-chunk crc32c), re-chunked, optionally quantized copy.
 """
 
