@@ -18,6 +18,11 @@
 
 namespace {
 
+// Elements move as raw bits: 2-byte words (bf16, f16) and 4-byte words (f32).
+using Word2 = unsigned short;
+using Word4 = unsigned int;
+static_assert(sizeof(Word2) == 2 && sizeof(Word4) == 4, "element words");
+
 constexpr std::ptrdiff_t kBlock = 64;
 
 template <typename T>
@@ -36,7 +41,7 @@ bool scalar_block(const T* src, std::ptrdiff_t rows, std::ptrdiff_t cols, std::p
 
 #if defined(__AVX2__)
 // A 16 x 16 tile of 16-bit elements; `bad` gathers lanes whose exponent bits are all set.
-inline void tile16(const uint16_t* s, std::ptrdiff_t ss, uint16_t* d, std::ptrdiff_t ds,
+inline void tile16(const Word2* s, std::ptrdiff_t ss, Word2* d, std::ptrdiff_t ds,
                    __m256i mask, __m256i& bad) {
   __m256i r[16], t[16];
   for (int i = 0; i < 16; ++i) {
@@ -68,7 +73,7 @@ inline void tile16(const uint16_t* s, std::ptrdiff_t ss, uint16_t* d, std::ptrdi
 }
 
 // An 8 x 8 tile of 32-bit elements.
-inline void tile8(const uint32_t* s, std::ptrdiff_t ss, uint32_t* d, std::ptrdiff_t ds,
+inline void tile8(const Word4* s, std::ptrdiff_t ss, Word4* d, std::ptrdiff_t ds,
                   __m256i mask, __m256i& bad) {
   __m256 r[8], t[8];
   for (int i = 0; i < 8; ++i) {
@@ -94,11 +99,11 @@ inline void tile8(const uint32_t* s, std::ptrdiff_t ss, uint32_t* d, std::ptrdif
   }
 }
 
-inline __m256i splat(uint16_t v) { return _mm256_set1_epi16(static_cast<short>(v)); }
-inline __m256i splat(uint32_t v) { return _mm256_set1_epi32(static_cast<int>(v)); }
-inline void tile(const uint16_t* s, std::ptrdiff_t ss, uint16_t* d, std::ptrdiff_t ds,
+inline __m256i splat(Word2 v) { return _mm256_set1_epi16(static_cast<short>(v)); }
+inline __m256i splat(Word4 v) { return _mm256_set1_epi32(static_cast<int>(v)); }
+inline void tile(const Word2* s, std::ptrdiff_t ss, Word2* d, std::ptrdiff_t ds,
                  __m256i mask, __m256i& bad) { tile16(s, ss, d, ds, mask, bad); }
-inline void tile(const uint32_t* s, std::ptrdiff_t ss, uint32_t* d, std::ptrdiff_t ds,
+inline void tile(const Word4* s, std::ptrdiff_t ss, Word4* d, std::ptrdiff_t ds,
                  __m256i mask, __m256i& bad) { tile8(s, ss, d, ds, mask, bad); }
 #endif
 
@@ -142,10 +147,10 @@ int transpose(const T* src, std::ptrdiff_t rows, std::ptrdiff_t cols, std::ptrdi
 extern "C" int jaxaccel_transpose(const void* src, int64_t rows, int64_t cols, int64_t ss,
                                   void* dst, int64_t ds, int32_t itemsize, uint32_t exponent) {
   if (itemsize == 2)
-    return transpose(static_cast<const uint16_t*>(src), rows, cols, ss,
-                     static_cast<uint16_t*>(dst), ds, static_cast<uint16_t>(exponent));
+    return transpose(static_cast<const Word2*>(src), rows, cols, ss,
+                     static_cast<Word2*>(dst), ds, static_cast<Word2>(exponent));
   if (itemsize == 4)
-    return transpose(static_cast<const uint32_t*>(src), rows, cols, ss,
-                     static_cast<uint32_t*>(dst), ds, exponent);
+    return transpose(static_cast<const Word4*>(src), rows, cols, ss,
+                     static_cast<Word4*>(dst), ds, static_cast<Word4>(exponent));
   return -1;
 }
