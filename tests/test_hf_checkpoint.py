@@ -217,3 +217,31 @@ def test_prequantized_checkpoint_is_named(llama_dirs, tmp_path):
     with pytest.raises(CheckpointError, match="pre-quantized checkpoint .quant_method 'gptq', "
                                               "bits 4, group_size 128"):
         jaxaccel.load(hf_dir, progress=False)
+
+
+def test_bf16_directory_restores_bit_equal_to_converted(tmp_path):
+    """bf16 weights (the transposes run in the kernel of checkpoint.transpose) restored onto
+    data=2,model=4 equal the converted checkpoint's arrays bit for bit, with sizes that leave
+    part tiles (intermediate 88, a head of 12)."""
+    from jaxaccel.checkpoint.restore import restore_arrays
+    from jaxaccel.parallel.sharding import Layout
+    from jaxaccel.startup.loader import plan_model
+
+    torch.manual_seed(1)
+    config = transformers.LlamaConfig(vocab_size=100, hidden_size=48, intermediate_size=88,
+                                      num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=4, max_position_embeddings=32)
+    transformers.LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(
+        tmp_path / "hf", safe_serialization=True)
+    jaxaccel.convert(tmp_path / "hf", tmp_path / "ckpt", dtype="bfloat16", progress=False)
+    restored = []
+    for path in (tmp_path / "hf", tmp_path / "ckpt"):
+        plan = plan_model(path, Layout.create("data=2,model=4", "dp_tp"))
+        restored.append(restore_arrays(path, plan.manifest, plan.targets))
+    got, want = restored
+    assert sorted(got) == sorted(want)
+    for name in want:
+        assert got[name].dtype == want[name].dtype == np.dtype("bfloat16"), name
+        assert got[name].sharding == want[name].sharding, name
+        np.testing.assert_array_equal(np.asarray(got[name]).view(np.uint16),
+                                      np.asarray(want[name]).view(np.uint16), err_msg=name)

@@ -80,6 +80,9 @@ def test_wheel_ships_every_file_the_kernels_include(wheel):
             # Our headers sit beside the sources; XLA's FFI headers come with jaxlib.
             assert f"{KERNEL_DIR}/{header}" in names or (ffi_headers / header).is_file(), (
                 f"{source} includes {header!r}, which the wheel does not ship")
+    # Every C++ source under jaxaccel/ (the restore's transpose too) is compiled at first use.
+    everywhere = {str(p.relative_to(REPO)) for p in (REPO / "jaxaccel").rglob("*.cc")}
+    assert everywhere <= names, sorted(everywhere - names)
 
 
 def _fresh_venv(path: pathlib.Path) -> pathlib.Path:

@@ -153,9 +153,17 @@ def _bench_hf(ckpt: pathlib.Path, hf_dir: pathlib.Path, mesh: str, rules: str, d
     print(f"orbax v1 safetensors / jaxaccel HF: {found['orbax_safetensors_over_hf']:.2f}x "
           f"(goal >= 2.5);  jaxaccel HF / converted: {found['hf_over_converted']:.2f}x "
           "(goal <= 1.3)")
+    cpu = {name: {"seconds": s} for name, s in runner.summarize_each(runs, "cpu_seconds").items()}
+    cpu_ratios = hf_ratios(cpu)
+    print("process CPU s, median (all threads; steadier than wall time on a shared machine): "
+          + ", ".join(f"{name} {cpu[name]['seconds']['median']:.2f}" for name in cpu)
+          + f"; orbax / HF {cpu_ratios['orbax_safetensors_over_hf']:.2f}x, HF / converted "
+          f"{cpu_ratios['hf_over_converted']:.2f}x")
     runner.write_json(json_out, {"benchmark": "restore-hf", "ckpt": str(ckpt),
                                  "hf": str(hf_dir), "mesh": mesh, "rules": rules,
-                                 "dtype": dtype, "results": summary, "ratios": found})
+                                 "dtype": dtype, "results": summary, "ratios": found,
+                                 "cpu_seconds": {n: c["seconds"] for n, c in cpu.items()},
+                                 "cpu_ratios": cpu_ratios})
 
 
 def _bench_cluster(source: str, mesh: str, rules: str, dtype: str, processes: int,

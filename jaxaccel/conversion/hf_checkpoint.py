@@ -13,12 +13,16 @@ split, layers stacked) applied to views of the source tensors and cut to the sli
 the bytes under the slice are touched: locally through a memory map of each file; remotely
 by ranged reads of the rows of each tensor that the slice covers (a weight cut over its
 output rows reads those rows; a cut that runs across every row reads the whole tensor).
+A linear weight's slice is a transposed view ([out, in] stored, [in, out] held): it is copied
+into the slice's buffer by `checkpoint.transpose` (a C++ kernel, finite check included).
 
 What is verified: safetensors carries no checksums, so nothing can detect a flipped byte that
 stays a finite number. Each file's header is checked (offsets inside the file, shapes and
-dtypes consistent), and every slice read is checked finite after the cast to the dtype it is
+dtypes consistent), and every value read is checked finite after the cast to the dtype it is
 held in (the range check of `convert`: NaN/inf in the source, or a value the held dtype turns
-into inf, fails the restore naming the tensor). `convert` stays the way to make a verified
+into inf, fails the restore naming the tensor). No per-file sha256 is checked: a directory
+carries none of its own (a hub cache names blobs by theirs, but a hash needs every byte of a
+file, and each process reads only its slices). `convert` stays the way to make a verified
 (per-chunk crc32c), re-chunked, optionally quantized copy.
 """
 
@@ -36,10 +40,9 @@ import struct
 import threading
 
 import crc32c
-import ml_dtypes
 import numpy as np
 
-from jaxaccel.checkpoint import chunk_cache, storage
+from jaxaccel.checkpoint import chunk_cache, storage, transpose
 from jaxaccel.checkpoint.manifest import MANIFEST_NAME, ArrayEntry, CheckpointError, Manifest
 from jaxaccel.conversion import hf
 from jaxaccel.conversion.safetensors_source import (
@@ -562,19 +565,19 @@ class HfSliceReader:
         rows = self._rows_of(rule, group, index)
         if rule.transform is identity and rows is not None and self.files.read_rows_into(
                 group[0], rows, dest):
-            self._check_finite(group[0], dest)
+            self._refuse_nonfinite(group[0], dest, transpose.finite(dest))
             return dest.nbytes
         parts = [self.files.view(group[0], rows)] + [
             self.files.view(n, slot=k) for k, n in enumerate(group[1:], 1)]
         value = rule.transform(*parts)[index]
-        with np.errstate(over="ignore", invalid="ignore"):
-            copy_tiled(dest, value)
-        self._check_finite(group[0], dest)
+        # A linear weight's slice is a transposed view of the page cache: copied (and
+        # checked) by transpose's kernel straight into the slice's buffer.
+        self._refuse_nonfinite(group[0], dest, transpose.copy_finite(dest, value))
         itemsize = np.dtype(DTYPES[self.files.tensors[group[0]].dtype]).itemsize
         return value.size * itemsize
 
-    def _check_finite(self, name: str, dest: np.ndarray) -> None:
-        if not _finite(dest):
+    def _refuse_nonfinite(self, name: str, dest: np.ndarray, finite: bool) -> None:
+        if not finite:
             raise CheckpointError(
                 f"{self.files.tensors[name].file}: tensor {name!r} holds NaN or inf, or values "
                 f"beyond {dest.dtype.name}'s range (load it in float32 with --dtype float32, "
@@ -606,52 +609,3 @@ def _rows_needed(transform, shapes, index) -> tuple[int, int] | None:
     if out.dtype != np.int64 or out.size == 0 or not np.shares_memory(out, rows):
         return None
     return int(out.min()), int(out.max()) + 1
-
-
-TILE = 128
-
-
-def copy_tiled(dest: np.ndarray, value: np.ndarray) -> None:
-    """dest[...] = value, in TILE x TILE tiles of the two axes that matter when `value` is a
-    transposed view: dest's last (written contiguously) and the one `value` reads
-    contiguously. numpy's element-wise walk of a transposed bf16 view ran at ~0.08 GB/s
-    here, tiles at ~0.4-0.6 (cache lines of both sides reused); the same tiles in C++ and
-    XLA's own transpose measured no faster (0.3-0.4 GB/s, a loaded 2-core VM), so the
-    transposes bound this path: `convert` writes them once."""
-    if dest.ndim < 2 or value.ndim != dest.ndim or value.flags.c_contiguous:
-        dest[...] = value
-        return
-    fast = min(range(value.ndim), key=lambda k: (abs(value.strides[k]), -k))
-    last = dest.ndim - 1
-    if fast == last or value.strides[last] == value.itemsize:
-        dest[...] = value
-        return
-    whole = [slice(None)] * dest.ndim
-    for i in range(0, dest.shape[fast], TILE):
-        for j in range(0, dest.shape[last], TILE):
-            box = list(whole)
-            box[fast], box[last] = slice(i, i + TILE), slice(j, j + TILE)
-            box = tuple(box)
-            dest[box] = value[box]
-
-
-def _finite(array: np.ndarray) -> bool:
-    """No NaN/inf, from the exponent bits (ml_dtypes' isfinite is slow), in cache-sized
-    pieces."""
-    bits = {np.dtype(np.float32): (np.dtype("u4").type, 0x7F800000),
-            np.dtype(ml_dtypes.bfloat16): (np.dtype("u2").type, 0x7F80),
-            np.dtype(np.float16): (np.dtype("u2").type, 0x7C00)}.get(array.dtype)
-    if bits is None:
-        return bool(np.isfinite(array.astype(np.float32)).all()) if array.dtype.kind == "f" \
-            else True
-    kind, mask = bits
-    flat = np.ascontiguousarray(array).reshape(-1).view(kind)
-    step = 1 << 16  # pieces that stay in L2 between the mask and the max
-    scratch = np.empty(min(step, flat.size), kind)
-    for at in range(0, flat.size, step):
-        piece = flat[at:at + step]
-        masked = scratch[:piece.size]
-        np.bitwise_and(piece, kind(mask), out=masked)
-        if masked.max(initial=0) == mask:  # every exponent bit set: inf or NaN
-            return False
-    return True

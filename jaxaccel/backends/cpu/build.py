@@ -16,87 +16,33 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import os
 import pathlib
 import platform
-import shutil
-import subprocess
-import tempfile
 import warnings
 
 import jax
 
 from jaxaccel.backends.cpu import isa
 from jaxaccel.errors import KernelBuildError  # noqa: F401  (re-exported)
-from jaxaccel.utils.files import user_cache_dir, writable_cache_dir
+from jaxaccel.utils import native
 
 SOURCE_DIR = pathlib.Path(__file__).parent
-CXX_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC")  # + the build's -march
-_COMPILE_TIMEOUT_S = 300
-
-
-def cache_dir() -> pathlib.Path:
-    """The kernel build cache; where it cannot be written, a temporary directory for this run
-    (one warning): the kernels are rebuilt next time, never lost."""
-    return writable_cache_dir(user_cache_dir("kernels"), "kernel build cache", "$XDG_CACHE_HOME")
-
-
-def _compiler() -> str | None:
-    return shutil.which(os.environ.get("CXX", "c++"))
-
-
-def _cpu_features() -> str:
-    """The flags line of /proc/cpuinfo (what -march=native compiles for), else the machine."""
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return platform.machine() + platform.processor()
-
-
-def _library_path(source: pathlib.Path, compiler: str, flags: tuple[str, ...]) -> pathlib.Path:
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256()
-    headers = b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))
-    for part in (source.read_bytes(), headers, version.encode(), " ".join(flags).encode(),
-                 _cpu_features().encode(), jax.ffi.include_dir().encode(),
-                 jax.__version__.encode()):
-        key.update(part)
-    return cache_dir() / f"{source.stem}-{key.hexdigest()[:16]}.so"
+CXX_FLAGS = ("-O3", "-std=c++17")  # + the build's -march (utils.native adds -shared -fPIC)
 
 
 def compile_library(source: pathlib.Path, extra_flags: tuple[str, ...] = (),
                     kernel_build: str = "avx512") -> pathlib.Path:
     """The shared library for `source` in `kernel_build` (a key of isa.KERNEL_BUILDS),
-    compiling it unless a cached build exists.
+    compiling it unless a cached build exists (`utils.native`, keyed also by the jaxlib
+    headers it includes).
 
     `extra_flags` follow the defaults, so e.g. `-mno-avx512bf16` builds a portable variant.
     Raises KernelBuildError without a compiler or when compiling fails.
     """
-    compiler = _compiler()
-    if compiler is None:
-        raise KernelBuildError(f"no C++ compiler found (tried $CXX or 'c++') to build {source.name}")
-    flags = (*CXX_FLAGS, isa.KERNEL_BUILDS[kernel_build], *extra_flags)
-    library = _library_path(source, compiler, flags)
-    if library.exists():
-        return library
-    library.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
-        partial = pathlib.Path(scratch) / library.name
-        command = [compiler, *flags, f"-I{jax.ffi.include_dir()}", str(source),
-                   "-o", str(partial)]
-        try:
-            done = subprocess.run(command, capture_output=True, text=True,
-                                  timeout=_COMPILE_TIMEOUT_S)
-        except subprocess.TimeoutExpired as err:
-            raise KernelBuildError(f"compiling {source.name} took over {_COMPILE_TIMEOUT_S} s") from err
-        if done.returncode != 0:
-            raise KernelBuildError(f"compiling {source.name} failed:\n{done.stderr[-2000:]}")
-        os.replace(partial, library)
-    return library
+    flags = (*CXX_FLAGS, isa.KERNEL_BUILDS[kernel_build], *extra_flags,
+             f"-I{jax.ffi.include_dir()}")
+    return native.compile_shared(source, flags, (jax.__version__.encode(),))
 
 
 @functools.cache
