@@ -168,6 +168,8 @@ class QuantSpec:
 
     qtype: str
     tiles: tuple[int, ...]
+    # A pre-quantized checkpoint's scales stay in their stored dtype (float16, bfloat16).
+    scale_dtype: str = "float32"
 
     def scale_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
         return tuple(d // t for d, t in zip(shape, self.tiles))
@@ -177,11 +179,15 @@ class QuantSpec:
         return STORED_DTYPES[self.qtype]
 
     def to_json(self) -> dict:
-        return {"qtype": self.qtype, "tiles": list(self.tiles)}
+        out = {"qtype": self.qtype, "tiles": list(self.tiles)}
+        if self.scale_dtype != "float32":
+            out["scale_dtype"] = self.scale_dtype
+        return out
 
     @classmethod
     def from_json(cls, raw: Mapping) -> QuantSpec:
-        return cls(str(raw["qtype"]), tuple(int(t) for t in raw["tiles"]))
+        return cls(str(raw["qtype"]), tuple(int(t) for t in raw["tiles"]),
+                   str(raw.get("scale_dtype", "float32")))
 
 
 def tied_head(spec: FamilySpec, config, scheme: Scheme | None) -> dict[str, str]:
@@ -223,13 +229,14 @@ def spec_for(shape: Sequence[int], k_axes: Sequence[int], stacked: bool,
             tiles[a] = shape[a]
     else:
         group = _fitting_group([shape[a] for a in k], int(rule.tile_size))
-        for a, t in zip(k, _group_tiles([shape[a] for a in k], group)):
+        for a, t in zip(k, group_tiles([shape[a] for a in k], group)):
             tiles[a] = t
     return QuantSpec(str(jnp.dtype(rule.weight_qtype)), tuple(tiles))
 
 
-def _group_tiles(k_dims: Sequence[int], group: int) -> list[int] | None:
-    """Tiles over the k axes whose product is `group` consecutive elements of flattened k."""
+def group_tiles(k_dims: Sequence[int], group: int) -> list[int] | None:
+    """Tiles over the k axes whose product is `group` consecutive elements of flattened k
+    (None: no such tiles)."""
     tiles, remaining = [1] * len(k_dims), group
     for i in reversed(range(len(k_dims))):
         dim = k_dims[i]
@@ -248,7 +255,7 @@ def _group_tiles(k_dims: Sequence[int], group: int) -> list[int] | None:
 
 def _fitting_group(k_dims: Sequence[int], group: int) -> int:
     """`group`, or the largest power-of-two fraction of it that tiles k (small test models)."""
-    while group > 1 and _group_tiles(k_dims, group) is None:
+    while group > 1 and group_tiles(k_dims, group) is None:
         group //= 2
     return max(group, 1)
 
@@ -256,7 +263,7 @@ def _fitting_group(k_dims: Sequence[int], group: int) -> int:
 def abstract_qarray(shape, spec: QuantSpec) -> qwix.QArray:
     """A QArray of ShapeDtypeStructs: the held form of a quantized weight."""
     return qwix.QArray(jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(spec.qtype)),
-                       jax.ShapeDtypeStruct(spec.scale_shape(shape), SCALE_DTYPE),
+                       jax.ShapeDtypeStruct(spec.scale_shape(shape), np.dtype(spec.scale_dtype)),
                        None, jnp.dtype(spec.qtype))
 
 

@@ -1,0 +1,145 @@
+"""Pre-quantized test checkpoints in their published layouts, and their float32 references.
+
+compressed-tensors checkpoints are made by the `compressed-tensors` package itself from a
+tiny random transformers Llama (its schemes applied, scales and zero points from each
+weight's min/max, its compressor writing the packed tensors and config.json's
+quantization_config). The reference of each is transformers running the weights the
+package's own unpacking + dequantization give back, in float32.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import pathlib
+
+import numpy as np
+
+STREAM = np.random.default_rng(0).integers(3, 101, 64).tolist()  # fixed 64-token stream
+PROMPT = STREAM[:6]
+STEPS = 32
+GROUP = 32  # small model: in dims 64 and 128
+
+
+def base_llama():
+    """A tiny random float32 Llama (GQA, untied head) with peaked next-token distributions."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256,
+        bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def reference(model) -> tuple[np.ndarray, list[int]]:
+    """(float32 logits [t, v] over STREAM, STEPS greedy tokens after PROMPT)."""
+    import torch
+
+    with torch.no_grad():
+        logits = model(torch.tensor([STREAM])).logits[0].numpy()
+        out = model.generate(torch.tensor([PROMPT]), max_new_tokens=STEPS, min_new_tokens=STEPS,
+                             do_sample=False, pad_token_id=0)
+    return logits, out[0, len(PROMPT):].tolist()
+
+
+def compressed_tensors_dir(base, kind: str, directory: pathlib.Path) -> pathlib.Path:
+    """A compressed-tensors checkpoint of `base`: kind "w8a16" (int8 channel-wise,
+    pack-quantized), "w8a8" (int8 channel-wise weights + dynamic int8 activations,
+    int-quantized), "w4a16" (int4 groups of GROUP, pack-quantized), "w4a16_asym" (with
+    zero points)."""
+    import safetensors.torch
+    import torch
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (
+        QuantizationArgs,
+        QuantizationConfig,
+        apply_quantization_config,
+        preset_name_to_scheme,
+    )
+    from compressed_tensors.quantization.utils.helpers import calculate_qparams
+
+    model = copy.deepcopy(base)
+    preset = {"w8a16": "W8A16", "w8a8": "INT8_W8A8", "w4a16": "W4A16",
+              "w4a16_asym": "W4A16_ASYM"}[kind]
+    scheme = preset_name_to_scheme(preset, ["Linear"])
+    if kind.startswith("w4"):
+        scheme.weights.group_size = GROUP
+    if kind == "w8a16":  # channel-wise (the preset groups by 128)
+        scheme.weights = QuantizationArgs(num_bits=8, type="int", symmetric=True,
+                                          strategy="channel")
+    apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": scheme},
+                                                        ignore=["lm_head"]))
+    with torch.no_grad():
+        for module in model.modules():
+            if not hasattr(module, "weight_scale"):
+                continue
+            w, args = module.weight, module.quantization_scheme.weights
+            view = (w.reshape(w.shape[0], -1, args.group_size) if args.strategy == "group"
+                    else w[:, None, :])
+            scale, zero = calculate_qparams(view.amin(-1), view.amax(-1), args)
+            module.weight_scale.copy_(scale)
+            if hasattr(module, "weight_zero_point"):
+                module.weight_zero_point.copy_(zero)
+    fmt = "int-quantized" if kind == "w8a8" else "pack-quantized"
+    compressor = ModelCompressor.from_pretrained_model(model, fmt)
+    compressor.compress_model(model)
+    directory.mkdir(parents=True)
+    safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+                                directory / "model.safetensors")
+    model.config.save_pretrained(directory)
+    compressor.update_config(str(directory))
+    return directory
+
+
+def compressed_tensors_dequantized(base, directory: pathlib.Path):
+    """`base` with each quantized Linear's weight as the package dequantizes it (float32)."""
+    import torch
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import dequantize
+    from safetensors.torch import load_file
+
+    tensors = load_file(directory / "model.safetensors")
+    config = json.loads((directory / "config.json").read_text())["quantization_config"]
+    group = next(iter(config["config_groups"].values()))
+    args = QuantizationArgs(**group["weights"])
+    model = copy.deepcopy(base)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            scale = tensors.get(f"{name}.weight_scale")
+            if scale is None:
+                continue
+            zero = tensors.get(f"{name}.weight_zero_point")
+            if f"{name}.weight_packed" in tensors:
+                shape = tuple(tensors[f"{name}.weight_shape"].tolist())
+                q = unpack_from_int32(tensors[f"{name}.weight_packed"], args.num_bits, shape)
+                if zero is not None:
+                    zero = unpack_from_int32(zero, args.num_bits, (shape[0], scale.shape[1]),
+                                             packed_dim=0)
+            else:
+                q = tensors[f"{name}.weight"]
+            module.weight.copy_(dequantize(q, scale.float(), zero, args).float())
+    return model
+
+
+def stored_quantized_bytes(directory: pathlib.Path) -> int:
+    """Bytes of the quantized layers' values, scales and zero points as stored (the shape
+    tensors and activation settings are metadata, not held)."""
+    from safetensors import safe_open
+
+    total = 0
+    with safe_open(directory / "model.safetensors", "np") as f:
+        names = set(f.keys())
+        quantized = {n.rsplit(".", 1)[0] for n in names if n.endswith(".weight_scale")}
+        for name in names:
+            prefix, _, part = name.rpartition(".")
+            if prefix in quantized and part in ("weight", "weight_packed", "weight_scale",
+                                                 "weight_zero_point"):
+                total += f.get_tensor(name).nbytes
+    return total
