@@ -65,7 +65,7 @@ def compressed_tensors_dir(base, kind: str, directory: pathlib.Path) -> pathlib.
     from compressed_tensors.quantization.utils.helpers import calculate_qparams
 
     model = copy.deepcopy(base)
-    preset = {"w8a16": "W8A16", "w8a8": "INT8_W8A8", "w4a16": "W4A16",
+    preset = {"w8a16": "W8A16", "w8a8": "W8A8", "w4a16": "W4A16",
               "w4a16_asym": "W4A16_ASYM"}[kind]
     scheme = preset_name_to_scheme(preset, ["Linear"])
     if kind.startswith("w4"):

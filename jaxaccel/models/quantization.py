@@ -67,7 +67,7 @@ DEFAULT_GROUP_SIZE = 128
 QTYPES = {"int8": "int8", "int4": "int4", "fp8": "float8_e4m3fn"}
 # What each qtype is stored as in a checkpoint (int4: one value per byte, see module doc).
 STORED_DTYPES = {"int8": "int8", "int4": "int8", "float8_e4m3fn": "float8_e4m3fn"}
-VALUES, SCALES = "values", "scales"
+VALUES, SCALES, ZEROS = "values", "scales", "zeros"
 SCALE_DTYPE = np.dtype("float32")
 # Platforms whose XLA has float8 dots (H100-class GPUs, TPU v5+); elsewhere fp8 is refused.
 FP8_PLATFORMS = ("cuda", "gpu", "tpu")
@@ -170,6 +170,9 @@ class QuantSpec:
     tiles: tuple[int, ...]
     # A pre-quantized checkpoint's scales stay in their stored dtype (float16, bfloat16).
     scale_dtype: str = "float32"
+    # A zero point per scale (asymmetric, pre-quantized checkpoints only): NAME.zeros, held
+    # in the values' qtype; the weight is (values - zeros) * scales.
+    zeros: bool = False
 
     def scale_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
         return tuple(d // t for d, t in zip(shape, self.tiles))
@@ -182,12 +185,14 @@ class QuantSpec:
         out = {"qtype": self.qtype, "tiles": list(self.tiles)}
         if self.scale_dtype != "float32":
             out["scale_dtype"] = self.scale_dtype
+        if self.zeros:
+            out["zeros"] = True
         return out
 
     @classmethod
     def from_json(cls, raw: Mapping) -> QuantSpec:
         return cls(str(raw["qtype"]), tuple(int(t) for t in raw["tiles"]),
-                   str(raw.get("scale_dtype", "float32")))
+                   str(raw.get("scale_dtype", "float32")), bool(raw.get("zeros", False)))
 
 
 def tied_head(spec: FamilySpec, config, scheme: Scheme | None) -> dict[str, str]:
@@ -262,9 +267,11 @@ def _fitting_group(k_dims: Sequence[int], group: int) -> int:
 
 def abstract_qarray(shape, spec: QuantSpec) -> qwix.QArray:
     """A QArray of ShapeDtypeStructs: the held form of a quantized weight."""
+    zeros = (jax.ShapeDtypeStruct(spec.scale_shape(shape), jnp.dtype(spec.qtype))
+             if spec.zeros else None)
     return qwix.QArray(jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(spec.qtype)),
                        jax.ShapeDtypeStruct(spec.scale_shape(shape), np.dtype(spec.scale_dtype)),
-                       None, jnp.dtype(spec.qtype))
+                       zeros, jnp.dtype(spec.qtype))
 
 
 def _tiled_view(shape: Sequence[int], tiles: Sequence[int]):
@@ -362,6 +369,10 @@ def scales_name(name: str) -> str:
     return f"{name}.{SCALES}"
 
 
+def zeros_name(name: str) -> str:
+    return f"{name}.{ZEROS}"
+
+
 def quantized_names(name: str) -> tuple[str, str]:
     """(NAME.values, NAME.scales): the two arrays a quantized weight NAME is held/stored as."""
     return values_name(name), scales_name(name)
@@ -415,6 +426,8 @@ def read_bytes(state, skip: Sequence[str] = ()) -> int:
         if isinstance(leaf, qwix.QArray):
             bits = 4 if leaf.qvalue.dtype == jnp.int4 else 8
             total += leaf.qvalue.size * bits // 8 + leaf.scale.size * leaf.scale.dtype.itemsize
+            if leaf.zero_point is not None:
+                total += leaf.zero_point.size * bits // 8
         else:
             total += leaf.size * leaf.dtype.itemsize
     return total

@@ -128,8 +128,9 @@ def plan_model(path: str | pathlib.Path, layout: Layout | None = None,
                 held[name], held[quantization.scales_name(weight)] = held_values, held_scales
             continue
         quant = stored.get(weight)
-        targets[name] = target = _target(spec, layout, quant, name.endswith(".scales"))
-        if quant is not None and name.endswith(".values"):
+        # Zero points are laid out as their scales, stored as the values are.
+        targets[name] = target = _target(spec, layout, quant, name.endswith((".scales", ".zeros")))
+        if quant is not None and name.endswith((".values", ".zeros")):
             target = dataclasses.replace(target, dtype=np.dtype(quant.stored_dtype))
             if np.dtype(spec.dtype) != target.dtype:
                 targets[name] = dataclasses.replace(target, held_dtype=np.dtype(spec.dtype))

@@ -154,7 +154,7 @@ def _held_spec(shape, k_axes, stacked: bool, lin: Linear, first: str, source):
         for a, t in zip(k, group_tiles):
             tiles[a] = t
     dtype = quantization.QTYPES[lin.qtype]
-    return quantization.QuantSpec(dtype, tuple(tiles), lin.scale_dtype)
+    return quantization.QuantSpec(dtype, tuple(tiles), lin.scale_dtype, lin.zeros)
 
 
 def _check_groups(transform, lin: Linear, spec, stacked: bool, first: str, source) -> None:
