@@ -143,3 +143,88 @@ def stored_quantized_bytes(directory: pathlib.Path) -> int:
                                                  "weight_zero_point"):
                 total += f.get_tensor(name).nbytes
     return total
+
+
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _int4_groups(w: np.ndarray, symmetric: bool):
+    """(q uint8 [out, in], z uint8 [out, G], s float16 [out, G]) of w [out, in], groups of
+    GROUP input columns, min/max scales rounded to float16 before quantizing."""
+    out, in_ = w.shape
+    v = w.reshape(out, in_ // GROUP, GROUP)
+    if symmetric:
+        s = (np.abs(v).max(-1) / 7).astype(np.float16)
+        z = np.full(s.shape, 8, np.int32)
+    else:
+        lo, hi = np.minimum(v.min(-1), 0), np.maximum(v.max(-1), 0)
+        s = ((hi - lo) / 15).astype(np.float16)
+        z = np.clip(np.round(-lo / s.astype(np.float32)), 0, 15).astype(np.int32)
+    q = np.clip(np.round(v / s.astype(np.float32)[..., None]) + z[..., None], 0, 15)
+    return q.reshape(out, in_).astype(np.uint8), z.astype(np.uint8), s
+
+
+def _words(fields: np.ndarray, order=tuple(range(8))) -> np.ndarray:
+    """int32 [..., n / 8] from 4-bit fields [..., n]: field i of each word holds element
+    order[i] of its 8."""
+    f = fields.astype(np.uint32).reshape(*fields.shape[:-1], -1, 8)
+    word = np.zeros(f.shape[:-1], np.uint32)
+    for i, element in enumerate(order):
+        word |= f[..., element] << np.uint32(4 * i)
+    return word.view(np.int32)
+
+
+def packed_int32_dir(base, kind: str, directory: pathlib.Path):
+    """An AWQ (GEMM, zero points) or GPTQ (checkpoint_format "gptq": zeros stored minus one)
+    checkpoint of `base`, packed here from each format's description; kind "awq",
+    "gptq_sym", "gptq_asym", "gptq_act" (desc_act with the identity g_idx) or
+    "gptq_act_perm" (desc_act with rows of a group apart). Returns (directory, the model with
+    the dequantized weights)."""
+    import safetensors.numpy
+    import torch
+
+    model = copy.deepcopy(base)
+    tensors = {k: v.detach().numpy().copy() for k, v in base.state_dict().items()}
+    symmetric = kind == "gptq_sym"
+    for name, module in model.named_modules():
+        if name.rpartition(".")[2] not in LINEARS:
+            continue
+        w = tensors.pop(f"{name}.weight")
+        q, z, s = _int4_groups(w, symmetric)
+        with torch.no_grad():
+            deq = (q.astype(np.float32) - np.repeat(z, GROUP, 1)) * np.repeat(
+                s.astype(np.float32), GROUP, 1)
+            module.weight.copy_(torch.from_numpy(deq))
+        if kind == "awq":
+            tensors[f"{name}.qweight"] = _words(q.T, AWQ_ORDER)
+            tensors[f"{name}.qzeros"] = _words(z.T, AWQ_ORDER)
+        else:
+            tensors[f"{name}.qweight"] = _words(q).T.copy()  # rows of a column in a word
+            tensors[f"{name}.qzeros"] = _words((z.T.astype(np.int32) - 1) & 0xF)
+            g_idx = np.arange(w.shape[1], dtype=np.int32) // GROUP
+            if kind == "gptq_act_perm":
+                g_idx = np.random.default_rng(0).permutation(g_idx).astype(np.int32)
+            tensors[f"{name}.g_idx"] = g_idx
+        tensors[f"{name}.scales"] = np.ascontiguousarray(s.T)
+    directory.mkdir(parents=True)
+    safetensors.numpy.save_file(tensors, directory / "model.safetensors")
+    base.config.save_pretrained(directory)
+    config = json.loads((directory / "config.json").read_text())
+    config["quantization_config"] = (
+        {"quant_method": "awq", "bits": 4, "group_size": GROUP, "zero_point": True,
+         "version": "gemm"} if kind == "awq" else
+        {"quant_method": "gptq", "bits": 4, "group_size": GROUP, "sym": symmetric,
+         "desc_act": kind.startswith("gptq_act"), "checkpoint_format": "gptq"})
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory, model
+
+
+def packed_int32_bytes(directory: pathlib.Path, zeros: bool) -> int:
+    """Bytes of every qweight and scales (and qzeros when they carry zero points) as stored;
+    g_idx is metadata."""
+    from safetensors import safe_open
+
+    parts = (".qweight", ".scales") + ((".qzeros",) if zeros else ())
+    with safe_open(directory / "model.safetensors", "np") as f:
+        return sum(f.get_tensor(n).nbytes for n in f.keys() if n.endswith(parts))

@@ -2,7 +2,7 @@
 
 A Hugging Face directory whose config.json has a `quantization_config` is read through its
 format's module (`compressed_tensors`: INT8 channel-wise, INT4 "pack-quantized" with groups
-and optional zero points): each quantized linear layer, stored as packed integers + scales
+and optional zero points; `awq_gptq`: AWQ GEMM packing, GPTQ symmetric and asymmetric): each quantized linear layer, stored as packed integers + scales
 (+ zero points), is presented to the conversion plan (`hf.plan_arrays`) as the float weight
 `PREFIX.weight` [out, in] it stands for, so the family's weight rules, shape checks and
 coverage checks apply unchanged. The manifest then holds each quantized parameter in
@@ -23,7 +23,7 @@ dequantized weights are (v - z) * scale, as in every format read here.
 
 from __future__ import annotations
 
-from jaxaccel.conversion.prequantized import compressed_tensors
+from jaxaccel.conversion.prequantized import awq_gptq, compressed_tensors
 from jaxaccel.conversion.prequantized.source import (
     PrequantizedReader,
     QuantizedSource,
@@ -36,7 +36,8 @@ __all__ = ["PrequantizedReader", "QuantizedSource", "format_of", "held_bytes",
            "quantized_arrays"]
 
 # quant_method -> the reader of its quantization_config.
-FORMATS = {"compressed-tensors": compressed_tensors.CompressedTensors.parse}
+FORMATS = {"compressed-tensors": compressed_tensors.CompressedTensors.parse,
+           "awq": awq_gptq.PackedInt32.parse, "gptq": awq_gptq.PackedInt32.parse}
 
 
 def format_of(hf_config: dict, config_path):
