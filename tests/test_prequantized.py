@@ -89,13 +89,30 @@ def test_compressed_tensors_matches_dequantized_reference(kind, checkpoints):
     assert jnp.iinfo(arrays["blocks.wq_dnh.values"].dtype).bits == bits
 
 
-def test_compressed_tensors_manifest_names_the_format(checkpoints):
-    directory, _, _ = checkpoints("w4a16")
+def test_inspect_and_plan_show_the_format_and_bytes(checkpoints, capsys, monkeypatch):
+    from cli_runner import run_cli
+
+    directory, _, _ = checkpoints("w4a16_asym")
     manifest = open_checkpoint(directory)
     quant = manifest.quantization
     assert quant["scheme"] == "int4" and quant["group_size"] == ref.GROUP
-    assert quant["format"] == "compressed-tensors pack-quantized int4 group 32"
-    assert "blocks.wq_dnh.values" in manifest.arrays and "lm_head_vd" in manifest.arrays
+    label = "compressed-tensors pack-quantized int4 group 32 asymmetric"
+    assert quant["format"] == label
+    assert "blocks.wq_dnh.zeros" in manifest.arrays and "lm_head_vd" in manifest.arrays
+    code, out, _ = run_cli(capsys, monkeypatch, "inspect", str(directory))
+    out = " ".join(out.split())  # the console wraps long lines
+    assert code == 0 and f"stored as {label}" in out and "NAME.zeros" in out
+    assert "blocks.wq_dnh.values" in out
+    code, out, _ = run_cli(capsys, monkeypatch, "plan", str(directory))
+    out = " ".join(out.split())
+    assert code == 0 and f"quantized int4 ({label}, group 32)" in out
+
+
+def test_w8a8_runs_weight_only_and_says_so(checkpoints, capsys):
+    directory, _, _ = checkpoints("w8a8")
+    load_model(directory, dtype="float32", quiet=False)
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if "weight-only" in ln]
+    assert len(lines) == 1 and "W8A8" in lines[0], lines
 
 
 @pytest.fixture(scope="module")

@@ -200,6 +200,8 @@ def restore_plan(plan: ModelPlan, path: str | pathlib.Path, *,
     (default: the CLI's --restore-mode; see checkpoint.restore_mode)."""
     path = storage.checkpoint_path(path)
     stats = RestoreStats()
+    for note in plan.quantization.get("notes", ()):  # e.g. a W8A8 checkpoint run weight-only
+        progress.say(note, quiet)
     total = sum(int(np.prod(t.checkpoint_shape)) * np.dtype(t.dtype).itemsize
                 for t in plan.targets.values())
     with progress.byte_progress(total, f"restore {path.name}", enabled=not quiet) as advance:

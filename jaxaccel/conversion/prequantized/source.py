@@ -39,6 +39,10 @@ class QuantizedSource:
     def __init__(self, files, fmt):
         self.files, self.format = files, fmt
         self.linears = fmt.linears(files)
+        if not self.linears:
+            raise ConvertError(f"{fmt.config_path}: quantization_config declares {fmt.label}, "
+                               "but no tensor is stored that way (expected its packed "
+                               "weights, e.g. PREFIX.qweight or PREFIX.weight_packed)")
         self.parts = {n for lin in self.linears.values() for n in lin.tensors}
         self.file_of = dict(files.file_of)
         for lin in self.linears.values():
@@ -133,6 +137,7 @@ def quantized_arrays(source: QuantizedSource, family, plan, specs, arrays: dict)
             "head": any(n in dict(family.quantized_head) for n in held),
             **({"group_size": lin.group} if lin and lin.group != lin.in_ else {}),
             **({"zero_points": True} if lin and lin.zeros else {}),
+            **({"notes": list(source.format.notes)} if source.format.notes else {}),
             "weights": dict(sorted(weights.items()))}
     return arrays, info, held
 
