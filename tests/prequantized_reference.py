@@ -19,6 +19,7 @@ STREAM = np.random.default_rng(0).integers(3, 101, 64).tolist()  # fixed 64-toke
 PROMPT = STREAM[:6]
 STEPS = 32
 GROUP = 32  # small model: in dims 64 and 128
+FP8_BLOCK = 16  # FP8 blocks (128 x 128 in published checkpoints): out dims 16 .. 128
 
 
 def base_llama():
@@ -66,8 +67,10 @@ def compressed_tensors_dir(base, kind: str, directory: pathlib.Path) -> pathlib.
 
     model = copy.deepcopy(base)
     preset = {"w8a16": "W8A16", "w8a8": "W8A8", "w4a16": "W4A16",
-              "w4a16_asym": "W4A16_ASYM"}[kind]
+              "w4a16_asym": "W4A16_ASYM", "fp8": "FP8_DYNAMIC", "fp8_block": "FP8_BLOCK"}[kind]
     scheme = preset_name_to_scheme(preset, ["Linear"])
+    if kind == "fp8_block":  # blocks of FP8_BLOCK's layout, sized for the tiny model
+        scheme.weights.block_structure = [FP8_BLOCK, FP8_BLOCK]
     if kind.startswith("w4"):
         scheme.weights.group_size = GROUP
     if kind == "w8a16":  # channel-wise (the preset groups by 128)
@@ -80,13 +83,18 @@ def compressed_tensors_dir(base, kind: str, directory: pathlib.Path) -> pathlib.
             if not hasattr(module, "weight_scale"):
                 continue
             w, args = module.weight, module.quantization_scheme.weights
-            view = (w.reshape(w.shape[0], -1, args.group_size) if args.strategy == "group"
-                    else w[:, None, :])
+            if args.strategy == "block":
+                view = w.reshape(w.shape[0] // FP8_BLOCK, FP8_BLOCK, -1, FP8_BLOCK)
+                view = view.transpose(1, 2).reshape(*view.shape[::2], -1)
+            else:
+                view = (w.reshape(w.shape[0], -1, args.group_size) if args.strategy == "group"
+                        else w[:, None, :])
             scale, zero = calculate_qparams(view.amin(-1), view.amax(-1), args)
             module.weight_scale.copy_(scale)
             if hasattr(module, "weight_zero_point"):
                 module.weight_zero_point.copy_(zero)
-    fmt = "int-quantized" if kind == "w8a8" else "pack-quantized"
+    fmt = ("int-quantized" if kind == "w8a8" else "float-quantized" if kind.startswith("fp8")
+           else "pack-quantized")
     compressor = ModelCompressor.from_pretrained_model(model, fmt)
     compressor.compress_model(model)
     directory.mkdir(parents=True)
@@ -124,6 +132,10 @@ def compressed_tensors_dequantized(base, directory: pathlib.Path):
                                              packed_dim=0)
             else:
                 q = tensors[f"{name}.weight"]
+            if args.strategy == "block":  # the package dequantizes blocks by its scale shape
+                scale = scale.repeat_interleave(FP8_BLOCK, 0).repeat_interleave(FP8_BLOCK, 1)
+                module.weight.copy_(q.float() * scale.float())
+                continue
             module.weight.copy_(dequantize(q, scale.float(), zero, args).float())
     return model
 

@@ -22,7 +22,12 @@ pytest.importorskip("compressed_tensors")
 
 import prequantized_reference as ref  # noqa: E402  (after the skips: it needs torch)
 
-CT_KINDS = ["w8a16", "w8a8", "w4a16", "w4a16_asym"]
+# One case per format and packing runs by default; the others are opt-in (slow): each is a
+# load, two compiles and a transformers reference (~20 s on 2 shared cores).
+CT_KINDS = ["w8a16", pytest.param("w8a8", marks=pytest.mark.slow),
+            pytest.param("w4a16", marks=pytest.mark.slow), "w4a16_asym"]
+PACKED_KINDS = ["awq", "gptq_sym", pytest.param("gptq_asym", marks=pytest.mark.slow),
+                pytest.param("gptq_act", marks=pytest.mark.slow)]
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +135,7 @@ def packed_checkpoints(base, tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("kind", ["awq", "gptq_sym", "gptq_asym", "gptq_act"])
+@pytest.mark.parametrize("kind", PACKED_KINDS)
 def test_awq_gptq_match_dequantized_reference(kind, packed_checkpoints):
     directory, logits, tokens = packed_checkpoints(kind)
     loaded = load_model(directory, dtype="float32")
@@ -153,3 +158,85 @@ def test_gptq_reordered_groups_are_refused_in_one_line(packed_checkpoints):
     directory, _, _ = packed_checkpoints("gptq_act_perm")
     with pytest.raises(CheckpointError, match=r"g_idx puts input rows of one group apart"):
         open_checkpoint(directory)
+
+
+@pytest.fixture(scope="module")
+def fp8_checkpoints(base, tmp_path_factory):
+    """kind -> (directory, the package's dequantized float32 model), built once each."""
+    built = {}
+
+    def get(kind):
+        if kind not in built:
+            directory = ref.compressed_tensors_dir(base, kind, tmp_path_factory.mktemp(kind) / "hf")
+            built[kind] = directory, ref.compressed_tensors_dequantized(base, directory)
+        return built[kind]
+
+    return get
+
+
+@pytest.mark.parametrize("kind", ["fp8", "fp8_block"])
+def test_fp8_is_held_as_stored_and_refused_on_the_cpu(kind, fp8_checkpoints):
+    """FP8 per channel and in blocks: the held float8 values and scales, read through the
+    manifest's reader and dequantized by qwix, are the package's dequantized weights; the
+    CPU refuses FP8 compute in one line."""
+    from jaxaccel.errors import UsageError
+    from jaxaccel.startup.loader import plan_model
+
+    directory, model = fp8_checkpoints(kind)
+    manifest = open_checkpoint(directory)
+    assert manifest.quantization["scheme"] == "fp8"
+    values = manifest.arrays["blocks.wq_dnh.values"]
+    scales = manifest.arrays["blocks.wq_dnh.scales"]
+    assert values.dtype == "float8_e4m3fn"
+    held = {}
+    for name, entry in (("values", values), ("scales", scales)):
+        held[name] = np.empty(entry.shape, entry.dtype)
+        manifest.reader.read_into(f"blocks.wq_dnh.{name}",
+                                  tuple(slice(0, d) for d in entry.shape), held[name])
+    weight = np.asarray(qwix.dequantize(qwix.QArray(jnp.asarray(held["values"]),
+                                                    jnp.asarray(held["scales"]),
+                                                    None, jnp.float8_e4m3fn)))
+    for layer in range(2):  # [d, n, h] holds q_proj.weight [n * h, d] transposed
+        expected = model.model.layers[layer].self_attn.q_proj.weight.detach().numpy()
+        np.testing.assert_array_equal(weight[layer].reshape(64, -1).T, expected)
+    assert held["values"].nbytes + held["scales"].nbytes == _stored_bytes(directory, "q_proj")
+    with pytest.raises(UsageError, match=r"stored as fp8 .*the cpu backend has no float8"):
+        plan_model(directory)
+
+
+def _stored_bytes(directory, module: str) -> int:
+    """Bytes of every layer's MODULE.weight and .weight_scale as stored."""
+    from safetensors import safe_open
+
+    with safe_open(directory / "model.safetensors", "pt") as f:
+        return sum(t.numel() * t.element_size() for t in (
+            f.get_tensor(n) for n in f.keys() if n.endswith((f".{module}.weight",
+                                                           f".{module}.weight_scale"))))
+
+
+def test_fp8_block_decode_step_lowers_for_cuda_with_fp8_weights(fp8_checkpoints):
+    """The decode step of a 128x128-style block FP8 checkpoint lowers for `cuda` (jax.export
+    on this CPU) with its weights still float8_e4m3fn among the inputs."""
+    import re
+
+    from jaxaccel.models import config_from_dict, quantization
+    from jaxaccel.models.state import abstract_model
+    from jaxaccel.parallel.sharding import Layout
+    from jaxaccel.runtime.sampling import GREEDY
+
+    directory, _ = fp8_checkpoints("fp8_block")
+    manifest = open_checkpoint(directory)
+    config = config_from_dict(manifest.family, manifest.config)
+    graphdef, abstract = abstract_model(manifest.family, config, jnp.bfloat16)
+    abstract = quantization.apply_specs(abstract, quantization.manifest_specs(manifest))
+    layout = Layout.create()  # one device: every array whole
+    whole = jax.sharding.NamedSharding(layout.mesh, jax.sharding.PartitionSpec())
+    state = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
+                                                           sharding=whole), abstract)
+    gen = Generator(graphdef, state, config, layout, dtype=jnp.bfloat16, platform="cuda")
+    b, t, slots = gen.shapes([5, 9], 16)
+    jitted = gen.decode_program(GREEDY, "device", b, t, slots).jitted
+    text = jax.export.export(jitted, platforms=["cuda"])(
+        *gen.abstract_decode_args(GREEDY, "device", b, t, slots)).mlir_module()
+    assert re.search(r"%arg\d+: tensor<2x64x8x8xf8E4M3FN>", text), "no fp8 wq among the inputs"
+    assert "custom_call" not in text

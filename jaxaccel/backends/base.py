@@ -102,7 +102,8 @@ class Backend:
         k_shape, n_shape = w.shape[:contracting], w.shape[contracting:]
         lead = x.shape[:x.ndim - contracting]
         k, n = math.prod(k_shape), math.prod(n_shape)
-        if w.zero_point is not None:  # a pre-quantized asymmetric weight
+        if w.zero_point is not None or _scale_2d(w.scale, contracting).shape[1] != n:
+            # a pre-quantized weight with zero points or scales in blocks of output columns
             w2 = _dequantize_2d(w, contracting).astype(x.dtype)
             out = jnp.einsum("...k,kn->...n", x.reshape(*lead, k), w2,
                              preferred_element_type=jnp.float32)
@@ -265,14 +266,15 @@ class Backend:
 
 
 def _dequantize_2d(w: qwix.QArray, contracting: int) -> jax.Array:
-    """(values - zeros) * scales of a QArray with zero points, as float32 [K, N]: scales and
-    zeros [K', N] (per output channel, one per group of K / K' consecutive k rows)."""
-    k = math.prod(w.qvalue.shape[:contracting])
-    scale = _scale_2d(w.scale, contracting).astype(jnp.float32)
-    zeros = _scale_2d(w.zero_point, contracting).astype(jnp.float32)
-    groups, n = scale.shape
-    q = w.qvalue.reshape(groups, k // groups, n).astype(jnp.float32)
-    return ((q - zeros[:, None, :]) * scale[:, None, :]).reshape(k, n)
+    """(values - zeros) * scales of a QArray, as float32 [K, N]: scales and zeros (if any)
+    [K', N'], one per block of K / K' consecutive k rows and N / N' consecutive columns."""
+    k, n = math.prod(w.qvalue.shape[:contracting]), math.prod(w.qvalue.shape[contracting:])
+    scale = _scale_2d(w.scale, contracting).astype(jnp.float32)[:, None, :, None]
+    kg, ng = scale.shape[0], scale.shape[2]
+    q = w.qvalue.reshape(kg, k // kg, ng, n // ng).astype(jnp.float32)
+    if w.zero_point is not None:
+        q = q - _scale_2d(w.zero_point, contracting).astype(jnp.float32)[:, None, :, None]
+    return (q * scale).reshape(k, n)
 
 
 def _scale_2d(scale, contracting: int):

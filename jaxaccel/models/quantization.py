@@ -361,6 +361,17 @@ def check_platform(scheme: Scheme | None, platform: str) -> None:
                          f"(fp8 runs on {', '.join(FP8_PLATFORMS)}); use int8 or int4")
 
 
+def check_stored_platform(specs: Mapping[str, QuantSpec], platform: str, path) -> None:
+    """A checkpoint stored with fp8 weights needs float8 dots: refuse it, naming the
+    platform, where XLA has none."""
+    fp8 = sorted(n for n, s in specs.items() if s.qtype == QTYPES["fp8"])
+    if fp8 and platform not in FP8_PLATFORMS:
+        raise UsageError(f"{path}: the checkpoint's weights are stored as fp8 (float8_e4m3fn, "
+                         f"{len(fp8)} weights); the {platform} backend has no float8 matmuls "
+                         f"(fp8 runs on {', '.join(FP8_PLATFORMS)}); load the full-precision "
+                         "original, with --quantize int8/int4 on the CPU")
+
+
 def values_name(name: str) -> str:
     return f"{name}.{VALUES}"
 

@@ -113,6 +113,7 @@ def plan_model(path: str | pathlib.Path, layout: Layout | None = None,
     if copies and not stored:
         info["head_copy"] = copies
     quantization.check_platform(scheme, layout.mesh.devices.flat[0].platform)
+    quantization.check_stored_platform(stored, layout.mesh.devices.flat[0].platform, path)
     if stored:
         abstract = quantization.apply_specs(abstract, stored)
     elif scheme is not None:

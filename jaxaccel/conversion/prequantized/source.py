@@ -21,14 +21,25 @@ class Linear:
     scale_dtype: str  # numpy name of the stored scales' dtype
     zeros: bool  # has zero points
     tensors: tuple[str, ...]  # the source tensors it is stored as
+    rows: int = 1  # output rows per scale (FP8 blocks: 128; per tensor: out)
+    float8: bool = False  # float8_e4m3fn values (else integers)
 
     @property
     def qtype(self) -> str:
-        return "int4" if self.bits == 4 else "int8"
+        """The `quantization.QTYPES` key: int4, int8 or fp8."""
+        return "fp8" if self.float8 else "int4" if self.bits == 4 else "int8"
 
     @property
     def groups(self) -> int:
         return self.in_ // self.group
+
+    @property
+    def row_groups(self) -> int:
+        return self.out // self.rows
+
+    def expand(self, per_scale: np.ndarray) -> np.ndarray:
+        """[out / rows, in / group] -> [out, in]: each scale (zero point) over its block."""
+        return np.repeat(np.repeat(per_scale, self.rows, axis=0), self.group, axis=1)
 
 
 class QuantizedSource:
@@ -83,10 +94,10 @@ _HELD = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 def dequantize(fmt, files, lin: Linear) -> np.ndarray:
     """The float32 weight [out, in] a quantized linear stands for: (v - z) * scale."""
     values = fmt.values(files, lin).astype(np.float32)
-    scales = np.repeat(fmt.scales(files, lin).astype(np.float32), lin.group, axis=1)
+    scales = lin.expand(fmt.scales(files, lin).astype(np.float32))
     zeros = fmt.zeros(files, lin)
     if zeros is not None:
-        values = values - np.repeat(zeros.astype(np.float32), lin.group, axis=1)
+        values = values - lin.expand(zeros.astype(np.float32))
     return values * scales
 
 
@@ -111,7 +122,8 @@ def quantized_arrays(source: QuantizedSource, family, plan, specs, arrays: dict)
         name = item.rule.target
         first = next(n for g in item.sources for n in g)
         if not all(lins) or len(item.sources[0]) != 1 or len({
-                (lin.bits, lin.group, lin.zeros, lin.scale_dtype) for lin in lins}) != 1:
+                (lin.qtype, lin.group, lin.rows, lin.zeros, lin.scale_dtype)
+                for lin in lins}) != 1:
             raise ConvertError(f"{source.file_of[first]}: {name} is read from {first} and "
                                "tensors quantized differently (or not at all); jaxaccel "
                                "holds a parameter in one scheme")
@@ -136,6 +148,7 @@ def quantized_arrays(source: QuantizedSource, family, plan, specs, arrays: dict)
     info = {"scheme": lin.qtype if lin else None, "format": source.format.label,
             "head": any(n in dict(family.quantized_head) for n in held),
             **({"group_size": lin.group} if lin and lin.group != lin.in_ else {}),
+            **({"block": [lin.rows, lin.group]} if lin and 1 < lin.rows < lin.out else {}),
             **({"zero_points": True} if lin and lin.zeros else {}),
             **({"notes": list(source.format.notes)} if source.format.notes else {}),
             "weights": dict(sorted(weights.items()))}
@@ -147,16 +160,14 @@ def _held_spec(shape, k_axes, stacked: bool, lin: Linear, first: str, source):
     contraction axes that hold `lin.group` consecutive elements of the flattened k."""
     offset = 1 if stacked else 0
     k = [a + offset for a in k_axes]
+    n = [a for a in range(offset, len(shape)) if a not in k]
     tiles = [1] * len(shape)
-    if lin.group == lin.in_:
-        for a in k:
-            tiles[a] = shape[a]
-    else:
-        group_tiles = quantization.group_tiles([shape[a] for a in k], lin.group)
-        if group_tiles is None:
-            raise ConvertError(f"{source.file_of[first]}: {first}'s groups of {lin.group} "
-                               f"input columns do not tile the held weight {tuple(shape)}")
-        for a, t in zip(k, group_tiles):
+    for axes, size, what in ((k, lin.group, "input columns"), (n, lin.rows, "output rows")):
+        axis_tiles = quantization.group_tiles([shape[a] for a in axes], size)
+        if axis_tiles is None:
+            raise ConvertError(f"{source.file_of[first]}: {first}'s scale blocks of {size} "
+                               f"{what} do not tile the held weight {tuple(shape)}")
+        for a, t in zip(axes, axis_tiles):
             tiles[a] = t
     dtype = quantization.QTYPES[lin.qtype]
     return quantization.QuantSpec(dtype, tuple(tiles), lin.scale_dtype, lin.zeros)
@@ -165,8 +176,9 @@ def _held_spec(shape, k_axes, stacked: bool, lin: Linear, first: str, source):
 def _check_groups(transform, lin: Linear, spec, stacked: bool, first: str, source) -> None:
     """Every held tile covers exactly one source group (else the scales cannot be kept as
     stored): checked on the group numbers sent through the weight rule's transform."""
-    ids = np.arange(lin.out * lin.groups, dtype=np.int64).reshape(lin.out, lin.groups)
-    full = transform(np.repeat(ids, lin.group, axis=1))
+    ids = np.arange(lin.row_groups * lin.groups, dtype=np.int64).reshape(lin.row_groups,
+                                                                          lin.groups)
+    full = transform(lin.expand(ids))
     tiles = spec.tiles[1:] if stacked else spec.tiles
     if np.array_equal(full, expand(take_tiles(full, tiles), tiles)):
         return
@@ -223,7 +235,7 @@ class PrequantizedReader:
         else:
             per_group = (self.format.scales(files, lin) if part == "scales"
                          else self.format.zeros(files, lin))
-            full = transform(np.repeat(per_group, lin.group, axis=1))
+            full = transform(lin.expand(per_group))
             dest[...] = take_tiles(full, tiles)[index]
         return dest.nbytes
 
