@@ -142,9 +142,13 @@ def test_awq_gptq_match_dequantized_reference(kind, packed_checkpoints):
     ours = _all_logits(loaded, STREAM)
     scale = np.abs(logits).max()
     assert np.abs(ours - logits).max() <= 1e-4 * scale, np.abs(ours - logits).max() / scale
-    new = Generator(loaded.graphdef, loaded.state, loaded.config, loaded.layout,
-                    dtype=loaded.dtype).generate([PROMPT], STEPS, loop="device")[0]
-    assert new == tokens
+    generator = Generator(loaded.graphdef, loaded.state, loaded.config, loaded.layout,
+                          dtype=loaded.dtype)
+    # Decode runs the CPU int4 kernel, zero points included (their correction term).
+    wq = generator.state["blocks"]["wq_dnh"].get_value()
+    assert type(wq).__name__ == "PackedQuantWeight"
+    assert (wq.zeros is not None) == (kind != "gptq_sym")
+    assert generator.generate([PROMPT], STEPS, loop="device")[0] == tokens
     zeros = kind != "gptq_sym"  # symmetric GPTQ's zero points are all 8: not held
     assert _held_quantized_bytes(loaded.state) == ref.packed_int32_bytes(directory, zeros)
     arrays = flat_arrays(loaded.state)
