@@ -2,6 +2,8 @@
 compressed-tensors INT8 channel-wise and INT4 pack-quantized, against transformers running
 the same weights dequantized to float32 by the format's own package."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,12 +24,15 @@ pytest.importorskip("compressed_tensors")
 
 import prequantized_reference as ref  # noqa: E402  (after the skips: it needs torch)
 
-# One case per format and packing runs by default; the others are opt-in (slow): each is a
-# load, two compiles and a transformers reference (~20 s on 2 shared cores).
-CT_KINDS = ["w8a16", pytest.param("w8a8", marks=pytest.mark.slow),
-            pytest.param("w4a16", marks=pytest.mark.slow), "w4a16_asym"]
-PACKED_KINDS = ["awq", "gptq_sym", pytest.param("gptq_asym", marks=pytest.mark.slow),
-                pytest.param("gptq_act", marks=pytest.mark.slow)]
+# One case per format and packing runs by default; the others are opt-in
+# (JAXACCEL_SLOW=1 pytest -m slow): each is a load, two compiles and a transformers
+# reference (~20 s on 2 shared cores).
+SLOW = [pytest.mark.slow, pytest.mark.skipif(not os.environ.get("JAXACCEL_SLOW"),
+                                             reason="opt-in: JAXACCEL_SLOW=1")]
+CT_KINDS = ["w8a16", pytest.param("w8a8", marks=SLOW), pytest.param("w4a16", marks=SLOW),
+            "w4a16_asym"]
+PACKED_KINDS = ["awq", "gptq_sym", pytest.param("gptq_asym", marks=SLOW),
+                pytest.param("gptq_act", marks=SLOW)]
 
 
 @pytest.fixture(scope="module")
@@ -244,3 +249,19 @@ def test_fp8_block_decode_step_lowers_for_cuda_with_fp8_weights(fp8_checkpoints)
         *gen.abstract_decode_args(GREEDY, "device", b, t, slots)).mlir_module()
     assert re.search(r"%arg\d+: tensor<2x64x8x8xf8E4M3FN>", text), "no fp8 wq among the inputs"
     assert "custom_call" not in text
+
+
+def test_an_unread_format_is_refused_in_one_line(checkpoints, tmp_path):
+    import json
+    import shutil
+
+    from jaxaccel.checkpoint.manifest import CheckpointError
+
+    directory = shutil.copytree(checkpoints("w8a16")[0], tmp_path / "bnb")
+    config = json.loads((directory / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "bits": 4}
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"quant_method 'bitsandbytes' \(bits 4\) is not "
+                                              r"a format jaxaccel loads as stored") as err:
+        open_checkpoint(directory)
+    assert "\n" not in str(err.value)

@@ -20,6 +20,9 @@ dtypes consistent), and every slice read is checked finite after the cast to the
 held in (the range check of `convert`: NaN/inf in the source, or a value the held dtype turns
 into inf, fails the restore naming the tensor). `convert` stays the way to make a verified
 (per-chunk crc32c), re-chunked, optionally quantized copy.
+
+A pre-quantized directory (config.json's `quantization_config`: compressed-tensors, AWQ,
+GPTQ) is read through `conversion.prequantized`: its quantized layers are held as stored.
 """
 
 from __future__ import annotations
@@ -128,31 +131,31 @@ def _build(path, local: pathlib.Path) -> Manifest:
     extras, extra_files = spec.read_extra_sources(local)
     files = TensorFiles.open(path, local, extra_files)
     # A pre-quantized directory: its quantized layers seen as the float weights they stand for.
-    source = prequantized.QuantizedSource(files, quantized) if quantized else files
+    seen = prequantized.QuantizedSource(files, quantized) if quantized else files
     cfg = hf._family_config(spec, {**hf_config, **extras}, local)
-    dtype = source.held_dtype()
+    dtype = seen.held_dtype()
     _, abstract = abstract_model(spec.name, cfg, hf.DTYPES[dtype])
     specs = param_specs(abstract)
-    plan = hf.plan_arrays(spec, cfg, source, specs)
+    plan = hf.plan_arrays(spec, cfg, seen, specs)
     arrays = {item.rule.target: ArrayEntry(tuple(specs[item.rule.target].shape), dtype,
                                            tuple(item.axes)) for item in plan.arrays}
     tokenizer = tuple(n for n in spec.preprocessing_files if (local / n).is_file())
-    about = {"path": str(path if not isinstance(path, pathlib.Path) else path.absolute()),
-             "model_type": hf_config["model_type"], "layout": "hf", "format": "huggingface",
-             "files": [f.name for f in files.weight_files],
-             "ignored_tensors": plan.ignored, **hf._sentence_settings(spec, local),
-             **spec.conversion_notes}
+    source = {"path": str(path if not isinstance(path, pathlib.Path) else path.absolute()),
+              "model_type": hf_config["model_type"], "layout": "hf", "format": "huggingface",
+              "files": [f.name for f in files.weight_files],
+              "ignored_tensors": plan.ignored, **hf._sentence_settings(spec, local),
+              **spec.conversion_notes}
     by_target = {item.rule.target: item for item in plan.arrays}
     reader, quant_info = HfSliceReader(files, by_target), {}
     if quantized:
-        arrays, quant_info, held = prequantized.quantized_arrays(source, spec, plan, specs,
+        arrays, quant_info, held = prequantized.quantized_arrays(seen, spec, plan, specs,
                                                                  arrays)
         reader = prequantized.PrequantizedReader(reader, quantized, by_target, held)
-        about["quantization_format"] = quantized.label
+        source["quantization_format"] = quantized.label
     # As a converted manifest holds it after its JSON round trip (tuples become lists).
     config = json.loads(json.dumps(dataclasses.asdict(cfg)))
     return Manifest(family=spec.name, config=config, dtype=dtype,
-                    arrays=arrays, tokenizer_files=tokenizer, source=about,
+                    arrays=arrays, tokenizer_files=tokenizer, source=source,
                     generation=hf._generation(spec, local, hf_config), reader=reader,
                     quantization=quant_info)
 

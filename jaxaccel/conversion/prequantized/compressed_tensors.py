@@ -69,9 +69,10 @@ class CompressedTensors:
                 raise ConvertError(f"{where}.config_groups.{name}: has no 'weights' object")
             fmt = group.get("format") or quant.get("format")
             kind, strategy = weights.get("type", "int"), weights.get("strategy")
+            activations = group.get("input_activations") is not None
             if kind == "float":
                 schemes.add(cls._float_scheme(weights, fmt, f"{where}.config_groups.{name}",
-                                              group.get("input_activations") is not None))
+                                              activations))
                 continue
             if kind != "int" or weights.get("num_bits") not in (4, 8) or strategy not in (
                     "channel", "group") or fmt not in (PACKED, *PLAIN):
@@ -80,15 +81,15 @@ class CompressedTensors:
                     f"{weights.get('num_bits')}, strategy {strategy!r}, format {fmt!r}; "
                     "jaxaccel reads int 4/8-bit channel or group weights in "
                     f"{', '.join((PACKED, *PLAIN))}")
-            schemes.add((weights["num_bits"], bool(weights.get("symmetric", True)),
-                         fmt == PACKED, strategy, weights.get("group_size")
-                         if strategy == "group" else None,
-                         group.get("input_activations") is not None))
+            schemes.add((("bits", weights["num_bits"]),
+                         ("symmetric", bool(weights.get("symmetric", True))),
+                         ("packed", fmt == PACKED), ("strategy", strategy),
+                         ("group_size", weights.get("group_size") if strategy == "group"
+                          else None), ("activations", activations)))
         if len(schemes) != 1:
             raise ConvertError(f"{where}: config_groups hold {len(schemes)} different weight "
                                "schemes; jaxaccel loads one scheme per checkpoint")
-        scheme = schemes.pop()
-        return cls(*scheme[:6], config_path=config_path, **dict(scheme[6:]))
+        return cls(**dict(schemes.pop()), config_path=config_path)
 
     @staticmethod
     def _float_scheme(weights: dict, fmt, where: str, activations: bool) -> tuple:
@@ -99,7 +100,8 @@ class CompressedTensors:
             raise ConvertError(f"{where}: float weights with num_bits {weights.get('num_bits')},"
                                f" strategy {strategy!r}, format {fmt!r}; jaxaccel reads 8-bit "
                                f"{'/'.join(FLOAT_STRATEGIES)} weights in {FLOAT}")
-        return (8, True, False, strategy, None, activations, ("float8", True),
+        return (("bits", 8), ("symmetric", True), ("packed", False), ("strategy", strategy),
+                ("group_size", None), ("activations", activations), ("float8", True),
                 ("block", tuple(block) if strategy == "block" else None))
 
     @property
