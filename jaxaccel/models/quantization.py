@@ -35,7 +35,10 @@ Stored form (checkpoints, `jaxaccel.json`): a quantized weight NAME is two array
 (int8: int8; int4: int8 holding -8..7, one per byte; fp8: float8_e4m3fn) and NAME.scales
 (float32, shape = values shape / tiles), and the manifest's "quantization" object records the
 scheme and each weight's qtype and tiles (`QuantSpec.to_json`). This is jaxaccel's own layout;
-qwix's parameter pytree (declared unstable) is never written.
+qwix's parameter pytree (declared unstable) is never written. A pre-quantized Hugging Face
+checkpoint (`conversion.prequantized`) is held the same way, with two additions its formats
+need, both recorded per weight in `QuantSpec`: scales in their stored dtype (`scale_dtype`)
+and zero points (`zeros`: NAME.zeros, the QArray's `zero_point`, the weight (q - z) * s).
 
 Quantizing a block is elementwise after a max (and, for int4, a search of the clipping range,
 `CLIP_RATIOS`) over each tile, so a block whose edges fall on tile edges quantizes to exactly the corresponding part of the whole array: quantize-on-load

@@ -2,17 +2,19 @@
 
 A Hugging Face directory whose config.json has a `quantization_config` is read through its
 format's module (`compressed_tensors`: INT8 channel-wise, INT4 "pack-quantized" with groups
-and optional zero points; `awq_gptq`: AWQ GEMM packing, GPTQ symmetric and asymmetric): each quantized linear layer, stored as packed integers + scales
-(+ zero points), is presented to the conversion plan (`hf.plan_arrays`) as the float weight
+and optional zero points, FP8 per channel / tensor / block; `awq_gptq`: AWQ GEMM packing,
+GPTQ symmetric and asymmetric): each quantized linear layer, stored as packed integers (or
+float8) + scales (+ zero points), is presented to the conversion plan (`hf.plan_arrays`) as the float weight
 `PREFIX.weight` [out, in] it stands for, so the family's weight rules, shape checks and
 coverage checks apply unchanged. The manifest then holds each quantized parameter in
-jaxaccel's stored form (`models.quantization`): NAME.values (int8; int4 one per byte) and
+jaxaccel's stored form (`models.quantization`): NAME.values (int8; int4 one per byte;
+float8_e4m3fn) and
 NAME.scales (the source's own scale dtype, converted exactly), plus NAME.zeros where the
 source has zero points; `PrequantizedReader` fills their slices by unpacking the source's
 integers and sending values, scales and zero points through the weight rule's transform.
 
 How the scales follow the weight rule's transform (a transpose, a heads split): the scale of
-each group is broadcast over the group's input columns, the [out, in] result goes through
+each block is broadcast over the block's rows and columns, the [out, in] result goes through
 the transform, and one entry per held tile is taken. That is exact only when every held
 tile is one source group; `_check_groups` proves it on the group numbers at plan time.
 
