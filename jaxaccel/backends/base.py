@@ -92,7 +92,8 @@ class Backend:
         """x[..., *k] . w[*k, *n] -> [..., *n] in x.dtype, float32 accumulation, for a weight-only
         quantized `w` (`jaxaccel.models.quantization`): `w.qvalue` int8/int4/float8 [*k, *n],
         `w.scale` float per output channel (shape 1 along k) or per group along k (qwix's
-        tiled layout; as 2-D, [K / group, N]), no zero point.
+        tiled layout; as 2-D, [K / group, N]); zero points (laid out as the scales) only for
+        a pre-quantized asymmetric weight, dequantized explicitly before one dot.
 
         Plain qwix: `qwix.dot_general` of x with the 2-D view of the QArray; with a float x it
         dequantizes the weight inside the dot (XLA fuses the convert and scale into the dot's
@@ -101,6 +102,12 @@ class Backend:
         k_shape, n_shape = w.shape[:contracting], w.shape[contracting:]
         lead = x.shape[:x.ndim - contracting]
         k, n = math.prod(k_shape), math.prod(n_shape)
+        if w.zero_point is not None or _scale_2d(w.scale, contracting).shape[1] != n:
+            # a pre-quantized weight with zero points or scales in blocks of output columns
+            w2 = _dequantize_2d(w, contracting).astype(x.dtype)
+            out = jnp.einsum("...k,kn->...n", x.reshape(*lead, k), w2,
+                             preferred_element_type=jnp.float32)
+            return out.astype(x.dtype).reshape(*lead, *n_shape)
         w2 = qwix.QArray(w.qvalue.reshape(k, n), _scale_2d(w.scale, contracting).astype(x.dtype),
                          None, w.qtype)
         out = qwix.dot_general(x.reshape(*lead, k), w2,
@@ -256,6 +263,18 @@ class Backend:
         """XLA compiler options for this platform's programs ({}: XLA's defaults); options the
         caller passes to the runtime take precedence."""
         return {}
+
+
+def _dequantize_2d(w: qwix.QArray, contracting: int) -> jax.Array:
+    """(values - zeros) * scales of a QArray, as float32 [K, N]: scales and zeros (if any)
+    [K', N'], one per block of K / K' consecutive k rows and N / N' consecutive columns."""
+    k, n = math.prod(w.qvalue.shape[:contracting]), math.prod(w.qvalue.shape[contracting:])
+    scale = _scale_2d(w.scale, contracting).astype(jnp.float32)[:, None, :, None]
+    kg, ng = scale.shape[0], scale.shape[2]
+    q = w.qvalue.reshape(kg, k // kg, ng, n // ng).astype(jnp.float32)
+    if w.zero_point is not None:
+        q = q - _scale_2d(w.zero_point, contracting).astype(jnp.float32)[:, None, :, None]
+    return (q * scale).reshape(k, n)
 
 
 def _scale_2d(scale, contracting: int):

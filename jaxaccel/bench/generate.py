@@ -19,6 +19,9 @@ their speed against jaxaccel bfloat16 with the bytes each decode step reads; `--
 adds each of them again with its LM head quantized too (`int8+head`: a tied head as a
 quantized copy of the embedding), and a contender may also be named by its label
 (`--quantize int4+head=int4`: the head in int4 rather than the default int8).
+`--prequantized DIR` adds a pre-quantized Hugging Face directory of the same model (AWQ,
+GPTQ, compressed-tensors: loaded as stored) as one more quantized contender, so its decode
+speed stands beside `--quantize int4`'s in the same run.
 """
 
 from __future__ import annotations
@@ -39,7 +42,8 @@ WORKER = "jaxaccel.bench.generate_worker"
 
 def contenders(ckpt: pathlib.Path, source: Optional[pathlib.Path], prefill_len: int,
                new_tokens: int, quantize: Sequence[str] = (),
-               group_size: int = 128, quantize_head: bool = False) -> dict[str, Worker]:
+               group_size: int = 128, quantize_head: bool = False,
+               prequantized: Sequence[pathlib.Path] = ()) -> dict[str, Worker]:
     shape = {"prefill_len": prefill_len, "new_tokens": new_tokens}
     found = {f"jaxaccel {d}": Worker(WORKER, {"ckpt": str(ckpt), "dtype": d, **shape})
              for d in DTYPES}
@@ -47,6 +51,9 @@ def contenders(ckpt: pathlib.Path, source: Optional[pathlib.Path], prefill_len: 
         found[quantized_name(scheme)] = Worker(WORKER, {
             "ckpt": str(ckpt), "dtype": "bfloat16", **shape, "quantize": scheme,
             "group_size": group_size})
+    for directory in prequantized:  # loaded as stored, bfloat16 compute
+        found[quantized_name(f"stored {directory.name}")] = Worker(WORKER, {
+            "ckpt": str(directory), "dtype": "bfloat16", **shape})
     # deferred: jax and the runtime load in the worker process only, not in `jaxaccel bench`
     from jaxaccel.backends.cpu import packed
 
@@ -167,6 +174,10 @@ def register(bench_app: typer.Typer) -> None:
         quantize_head: bool = typer.Option(False, "--quantize-head", help="Also each "
                                            "--quantize scheme with its LM head quantized "
                                            "(tied: a quantized copy of the embedding)."),
+        prequantized: Optional[List[pathlib.Path]] = typer.Option(
+            None, "--prequantized", help="Add a pre-quantized Hugging Face directory of the "
+            "same model (AWQ, GPTQ, compressed-tensors) as a contender, loaded as stored "
+            "(repeatable)."),
         json_out: Optional[pathlib.Path] = typer.Option(None, "--json", help="Write results here."),
         with_roofline: bool = typer.Option(
             True, "--roofline/--no-roofline", help="Prefill as a fraction of this CPU's matmul "
@@ -177,7 +188,7 @@ def register(bench_app: typer.Typer) -> None:
         with memory-bandwidth use."""
         found = {"bandwidth": Worker("jaxaccel.bench.bandwidth_worker"),
                  **contenders(ckpt, runner.hf_source(ckpt), prefill_len, new_tokens,
-                              quantize or (), group_size, quantize_head)}
+                              quantize or (), group_size, quantize_head, prequantized or ())}
         runs = runner.alternate(found, repeats)
         bandwidths = runner.summarize([r["read_bytes_per_s"] for r in runs.pop("bandwidth")])
         bandwidth = bandwidths["median"]
@@ -193,7 +204,7 @@ def register(bench_app: typer.Typer) -> None:
         note = grouped_matmul_note(summary)
         if note:
             typer.echo(note)
-        if quantize:
+        if quantize or prequantized:
             runner.print_table("weight-only quantized vs jaxaccel bfloat16 (same run)",
                                QUANT_COLUMNS, quantized_rows(summary))
         runner.write_json(json_out, {"benchmark": "generate", "prefill_len": prefill_len,

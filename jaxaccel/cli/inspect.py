@@ -52,10 +52,12 @@ def _print_table(ckpt, manifest, quiet: bool = False) -> None:
         quant = manifest.quantization
         if quant:
             group = f", group {quant['group_size']}" if "group_size" in quant else ""
+            stored = "NAME.values + NAME.scales" + (" + NAME.zeros" if quant.get(
+                "zero_points") else "")
             console.print(f"quantization: {quant['scheme']} weight-only{group}"
                           f"{_head(quant)}; "
-                          f"{len(quant.get('weights', {}))} weights stored as NAME.values "
-                          "+ NAME.scales")
+                          + (f"stored as {quant['format']}; " if "format" in quant else "")
+                          + f"{len(quant.get('weights', {}))} weights held as {stored}")
         ignored = manifest.source.get("ignored_tensors")
         if ignored:
             console.print(f"ignored source tensors ({len(ignored)}): " + ", ".join(ignored))

@@ -86,7 +86,8 @@ def _page_pool(result, max_num_seqs: int, kv_cache_memory: Optional[str]) -> dic
 
 def _scheme(info: dict) -> str:
     """'int4 (group 128, on load)' from a plan's quantization object."""
-    details = [f"group {info['group_size']}"] if "group_size" in info else []
+    details = [info["format"]] if "format" in info else []  # a pre-quantized checkpoint's
+    details += [f"group {info['group_size']}"] if "group_size" in info else []
     details += ["LM head too"] if info.get("head") else []
     details += ["on load"] if info.get("on_load") else []
     return info["scheme"] + (f" ({', '.join(details)})" if details else "")

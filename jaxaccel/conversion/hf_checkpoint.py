@@ -24,6 +24,9 @@ into inf, fails the restore naming the tensor). No per-file sha256 is checked: a
 carries none of its own (a hub cache names blobs by theirs, but a hash needs every byte of a
 file, and each process reads only its slices). `convert` stays the way to make a verified
 (per-chunk crc32c), re-chunked, optionally quantized copy.
+
+A pre-quantized directory (config.json's `quantization_config`: compressed-tensors, AWQ,
+GPTQ) is read through `conversion.prequantized`: its quantized layers are held as stored.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ import numpy as np
 
 from jaxaccel.checkpoint import chunk_cache, storage, transpose
 from jaxaccel.checkpoint.manifest import MANIFEST_NAME, ArrayEntry, CheckpointError, Manifest
-from jaxaccel.conversion import hf
+from jaxaccel.conversion import hf, prequantized
 from jaxaccel.conversion.safetensors_source import (
     DTYPES,
     INDEX_NAME,
@@ -126,15 +129,17 @@ def hf_manifest(path) -> Manifest:
 
 def _build(path, local: pathlib.Path) -> Manifest:
     hf_config = read_hf_config(local)
-    _refuse_prequantized(hf_config, local / CONFIG_NAME)
+    quantized = prequantized.format_of(hf_config, local / CONFIG_NAME)  # None: full precision
     spec = family_spec(hf.resolve_family(hf_config, "auto", local / CONFIG_NAME))
     extras, extra_files = spec.read_extra_sources(local)
     files = TensorFiles.open(path, local, extra_files)
+    # A pre-quantized directory: its quantized layers seen as the float weights they stand for.
+    seen = prequantized.QuantizedSource(files, quantized) if quantized else files
     cfg = hf._family_config(spec, {**hf_config, **extras}, local)
-    dtype = files.held_dtype()
+    dtype = seen.held_dtype()
     _, abstract = abstract_model(spec.name, cfg, hf.DTYPES[dtype])
     specs = param_specs(abstract)
-    plan = hf.plan_arrays(spec, cfg, files, specs)
+    plan = hf.plan_arrays(spec, cfg, seen, specs)
     arrays = {item.rule.target: ArrayEntry(tuple(specs[item.rule.target].shape), dtype,
                                            tuple(item.axes)) for item in plan.arrays}
     tokenizer = tuple(n for n in spec.preprocessing_files if (local / n).is_file())
@@ -143,30 +148,19 @@ def _build(path, local: pathlib.Path) -> Manifest:
               "files": [f.name for f in files.weight_files],
               "ignored_tensors": plan.ignored, **hf._sentence_settings(spec, local),
               **spec.conversion_notes}
-    reader = HfSliceReader(files, {item.rule.target: item for item in plan.arrays})
+    by_target = {item.rule.target: item for item in plan.arrays}
+    reader, quant_info = HfSliceReader(files, by_target), {}
+    if quantized:
+        arrays, quant_info, held = prequantized.quantized_arrays(seen, spec, plan, specs,
+                                                                 arrays)
+        reader = prequantized.PrequantizedReader(reader, quantized, by_target, held)
+        source["quantization_format"] = quantized.label
     # As a converted manifest holds it after its JSON round trip (tuples become lists).
     config = json.loads(json.dumps(dataclasses.asdict(cfg)))
     return Manifest(family=spec.name, config=config, dtype=dtype,
                     arrays=arrays, tokenizer_files=tokenizer, source=source,
-                    generation=hf._generation(spec, local, hf_config), reader=reader)
-
-
-def _refuse_prequantized(hf_config: dict, config_path: pathlib.Path) -> None:
-    """A checkpoint published quantized (GPTQ, AWQ, compressed-tensors, ...) is not read
-    as it is yet: say which it is and what loads instead."""
-    quant = hf_config.get("quantization_config")
-    if not isinstance(quant, dict):
-        return
-    method = quant.get("quant_method", "unknown")
-    details = ", ".join(f"{k} {quant[k]}" for k in ("bits", "group_size", "format")
-                        if k in quant)
-    hint = ("`jaxaccel convert` reads FP8 weights with their scales (dequantized), "
-            if method in ("fp8", "compressed-tensors") else "")
-    raise ConvertError(
-        f"{config_path}: a pre-quantized checkpoint (quant_method {method!r}"
-        f"{', ' + details if details else ''}), which jaxaccel does not load as stored; "
-        f"{hint}or load the full-precision original, with --quantize int8/int4 to quantize "
-        "it while restoring")
+                    generation=hf._generation(spec, local, hf_config), reader=reader,
+                    quantization=quant_info)
 
 
 def _mirror_metadata(path: storage.RemotePath) -> pathlib.Path:

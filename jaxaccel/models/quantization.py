@@ -35,7 +35,10 @@ Stored form (checkpoints, `jaxaccel.json`): a quantized weight NAME is two array
 (int8: int8; int4: int8 holding -8..7, one per byte; fp8: float8_e4m3fn) and NAME.scales
 (float32, shape = values shape / tiles), and the manifest's "quantization" object records the
 scheme and each weight's qtype and tiles (`QuantSpec.to_json`). This is jaxaccel's own layout;
-qwix's parameter pytree (declared unstable) is never written.
+qwix's parameter pytree (declared unstable) is never written. A pre-quantized Hugging Face
+checkpoint (`conversion.prequantized`) is held the same way, with two additions its formats
+need, both recorded per weight in `QuantSpec`: scales in their stored dtype (`scale_dtype`)
+and zero points (`zeros`: NAME.zeros, the QArray's `zero_point`, the weight (q - z) * s).
 
 Quantizing a block is elementwise after a max (and, for int4, a search of the clipping range,
 `CLIP_RATIOS`) over each tile, so a block whose edges fall on tile edges quantizes to exactly the corresponding part of the whole array: quantize-on-load
@@ -67,7 +70,7 @@ DEFAULT_GROUP_SIZE = 128
 QTYPES = {"int8": "int8", "int4": "int4", "fp8": "float8_e4m3fn"}
 # What each qtype is stored as in a checkpoint (int4: one value per byte, see module doc).
 STORED_DTYPES = {"int8": "int8", "int4": "int8", "float8_e4m3fn": "float8_e4m3fn"}
-VALUES, SCALES = "values", "scales"
+VALUES, SCALES, ZEROS = "values", "scales", "zeros"
 SCALE_DTYPE = np.dtype("float32")
 # Platforms whose XLA has float8 dots (H100-class GPUs, TPU v5+); elsewhere fp8 is refused.
 FP8_PLATFORMS = ("cuda", "gpu", "tpu")
@@ -168,6 +171,11 @@ class QuantSpec:
 
     qtype: str
     tiles: tuple[int, ...]
+    # A pre-quantized checkpoint's scales stay in their stored dtype (float16, bfloat16).
+    scale_dtype: str = "float32"
+    # A zero point per scale (asymmetric, pre-quantized checkpoints only): NAME.zeros, held
+    # in the values' qtype; the weight is (values - zeros) * scales.
+    zeros: bool = False
 
     def scale_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
         return tuple(d // t for d, t in zip(shape, self.tiles))
@@ -177,11 +185,17 @@ class QuantSpec:
         return STORED_DTYPES[self.qtype]
 
     def to_json(self) -> dict:
-        return {"qtype": self.qtype, "tiles": list(self.tiles)}
+        out = {"qtype": self.qtype, "tiles": list(self.tiles)}
+        if self.scale_dtype != "float32":
+            out["scale_dtype"] = self.scale_dtype
+        if self.zeros:
+            out["zeros"] = True
+        return out
 
     @classmethod
     def from_json(cls, raw: Mapping) -> QuantSpec:
-        return cls(str(raw["qtype"]), tuple(int(t) for t in raw["tiles"]))
+        return cls(str(raw["qtype"]), tuple(int(t) for t in raw["tiles"]),
+                   str(raw.get("scale_dtype", "float32")), bool(raw.get("zeros", False)))
 
 
 def tied_head(spec: FamilySpec, config, scheme: Scheme | None) -> dict[str, str]:
@@ -223,13 +237,14 @@ def spec_for(shape: Sequence[int], k_axes: Sequence[int], stacked: bool,
             tiles[a] = shape[a]
     else:
         group = _fitting_group([shape[a] for a in k], int(rule.tile_size))
-        for a, t in zip(k, _group_tiles([shape[a] for a in k], group)):
+        for a, t in zip(k, group_tiles([shape[a] for a in k], group)):
             tiles[a] = t
     return QuantSpec(str(jnp.dtype(rule.weight_qtype)), tuple(tiles))
 
 
-def _group_tiles(k_dims: Sequence[int], group: int) -> list[int] | None:
-    """Tiles over the k axes whose product is `group` consecutive elements of flattened k."""
+def group_tiles(k_dims: Sequence[int], group: int) -> list[int] | None:
+    """Tiles over the k axes whose product is `group` consecutive elements of flattened k
+    (None: no such tiles)."""
     tiles, remaining = [1] * len(k_dims), group
     for i in reversed(range(len(k_dims))):
         dim = k_dims[i]
@@ -248,16 +263,18 @@ def _group_tiles(k_dims: Sequence[int], group: int) -> list[int] | None:
 
 def _fitting_group(k_dims: Sequence[int], group: int) -> int:
     """`group`, or the largest power-of-two fraction of it that tiles k (small test models)."""
-    while group > 1 and _group_tiles(k_dims, group) is None:
+    while group > 1 and group_tiles(k_dims, group) is None:
         group //= 2
     return max(group, 1)
 
 
 def abstract_qarray(shape, spec: QuantSpec) -> qwix.QArray:
     """A QArray of ShapeDtypeStructs: the held form of a quantized weight."""
+    zeros = (jax.ShapeDtypeStruct(spec.scale_shape(shape), jnp.dtype(spec.qtype))
+             if spec.zeros else None)
     return qwix.QArray(jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(spec.qtype)),
-                       jax.ShapeDtypeStruct(spec.scale_shape(shape), SCALE_DTYPE),
-                       None, jnp.dtype(spec.qtype))
+                       jax.ShapeDtypeStruct(spec.scale_shape(shape), np.dtype(spec.scale_dtype)),
+                       zeros, jnp.dtype(spec.qtype))
 
 
 def _tiled_view(shape: Sequence[int], tiles: Sequence[int]):
@@ -347,12 +364,27 @@ def check_platform(scheme: Scheme | None, platform: str) -> None:
                          f"(fp8 runs on {', '.join(FP8_PLATFORMS)}); use int8 or int4")
 
 
+def check_stored_platform(specs: Mapping[str, QuantSpec], platform: str, path) -> None:
+    """A checkpoint stored with fp8 weights needs float8 dots: refuse it, naming the
+    platform, where XLA has none."""
+    fp8 = sorted(n for n, s in specs.items() if s.qtype == QTYPES["fp8"])
+    if fp8 and platform not in FP8_PLATFORMS:
+        raise UsageError(f"{path}: the checkpoint's weights are stored as fp8 (float8_e4m3fn, "
+                         f"{len(fp8)} weights); the {platform} backend has no float8 matmuls "
+                         f"(fp8 runs on {', '.join(FP8_PLATFORMS)}); load the full-precision "
+                         "original, with --quantize int8/int4 on the CPU")
+
+
 def values_name(name: str) -> str:
     return f"{name}.{VALUES}"
 
 
 def scales_name(name: str) -> str:
     return f"{name}.{SCALES}"
+
+
+def zeros_name(name: str) -> str:
+    return f"{name}.{ZEROS}"
 
 
 def quantized_names(name: str) -> tuple[str, str]:
@@ -408,6 +440,8 @@ def read_bytes(state, skip: Sequence[str] = ()) -> int:
         if isinstance(leaf, qwix.QArray):
             bits = 4 if leaf.qvalue.dtype == jnp.int4 else 8
             total += leaf.qvalue.size * bits // 8 + leaf.scale.size * leaf.scale.dtype.itemsize
+            if leaf.zero_point is not None:
+                total += leaf.zero_point.size * bits // 8
         else:
             total += leaf.size * leaf.dtype.itemsize
     return total

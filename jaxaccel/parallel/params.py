@@ -30,7 +30,7 @@ class ParamSpec:
 
 
 # QArray fields -> jaxaccel's own names for them (qwix's pytree layout is not ours to store).
-_QARRAY_FIELDS = {"qvalue": "values", "scale": "scales"}
+_QARRAY_FIELDS = {"qvalue": "values", "scale": "scales", "zero_point": "zeros"}
 
 
 def path_name(path) -> str:
@@ -55,7 +55,10 @@ def param_specs(state: nnx.State) -> dict[str, ParamSpec]:
         axes = tuple(variable.get_metadata().get("axes", (None,) * len(value.shape)))
         name = ".".join(map(str, path))
         if isinstance(value, qwix.QArray):
-            for field, part in (("values", value.qvalue), ("scales", value.scale)):
+            for field, part in (("values", value.qvalue), ("scales", value.scale),
+                                ("zeros", value.zero_point)):
+                if part is None:  # symmetric: no zero points
+                    continue
                 specs[f"{name}.{field}"] = ParamSpec(tuple(part.shape), np.dtype(part.dtype), axes)
             continue
         specs[name] = ParamSpec(tuple(value.shape), np.dtype(value.dtype), axes)

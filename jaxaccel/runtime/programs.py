@@ -116,9 +116,10 @@ def state_shardings(state: nnx.State, layout: ax.Layout):
         if isinstance(value, qwix.QArray):
             _, values, scales = quantized_param_spec(axes, value.shape, value.scale_tile_shape,
                                                      layout)
+            zeros = None if value.zero_point is None else NamedSharding(layout.mesh, scales)
             return variable.replace(value=dataclasses.replace(
                 value, qvalue=NamedSharding(layout.mesh, values),
-                scale=NamedSharding(layout.mesh, scales)))
+                scale=NamedSharding(layout.mesh, scales), zero_point=zeros))
         return place_param(axes, value.shape, layout)[1]
 
     return jax.tree.map(sharding, state, is_leaf=_is_variable)

@@ -113,6 +113,7 @@ def plan_model(path: str | pathlib.Path, layout: Layout | None = None,
     if copies and not stored:
         info["head_copy"] = copies
     quantization.check_platform(scheme, layout.mesh.devices.flat[0].platform)
+    quantization.check_stored_platform(stored, layout.mesh.devices.flat[0].platform, path)
     if stored:
         abstract = quantization.apply_specs(abstract, stored)
     elif scheme is not None:
@@ -128,8 +129,9 @@ def plan_model(path: str | pathlib.Path, layout: Layout | None = None,
                 held[name], held[quantization.scales_name(weight)] = held_values, held_scales
             continue
         quant = stored.get(weight)
-        targets[name] = target = _target(spec, layout, quant, name.endswith(".scales"))
-        if quant is not None and name.endswith(".values"):
+        # Zero points are laid out as their scales, stored as the values are.
+        targets[name] = target = _target(spec, layout, quant, name.endswith((".scales", ".zeros")))
+        if quant is not None and name.endswith((".values", ".zeros")):
             target = dataclasses.replace(target, dtype=np.dtype(quant.stored_dtype))
             if np.dtype(spec.dtype) != target.dtype:
                 targets[name] = dataclasses.replace(target, held_dtype=np.dtype(spec.dtype))
@@ -199,6 +201,8 @@ def restore_plan(plan: ModelPlan, path: str | pathlib.Path, *,
     (default: the CLI's --restore-mode; see checkpoint.restore_mode)."""
     path = storage.checkpoint_path(path)
     stats = RestoreStats()
+    for note in plan.quantization.get("notes", ()):  # e.g. a W8A8 checkpoint run weight-only
+        progress.say(note, quiet)
     total = sum(int(np.prod(t.checkpoint_shape)) * np.dtype(t.dtype).itemsize
                 for t in plan.targets.values())
     with progress.byte_progress(total, f"restore {path.name}", enabled=not quiet) as advance:

@@ -224,7 +224,7 @@ def _quantized_bytes(abstract_state) -> dict[str, int]:
     (`runtime.quantized_param_spec`: int4 groups may keep a dim replicated)."""
     out = {}
     for name, leaf in flat_arrays(abstract_state).items():
-        if name.endswith((".values", ".scales")):
+        if name.endswith((".values", ".scales", ".zeros")):
             shard = leaf.sharding.shard_shape(leaf.shape)
             out[name] = math.prod(shard) * np.dtype(leaf.dtype).itemsize
     return out

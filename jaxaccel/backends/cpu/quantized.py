@@ -19,6 +19,11 @@ stream is dequantized to bfloat16 once per call and run through the bf16 kernel'
 `PANEL_ROWS` rows on where the CPU has AVX512-BF16 (`panel_rows`); below that the VNNI path
 wins. The crossover measurements: docs/performance.md, "The CPU backend's choices".
 
+A weight with zero points (pre-quantized AWQ/GPTQ/compressed-tensors, w = (q - z) * s) keeps
+the kernel: its packed form also holds `zeros` = z * s per group and column, and the product
+is the kernel's x . (q * s) minus (x summed over each group's rows) . (z * s), a [rows, groups]
+x [groups, n] correction in XLA.
+
 `PackedQuantWeight` is a pytree like `packed.PackedWeight`: read whole with `[...]`, and its
 stacked arrays (`STACKED`) are indexed in place by layer inside a layer scan.
 """
@@ -53,8 +58,9 @@ class PackedQuantWeight(packed.WholeWeight):
     # Inside a layer scan: the arrays are whole stacks and `layer` picks one (see
     # `CpuBackend.scan_layers`).
     layer: jax.Array | None = None
+    zeros: jax.Array | None = None  # float32 [*stacked, groups, n_pad]: z * s (zero points)
 
-    STACKED = ("lines", "scales")
+    STACKED = ("lines", "scales", "zeros")
 
     @property
     def k_pad(self) -> int:
@@ -94,9 +100,8 @@ def packable(w, contracting: int, stacked: int = 0, transposed: bool = False) ->
     output column (or shared) and per whole groups of k rows that fit the step layout."""
     if jnp.dtype(w.qtype) not in QTYPES:
         return f"qtype {w.qtype} is not int8 or int4"
-    if w.zero_point is not None:
-        return "asymmetric (zero point) quantization"
     q, s = _k_first(w, contracting, stacked, transposed)
+    s = s[0] if isinstance(s, tuple) else s
     k_shape = q.shape[stacked:stacked + contracting]
     n_scale = s.shape[stacked + contracting:]
     if any(ns not in (1, nq) for ns, nq in zip(n_scale, q.shape[stacked + contracting:])):
@@ -110,11 +115,14 @@ def packable(w, contracting: int, stacked: int = 0, transposed: bool = False) ->
 def _k_first(w, contracting: int, stacked: int, transposed: bool):
     """(qvalue, scale) with the k axes before the n axes."""
     q, s = w.qvalue, w.scale
+    if w.zero_point is not None:  # carried as z * s, laid out as the scales
+        s = (s.astype(jnp.float32), w.zero_point.astype(jnp.float32) * s.astype(jnp.float32))
     if transposed:
         n_axes = q.ndim - stacked - contracting
         order = (*range(stacked), *range(stacked + n_axes, q.ndim),
                  *range(stacked, stacked + n_axes))
-        q, s = q.transpose(order), s.transpose(order)
+        q = q.transpose(order)
+        s = jax.tree.map(lambda a: a.transpose(order), s)
     return q, s
 
 
@@ -127,10 +135,14 @@ def pack(w, contracting: int, stacked: int = 0, transposed: bool = False) -> Pac
         raise ValueError(f"cannot pack this quantized weight for the CPU kernel: {reason}")
     bits = QTYPES[jnp.dtype(w.qtype)]
     q, s = _k_first(w, contracting, stacked, transposed)
+    s, zs = s if isinstance(s, tuple) else (s, None)
     lead, dims = q.shape[:stacked], q.shape[stacked:]
     k_shape, n_shape = dims[:contracting], dims[contracting:]
     k, n = math.prod(k_shape), math.prod(n_shape)
     scales = _group_scales(s, stacked, k_shape, n_shape)
+    n_pad_widths = [(0, 0)] * (stacked + 1) + [(0, round_up(n, STREAM) - n)]
+    zeros = None if zs is None else jnp.pad(_group_scales(zs, stacked, k_shape, n_shape),
+                                            n_pad_widths)
     step = STEP_ROWS[bits]
     k_pad, n_pad = round_up(k, step), round_up(n, STREAM)
     u = q.reshape(*lead, k, n).astype(jnp.int32) + OFFSET[bits]
@@ -138,7 +150,7 @@ def pack(w, contracting: int, stacked: int = 0, transposed: bool = False) -> Pac
                 constant_values=OFFSET[bits]).astype(jnp.uint8)  # padding stores q = 0
     scales = jnp.pad(scales, [(0, 0)] * (stacked + 1) + [(0, n_pad - n)])
     return PackedQuantWeight(_layout(u, bits, stacked), scales, tuple(k_shape),
-                             tuple(n_shape), bits)
+                             tuple(n_shape), bits, zeros=zeros)
 
 
 def _layout(u, bits: int, stacked: int) -> jax.Array:
@@ -239,25 +251,45 @@ def _call(kernel: str | None, x2, w: PackedQuantWeight, lead) -> jax.Array:
     if kernel is None:
         raise RuntimeError("the quantized matmul kernel is not available; pack weights only "
                            "when `kernel_available()` says so")
+    correction = _zero_point_term(x2, w)
     if w.k_pad != w.k:
         x2 = jnp.pad(x2, ((0, 0), (0, w.k_pad - w.k)))
     layer = jnp.int32(0) if w.layer is None else w.layer.astype(jnp.int32)
     y = jax.ffi.ffi_call(kernel, jax.ShapeDtypeStruct((x2.shape[0], w.n_pad), jnp.float32))(
         x2, w.lines, w.scales, layer, bits=np.int32(w.bits))
+    if correction is not None:
+        y = y - correction
     return y[:, :w.n].reshape(*lead, *w.n_shape)
+
+
+def _zero_point_term(x2, w: PackedQuantWeight):
+    """x2 [rows, k] . (z * s) expanded over each group's rows: float32 [rows, n_pad], what
+    the zero points take off the kernel's x . (q * s); None without zero points."""
+    if w.zeros is None:
+        return None
+    zs = w.zeros if w.layer is None else jax.lax.dynamic_index_in_dim(
+        w.zeros, w.layer.astype(jnp.int32), keepdims=False)
+    groups = zs.shape[0]
+    sums = x2.astype(jnp.float32).reshape(x2.shape[0], groups, w.k // groups).sum(-1)
+    return jnp.dot(sums, zs, preferred_element_type=jnp.float32)
 
 
 def matmul_xla(x, w: PackedQuantWeight) -> jax.Array:
     """The same product by XLA: the packed weight dequantized to x's dtype, then one dot."""
     lead, rows = _rows(x, w)
-    lines, scales = w.lines, w.scales
+    lines, scales, zeros = w.lines, w.scales, w.zeros
     if w.layer is not None:
         lines, scales = lines[w.layer], scales[w.layer]
-    q = unpack_values(dataclasses.replace(w, lines=lines, scales=scales, layer=None))
+        zeros = None if zeros is None else zeros[w.layer]
+    q = unpack_values(dataclasses.replace(w, lines=lines, scales=scales, layer=None,
+                                          zeros=None))
     groups = scales.shape[0]
     gk = w.k_pad // groups if groups > 1 else w.k_pad
     dtype = x.dtype if x.dtype in (jnp.bfloat16, jnp.float32) else jnp.float32
-    deq = (q.reshape(groups, gk, w.n_pad).astype(jnp.float32) * scales[:, None, :]).astype(dtype)
+    deq = q.reshape(groups, gk, w.n_pad).astype(jnp.float32) * scales[:, None, :]
+    if zeros is not None:
+        deq = deq - zeros[:, None, :]
+    deq = deq.astype(dtype)
     deq = deq.reshape(w.k_pad, w.n_pad)[:w.k, :w.n]
     x2 = x.astype(dtype).reshape(rows, w.k)
     y = jnp.dot(x2, deq, preferred_element_type=jnp.float32)

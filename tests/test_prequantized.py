@@ -1,0 +1,267 @@
+"""Pre-quantized Hugging Face checkpoints loaded as stored (`conversion.prequantized`):
+compressed-tensors INT8 channel-wise and INT4 pack-quantized, against transformers running
+the same weights dequantized to float32 by the format's own package."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import qwix
+from flax import nnx
+from prequantized_reference import PROMPT, STEPS, STREAM
+
+from jaxaccel import backends
+from jaxaccel.conversion.hf_checkpoint import open_checkpoint
+from jaxaccel.parallel.params import flat_arrays
+from jaxaccel.runtime.generate import Generator
+from jaxaccel.startup.loader import load_model
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("compressed_tensors")
+
+import prequantized_reference as ref  # noqa: E402  (after the skips: it needs torch)
+
+# One case per format and packing runs by default; the others are opt-in
+# (JAXACCEL_SLOW=1 pytest -m slow): each is a load, two compiles and a transformers
+# reference (~20 s on 2 shared cores).
+SLOW = [pytest.mark.slow, pytest.mark.skipif(not os.environ.get("JAXACCEL_SLOW"),
+                                             reason="opt-in: JAXACCEL_SLOW=1")]
+CT_KINDS = ["w8a16", pytest.param("w8a8", marks=SLOW), pytest.param("w4a16", marks=SLOW),
+            "w4a16_asym"]
+PACKED_KINDS = ["awq", "gptq_sym", pytest.param("gptq_asym", marks=SLOW),
+                pytest.param("gptq_act", marks=SLOW)]
+
+
+@pytest.fixture(scope="module")
+def base():
+    return ref.base_llama()
+
+
+@pytest.fixture(scope="module")
+def checkpoints(base, tmp_path_factory):
+    """kind -> (directory, reference logits, reference greedy tokens), built once each."""
+    built = {}
+
+    def get(kind):
+        if kind not in built:
+            directory = ref.compressed_tensors_dir(base, kind, tmp_path_factory.mktemp(kind) / "hf")
+            logits, tokens = ref.reference(ref.compressed_tensors_dequantized(base, directory))
+            built[kind] = directory, logits, tokens
+        return built[kind]
+
+    return get
+
+
+def _all_logits(loaded, ids):
+    """Float32 logits [t, v] of one causal pass over `ids` (the plain quantized path)."""
+    graphdef = loaded.graphdef
+
+    def forward(state, ids_t):
+        model = nnx.merge(graphdef, state)
+        t = ids_t.shape[0]
+        x, _ = model(ids_t[None], jnp.arange(t)[None], jnp.tril(jnp.ones((t, t), bool))[None])
+        return model.logits(x)[0]
+
+    with backends.use(backends.for_mesh(loaded.layout.mesh)):
+        return np.asarray(jax.jit(forward)(loaded.state, jnp.asarray(ids, jnp.int32)))
+
+
+def _held_quantized_bytes(state) -> int:
+    """Bytes of the quantized weights as held: values and zero points at their bit width,
+    scales at their dtype."""
+    total = 0
+    for leaf in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, qwix.QArray)):
+        if isinstance(leaf, qwix.QArray):
+            bits = jnp.iinfo(leaf.qvalue.dtype).bits
+            total += leaf.qvalue.size * bits // 8 + leaf.scale.nbytes
+            if leaf.zero_point is not None:
+                total += leaf.zero_point.size * bits // 8
+    return total
+
+
+@pytest.mark.parametrize("kind", CT_KINDS)
+def test_compressed_tensors_matches_dequantized_reference(kind, checkpoints):
+    directory, logits, tokens = checkpoints(kind)
+    loaded = load_model(directory, dtype="float32")
+    ours = _all_logits(loaded, STREAM)
+    scale = np.abs(logits).max()
+    assert np.abs(ours - logits).max() <= 1e-4 * scale, np.abs(ours - logits).max() / scale
+    # Greedy decode (prefill + KV cache; the CPU kernels where the weights fit them).
+    new = Generator(loaded.graphdef, loaded.state, loaded.config, loaded.layout,
+                    dtype=loaded.dtype).generate([PROMPT], STEPS, loop="device")[0]
+    assert new == tokens
+    assert _held_quantized_bytes(loaded.state) == ref.stored_quantized_bytes(directory)
+    arrays = flat_arrays(loaded.state)
+    bits = 4 if kind.startswith("w4") else 8
+    assert jnp.iinfo(arrays["blocks.wq_dnh.values"].dtype).bits == bits
+
+
+def test_inspect_and_plan_show_the_format_and_bytes(checkpoints, capsys, monkeypatch):
+    from cli_runner import run_cli
+
+    directory, _, _ = checkpoints("w4a16_asym")
+    manifest = open_checkpoint(directory)
+    quant = manifest.quantization
+    assert quant["scheme"] == "int4" and quant["group_size"] == ref.GROUP
+    label = "compressed-tensors pack-quantized int4 group 32 asymmetric"
+    assert quant["format"] == label
+    assert "blocks.wq_dnh.zeros" in manifest.arrays and "lm_head_vd" in manifest.arrays
+    code, out, _ = run_cli(capsys, monkeypatch, "inspect", str(directory))
+    out = " ".join(out.split())  # the console wraps long lines
+    assert code == 0 and f"stored as {label}" in out and "NAME.zeros" in out
+    assert "blocks.wq_dnh.values" in out
+    code, out, _ = run_cli(capsys, monkeypatch, "plan", str(directory))
+    out = " ".join(out.split())
+    assert code == 0 and f"quantized int4 ({label}, group 32)" in out
+
+
+def test_w8a8_runs_weight_only_and_says_so(checkpoints, capsys):
+    directory, _, _ = checkpoints("w8a8")
+    load_model(directory, dtype="float32", quiet=False)
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if "weight-only" in ln]
+    assert len(lines) == 1 and "W8A8" in lines[0], lines
+
+
+@pytest.fixture(scope="module")
+def packed_checkpoints(base, tmp_path_factory):
+    """kind -> (directory, reference logits, reference greedy tokens), built once each."""
+    built = {}
+
+    def get(kind):
+        if kind not in built:
+            directory, model = ref.packed_int32_dir(base, kind,
+                                                    tmp_path_factory.mktemp(kind) / "hf")
+            built[kind] = (directory, *ref.reference(model))
+        return built[kind]
+
+    return get
+
+
+@pytest.mark.parametrize("kind", PACKED_KINDS)
+def test_awq_gptq_match_dequantized_reference(kind, packed_checkpoints):
+    directory, logits, tokens = packed_checkpoints(kind)
+    loaded = load_model(directory, dtype="float32")
+    ours = _all_logits(loaded, STREAM)
+    scale = np.abs(logits).max()
+    assert np.abs(ours - logits).max() <= 1e-4 * scale, np.abs(ours - logits).max() / scale
+    generator = Generator(loaded.graphdef, loaded.state, loaded.config, loaded.layout,
+                          dtype=loaded.dtype)
+    # Decode runs the CPU int4 kernel, zero points included (their correction term).
+    wq = generator.state["blocks"]["wq_dnh"].get_value()
+    assert type(wq).__name__ == "PackedQuantWeight"
+    assert (wq.zeros is not None) == (kind != "gptq_sym")
+    assert generator.generate([PROMPT], STEPS, loop="device")[0] == tokens
+    zeros = kind != "gptq_sym"  # symmetric GPTQ's zero points are all 8: not held
+    assert _held_quantized_bytes(loaded.state) == ref.packed_int32_bytes(directory, zeros)
+    arrays = flat_arrays(loaded.state)
+    assert ("blocks.wq_dnh.zeros" in arrays) == zeros
+    assert arrays["blocks.wq_dnh.values"].dtype == jnp.int4
+
+
+def test_gptq_reordered_groups_are_refused_in_one_line(packed_checkpoints):
+    from jaxaccel.checkpoint.manifest import CheckpointError
+
+    directory, _, _ = packed_checkpoints("gptq_act_perm")
+    with pytest.raises(CheckpointError, match=r"g_idx puts input rows of one group apart"):
+        open_checkpoint(directory)
+
+
+@pytest.fixture(scope="module")
+def fp8_checkpoints(base, tmp_path_factory):
+    """kind -> (directory, the package's dequantized float32 model), built once each."""
+    built = {}
+
+    def get(kind):
+        if kind not in built:
+            directory = ref.compressed_tensors_dir(base, kind, tmp_path_factory.mktemp(kind) / "hf")
+            built[kind] = directory, ref.compressed_tensors_dequantized(base, directory)
+        return built[kind]
+
+    return get
+
+
+@pytest.mark.parametrize("kind", ["fp8", "fp8_block"])
+def test_fp8_is_held_as_stored_and_refused_on_the_cpu(kind, fp8_checkpoints):
+    """FP8 per channel and in blocks: the held float8 values and scales, read through the
+    manifest's reader and dequantized by qwix, are the package's dequantized weights; the
+    CPU refuses FP8 compute in one line."""
+    from jaxaccel.errors import UsageError
+    from jaxaccel.startup.loader import plan_model
+
+    directory, model = fp8_checkpoints(kind)
+    manifest = open_checkpoint(directory)
+    assert manifest.quantization["scheme"] == "fp8"
+    values = manifest.arrays["blocks.wq_dnh.values"]
+    scales = manifest.arrays["blocks.wq_dnh.scales"]
+    assert values.dtype == "float8_e4m3fn"
+    held = {}
+    for name, entry in (("values", values), ("scales", scales)):
+        held[name] = np.empty(entry.shape, entry.dtype)
+        manifest.reader.read_into(f"blocks.wq_dnh.{name}",
+                                  tuple(slice(0, d) for d in entry.shape), held[name])
+    weight = np.asarray(qwix.dequantize(qwix.QArray(jnp.asarray(held["values"]),
+                                                    jnp.asarray(held["scales"]),
+                                                    None, jnp.float8_e4m3fn)))
+    for layer in range(2):  # [d, n, h] holds q_proj.weight [n * h, d] transposed
+        expected = model.model.layers[layer].self_attn.q_proj.weight.detach().numpy()
+        np.testing.assert_array_equal(weight[layer].reshape(64, -1).T, expected)
+    assert held["values"].nbytes + held["scales"].nbytes == _stored_bytes(directory, "q_proj")
+    with pytest.raises(UsageError, match=r"stored as fp8 .*the cpu backend has no float8"):
+        plan_model(directory)
+
+
+def _stored_bytes(directory, module: str) -> int:
+    """Bytes of every layer's MODULE.weight and .weight_scale as stored."""
+    from safetensors import safe_open
+
+    with safe_open(directory / "model.safetensors", "pt") as f:
+        return sum(t.numel() * t.element_size() for t in (
+            f.get_tensor(n) for n in f.keys() if n.endswith((f".{module}.weight",
+                                                           f".{module}.weight_scale"))))
+
+
+def test_fp8_block_decode_step_lowers_for_cuda_with_fp8_weights(fp8_checkpoints):
+    """The decode step of a 128x128-style block FP8 checkpoint lowers for `cuda` (jax.export
+    on this CPU) with its weights still float8_e4m3fn among the inputs."""
+    import re
+
+    from jaxaccel.models import config_from_dict, quantization
+    from jaxaccel.models.state import abstract_model
+    from jaxaccel.parallel.sharding import Layout
+    from jaxaccel.runtime.sampling import GREEDY
+
+    directory, _ = fp8_checkpoints("fp8_block")
+    manifest = open_checkpoint(directory)
+    config = config_from_dict(manifest.family, manifest.config)
+    graphdef, abstract = abstract_model(manifest.family, config, jnp.bfloat16)
+    abstract = quantization.apply_specs(abstract, quantization.manifest_specs(manifest))
+    layout = Layout.create()  # one device: every array whole
+    whole = jax.sharding.NamedSharding(layout.mesh, jax.sharding.PartitionSpec())
+    state = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
+                                                           sharding=whole), abstract)
+    gen = Generator(graphdef, state, config, layout, dtype=jnp.bfloat16, platform="cuda")
+    b, t, slots = gen.shapes([5, 9], 16)
+    jitted = gen.decode_program(GREEDY, "device", b, t, slots).jitted
+    text = jax.export.export(jitted, platforms=["cuda"])(
+        *gen.abstract_decode_args(GREEDY, "device", b, t, slots)).mlir_module()
+    assert re.search(r"%arg\d+: tensor<2x64x8x8xf8E4M3FN>", text), "no fp8 wq among the inputs"
+    assert "custom_call" not in text
+
+
+def test_an_unread_format_is_refused_in_one_line(checkpoints, tmp_path):
+    import json
+    import shutil
+
+    from jaxaccel.checkpoint.manifest import CheckpointError
+
+    directory = shutil.copytree(checkpoints("w8a16")[0], tmp_path / "bnb")
+    config = json.loads((directory / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "bits": 4}
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"quant_method 'bitsandbytes' \(bits 4\) is not "
+                                              r"a format jaxaccel loads as stored") as err:
+        open_checkpoint(directory)
+    assert "\n" not in str(err.value)
