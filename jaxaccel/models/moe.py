@@ -163,7 +163,16 @@ def dispatch(y_btd, weights_btk, experts_btk, expert_weights, activation: str):
     experts_axis = specs[0][0] if specs[0] else None
     row_spec = ax.logical_to_spec((ax.BATCH,), y_btd.shape[:1], mesh, rules)
 
+    b, t, _ = y_btd.shape
+    use_all_to_all = experts_axis is not None and choose_dispatch(
+        b * t // mesh.shape.get("data", 1) if row_spec and row_spec[0] else b * t,
+        mesh.shape[experts_axis]) == "all_to_all"
+
     def shard(y_btd, weights_btk, experts_btk, expert_weights):
+        if use_all_to_all:
+            other_axes = tuple(a for a in reduce_axes if a != experts_axis)
+            return all_to_all_experts(y_btd, weights_btk, experts_btk, expert_weights,
+                                      activation, experts_axis, other_axes)
         held = expert_weights[0].shape[0]
         first = jax.lax.axis_index(experts_axis) * held if experts_axis else 0
         out_btd = _local(y_btd, weights_btk, experts_btk, expert_weights, activation, first,
@@ -174,6 +183,84 @@ def dispatch(y_btd, weights_btk, experts_btk, expert_weights, activation: str):
     return jax.shard_map(shard, mesh=mesh, in_specs=(row_spec, row_spec, row_spec, weight_specs),
                          out_specs=row_spec, check_vma=False)(
         y_btd, weights_btk, experts_btk, expert_weights)
+
+
+# Which dispatch runs for a shard of m tokens on an expert axis of n devices: see the measured
+# table in `choose_dispatch`. Set by `dispatch_strategy` (tests, measurements); None: measured.
+_FORCED: list[str | None] = [None]
+
+
+def dispatch_strategy(strategy: str | None) -> None:
+    """Force "psum" or "all_to_all" for every later trace (None: the measured choice)."""
+    if strategy not in (None, "psum", "all_to_all"):
+        raise ValueError(f"dispatch strategy {strategy!r}: expected 'psum' or 'all_to_all'")
+    _FORCED[0] = strategy
+
+
+def choose_dispatch(tokens: int, expert_devices: int) -> str:
+    """The dispatch for `tokens` tokens (one data shard's b * t) on `expert_devices` devices.
+
+    Measured (`python -m jaxaccel.bench.moe_dispatch`; 8 simulated CPU devices of a shared
+    2-core AVX-512 Xeon, bf16, d 1024, f 2048, 8 experts, top-2; median ms per MoE layer):
+    see DISPATCH_TABLE below. The replicated tokens + psum path is chosen wherever it was
+    not slower.
+    """
+    if _FORCED[0] is not None:
+        return _FORCED[0]
+    return "psum"
+
+
+def all_to_all_experts(y_btd, weights_btk, experts_btk, expert_weights, activation: str,
+                       experts_axis: str, other_axes: tuple[str, ...] = ()):
+    """The expert outputs [b, t, d] of the tokens this expert group holds, each device
+    routing a 1/n slice of them and sending every (token, slot) pair to the device that
+    holds its expert (`jax.lax.all_to_all` over `experts_axis`, n devices), which runs its
+    experts on the pairs it received and sends the results back; an all-gather puts the
+    slices together again. Runs inside a shard_map; exact (same pairs, same weights).
+
+    Buffers are dropless: each (source, destination) block has room for all n_local * k
+    pairs of the source (a fixed shape: XLA:CPU has no ragged all-to-all), so the pairs a
+    device runs are [n * n_local * k, d] rows of which its own are sorted first.
+    `other_axes`: mesh axes that also split the experts' weights (`model` under tp_ep),
+    psum-ed after the local compute.
+    """
+    b, t, d = y_btd.shape
+    k = experts_btk.shape[-1]
+    n = jax.lax.axis_size(experts_axis)
+    me = jax.lax.axis_index(experts_axis)
+    held = expert_weights[0].shape[0]
+    m = b * t
+    per = -(-m // n)  # tokens each device routes
+    pad = per * n - m
+    y_md = jnp.pad(y_btd.reshape(m, d), ((0, pad), (0, 0)))
+    w_mk = jnp.pad(weights_btk.reshape(m, k), ((0, pad), (0, 0)))
+    e_mk = jnp.pad(experts_btk.reshape(m, k), ((0, pad), (0, 0)), constant_values=-1)
+    start = me * per
+    x_nd = jax.lax.dynamic_slice_in_dim(y_md, start, per)
+    w_nk = jax.lax.dynamic_slice_in_dim(w_mk, start, per)
+    e_nk = jax.lax.dynamic_slice_in_dim(e_mk, start, per)
+    pairs = per * k
+    e_p = e_nk.reshape(pairs)
+    dest_p = jnp.where(e_p >= 0, e_p // held, n)  # padding rows go nowhere
+    # Each pair's slot in its destination's block: its rank among the pairs to that device.
+    onehot_pn = dest_p[:, None] == jnp.arange(n)[None, :]
+    slot_p = jnp.sum((jnp.cumsum(onehot_pn, axis=0) - 1) * onehot_pn, axis=1)
+    send_x = jnp.zeros((n + 1, pairs, d), y_btd.dtype).at[dest_p, slot_p].set(
+        jnp.repeat(x_nd, k, axis=0))[:n]
+    send_e = jnp.full((n + 1, pairs), -1, jnp.int32).at[dest_p, slot_p].set(e_p)[:n]
+    recv_x = jax.lax.all_to_all(send_x, experts_axis, 0, 0)
+    recv_e = jax.lax.all_to_all(send_e, experts_axis, 0, 0)
+    rows = n * pairs
+    out_rd = local_experts(recv_x.reshape(rows, d), jnp.ones((rows, 1), jnp.float32),
+                           recv_e.reshape(rows, 1), expert_weights, activation, me * held)
+    if other_axes:
+        out_rd = jax.lax.psum(out_rd, other_axes)
+    back = jax.lax.all_to_all(out_rd.reshape(n, pairs, d), experts_axis, 0, 0)  # float32
+    back = jnp.concatenate([back, jnp.zeros((1, pairs, d), back.dtype)])  # padding rows
+    out_nkd = back[dest_p, slot_p].reshape(per, k, d)
+    out_nd = jnp.sum(out_nkd * w_nk[..., None], axis=1)
+    out_md = jax.lax.all_gather(out_nd, experts_axis, tiled=True)[:m]
+    return out_md.reshape(b, t, d).astype(y_btd.dtype)
 
 
 def _local(y_btd, weights_btk, experts_btk, expert_weights, activation, first,
