@@ -318,6 +318,27 @@ def test_cpu_grouped_matmul_equals_ragged_dot(m, groups):
     np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("m", [3, 8])
+def test_gpu_grouped_matmul_gathers_the_chosen_experts_of_a_small_step(m):
+    """The GPU backend's grouped matmul (plain jax: runs here) against XLA's ragged_dot: with
+    fewer rows than groups it indexes the weights by row (no ragged dot, no product with all
+    8 groups), with as many it is the ragged dot."""
+    from jaxaccel.backends.gpu import GpuBackend
+
+    rng = np.random.default_rng(m)
+    x = jnp.asarray(rng.normal(size=(m, 9)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(8, 9, 5)), jnp.float32)
+    sizes = jnp.asarray([1, 0, 0, m - 2, 0, 0, 0, 0], jnp.int32)  # the last row: no group
+    ref = jax.lax.ragged_dot(x, w, sizes, preferred_element_type=jnp.float32)
+    ours = GpuBackend().grouped_matmul(x, w, sizes)
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
+    jaxpr = str(jax.make_jaxpr(GpuBackend().grouped_matmul)(x, w, sizes))
+    assert ("ragged_dot" in jaxpr) == (m >= 8)
+    if m < 8:  # the m rows' weights gathered, nothing shaped by all groups and rows
+        assert f"f32[{m},9,5] = gather" in jaxpr, jaxpr
+        assert not re.search(rf"f32\[(8,{m}|{m},8),", jaxpr), jaxpr
+
+
 def test_expert_weights_are_stored_one_chunk_per_expert(tmp_path):
     """Chunks never span two experts, so a device (a process) reading its experts' slices
     reads only their chunks: each device of `expert=4` requests, and is handed, exactly one
