@@ -233,13 +233,17 @@ def test_decode_step_for_gpu_and_tpu_runs_grouped_experts(platform):
     assert "custom_call" not in text
     assert 'stablehlo.composite "chlo.ragged_dot"' in text, "no grouped matmul"
     assert '"expert"' in text
-    # Each grouped matmul takes this device's (token, slot) pairs (2 tokens of its data shard
-    # x top-2) against its own 2 of the 8 experts, grouped by 2 sizes: what XLA's TPU and
-    # GPU compilers get as a ragged dot (`chlo.ragged_dot`), not a dense all-experts dot.
+    # A decode step's 2 tokens per data shard go by all-to-all (`moe.choose_dispatch`): each
+    # of the 4 expert devices sends its slice's (token, slot) pairs (1 token x top-2) to the
+    # devices of their experts, so each grouped matmul takes the 4 x 2 rows it may receive
+    # against its own 2 of the 8 experts, grouped by 2 sizes: what XLA's TPU and GPU
+    # compilers get as a ragged dot (`chlo.ragged_dot`), not a dense all-experts dot.
+    assert text.count("stablehlo.all_to_all") == 3  # rows and expert ids there, outputs back
+    assert "stablehlo.all_reduce" not in text  # no psum of replicated partial outputs
     operands = re.findall(r'stablehlo.composite "chlo.ragged_dot".*: \((tensor<[^)]*)\)', text)
     assert len(operands) == 3, operands  # gate, up and down, in the scanned layer body
     for types in operands:
-        assert re.fullmatch(r"tensor<4x(64|96)xbf16>, tensor<2x(64x96|96x64)xbf16>, "
+        assert re.fullmatch(r"tensor<8x(64|96)xbf16>, tensor<2x(64x96|96x64)xbf16>, "
                             r"tensor<2xi32>", types), types
     # A dense all-experts MLP would contract an [.., 8, 64, 96] or [8, 96, 64] weight (or a
     # per-device [2, ...] one) in a plain dot_general. The composite's own decomposition

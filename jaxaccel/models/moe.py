@@ -13,11 +13,18 @@ expert it was not routed to.
 Expert parallelism: under a layout whose rules map the `experts` logical axis onto a mesh
 axis (`ep`, `dp_ep`, `tp_ep`), each device holds e / size experts and the layer runs in a
 `shard_map`. Every device of an `expert` group already holds the same tokens (the batch is
-split over `data` only), routes them, and computes just the (token, slot) pairs of its own
-experts; one `psum` over the expert (and `model`, where the experts' mlp dim is split) axes
-adds the partial outputs back, in token order. That is one all-reduce of [m, d] per layer, the
-cost of a tensor-parallel MLP, and no capacity-bound all-to-all buffers. An expert count the
-mesh axis does not divide leaves the experts replicated (the rule tables' usual fallback).
+split over `data` only) and their routing. Two dispatches, chosen per shape by measurement (`choose_dispatch`, table there):
+
+* psum (prefill): every device sorts all of the group's (token, slot) pairs and computes the
+  (token, slot) pairs of its own experts; one `psum` over the expert (and `model`, where the
+  experts' mlp dim is split) axes adds the partial outputs back, in token order: one
+  all-reduce of [m, d] per layer, the cost of a tensor-parallel MLP.
+* all-to-all (decode-sized shards): each device takes 1/n of the tokens and sends each
+  (token, slot) pair to the device holding its expert (`jax.lax.all_to_all`, dropless
+  fixed-size blocks); results come back the same way and an all-gather restores the order.
+
+An expert count the mesh axis does not divide leaves the experts replicated (the rule
+tables' usual fallback) and runs them locally.
 """
 
 from __future__ import annotations
@@ -197,23 +204,40 @@ def dispatch_strategy(strategy: str | None) -> None:
     _FORCED[0] = strategy
 
 
-def choose_dispatch(tokens: int, expert_devices: int) -> str:
-    """The dispatch for `tokens` tokens (one data shard's b * t) on `expert_devices` devices.
+# Shards of at most this many tokens (decode steps) dispatch by all-to-all (measured below).
+ALL_TO_ALL_MAX_TOKENS = 8
 
-    Measured (`python -m jaxaccel.bench.moe_dispatch`; 8 simulated CPU devices of a shared
-    2-core AVX-512 Xeon, bf16, d 1024, f 2048, 8 experts, top-2; median ms per MoE layer):
-    see DISPATCH_TABLE below. The replicated tokens + psum path is chosen wherever it was
-    not slower.
+
+def choose_dispatch(tokens: int, expert_devices: int) -> str:
+    """The dispatch for `tokens` tokens (one data shard's b * t) on `expert_devices` devices:
+    "all_to_all" for decode-sized shards (at most `ALL_TO_ALL_MAX_TOKENS`), else "psum".
+
+    Measured with `python -m jaxaccel.bench.moe_dispatch` (one MoE layer, bf16, d 1024,
+    f 2048, 8 experts, top-2, 8 simulated CPU devices on a shared 2-core AVX-512 Xeon at load
+    15-20; median ms, the two strategies' calls alternated; three runs' all-to-all / psum):
+
+        mesh             tokens   psum ms   all-to-all ms   all-to-all / psum (3 runs)
+        expert=4         8          325       316           1.12, 0.81, 0.97
+        expert=4         512       2114      2020           1.00, 1.01, 0.96
+        data=2,expert=4  8          736       578           0.90, 0.86, 0.79
+        data=2,expert=4  512       1667      1614           0.97, 0.98, 0.97
+
+    Decode-sized shards: the all-to-all was faster in 5 of 6 runs (each device sorts and
+    gathers the pairs of 1/n of the tokens). Prefill: equal within this machine's noise (+-5%), and the
+    psum program is the simpler one, so it stays. Simulated devices share the host's cores
+    (their collectives are memory copies): on a real interconnect the all-to-all moves
+    2 x [m * k, d] per device against the psum's all-reduce of [m, d], and wants a new
+    measurement (and a ragged all-to-all, which XLA:CPU lacks).
     """
     if _FORCED[0] is not None:
         return _FORCED[0]
-    return "psum"
+    return "all_to_all" if tokens <= ALL_TO_ALL_MAX_TOKENS else "psum"
 
 
 def all_to_all_experts(y_btd, weights_btk, experts_btk, expert_weights, activation: str,
                        experts_axis: str, other_axes: tuple[str, ...] = ()):
     """The expert outputs [b, t, d] of the tokens this expert group holds, each device
-    routing a 1/n slice of them and sending every (token, slot) pair to the device that
+    taking a 1/n slice of them and sending every (token, slot) pair to the device that
     holds its expert (`jax.lax.all_to_all` over `experts_axis`, n devices), which runs its
     experts on the pairs it received and sends the results back; an all-gather puts the
     slices together again. Runs inside a shard_map; exact (same pairs, same weights).
@@ -230,7 +254,7 @@ def all_to_all_experts(y_btd, weights_btk, experts_btk, expert_weights, activati
     me = jax.lax.axis_index(experts_axis)
     held = expert_weights[0].shape[0]
     m = b * t
-    per = -(-m // n)  # tokens each device routes
+    per = -(-m // n)  # tokens each device dispatches
     pad = per * n - m
     y_md = jnp.pad(y_btd.reshape(m, d), ((0, pad), (0, 0)))
     w_mk = jnp.pad(weights_btk.reshape(m, k), ((0, pad), (0, 0)))
