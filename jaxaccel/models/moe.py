@@ -30,6 +30,7 @@ tables' usual fallback) and runs them locally.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -160,7 +161,8 @@ def dispatch(y_btd, weights_btk, experts_btk, expert_weights, activation: str):
     """Every token's weighted expert outputs [b, t, d] in y's dtype, on the current layout's
     devices (`jaxaccel.parallel.sharding.current_layout`): on one device (or a layout that
     does not split the experts) a plain call of `local_experts`, else a shard_map in which
-    each device computes its experts' share and a psum adds the shares."""
+    each device computes its experts' share, brought back by a psum or an all-to-all
+    (`choose_dispatch`, by the tokens of one data shard)."""
     layout = ax.current_layout()
     specs = _expert_specs(layout, expert_weights)
     reduce_axes = tuple(sorted({a for spec in specs for a in spec if a is not None}))
@@ -171,9 +173,11 @@ def dispatch(y_btd, weights_btk, experts_btk, expert_weights, activation: str):
     row_spec = ax.logical_to_spec((ax.BATCH,), y_btd.shape[:1], mesh, rules)
 
     b, t, _ = y_btd.shape
+    row_axes = (row_spec[0] if isinstance(row_spec[0], tuple) else (row_spec[0],)) \
+        if len(row_spec) and row_spec[0] else ()
+    shard_tokens = b * t // math.prod(mesh.shape[a] for a in row_axes)
     use_all_to_all = experts_axis is not None and choose_dispatch(
-        b * t // mesh.shape.get("data", 1) if row_spec and row_spec[0] else b * t,
-        mesh.shape[experts_axis]) == "all_to_all"
+        shard_tokens, mesh.shape[experts_axis]) == "all_to_all"
 
     def shard(y_btd, weights_btk, experts_btk, expert_weights):
         if use_all_to_all:
