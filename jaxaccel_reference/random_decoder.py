@@ -4,6 +4,7 @@
     python -m jaxaccel_reference.random_decoder /tmp/llama --family llama --layers 4
     python -m jaxaccel_reference.random_decoder /tmp/qwen3 --family qwen3     # Qwen3-0.6B shape
     python -m jaxaccel_reference.random_decoder /tmp/gemma2 --family gemma2   # ~0.45B Gemma 2
+    python -m jaxaccel_reference.random_decoder /tmp/mixtral --family mixtral # ~1.0B, 8 experts
     python -m jaxaccel_reference.random_decoder /tmp/gpt2 --without-torch   # DEST/ckpt only
 
 No pretrained decoder weights can be downloaded here; `jaxaccel bench generate` needs only

@@ -134,6 +134,40 @@ def test_grouped_experts_equal_a_dense_all_experts_reference():
         np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("mesh", ["data=2,expert=4", "model=2,expert=2"])
+def test_both_dispatches_equal_a_dense_all_experts_reference(mesh):
+    """`moe.dispatch` on an expert mesh, replicated tokens + psum and the all-to-all of
+    (token, slot) pairs (10 tokens per data shard: not a multiple of the 4 expert devices'
+    slices; on model=2,expert=2 each expert's mlp is split too), against
+    every expert run on every token in numpy, masked to the chosen ones."""
+    from jaxaccel.parallel import sharding as ax
+
+    rng = np.random.default_rng(1)
+    b, t, d, f, e, k = 4, 5, 16, 12, 8, 3
+    y = rng.normal(size=(b, t, d)).astype(np.float32)
+    w = [rng.normal(size=s).astype(np.float32) for s in ((e, d, f), (e, d, f), (e, f, d))]
+    experts = np.stack([rng.permutation(e)[:k] for _ in range(b * t)]).reshape(b, t, k)
+    weights = rng.uniform(size=(b, t, k)).astype(np.float32)
+    silu = lambda x: x / (1 + np.exp(-x))  # noqa: E731
+    every = np.einsum("btef,efd->bted", silu(np.einsum("btd,edf->btef", y, w[0]))
+                      * np.einsum("btd,edf->btef", y, w[1]), w[2])
+    ref = np.einsum("btk,btkd->btd", weights,
+                    np.take_along_axis(every, experts[..., None], axis=2))
+    layout = Layout.create(mesh, MESHES[mesh][1])
+    args = (jnp.asarray(y), jnp.asarray(weights), jnp.asarray(experts, jnp.int32),
+            tuple(map(jnp.asarray, w)))
+    for strategy in ("psum", "all_to_all"):
+        moe.dispatch_strategy(strategy)
+        try:
+            with ax.use_layout(layout):
+                out = jax.jit(lambda *a: moe.dispatch(*a, "silu")).lower(*args).compile(
+                    FAST_COMPILE)(*args)
+        finally:
+            moe.dispatch_strategy(None)
+        np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max(),
+                                   err_msg=strategy)
+
+
 def test_int8_quantize_on_load_scales_each_expert_per_channel(case):
     """Weight-only int8 of the experts: one scale per expert and output channel; the logits
     stay close to the float32 reference, on one device and on `expert=4`."""
@@ -199,6 +233,18 @@ def test_decode_step_for_gpu_and_tpu_runs_grouped_experts(platform):
     assert "custom_call" not in text
     assert 'stablehlo.composite "chlo.ragged_dot"' in text, "no grouped matmul"
     assert '"expert"' in text
+    # A decode step's 2 tokens per data shard go by all-to-all (`moe.choose_dispatch`): each
+    # of the 4 expert devices sends its slice's (token, slot) pairs (1 token x top-2) to the
+    # devices of their experts, so each grouped matmul takes the 4 x 2 rows it may receive
+    # against its own 2 of the 8 experts, grouped by 2 sizes: what XLA's TPU and GPU
+    # compilers get as a ragged dot (`chlo.ragged_dot`), not a dense all-experts dot.
+    assert text.count("stablehlo.all_to_all") == 3  # rows and expert ids there, outputs back
+    assert "stablehlo.all_reduce" not in text  # no psum of replicated partial outputs
+    operands = re.findall(r'stablehlo.composite "chlo.ragged_dot".*: \((tensor<[^)]*)\)', text)
+    assert len(operands) == 3, operands  # gate, up and down, in the scanned layer body
+    for types in operands:
+        assert re.fullmatch(r"tensor<8x(64|96)xbf16>, tensor<2x(64x96|96x64)xbf16>, "
+                            r"tensor<2xi32>", types), types
     # A dense all-experts MLP would contract an [.., 8, 64, 96] or [8, 96, 64] weight (or a
     # per-device [2, ...] one) in a plain dot_general. The composite's own decomposition
     # (`@chlo.ragged_dot.impl*`, for a compiler that does not know the op) is not looked at.
@@ -274,6 +320,27 @@ def test_cpu_grouped_matmul_equals_ragged_dot(m, groups):
     ref = jax.lax.ragged_dot(x, w, jnp.asarray(sizes), preferred_element_type=jnp.float32)
     ours = CpuBackend().grouped_matmul(x, w, jnp.asarray(sizes))
     np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("m", [3, 8])
+def test_gpu_grouped_matmul_gathers_the_chosen_experts_of_a_small_step(m):
+    """The GPU backend's grouped matmul (plain jax: runs here) against XLA's ragged_dot: with
+    fewer rows than groups it indexes the weights by row (no ragged dot, no product with all
+    8 groups), with as many it is the ragged dot."""
+    from jaxaccel.backends.gpu import GpuBackend
+
+    rng = np.random.default_rng(m)
+    x = jnp.asarray(rng.normal(size=(m, 9)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(8, 9, 5)), jnp.float32)
+    sizes = jnp.asarray([1, 0, 0, m - 2, 0, 0, 0, 0], jnp.int32)  # the last row: no group
+    ref = jax.lax.ragged_dot(x, w, sizes, preferred_element_type=jnp.float32)
+    ours = GpuBackend().grouped_matmul(x, w, sizes)
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
+    jaxpr = str(jax.make_jaxpr(GpuBackend().grouped_matmul)(x, w, sizes))
+    assert ("ragged_dot" in jaxpr) == (m >= 8)
+    if m < 8:  # the m rows' weights gathered, nothing shaped by all groups and rows
+        assert f"f32[{m},9,5] = gather" in jaxpr, jaxpr
+        assert not re.search(rf"f32\[(8,{m}|{m},8),", jaxpr), jaxpr
 
 
 def test_expert_weights_are_stored_one_chunk_per_expert(tmp_path):

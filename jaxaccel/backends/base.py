@@ -122,9 +122,10 @@ class Backend:
         most m -> [m, n] in x.dtype, float32 accumulation; rows past the last group are
         zero.
 
-        `jax.lax.ragged_dot`: XLA's grouped matmul, which GPU and TPU lower to their own
-        grouped kernels and which computes each row against its own group's weight only
-        (never all groups)."""
+        `jax.lax.ragged_dot`: XLA's grouped matmul (`chlo.ragged_dot` in a program lowered
+        for GPU or TPU), each row against its own group's weight only. XLA:TPU compiles it
+        as a grouped matmul; XLA:GPU by default as a dense product over all groups (see
+        `GpuBackend.grouped_matmul`), XLA:CPU likewise (`CpuBackend`'s own path)."""
         if isinstance(w_gkn, qwix.QArray):
             w_gkn = qwix.dequantize(w_gkn)
         out = jax.lax.ragged_dot(x_mk, w_gkn.astype(x_mk.dtype), group_sizes_g,

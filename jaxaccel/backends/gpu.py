@@ -9,6 +9,9 @@ go to the kernel's layout with the step's fresh keys scattered in (one pass over
 pool, as on TPU); prefill chunks and windows stay on plain XLA, as does everything on jax
 releases without the kernel (0.12 removed jax's Triton ops) and programs over several devices
 (XLA's partitioner would gather a custom call's operands whole).
+
+The mixture-of-experts grouped matmul of a small decode step gathers its rows' experts rather
+than going through XLA:GPU's dense rewrite of a ragged dot (`GpuBackend.grouped_matmul`).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import qwix
 
 try:  # jax 0.12 dropped its Triton ops, this kernel among them: plain XLA there
     from jax.experimental.pallas.ops.gpu import paged_attention as gpu_paged
@@ -78,6 +82,29 @@ class GpuBackend(Backend):
         live_s = jnp.arange(seqs) < num_seqs[0]
         target_s = jnp.where(live_s, cu_q_lens[:-1], tokens)
         return jnp.zeros_like(q_tnh).at[target_s].set(out_snh.astype(dt), mode="drop")
+
+    def grouped_matmul(self, x_mk, w_gkn, group_sizes_g) -> jax.Array:
+        """Fewer rows than groups (a small-batch decode step): each row times its own
+        group's weight, gathered ([m, k, n]: the step reads only the experts its tokens
+        chose). Else `jax.lax.ragged_dot`, as the base class.
+
+        Why: XLA:GPU (jaxlib 0.10) rewrites a ragged dot into a dense one over zero-padded
+        groups unless its cuDNN ragged-dot fusion is switched on
+        (`xla_gpu_experimental_use_ragged_dot_fusion`, experimental; reported to find no
+        cuDNN plan on SM100). Dense costs every group's weight read for every row: at batch
+        1 (2 rows, 8 experts) four times the bytes of the chosen experts. With at least as
+        many rows as groups, nearly every expert is read either way."""
+        if x_mk.shape[0] >= w_gkn.shape[0]:
+            return super().grouped_matmul(x_mk, w_gkn, group_sizes_g)
+        if isinstance(w_gkn, qwix.QArray):
+            w_gkn = qwix.dequantize(w_gkn)
+        ends_g = jnp.cumsum(group_sizes_g)
+        row_m = jnp.arange(x_mk.shape[0], dtype=ends_g.dtype)
+        group_m = jnp.minimum(jnp.searchsorted(ends_g, row_m, side="right"),
+                              w_gkn.shape[0] - 1)
+        out_mn = jnp.einsum("mk,mkn->mn", x_mk, w_gkn[group_m].astype(x_mk.dtype),
+                            preferred_element_type=jnp.float32)
+        return jnp.where((row_m < ends_g[-1])[:, None], out_mn, 0.0).astype(x_mk.dtype)
 
 
 @functools.cache

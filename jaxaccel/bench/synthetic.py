@@ -24,7 +24,8 @@ import numpy as np
 REFERENCE = {"vocab": 32000, "width": 2048, "layers": 12, "heads": 16}
 
 # Hugging Face config fields of the decoder shapes the generate benchmark uses (GPT-2 small:
-# 124M parameters; a ~150M Llama-shaped model with GQA; ~0.5B Qwen3 and Gemma 2 shapes).
+# 124M parameters; a ~150M Llama-shaped model with GQA; ~0.5B Qwen3 and Gemma 2 shapes;
+# a ~1.0B Mixtral of 8 experts, top-2).
 # `decoder_config` sets the layers.
 DECODER_HF_CONFIGS = {
     "gpt2": dict(model_type="gpt2", vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12,
@@ -44,6 +45,11 @@ DECODER_HF_CONFIGS = {
                    num_key_value_heads=4, head_dim=128, max_position_embeddings=8192,
                    sliding_window=4096, query_pre_attn_scalar=128,
                    attn_logit_softcapping=50.0, final_logit_softcapping=30.0),
+    # A ~1.0B Mixtral shape: 8 experts of mlp 2816, top-2 (~0.31B active per token), GQA.
+    "mixtral": dict(model_type="mixtral", vocab_size=32000, hidden_size=1024,
+                    intermediate_size=2816, num_hidden_layers=13, num_attention_heads=16,
+                    num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2,
+                    max_position_embeddings=4096, sliding_window=None),
 }
 _LAYERS_KEY = {"gpt2": "n_layer"}  # the others: num_hidden_layers
 
