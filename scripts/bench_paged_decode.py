@@ -7,7 +7,7 @@ plain-XLA version that gathers each row's pages (the default on every platform).
 
 A random-weight GPT-2 124M-shaped decoder (12 layers, 12 heads of 64, vocab 50257); a pool of
 pages (16 slots each) in which every row has `--context` cached tokens on its own pages; the
-engine's jitted step (`jaxaccel.engine.step`) at the decode bucket (rows, 1 token, pages),
+engine's jitted ragged step (`jaxaccel.engine.step`) over `rows` sequences of `--chunk` tokens,
 once with the CPU backend (kernel) and once with its attention kernel off (gather path),
 warmed up, then timed `--reps` times alternating step by step so that a shared machine's load
 hits both alike. Prints the median and best wall time per step and their ratio.
@@ -28,7 +28,7 @@ from jaxaccel import models
 from jaxaccel.backends import cpu
 from jaxaccel.backends.cpu import isa
 from jaxaccel.engine.page_pool import KVPages
-from jaxaccel.engine.step import StepInputs, StepPrograms
+from jaxaccel.engine.step import StepInputs, StepPrograms, bucket
 from jaxaccel.runtime.generate import Generator
 
 PAGE = 16
@@ -42,13 +42,24 @@ def gpt2_124m(dtype):
     return model, config
 
 
-def step_inputs(rows: int, context: int, pages_per_row: int, chunk: int) -> StepInputs:
+def step_inputs(rows: int, context: int, pages_per_row: int, chunk: int
+                ) -> tuple[StepInputs, bool]:
+    """A ragged step: `rows` sequences of `chunk` new tokens each after `context` cached."""
+    step = bucket([chunk] * rows, rows)
+    t, s = step.tokens, step.seqs
     table = 1 + np.arange(rows * pages_per_row, dtype=np.int32).reshape(rows, pages_per_row)
+    positions = np.tile(np.arange(context, context + chunk, dtype=np.int32), rows)
+    seq = np.repeat(np.arange(rows), chunk)
+    pad = lambda x, fill=0: np.concatenate([x, np.full(t - len(x), fill, x.dtype)])  # noqa: E731
+    cu = np.arange(s + 1, dtype=np.int32) * chunk
     return StepInputs(
-        ids_bt=np.full((rows, chunk), 11, np.int32), start_b=np.full(rows, context, np.int32),
-        count_b=np.full(rows, chunk, np.int32), table_bp=table, temperature_b=np.zeros(rows, np.float32),
-        top_k_b=np.zeros(rows, np.int32), top_p_b=np.ones(rows, np.float32),
-        seed_b=np.zeros(rows, np.uint32), nth_b=np.zeros(rows, np.int32))
+        ids_t=np.full(t, 11, np.int32), positions_t=pad(positions),
+        page_t=pad(table[seq, positions // PAGE]), slot_t=pad(positions % PAGE),
+        kv_lens_s=np.full(s, context + chunk, np.int32), cu_q_lens_s=cu,
+        num_seqs=np.array([rows], np.int32), last_s=cu[1:] - 1, table_sw=table,
+        temperature_s=np.zeros(s, np.float32), top_k_s=np.zeros(s, np.int32),
+        top_p_s=np.ones(s, np.float32), seed_s=np.zeros(s, np.uint32),
+        nth_s=np.zeros(s, np.int32), logprobs_s=np.zeros(s, bool)), step.decode
 
 
 def main() -> None:
@@ -72,7 +83,7 @@ def main() -> None:
         pages_per_row = -(-(args.context + args.chunk) // PAGE)
         shape = (config.num_layers, 1 + rows * pages_per_row, config.num_kv_heads, PAGE,
                  config.head_dim)
-        inputs = step_inputs(rows, args.context, pages_per_row, args.chunk)
+        inputs, decode = step_inputs(rows, args.context, pages_per_row, args.chunk)
         runs = {}
         for label, backend in (("gather", cpu.CpuBackend(fused_attention=False)),
                                ("kernel", cpu.backend())):
@@ -87,7 +98,7 @@ def main() -> None:
         for _ in range(args.reps + 2):  # the first two: compile and warm-up
             for label, run in runs.items():
                 start = time.perf_counter()
-                run[1], tokens = run[2].run(run[0], run[1], inputs)
+                run[1], tokens = run[2].run(run[0], run[1], inputs, decode)
                 jax.block_until_ready(tokens)
                 run[3].append(time.perf_counter() - start)
         g, k = (sorted(runs[x][3][2:]) for x in ("gather", "kernel"))

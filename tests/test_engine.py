@@ -243,3 +243,37 @@ def test_logprobs_equal_torch_log_softmax(case, request):
             assert [t for t, _ in top] == want.indices.tolist()
             np.testing.assert_allclose([v for _, v in top], want.values.numpy(), atol=1e-4)
             ids.append(token)
+
+
+def test_a_step_is_one_ragged_program_over_its_real_tokens():
+    """Decode tokens and prefill chunks flatten into one [T] batch padded only to T's bucket:
+    a 500-token chunk beside three decode tokens is 512 token rows (two programs padded to
+    [rows, longest chunk] computed 4 x 512 + 4), each token at its sequence's own position,
+    page and slot."""
+    from jaxaccel.engine.engine import step_inputs
+    from jaxaccel.engine.page_pool import NULL_PAGE, PagePool
+    from jaxaccel.engine.prefix_cache import PrefixCache
+    from jaxaccel.engine.scheduler import Scheduler
+    from jaxaccel.engine.step import Bucket, bucket
+
+    assert bucket([500, 1, 1, 1], 64) == Bucket(512, 64, False)
+    assert bucket([1] * 40, 64) == Bucket(64, 64, True)
+    assert bucket([5, 1], 64) == Bucket(16, 2, False)
+    pool = PagePool(40)
+    scheduler = Scheduler(pool, PrefixCache(pool, 4, False), 4, 8, 16)
+    for i, n in enumerate((3, 9, 6)):
+        scheduler.add(Request(i, list(range(10 * i, 10 * i + n)), SamplingParams(max_tokens=4)))
+    rows = scheduler.schedule()  # 3 + 9 + the first 4 of 6
+    step = bucket([r.count for r in rows], 8)
+    inputs = step_inputs(rows, step, 5, 4, 0)
+    assert step == Bucket(16, 4, False) and list(inputs.cu_q_lens_s) == [0, 3, 12, 16, 16]
+    assert list(inputs.num_seqs) == [3] and list(inputs.last_s) == [2, 11, 15, 0]
+    assert list(inputs.kv_lens_s) == [3, 9, 4, 0]
+    for row, first in zip(rows, inputs.cu_q_lens_s):
+        for j in range(row.count):
+            position = row.start + j
+            assert inputs.ids_t[first + j] == row.seq.tokens[position]
+            assert inputs.positions_t[first + j] == position
+            assert inputs.page_t[first + j] == row.seq.pages[position // 4]
+            assert inputs.slot_t[first + j] == position % 4
+    assert list(inputs.table_sw[3]) == [NULL_PAGE] * 5

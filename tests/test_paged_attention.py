@@ -255,7 +255,7 @@ def exported_step(platform: str, bucket, config=LLAMA):
     from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
 
     from jaxaccel.engine.page_pool import KVPages
-    from jaxaccel.engine.step import StepInputs, StepPrograms
+    from jaxaccel.engine.step import Bucket, StepInputs, StepPrograms
     from jaxaccel.parallel.sharding import Layout
     from jaxaccel.runtime.generate import Generator
     from test_export import sharded_abstract_state
@@ -268,10 +268,10 @@ def exported_step(platform: str, bucket, config=LLAMA):
     pages_shape = (config.num_layers, 32, config.num_kv_heads, 16, config.head_dim)
     page = jax.ShapeDtypeStruct(pages_shape, jnp.bfloat16,
                                 sharding=programs.page_sharding(pages_shape))
-    b, t, p = bucket
-    inputs = StepInputs.specs(b, t, p)
+    bucket, width = Bucket(*bucket), 4
+    inputs = StepInputs.specs(bucket, width)
     if platform == "cpu":
-        return programs.program(bucket, pages_shape).lower(
+        return programs.program(bucket, width, pages_shape).lower(
             state, KVPages(page, page), inputs).as_text()
     # Pallas's TPU lowering asks which chip; without a TPU, an abstract mesh names one.
     # (jax 0.12 wants it to be the program's mesh, axis types included.)
@@ -281,14 +281,15 @@ def exported_step(platform: str, bucket, config=LLAMA):
                                                        platform="tpu"))
     with use_abstract_mesh(chip) if platform == "tpu" else contextlib.nullcontext():
         exported = jax.export.export(
-            programs.program(bucket, pages_shape).jitted, platforms=[platform],
+            programs.program(bucket, width, pages_shape).jitted, platforms=[platform],
             disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(KERNEL_CALL["cuda"])])
         return exported(state, KVPages(page, page), inputs).mlir_module()
 
 
 @pytest.mark.parametrize("platform,bucket,kernel", [
-    ("tpu", (4, 1, 4), True), ("tpu", (4, 16, 4), True),  # RPA: decode and prefill
-    ("cuda", (4, 1, 4), True), ("cuda", (4, 16, 4), False),  # Pallas GPU: decode only
+    # buckets: (tokens, sequences, decode)
+    ("tpu", (4, 4, True), True), ("tpu", (16, 4, False), True),  # RPA: decode and prefill
+    ("cuda", (4, 4, True), True), ("cuda", (16, 4, False), False),  # Pallas GPU: decode only
 ])
 def test_engine_step_lowers_to_the_platform_kernel(platform, bucket, kernel):
     kernel = kernel and (platform != "cuda" or gpu.gpu_paged is not None)  # gone in jax 0.12
@@ -306,9 +307,9 @@ def test_engine_step_on_cpu_reads_pages_with_the_kernel():
     import dataclasses
 
     config = dataclasses.replace(LLAMA, head_dim=16)
-    for bucket in ((4, 1, 4), (2, 16, 4)):
+    for bucket in ((4, 4, True), (16, 2, False)):
         assert "JaxaccelPagedAttentionBf16" in exported_step("cpu", bucket, config)
-    assert "JaxaccelPagedAttention" not in exported_step("cpu", (4, 1, 4))
+    assert "JaxaccelPagedAttention" not in exported_step("cpu", (4, 4, True))
 
 
 def test_sharded_programs_keep_plain_xla():

@@ -45,20 +45,20 @@ class KVCache(NamedTuple):
 
 
 class PagedLayer(NamedTuple):
-    """One layer's keys or values held in pages [p, k, c, h] (c slots per page; a scan
-    slice of the generation engine's pool [l, p, k, c, h]) with the block tables [b, w] that
-    list each row's pages in order and each row's cached slots [b] (its keys before this
-    step's tokens). Attention reads it through `Backend.paged_attention` (`jaxaccel.models.kv_cache.attend_paged`);
-    `dense` is the [b, k, w * c, h] view of all its slots."""
+    """One layer's keys or values held in pages [P, k, c, h] (c slots per page; a scan
+    slice of the generation engine's pool [l, P, k, c, h]) with the ragged metadata of the
+    step's sequences (`jaxaccel.backends.paged`'s contract): block tables [S, W], keys per
+    sequence after the step [S], query offsets [S + 1] (None: one query per sequence, a
+    decode step) and the number of real sequences [1]. `window` (None: none) is a
+    sliding-window layer's window, possibly traced (a scan over mixed layers). Attention
+    reads it through `Backend.paged_attention` (`jaxaccel.models.kv_cache.attend_paged`)."""
 
     pages_pkch: jax.Array
     table_bw: jax.Array
-    start_b: jax.Array
-
-    def dense(self) -> jax.Array:
-        b, w = self.table_bw.shape
-        _, k, c, h = self.pages_pkch.shape
-        return self.pages_pkch[self.table_bw].transpose(0, 2, 1, 3, 4).reshape(b, k, w * c, h)
+    kv_lens_b: jax.Array
+    cu_q_lens: jax.Array | None
+    num_seqs: jax.Array
+    window: jax.Array | None = None
 
 
 class PagedCache(NamedTuple):

@@ -23,7 +23,8 @@ page_indices[i, j // c]; the last q_len are its own fresh keys, in token order. 
 sits at position kv_lens[i] - q_len + j and attends to the keys at positions <= its own
 (causal), and with `sliding_window` w only to those > position - w. Scores are
 q.k * sm_scale, then soft_cap * tanh(score / soft_cap) when `soft_cap` is given, softmax in
-float32. Output rows of tokens no sequence owns are zero on the CPU kernel and unspecified
+float32. `sliding_window` may be traced (an int32 scalar; 2**30 or more: no window) in the
+reference. Output rows of tokens no sequence owns are zero on the CPU kernel and unspecified
 elsewhere (callers discard them).
 """
 
@@ -31,6 +32,12 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+
+def static_window(sliding_window) -> bool:
+    """Whether `sliding_window` is None or a Python int: kernels take only those; a traced
+    window (a layer scan mixing windowed and global layers) runs the plain-XLA reference."""
+    return sliding_window is None or isinstance(sliding_window, int)
 
 
 def query_rows(cu_q_lens, num_seqs, rows: int):

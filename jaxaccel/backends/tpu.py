@@ -54,7 +54,8 @@ class TpuBackend(Backend):
                         max_q_len: int | None = None) -> jax.Array:
         """jax's ragged paged attention on one device where it takes the head layout (see
         `supported`), else plain XLA."""
-        if not (self.kernels and supported(q_tnh, k_pages_pkch)):
+        if not (self.kernels and supported(q_tnh, k_pages_pkch)
+                and paged.static_window(sliding_window)):
             return super().paged_attention(
                 q_tnh, k_tkh, v_tkh, k_pages_pkch, v_pages_pkch, kv_lens, page_indices,
                 cu_q_lens, num_seqs, sm_scale=sm_scale, sliding_window=sliding_window,

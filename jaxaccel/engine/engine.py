@@ -1,9 +1,9 @@
 """`LLMEngine`: requests in, tokens out, continuous batching over a paged KV cache.
 
 `add_request` queues a request; each `step` asks the scheduler for the next rows, runs them
-(decode rows, one token each, and prefill chunks as two padded programs: a decode row padded
-to a prefill chunk's length would cost that whole length), applies each sampled token's stop
-conditions and frees finished sequences' pages. `generate` runs a list of requests to the end
+as one ragged program (decode tokens and prefill chunks flattened together,
+`jaxaccel.engine.step`), applies each sampled token's stop conditions and frees finished
+sequences' pages. `generate` runs a list of requests to the end
 and returns their outputs in request order, streaming each step's outputs to `on_output`.
 """
 
@@ -27,7 +27,7 @@ from jaxaccel.engine.requests import (
     RequestOutput,
 )
 from jaxaccel.engine.scheduler import Scheduled, Scheduler
-from jaxaccel.engine.step import StepInputs, StepPrograms, StepTokens, bucket
+from jaxaccel.engine.step import Bucket, StepInputs, StepPrograms, StepTokens, bucket
 from jaxaccel.errors import InputError, UsageError
 from jaxaccel.parallel import distributed
 
@@ -82,6 +82,40 @@ def pool_plan(config, dtype, platform: str, *, page_size: int = 16, max_num_seqs
                            kv_cache_bytes)
     return {"pages": pages, "page_size": page_size, "page_bytes": one,
             "bytes": pages * one, "tokens": (pages - 1) * page_size}
+
+
+def step_inputs(rows: list[Scheduled], step: Bucket, width: int, page_size: int,
+                seed: int) -> StepInputs:
+    """The host arrays of a ragged step over `rows` (in order), padded to `step`, block
+    tables `width` pages wide; `seed` draws for requests without their own."""
+    t, s = step.tokens, step.seqs
+    counts = np.array([r.count for r in rows], np.int32)
+    cu = np.zeros(s + 1, np.int32)
+    cu[1:len(rows) + 1] = np.cumsum(counts)
+    cu[len(rows) + 1:] = cu[len(rows)]
+    arrays = StepInputs(
+        np.zeros(t, np.int32), np.zeros(t, np.int32), np.full(t, NULL_PAGE, np.int32),
+        np.zeros(t, np.int32), np.zeros(s, np.int32), cu, np.array([len(rows)], np.int32),
+        np.zeros(s, np.int32), np.full((s, width), NULL_PAGE, np.int32),
+        np.zeros(s, np.float32), np.zeros(s, np.int32), np.ones(s, np.float32),
+        np.zeros(s, np.uint32), np.zeros(s, np.int32), np.zeros(s, bool))
+    for i, row in enumerate(rows):
+        seq, params = row.seq, row.seq.request.params
+        first, end = cu[i], cu[i + 1]
+        positions = np.arange(row.start, row.start + row.count, dtype=np.int32)
+        pages = np.asarray(seq.pages, np.int32)
+        arrays.ids_t[first:end] = seq.tokens[row.start:row.start + row.count]
+        arrays.positions_t[first:end] = positions
+        arrays.page_t[first:end] = pages[positions // page_size]
+        arrays.slot_t[first:end] = positions % page_size
+        arrays.kv_lens_s[i], arrays.last_s[i] = row.start + row.count, end - 1
+        arrays.table_sw[i, :len(pages)] = pages
+        arrays.temperature_s[i], arrays.top_k_s[i] = params.temperature, params.top_k
+        arrays.top_p_s[i], arrays.nth_s[i] = params.top_p, len(seq.generated)
+        arrays.seed_s[i] = params.seed if params.seed is not None else (
+            (seed * 1_000_003 + seq.number) % 2**32)
+        arrays.logprobs_s[i] = params.logprobs is not None
+    return arrays
 
 
 class LLMEngine:
@@ -196,58 +230,36 @@ class LLMEngine:
         if not rows:
             return []
         self.peak_pages_used = max(self.peak_pages_used, self.pool.used_count)
-        decode = [r for r in rows if r.count == 1]
-        prefill = [r for r in rows if r.count > 1]
-        launched = [(group, self._run(group)) for group in (decode, prefill) if group]
+        out = self._run(rows)
         self.scheduler.advance(rows)
         waited = time.perf_counter()
-        results = [self._fetch(group, out) for group, out in launched]
+        tokens, logprobs = self._fetch(rows, out)
         self.timings["device_wait_s"] += time.perf_counter() - waited
         reported = []
-        for (group, _), (tokens, logprobs) in zip(launched, results):
-            for i, (row, token) in enumerate(zip(group, tokens.tolist())):
-                if row.samples:
-                    reported.append(self._accept(row, int(token), logprobs and (
-                        logprobs[0][i], logprobs[1][i], logprobs[2][i])))
+        for i, (row, token) in enumerate(zip(rows, tokens.tolist())):
+            if row.samples:
+                reported.append(self._accept(row, int(token), logprobs and (
+                    logprobs[0][i], logprobs[1][i], logprobs[2][i])))
         self.timings["step_s"] += time.perf_counter() - start
         self.timings["steps"] += 1
         return reported
 
     def _run(self, rows: list[Scheduled]) -> StepTokens:
-        """Launch one padded program over `rows`; returns its StepTokens (on the device)."""
-        inputs = self._inputs(rows)
-        self.pages, out = self.programs.run(self.generator.state, self.pages, inputs)
+        """Launch the step's one ragged program over `rows`; its StepTokens (on the device)."""
+        step = bucket([r.count for r in rows], self.max_num_seqs)
+        inputs = step_inputs(rows, step, self.max_pages_per_seq, self.page_size, self.seed)
+        self.pages, out = self.programs.run(self.generator.state, self.pages, inputs,
+                                            step.decode)
         return out
 
     @staticmethod
     def _fetch(rows: list[Scheduled], out: StepTokens):
-        """(tokens [b], and when a row asked for them (logprob [b], top ids [b, k], top
-        logprobs [b, k]) else None) on the host."""
+        """(tokens [S], and when a sequence asked for them (logprob [S], top ids [S, k], top
+        logprobs [S, k]) else None) on the host."""
         host = lambda x: np.asarray(distributed.host_array(x))  # noqa: E731
         wanted = any(r.seq.request.params.logprobs is not None for r in rows)
         logprobs = tuple(host(x).tolist() for x in out[1:]) if wanted else None
         return host(out.tokens_b), logprobs
-
-    def _inputs(self, rows: list[Scheduled]) -> StepInputs:
-        b, t, p = bucket(len(rows), max(r.count for r in rows),
-                         max(len(r.seq.pages) for r in rows), self.max_num_seqs,
-                         self.max_pages_per_seq)
-        arrays = StepInputs(
-            np.zeros((b, t), np.int32), np.zeros(b, np.int32), np.zeros(b, np.int32),
-            np.full((b, p), NULL_PAGE, np.int32), np.zeros(b, np.float32),
-            np.zeros(b, np.int32), np.ones(b, np.float32), np.zeros(b, np.uint32),
-            np.zeros(b, np.int32), np.zeros(b, bool))
-        for i, row in enumerate(rows):
-            seq, params = row.seq, row.seq.request.params
-            arrays.ids_bt[i, :row.count] = seq.tokens[row.start:row.start + row.count]
-            arrays.start_b[i], arrays.count_b[i] = row.start, row.count
-            arrays.table_bp[i, :len(seq.pages)] = seq.pages
-            arrays.temperature_b[i], arrays.top_k_b[i] = params.temperature, params.top_k
-            arrays.top_p_b[i], arrays.nth_b[i] = params.top_p, len(seq.generated)
-            arrays.seed_b[i] = params.seed if params.seed is not None else (
-                (self.seed * 1_000_003 + seq.number) % 2**32)
-            arrays.logprobs_b[i] = params.logprobs is not None
-        return arrays
 
     def _accept(self, row: Scheduled, token: int, logprobs=None) -> RequestOutput:
         """Append a sampled token (and its log-probabilities, when asked: (logprob, top ids,

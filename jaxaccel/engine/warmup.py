@@ -1,7 +1,7 @@
 """Compiling the engine's step programs before a run, so the run itself never compiles.
 
-A step's program depends only on its bucket (b rows, t tokens per row, p pages per row) and
-the pool's shape, and which buckets a run meets depends only on the requests' lengths and
+A step's program depends only on its bucket (T tokens, S sequences, decode or not), the
+block tables' width and the pool's shape, and which buckets a run meets depends only on the requests' lengths and
 the engine's settings: the scheduler never looks at token values. `step_buckets` replays
 the scheduler on the host (microseconds a step, no jax) with every request running to its
 max_tokens; `compile_buckets` compiles those programs from abstract arguments, which
@@ -23,29 +23,24 @@ from jaxaccel.engine.page_pool import KVPages, PagePool
 from jaxaccel.engine.prefix_cache import PrefixCache
 from jaxaccel.engine.requests import Request
 from jaxaccel.engine.scheduler import Scheduler
-from jaxaccel.engine.step import StepInputs, StepPrograms, bucket
+from jaxaccel.engine.step import Bucket, StepInputs, StepPrograms, bucket
 
 def step_buckets(requests: Iterable[Request], *, num_pages: int, page_size: int,
-                 max_num_seqs: int, max_num_batched_tokens: int, max_length: int,
-                 enable_prefix_caching: bool = True) -> list[tuple[int, int, int]]:
-    """The (b, t, p) buckets `LLMEngine.step` meets running `requests` to their max_tokens
+                 max_num_seqs: int, max_num_batched_tokens: int,
+                 enable_prefix_caching: bool = True) -> list[Bucket]:
+    """The buckets `LLMEngine.step` meets running `requests` to their max_tokens
     with these settings (the engine's own), in order of first use."""
     pool = PagePool(num_pages)
     scheduler = Scheduler(pool, PrefixCache(pool, page_size, enable_prefix_caching),
                           page_size, max_num_seqs, max_num_batched_tokens)
-    max_pages = page_pool.pages_needed(max_length, page_size)
     for request in requests:
         scheduler.add(request)
-    seen: dict[tuple[int, int, int], None] = {}
+    seen: dict[Bucket, None] = {}
     while scheduler.has_work:
         rows = scheduler.schedule()
         if not rows:
             break
-        for group in ([r for r in rows if r.count == 1], [r for r in rows if r.count > 1]):
-            if group:
-                seen[bucket(len(group), max(r.count for r in group),
-                            max(len(r.seq.pages) for r in group), max_num_seqs,
-                            max_pages)] = None
+        seen[bucket([r.count for r in rows], max_num_seqs)] = None
         scheduler.advance(rows)
         for row in rows:
             if row.samples:
@@ -57,16 +52,16 @@ def step_buckets(requests: Iterable[Request], *, num_pages: int, page_size: int,
 
 
 def compile_buckets(programs: StepPrograms, state, pages_shape: tuple[int, ...],
-                    storage_dtype, buckets: Iterable[tuple[int, int, int]]) -> dict:
-    """Compile the step program of each bucket for a pool of `pages_shape` ([l, p, k, c, h],
-    `storage_dtype`) from abstract arguments (`state` may be abstract). Returns
-    {"programs": how many, "seconds": wall time}."""
+                    storage_dtype, buckets: Iterable[Bucket], width: int) -> dict:
+    """Compile the step program of each bucket, block tables `width` pages wide, for a pool
+    of `pages_shape` ([l, p, k, c, h], `storage_dtype`) from abstract arguments (`state` may
+    be abstract). Returns {"programs": how many, "seconds": wall time}."""
     clock, count = time.perf_counter(), 0
     sharding = programs.page_sharding(pages_shape)
     page = jax.ShapeDtypeStruct(pages_shape, storage_dtype, sharding=sharding)
-    for b, t, p in buckets:
-        inputs = StepInputs.specs(b, t, p)
-        programs.program((b, t, p), pages_shape).compile(state, KVPages(page, page), inputs)
+    for step in buckets:
+        inputs = StepInputs.specs(step, width)
+        programs.program(step, width, pages_shape).compile(state, KVPages(page, page), inputs)
         count += 1
     return {"programs": count, "seconds": time.perf_counter() - clock}
 
@@ -91,8 +86,8 @@ def precompile(generator, requests: Iterable[Request], *, page_size: int = 16,
     buckets = step_buckets(requests, num_pages=num_pages, page_size=page_size,
                            max_num_seqs=max_num_seqs,
                            max_num_batched_tokens=max_num_batched_tokens,
-                           max_length=config.max_length,
                            enable_prefix_caching=enable_prefix_caching)
     shape = (config.num_layers, num_pages, config.num_kv_heads, page_size, config.head_dim)
     return compile_buckets(StepPrograms(runtime, generator.state_shardings), generator.state,
-                           shape, storage, buckets)
+                           shape, storage, buckets,
+                           page_pool.pages_needed(config.max_length, page_size))

@@ -23,11 +23,10 @@ def attention(q_btnh, k_btkh, v_btkh, mask_btt, cached: KVCache | None = None,
     Takes the projections as their matmuls produce them ([b, t, heads, h]) and returns the
     output [b, t, n, h] in q's dtype plus the new keys/values in cache layout [b, k, t, h]
     (callers without a cache ignore them, and XLA drops their transposes). `cached` holds
-    one layer's cache ([b, k, s, h] each), or a `PagedCache` layer (the engine's pages: the
-    masks are then implied, causal over each row's cached slots and new tokens; a caller
-    whose masks say more, such as sliding windows, hands the pages over as a `KVCache` of
-    `PagedLayer`s, read gathered under its masks). Masks are boolean, True where a query may
-    attend. The math is the backend's (`Backend.attention`: plain jnp, or a CPU kernel);
+    one layer's cache ([b, k, s, h] each), or a `PagedCache` layer (the engine's ragged step:
+    b = 1 row of every sequence's tokens, masks None, implied by the pages' metadata: causal
+    over each sequence's cached slots and new tokens, within the layer's `window`). Masks
+    are boolean, True where a query may attend. The math is the backend's (`Backend.attention`: plain jnp, or a CPU kernel);
     `scale` (default h ** -0.5) and `soft_cap` are its score scale and tanh cap.
     """
     new = KVCache(k_btkh.transpose(0, 2, 1, 3), v_btkh.transpose(0, 2, 1, 3))

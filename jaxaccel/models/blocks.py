@@ -28,6 +28,7 @@ from jaxaccel.models.kv_cache import KVCache, PagedCache
 from jaxaccel.parallel import sharding as ax
 
 NORMS = ("layer", "rms")
+NO_WINDOW = 2**30  # a window wider than any sequence: a global layer in a traced-window scan
 # Weight-only quantization (`FamilySpec.quantized_weights`): the layer's matmul weights ->
 # their contraction axes.
 _QUANTIZED_ATTENTION = {"blocks.wq_dnh": (0,), "blocks.wk_dkh": (0,), "blocks.wv_dkh": (0,),
@@ -195,14 +196,16 @@ class LocalLayers(NamedTuple):
     `windowed_lb` [l, b] bool says which layers are local; it rides in the layer scan's xs
     (broadcast over the batch, so a pipeline can split it like the cache), so the stack of
     mixed local and global layers stays one scan. The masks are the global ones narrowed to
-    the window; `rotary` is the local layers' own (cos, sin) tables (Gemma 3's separate
+    the window (None both in the engine's ragged step, whose paged attention applies
+    `window`); `rotary` is the local layers' own (cos, sin) tables (Gemma 3's separate
     base), or None for the global tables.
     """
 
     windowed_lb: jax.Array
-    mask_btt: jax.Array
+    mask_btt: jax.Array | None
     cache_mask_bts: jax.Array | None
     rotary: tuple | None
+    window: int | None = None  # the window (tokens), for attention that applies it itself
 
 
 def run_layers(blocks: DecoderBlock, x_btd, rotary, mask_btt, cache: KVCache | None,
@@ -228,16 +231,20 @@ def run_layers(blocks: DecoderBlock, x_btd, rotary, mask_btt, cache: KVCache | N
         x_btd, rotary, mask_btt, cache_mask_bts, local = carry
         cached, windowed_b = xs
         if isinstance(cached, PagedCache):
-            # The window lives in the masks: read the engine's pages gathered, under them.
-            cached = KVCache(*cached)
-        pick = lambda near, far: jnp.where(windowed_b[0], near, far)  # noqa: E731
+            # The engine's ragged step has no masks: paged attention applies the window,
+            # a traced one (NO_WINDOW on global layers).
+            layer_window = jnp.where(windowed_b[0], window, NO_WINDOW).astype(jnp.int32)
+            cached = PagedCache(*(x._replace(window=layer_window) for x in cached))
+        pick = lambda near, far: None if near is None else jnp.where(windowed_b[0], near, far)  # noqa: E731
         x_btd, new_kv = block(
             x_btd, rotary if local.rotary is None else jax.tree.map(pick, local.rotary, rotary),
             pick(local.mask_btt, mask_btt), cached,
             None if cache_mask_bts is None else pick(local.cache_mask_bts, cache_mask_bts))
         return (x_btd, rotary, mask_btt, cache_mask_bts, local), new_kv
 
-    carry = (x_btd, rotary, mask_btt, cache_mask_bts, local._replace(windowed_lb=None))
+    window = local.window
+    carry = (x_btd, rotary, mask_btt, cache_mask_bts,
+             local._replace(windowed_lb=None, window=None))
     (x_btd, *_), new_kv = layers.scan_layers(blocks, carry, local_body,
                                              (cache, local.windowed_lb))
     return x_btd, new_kv

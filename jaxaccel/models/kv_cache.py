@@ -46,27 +46,28 @@ def write(cache: KVCache, new: KVCache, slot) -> KVCache:
 
 def attend_paged(q_btnh, k_btkh, v_btkh, cached: PagedCache, *, scale: float | None = None,
                  sliding_window: int | None = None, soft_cap: float | None = None) -> jax.Array:
-    """Attention [b, t, n, h] of each row's t new tokens over its cached slots in pages and,
-    causally, over its own new keys, through the backend's ragged paged attention: row i is
-    sequence i with all t tokens as queries (cu_q_lens = i * t, kv_lens = start + t; a
-    padding token is a query too, and its output is ignored by the caller). `sliding_window`
-    and `soft_cap` as in `jaxaccel.backends.paged`; `scale` defaults to h ** -0.5."""
-    b, t, n, h = q_btnh.shape
+    """Attention [1, T, n, h] of a ragged step's T tokens (one row: every sequence's new
+    tokens back to back, as `cached`'s metadata says) over each sequence's cached slots in
+    pages and, causally, its own new keys, through the backend's ragged paged attention.
+    Outputs of padding tokens are zero or unspecified (callers discard them).
+    `sliding_window` (or the layers' own `window`) and `soft_cap` as in
+    `jaxaccel.backends.paged`; `scale` defaults to h ** -0.5."""
+    _, t, n, h = q_btnh.shape
     kv_heads = k_btkh.shape[2]
     keys, values = cached
-    cu_q_lens = jnp.arange(b + 1, dtype=jnp.int32) * t
-    kv_lens = (keys.start_b + t).astype(jnp.int32)
+    seqs = keys.table_bw.shape[0]
+    decode = keys.cu_q_lens is None  # one query per sequence
+    cu_q_lens = jnp.arange(seqs + 1, dtype=jnp.int32) if decode else keys.cu_q_lens
+    window = sliding_window if keys.window is None else keys.window
     out_tnh = backends.current().paged_attention(
-        q_btnh.reshape(b * t, n, h), k_btkh.reshape(b * t, kv_heads, h),
-        v_btkh.reshape(b * t, kv_heads, h), keys.pages_pkch, values.pages_pkch, kv_lens,
-        keys.table_bw.astype(jnp.int32), cu_q_lens, jnp.full((1,), b, jnp.int32),
-        sm_scale=h ** -0.5 if scale is None else scale, sliding_window=sliding_window, soft_cap=soft_cap, max_q_len=t)
-    return out_tnh.reshape(b, t, n, h)
+        q_btnh.reshape(t, n, h), k_btkh.reshape(t, kv_heads, h), v_btkh.reshape(t, kv_heads, h),
+        keys.pages_pkch, values.pages_pkch, keys.kv_lens_b.astype(jnp.int32),
+        keys.table_bw.astype(jnp.int32), cu_q_lens.astype(jnp.int32),
+        keys.num_seqs.astype(jnp.int32), sm_scale=h ** -0.5 if scale is None else scale,
+        sliding_window=window, soft_cap=soft_cap, max_q_len=1 if decode else t)
+    return out_tnh.reshape(1, t, n, h)
 
 
 def load(x, dtype) -> jax.Array:
-    """One layer's cached keys or values [b, k, s, h] as compute values in `dtype` (a
-    `PagedLayer` is gathered into that dense layout first)."""
-    if isinstance(x, PagedLayer):
-        x = x.dense()
+    """One layer's cached keys or values [b, k, s, h] as compute values in `dtype`."""
     return backends.current().cache_load(x, dtype)

@@ -180,8 +180,10 @@ def local_layers(cfg: Config, positions_bt, mask_btt, cache_mask_bts, cache_posi
         return None
     if cache_mask_bts is not None and cache_positions_bs is None:
         raise ValueError("sliding-window layers over a cache need cache_positions_bs")
-    local_mask_btt, local_cache_mask_bts = attention.window_masks(
-        cfg.sliding_window, positions_bt, mask_btt, cache_positions_bs, cache_mask_bts)
+    local_mask_btt = local_cache_mask_bts = None  # the engine's ragged step: no masks
+    if mask_btt is not None:
+        local_mask_btt, local_cache_mask_bts = attention.window_masks(
+            cfg.sliding_window, positions_bt, mask_btt, cache_positions_bs, cache_mask_bts)
     local_rotary = None
     if cfg.local_rope_theta is not None:
         local_cfg = dataclasses.replace(cfg, rope_theta=cfg.local_rope_theta,
@@ -190,7 +192,7 @@ def local_layers(cfg: Config, positions_bt, mask_btt, cache_mask_bts, cache_posi
     windowed_lb = jnp.broadcast_to(jnp.asarray(windowed)[:, None],
                                    (len(windowed), positions_bt.shape[0]))
     return blocks.LocalLayers(windowed_lb, local_mask_btt, local_cache_mask_bts,
-                              local_rotary)
+                              local_rotary, cfg.sliding_window)
 
 
 def _sliding_window(hf: dict, kind: ModelType) -> int | None:

@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import qwix
 from flax import nnx
 
+from jaxaccel.backends import paged
 from jaxaccel.backends.base import Backend, KVCache, PagedCache
 from jaxaccel.backends.cpu import attention as attention_kernel
 from jaxaccel.backends.cpu import grouped, isa, packed, packing, quantized, tuning
@@ -179,9 +180,10 @@ class CpuBackend(Backend):
                         max_q_len: int | None = None) -> jax.Array:
         """The fused kernel reading keys/values through the page table in place
         (`attention.paged_attention`; pages as `CacheLayer`s from `scan_layers`) on one
-        device, where the CPU and operands suit it and there is no soft cap; else plain XLA
-        over gathered pages."""
-        if (self.fused_attention and soft_cap is None and attention_kernel.paged_supported(
+        device, where the CPU and operands suit it and there is no soft cap or traced window;
+        else plain XLA over gathered pages."""
+        if (self.fused_attention and soft_cap is None and paged.static_window(sliding_window)
+                and attention_kernel.paged_supported(
                 q_tnh, k_tkh, v_tkh, k_pages_pkch, v_pages_pkch)):
             target = attention_kernel.kernel(q_tnh.dtype, attention_kernel.PAGED_SYMBOLS)
             if target is not None:
