@@ -33,4 +33,4 @@ fi
 export JAXACCEL_TEST_EXAMPLES_SCALE=${JAXACCEL_TEST_EXAMPLES_SCALE:-0.25}
 # The notebooks run on the main line: they execute the same CLI and bench paths that the
 # tests below cover on this jax too, and take ~90 s of the CI's 30 minutes.
-exec .venv312/bin/python -m pytest -q --ignore=tests/test_notebook.py "$@"
+exec .venv312/bin/python -m pytest -q -n 2 --dist loadfile --ignore=tests/test_notebook.py "$@"
