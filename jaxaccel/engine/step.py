@@ -4,9 +4,11 @@ Shape legend as in `jaxaccel.models.layers`, plus: b rows (sequences), t new tok
 p pages per row (block table width), c slots per page, s = p * c gathered slots.
 
 A step's rows each bring `count` new tokens from position `start` (a decode row 1, a prefill
-chunk up to the token budget). The batch is padded to a bucket (b, t, p): b and p powers of
-two, t 1 (a decode step) or a power of two >= `MIN_CHUNK`; padding rows and tokens write to
-the null page and are masked out. Per step, the step
+chunk up to the token budget). A row's block table lists its pages from its `first_page` on
+(the pages before it are out of every query's sliding window and freed), so slot j of the
+table holds position first_page * c + j. The batch is padded to a bucket (b, t, p): b and p
+powers of two, t 1 (a decode step) or a power of two >= `MIN_CHUNK`; padding rows and
+tokens write to the null page and are masked out. Per step, the step
   1. hands the decoder the pool with the block tables and each row's `start` as its cache
      (`kv_cache.PagedCache`): inside the layer scan, each layer's attention is the backend's
      ragged paged attention (`Backend.paged_attention`, rows as sequences of t tokens over
@@ -54,6 +56,7 @@ class StepInputs(NamedTuple):
     seed_b: np.ndarray  # uint32
     nth_b: np.ndarray  # int32 tokens the row's request has generated so far
     logprobs_b: np.ndarray  # bool: the row's request asks for log-probabilities
+    first_page_b: np.ndarray  # int32 index, in the sequence, of the table's first page
 
     @classmethod
     def specs(cls, b: int, t: int, p: int) -> "StepInputs":
@@ -88,7 +91,8 @@ def bucket(rows: int, tokens: int, pages: int, max_rows: int, max_pages: int
 
 def paged_view(pages: KVPages, table_bp, start_b) -> PagedCache:
     """The pool as the decoder's cache: each layer's attention reads its rows' pages through
-    the backend's paged attention (`kv_cache.PagedLayer`), inside the layer scan."""
+    the backend's paged attention (`kv_cache.PagedLayer`), inside the layer scan. `start_b`:
+    each row's cached slots in its table."""
     layers = pages.k_lpkch.shape[0]
     table_lbp = jnp.broadcast_to(table_bp[None], (layers, *table_bp.shape))
     start_lb = jnp.broadcast_to(start_b[None], (layers, *start_b.shape))
@@ -96,11 +100,14 @@ def paged_view(pages: KVPages, table_bp, start_b) -> PagedCache:
                       PagedLayer(pages.v_lpkch, table_lbp, start_lb))
 
 
-def scatter_tokens(pages: KVPages, new: KVCache, table_bp, positions_bt, valid_bt) -> KVPages:
-    """Write new keys/values [l, b, k, t, h] at their positions' page slots; padding tokens
-    go to the null page."""
+def scatter_tokens(pages: KVPages, new: KVCache, table_bp, first_page_b, positions_bt,
+                   valid_bt) -> KVPages:
+    """Write new keys/values [l, b, k, t, h] at their positions' page slots (the table of
+    row i starts at the sequence's page first_page_b[i]); padding tokens go to the null
+    page."""
     c = pages.k_lpkch.shape[3]
-    page_bt = jnp.take_along_axis(table_bp, positions_bt // c, axis=1)
+    index_bt = jnp.maximum(positions_bt // c - first_page_b[:, None], 0)
+    page_bt = jnp.take_along_axis(table_bp, index_bt, axis=1)
     page_bt = jnp.where(valid_bt, page_bt, NULL_PAGE)
     slot_bt = positions_bt % c
     backend = backends.current()
@@ -121,14 +128,19 @@ def step_body(model, pages: KVPages, inputs: StepInputs):
     # Causal among the new tokens; a padding query sees itself, so no row is empty.
     mask_btt = (index_t[None, :, None] >= index_t[None, None, :]) & (
         valid_bt[:, None, :] | jnp.eye(t, dtype=bool)[None])
-    cache = paged_view(pages, inputs.table_bp, inputs.start_b)
-    s = inputs.table_bp.shape[1] * pages.k_lpkch.shape[3]
+    c = pages.k_lpkch.shape[3]
+    offset_b = inputs.first_page_b * c  # the position of each row's first listed slot
+    cache = paged_view(pages, inputs.table_bp, inputs.start_b - offset_b)
+    s = inputs.table_bp.shape[1] * c
+    # The gathered view's slot j holds position offset + j (what sliding-window layers
+    # compare); the slots before `start` are cached.
+    cache_positions_bs = offset_b[:, None] + jnp.arange(s)[None]
     cache_mask_bts = jnp.broadcast_to(
-        (jnp.arange(s)[None, :] < inputs.start_b[:, None])[:, None, :], (b, t, s))
-    # The gathered view's slot j holds position j (what sliding-window layers compare).
+        (cache_positions_bs < inputs.start_b[:, None])[:, None, :], (b, t, s))
     x_btd, new_kv = model(inputs.ids_bt, positions_bt, mask_btt, cache, cache_mask_bts,
-                          cache_positions_bs=jnp.broadcast_to(jnp.arange(s)[None], (b, s)))
-    pages = scatter_tokens(pages, new_kv, inputs.table_bp, positions_bt, valid_bt)
+                          cache_positions_bs=cache_positions_bs)
+    pages = scatter_tokens(pages, new_kv, inputs.table_bp, inputs.first_page_b,
+                           positions_bt, valid_bt)
     last_b = jnp.maximum(inputs.count_b - 1, 0)
     x_b1d = jnp.take_along_axis(x_btd, last_b[:, None, None], axis=1)
     logits_bv = model.logits(x_b1d)[:, 0]

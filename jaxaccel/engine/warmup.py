@@ -27,13 +27,15 @@ from jaxaccel.engine.step import StepInputs, StepPrograms, bucket
 
 def step_buckets(requests: Iterable[Request], *, num_pages: int, page_size: int,
                  max_num_seqs: int, max_num_batched_tokens: int, max_length: int,
-                 enable_prefix_caching: bool = True) -> list[tuple[int, int, int]]:
+                 enable_prefix_caching: bool = True, window: int | None = None
+                 ) -> list[tuple[int, int, int]]:
     """The (b, t, p) buckets `LLMEngine.step` meets running `requests` to their max_tokens
-    with these settings (the engine's own), in order of first use."""
+    with these settings (the engine's own; `window`: its `page_pool.cache_window`), in
+    order of first use."""
     pool = PagePool(num_pages)
     scheduler = Scheduler(pool, PrefixCache(pool, page_size, enable_prefix_caching),
-                          page_size, max_num_seqs, max_num_batched_tokens)
-    max_pages = page_pool.pages_needed(max_length, page_size)
+                          page_size, max_num_seqs, max_num_batched_tokens, window)
+    max_pages = page_pool.table_width(max_length, page_size, window, max_num_batched_tokens)
     for request in requests:
         scheduler.add(request)
     seen: dict[tuple[int, int, int], None] = {}
@@ -44,7 +46,7 @@ def step_buckets(requests: Iterable[Request], *, num_pages: int, page_size: int,
         for group in ([r for r in rows if r.count == 1], [r for r in rows if r.count > 1]):
             if group:
                 seen[bucket(len(group), max(r.count for r in group),
-                            max(len(r.seq.pages) for r in group), max_num_seqs,
+                            max(len(r.seq.live_pages) for r in group), max_num_seqs,
                             max_pages)] = None
         scheduler.advance(rows)
         for row in rows:
@@ -87,12 +89,13 @@ def precompile(generator, requests: Iterable[Request], *, page_size: int = 16,
         return {"programs": 0, "seconds": 0.0}
     storage = runtime.backend.cache_storage_dtype(generator.dtype)
     num_pages, _ = pool_size(config, np.dtype(storage).itemsize, page_size, max_num_seqs,
-                             kv_cache_bytes)
+                             kv_cache_bytes, max_num_batched_tokens)
     buckets = step_buckets(requests, num_pages=num_pages, page_size=page_size,
                            max_num_seqs=max_num_seqs,
                            max_num_batched_tokens=max_num_batched_tokens,
                            max_length=config.max_length,
-                           enable_prefix_caching=enable_prefix_caching)
+                           enable_prefix_caching=enable_prefix_caching,
+                           window=page_pool.cache_window(config))
     shape = (config.num_layers, num_pages, config.num_kv_heads, page_size, config.head_dim)
     return compile_buckets(StepPrograms(runtime, generator.state_shardings), generator.state,
                            shape, storage, buckets)
