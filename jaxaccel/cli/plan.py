@@ -119,10 +119,10 @@ def _print_plan(plan, quiet: bool = False) -> None:
         f"{name} {fb(n)}" for name, n in plan.largest_arrays()))
     if plan.sliding_window:
         window = plan.sliding_window
-        bound = (f"KV cache bounded by it: at most {window['pages_per_sequence']} pages "
+        bound = (f"KV cache bounded to {window['pages_per_sequence']} pages "
                  f"({fb(window['bytes_per_sequence'])}) per sequence"
-                 if window["kv_cache_bounded"] else "KV cache not bounded by it")
+                 if window["kv_cache_bounded"] else "KV cache not bounded")
         console.print(f"sliding window {window['window']} on {window['windowed_layers']} of "
-                      f"{window['layers']} layers; {bound} ({window['note']})")
+                      f"{window['layers']} layers; {bound}: {window['note']}")
     for warning in [] if quiet else plan.warnings:
         console.print(f"[yellow]warning:[/] {warning}")

@@ -132,10 +132,9 @@ def sliding_window_report(config, itemsize: int,
                                config.head_dim, itemsize)
     return {**report, "kv_cache_bounded": True, "pages_per_sequence": pages,
             "bytes_per_sequence": pages * one,
-            "note": f"every layer is windowed: the engine frees a sequence's pages once they "
-                    f"fall out of the window, so a decoding sequence holds at most {pages} "
-                    f"pages of {page_size} tokens (the static path of pipeline `stage` "
-                    f"meshes keeps a slot per position)"}
+            "note": "every layer is windowed: the engine frees a sequence's pages once they "
+                    "fall out of the window; the static path of pipeline `stage` meshes "
+                    "keeps a slot per position"}
 
 
 # ---------------------------------------------------------------- arithmetic on mesh sizes
