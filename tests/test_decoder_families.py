@@ -139,9 +139,13 @@ def test_family_recorded_and_plan_reports_the_window(case):
     types = getattr(hf.config, "layer_types", None) or ["sliding_attention"] * layers
     windowed = [t == "sliding_attention" for t in types]  # Mistral: every layer
     if getattr(hf.config, "sliding_window", None) and any(windowed):
-        assert report["sliding_window"] == {
-            "window": WINDOW, "windowed_layers": sum(windowed), "layers": len(windowed),
-            "kv_cache_bounded": False, "note": report["sliding_window"]["note"]}
+        expected = {"window": WINDOW, "windowed_layers": sum(windowed), "layers": len(windowed),
+                    "kv_cache_bounded": all(windowed), "note": report["sliding_window"]["note"]}
+        if all(windowed):  # pages of 16 tokens: the window's 7 and the query fit in 1 + 1
+            kv = hf.config.num_key_value_heads * hf.config.head_dim
+            expected.update(pages_per_sequence=2,
+                            bytes_per_sequence=2 * 16 * 2 * layers * kv * 4)  # float32 k, v
+        assert report["sliding_window"] == expected
     else:
         assert "sliding_window" not in report
 
@@ -167,6 +171,32 @@ def test_engine_pages_and_chunked_prefill_match_transformers(case, fp32):
     requests = [Request(i, p, SamplingParams(max_tokens=STEPS, ignore_eos=True))
                 for i, p in enumerate(PROMPTS)]
     assert [out.token_ids for out in engine.generate(requests)] == expected
+
+
+def test_engine_frees_pages_behind_the_window(case, fp32):
+    """Every layer windowed (Mistral, window 7): pages of 4 tokens in a pool of 9 (36 slots,
+    fewer than the 87 tokens of the long request alone) run prompts of 23 and 5 tokens 64
+    steps past the window with transformers' greedy tokens. Between decode steps a sequence
+    holds at most ceil(7 / 4) + 1 = 3 pages; the pool peaks at 6 (the long prompt's last
+    chunk, positions 16..22 reading from 10: pages 2..5, beside the short prompt's 2)."""
+    name, _, _, expected = case
+    if name != "mistral_window":
+        pytest.skip("the bound needs every layer windowed")
+    engine = LLMEngine(fp32, page_size=4, num_pages=10, max_num_seqs=2,
+                       max_num_batched_tokens=16)
+    for i, prompt in enumerate((PROMPTS[2], PROMPTS[0])):
+        engine.add_request(Request(i, prompt, SamplingParams(max_tokens=STEPS,
+                                                             ignore_eos=True)))
+    outputs, held = {}, []
+    while engine.has_unfinished:
+        outputs.update((out.request_id, out.token_ids) for out in engine.step() if out.finished)
+        running = engine.scheduler.running
+        if running and all(len(seq.tokens) > seq.prompt_len for seq in running):
+            held.append(engine.pool.used_count / len(running))
+    assert [outputs[0], outputs[1]] == [expected[2], expected[0]]
+    assert held and max(held) <= 3
+    assert engine.stats()["peak_pages_used"] == 6
+    assert engine.pool.used_count == 0 and engine.pool.free_count == 9
 
 
 @pytest.mark.parametrize("name", chosen({"gemma3"}))

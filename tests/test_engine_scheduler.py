@@ -55,9 +55,10 @@ def test_freed_cached_pages_are_revived_or_evicted_least_recent_first():
     assert cache.lookup([], [10], 1) == []
 
 
-def make(pages=20, page_size=4, seqs=4, budget=32, prefix=True):
+def make(pages=20, page_size=4, seqs=4, budget=32, prefix=True, window=None):
     pool = PagePool(pages)
-    return Scheduler(pool, PrefixCache(pool, page_size, prefix), page_size, seqs, budget)
+    return Scheduler(pool, PrefixCache(pool, page_size, prefix), page_size, seqs, budget,
+                     window)
 
 
 def req(i, n, new=4):
@@ -133,3 +134,37 @@ def test_abort_frees_a_running_or_waiting_request_at_once():
     assert sched.abort(0) and sched.pool.used_count == 0 and not sched.running
     assert sched.abort(1) and not sched.has_work
     assert not sched.abort(1)  # gone already
+
+
+def test_a_windowed_sequence_frees_pages_behind_its_window_and_keeps_shared_ones():
+    """Window 6, pages of 4: a query at position q reads positions q-5..q, so after 10
+    tokens (next query 10: positions 5..) page 0 (0..3) is dead and page 1 (4..7) is not.
+    A page the prefix cache or another sequence holds only loses a reference."""
+    sched = make(pages=20, page_size=4, window=6)
+    sched.add(req(0, 10, new=40))
+    [row] = sched.schedule()
+    first = row.seq
+    page0, page1 = first.pages[:2]
+    sched.advance([row])
+    assert sched.pool.refs[page0] == 0 and sched.pool.refs[page1] == 1
+    assert sched.pool.used_count == 2  # pages 1 and 2 of the sequence
+    sched.add(req(1, 10, new=40))  # same prompt: pages 0 and 1 found in the prefix cache
+    first.tokens.append(7)
+    rows = sched.schedule()
+    assert [(r.seq.request.request_id, r.start, r.count) for r in rows] == [(0, 10, 1), (1, 8, 2)]
+    second = rows[1].seq
+    assert second.pages[:2] == [page0, page1]  # page 0 revived from the free queue
+    sched.advance(rows)
+    assert sched.pool.refs[page0] == 0 and sched.pool.refs[page1] == 2
+    held = []
+    for _ in range(30):  # decode both far past the window
+        for seq in sched.running:
+            seq.tokens.append(7)
+        rows = sched.schedule()  # each row's query q: pages for positions q-5..q at most
+        held.append(max(len(r.seq.pages) - r.seq.pages.count(0) for r in rows))
+        sched.advance(rows)
+    assert max(held) == 3  # ceil(6 / 4) + 1
+    assert sched.pool.refs[page1] == 0
+    for seq in list(sched.running):
+        sched.finish(seq)
+    assert sched.pool.used_count == 0 and sched.pool.free_count == 19

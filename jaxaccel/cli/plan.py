@@ -64,7 +64,10 @@ def register(app: typer.Typer) -> None:
                 Console().print(f"engine KV page pool: {pool['pages'] - 1} pages of "
                                 f"{pool['page_size']} tokens ({fb(pool['page_bytes'])} each, "
                                 f"{pool['tokens']} tokens), {fb(pool['bytes'])} in all, kv "
-                                f"heads split over model")
+                                f"heads split over model" + (
+                                    f"; a sequence holds at most "
+                                    f"{pool['window_pages_per_sequence']} (sliding window)"
+                                    if "window_pages_per_sequence" in pool else ""))
         planner.check_fits(result, len(jax.devices()))
 
 
@@ -117,8 +120,10 @@ def _print_plan(plan, quiet: bool = False) -> None:
         f"{name} {fb(n)}" for name, n in plan.largest_arrays()))
     if plan.sliding_window:
         window = plan.sliding_window
+        bound = (f"KV cache bounded to {window['pages_per_sequence']} pages "
+                 f"({fb(window['bytes_per_sequence'])}) per sequence"
+                 if window["kv_cache_bounded"] else "KV cache not bounded")
         console.print(f"sliding window {window['window']} on {window['windowed_layers']} of "
-                      f"{window['layers']} layers; KV cache not bounded by it (one cache "
-                      "stack for all layers)")
+                      f"{window['layers']} layers; {bound}: {window['note']}")
     for warning in [] if quiet else plan.warnings:
         console.print(f"[yellow]warning:[/] {warning}")

@@ -52,25 +52,31 @@ def fraction_of(fraction: float, free_bytes: int) -> int:
 
 
 def pool_size(config, itemsize: int, page_size: int, max_num_seqs: int,
-              budget: int | None) -> tuple[int, int]:
+              budget: int | None, max_num_batched_tokens: int = 512) -> tuple[int, int]:
     """(pages, null page included; bytes of one page over all layers) of the KV page pool:
     `budget` bytes' worth, or by default DEFAULT_KV_CACHE_BYTES' worth capped at what
-    `max_num_seqs` sequences of the model's maximum length can use. UsageError below 2."""
+    `max_num_seqs` sequences of the model's maximum length can use (with a sliding window
+    over every layer, the pages a sequence holds at most). UsageError below 2."""
     one = page_pool.page_bytes(config.num_layers, config.num_kv_heads, page_size,
                                config.head_dim, itemsize)
     if budget is not None:
         return page_pool.pages_for_budget(budget, one), one
-    enough = max_num_seqs * page_pool.pages_needed(config.max_length, page_size) + 1
+    width = page_pool.table_width(config.max_length, page_size,
+                                  page_pool.cache_window(config), max_num_batched_tokens)
+    enough = max_num_seqs * width + 1
     return min(enough, page_pool.pages_for_budget(DEFAULT_KV_CACHE_BYTES, one)), one
 
 
-def pool_plan(config, dtype, platform: str, *, page_size: int = 16, max_num_seqs: int = 64,
-              kv_cache_bytes: int | float | None = None, free_bytes: int | None = None
-              ) -> dict:
+def pool_plan(config, dtype, platform: str, *,
+              page_size: int = page_pool.DEFAULT_PAGE_SIZE, max_num_seqs: int = 64,
+              kv_cache_bytes: int | float | None = None, free_bytes: int | None = None,
+              max_num_batched_tokens: int = 512) -> dict:
     """What `LLMEngine` would allocate, from the config alone (for `jaxaccel plan`): pages
     (null page included), page_size (tokens), page_bytes, total bytes (global; kv heads are
-    split over `model`) and tokens the pool holds. A fractional `kv_cache_bytes` takes that
-    share of `free_bytes` (default: host memory available)."""
+    split over `model`) and tokens the pool holds; with a sliding window over every layer
+    (`page_pool.cache_window`), also the pages (and bytes) one decoding sequence holds at
+    most, window_pages_per_sequence and window_bytes_per_sequence. A fractional
+    `kv_cache_bytes` takes that share of `free_bytes` (default: host memory available)."""
     from jaxaccel import backends  # deferred: only the plan needs a platform's backend
 
     if isinstance(kv_cache_bytes, float):
@@ -79,9 +85,14 @@ def pool_plan(config, dtype, platform: str, *, page_size: int = 16, max_num_seqs
         kv_cache_bytes = fraction_of(kv_cache_bytes, free)
     storage = backends.for_platform(platform).cache_storage_dtype(dtype)
     pages, one = pool_size(config, np.dtype(storage).itemsize, page_size, max_num_seqs,
-                           kv_cache_bytes)
-    return {"pages": pages, "page_size": page_size, "page_bytes": one,
+                           kv_cache_bytes, max_num_batched_tokens)
+    plan = {"pages": pages, "page_size": page_size, "page_bytes": one,
             "bytes": pages * one, "tokens": (pages - 1) * page_size}
+    window = page_pool.cache_window(config)
+    if window is not None:  # what one decoding sequence holds at most
+        per_seq = page_pool.window_pages(window, page_size)
+        plan.update(window_pages_per_sequence=per_seq, window_bytes_per_sequence=per_seq * one)
+    return plan
 
 
 def step_inputs(rows: list[Scheduled], step: Bucket, width: int, page_size: int,
@@ -130,7 +141,8 @@ class LLMEngine:
     random stream of requests without their own seed.
     """
 
-    def __init__(self, generator, *, page_size: int = 16, num_pages: int | None = None,
+    def __init__(self, generator, *, page_size: int = page_pool.DEFAULT_PAGE_SIZE,
+                 num_pages: int | None = None,
                  kv_cache_bytes: int | float | None = None, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 512, enable_prefix_caching: bool = True,
                  eos_token_ids: Sequence[int] = (), detokenize: Callable | None = None,
@@ -140,11 +152,19 @@ class LLMEngine:
         self.generator, self.config = generator, generator.config
         self.page_size, self.max_num_seqs = page_size, max_num_seqs
         self.eos_token_ids, self.detokenize, self.seed = set(eos_token_ids), detokenize, seed
-        self.max_pages_per_seq = page_pool.pages_needed(self.config.max_length, page_size)
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.window = page_pool.cache_window(self.config)  # None: pages kept to the end
+        # Pages a sequence holds at most (bounded by a window over every layer) ...
+        self.max_pages_per_seq = page_pool.table_width(
+            self.config.max_length, page_size, self.window, max_num_batched_tokens)
+        # ... and its block table's width: every page position up to the maximum length (the
+        # paged-attention contract indexes slot j at page_indices[i, j // c]; pages freed
+        # behind a window are listed as the null page, which the window's mask never reads).
+        self.table_width = page_pool.pages_needed(self.config.max_length, page_size)
         self.pool = PagePool(num_pages or self._pages_for(kv_cache_bytes))
         self.prefix = PrefixCache(self.pool, page_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.pool, self.prefix, page_size, max_num_seqs,
-                                   max_num_batched_tokens)
+                                   max_num_batched_tokens, self.window)
         self.programs = StepPrograms(generator.runtime, generator.state_shardings)
         self.pages = self._empty_pages()
         self.outputs: dict[object, RequestOutput] = {}
@@ -159,7 +179,7 @@ class LLMEngine:
             budget = fraction_of(budget, free_memory_bytes(gen.runtime.layout))
         storage = gen.runtime.backend.cache_storage_dtype(gen.dtype)
         return pool_size(self.config, np.dtype(storage).itemsize, self.page_size,
-                         self.max_num_seqs, budget)[0]
+                         self.max_num_seqs, budget, self.max_num_batched_tokens)[0]
 
     def _empty_pages(self) -> KVPages:
         cfg, gen = self.config, self.generator
@@ -195,9 +215,10 @@ class LLMEngine:
         if tokens > cfg.max_length:
             raise InputError(f"{name}: prompt + max_tokens - 1 = {tokens} tokens exceeds the "
                              f"model's maximum length {cfg.max_length}")
-        if page_pool.pages_needed(tokens, self.page_size) > self.pool.num_pages - 1:
-            raise InputError(f"{name}: needs {tokens} tokens of KV cache; the pool holds "
-                             f"{(self.pool.num_pages - 1) * self.page_size}")
+        held = min(page_pool.pages_needed(tokens, self.page_size), self.max_pages_per_seq)
+        if held > self.pool.num_pages - 1:
+            raise InputError(f"{name}: needs {min(tokens, held * self.page_size)} tokens of KV "
+                             f"cache; the pool holds {(self.pool.num_pages - 1) * self.page_size}")
         if request.params.stop and self.detokenize is None:
             raise InputError(f"{name}: stop strings need a tokenizer")
 
@@ -247,7 +268,7 @@ class LLMEngine:
     def _run(self, rows: list[Scheduled]) -> StepTokens:
         """Launch the step's one ragged program over `rows`; its StepTokens (on the device)."""
         step = bucket([r.count for r in rows], self.max_num_seqs)
-        inputs = step_inputs(rows, step, self.max_pages_per_seq, self.page_size, self.seed)
+        inputs = step_inputs(rows, step, self.table_width, self.page_size, self.seed)
         self.pages, out = self.programs.run(self.generator.state, self.pages, inputs,
                                             step.decode)
         return out

@@ -9,6 +9,12 @@ block table lists its pages in order: token i lives at slot i % c of page table[
 Page 0 is the null page: never handed out, it absorbs the writes of padding tokens and pads
 block tables; its contents are finite garbage that masks hide.
 
+A model whose every attention layer is windowed (`cache_window`) never reads a key again
+once it lies a window behind the sequence's next query, so the scheduler frees such pages
+as the sequence moves on (`dead_pages`): a sequence then holds at most `window_pages` pages,
+however long it runs. One block table serves every layer, so a model with any global layer
+(Gemma 2 and 3) keeps its whole history.
+
 The allocator keeps a reference count per page (a page shared through the prefix cache has
 one reference per sequence using it) and a free queue in least-recently-freed order: a freed
 page that still holds a cached prefix stays reusable by a later hit until allocation reaches
@@ -25,6 +31,7 @@ from typing import NamedTuple
 from jaxaccel.errors import UsageError
 
 NULL_PAGE = 0
+DEFAULT_PAGE_SIZE = 16  # tokens per page unless the engine is told otherwise
 
 
 class KVPages(NamedTuple):
@@ -51,6 +58,39 @@ def pages_for_budget(budget_bytes: int, one_page_bytes: int) -> int:
 
 def pages_needed(tokens: int, page_size: int) -> int:
     return -(-tokens // page_size)
+
+
+def cache_window(config) -> int | None:
+    """The sliding window (tokens) bounding a decoder's KV cache: its `sliding_window` when
+    every layer is windowed (its `windowed_layers`), else None (a global layer reads the
+    whole history through the block table all layers share)."""
+    window = getattr(config, "sliding_window", None)
+    windowed = getattr(config, "windowed_layers", ())
+    return int(window) if window and windowed and all(windowed) else None
+
+
+def dead_pages(computed: int, window: int, page_size: int) -> int:
+    """How many leading pages of a sequence with `computed` tokens cached no query reads
+    again: a query at position q >= computed sees keys at positions > q - window, so page i
+    (positions i*c .. i*c + c-1) is dead once i*c + c-1 <= computed - window."""
+    return max(0, (computed - window + 1) // page_size)
+
+
+def window_pages(window: int, page_size: int, new_tokens: int = 1) -> int:
+    """Most pages a sequence holds in a step that computes `new_tokens` tokens when its dead
+    pages are freed: its last window - 1 cached positions and the new ones (decode: 1, so
+    ceil(window / page_size) + 1)."""
+    return pages_needed(window - 1 + new_tokens, page_size) + 1
+
+
+def table_width(max_length: int, page_size: int, window: int | None,
+                max_num_batched_tokens: int) -> int:
+    """Most pages one sequence's block table lists: its maximum length's, or with a
+    `cache_window` the pages a step of up to `max_num_batched_tokens` new tokens holds."""
+    full = pages_needed(max_length, page_size)
+    if window is None:
+        return full
+    return min(full, window_pages(window, page_size, max_num_batched_tokens))
 
 
 class PagePool:

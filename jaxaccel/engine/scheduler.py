@@ -11,7 +11,9 @@ once, not once per request arriving together). A sequence that needs a page when
 is free preempts the newest running sequence (its pages are freed, it goes back to the front
 of the queue and is recomputed later from its prompt and the tokens it already has: the
 same tokens come out, since greedy and seeded sampling depend only on the sequence), and
-preempts itself when it is the newest. Finished sequences free their pages at once.
+preempts itself when it is the newest. Finished sequences free their pages at once. With a
+`window` (every layer of the model windowed), a sequence frees its leading pages as they fall
+out of the window of its next query (`page_pool.dead_pages`), so it holds a bounded number.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 
-from jaxaccel.engine.page_pool import PagePool, pages_needed
+from jaxaccel.engine.page_pool import NULL_PAGE, PagePool, dead_pages, pages_needed
 from jaxaccel.engine.prefix_cache import PrefixCache, extend_keys
 from jaxaccel.engine.requests import Request
 
@@ -27,7 +29,9 @@ from jaxaccel.engine.requests import Request
 @dataclasses.dataclass(eq=False)
 class Sequence:
     """A request in flight: its tokens (prompt, then generated), how many of them are in
-    the cache (`computed`), its block table (`pages`) and its prefix keys."""
+    the cache (`computed`), its block table (`pages`: page i holds tokens i*c .. i*c + c-1;
+    the first `dropped` are freed, out of every future query's window, and read NULL_PAGE)
+    and its prefix keys."""
 
     request: Request
     number: int  # arrival order
@@ -36,7 +40,13 @@ class Sequence:
     pages: list[int] = dataclasses.field(default_factory=list)
     keys: list[int] = dataclasses.field(default_factory=list)  # chained page keys so far
     registered: int = 0  # pages already offered to the prefix cache
+    dropped: int = 0  # leading pages freed (sliding windows)
     preemptions: int = 0
+
+    @property
+    def live_pages(self) -> list[int]:
+        """The pages it still holds, in order: its block table from page `dropped` on."""
+        return self.pages[self.dropped:]
 
     @property
     def prompt_len(self) -> int:
@@ -67,9 +77,11 @@ class Scheduled:
 
 
 class Scheduler:
+    """`window`: the model's `page_pool.cache_window` (None: sequences keep every page)."""
+
     def __init__(self, pool: PagePool, prefix: PrefixCache, page_size: int,
-                 max_num_seqs: int, max_num_batched_tokens: int):
-        self.pool, self.prefix, self.page_size = pool, prefix, page_size
+                 max_num_seqs: int, max_num_batched_tokens: int, window: int | None = None):
+        self.pool, self.prefix, self.page_size, self.window = pool, prefix, page_size, window
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
@@ -146,6 +158,7 @@ class Scheduler:
         hits = self.prefix.lookup(seq.keys, seq.tokens, (len(seq.tokens) - 1) // self.page_size)
         seq.pages, seq.registered = hits, len(hits)
         seq.computed = len(hits) * self.page_size
+        self._drop_dead(seq)  # a long cached prefix: only its last window's pages stay
         count = min(seq.remaining, budget)
         if not self._grow(seq, seq.computed + count):
             self._release(seq)
@@ -172,8 +185,20 @@ class Scheduler:
 
     def _release(self, seq: Sequence) -> None:
         # Tail pages first into the free queue, so eviction takes a prefix's end first.
-        self.pool.release(reversed(seq.pages))
-        seq.pages, seq.computed, seq.registered = [], 0, 0
+        self.pool.release(reversed(seq.live_pages))
+        seq.pages, seq.computed, seq.registered, seq.dropped = [], 0, 0, 0
+
+    def _drop_dead(self, seq: Sequence) -> None:
+        """Free the pages of `seq` that no query of it reads again (only with a window). A
+        page the prefix cache or another sequence holds loses one reference, nothing more."""
+        if self.window is None:
+            return
+        dead = min(dead_pages(seq.computed, self.window, self.page_size), len(seq.pages))
+        if dead <= seq.dropped:
+            return
+        self.pool.release(reversed(seq.pages[seq.dropped:dead]))
+        seq.pages[seq.dropped:dead] = [NULL_PAGE] * (dead - seq.dropped)
+        seq.dropped = dead
 
     def advance(self, rows: list[Scheduled]) -> None:
         """After a step ran `rows`: their tokens are in the cache; offer full pages to the
@@ -185,6 +210,7 @@ class Scheduler:
             full = seq.computed // self.page_size
             self.prefix.register(seq.keys, seq.tokens, seq.pages, seq.registered, full)
             seq.registered = max(seq.registered, full)
+            self._drop_dead(seq)
 
     def abort(self, request_id) -> bool:
         """Drop the request `request_id` wherever it is (waiting or running) and free its

@@ -27,12 +27,14 @@ from jaxaccel.engine.step import Bucket, StepInputs, StepPrograms, bucket
 
 def step_buckets(requests: Iterable[Request], *, num_pages: int, page_size: int,
                  max_num_seqs: int, max_num_batched_tokens: int,
-                 enable_prefix_caching: bool = True) -> list[Bucket]:
+                 enable_prefix_caching: bool = True, window: int | None = None
+                 ) -> list[Bucket]:
     """The buckets `LLMEngine.step` meets running `requests` to their max_tokens
-    with these settings (the engine's own), in order of first use."""
+    with these settings (the engine's own; `window`: its `page_pool.cache_window`), in order
+    of first use."""
     pool = PagePool(num_pages)
     scheduler = Scheduler(pool, PrefixCache(pool, page_size, enable_prefix_caching),
-                          page_size, max_num_seqs, max_num_batched_tokens)
+                          page_size, max_num_seqs, max_num_batched_tokens, window)
     for request in requests:
         scheduler.add(request)
     seen: dict[Bucket, None] = {}
@@ -82,11 +84,12 @@ def precompile(generator, requests: Iterable[Request], *, page_size: int = 16,
         return {"programs": 0, "seconds": 0.0}
     storage = runtime.backend.cache_storage_dtype(generator.dtype)
     num_pages, _ = pool_size(config, np.dtype(storage).itemsize, page_size, max_num_seqs,
-                             kv_cache_bytes)
+                             kv_cache_bytes, max_num_batched_tokens)
     buckets = step_buckets(requests, num_pages=num_pages, page_size=page_size,
                            max_num_seqs=max_num_seqs,
                            max_num_batched_tokens=max_num_batched_tokens,
-                           enable_prefix_caching=enable_prefix_caching)
+                           enable_prefix_caching=enable_prefix_caching,
+                           window=page_pool.cache_window(config))
     shape = (config.num_layers, num_pages, config.num_kv_heads, page_size, config.head_dim)
     return compile_buckets(StepPrograms(runtime, generator.state_shardings), generator.state,
                            shape, storage, buckets,

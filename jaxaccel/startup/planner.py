@@ -30,6 +30,7 @@ from jaxaccel import models
 from jaxaccel.parallel import pipeline
 from jaxaccel.parallel import sharding as ax
 from jaxaccel.checkpoint.restore import DEFAULT_HOST_MEMORY_BUDGET, plan_reads
+from jaxaccel.engine import page_pool
 from jaxaccel.runtime.classify import Classifier
 from jaxaccel.runtime.embed import Embedder
 from jaxaccel.errors import PlanError, UsageError  # noqa: F401  (PlanError re-exported)
@@ -104,22 +105,36 @@ class MemoryPlan:
         }
 
 
-def sliding_window_report(config) -> dict:
+def sliding_window_report(config, itemsize: int,
+                          page_size: int = page_pool.DEFAULT_PAGE_SIZE) -> dict:
     """{window, windowed_layers, layers, kv_cache_bounded, note} of a decoder config with
-    sliding-window layers (its `sliding_window` and `windowed_layers`), else {}.
+    sliding-window layers (its `sliding_window` and `windowed_layers`), else {}; when the
+    cache is bounded, also pages_per_sequence and bytes_per_sequence (all layers, keys and
+    values, `itemsize` bytes a value): what one decoding sequence holds at most in the
+    engine's pool of `page_size`-token pages.
 
-    The KV cache is one [layers, batch, kv heads, slots, head dim] stack that the layer scan
-    slices, so a windowed layer keeps as many slots as a global one: attention reads only
-    the window, but the cache is not bounded by it (a per-layer ring buffer would need a
-    stack per layer type)."""
+    The engine's block table serves every layer, so only a model whose every layer is
+    windowed frees the pages that fall behind the window (`engine.page_pool.cache_window`);
+    a global layer reads the whole history. The static path (pipeline `stage` meshes) keeps
+    one [l, b, k, s, h] stack with a slot per position either way."""
     window = getattr(config, "sliding_window", None)
     windowed = sum(getattr(config, "windowed_layers", ()))
     if not window or not windowed:
         return {}
-    return {"window": int(window), "windowed_layers": int(windowed),
-            "layers": int(config.num_layers), "kv_cache_bounded": False,
-            "note": "windowed layers attend over the last window tokens; their KV cache "
-                    "slots are not bounded by the window (one cache stack for all layers)"}
+    report = {"window": int(window), "windowed_layers": int(windowed),
+              "layers": int(config.num_layers)}
+    if page_pool.cache_window(config) is None:
+        return {**report, "kv_cache_bounded": False,
+                "note": "global layers read the whole history through the block table "
+                        "every layer shares: the KV cache is not bounded by the window"}
+    pages = page_pool.window_pages(int(window), page_size)
+    one = page_pool.page_bytes(config.num_layers, config.num_kv_heads, page_size,
+                               config.head_dim, itemsize)
+    return {**report, "kv_cache_bounded": True, "pages_per_sequence": pages,
+            "bytes_per_sequence": pages * one,
+            "note": "every layer is windowed: the engine frees a sequence's pages once they "
+                    "fall out of the window; the static path of pipeline `stage` meshes "
+                    "keeps a slot per position"}
 
 
 # ---------------------------------------------------------------- arithmetic on mesh sizes
@@ -202,7 +217,8 @@ def memory_plan(model_plan, *, batch: int = 1, seq: int | None = None,
         device_memory=device_memory if device_memory is not None else detected_device_memory(),
         param_bytes_by_array=by_array, warnings=divisibility_warnings(specs, sizes, rules),
         specs=specs, config=config, task=task,
-        quantization=model_plan.quantization, sliding_window=sliding_window_report(config))
+        quantization=model_plan.quantization,
+        sliding_window=sliding_window_report(config, itemsize))
     return result
 
 
