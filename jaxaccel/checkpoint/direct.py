@@ -71,6 +71,9 @@ class ArrayLayout:
     checksummed: bool
 
 
+_INDEX_READS = 3  # reads of a remote index whose nodes do not decode, before giving up
+
+
 def ocdbt_index(params_dir) -> dict[bytes, ValueRef]:
     """Every key of the OCDBT database's newest version -> where its value lives (`file`:
     a local path, or a URL when `params_dir` is remote: see checkpoint.storage). A remote
@@ -78,11 +81,15 @@ def ocdbt_index(params_dir) -> dict[bytes, ValueRef]:
     params_dir = storage.checkpoint_path(params_dir)
     if isinstance(params_dir, pathlib.Path):
         return _ocdbt_index(params_dir.absolute())
-    for attempt in range(2):
+    for attempt in range(_INDEX_READS):
         try:
             return _ocdbt_index(params_dir)
         except storage.StorageError as err:
-            if attempt or "DATA_LOSS" not in str(err):
+            # tensorstore words a node that does not decode as DATA_LOSS, or only as "Error
+            # decoding ...": either is the response, not the database (a database that is
+            # really corrupt fails every read, and the last one is raised).
+            decode = any(word in str(err) for word in ("DATA_LOSS", "rror decoding"))
+            if attempt == _INDEX_READS - 1 or not decode:
                 raise
     raise AssertionError("unreachable")
 
