@@ -62,3 +62,23 @@ def generator(model, config, **kwargs):
     from jaxaccel.runtime.generate import Generator
 
     return Generator(*nnx.split(model), config, compiler_options=FAST_COMPILE, **kwargs)
+
+
+def causal_logits(loaded, ids) -> np.ndarray:
+    """Float32 logits [t, v] of one causal pass of a loaded decoder over the token ids `ids`
+    (no KV cache), under the backend of its mesh: the plain path every test compares with a
+    reference's full-sequence logits."""
+    import jax  # deferred: the module's other helpers need no jit
+
+    from jaxaccel import backends
+
+    graphdef = loaded.graphdef
+
+    def forward(state, ids_t):
+        model = nnx.merge(graphdef, state)
+        t = ids_t.shape[0]
+        x, _ = model(ids_t[None], jnp.arange(t)[None], jnp.tril(jnp.ones((t, t), bool))[None])
+        return model.logits(x)[0]
+
+    with backends.use(backends.for_mesh(loaded.layout.mesh)):
+        return np.asarray(jax.jit(forward)(loaded.state, jnp.asarray(ids, jnp.int32)))

@@ -13,14 +13,11 @@ import json
 import os
 import shutil
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from decoder_reference import FAST_COMPILE, save_hf
-from flax import nnx
+from decoder_reference import FAST_COMPILE, causal_logits, save_hf
 
-from jaxaccel import backends, models
+from jaxaccel import models
 from jaxaccel.conversion.hf import convert
 from jaxaccel.conversion.safetensors_source import ConvertError
 from jaxaccel.engine.engine import LLMEngine
@@ -241,16 +238,7 @@ def test_int8_quantize_on_load_top1_agrees_with_fp32(case):
     loaded = load_model(ckpt, quantize="int8")
     with torch.no_grad():
         reference = hf(torch.tensor([STREAM])).logits[0].numpy()
-    graphdef = loaded.graphdef
-
-    def forward(state, ids_t):
-        model = nnx.merge(graphdef, state)
-        t = ids_t.shape[0]
-        x, _ = model(ids_t[None], jnp.arange(t)[None], jnp.tril(jnp.ones((t, t), bool))[None])
-        return model.logits(x)[0]
-
-    with backends.use(backends.for_mesh(loaded.layout.mesh)):
-        int8 = np.asarray(jax.jit(forward)(loaded.state, jnp.asarray(STREAM, jnp.int32)))
+    int8 = causal_logits(loaded, STREAM)
     assert (int8.argmax(-1) == reference.argmax(-1)).mean() >= 0.95
 
 

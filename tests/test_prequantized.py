@@ -9,10 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import qwix
-from flax import nnx
+from decoder_reference import causal_logits
 from prequantized_reference import PROMPT, STEPS, STREAM
 
-from jaxaccel import backends
 from jaxaccel.conversion.hf_checkpoint import open_checkpoint
 from jaxaccel.parallel.params import flat_arrays
 from jaxaccel.runtime.generate import Generator
@@ -55,18 +54,15 @@ def checkpoints(base, tmp_path_factory):
     return get
 
 
-def _all_logits(loaded, ids):
-    """Float32 logits [t, v] of one causal pass over `ids` (the plain quantized path)."""
-    graphdef = loaded.graphdef
-
-    def forward(state, ids_t):
-        model = nnx.merge(graphdef, state)
-        t = ids_t.shape[0]
-        x, _ = model(ids_t[None], jnp.arange(t)[None], jnp.tril(jnp.ones((t, t), bool))[None])
-        return model.logits(x)[0]
-
-    with backends.use(backends.for_mesh(loaded.layout.mesh)):
-        return np.asarray(jax.jit(forward)(loaded.state, jnp.asarray(ids, jnp.int32)))
+def _load_and_compare_logits(directory, logits):
+    """(loaded model, its Generator) of the pre-quantized `directory` in float32, after
+    checking its causal logits against the dequantized reference's within 1e-4 relative."""
+    loaded = load_model(directory, dtype="float32")
+    ours = causal_logits(loaded, STREAM)
+    scale = np.abs(logits).max()
+    assert np.abs(ours - logits).max() <= 1e-4 * scale, np.abs(ours - logits).max() / scale
+    return loaded, Generator(loaded.graphdef, loaded.state, loaded.config, loaded.layout,
+                             dtype=loaded.dtype)
 
 
 def _held_quantized_bytes(state) -> int:
@@ -85,14 +81,9 @@ def _held_quantized_bytes(state) -> int:
 @pytest.mark.parametrize("kind", CT_KINDS)
 def test_compressed_tensors_matches_dequantized_reference(kind, checkpoints):
     directory, logits, tokens = checkpoints(kind)
-    loaded = load_model(directory, dtype="float32")
-    ours = _all_logits(loaded, STREAM)
-    scale = np.abs(logits).max()
-    assert np.abs(ours - logits).max() <= 1e-4 * scale, np.abs(ours - logits).max() / scale
+    loaded, generator = _load_and_compare_logits(directory, logits)
     # Greedy decode (prefill + KV cache; the CPU kernels where the weights fit them).
-    new = Generator(loaded.graphdef, loaded.state, loaded.config, loaded.layout,
-                    dtype=loaded.dtype).generate([PROMPT], STEPS, loop="device")[0]
-    assert new == tokens
+    assert generator.generate([PROMPT], STEPS, loop="device")[0] == tokens
     assert _held_quantized_bytes(loaded.state) == ref.stored_quantized_bytes(directory)
     arrays = flat_arrays(loaded.state)
     bits = 4 if kind.startswith("w4") else 8
@@ -143,12 +134,7 @@ def packed_checkpoints(base, tmp_path_factory):
 @pytest.mark.parametrize("kind", PACKED_KINDS)
 def test_awq_gptq_match_dequantized_reference(kind, packed_checkpoints):
     directory, logits, tokens = packed_checkpoints(kind)
-    loaded = load_model(directory, dtype="float32")
-    ours = _all_logits(loaded, STREAM)
-    scale = np.abs(logits).max()
-    assert np.abs(ours - logits).max() <= 1e-4 * scale, np.abs(ours - logits).max() / scale
-    generator = Generator(loaded.graphdef, loaded.state, loaded.config, loaded.layout,
-                          dtype=loaded.dtype)
+    loaded, generator = _load_and_compare_logits(directory, logits)
     # Decode runs the CPU int4 kernel, zero points included (their correction term).
     wq = generator.state["blocks"]["wq_dnh"].get_value()
     assert type(wq).__name__ == "PackedQuantWeight"
