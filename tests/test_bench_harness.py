@@ -186,6 +186,14 @@ def test_a_worker_without_a_json_result_fails_clearly(fake):
         runner.run_worker("quiet", make("quiet", no_json=True))
 
 
+def test_a_result_followed_by_library_logs_is_still_found():
+    # vLLM logs its shutdown to stdout after the worker's result line.
+    stdout = ('INFO start\n{"tok_s": 1.5}\n(EngineCore pid=1) INFO shutdown {x}\n'
+              '{not json\n[1, 2]\n')
+    assert runner.last_json_object(stdout) == {"tok_s": 1.5}
+    assert runner.last_json_object("INFO only logs\n[1]\n") is None
+
+
 def test_bench_commands_print_a_failure_as_one_error(capsys):
     def command():
         raise WorkerFailed("contender 'x' failed, exit code 1; stderr ends:\nboom")

@@ -132,12 +132,25 @@ def run_worker(name: str, worker: Worker, timeout: float | None = None) -> dict:
     if proc.returncode != 0:
         raise WorkerFailed(f"contender {name!r} failed, exit code {proc.returncode} "
                            f"({_command(argv)}); stderr ends:\n{proc.stderr[-STDERR_TAIL:]}")
-    lines = proc.stdout.strip().splitlines()
-    try:
-        return json.loads(lines[-1])
-    except (IndexError, json.JSONDecodeError):
+    result = last_json_object(proc.stdout)
+    if result is None:
         raise WorkerFailed(f"contender {name!r} printed no JSON result ({_command(argv)}); "
-                           f"stdout ends:\n{proc.stdout[-STDERR_TAIL:]}") from None
+                           f"stdout ends:\n{proc.stdout[-STDERR_TAIL:]}")
+    return result
+
+
+def last_json_object(stdout: str) -> dict | None:
+    """The last line of `stdout` that is a JSON object (a contender's own libraries may log
+    after its result: vLLM's shutdown messages go to stdout), or None."""
+    for line in reversed(stdout.strip().splitlines()):
+        if line.startswith("{"):
+            try:
+                found = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(found, dict):
+                return found
+    return None
 
 
 def _command(argv: Sequence[str]) -> str:
