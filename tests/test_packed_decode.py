@@ -89,11 +89,12 @@ def test_host_loop_equals_device_loop(pair):
 
 def test_packing_is_chosen_only_where_it_applies():
     assert packing.wanted(jnp.bfloat16, True, None)
-    assert not packing.wanted(jnp.float32, True, None)
+    assert packing.wanted(jnp.float32, True, None)
+    assert not packing.wanted(jnp.float16, True, None)
     assert not packing.wanted(jnp.bfloat16, False, None)  # several devices, or a pipeline
     assert not packing.wanted(jnp.bfloat16, True, False)
-    with pytest.raises(ValueError, match="the dtype is not bfloat16"):
-        packing.wanted(jnp.float32, True, True)
+    with pytest.raises(ValueError, match="the dtype is float16, not bfloat16 or float32"):
+        packing.wanted(jnp.float16, True, True)
 
 
 def test_generators_pack_only_on_one_device():

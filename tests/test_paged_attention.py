@@ -24,10 +24,11 @@ from jaxaccel.backends import gpu, paged, tpu
 from jaxaccel.backends.base import Backend
 
 NULL = 0
-# Sequences: (cached keys, new query tokens): decode rows, prefill chunks, an empty cache,
-# a cache ending mid-page; the last sequence is past num_seqs (ignored).
-SEQS = [(9, 1), (0, 5), (13, 3), (4, 1), (6, 2)]
-NUM_SEQS = 4
+# Sequences: (cached keys, new query tokens): decode rows (one over more than 16 keys, the
+# CPU kernel's vector width), prefill chunks, an empty cache, a cache ending mid-page; the
+# last sequence is past num_seqs (ignored).
+SEQS = [(9, 1), (0, 5), (13, 3), (4, 1), (17, 1), (6, 2)]
+NUM_SEQS = 5
 PAGE = 5  # slots per page (odd: page boundaries fall anywhere)
 WIDTH = 4  # pages per sequence in the table (null-padded)
 POOL = 17

@@ -1,5 +1,6 @@
-"""One fresh-process measurement of `scripts/bench_bf16_matmul.py`: bf16 x . W over a scan of
-LAYERS stacked [K, N] weights, through jaxaccel's packed kernel or XLA's own dot.
+"""One fresh-process measurement of `scripts/bench_bf16_matmul.py`: x . W over a scan of
+LAYERS stacked [K, N] weights (bfloat16, or float32 with `"dtype": "float32"`), through
+jaxaccel's packed kernel or XLA's own dot.
 
     python -m jaxaccel.bench.bf16_matmul_worker '{"contender": "kernel", "rows": 8}'
 
@@ -28,7 +29,7 @@ def kernel_layers(w, x):
     # deferred: jax and the runtime load in the worker process only, not in `jaxaccel bench`
     from jaxaccel.backends.cpu import packed
 
-    weights = packed.pack(w, 1, stacked=1)
+    weights = packed.pack(w, 1, stacked=1, dtype=w.dtype)
 
     def layer(acc, index):
         y = packed.matmul(x, dataclasses.replace(weights, layer=index))
@@ -55,13 +56,13 @@ def xla_layers(w, x, pad: bool):
     return layer, to_carrier(w)  # sliced as the CPU backend slices bf16 stacks
 
 
-def main(contender: str, rows: int) -> dict:
+def main(contender: str, rows: int, dtype: str = "bfloat16") -> dict:
     # deferred: jax and the runtime load in the worker process only, not in `jaxaccel bench`
     import jax
     import jax.numpy as jnp
 
-    w = (0.02 * jax.random.normal(jax.random.key(0), (LAYERS, K, N))).astype(jnp.bfloat16)
-    x = jax.random.normal(jax.random.key(1), (rows, K)).astype(jnp.bfloat16)
+    w = (0.02 * jax.random.normal(jax.random.key(0), (LAYERS, K, N))).astype(dtype)
+    x = jax.random.normal(jax.random.key(1), (rows, K)).astype(dtype)
     if contender == "kernel":
         layer, xs = kernel_layers(w, x)
     else:
@@ -69,7 +70,7 @@ def main(contender: str, rows: int) -> dict:
     run = jax.jit(lambda xs: jax.lax.scan(layer, jnp.float32(0), xs)[0])
     # The untimed first call compiles and touches every buffer.
     best = best_seconds(lambda: run(xs).block_until_ready(), repeats=10)
-    return {"contender": contender, "rows": rows, "seconds": best,
+    return {"contender": contender, "rows": rows, "dtype": dtype, "seconds": best,
             "gb_per_s": w.nbytes / best / 1e9}
 
 

@@ -7,6 +7,10 @@ nor traced on any other platform (`jaxaccel.backends.for_platform`):
 * Packed bf16 decode weights read by a C++ FFI kernel (`packed`, `packing`, `build`,
   `bf16_matmul.cc`, `huge_pages`): XLA:CPU's bf16 dots read a decode step's weights at
   14-19 GB/s, the kernel at ~47 GB/s (scripts/bench_bf16_matmul.py).
+* Packed float32 weights read by a third kernel (`packed`, `f32_matmul.cc`): XLA's float32
+  dots are fast, but in the layer scan each layer's weights are first copied out of the
+  stack, step after step; the kernel reads the stack in place (GPT-2 124M engine decode step
+  at 2 sequences: about half the time; scripts/bench_bf16_matmul.py --dtype float32).
 * Packed int8 / int4 weight-only quantized weights (qwix QArrays) read by a second kernel
   (`quantized`, `quantized_matmul.cc`, AVX512-VNNI): a decode step reads half (a quarter) of
   bf16's bytes, ~2x (~3x) faster per matmul at one row (scripts/bench_quantized_matmul.py).
@@ -218,10 +222,10 @@ class CpuBackend(Backend):
     def prepare_decoder(self, state, *, dtype, single_device: bool, requested: bool | None):
         quantize = packing.quantized_wanted(state, single_device, requested)
         # --kernels with quantized weights is satisfied by their kernel in any dtype.
-        bf16 = packing.wanted(dtype, single_device, None if quantize else requested)
-        if not (bf16 or quantize):
+        dense = packing.wanted(dtype, single_device, None if quantize else requested)
+        if not (dense or quantize):
             return state, False
-        return packing.pack_state(state, bf16=bf16, quantize=quantize), True
+        return packing.pack_state(state, dense=dtype if dense else None, quantize=quantize), True
 
     def min_batch(self, dtype, prepared: bool) -> int:
         return 2 if jnp.dtype(dtype) == jnp.bfloat16 and not prepared else 1

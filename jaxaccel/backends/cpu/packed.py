@@ -1,13 +1,18 @@
-"""bfloat16 weights packed for the small-batch matmul kernel (`bf16_matmul.cc`).
+"""Weights packed for the small-batch matmul kernels: bfloat16 for `bf16_matmul.cc`,
+float32 for `f32_matmul.cc`.
 
-A weight W[k..., n...] (contracting dims first) becomes `PackedWeight.lines`, uint16 bits laid
-out [n/64, k/2, 4, 16, 2] (n padded to a multiple of 64, k to a multiple of 2; any leading
-stacked-layer dims stay in front). Each 64-byte line holds 16 output columns x 2 contraction
-rows, and each group of 64 columns is one contiguous stream that the kernel reads once.
+A weight W[k..., n...] (contracting dims first) becomes `PackedWeight.lines`, laid out so that
+each group of 64 output columns is one contiguous stream that the kernel reads once (n padded
+to a multiple of 64; any leading stacked-layer dims stay in front):
+  * bfloat16: uint16 bits [n/64, k/2, 4, 16, 2] (k padded to a multiple of 2); each 64-byte
+    line holds 16 output columns x 2 contraction rows;
+  * float32: [n/64, k, 4, 16]; each k row of a group is 4 vectors of 16 columns.
 
-Why a kernel: XLA:CPU's bfloat16 dots read a decode step's weights at 14-19 GB/s, the kernel
+Why kernels: XLA:CPU's bfloat16 dots read a decode step's weights at 14-19 GB/s, the kernel
 at ~47 GB/s (scripts/bench_bf16_matmul.py). Its fast bf16 path (YNNPACK) rejects matrix-vector products and
-weights stored [n, k], and the Eigen fallback converts every weight to float32 first.
+weights stored [n, k], and the Eigen fallback converts every weight to float32 first. In
+float32 XLA's dots are fast, but inside a layer scan each layer's weights are first copied out
+of the stack, step after step; the kernels read a stack in place at a layer index.
 
 `PackedWeight` is a pytree, so it travels through nnx state, jit and scan; indexing it with
 `[...]` (how models read an `nnx.Param`) hands it on unchanged, and the CPU backend dispatches
@@ -51,7 +56,7 @@ class WholeWeight:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class PackedWeight(WholeWeight):
-    lines: jax.Array  # uint16 [*stacked, n_pad/64, k_pad/2, 4, 16, 2]
+    lines: jax.Array  # uint16 [*stacked, n_pad/64, k_pad/2, 4, 16, 2] or float32 [*, n_pad/64, k, 4, 16]
     k_shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
     n_shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
     # Inside a layer scan: `lines` is the whole [layers, ...] stack and `layer` the index of
@@ -61,18 +66,23 @@ class PackedWeight(WholeWeight):
 
 
 
-def pack(w, contracting: int, stacked: int = 0, transposed: bool = False) -> PackedWeight:
-    """Pack `w` [*stacked, *k_shape, *n_shape]; `contracting` = number of k dims.
+def is_f32(w: PackedWeight) -> bool:
+    """Whether `w` packs float32 weights (else bfloat16 bits)."""
+    return w.lines.dtype == jnp.float32
+
+
+def pack(w, contracting: int, stacked: int = 0, transposed: bool = False,
+         dtype=jnp.bfloat16) -> PackedWeight:
+    """Pack `w` [*stacked, *k_shape, *n_shape] as `dtype` (bfloat16 or float32);
+    `contracting` = number of k dims.
 
     With `transposed`, `w` is [*stacked, *n_shape, *k_shape] (how Hugging Face stores a head
     [vocab, d]), `contracting` still counting the k dims, which then come last.
     """
+    if jnp.dtype(dtype) == jnp.float32:
+        return _pack_f32(w, contracting, stacked, transposed)
     lead = w.shape[:stacked]
-    dims = w.shape[stacked:]
-    if transposed:
-        n_shape, k_shape = dims[:len(dims) - contracting], dims[len(dims) - contracting:]
-    else:
-        k_shape, n_shape = dims[:contracting], dims[contracting:]
+    k_shape, n_shape = _split_shape(w.shape[stacked:], contracting, transposed)
     k, n = math.prod(k_shape), math.prod(n_shape)
     w2 = w.astype(jnp.bfloat16).reshape(*lead, *((n, k) if transposed else (k, n)))
     if transposed:
@@ -87,8 +97,34 @@ def pack(w, contracting: int, stacked: int = 0, transposed: bool = False) -> Pac
     return PackedWeight(lines, tuple(k_shape), tuple(n_shape))
 
 
+def _split_shape(dims, contracting: int, transposed: bool):
+    """(k_shape, n_shape) of a weight's non-stacked dims."""
+    if transposed:
+        return dims[len(dims) - contracting:], dims[:len(dims) - contracting]
+    return dims[:contracting], dims[contracting:]
+
+
+def _pack_f32(w, contracting: int, stacked: int, transposed: bool) -> PackedWeight:
+    lead = w.shape[:stacked]
+    k_shape, n_shape = _split_shape(w.shape[stacked:], contracting, transposed)
+    k, n = math.prod(k_shape), math.prod(n_shape)
+    w2 = w.astype(jnp.float32).reshape(*lead, *((n, k) if transposed else (k, n)))
+    if transposed:
+        w2 = jnp.swapaxes(w2, -1, -2)
+    n_pad = round_up(n, GROUP)
+    w2 = jnp.pad(w2, [(0, 0)] * stacked + [(0, 0), (0, n_pad - n)])
+    # [*lead, k, n/64, 4, 16] -> [*lead, n/64, k, 4, 16]
+    w4 = jnp.moveaxis(w2.reshape(*lead, k, n_pad // GROUP, PANELS, PANEL), stacked + 1, stacked)
+    return PackedWeight(w4, tuple(k_shape), tuple(n_shape))
+
+
 def unpack(w: PackedWeight) -> jax.Array:
-    """The bfloat16 weight [*stacked, *k_shape, *n_shape] that `w` packs."""
+    """The weight [*stacked, *k_shape, *n_shape] that `w` packs (bfloat16 or float32)."""
+    if is_f32(w):
+        lead = w.lines.shape[:-4]
+        w2 = jnp.moveaxis(w.lines, len(lead), len(lead) + 1)
+        w2 = w2.reshape(*lead, w.k, -1)[..., :w.n]
+        return w2.reshape(*lead, *w.k_shape, *w.n_shape)
     lines = jax.lax.bitcast_convert_type(w.lines, jnp.bfloat16)
     lead = lines.shape[:-5]
     a = len(lead)
@@ -101,19 +137,29 @@ def unpack(w: PackedWeight) -> jax.Array:
 def lookup_rows(w: PackedWeight, ids) -> jax.Array:
     """Rows `ids` of the [n, k] table that `w` packs transposed (a tied embedding):
     [*ids.shape, k] in bfloat16, gathered straight from the packed lines."""
-    lines = w.lines  # [n/64, k/2, 4, 16, 2]
     column = ids % GROUP
+    if is_f32(w):  # [n/64, k, 4, 16]
+        rows = w.lines[ids // GROUP, :, column // PANEL, column % PANEL]  # [*ids, k]
+        return rows.reshape(*ids.shape, *w.k_shape)
+    lines = w.lines  # [n/64, k/2, 4, 16, 2]
     rows = lines[ids // GROUP, :, column // PANEL, column % PANEL, :]  # [*ids, k/2, 2]
     rows = rows.reshape(*ids.shape, -1)[..., :w.k]
     return jax.lax.bitcast_convert_type(rows, jnp.bfloat16).reshape(*ids.shape, *w.k_shape)
 
 
 KERNEL_SOURCE, KERNEL_SYMBOL = "bf16_matmul.cc", "JaxaccelBf16Matmul"
+F32_SOURCE, F32_SYMBOL = "f32_matmul.cc", "JaxaccelF32Matmul"
 
 
-def kernel_available() -> bool:
-    """Whether the compiled kernel can run here (CPU backend, built or buildable)."""
-    return jax.default_backend() == "cpu" and build.target(KERNEL_SOURCE, KERNEL_SYMBOL) is not None
+def _kernel(f32: bool) -> str | None:
+    return build.target(*((F32_SOURCE, F32_SYMBOL) if f32 else (KERNEL_SOURCE, KERNEL_SYMBOL)))
+
+
+def kernel_available(dtype=jnp.bfloat16) -> bool:
+    """Whether the compiled kernel for `dtype` weights (bfloat16 or float32) can run here
+    (CPU backend, built or buildable)."""
+    return (jax.default_backend() == "cpu"
+            and _kernel(jnp.dtype(dtype) == jnp.float32) is not None)
 
 
 def matmul(x, w: PackedWeight, kernel: str | None = None) -> jax.Array:
@@ -125,15 +171,19 @@ def matmul(x, w: PackedWeight, kernel: str | None = None) -> jax.Array:
     lead = x.shape[:x.ndim - len(w.k_shape)]
     if tuple(x.shape[len(lead):]) != w.k_shape:
         raise ValueError(f"x {x.shape} does not end in the packed weight's k dims {w.k_shape}")
-    if w.lines.ndim != (5 if w.layer is None else 6):
+    f32 = is_f32(w)
+    if w.lines.ndim != (4 if f32 else 5) + (w.layer is not None):
         raise ValueError(f"packed lines {w.lines.shape} are a stack: matmul needs one layer")
-    kernel = kernel or build.target(KERNEL_SOURCE, KERNEL_SYMBOL)
+    kernel = kernel or _kernel(f32)
     if kernel is None:
-        raise RuntimeError("the bf16 matmul kernel is not available; pack weights only when "
-                           "`kernel_available()` says so")
+        raise RuntimeError(f"the {'f32' if f32 else 'bf16'} matmul kernel is not available; "
+                           f"pack weights only when `kernel_available()` says so")
     rows = math.prod(lead)
-    x2 = x.astype(jnp.bfloat16).reshape(rows, w.k)
-    k_pad, n_pad = 2 * w.lines.shape[-4], GROUP * w.lines.shape[-5]
+    x2 = x.astype(jnp.float32 if f32 else jnp.bfloat16).reshape(rows, w.k)
+    if f32:
+        k_pad, n_pad = w.k, GROUP * w.lines.shape[-4]
+    else:
+        k_pad, n_pad = 2 * w.lines.shape[-4], GROUP * w.lines.shape[-5]
     if k_pad != w.k:
         x2 = jnp.pad(x2, ((0, 0), (0, k_pad - w.k)))
     layer = jnp.int32(0) if w.layer is None else w.layer.astype(jnp.int32)

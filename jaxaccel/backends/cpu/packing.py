@@ -1,6 +1,6 @@
-"""Packing a decoder's matmul weights once, for generation on the CPU: bfloat16 weights for
-the bf16 kernel, weight-only int8 / int4 quantized ones (qwix QArrays) for the quantized
-kernel (`quantized`), in any compute dtype.
+"""Packing a decoder's matmul weights once, for generation on the CPU: bfloat16 and float32
+weights for the dense kernels (`packed`), weight-only int8 / int4 quantized ones (qwix QArrays)
+for the quantized kernel (`quantized`), in any compute dtype.
 
 The runtime calls `CpuBackend.prepare_decoder`, which calls `wanted` and then `pack_state`
 when a `Generator` is built: the packed weights replace the plain ones in its state (no
@@ -51,22 +51,26 @@ def packing_spec(state) -> dict[str, tuple[int, bool]]:
     return spec
 
 
+PACKED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
+
+
 def wanted(dtype, single_device: bool, requested: bool | None) -> bool:
-    """Whether to pack: bfloat16 on a single CPU device (no pipeline), kernel built.
+    """Whether to pack: bfloat16 or float32 on a single CPU device (no pipeline), kernel
+    built.
 
     `requested` False never packs; True insists (KernelUnavailable if impossible); None decides.
     """
     reasons = []
-    if jnp.dtype(dtype) != jnp.bfloat16:
-        reasons.append("the dtype is not bfloat16")
+    if jnp.dtype(dtype) not in PACKED_DTYPES:
+        reasons.append(f"the dtype is {jnp.dtype(dtype).name}, not bfloat16 or float32")
     if not single_device:
         reasons.append("the mesh has more than one device")
     if requested is False:
         return False
-    if not reasons and not packed.kernel_available():
+    if not reasons and not packed.kernel_available(dtype):
         reasons.append("the kernel could not be built (see the warning above)")
     if requested and reasons:
-        raise KernelUnavailable("packed bf16 decode weights (--kernels, packed_weights=True) "
+        raise KernelUnavailable("packed decode weights (--kernels, packed_weights=True) "
                                 "cannot be used here: "
                                 + "; ".join(reasons))
     return not reasons
@@ -88,11 +92,12 @@ def quantized_wanted(state, single_device: bool, requested: bool | None) -> bool
             and quantized.kernel_available())
 
 
-def pack_state(state, bf16: bool = True, quantize: bool = True):
+def pack_state(state, dense=jnp.bfloat16, quantize: bool = True):
     """`state` with its matmul weights (`packing_spec`) replaced by packed ones, packed in one
-    jit call and then moved onto huge pages (see `huge_pages`): bfloat16 arrays by
-    `packed.pack` (when `bf16`), quantized QArrays by `quantized.pack` (when `quantize`, and
-    where their scale layout fits the kernel: the others keep qwix's plain path).
+    jit call and then moved onto huge pages (see `huge_pages`): plain arrays by `packed.pack`
+    as `dense` (bfloat16 or float32; None leaves them), quantized QArrays by `quantized.pack`
+    (when `quantize`, and where their scale layout fits the kernel: the others keep qwix's
+    plain path).
 
     An abstract state (ShapeDtypeStructs, one device) gives the abstract packed state, so
     programs can compile before the weights are restored.
@@ -110,9 +115,10 @@ def pack_state(state, bf16: bool = True, quantize: bool = True):
             if not (quantize and fits):
                 return leaf
             return quantized.pack(leaf, contracting, stacked=stacked, transposed=transposed)
-        if not bf16:
+        if dense is None:
             return leaf
-        return packed.pack(leaf, contracting, stacked=stacked, transposed=transposed)
+        return packed.pack(leaf, contracting, stacked=stacked, transposed=transposed,
+                           dtype=dense)
 
     pack_all = jax.jit(lambda s: jax.tree_util.tree_map_with_path(pack_leaf, s,
                                                                  is_leaf=_is_qarray))

@@ -62,6 +62,10 @@ inline u32 widen16(const uint16_t* x) {
 inline u32 pair_up(u32 even, u32 odd) {
   return _mm512_or_si512(even, _mm512_slli_epi32(odd, 16));
 }
+// 16 bf16 -> 16 float32 (a bf16 is the top half of a float32).
+inline f32 load_bf16(const uint16_t* x) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(widen16(x), 16));
+}
 
 // acc + a.lo * b.lo + a.hi * b.hi per lane, each lane holding two bf16 values.
 inline f32 dot_bf16_pairs(f32 acc, u32 a, u32 b) { return bf16_dot_pairs(acc, a, b); }
@@ -210,6 +214,11 @@ inline u32 widen16(const uint16_t* x) {
 inline u32 pair_up(u32 even, u32 odd) {
   return {_mm256_or_si256(even.lo, _mm256_slli_epi32(odd.lo, 16)),
           _mm256_or_si256(even.hi, _mm256_slli_epi32(odd.hi, 16))};
+}
+inline f32 load_bf16(const uint16_t* x) {
+  const u32 w = widen16(x);
+  return {_mm256_castsi256_ps(_mm256_slli_epi32(w.lo, 16)),
+          _mm256_castsi256_ps(_mm256_slli_epi32(w.hi, 16))};
 }
 
 // Both bf16 halves of each lane widened to float32 (a bf16 is the top half of a float32).
