@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import math
+import os
 import pathlib
 import signal
 import socket
@@ -39,11 +40,13 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def started(command: list[str], url: str, timeout: float = 900):
-    """A server subprocess, until its /health answers 200; SIGTERM at the end."""
+def started(command: list[str], url: str, timeout: float = 900, env: dict | None = None):
+    """A server subprocess (`env`: variables added to ours), until its /health answers 200;
+    SIGTERM at the end."""
     import httpx  # deferred: only this benchmark needs it
 
-    proc = subprocess.Popen(command, stdout=sys.stderr)  # its log, for a failed start
+    proc = subprocess.Popen(command, stdout=sys.stderr,  # its log, for a failed start
+                            env={**os.environ, **(env or {})})
     try:
         deadline = time.time() + timeout
         while True:
@@ -68,6 +71,14 @@ def started(command: list[str], url: str, timeout: float = 900):
 def _jaxaccel(ckpt: pathlib.Path, port: int, engine_flags: list[str]) -> list[str]:
     return [sys.executable, "-m", "jaxaccel.cli.main", "serve", str(ckpt), "--port", str(port),
             "--served-model-name", "bench", "--quiet", *engine_flags]
+
+
+# vLLM's CPU build as the throughput benchmark starts it (`throughput_vllm`): a 1 GiB KV
+# cache (the engine's default pool), and --gpu-memory-utilization (on CPU: the share of host
+# memory it requires free at start) low enough for a shared host; its 0.92 default refuses
+# to start beside anything else.
+VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+VLLM_MEMORY_FRACTION = "0.2"
 
 
 def _row(name: str, result: dict, base: dict | None) -> tuple:
@@ -105,7 +116,7 @@ def _has_vllm(python: pathlib.Path | None) -> bool:
     return found.returncode == 0
 
 
-def _vllm_target(ckpt, python, max_num_seqs: int, missing: list) -> dict:
+def _vllm_target(ckpt, python, max_num_seqs: int, dtype: str | None, missing: list) -> dict:
     """`vllm serve` on CKPT's Hugging Face source, or a reason in `missing`."""
     source = runner.hf_source(ckpt) if ckpt else None
     if not _has_vllm(python):
@@ -119,19 +130,20 @@ def _vllm_target(ckpt, python, max_num_seqs: int, missing: list) -> dict:
     # named vllm-cpu, and the script asks for the version of "vllm".
     command = [str(python or sys.executable), "-m", "vllm.entrypoints.openai.api_server",
                "--model", str(source), "--port", str(port), "--served-model-name", "bench",
-               "--max-num-seqs", str(max_num_seqs)]
-    return {"vllm serve": (started(command, f"http://127.0.0.1:{port}"), "bench")}
+               "--max-num-seqs", str(max_num_seqs), "--gpu-memory-utilization",
+               VLLM_MEMORY_FRACTION, "--dtype", dtype or "auto"]
+    return {"vllm serve": (started(command, f"http://127.0.0.1:{port}", env=VLLM_ENV), "bench")}
 
 
 def _targets(ckpt, base_urls, model: str, max_num_seqs: int,
-             max_num_batched_tokens: int) -> dict:
+             max_num_batched_tokens: int, dtype: str | None = None) -> dict:
     """name -> (context manager yielding the server's URL, model name): `jaxaccel serve CKPT`
     started here (when CKPT is given) and each --base-url (NAME=URL names its row)."""
     targets = {}
     if ckpt is not None:
         port = _free_port()
         flags = ["--max-num-seqs", str(max_num_seqs), "--max-num-batched-tokens",
-                 str(max_num_batched_tokens)]
+                 str(max_num_batched_tokens), *(["--dtype", dtype] if dtype else [])]
         targets["jaxaccel"] = (started(_jaxaccel(ckpt, port, flags),
                                        f"http://127.0.0.1:{port}"), "bench")
     for entry in base_urls or []:
@@ -168,6 +180,8 @@ def register(bench_app: typer.Typer) -> None:
         seed: int = typer.Option(0, "--seed"),
         max_num_seqs: int = typer.Option(64, "--max-num-seqs"),
         max_num_batched_tokens: int = typer.Option(512, "--max-num-batched-tokens"),
+        dtype: Optional[str] = typer.Option(None, "--dtype", help="Compute dtype of the "
+                                            "servers started here (default: the checkpoint's)."),
         api_key: Optional[str] = typer.Option(None, "--api-key", envvar="JAXACCEL_API_KEY"),
         json_out: Optional[pathlib.Path] = typer.Option(None, "--json", help="Write results."),
     ) -> None:
@@ -180,9 +194,9 @@ def register(bench_app: typer.Typer) -> None:
         vocab = vocab or (vocab_of(ckpt) if ckpt else 1000)
         work = workloads.synthetic(requests, prompt_len, output_len, vocab, seed)
         missing = []
-        targets = _targets(ckpt, base_url, model, max_num_seqs, max_num_batched_tokens)
+        targets = _targets(ckpt, base_url, model, max_num_seqs, max_num_batched_tokens, dtype)
         if vllm:
-            targets.update(_vllm_target(ckpt, vllm_python, max_num_seqs, missing))
+            targets.update(_vllm_target(ckpt, vllm_python, max_num_seqs, dtype, missing))
         rates = request_rate or [math.inf]
         results = run_all(targets, work, rates, max_concurrency, seed, api_key)
         base = results.get("jaxaccel", [None] * len(rates))
