@@ -370,3 +370,27 @@ def test_logprobs_in_completions_chat_and_streams(served):
     content = chat.choices[0].logprobs.content
     assert len(content) == 3 and all(len(c.top_logprobs) == 1 for c in content)
     assert all(c.top_logprobs[0].logprob == pytest.approx(c.logprob) for c in content)
+
+
+def test_bench_serve_load_generator_counts_every_token(served):
+    """`jaxaccel bench serve`'s load generator (`serve_load.measure`) against the server:
+    Poisson arrivals and a concurrency cap; every request completes with exactly its
+    max_tokens (EOS ignored), counted from the stream's usage chunk; percentiles ordered."""
+    from jaxaccel.bench import serve_load, throughput_workload
+
+    state, url = served
+    work = throughput_workload.synthetic(8, 12, 5, vocab=300, seed=3)
+    work = [{**w, "max_new_tokens": min(w["max_new_tokens"], 20)} for w in work]
+    for rate, concurrency in ((40.0, None), (float("inf"), 3)):
+        result = serve_load.measure(url, NAME, work, rate=rate, max_concurrency=concurrency)
+        assert result["failed"] == 0, result["first_error"]
+        assert result["completed"] == len(work)
+        assert result["output_tokens"] == sum(w["max_new_tokens"] for w in work)
+        assert result["output_tok_s"] == pytest.approx(result["output_tokens"]
+                                                       / result["duration_s"])
+        for field in ("ttft_s", "tpot_s"):
+            p = result[field]
+            assert 0 < p["p50"] <= p["p90"] <= p["p99"]
+    wrong = serve_load.measure(url, "no-such-model", work[:2])
+    assert wrong["failed"] == 2 and "HTTP 4" in wrong["first_error"]
+    assert wait_idle(state) == 0
