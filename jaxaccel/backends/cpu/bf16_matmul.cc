@@ -24,6 +24,7 @@
 
 #include "bf16_dot.h"
 #include "parallel_chunks.h"
+#include "row_tiles.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -161,16 +162,9 @@ constexpr int kTileRows = 6;
 
 // Every row of x against one group, in tiles of up to kTileRows rows.
 void group_all_rows(const Problem& p, int64_t group) {
-  int64_t row = 0;
-  for (; row + kTileRows <= p.m; row += kTileRows) group_tile<kTileRows>(p, row, group);
-  switch (p.m - row) {
-    case 5: group_tile<5>(p, row, group); break;
-    case 4: group_tile<4>(p, row, group); break;
-    case 3: group_tile<3>(p, row, group); break;
-    case 2: group_tile<2>(p, row, group); break;
-    case 1: group_tile<1>(p, row, group); break;
-    default: break;
-  }
+  jaxaccel::row_tiles<kTileRows>(0, p.m, [&](auto rows, int64_t row) {
+    group_tile<decltype(rows)::value>(p, row, group);
+  });
 }
 
 // `w_packed` is one packed weight [n/64, k/2, 4, 16, 2] or a stack of them [layers, ...], of

@@ -54,6 +54,7 @@
 #endif
 
 #include "parallel_chunks.h"
+#include "row_tiles.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -618,15 +619,9 @@ void panel_all_rows(const PanelProblem& p, const uint32_t* panel, int64_t stream
     for (; row + 3 <= p.m; row += 3) panel_tile_grouped<3>(p, panel, row, stream);
   }
 #endif
-  for (; row + 6 <= p.m; row += 6) panel_tile<6>(p, panel, row, stream);
-  switch (p.m - row) {
-    case 5: panel_tile<5>(p, panel, row, stream); break;
-    case 4: panel_tile<4>(p, panel, row, stream); break;
-    case 3: panel_tile<3>(p, panel, row, stream); break;
-    case 2: panel_tile<2>(p, panel, row, stream); break;
-    case 1: panel_tile<1>(p, panel, row, stream); break;
-    default: break;
-  }
+  jaxaccel::row_tiles<6>(row, p.m, [&](auto rows, int64_t first) {
+    panel_tile<decltype(rows)::value>(p, panel, first, stream);
+  });
 }
 
 // `x` bf16 [m, k] (k = the packed k_pad, even); the rest as QuantizedMatmulImpl.
