@@ -69,7 +69,8 @@ def main(hf_source: str, workload: str, dtype: str = "float32", kv_cache_gib: in
     outs = llm.generate(prompts, params, use_tqdm=False)
     seconds = time.perf_counter() - start
     ttft, tpot = latencies(outs)
-    return {"seconds": seconds, "tokens": sum(len(o.outputs[0].token_ids) for o in outs),
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    return {"seconds": seconds, "tokens": tokens, "output_tok_s": tokens / seconds,
             "ttft_s": percentiles(ttft), "tpot_s": percentiles(tpot), "cold_s": cold,
             "token_ids": [list(o.outputs[0].token_ids) for o in outs], "prefill_tokens":
             sum(len(w["prompt_ids"]) for w in work)}
