@@ -181,6 +181,19 @@ def test_gptq_desc_act_on_a_data_model_mesh(packed_checkpoints, capsys, monkeypa
     assert code == 0 and "rows reordered by g_idx" in " ".join(out.split())
 
 
+def test_gptq_desc_act_row_order_splits_with_pipeline_stages(packed_checkpoints):
+    """On stage=2,data=4 each stage holds its own layers' row orders (NAME.perm's layers
+    axis split like the weights'), and the logits are the reference's."""
+    from jaxaccel.parallel.sharding import Layout
+
+    directory, logits, _ = packed_checkpoints("gptq_act_perm_sym")
+    loaded = load_model(directory, Layout.create("stage=2,data=4", "pp"), dtype="float32")
+    perm = flat_arrays(loaded.state)["blocks.wq_dnh.perm"]
+    assert perm.sharding.spec[0] == "stage" and perm.addressable_shards[0].data.shape == (1, 64)
+    ours = causal_logits(loaded, STREAM)
+    assert np.abs(ours - logits).max() <= 1e-4 * np.abs(logits).max()
+
+
 def test_gptq_g_idx_with_uneven_groups_is_refused_in_one_line(packed_checkpoints, tmp_path):
     import shutil
 
