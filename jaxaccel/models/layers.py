@@ -94,6 +94,7 @@ def _in_held_order(x, w, contracting: int):
     if not isinstance(w, Permuted):
         return x, w
     lead = x.shape[:x.ndim - contracting]
+    # "clip": the orders are permutations (checked at load), so no out-of-range fill select.
     x_k = jnp.take(x.reshape(*lead, -1), w.perm, axis=-1, mode="clip",
                    unique_indices=True)
     return x_k.reshape(x.shape), w.inner
