@@ -2,6 +2,7 @@
 compressed-tensors INT8 channel-wise and INT4 pack-quantized, against transformers running
 the same weights dequantized to float32 by the format's own package."""
 
+import json
 import os
 
 import jax
@@ -118,15 +119,16 @@ def test_w8a8_runs_weight_only_and_says_so(checkpoints, capsys):
 
 @pytest.fixture(scope="module")
 def packed_checkpoints(base, tmp_path_factory):
-    """kind -> (directory, reference logits, reference greedy tokens), built once each."""
-    built = {}
+    """kind -> (directory, reference logits, reference greedy tokens), built once each;
+    `get(kind, model=True)`: the dequantized transformers model instead."""
+    built, models = {}, {}
 
-    def get(kind):
+    def get(kind, model=False):
         if kind not in built:
-            directory, model = ref.packed_int32_dir(base, kind,
-                                                    tmp_path_factory.mktemp(kind) / "hf")
-            built[kind] = (directory, *ref.reference(model))
-        return built[kind]
+            directory, models[kind] = ref.packed_int32_dir(base, kind,
+                                                           tmp_path_factory.mktemp(kind) / "hf")
+            built[kind] = (directory, *ref.reference(models[kind]))
+        return models[kind] if model else built[kind]
 
     return get
 
@@ -192,6 +194,23 @@ def test_gptq_desc_act_row_order_splits_with_pipeline_stages(packed_checkpoints)
     assert perm.sharding.spec[0] == "stage" and perm.addressable_shards[0].data.shape == (1, 64)
     ours = causal_logits(loaded, STREAM)
     assert np.abs(ours - logits).max() <= 1e-4 * np.abs(logits).max()
+
+
+def test_gptq_desc_act_seen_as_its_float_weight(packed_checkpoints):
+    """The plan's float view of a desc_act linear (`QuantizedSource.read`: the held rows
+    dequantized, put back in the stored order) is the reference's dequantized weight."""
+    from jaxaccel.conversion.hf_checkpoint import TensorFiles
+    from jaxaccel.conversion.prequantized import QuantizedSource, format_of
+
+    directory = packed_checkpoints("gptq_act_perm")[0]
+    model = packed_checkpoints("gptq_act_perm", model=True)
+    config = json.loads((directory / "config.json").read_text())
+    source = QuantizedSource(TensorFiles.open(directory, directory, {}),
+                             format_of(config, directory / "config.json"))
+    name = "model.layers.1.mlp.down_proj"
+    assert source.quantized(name + ".weight").permuted
+    expected = model.model.layers[1].mlp.down_proj.weight.detach().numpy()
+    np.testing.assert_allclose(source.read(name + ".weight"), expected, rtol=1e-6, atol=0)
 
 
 def test_gptq_g_idx_with_uneven_groups_is_refused_in_one_line(packed_checkpoints, tmp_path):

@@ -89,8 +89,8 @@ def matmul(x, w, contracting: int = 1) -> jax.Array:
 
 def _in_held_order(x, w, contracting: int):
     """(x, w) as the matmul reads them: for a `Permuted` w, x[..., *k] with its flattened k
-    gathered by w.perm, and the weight inside. On a mesh that splits k, XLA gathers x's k
-    across the devices first (activations, not weights: a decode step moves b * K values)."""
+    gathered by w.perm, and the weight inside. On a mesh that splits k, XLA's partitioner
+    moves activations (or the row order) between the devices, never weights."""
     if not isinstance(w, Permuted):
         return x, w
     lead = x.shape[:x.ndim - contracting]
