@@ -161,11 +161,13 @@ AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def _int4_groups(w: np.ndarray, symmetric: bool):
-    """(q uint8 [out, in], z uint8 [out, G], s float16 [out, G]) of w [out, in], groups of
-    GROUP input columns, min/max scales rounded to float16 before quantizing."""
+def _int4_groups(w: np.ndarray, symmetric: bool, g_idx: np.ndarray):
+    """(q uint8 [out, in], z uint8 [out, G], s float16 [out, G]) of w [out, in], input
+    column i in group g_idx[i] (GROUP columns each), min/max scales rounded to float16
+    before quantizing."""
     out, in_ = w.shape
-    v = w.reshape(out, in_ // GROUP, GROUP)
+    members = np.argsort(g_idx, kind="stable")  # group 0's columns, then group 1's, ...
+    v = w[:, members].reshape(out, in_ // GROUP, GROUP)
     if symmetric:
         s = (np.abs(v).max(-1) / 7).astype(np.float16)
         z = np.full(s.shape, 8, np.int32)
@@ -173,8 +175,17 @@ def _int4_groups(w: np.ndarray, symmetric: bool):
         lo, hi = np.minimum(v.min(-1), 0), np.maximum(v.max(-1), 0)
         s = ((hi - lo) / 15).astype(np.float16)
         z = np.clip(np.round(-lo / s.astype(np.float32)), 0, 15).astype(np.int32)
-    q = np.clip(np.round(v / s.astype(np.float32)[..., None]) + z[..., None], 0, 15)
-    return q.reshape(out, in_).astype(np.uint8), z.astype(np.uint8), s
+    q_grouped = np.clip(np.round(v / s.astype(np.float32)[..., None]) + z[..., None], 0, 15)
+    q = np.empty((out, in_), np.uint8)
+    q[:, members] = q_grouped.reshape(out, in_)
+    return q, z.astype(np.uint8), s
+
+
+def desc_act_g_idx(in_: int, rng) -> np.ndarray:
+    """GPTQ's g_idx with desc_act: the columns quantized in an activation order (here a
+    random one), column i in group (its place in that order) // GROUP."""
+    order = rng.permutation(in_)
+    return (np.argsort(order) // GROUP).astype(np.int32)
 
 
 def _words(fields: np.ndarray, order=tuple(range(8))) -> np.ndarray:
@@ -191,22 +202,25 @@ def packed_int32_dir(base, kind: str, directory: pathlib.Path):
     """An AWQ (GEMM, zero points) or GPTQ (checkpoint_format "gptq": zeros stored minus one)
     checkpoint of `base`, packed here from each format's description; kind "awq",
     "gptq_sym", "gptq_asym", "gptq_act" (desc_act with the identity g_idx) or
-    "gptq_act_perm" (desc_act with rows of a group apart). Returns (directory, the model with
-    the dequantized weights)."""
+    "gptq_act_perm" / "gptq_act_perm_sym" (desc_act quantized in a random activation order
+    per layer: the columns of a group apart, g_idx as GPTQ writes it). Returns (directory,
+    the model with the dequantized weights)."""
     import safetensors.numpy
     import torch
 
     model = copy.deepcopy(base)
     tensors = {k: v.detach().numpy().copy() for k, v in base.state_dict().items()}
-    symmetric = kind == "gptq_sym"
+    symmetric = kind.endswith("sym") and not kind.endswith("asym")
+    rng = np.random.default_rng(0)
     for name, module in model.named_modules():
         if name.rpartition(".")[2] not in LINEARS:
             continue
         w = tensors.pop(f"{name}.weight")
-        q, z, s = _int4_groups(w, symmetric)
-        with torch.no_grad():
-            deq = (q.astype(np.float32) - np.repeat(z, GROUP, 1)) * np.repeat(
-                s.astype(np.float32), GROUP, 1)
+        g_idx = (desc_act_g_idx(w.shape[1], rng) if kind.startswith("gptq_act_perm")
+                 else np.arange(w.shape[1], dtype=np.int32) // GROUP)
+        q, z, s = _int4_groups(w, symmetric, g_idx)
+        with torch.no_grad():  # weight[o, i] = (q[o, i] - z[o, g_idx[i]]) * s[o, g_idx[i]]
+            deq = (q.astype(np.float32) - z[:, g_idx]) * s.astype(np.float32)[:, g_idx]
             module.weight.copy_(torch.from_numpy(deq))
         if kind == "awq":
             tensors[f"{name}.qweight"] = _words(q.T, AWQ_ORDER)
@@ -214,9 +228,6 @@ def packed_int32_dir(base, kind: str, directory: pathlib.Path):
         else:
             tensors[f"{name}.qweight"] = _words(q).T.copy()  # rows of a column in a word
             tensors[f"{name}.qzeros"] = _words((z.T.astype(np.int32) - 1) & 0xF)
-            g_idx = np.arange(w.shape[1], dtype=np.int32) // GROUP
-            if kind == "gptq_act_perm":
-                g_idx = np.random.default_rng(0).permutation(g_idx).astype(np.int32)
             tensors[f"{name}.g_idx"] = g_idx
         tensors[f"{name}.scales"] = np.ascontiguousarray(s.T)
     directory.mkdir(parents=True)
@@ -232,11 +243,12 @@ def packed_int32_dir(base, kind: str, directory: pathlib.Path):
     return directory, model
 
 
-def packed_int32_bytes(directory: pathlib.Path, zeros: bool) -> int:
-    """Bytes of every qweight and scales (and qzeros when they carry zero points) as stored;
-    g_idx is metadata."""
+def packed_int32_bytes(directory: pathlib.Path, zeros: bool, g_idx: bool = False) -> int:
+    """Bytes of every qweight and scales (and qzeros when they carry zero points, g_idx
+    when it reorders the rows) as stored."""
     from safetensors import safe_open
 
-    parts = (".qweight", ".scales") + ((".qzeros",) if zeros else ())
+    parts = (".qweight", ".scales") + ((".qzeros",) if zeros else ()) + (
+        (".g_idx",) if g_idx else ())
     with safe_open(directory / "model.safetensors", "np") as f:
         return sum(f.get_tensor(n).nbytes for n in f.keys() if n.endswith(parts))

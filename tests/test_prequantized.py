@@ -2,6 +2,7 @@
 compressed-tensors INT8 channel-wise and INT4 pack-quantized, against transformers running
 the same weights dequantized to float32 by the format's own package."""
 
+import json
 import os
 
 import jax
@@ -31,7 +32,7 @@ SLOW = [pytest.mark.slow, pytest.mark.skipif(not os.environ.get("JAXACCEL_SLOW")
 CT_KINDS = ["w8a16", pytest.param("w8a8", marks=SLOW), pytest.param("w4a16", marks=SLOW),
             "w4a16_asym"]
 PACKED_KINDS = ["awq", "gptq_sym", pytest.param("gptq_asym", marks=SLOW),
-                pytest.param("gptq_act", marks=SLOW)]
+                pytest.param("gptq_act", marks=SLOW), "gptq_act_perm"]
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +68,8 @@ def _load_and_compare_logits(directory, logits):
 
 def _held_quantized_bytes(state) -> int:
     """Bytes of the quantized weights as held: values and zero points at their bit width,
-    scales at their dtype."""
-    total = 0
+    scales at their dtype, row orders (NAME.perm) at int32."""
+    total = sum(a.nbytes for n, a in flat_arrays(state).items() if n.endswith(".perm"))
     for leaf in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, qwix.QArray)):
         if isinstance(leaf, qwix.QArray):
             bits = jnp.iinfo(leaf.qvalue.dtype).bits
@@ -118,15 +119,16 @@ def test_w8a8_runs_weight_only_and_says_so(checkpoints, capsys):
 
 @pytest.fixture(scope="module")
 def packed_checkpoints(base, tmp_path_factory):
-    """kind -> (directory, reference logits, reference greedy tokens), built once each."""
-    built = {}
+    """kind -> (directory, reference logits, reference greedy tokens), built once each;
+    `get(kind, model=True)`: the dequantized transformers model instead."""
+    built, models = {}, {}
 
-    def get(kind):
+    def get(kind, model=False):
         if kind not in built:
-            directory, model = ref.packed_int32_dir(base, kind,
-                                                    tmp_path_factory.mktemp(kind) / "hf")
-            built[kind] = (directory, *ref.reference(model))
-        return built[kind]
+            directory, models[kind] = ref.packed_int32_dir(base, kind,
+                                                           tmp_path_factory.mktemp(kind) / "hf")
+            built[kind] = (directory, *ref.reference(models[kind]))
+        return models[kind] if model else built[kind]
 
     return get
 
@@ -135,24 +137,98 @@ def packed_checkpoints(base, tmp_path_factory):
 def test_awq_gptq_match_dequantized_reference(kind, packed_checkpoints):
     directory, logits, tokens = packed_checkpoints(kind)
     loaded, generator = _load_and_compare_logits(directory, logits)
-    # Decode runs the CPU int4 kernel, zero points included (their correction term).
+    # Decode runs the CPU int4 kernel, zero points included (their correction term); rows
+    # reordered by g_idx are held sorted by group, the activations gathered to meet them.
+    reordered = kind.startswith("gptq_act_perm")
     wq = generator.state["blocks"]["wq_dnh"].get_value()
+    assert (type(wq).__name__ == "Permuted") == reordered
+    wq = wq.inner if reordered else wq
     assert type(wq).__name__ == "PackedQuantWeight"
     assert (wq.zeros is not None) == (kind != "gptq_sym")
     assert generator.generate([PROMPT], STEPS, loop="device")[0] == tokens
     zeros = kind != "gptq_sym"  # symmetric GPTQ's zero points are all 8: not held
-    assert _held_quantized_bytes(loaded.state) == ref.packed_int32_bytes(directory, zeros)
+    assert _held_quantized_bytes(loaded.state) == ref.packed_int32_bytes(directory, zeros,
+                                                                         reordered)
     arrays = flat_arrays(loaded.state)
     assert ("blocks.wq_dnh.zeros" in arrays) == zeros
+    assert ("blocks.wq_dnh.perm" in arrays) == reordered
     assert arrays["blocks.wq_dnh.values"].dtype == jnp.int4
 
 
-def test_gptq_reordered_groups_are_refused_in_one_line(packed_checkpoints):
+def test_gptq_desc_act_on_a_data_model_mesh(packed_checkpoints, capsys, monkeypatch):
+    """Symmetric GPTQ with desc_act on data=2,model=4: down_proj's input rows are split
+    over `model`, its row order replicated; logits and greedy tokens as on the
+    dequantized reference. inspect and plan name the reordered rows."""
+    from cli_runner import run_cli
+
+    from jaxaccel.parallel.sharding import Layout
+
+    directory, logits, tokens = packed_checkpoints("gptq_act_perm_sym")
+    loaded = load_model(directory, Layout.create("data=2,model=4", "dp_tp"), dtype="float32")
+    arrays = flat_arrays(loaded.state)
+    # down_proj's 128 input rows split over model=4: 32 rows, one group, per device.
+    assert arrays["blocks.wm_fd.values"].sharding.spec[1] == "model"
+    assert arrays["blocks.wm_fd.perm"].sharding.is_fully_replicated
+    assert arrays["blocks.wm_fd.perm"].shape == (2, 128)
+    ours = causal_logits(loaded, STREAM)
+    assert np.abs(ours - logits).max() <= 1e-4 * np.abs(logits).max()
+    generator = Generator(loaded.graphdef, loaded.state, loaded.config, loaded.layout,
+                          dtype=loaded.dtype)
+    assert generator.generate([PROMPT], STEPS, loop="device")[0] == tokens
+    code, out, _ = run_cli(capsys, monkeypatch, "inspect", str(directory))
+    out = " ".join(out.split())
+    assert code == 0 and "NAME.perm (rows sorted by group, g_idx)" in out
+    assert "blocks.wm_fd.perm" in out
+    code, out, _ = run_cli(capsys, monkeypatch, "plan", str(directory))
+    assert code == 0 and "rows reordered by g_idx" in " ".join(out.split())
+
+
+def test_gptq_desc_act_row_order_splits_with_pipeline_stages(packed_checkpoints):
+    """On stage=2,data=4 each stage holds its own layers' row orders (NAME.perm's layers
+    axis split like the weights'), and the logits are the reference's."""
+    from jaxaccel.parallel.sharding import Layout
+
+    directory, logits, _ = packed_checkpoints("gptq_act_perm_sym")
+    loaded = load_model(directory, Layout.create("stage=2,data=4", "pp"), dtype="float32")
+    perm = flat_arrays(loaded.state)["blocks.wq_dnh.perm"]
+    assert perm.sharding.spec[0] == "stage" and perm.addressable_shards[0].data.shape == (1, 64)
+    ours = causal_logits(loaded, STREAM)
+    assert np.abs(ours - logits).max() <= 1e-4 * np.abs(logits).max()
+
+
+def test_gptq_desc_act_seen_as_its_float_weight(packed_checkpoints):
+    """The plan's float view of a desc_act linear (`QuantizedSource.read`: the held rows
+    dequantized, put back in the stored order) is the reference's dequantized weight."""
+    from jaxaccel.conversion.hf_checkpoint import TensorFiles
+    from jaxaccel.conversion.prequantized import QuantizedSource, format_of
+
+    directory = packed_checkpoints("gptq_act_perm")[0]
+    model = packed_checkpoints("gptq_act_perm", model=True)
+    config = json.loads((directory / "config.json").read_text())
+    source = QuantizedSource(TensorFiles.open(directory, directory, {}),
+                             format_of(config, directory / "config.json"))
+    name = "model.layers.1.mlp.down_proj"
+    assert source.quantized(name + ".weight").permuted
+    expected = model.model.layers[1].mlp.down_proj.weight.detach().numpy()
+    np.testing.assert_allclose(source.read(name + ".weight"), expected, rtol=1e-6, atol=0)
+
+
+def test_gptq_g_idx_with_uneven_groups_is_refused_in_one_line(packed_checkpoints, tmp_path):
+    import shutil
+
+    import safetensors.numpy
+
     from jaxaccel.checkpoint.manifest import CheckpointError
 
-    directory, _, _ = packed_checkpoints("gptq_act_perm")
-    with pytest.raises(CheckpointError, match=r"g_idx puts input rows of one group apart"):
+    directory = shutil.copytree(packed_checkpoints("gptq_act_perm")[0], tmp_path / "uneven")
+    tensors = safetensors.numpy.load_file(directory / "model.safetensors")
+    name = "model.layers.1.mlp.up_proj.g_idx"
+    tensors[name][:2] = 0  # two more rows in group 0, two fewer elsewhere
+    safetensors.numpy.save_file(tensors, directory / "model.safetensors")
+    with pytest.raises(CheckpointError, match=rf"{name} \[64\] does not put 32 of the 64 "
+                                              r"input rows in each of 2 groups") as err:
         open_checkpoint(directory)
+    assert "\n" not in str(err.value)
 
 
 @pytest.fixture(scope="module")

@@ -53,7 +53,8 @@ def _print_table(ckpt, manifest, quiet: bool = False) -> None:
         if quant:
             group = f", group {quant['group_size']}" if "group_size" in quant else ""
             stored = "NAME.values + NAME.scales" + (" + NAME.zeros" if quant.get(
-                "zero_points") else "")
+                "zero_points") else "") + (" + NAME.perm (rows sorted by group, g_idx)"
+                                          if quant.get("row_order") else "")
             console.print(f"quantization: {quant['scheme']} weight-only{group}"
                           f"{_head(quant)}; "
                           + (f"stored as {quant['format']}; " if "format" in quant else "")

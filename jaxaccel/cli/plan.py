@@ -91,6 +91,7 @@ def _scheme(info: dict) -> str:
     """'int4 (group 128, on load)' from a plan's quantization object."""
     details = [info["format"]] if "format" in info else []  # a pre-quantized checkpoint's
     details += [f"group {info['group_size']}"] if "group_size" in info else []
+    details += ["rows reordered by g_idx"] if info.get("row_order") else []
     details += ["LM head too"] if info.get("head") else []
     details += ["on load"] if info.get("on_load") else []
     return info["scheme"] + (f" ({', '.join(details)})" if details else "")

@@ -29,6 +29,7 @@ from flax import nnx
 
 from jaxaccel import backends
 from jaxaccel.parallel import sharding as ax
+from jaxaccel.parallel.params import Permuted
 
 Init = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
 
@@ -64,7 +65,8 @@ def einsum(equation: str, x: jax.Array, w: jax.Array) -> jax.Array:
 
     A quantized `w` (qwix QArray) must be a 2-D "...k,kn->...n" contraction: it goes to the
     backend's `quantized_matmul`."""
-    if isinstance(w, qwix.QArray):
+    if isinstance(w, (qwix.QArray, Permuted)):
+        x, w = _in_held_order(x, w, 1)
         return backends.current().quantized_matmul(x, w, 1)
     out = jnp.einsum(equation, x, w.astype(x.dtype), preferred_element_type=jnp.float32)
     return out.astype(x.dtype)
@@ -76,11 +78,26 @@ def matmul(x, w, contracting: int = 1) -> jax.Array:
     `contracting` counts the k dims of `w`. One 2-D matmul: a 3-D einsum lets XLA fold
     neighbouring head transposes into the matmul by transposing the weight instead (a copy of
     it per layer and step); a [k, n] view cannot be folded. A weight-only quantized `w` (a
-    qwix QArray, see `jaxaccel.models.quantization`) goes to the backend's `quantized_matmul`.
+    qwix QArray, see `jaxaccel.models.quantization`) goes to the backend's `quantized_matmul`;
+    one held with its rows reordered (`Permuted`) first has x's k gathered into that order.
     """
+    x, w = _in_held_order(x, w, contracting)
     if isinstance(w, qwix.QArray):
         return backends.current().quantized_matmul(x, w, contracting)
     return backends.current().matmul(x, w, contracting)
+
+
+def _in_held_order(x, w, contracting: int):
+    """(x, w) as the matmul reads them: for a `Permuted` w, x[..., *k] with its flattened k
+    gathered by w.perm, and the weight inside. On a mesh that splits k, XLA's partitioner
+    moves activations (or the row order) between the devices, never weights."""
+    if not isinstance(w, Permuted):
+        return x, w
+    lead = x.shape[:x.ndim - contracting]
+    # "clip": the orders are permutations (checked at load), so no out-of-range fill select.
+    x_k = jnp.take(x.reshape(*lead, -1), w.perm, axis=-1, mode="clip",
+                   unique_indices=True)
+    return x_k.reshape(x.shape), w.inner
 
 
 def lookup(table_vd, ids) -> jax.Array:

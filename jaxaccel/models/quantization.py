@@ -38,7 +38,10 @@ scheme and each weight's qtype and tiles (`QuantSpec.to_json`). This is jaxaccel
 qwix's parameter pytree (declared unstable) is never written. A pre-quantized Hugging Face
 checkpoint (`conversion.prequantized`) is held the same way, with two additions its formats
 need, both recorded per weight in `QuantSpec`: scales in their stored dtype (`scale_dtype`)
-and zero points (`zeros`: NAME.zeros, the QArray's `zero_point`, the weight (q - z) * s).
+and zero points (`zeros`: NAME.zeros, the QArray's `zero_point`, the weight (q - z) * s). A
+GPTQ `desc_act` checkpoint, whose groups are not consecutive input rows, is held with its rows
+sorted by group (`perm_axes`: the QArray inside a `parallel.params.Permuted`, NAME.perm the
+row order; the layer gathers its activations by it).
 
 Quantizing a block is elementwise after a max (and, for int4, a search of the clipping range,
 `CLIP_RATIOS`) over each tile, so a block whose edges fall on tile edges quantizes to exactly the corresponding part of the whole array: quantize-on-load
@@ -61,6 +64,7 @@ from flax import nnx
 
 from jaxaccel.errors import UsageError
 from jaxaccel.models.family import FamilySpec
+from jaxaccel.parallel.params import Permuted
 from jaxaccel.parallel.sharding import LAYERS
 
 SCHEMES = ("int8", "int4", "fp8")
@@ -176,9 +180,17 @@ class QuantSpec:
     # A zero point per scale (asymmetric, pre-quantized checkpoints only): NAME.zeros, held
     # in the values' qtype; the weight is (values - zeros) * scales.
     zeros: bool = False
+    # Rows held in another order (GPTQ desc_act): the axes NAME.perm runs over, flattened
+    # (the k axes; a leading layers axis stays its own). (): rows in the stored order.
+    perm_axes: tuple[int, ...] = ()
 
     def scale_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
         return tuple(d // t for d, t in zip(shape, self.tiles))
+
+    def perm_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+        """NAME.perm's shape [*lead, K] for a weight of `shape` (perm_axes must be set)."""
+        first = self.perm_axes[0]
+        return (*shape[:first], int(np.prod([shape[a] for a in self.perm_axes])))
 
     @property
     def stored_dtype(self) -> str:
@@ -190,12 +202,15 @@ class QuantSpec:
             out["scale_dtype"] = self.scale_dtype
         if self.zeros:
             out["zeros"] = True
+        if self.perm_axes:
+            out["perm_axes"] = list(self.perm_axes)
         return out
 
     @classmethod
     def from_json(cls, raw: Mapping) -> QuantSpec:
         return cls(str(raw["qtype"]), tuple(int(t) for t in raw["tiles"]),
-                   str(raw.get("scale_dtype", "float32")), bool(raw.get("zeros", False)))
+                   str(raw.get("scale_dtype", "float32")), bool(raw.get("zeros", False)),
+                   tuple(int(a) for a in raw.get("perm_axes", ())))
 
 
 def tied_head(spec: FamilySpec, config, scheme: Scheme | None) -> dict[str, str]:
@@ -268,13 +283,17 @@ def _fitting_group(k_dims: Sequence[int], group: int) -> int:
     return max(group, 1)
 
 
-def abstract_qarray(shape, spec: QuantSpec) -> qwix.QArray:
-    """A QArray of ShapeDtypeStructs: the held form of a quantized weight."""
+def abstract_qarray(shape, spec: QuantSpec) -> qwix.QArray | Permuted:
+    """A QArray of ShapeDtypeStructs: the held form of a quantized weight (inside a
+    `Permuted` with its int32 row order when `spec.perm_axes`)."""
     zeros = (jax.ShapeDtypeStruct(spec.scale_shape(shape), jnp.dtype(spec.qtype))
              if spec.zeros else None)
-    return qwix.QArray(jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(spec.qtype)),
+    held = qwix.QArray(jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(spec.qtype)),
                        jax.ShapeDtypeStruct(spec.scale_shape(shape), np.dtype(spec.scale_dtype)),
                        zeros, jnp.dtype(spec.qtype))
+    if not spec.perm_axes:
+        return held
+    return Permuted(held, jax.ShapeDtypeStruct(spec.perm_shape(shape), jnp.int32))
 
 
 def _tiled_view(shape: Sequence[int], tiles: Sequence[int]):

@@ -28,6 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxaccel import backends
 from jaxaccel.parallel import pipeline
 from jaxaccel.parallel import sharding as ax
+from jaxaccel.parallel.params import Permuted, perm_axes
 from jaxaccel.models import layers
 from jaxaccel.utils.units import round_up
 
@@ -111,16 +112,23 @@ def _is_variable(x) -> bool:
 
 def state_shardings(state: nnx.State, layout: ax.Layout):
     """A NamedSharding per parameter of an (abstract or concrete) state, from its axes."""
-    def sharding(variable):
-        value, axes = variable.get_value(), variable.get_metadata()["axes"]
+    def held(value, axes):
+        if isinstance(value, Permuted):
+            lead = value.perm.ndim - 1
+            perm = place_param(perm_axes(axes, lead), value.perm.shape, layout)[1]
+            return Permuted(held(value.inner, axes), perm)
         if isinstance(value, qwix.QArray):
             _, values, scales = quantized_param_spec(axes, value.shape, value.scale_tile_shape,
                                                      layout)
             zeros = None if value.zero_point is None else NamedSharding(layout.mesh, scales)
-            return variable.replace(value=dataclasses.replace(
+            return dataclasses.replace(
                 value, qvalue=NamedSharding(layout.mesh, values),
-                scale=NamedSharding(layout.mesh, scales), zero_point=zeros))
+                scale=NamedSharding(layout.mesh, scales), zero_point=zeros)
         return place_param(axes, value.shape, layout)[1]
+
+    def sharding(variable):
+        value = held(variable.get_value(), variable.get_metadata()["axes"])
+        return value if isinstance(value, NamedSharding) else variable.replace(value=value)
 
     return jax.tree.map(sharding, state, is_leaf=_is_variable)
 

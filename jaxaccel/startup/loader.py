@@ -128,7 +128,8 @@ def plan_model(path: str | pathlib.Path, layout: Layout | None = None,
                     weight, spec, on_load[weight], layout, copies.get(weight))
                 held[name], held[quantization.scales_name(weight)] = held_values, held_scales
             continue
-        quant = stored.get(weight)
+        # NAME.perm (rows held reordered) is a plain int32 array; the rest are quantized parts.
+        quant = None if name.endswith(".perm") else stored.get(weight)
         # Zero points are laid out as their scales, stored as the values are.
         targets[name] = target = _target(spec, layout, quant, name.endswith((".scales", ".zeros")))
         if quant is not None and name.endswith((".values", ".zeros")):

@@ -3,15 +3,18 @@
 A Hugging Face directory whose config.json has a `quantization_config` is read through its
 format's module (`compressed_tensors`: INT8 channel-wise, INT4 "pack-quantized" with groups
 and optional zero points, FP8 per channel / tensor / block; `awq_gptq`: AWQ GEMM packing,
-GPTQ symmetric and asymmetric): each quantized linear layer, stored as packed integers (or
-float8) + scales (+ zero points), is presented to the conversion plan (`hf.plan_arrays`) as the float weight
+GPTQ symmetric and asymmetric, desc_act included): each quantized linear layer, stored as
+packed integers (or float8) + scales (+ zero points), is presented to the conversion plan
+(`hf.plan_arrays`) as the float weight
 `PREFIX.weight` [out, in] it stands for, so the family's weight rules, shape checks and
 coverage checks apply unchanged. The manifest then holds each quantized parameter in
 jaxaccel's stored form (`models.quantization`): NAME.values (int8; int4 one per byte;
 float8_e4m3fn) and
 NAME.scales (the source's own scale dtype, converted exactly), plus NAME.zeros where the
-source has zero points; `PrequantizedReader` fills their slices by unpacking the source's
-integers and sending values, scales and zero points through the weight rule's transform.
+source has zero points, plus NAME.perm where GPTQ's g_idx puts a group's rows apart (the
+rows are held sorted by group; `awq_gptq`); `PrequantizedReader` fills their slices by
+unpacking the source's integers and sending values, scales and zero points through the
+weight rule's transform.
 
 How the scales follow the weight rule's transform (a transpose, a heads split): the scale of
 each block is broadcast over the block's rows and columns, the [out, in] result goes through

@@ -20,8 +20,11 @@ group_size, sym, desc_act): per linear PREFIX,
     consecutive).
   weight[o, i] = (q[i, o] - z[g_idx[i], o]) * s[g_idx[i], o].
 Symmetric GPTQ stores z = 2^(bits-1) everywhere: held without zero points. A g_idx that is not
-i // group (desc_act that reordered rows) is refused: each held group must be consecutive
-input rows.
+i // group (desc_act: row i belongs to group (its place in the activation order) // group) is
+held with the input rows sorted by group (`row_order`, a stable sort), so each group is
+consecutive rows and values, scales and zero points stay as stored; the layer gathers its
+activations into that order (`parallel.params.Permuted`). Every group must then hold exactly
+`group_size` rows, as GPTQ writes it.
 """
 
 from __future__ import annotations
@@ -102,21 +105,30 @@ class PackedInt32:
         lin = Linear(prefix, out, in_, self.bits, group,
                      _HELD[files.tensors[f"{prefix}.scales"].dtype], not self.symmetric,
                      tuple(parts))
-        self._check_g_idx(files, lin, where)
+        if self.row_order(files, lin, where) is not None:
+            lin = dataclasses.replace(lin, permuted=True)
         if self.symmetric and not np.all(self._raw_zeros(files, lin) == 1 << (self.bits - 1)):
             raise ConvertError(f"{where}: {prefix}.qzeros: sym is true, but the zero points "
                                f"are not all {1 << (self.bits - 1)}")
         return lin
 
-    def _check_g_idx(self, files, lin: Linear, where) -> None:
+    def row_order(self, files, lin: Linear, where=None) -> np.ndarray | None:
+        """GPTQ with a g_idx that is not i // group: the input rows sorted by group (a
+        stable argsort of g_idx, int64 [in]); None where the stored order is already
+        grouped. ConvertError if g_idx does not give each group `group` rows."""
         name = f"{lin.prefix}.g_idx"
         if self.method != "gptq" or name not in lin.tensors:
-            return
-        g_idx = files.read(name)
-        if not np.array_equal(g_idx, np.arange(lin.in_) // lin.group):
-            raise ConvertError(
-                f"{where}: {name} puts input rows of one group apart (desc_act reordering); "
-                "jaxaccel holds groups of consecutive rows only")
+            return None
+        g_idx = files.read(name).astype(np.int64)
+        if np.array_equal(g_idx, np.arange(lin.in_) // lin.group):
+            return None
+        if (g_idx.shape != (lin.in_,) or g_idx.min(initial=0) < 0
+                or g_idx.max(initial=0) >= lin.groups
+                or np.any(np.bincount(g_idx, minlength=lin.groups) != lin.group)):
+            raise ConvertError(f"{where or files.file_of[name]}: {name} {list(g_idx.shape)} "
+                               f"does not put {lin.group} of the {lin.in_} input rows in each "
+                               f"of {lin.groups} groups")
+        return np.argsort(g_idx, kind="stable")
 
     def values(self, files, lin: Linear) -> np.ndarray:
         """int8 [out, in]: q - 2^(bits-1)."""

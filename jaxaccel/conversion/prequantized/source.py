@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 
 from jaxaccel.conversion.safetensors_source import ConvertError
 from jaxaccel.models import quantization
+from jaxaccel.parallel.params import PERM, perm_axes
 
 @dataclasses.dataclass(frozen=True)
 class Linear:
@@ -23,6 +25,9 @@ class Linear:
     tensors: tuple[str, ...]  # the source tensors it is stored as
     rows: int = 1  # output rows per scale (FP8 blocks: 128; per tensor: out)
     float8: bool = False  # float8_e4m3fn values (else integers)
+    # Groups are not consecutive input rows (GPTQ desc_act): held with the rows sorted by
+    # group, `fmt.row_order(files, lin)`.
+    permuted: bool = False
 
     @property
     def qtype(self) -> str:
@@ -93,12 +98,44 @@ _HELD = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
 def dequantize(fmt, files, lin: Linear) -> np.ndarray:
     """The float32 weight [out, in] a quantized linear stands for: (v - z) * scale."""
-    values = fmt.values(files, lin).astype(np.float32)
+    values = held_values(fmt, files, lin).astype(np.float32)
     scales = lin.expand(fmt.scales(files, lin).astype(np.float32))
     zeros = fmt.zeros(files, lin)
     if zeros is not None:
         values = values - lin.expand(zeros.astype(np.float32))
-    return values * scales
+    held = values * scales
+    if not lin.permuted:
+        return held
+    weight = np.empty_like(held)
+    weight[:, fmt.row_order(files, lin)] = held
+    return weight
+
+
+def held_values(fmt, files, lin: Linear) -> np.ndarray:
+    """The values [out, in] in the order they are held: input rows sorted by group when the
+    groups are not consecutive (`Linear.permuted`), else as stored."""
+    values = fmt.values(files, lin)
+    return values[:, fmt.row_order(files, lin)] if lin.permuted else values
+
+
+def held_row_order(fmt, files, lin: Linear, transform, k_count: int) -> np.ndarray:
+    """int32 [K]: the row order of a linear as its held weight [*k, *n] sees it (K = the
+    product of its k dims; arange(K) for one held in the stored order): the activations'
+    flattened k gathered by it meet the held rows. The weight rule's `transform` maps HF
+    input columns to held k positions; one that moves them along the output axes is refused."""
+    if not lin.permuted:
+        return np.arange(lin.in_, dtype=np.int32)
+    columns = transform(np.broadcast_to(np.arange(lin.in_, dtype=np.int32), (lin.out, lin.in_)))
+    held = columns.reshape(math.prod(columns.shape[:k_count]), -1)
+    rows = held[:, 0]  # the HF input column at each held k row
+    if not np.array_equal(held, np.broadcast_to(rows[:, None], held.shape)):
+        raise ConvertError(f"{files.file_of[lin.tensors[0]]}: {lin.prefix}'s reordered input "
+                           "rows (g_idx) cannot be held: the family's layout moves input "
+                           "columns along its output axes")
+    # Held row j holds (sorted) column rows[j], i.e. stored column order[rows[j]], which
+    # the activations carry at held position argsort(rows)[order[rows[j]]].
+    order = fmt.row_order(files, lin)
+    return np.argsort(rows)[order[rows]].astype(np.int32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +171,17 @@ def quantized_arrays(source: QuantizedSource, family, plan, specs, arrays: dict)
                                f"jaxaccel runs {name} in full precision only")
         entry = arrays.pop(name)
         spec = _held_spec(entry.shape, k_axes, item.rule.per_layer, lins[0], first, source)
+        if any(lin.permuted for lin in lins):
+            spec = _permuted(spec, k_axes, item.rule.per_layer, head, first, source)
+            # Refuses a layout it cannot hold before any weight is read (every layer has
+            # the same layout: its first permuted one is checked).
+            held_row_order(source.format, source.files, next(lin for lin in lins
+                                                             if lin.permuted),
+                           item.rule.transform, len(k_axes))
+            lead = 1 if item.rule.per_layer else 0
+            arrays[f"{name}.{PERM}"] = dataclasses.replace(
+                entry, shape=spec.perm_shape(entry.shape), dtype="int32",
+                axes=perm_axes(tuple(entry.axes), lead))
         _check_groups(item.rule.transform, lins[0], spec, item.rule.per_layer, first, source)
         held[name] = Held(spec, item.rule.per_layer, tuple(lins))
         weights[name] = spec.to_json()
@@ -150,6 +198,7 @@ def quantized_arrays(source: QuantizedSource, family, plan, specs, arrays: dict)
             **({"group_size": lin.group} if lin and lin.group != lin.in_ else {}),
             **({"block": [lin.rows, lin.group]} if lin and 1 < lin.rows < lin.out else {}),
             **({"zero_points": True} if lin and lin.zeros else {}),
+            **({"row_order": "g_idx"} if any(h.spec.perm_axes for h in held.values()) else {}),
             **({"notes": list(source.format.notes)} if source.format.notes else {}),
             "weights": dict(sorted(weights.items()))}
     return arrays, info, held
@@ -171,6 +220,16 @@ def _held_spec(shape, k_axes, stacked: bool, lin: Linear, first: str, source):
             tiles[a] = t
     dtype = quantization.QTYPES[lin.qtype]
     return quantization.QuantSpec(dtype, tuple(tiles), lin.scale_dtype, lin.zeros)
+
+
+def _permuted(spec, k_axes, stacked: bool, head: bool, first: str, source):
+    """`spec` holding its rows reordered (NAME.perm over the k axes)."""
+    offset = 1 if stacked else 0
+    k = [a + offset for a in k_axes]
+    if head or k != list(range(offset, offset + len(k))):
+        raise ConvertError(f"{source.file_of[first]}: {first} has reordered groups (g_idx), "
+                           "which jaxaccel holds for the layers' matmul weights only")
+    return dataclasses.replace(spec, perm_axes=tuple(k))
 
 
 def _check_groups(transform, lin: Linear, spec, stacked: bool, first: str, source) -> None:
@@ -205,9 +264,9 @@ class PrequantizedReader:
 
     def __init__(self, base, fmt, plan: dict, held: dict[str, Held]):
         self.base, self.format, self.plan, self.held = base, fmt, plan, held
-        self.parts = {}
+        self.parts, self.orders = {}, {}
         for name, h in held.items():
-            for part in ("values", "scales", "zeros"):
+            for part in ("values", "scales", "zeros", PERM):
                 self.parts[f"{name}.{part}"] = (name, part)
 
     def __getattr__(self, attr):  # network_bytes, cache_bytes, finish, ...
@@ -220,23 +279,30 @@ class PrequantizedReader:
             return self.base.read_into(name, index, dest)
         weight, part = self.parts[name]
         held, transform = self.held[weight], self.plan[weight].rule.transform
-        tiles = held.spec.tiles[1:] if held.stacked else held.spec.tiles
         if not held.stacked:
-            return self._one(held.linears[0], part, transform, tiles, index, dest)
+            return self._one(held.linears[0], part, transform, held.spec, index, dest)
+        spec = dataclasses.replace(held.spec, tiles=held.spec.tiles[1:],
+                                   perm_axes=tuple(a - 1 for a in held.spec.perm_axes))
         touched = 0
         for j, layer in enumerate(range(index[0].start, index[0].stop)):
-            touched += self._one(held.linears[layer], part, transform, tiles, index[1:], dest[j])
+            touched += self._one(held.linears[layer], part, transform, spec, index[1:], dest[j])
         return touched
 
-    def _one(self, lin: Linear, part: str, transform, tiles, index, dest) -> int:
+    def _one(self, lin: Linear, part: str, transform, spec, index, dest) -> int:
+        """One layer's slice `index` of `part` (`spec`: the layer's own, unstacked)."""
         files = self.base.files
         if part == "values":
-            dest[...] = transform(self.format.values(files, lin))[index]
+            dest[...] = transform(held_values(self.format, files, lin))[index]
+        elif part == PERM:  # one row order per layer, kept: every device slice reads it
+            if lin.prefix not in self.orders:
+                self.orders[lin.prefix] = held_row_order(self.format, files, lin, transform,
+                                                         len(spec.perm_axes))
+            dest[...] = self.orders[lin.prefix][index]
         else:
             per_group = (self.format.scales(files, lin) if part == "scales"
                          else self.format.zeros(files, lin))
             full = transform(lin.expand(per_group))
-            dest[...] = take_tiles(full, tiles)[index]
+            dest[...] = take_tiles(full, spec.tiles)[index]
         return dest.nbytes
 
 
