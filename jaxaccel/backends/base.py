@@ -265,12 +265,6 @@ class Backend:
         caller passes to the runtime take precedence."""
         return {}
 
-    def prepared_compiler_options(self, dtype) -> dict:
-        """Compiler options for a decoder's programs once `prepare_decoder` rewrote its
-        weights (merged over `compiler_options`; the caller's still take precedence)."""
-        return {}
-
-
 def _dequantize_2d(w: qwix.QArray, contracting: int) -> jax.Array:
     """(values - zeros) * scales of a QArray, as float32 [K, N]: scales and zeros (if any)
     [K', N'], one per block of K / K' consecutive k rows and N / N' consecutive columns."""

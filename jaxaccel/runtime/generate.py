@@ -143,8 +143,6 @@ class Generator:
             state = jax.device_put(cast_state(state, self.dtype), state_shardings(state, rt.layout))
         state, self._prepared = rt.backend.prepare_decoder(
             state, dtype=self.dtype, single_device=rt.single_device, requested=self._packed_request)
-        if self._prepared:
-            rt.add_backend_options(rt.backend.prepared_compiler_options(self.dtype))
         return state
 
     def attach(self, loaded) -> "Generator":

@@ -240,12 +240,7 @@ class Runtime:
         self.traces: collections.Counter = collections.Counter()  # per program, while tracing
         self.programs: dict[tuple, Program] = {}  # by (name, bucket...): read-only for callers
         # The backend's per-CPU choices first, the caller's options over them.
-        self._caller_options = compiler_options or {}
-        self._compiler_options = {**self.backend.compiler_options(), **self._caller_options}
-
-    def add_backend_options(self, options: dict) -> None:
-        """More backend options (under the caller's), for programs not jitted yet."""
-        self._compiler_options = {**self._compiler_options, **options, **self._caller_options}
+        self._compiler_options = {**self.backend.compiler_options(), **(compiler_options or {})}
 
     @property
     def single_device(self) -> bool:

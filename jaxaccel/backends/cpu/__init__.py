@@ -232,14 +232,6 @@ class CpuBackend(Backend):
 
     def compiler_options(self) -> dict:
         return tuning.compiler_options(isa.detect())
-
-    def prepared_compiler_options(self, dtype) -> dict:
-        """float32 with packed weights: the matmuls and attention run in the kernels, and
-        what XLA still emits is elementwise; LLVM's expensive passes then cost compile time
-        only (GPT-2 124M's 7 engine step programs: 9.1 -> 5.8 s to compile, the same step
-        times within noise, in-process on a loaded 2-core Xeon)."""
-        return {"xla_llvm_disable_expensive_passes": True} if jnp.dtype(dtype) == jnp.float32 else {}
-
     def for_layout(self, single_device: bool) -> CpuBackend:
         return backend() if single_device else _sharded_backend()
 
