@@ -143,7 +143,8 @@ def test_bf16_packed_kernel_matches_xla_dots(reference):
 
 def test_cli_generate_kernels_flag(reference, tmp_path, capsys, monkeypatch):
     """bf16 `generate --json`: the default (packed kernel) and --no-kernels give the same
-    tokens; --kernels where it cannot apply (float32) is a usage error naming the reason."""
+    tokens, and so do float32 --kernels (the float32 kernel) and --no-kernels; --kernels where
+    it cannot apply (a mesh of several devices) is a usage error naming the reason."""
     from cli_runner import one_error_line, run_cli
 
     from jaxaccel.conversion.hf import convert
@@ -154,6 +155,10 @@ def test_cli_generate_kernels_flag(reference, tmp_path, capsys, monkeypatch):
     runs = [run_cli(capsys, monkeypatch, *args, *extra) for extra in ([], ["--no-kernels"])]
     assert [code for code, _, _ in runs] == [0, 0], runs
     assert json.loads(runs[0][1])["tokens"] == json.loads(runs[1][1])["tokens"]
-    code, _, err = run_cli(capsys, monkeypatch, *args, "--dtype", "float32", "--kernels")
+    f32 = [run_cli(capsys, monkeypatch, *args, "--dtype", "float32", flag)
+           for flag in ("--kernels", "--no-kernels")]
+    assert [code for code, _, _ in f32] == [0, 0], f32
+    assert json.loads(f32[0][1])["tokens"] == json.loads(f32[1][1])["tokens"]
+    code, _, err = run_cli(capsys, monkeypatch, *args, "--mesh", "data=2", "--kernels")
     assert code == 2
-    assert "--kernels" in one_error_line(err) and "not bfloat16" in err
+    assert "--kernels" in one_error_line(err) and "more than one device" in err

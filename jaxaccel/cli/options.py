@@ -74,8 +74,8 @@ def device_memory_from(text: Optional[str]) -> Optional[int]:
     return parse_bytes(text, "--device-memory") if text else None
 
 KERNELS = typer.Option(
-    None, "--kernels/--no-kernels", help="bfloat16 on one CPU device: read the matmul "
-    "weights packed, through jaxaccel's compiled kernel (built with the system C++ "
+    None, "--kernels/--no-kernels", help="bfloat16 or float32 on one CPU device: read the "
+    "matmul weights packed, through jaxaccel's compiled kernels (built with the system C++ "
     "compiler on first use, then cached). Default: wherever it applies; --kernels "
     "insists (an error where it cannot), --no-kernels keeps XLA's own dots.")
 
