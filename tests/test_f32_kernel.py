@@ -10,9 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from decoder_reference import generator
-from test_generate import CONFIG, PROMPTS
-from test_packed_decode import random_bf16_model
+from test_generate import PROMPTS
+from test_packed_decode import generator_pair
 
 from jaxaccel.backends.cpu import build, packed
 
@@ -77,10 +76,7 @@ def test_unpack_and_row_lookups_return_the_weight_exactly():
 @pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
 def pair(request):
     """(packed float32 generator, XLA-dot generator) on the same weights."""
-    config = dataclasses.replace(CONFIG, tie_word_embeddings=request.param)
-    model = random_bf16_model(config)
-    return (generator(model, config, dtype=jnp.float32, packed_weights=True),
-            generator(model, config, dtype=jnp.float32, packed_weights=False))
+    return generator_pair(request.param, jnp.float32)
 
 
 def test_float32_decoder_reads_packed_weights_and_matches_xla_dots(pair):

@@ -37,13 +37,18 @@ def random_bf16_model(config):
     return nnx.merge(graphdef, fill_state(state, arrays))
 
 
+def generator_pair(tied: bool, dtype):
+    """(packed generator, XLA-dot generator) on the same random weights, in `dtype`."""
+    config = dataclasses.replace(CONFIG, tie_word_embeddings=tied)
+    model = random_bf16_model(config)
+    return (generator(model, config, dtype=dtype, packed_weights=True),
+            generator(model, config, dtype=dtype, packed_weights=False))
+
+
 @pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
 def pair(request):
     """(packed generator, XLA-dot generator) on the same bf16 weights."""
-    config = dataclasses.replace(CONFIG, tie_word_embeddings=request.param)
-    model = random_bf16_model(config)
-    return (generator(model, config, dtype=jnp.bfloat16, packed_weights=True),
-            generator(model, config, dtype=jnp.bfloat16, packed_weights=False))
+    return generator_pair(request.param, jnp.bfloat16)
 
 
 def test_the_matmul_weights_are_packed(pair):

@@ -79,43 +79,33 @@ def pack(w, contracting: int, stacked: int = 0, transposed: bool = False,
     With `transposed`, `w` is [*stacked, *n_shape, *k_shape] (how Hugging Face stores a head
     [vocab, d]), `contracting` still counting the k dims, which then come last.
     """
-    if jnp.dtype(dtype) == jnp.float32:
-        return _pack_f32(w, contracting, stacked, transposed)
-    lead = w.shape[:stacked]
-    k_shape, n_shape = _split_shape(w.shape[stacked:], contracting, transposed)
-    k, n = math.prod(k_shape), math.prod(n_shape)
-    w2 = w.astype(jnp.bfloat16).reshape(*lead, *((n, k) if transposed else (k, n)))
-    if transposed:
-        w2 = jnp.swapaxes(w2, -1, -2)
-    k_pad, n_pad = round_up(k, 2), round_up(n, GROUP)
-    w2 = jnp.pad(w2, [(0, 0)] * stacked + [(0, k_pad - k), (0, n_pad - n)])
+    f32 = jnp.dtype(dtype) == jnp.float32
+    k_shape, n_shape, w2 = _padded_kn(w, contracting, stacked, transposed,
+                                      jnp.float32 if f32 else jnp.bfloat16, 1 if f32 else 2)
+    lead, (k_pad, n_pad), a = w2.shape[:stacked], w2.shape[stacked:], stacked
+    if f32:  # [*lead, k, n/64, 4, 16] -> [*lead, n/64, k, 4, 16]
+        lines = jnp.moveaxis(w2.reshape(*lead, k_pad, n_pad // GROUP, PANELS, PANEL), a + 1, a)
+        return PackedWeight(lines, k_shape, n_shape)
     # [*lead, k/2, 2, n/64, 4, 16] -> [*lead, n/64, k/2, 4, 16, 2]
     w5 = w2.reshape(*lead, k_pad // 2, 2, n_pad // GROUP, PANELS, PANEL)
-    a = stacked
     w5 = jnp.moveaxis(w5, (a + 2, a, a + 3, a + 4, a + 1), (a, a + 1, a + 2, a + 3, a + 4))
-    lines = jax.lax.bitcast_convert_type(w5, jnp.uint16)
-    return PackedWeight(lines, tuple(k_shape), tuple(n_shape))
+    return PackedWeight(jax.lax.bitcast_convert_type(w5, jnp.uint16), k_shape, n_shape)
 
 
-def _split_shape(dims, contracting: int, transposed: bool):
-    """(k_shape, n_shape) of a weight's non-stacked dims."""
+def _padded_kn(w, contracting: int, stacked: int, transposed: bool, dtype, k_multiple: int):
+    """(k_shape, n_shape, w as [*stacked, k_pad, n_pad] in `dtype`): k padded to a multiple
+    of `k_multiple`, n to one of GROUP, with zeros."""
+    lead, dims = w.shape[:stacked], w.shape[stacked:]
     if transposed:
-        return dims[len(dims) - contracting:], dims[:len(dims) - contracting]
-    return dims[:contracting], dims[contracting:]
-
-
-def _pack_f32(w, contracting: int, stacked: int, transposed: bool) -> PackedWeight:
-    lead = w.shape[:stacked]
-    k_shape, n_shape = _split_shape(w.shape[stacked:], contracting, transposed)
+        k_shape, n_shape = dims[len(dims) - contracting:], dims[:len(dims) - contracting]
+    else:
+        k_shape, n_shape = dims[:contracting], dims[contracting:]
     k, n = math.prod(k_shape), math.prod(n_shape)
-    w2 = w.astype(jnp.float32).reshape(*lead, *((n, k) if transposed else (k, n)))
+    w2 = w.astype(dtype).reshape(*lead, *((n, k) if transposed else (k, n)))
     if transposed:
         w2 = jnp.swapaxes(w2, -1, -2)
-    n_pad = round_up(n, GROUP)
-    w2 = jnp.pad(w2, [(0, 0)] * stacked + [(0, 0), (0, n_pad - n)])
-    # [*lead, k, n/64, 4, 16] -> [*lead, n/64, k, 4, 16]
-    w4 = jnp.moveaxis(w2.reshape(*lead, k, n_pad // GROUP, PANELS, PANEL), stacked + 1, stacked)
-    return PackedWeight(w4, tuple(k_shape), tuple(n_shape))
+    pads = [(0, round_up(k, k_multiple) - k), (0, round_up(n, GROUP) - n)]
+    return tuple(k_shape), tuple(n_shape), jnp.pad(w2, [(0, 0)] * stacked + pads)
 
 
 def unpack(w: PackedWeight) -> jax.Array:
